@@ -1,0 +1,235 @@
+//! Wire types shared by the router (`llm-router`) and the agent (`llm-node`).
+//!
+//! Every request and answer body of the node API (SPEC §2) is defined here once, so the two binaries can never
+//! disagree on a field. Numbers that a client could send out of range (ports, counts) are typed wide enough that
+//! the router can answer with a precise error instead of a generic parse failure.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Header that carries a node's token on node API calls.
+pub const NODE_TOKEN_HEADER: &str = "X-Node-Token";
+
+/// Path of the registration endpoint.
+pub const REGISTER_PATH: &str = "/v0/nodes";
+
+/// Path of the heartbeat endpoint.
+pub const HEARTBEAT_PATH: &str = "/v0/health";
+
+/// Lifecycle state of a node (SPEC §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Registered, waiting for an administrator's approval.
+    Pending,
+    /// Approved, but its runtime reports no ready model yet.
+    Registering,
+    /// Approved and serving at least one ready model.
+    Online,
+    /// Approved, but silent for longer than the router's `offline_after`.
+    Offline,
+}
+
+impl NodeStatus {
+    /// Every status, in the order the dashboard lists them.
+    pub const ALL: [NodeStatus; 4] =
+        [NodeStatus::Pending, NodeStatus::Registering, NodeStatus::Online, NodeStatus::Offline];
+
+    /// The snake_case name used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Pending => "pending",
+            NodeStatus::Registering => "registering",
+            NodeStatus::Online => "online",
+            NodeStatus::Offline => "offline",
+        }
+    }
+
+    /// Whether an administrator has approved the node (every status but `pending`).
+    pub fn is_approved(self) -> bool {
+        self != NodeStatus::Pending
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name given is not one of the four statuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownStatus(pub String);
+
+impl fmt::Display for UnknownStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown node status `{}` (expected pending, registering, online or offline)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownStatus {}
+
+impl FromStr for NodeStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NodeStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// One group of identical GPUs in a machine, as announced at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    /// Marketing name as the driver reports it, e.g. `NVIDIA H100 80GB HBM3`.
+    pub model: String,
+    /// How many GPUs of this model the machine has; must be at least 1.
+    pub count: i64,
+    /// Memory of one GPU of this group, in bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+/// Body of `POST /v0/nodes` (SPEC §2.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub machine_name: String,
+    /// Advertised address; the router uses the TCP peer address when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    /// Port of the node's OpenAI-compatible runtime, 1..=65535.
+    pub runtime_port: i64,
+    pub runtime_version: String,
+    /// Absent or empty means the machine has no GPU, which the router refuses.
+    #[serde(default)]
+    pub gpu_devices: Option<Vec<GpuDevice>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supported_runtimes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// Answer to a successful registration (201, or 200 when a node rotated its own token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: Uuid,
+    /// The node's secret; shown only in this answer.
+    pub node_token: String,
+    pub status: NodeStatus,
+    pub heartbeat_interval_secs: u64,
+}
+
+/// Live figures of one GPU, sent with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuMetrics {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Percent, 0..=100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<f64>,
+}
+
+/// Body of `POST /v0/health` (SPEC §2.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub node_id: Uuid,
+    /// Percent, 0..=100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage: Option<f64>,
+    /// Percent, 0..=100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_usage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Vec<GpuMetrics>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_requests: Option<u64>,
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The node's status after this heartbeat.
+    pub status: NodeStatus,
+    pub heartbeat_interval_secs: u64,
+}
+
+/// The body of every error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// Machine-readable code and a sentence a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// One entry of an OpenAI-compatible `GET /v1/models` answer; only `id` matters here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub id: String,
+}
+
+/// An OpenAI-compatible `GET /v1/models` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ModelList {
+    #[serde(default)]
+    pub data: Vec<ModelEntry>,
+}
+
+impl ModelList {
+    /// The model ids, in the runtime's order.
+    pub fn ids(&self) -> Vec<String> {
+        self.data.iter().map(|m| m.id.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip() {
+        for status in NodeStatus::ALL {
+            assert_eq!(status.as_str().parse::<NodeStatus>(), Ok(status));
+            let json = serde_json::to_string(&status).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+        }
+        assert!("Online".parse::<NodeStatus>().is_err());
+    }
+
+    #[test]
+    fn register_request_accepts_minimal_body() {
+        let body =
+            r#"{"machine_name":"a","runtime_port":8000,"runtime_version":"1","gpu_devices":[{"model":"X","count":1}]}"#;
+        let req: RegisterRequest = serde_json::from_str(body).expect("parse");
+        assert_eq!(req.ip_address, None);
+        assert_eq!(req.gpu_devices, Some(vec![GpuDevice { model: "X".into(), count: 1, memory_bytes: None }]));
+    }
+
+    #[test]
+    fn model_list_ignores_extra_fields() {
+        let body = r#"{"object":"list","data":[{"id":"m1","object":"model"},{"id":"m2"}]}"#;
+        let list: ModelList = serde_json::from_str(body).expect("parse");
+        assert_eq!(list.ids(), vec!["m1", "m2"]);
+    }
+}

@@ -1,0 +1,190 @@
+//! Builds the application from [`Settings`] and serves it on a bound listener until a shutdown future fires.
+//!
+//! Tests call [`App::build`] with a temporary data directory and their own clock, bind `127.0.0.1:0`, and pass
+//! their own shutdown; the binary goes through [`run`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{Role, password};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{ServeArgs, Settings};
+use crate::db::Store;
+use crate::db::auth::UserRow;
+use crate::probe::Prober;
+use crate::registry::Registry;
+use crate::routes;
+
+/// What every handler can reach.
+pub struct AppInner {
+    pub settings: Settings,
+    pub store: Store,
+    pub registry: Registry,
+    pub clock: Arc<dyn Clock>,
+    pub prober: Prober,
+    /// Hash of a random password, verified against on logins with an unknown username.
+    pub dummy_password_hash: String,
+}
+
+/// Shared handle to the application.
+pub type AppState = Arc<AppInner>;
+
+/// A built application, ready to serve.
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    /// Creates the data directory and database, applies migrations, creates the first administrator when there
+    /// is no user, and loads the registry.
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        ensure_writable_dir(&settings.data_dir)?;
+        let store = Store::open(&settings.database_path()).await?;
+        create_first_admin(&store, &settings, clock.as_ref()).await?;
+        let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
+        let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms).await?;
+        let prober = Prober::new(settings.reachability_timeout)?;
+        if !settings.reachability_check {
+            tracing::warn!(
+                "the registration reachability check is OFF: nodes are accepted without probing their runtime"
+            );
+        }
+        tracing::info!(nodes = registry.len(), db = %settings.database_path().display(), "registry loaded");
+        let dummy_password_hash = password::hash(password::generate()).await?;
+        Ok(App { state: Arc::new(AppInner { settings, store, registry, clock, prober, dummy_password_hash }) })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then writes the last heartbeat figures and closes the
+    /// database. The offline sweep and the figure flush run in the background meanwhile.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let sweeper = tokio::spawn(every(state.settings.sweep_interval(), stop_rx.clone(), {
+            let state = state.clone();
+            move || {
+                let state = state.clone();
+                async move {
+                    if let Err(err) = state.registry.sweep().await {
+                        tracing::error!(error = %err, "offline sweep failed");
+                    }
+                }
+            }
+        }));
+        let flusher = tokio::spawn(every(state.settings.flush_interval, stop_rx, {
+            let state = state.clone();
+            move || {
+                let state = state.clone();
+                async move {
+                    if let Err(err) = state.registry.flush().await {
+                        tracing::error!(error = ?err, "writing heartbeat figures failed; will retry");
+                    }
+                }
+            }
+        }));
+        let app = routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        let _ = stop_tx.send(true);
+        let _ = sweeper.await;
+        let _ = flusher.await;
+        if let Err(err) = state.registry.flush().await {
+            tracing::error!(error = ?err, "writing the last heartbeat figures failed");
+        }
+        state.store.close().await;
+        served.context("serving HTTP")
+    }
+}
+
+/// Runs `tick` every `period` until `stop` turns true.
+async fn every<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, tick: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => tick().await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn ensure_writable_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("data directory {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+async fn create_first_admin(store: &Store, settings: &Settings, clock: &dyn Clock) -> anyhow::Result<()> {
+    if store.count_users().await? > 0 {
+        return Ok(());
+    }
+    let (password, generated) = match &settings.admin_password {
+        Some(password) if !password.is_empty() => (password.clone(), false),
+        _ => (password::generate(), true),
+    };
+    let user = UserRow {
+        username: settings.admin_username.clone(),
+        password_hash: password::hash(password.clone()).await?,
+        role: Role::Admin,
+        created_at: clock.now_ms(),
+    };
+    store.insert_user(&user).await?;
+    if generated {
+        // Printed once, on the console, and never again: it is not stored anywhere in clear.
+        println!(
+            "llm-router created administrator `{}` with password: {password}\n(shown only now; set LLM_ROUTER_ADMIN_PASSWORD to choose it)",
+            user.username
+        );
+    } else {
+        tracing::info!(username = %user.username, "created administrator from LLM_ROUTER_ADMIN_PASSWORD");
+    }
+    Ok(())
+}
+
+/// What `llm-router serve` does: bind, open, serve until SIGINT or SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let listen = args.listen;
+    let settings = args.into_settings()?;
+    // Bind first: a port in use ends the start before the data directory or database is touched.
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let app = App::build(settings, Arc::new(SystemClock)).await?;
+    let addr = listener.local_addr()?;
+    println!("llm-router listening on http://{addr}");
+    app.serve(listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,157 @@
+//! Authentication and authorisation: passwords, secrets, and the extractors that guard handlers.
+//!
+//! A handler that takes [`AdminUser`] or [`Viewer`] cannot forget the check. Credentials are a bearer token
+//! (session token or API key) or the dashboard's HttpOnly session cookie. A cookie is sent by the browser on its
+//! own, so unsafe methods authenticated by cookie must also carry an `X-Requested-With` header, which a
+//! cross-site form cannot set and a cross-site script cannot send without a CORS grant the router never gives.
+
+pub mod password;
+pub mod token;
+
+use std::fmt;
+use std::str::FromStr;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{Method, header};
+use serde::{Deserialize, Serialize};
+
+use crate::app::AppState;
+use crate::error::{ApiError, forbidden, unauthorized};
+use token::TokenHash;
+
+/// Name of the dashboard's session cookie.
+pub const SESSION_COOKIE: &str = "llm_router_session";
+
+/// What a user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Read only.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(anyhow::anyhow!("unknown role `{other}`")),
+        }
+    }
+}
+
+/// Who is making a request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The username, or `api-key:<name>` for an API key.
+    pub name: String,
+    pub role: Role,
+    /// The session's token hash when the credential is a session (so logout can end it).
+    pub session: Option<TokenHash>,
+}
+
+/// Any signed-in user: viewer or admin.
+#[derive(Debug, Clone)]
+pub struct Viewer(pub Principal);
+
+/// A signed-in administrator.
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub Principal);
+
+/// Where the credential of a request came from.
+enum Credential {
+    Bearer(String),
+    Cookie(String),
+}
+
+fn credential(parts: &Parts) -> Result<Option<Credential>, ApiError> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| unauthorized("The Authorization header is not valid text."))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthorized("Use `Authorization: Bearer <session token or API key>`."))?;
+        return Ok(Some(Credential::Bearer(token.to_owned())));
+    }
+    for value in parts.headers.get_all(header::COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        for pair in text.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=')
+                && name == SESSION_COOKIE
+                && !value.is_empty()
+            {
+                return Ok(Some(Credential::Cookie(value.to_owned())));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Resolves the request's credential to a principal, or answers 401.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let credential = credential(parts)?.ok_or_else(|| {
+        unauthorized("Sign in first: send `Authorization: Bearer <token>` (POST /v0/auth/login gives one).")
+    })?;
+    let secret = match credential {
+        Credential::Bearer(secret) => secret,
+        Credential::Cookie(secret) => {
+            let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            if !safe && !parts.headers.contains_key("x-requested-with") {
+                return Err(forbidden(
+                    "Requests authenticated by the session cookie must carry an X-Requested-With header.",
+                ));
+            }
+            secret
+        }
+    };
+    let now = state.clock.now_ms();
+    state
+        .store
+        .principal(TokenHash::of(&secret), now)
+        .await?
+        .ok_or_else(|| unauthorized("The session has expired or the credential is unknown; sign in again."))
+}
+
+impl FromRequestParts<AppState> for Viewer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        authenticate(parts, state).await.map(Viewer)
+    }
+}
+
+impl FromRequestParts<AppState> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let principal = authenticate(parts, state).await?;
+        if principal.role != Role::Admin {
+            return Err(forbidden(format!(
+                "`{}` is a {}; this action needs the admin role.",
+                principal.name, principal.role
+            )));
+        }
+        Ok(AdminUser(principal))
+    }
+}

@@ -1,0 +1,209 @@
+//! Rows of `users`, `sessions` and `api_keys`.
+
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::Store;
+use crate::auth::token::TokenHash;
+use crate::auth::{Principal, Role};
+use crate::clock::Millis;
+
+/// A user as stored.
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub username: String,
+    pub password_hash: String,
+    pub role: Role,
+    pub created_at: Millis,
+}
+
+/// An API key as listed (never the key itself).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRow {
+    pub id: Uuid,
+    pub name: String,
+    pub role: Role,
+    pub created_by: String,
+    pub created_at: Millis,
+}
+
+/// What can stop a user's deletion.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteUserError {
+    #[error("no such user")]
+    NotFound,
+    #[error("the last administrator cannot be deleted")]
+    LastAdmin,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl Store {
+    pub async fn count_users(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await?.try_get(0)?)
+    }
+
+    /// Inserts a user; `Ok(false)` when the name is taken.
+    pub async fn insert_user(&self, user: &UserRow) -> anyhow::Result<bool> {
+        let result = sqlx::query(
+            "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (username) DO NOTHING",
+        )
+        .bind(&user.username)
+        .bind(&user.password_hash)
+        .bind(user.role.as_str())
+        .bind(user.created_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn user(&self, username: &str) -> anyhow::Result<Option<UserRow>> {
+        let row = sqlx::query("SELECT username, password_hash, role, created_at FROM users WHERE username = ?")
+            .bind(username)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| user_from_row(&row)).transpose()
+    }
+
+    pub async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
+        let rows = sqlx::query("SELECT username, password_hash, role, created_at FROM users ORDER BY username")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    /// Deletes a user and their sessions, refusing to remove the last administrator.
+    pub async fn delete_user(&self, username: &str) -> Result<(), DeleteUserError> {
+        let mut tx = self.writer.begin().await.map_err(anyhow::Error::from)?;
+        let role: Option<String> = sqlx::query("SELECT role FROM users WHERE username = ?")
+            .bind(username)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(anyhow::Error::from)?
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(anyhow::Error::from)?;
+        let role = role.ok_or(DeleteUserError::NotFound)?;
+        if role == Role::Admin.as_str() {
+            let admins: i64 = sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin'")
+                .fetch_one(&mut *tx)
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(anyhow::Error::from)?;
+            if admins <= 1 {
+                return Err(DeleteUserError::LastAdmin);
+            }
+        }
+        sqlx::query("DELETE FROM users WHERE username = ?")
+            .bind(username)
+            .execute(&mut *tx)
+            .await
+            .map_err(anyhow::Error::from)?;
+        tx.commit().await.map_err(anyhow::Error::from)?;
+        Ok(())
+    }
+
+    pub async fn insert_session(
+        &self,
+        hash: TokenHash,
+        username: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(now).execute(&self.writer).await?;
+        sqlx::query("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)")
+            .bind(hash.to_hex())
+            .bind(username)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(hash.to_hex()).execute(&self.writer).await?;
+        Ok(())
+    }
+
+    /// The signed-in user behind a session token or API key, if it is valid now.
+    pub async fn principal(&self, hash: TokenHash, now: Millis) -> anyhow::Result<Option<Principal>> {
+        let hex = hash.to_hex();
+        let session = sqlx::query(
+            "SELECT u.username, u.role FROM sessions s JOIN users u ON u.username = s.username \
+             WHERE s.token_hash = ? AND s.expires_at > ?",
+        )
+        .bind(&hex)
+        .bind(now)
+        .fetch_optional(&self.reader)
+        .await?;
+        if let Some(row) = session {
+            return Ok(Some(Principal {
+                name: row.try_get(0)?,
+                role: row.try_get::<String, _>(1)?.parse()?,
+                session: Some(hash),
+            }));
+        }
+        let key = sqlx::query("SELECT name, role FROM api_keys WHERE key_hash = ?")
+            .bind(&hex)
+            .fetch_optional(&self.reader)
+            .await?;
+        key.map(|row| -> anyhow::Result<Principal> {
+            Ok(Principal {
+                name: format!("api-key:{}", row.try_get::<String, _>(0)?),
+                role: row.try_get::<String, _>(1)?.parse()?,
+                session: None,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.id.to_string())
+        .bind(&key.name)
+        .bind(hash.to_hex())
+        .bind(key.role.as_str())
+        .bind(&key.created_by)
+        .bind(key.created_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
+        let rows = sqlx::query("SELECT id, name, role, created_by, created_at FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ApiKeyRow {
+                    id: Uuid::parse_str(&row.try_get::<String, _>(0)?)?,
+                    name: row.try_get(1)?,
+                    role: row.try_get::<String, _>(2)?.parse()?,
+                    created_by: row.try_get(3)?,
+                    created_at: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes an API key; `Ok(false)` when there was none with this id.
+    pub async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
+        let result =
+            sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id.to_string()).execute(&self.writer).await?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<UserRow> {
+    Ok(UserRow {
+        username: row.try_get(0)?,
+        password_hash: row.try_get(1)?,
+        role: row.try_get::<String, _>(2)?.parse()?,
+        created_at: row.try_get(3)?,
+    })
+}

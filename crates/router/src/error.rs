@@ -1,0 +1,111 @@
+//! The one error type of the HTTP boundary.
+//!
+//! Every failure a handler can meet becomes an [`ApiError`]; this module alone decides which HTTP status and which
+//! `code` a client sees. Internal failures are logged with their cause chain and answered with a generic body, so no
+//! database detail leaks to clients.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use llm_router_protocol::{ErrorBody, ErrorDetail};
+
+/// A failure answered to the client as `{"error": {"code", "message"}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    GpuRequired(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    InvalidCredentials(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    NodeExists(String),
+    #[error("{0}")]
+    NotPending(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    NodeUnreachable(String),
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// The HTTP status and wire code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::GpuRequired(_) => (StatusCode::FORBIDDEN, "gpu_required"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidCredentials(_) => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::NodeExists(_) => (StatusCode::CONFLICT, "node_exists"),
+            ApiError::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::NodeUnreachable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "node_unreachable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// Shorthand constructors, so handlers read as sentences.
+pub fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest(message.into())
+}
+
+pub fn not_found(message: impl Into<String>) -> ApiError {
+    ApiError::NotFound(message.into())
+}
+
+pub fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::Unauthorized(message.into())
+}
+
+pub fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::Forbidden(message.into())
+}
+
+/// Builds the JSON error answer for a status and code; also used for failures outside handlers (panics, fallbacks).
+pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = ErrorBody { error: ErrorDetail { code: code.to_owned(), message: message.into() } };
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(cause) => {
+                tracing::error!(error = ?cause, "request failed");
+                "The router hit an internal error; the request was not applied. Try again, and check the router's log if it persists.".to_owned()
+            }
+            other => other.to_string(),
+        };
+        error_response(status, code, message)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        ApiError::Internal(err.into())
+    }
+}
+
+/// Result type of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,11 @@
+//! The llm-router server as a library: the binary only parses configuration and calls [`app::run`].
+
+pub mod app;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod probe;
+pub mod registry;
+pub mod routes;

@@ -1,0 +1,67 @@
+//! The node state machine of SPEC §2.3 as pure functions: given the current status and an event, the next status.
+//! Nothing here touches HTTP, SQL or the clock, so every row of the table is unit-tested directly.
+
+use llm_router_protocol::NodeStatus;
+
+/// The status an approved node should have, by whether its runtime serves a model.
+pub fn by_readiness(ready_models: &[String]) -> NodeStatus {
+    if ready_models.is_empty() { NodeStatus::Registering } else { NodeStatus::Online }
+}
+
+/// Status after a heartbeat. A pending node stays pending: only an administrator approves.
+pub fn after_heartbeat(current: NodeStatus, ready_models: &[String]) -> NodeStatus {
+    match current {
+        NodeStatus::Pending => NodeStatus::Pending,
+        NodeStatus::Registering | NodeStatus::Online | NodeStatus::Offline => by_readiness(ready_models),
+    }
+}
+
+/// Status after an administrator's approval, or `None` when the node is not pending.
+pub fn after_approval(current: NodeStatus, ready_models: &[String]) -> Option<NodeStatus> {
+    (current == NodeStatus::Pending).then(|| by_readiness(ready_models))
+}
+
+/// Whether silence of `silent_ms` makes a node of this status offline.
+pub fn goes_offline(current: NodeStatus, silent_ms: i64, offline_after_ms: i64) -> bool {
+    matches!(current, NodeStatus::Registering | NodeStatus::Online) && silent_ms >= offline_after_ms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use NodeStatus::*;
+
+    fn models(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("m{i}")).collect()
+    }
+
+    #[test]
+    fn heartbeat_rows_of_the_table() {
+        assert_eq!(after_heartbeat(Pending, &models(1)), Pending);
+        assert_eq!(after_heartbeat(Pending, &models(0)), Pending);
+        assert_eq!(after_heartbeat(Registering, &models(1)), Online);
+        assert_eq!(after_heartbeat(Registering, &models(0)), Registering);
+        assert_eq!(after_heartbeat(Online, &models(0)), Registering);
+        assert_eq!(after_heartbeat(Online, &models(2)), Online);
+        assert_eq!(after_heartbeat(Offline, &models(1)), Online);
+        assert_eq!(after_heartbeat(Offline, &models(0)), Registering);
+    }
+
+    #[test]
+    fn approval_only_from_pending() {
+        assert_eq!(after_approval(Pending, &models(1)), Some(Online));
+        assert_eq!(after_approval(Pending, &models(0)), Some(Registering));
+        for status in [Registering, Online, Offline] {
+            assert_eq!(after_approval(status, &models(1)), None);
+        }
+    }
+
+    #[test]
+    fn only_approved_live_nodes_go_offline() {
+        assert!(goes_offline(Online, 30_000, 30_000));
+        assert!(goes_offline(Registering, 31_000, 30_000));
+        assert!(!goes_offline(Online, 29_999, 30_000));
+        assert!(!goes_offline(Pending, 99_000, 30_000));
+        assert!(!goes_offline(Offline, 99_000, 30_000));
+    }
+}

@@ -1,0 +1,76 @@
+//! `/v0/auth`: sign in, sign out, who am I.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::json::JsonBody;
+use crate::app::AppState;
+use crate::auth::token::{NewToken, TokenKind};
+use crate::auth::{Role, SESSION_COOKIE, Viewer, password};
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Deserialize)]
+pub struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    pub username: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoginResponse {
+    token: String,
+    user: UserView,
+}
+
+/// `POST /v0/auth/login`: a session token in the body and as an HttpOnly, SameSite=Strict cookie.
+pub async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginRequest>) -> ApiResult<Response> {
+    let user = state.store.user(&body.username).await?;
+    // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
+    let stored = user.as_ref().map_or_else(|| state.dummy_password_hash.clone(), |u| u.password_hash.clone());
+    let matches = password::verify(body.password, stored).await?;
+    let user = match user {
+        Some(user) if matches => user,
+        _ => return Err(ApiError::InvalidCredentials("Wrong username or password.".to_owned())),
+    };
+    let token = NewToken::generate(TokenKind::Session);
+    let now = state.clock.now_ms();
+    let ttl = state.settings.session_ttl;
+    let expires = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    state.store.insert_session(token.hash(), &user.username, now, expires).await?;
+    let cookie =
+        format!("{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}", token.plaintext(), ttl.as_secs());
+    let body =
+        LoginResponse { token: token.into_plaintext(), user: UserView { username: user.username, role: user.role } };
+    let mut response = Json(body).into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+/// `POST /v0/auth/logout`: ends the session behind the credential (an API key is revoked only by deleting it).
+pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) -> ApiResult<Response> {
+    if let Some(session) = principal.session {
+        state.store.delete_session(session).await?;
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("llm_router_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    );
+    Ok(response)
+}
+
+/// `GET /v0/auth/me`
+pub async fn me(Viewer(principal): Viewer) -> Json<UserView> {
+    Json(UserView { username: principal.name, role: principal.role })
+}
