@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod auth;
+pub mod dashboard;
 pub mod health;
 pub mod json;
 pub mod nodes;
@@ -23,6 +24,9 @@ use crate::error::{ApiError, error_response};
 /// The whole HTTP surface of the router.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard::home))
+        .route("/dashboard", get(dashboard::index))
+        .route("/dashboard/{file}", get(dashboard::asset))
         .route("/healthz", get(health::healthz))
         .route("/v0/health", post(health::heartbeat))
         .route("/v0/nodes", post(nodes::register).get(nodes::list))
