@@ -1,1 +1,9 @@
+//! Integration tests of the router's HTTP API, its storage and its binary. One test binary for the crate.
 
+mod admin;
+mod binary;
+mod errors;
+mod heartbeat;
+mod helpers;
+mod registration;
+mod storage;

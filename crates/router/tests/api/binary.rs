@@ -1,0 +1,206 @@
+//! The real `llm-router` binary: configuration errors, the first administrator, and durability under SIGKILL.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::helpers::registration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_llm-router");
+
+struct Router {
+    child: Child,
+    base: String,
+    /// Lines printed before the listening line.
+    banner: Vec<String>,
+    _stdout: Lines<BufReader<ChildStdout>>,
+}
+
+fn command(data_dir: &Path, password: Option<&str>) -> Command {
+    command_on(data_dir, password, "127.0.0.1:0")
+}
+
+fn command_on(data_dir: &Path, password: Option<&str>, listen: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", listen, "--no-reachability-check", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("LLM_ROUTER_ADMIN_PASSWORD")
+        .env_remove("LLM_ROUTER_LISTEN")
+        .env("LLM_ROUTER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(password) = password {
+        command.env("LLM_ROUTER_ADMIN_PASSWORD", password);
+    }
+    command
+}
+
+async fn start(data_dir: &Path, password: Option<&str>) -> Router {
+    let mut child = command(data_dir, password).spawn().expect("spawn llm-router");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut banner = Vec::new();
+    let base = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stdout.next_line().await.expect("read stdout") {
+            if let Some(url) = line.strip_prefix("llm-router listening on ") {
+                return url.to_owned();
+            }
+            banner.push(line);
+        }
+        panic!("llm-router exited before listening");
+    })
+    .await
+    .expect("router started in time");
+    Router { child, base, banner, _stdout: stdout }
+}
+
+async fn login(client: &reqwest::Client, base: &str, password: &str) -> reqwest::Response {
+    client
+        .post(format!("{base}/v0/auth/login"))
+        .json(&json!({"username": "admin", "password": password}))
+        .send()
+        .await
+        .expect("login")
+}
+
+/// Runs the binary to completion and returns (exit code, stderr).
+async fn run_to_exit(mut command: Command) -> (i32, String) {
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output()).await.expect("exits").expect("run");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+
+    let (code, stderr) = run_to_exit(command_on(&data, Some("pw-123456"), "nowhere")).await;
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--listen"), "{stderr}");
+
+    let mut bad_number = command(&data, Some("pw-123456"));
+    bad_number.env("LLM_ROUTER_OFFLINE_AFTER_SECS", "soon");
+    let (code, stderr) = run_to_exit(bad_number).await;
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let in_use = taken.local_addr().expect("addr").to_string();
+    let (code, stderr) = run_to_exit(command_on(&data, Some("pw-123456"), &in_use)).await;
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert!(!data.exists(), "nothing was written");
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let (code, stderr) = run_to_exit(command(&file.join("data"), Some("pw-123456"))).await;
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("data directory"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_first_start_prints_a_generated_admin_password_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let mut router = start(dir.path(), None).await;
+    let line = router.banner.iter().find(|l| l.contains("with password: ")).expect("password printed").clone();
+    let password = line.rsplit("with password: ").next().expect("password").trim().to_owned();
+    assert!(password.len() >= 24, "{password}");
+    assert_eq!(login(&client, &router.base, &password).await.status(), 200);
+    router.child.kill().await.expect("kill");
+
+    let mut again = start(dir.path(), None).await;
+    assert!(again.banner.iter().all(|l| !l.contains("password")), "{:?}", again.banner);
+    assert_eq!(login(&client, &again.base, &password).await.status(), 200);
+    again.child.kill().await.expect("kill");
+}
+
+#[tokio::test]
+async fn registrations_survive_sigkill_mid_burst() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let mut router = start(dir.path(), Some("pw-123456")).await;
+
+    async fn register(client: reqwest::Client, base: String, name: String) -> Option<(String, String)> {
+        let response = client.post(format!("{base}/v0/nodes")).json(&registration(&name, 8000)).send().await.ok()?;
+        if response.status() != 201 {
+            return None;
+        }
+        let answer: Value = response.json().await.ok()?;
+        Some((answer["node_id"].as_str()?.to_owned(), answer["node_token"].as_str()?.to_owned()))
+    }
+
+    // 300 concurrent registrations, every one acknowledged.
+    let first: Vec<_> =
+        (0..300).map(|i| tokio::spawn(register(client.clone(), router.base.clone(), format!("burst-a-{i}")))).collect();
+    let mut acknowledged = Vec::new();
+    for task in first {
+        acknowledged.push(task.await.expect("task").expect("acknowledged"));
+    }
+
+    // A second burst, killed while in flight.
+    let acks = Arc::new(AtomicUsize::new(0));
+    let second: Vec<_> = (0..300)
+        .map(|i| {
+            let (client, base, acks) = (client.clone(), router.base.clone(), acks.clone());
+            tokio::spawn(async move {
+                let result = register(client, base, format!("burst-b-{i}")).await;
+                if result.is_some() {
+                    acks.fetch_add(1, Ordering::SeqCst);
+                }
+                result
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while acks.load(Ordering::SeqCst) < 20 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("some of the second burst answered");
+    router.child.start_kill().expect("SIGKILL");
+    router.child.wait().await.expect("wait");
+    for task in second {
+        if let Some(node) = task.await.expect("task") {
+            acknowledged.push(node);
+        }
+    }
+    assert!(acknowledged.len() >= 320);
+
+    let router = start(dir.path(), Some("pw-123456")).await;
+    let token: Value = login(&client, &router.base, "pw-123456").await.json().await.expect("json");
+    let token = token["token"].as_str().expect("token");
+    let nodes: Vec<Value> = client
+        .get(format!("{}/v0/nodes", router.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert!(nodes.len() >= acknowledged.len(), "{} stored < {} acknowledged", nodes.len(), acknowledged.len());
+    for (id, node_token) in &acknowledged {
+        let response = client
+            .post(format!("{}/v0/health", router.base))
+            .header("X-Node-Token", node_token)
+            .json(&json!({"node_id": id}))
+            .send()
+            .await
+            .expect("heartbeat");
+        assert_eq!(response.status(), 200, "acknowledged node {id} lost its token");
+    }
+}

@@ -1,0 +1,326 @@
+//! The test harness: the real app on `127.0.0.1:0` with a temporary database and a manual clock, a stand-in
+//! OpenAI-compatible runtime, and typed request helpers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use llm_router::app::{App, AppState};
+use llm_router::clock::ManualClock;
+use llm_router::config::Settings;
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN_PASSWORD: &str = "admin-password-1";
+/// 2026-01-01T00:00:00Z
+pub const START_MS: i64 = 1_767_225_600_000;
+
+/// The router under test.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub clock: ManualClock,
+    pub state: AppState,
+    pub settings: Settings,
+    dir: Arc<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// How to configure a [`TestApp`].
+pub struct Options {
+    pub reachability_check: bool,
+    pub reachability_timeout: Duration,
+    pub offline_after: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            reachability_check: false,
+            reachability_timeout: Duration::from_millis(500),
+            offline_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A node registered through the API.
+#[derive(Debug, Clone)]
+pub struct TestNode {
+    pub id: String,
+    pub token: String,
+}
+
+impl TestApp {
+    /// Reachability check off; see [`TestApp::with`].
+    pub async fn spawn() -> TestApp {
+        TestApp::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> TestApp {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut settings = Settings::new(dir.path().join("data"));
+        settings.reachability_check = options.reachability_check;
+        settings.reachability_timeout = options.reachability_timeout;
+        settings.offline_after = options.offline_after;
+        settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
+        // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
+        settings.flush_interval = Duration::from_secs(3600);
+        TestApp::start(dir, settings, ManualClock::new(START_MS)).await
+    }
+
+    async fn start(dir: Arc<TempDir>, settings: Settings, clock: ManualClock) -> TestApp {
+        let app = App::build(settings.clone(), Arc::new(clock.clone())).await.expect("build app");
+        let state = app.state.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        TestApp { addr, client, clock, state, settings, dir, stop: Some(stop), server: Some(server) }
+    }
+
+    /// Stops the server gracefully (flushing figures) and starts a new one on the same database, with a clock
+    /// that starts where the old one stood plus `later_ms`.
+    pub async fn restart(mut self, later_ms: i64) -> TestApp {
+        self.shutdown().await;
+        let clock = ManualClock::new(START_MS);
+        clock.advance_ms(self.clock_ms() - START_MS + later_ms);
+        TestApp::start(self.dir.clone(), self.settings.clone(), clock).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+
+    pub fn clock_ms(&self) -> i64 {
+        use llm_router::clock::Clock;
+        self.clock.now_ms()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.settings.data_dir.clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> Response {
+        self.request(Method::POST, "/v0/auth/login")
+            .json(&json!({"username": username, "password": password}))
+            .send()
+            .await
+            .expect("login")
+    }
+
+    /// A session token of the first administrator.
+    pub async fn admin_token(&self) -> String {
+        let response = self.login("admin", ADMIN_PASSWORD).await;
+        assert_eq!(response.status(), 200);
+        body(response).await["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Creates a user with the given role and returns a session token for them.
+    pub async fn user_token(&self, username: &str, role: &str) -> String {
+        let admin = self.admin_token().await;
+        let created = self
+            .request(Method::POST, "/v0/users")
+            .bearer_auth(&admin)
+            .json(&json!({"username": username, "password": "user-password-1", "role": role}))
+            .send()
+            .await
+            .expect("create user");
+        assert_eq!(created.status(), 201);
+        let response = self.login(username, "user-password-1").await;
+        assert_eq!(response.status(), 200);
+        body(response).await["token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn register(&self, request: &Value) -> Response {
+        self.request(Method::POST, "/v0/nodes").json(request).send().await.expect("register")
+    }
+
+    /// Registers a valid node named `name` and returns its id and token.
+    pub async fn register_node(&self, name: &str) -> TestNode {
+        let response = self.register(&registration(name, 8000)).await;
+        assert_eq!(response.status(), 201, "registering {name}");
+        let answer = body(response).await;
+        TestNode {
+            id: answer["node_id"].as_str().expect("id").to_owned(),
+            token: answer["node_token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    pub async fn heartbeat(&self, node: &TestNode, ready: &[&str]) -> Response {
+        self.heartbeat_body(&node.token, &json!({"node_id": node.id, "cpu_usage": 12.5, "ready_models": ready})).await
+    }
+
+    pub async fn heartbeat_body(&self, token: &str, body: &Value) -> Response {
+        self.request(Method::POST, "/v0/health")
+            .header("X-Node-Token", token)
+            .json(body)
+            .send()
+            .await
+            .expect("heartbeat")
+    }
+
+    pub async fn approve(&self, token: &str, id: &str) -> Response {
+        self.request(Method::POST, &format!("/v0/nodes/{id}/approve")).bearer_auth(token).send().await.expect("approve")
+    }
+
+    pub async fn get_node(&self, token: &str, id: &str) -> Response {
+        self.request(Method::GET, &format!("/v0/nodes/{id}")).bearer_auth(token).send().await.expect("get node")
+    }
+
+    /// The node's current JSON, asserting it exists.
+    pub async fn node(&self, id: &str) -> Value {
+        let admin = self.admin_token().await;
+        let response = self.get_node(&admin, id).await;
+        assert_eq!(response.status(), 200);
+        body(response).await
+    }
+
+    pub async fn status_of(&self, id: &str) -> String {
+        self.node(id).await["status"].as_str().expect("status").to_owned()
+    }
+
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        let admin = self.admin_token().await;
+        let response = self
+            .request(Method::GET, &format!("/v0/nodes/{id}/events"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("events");
+        assert_eq!(response.status(), 200);
+        body(response).await.as_array().expect("array").clone()
+    }
+
+    pub async fn nodes(&self) -> Vec<Value> {
+        let admin = self.admin_token().await;
+        let response = self.request(Method::GET, "/v0/nodes").bearer_auth(&admin).send().await.expect("list");
+        assert_eq!(response.status(), 200);
+        body(response).await.as_array().expect("array").clone()
+    }
+
+    /// Moves the router's clock and runs the offline sweep, as the background task would.
+    pub async fn advance_and_sweep(&self, ms: i64) -> usize {
+        self.clock.advance_ms(ms);
+        self.state.registry.sweep().await.expect("sweep")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A valid registration body.
+pub fn registration(name: &str, port: u16) -> Value {
+    json!({
+        "machine_name": name,
+        "ip_address": "127.0.0.1",
+        "runtime_port": port,
+        "runtime_version": "llama.cpp b4500",
+        "gpu_devices": [{"model": "NVIDIA L4", "count": 2, "memory_bytes": 24_000_000_000u64}],
+        "supported_runtimes": ["llama_cpp"],
+        "tags": ["rack-a"]
+    })
+}
+
+pub async fn body(response: Response) -> Value {
+    let text = response.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
+}
+
+/// Asserts a SPEC §2 error answer and returns its message.
+pub async fn assert_error(response: Response, status: u16, code: &str) -> String {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let value = body(response).await;
+    assert_eq!(value["error"]["code"], code, "{value}");
+    let message = value["error"]["message"].as_str().expect("message").to_owned();
+    assert!(!message.is_empty());
+    message
+}
+
+/// A stand-in OpenAI-compatible runtime whose `/v1/models` answer the test controls.
+pub struct StandInRuntime {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<RuntimeAnswer>>,
+    _server: JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct RuntimeAnswer {
+    status: StatusCode,
+    models: Vec<String>,
+    delay: Duration,
+}
+
+impl StandInRuntime {
+    pub async fn start(models: &[&str]) -> StandInRuntime {
+        let state = Arc::new(Mutex::new(RuntimeAnswer {
+            status: StatusCode::OK,
+            models: models.iter().map(|m| m.to_string()).collect(),
+            delay: Duration::ZERO,
+        }));
+        let app = axum::Router::new().route("/v1/models", get(models_handler)).with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind runtime");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        StandInRuntime { addr, state, _server: server }
+    }
+
+    pub fn answer_with(&self, status: StatusCode) {
+        self.state.lock().expect("lock").status = status;
+    }
+
+    pub fn delay(&self, delay: Duration) {
+        self.state.lock().expect("lock").delay = delay;
+    }
+}
+
+async fn models_handler(State(state): State<Arc<Mutex<RuntimeAnswer>>>) -> (StatusCode, Json<Value>) {
+    let answer = state.lock().expect("lock").clone();
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    let data: Vec<Value> = answer.models.iter().map(|id| json!({"id": id, "object": "model"})).collect();
+    (answer.status, Json(json!({"object": "list", "data": data})))
+}
+
+/// A local port nothing listens on.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    port
+}

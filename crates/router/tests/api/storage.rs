@@ -1,0 +1,129 @@
+//! SQLite storage (SPEC §4): the schema, restarts, write-behind figures and the restart grace period.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn open_db(app: &TestApp) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("router.db").display())).await.expect("db")
+}
+
+#[tokio::test]
+async fn the_database_has_the_spec_tables_in_wal_mode() {
+    let app = TestApp::spawn().await;
+    let db = open_db(&app).await;
+    let tables: Vec<(String,)> =
+        sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table'").fetch_all(&db).await.expect("tables");
+    let tables: Vec<String> = tables.into_iter().map(|t| t.0).collect();
+    for table in [
+        "nodes",
+        "node_gpu_devices",
+        "node_loaded_models",
+        "node_supported_runtimes",
+        "node_tags",
+        "node_events",
+        "users",
+        "api_keys",
+        "node_tokens",
+    ] {
+        assert!(tables.iter().any(|t| t == table), "missing table {table}: {tables:?}");
+    }
+    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(&db).await.expect("pragma");
+    assert_eq!(mode, "wal");
+    let (migrations,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success").fetch_one(&db).await.expect("migrations");
+    assert!(migrations >= 1);
+}
+
+#[tokio::test]
+async fn a_restart_keeps_nodes_tokens_statuses_figures_and_history() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin_token().await;
+    let online = app.register_node("gpu-keep").await;
+    let pending = app.register_node("gpu-wait").await;
+    let heartbeat = json!({"node_id": online.id, "cpu_usage": 42.0, "loaded_models": ["m"], "ready_models": ["m"]});
+    assert_eq!(app.approve(&admin, &online.id).await.status(), 200);
+    assert_eq!(app.heartbeat_body(&online.token, &heartbeat).await.status(), 200);
+    let patch = app.request(reqwest::Method::PATCH, &format!("/v0/nodes/{}", online.id)).bearer_auth(&admin);
+    assert_eq!(patch.json(&json!({"notes": "kept"})).send().await.expect("patch").status(), 200);
+    let before = app.node(&online.id).await;
+    assert_eq!(before["status"], "online");
+
+    let app = app.restart(1_000).await;
+    let after = app.node(&online.id).await;
+    assert_eq!(after, before, "everything survives, figures included");
+    assert_eq!(app.status_of(&pending.id).await, "pending");
+    assert_eq!(app.events(&online.id).await.len(), 3);
+    assert_eq!(body(app.heartbeat(&online, &["m"]).await).await["status"], "online");
+    assert_eq!(body(app.heartbeat(&pending, &[]).await).await["status"], "pending");
+    assert_eq!(app.admin_token().await.len(), 5 + 64, "users survive");
+}
+
+#[tokio::test]
+async fn heartbeat_figures_are_written_behind_in_batches() {
+    let app = TestApp::spawn().await;
+    let node = app.register_node("gpu-batch").await;
+    let db = open_db(&app).await;
+    let heartbeat = json!({"node_id": node.id, "cpu_usage": 77.0, "ready_models": ["x"]});
+    assert_eq!(app.heartbeat_body(&node.token, &heartbeat).await.status(), 200);
+    let read = || sqlx::query_as::<_, (Option<String>,)>("SELECT metrics FROM nodes WHERE id = ?").bind(&node.id);
+    assert_eq!(read().fetch_one(&db).await.expect("row").0, None, "not yet written");
+    assert_eq!(app.state.registry.flush().await.expect("flush"), 1);
+    let metrics = read().fetch_one(&db).await.expect("row").0.expect("written");
+    assert!(metrics.contains("77"), "{metrics}");
+    let (ready,): (String,) =
+        sqlx::query_as("SELECT model FROM node_loaded_models WHERE node_id = ? AND kind = 'ready'")
+            .bind(&node.id)
+            .fetch_one(&db)
+            .await
+            .expect("model row");
+    assert_eq!(ready, "x");
+    assert_eq!(app.state.registry.flush().await.expect("flush"), 0, "nothing new to write");
+}
+
+#[tokio::test]
+async fn after_a_restart_approved_nodes_get_a_full_grace_period() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin_token().await;
+    let node = app.register_node("gpu-grace").await;
+    assert_eq!(app.approve(&admin, &node.id).await.status(), 200);
+    assert_eq!(app.heartbeat(&node, &["m"]).await.status(), 200);
+
+    // The router was down for far longer than offline_after.
+    let app = app.restart(10 * 60_000).await;
+    assert_eq!(app.advance_and_sweep(0).await, 0);
+    assert_eq!(app.status_of(&node.id).await, "online");
+    assert_eq!(app.advance_and_sweep(29_000).await, 0);
+    assert_eq!(app.status_of(&node.id).await, "online");
+    assert_eq!(app.advance_and_sweep(1_000).await, 1);
+    assert_eq!(app.status_of(&node.id).await, "offline");
+}
+
+#[tokio::test]
+async fn three_hundred_concurrent_registrations_are_all_stored() {
+    let app = TestApp::spawn().await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let client = app.client.clone();
+        let url = app.url("/v0/nodes");
+        tasks.push(tokio::spawn(async move {
+            let response = client.post(url).json(&registration(&format!("gpu-{i:03}"), 8000)).send().await;
+            let response = response.expect("send");
+            assert_eq!(response.status(), 201);
+            let answer: serde_json::Value = response.json().await.expect("json");
+            TestNode {
+                id: answer["node_id"].as_str().expect("id").to_owned(),
+                token: answer["node_token"].as_str().expect("token").to_owned(),
+            }
+        }));
+    }
+    let mut nodes = Vec::new();
+    for task in tasks {
+        nodes.push(task.await.expect("task"));
+    }
+    let app = app.restart(0).await;
+    assert_eq!(app.nodes().await.len(), 300);
+    for node in &nodes {
+        assert_eq!(app.heartbeat(node, &[]).await.status(), 200, "token of {} works", node.id);
+    }
+}
