@@ -1,1 +1,1032 @@
-/* llm-router dashboard */
+// llm-router dashboard: sign in, watch the fleet, approve pending nodes (SPEC §6).
+//
+// Plain ES module, no framework, no build step. Two rules hold everywhere in this file:
+// - Every string that comes from the router (node names, notes, tags, models, messages) reaches the page as text:
+//   through textContent, Element.append(string) or a property such as title. Markup is never parsed from data.
+// - The credential is the router's HttpOnly session cookie. The page never sees, stores or sends a token itself;
+//   every request is same-origin and carries X-Requested-With, which the router demands of cookie-authenticated
+//   writes.
+
+const REFRESH_MS = 2000;
+const REQUESTED_WITH = 'llm-router-dashboard';
+/** Pending first (they wait for a person), then the nodes that need a look, then the healthy ones. */
+const STATUS_ORDER = { pending: 0, offline: 1, registering: 2, online: 3 };
+const STATUSES = ['pending', 'online', 'registering', 'offline'];
+const NODE_HASH = /^#\/nodes\/([0-9a-fA-F-]{36})$/;
+
+const $ = (id) => document.getElementById(id);
+
+// ---------------------------------------------------------------------------------------------------------------
+// DOM helpers: text only.
+
+/** Creates an element. `props` sets properties (className, title, type...) or, for aria-* and role, attributes;
+ * children are elements or strings, and strings become text nodes. */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === 'dataset') Object.assign(node.dataset, value);
+    else if (key.startsWith('on') && typeof value === 'function') node.addEventListener(key.slice(2), value);
+    else if (key.startsWith('aria-') || key === 'role') node.setAttribute(key, String(value));
+    else node[key] = value;
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+}
+
+/** Sets an element's text only when it changed, so a refresh does not disturb a selection or repaint. */
+function setText(node, text) {
+  const value = text ?? '';
+  if (node.textContent !== value) node.textContent = value;
+}
+
+function setTitle(node, title) {
+  const value = title ?? '';
+  if (node.title !== value) node.title = value;
+}
+
+function toggleClass(node, name, on) {
+  if (node.classList.contains(name) !== Boolean(on)) node.classList.toggle(name, Boolean(on));
+}
+
+/** Replaces a container's children only when `signature` differs from the last one built. */
+function rebuild(container, signature, build) {
+  if (container.dataset.sig === signature) return;
+  container.dataset.sig = signature;
+  container.replaceChildren(...[build()].flat().filter(Boolean));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Formatting.
+
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+function formatBytes(bytes) {
+  if (bytes === null || bytes === undefined) return '';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = Number(bytes);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const digits = value >= 100 || Number.isInteger(value) ? 0 : 1;
+  return `${value.toFixed(digits)} ${units[unit]}`;
+}
+
+function formatPercent(value) {
+  return value === null || value === undefined ? '–' : `${Math.round(value)}%`;
+}
+
+function formatAgo(iso) {
+  if (!iso) return 'never';
+  const seconds = Math.max(0, Math.round((serverNow() - Date.parse(iso)) / 1000));
+  if (seconds < 3) return 'just now';
+  if (seconds < 60) return `${seconds} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  return `${Math.floor(seconds / 86400)} d ago`;
+}
+
+const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+
+function formatTime(iso) {
+  return iso ? dateFormat.format(new Date(iso)) : '';
+}
+
+function nodeName(node) {
+  return node.display_name || node.machine_name;
+}
+
+function address(node) {
+  return node.ip_address.includes(':') ? `[${node.ip_address}]:${node.runtime_port}` : `${node.ip_address}:${node.runtime_port}`;
+}
+
+function gpuCount(node) {
+  return node.gpu_devices.reduce((sum, device) => sum + device.count, 0);
+}
+
+/** The fleet-table summary of a node's heartbeat GPUs: mean utilisation and memory used / total. */
+function gpuFigures(node) {
+  const gpus = node.metrics?.gpus ?? [];
+  const utils = gpus.map((g) => g.utilization).filter((u) => typeof u === 'number');
+  const used = gpus.reduce((sum, g) => sum + (g.memory_used_bytes ?? 0), 0);
+  const total = gpus.reduce((sum, g) => sum + (g.memory_total_bytes ?? 0), 0);
+  return {
+    util: utils.length ? utils.reduce((a, b) => a + b, 0) / utils.length : null,
+    memory: total > 0 ? `${formatBytes(used)} / ${formatBytes(total)}` : '',
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The router's API.
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+class Unreachable extends Error {}
+
+/** Offset between the router's clock and this browser's, from the Date header, so "12 s ago" is right even when
+ * the operator's laptop clock is off. Differences under two seconds are the header's rounding and are ignored. */
+let clockSkew = 0;
+
+function serverNow() {
+  return Date.now() + clockSkew;
+}
+
+async function api(method, path, body) {
+  const init = {
+    method,
+    credentials: 'same-origin',
+    cache: 'no-store',
+    headers: { 'X-Requested-With': REQUESTED_WITH, Accept: 'application/json' },
+  };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  let text;
+  try {
+    response = await fetch(path, init);
+    text = await response.text();
+  } catch (err) {
+    throw new Unreachable(err instanceof Error ? err.message : String(err));
+  }
+  const date = Date.parse(response.headers.get('Date') ?? '');
+  if (!Number.isNaN(date)) {
+    const skew = date - Date.now();
+    clockSkew = Math.abs(skew) > 2000 ? skew : 0;
+  }
+  let data = null;
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = null;
+    }
+  }
+  if (!response.ok) {
+    // A proxy in front of a stopped router answers 502-504 without our JSON error body.
+    if (response.status >= 502 && response.status <= 504 && !data?.error) {
+      throw new Unreachable(`the gateway answered ${response.status}`);
+    }
+    throw new ApiError(
+      response.status,
+      data?.error?.code ?? `http_${response.status}`,
+      data?.error?.message ?? `The router answered ${response.status} ${response.statusText}.`,
+    );
+  }
+  return data;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// State.
+
+const state = {
+  user: null,
+  /** Bumped on sign-in and sign-out: a refresh loop of an earlier session stops. */
+  session: 0,
+  nodes: new Map(),
+  loaded: false,
+  filter: 'all',
+  search: '',
+  /** id -> row view (see createRow); rows outlive a filter that hides them. */
+  rows: new Map(),
+  detailId: null,
+  events: [],
+  eventsFor: null,
+  /** Bumped by every change made here: a list fetched before it is stale and dropped. */
+  mutations: 0,
+  inflight: null,
+  timer: null,
+  lastOk: 0,
+  unreachable: false,
+};
+
+const isAdmin = () => state.user?.role === 'admin';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Screens.
+
+function show(screen) {
+  $('boot').hidden = true;
+  $('signin').hidden = screen !== 'signin';
+  $('app').hidden = screen !== 'app';
+}
+
+function showSignin(note) {
+  state.session += 1;
+  state.user = null;
+  clearTimeout(state.timer);
+  resetFleet();
+  setBanner(null);
+  const noteEl = $('signin-note');
+  noteEl.hidden = !note;
+  setText(noteEl, note);
+  $('signin-error').hidden = true;
+  $('signin-password').value = '';
+  show('signin');
+  document.title = 'Sign in · llm-router';
+  $('signin-username').focus();
+}
+
+function showApp(user) {
+  state.session += 1;
+  state.user = { username: user.username, role: user.role };
+  resetFleet();
+  setText($('user-name'), user.username);
+  const role = $('user-role');
+  setText(role, user.role);
+  role.className = `role role-${user.role === 'admin' ? 'admin' : 'viewer'}`;
+  $('readonly-note').hidden = isAdmin();
+  document.body.classList.toggle('is-admin', isAdmin());
+  setText($('empty-command'), `LLM_ROUTER_URL=${location.origin} \\\n  LLM_NODE_RUNTIME_URL=http://127.0.0.1:8000 \\\n  llm-node`);
+  show('app');
+  document.title = 'llm-router';
+  const session = state.session;
+  refresh().then(() => {
+    const match = NODE_HASH.exec(location.hash);
+    if (session === state.session && match && state.nodes.has(match[1])) openDetail(match[1]);
+  });
+  schedule(session);
+}
+
+function resetFleet() {
+  state.nodes = new Map();
+  state.rows = new Map();
+  state.loaded = false;
+  state.detailId = null;
+  state.events = [];
+  state.eventsFor = null;
+  state.lastOk = 0;
+  state.unreachable = false;
+  $('node-rows').replaceChildren();
+  $('detail').hidden = true;
+  $('pending-callout').hidden = true;
+  $('empty').hidden = true;
+  $('table-wrap').hidden = false;
+  const form = $('edit-form');
+  delete form.dataset.base;
+  delete form.dataset.node;
+}
+
+async function boot() {
+  try {
+    const user = await api('GET', '/v0/auth/me');
+    showApp(user);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      showSignin();
+    } else if (err instanceof Unreachable) {
+      setBanner('The router cannot be reached. Retrying…');
+      setTimeout(boot, REFRESH_MS);
+    } else {
+      showSignin(err.message);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sign in and out.
+
+$('signin-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const username = $('signin-username').value.trim();
+  const password = $('signin-password').value;
+  const error = $('signin-error');
+  if (!username || !password) {
+    error.hidden = false;
+    setText(error, 'Enter your username and password.');
+    return;
+  }
+  const button = $('signin-submit');
+  button.disabled = true;
+  setText(button, 'Signing in…');
+  try {
+    // The answer also carries a bearer token for API clients; the page ignores it and keeps only the cookie.
+    const { user } = await api('POST', '/v0/auth/login', { username, password });
+    $('signin-password').value = '';
+    showApp(user);
+  } catch (err) {
+    error.hidden = false;
+    setText(error, err instanceof Unreachable ? 'The router cannot be reached; try again in a moment.' : err.message);
+    $('signin-password').select();
+  } finally {
+    button.disabled = false;
+    setText(button, 'Sign in');
+  }
+});
+
+$('signout').addEventListener('click', async () => {
+  try {
+    await api('POST', '/v0/auth/logout');
+  } catch (err) {
+    // A session that already ended is signed out all the same.
+    if (!(err instanceof ApiError && err.status === 401)) {
+      toast(`Sign-out failed: ${err.message}`, 'error');
+      return;
+    }
+  }
+  history.replaceState(null, '', location.pathname);
+  showSignin();
+});
+
+// ---------------------------------------------------------------------------------------------------------------
+// Live refresh.
+
+function schedule(session) {
+  clearTimeout(state.timer);
+  state.timer = setTimeout(async () => {
+    if (session !== state.session) return;
+    if (!document.hidden) await refresh();
+    if (session === state.session) schedule(session);
+  }, REFRESH_MS);
+}
+
+document.addEventListener('visibilitychange', () => {
+  if (!document.hidden && state.user) refresh();
+});
+
+/** Fetches the fleet (and the open node's history) and updates the page in place. Calls are serialised. */
+async function refresh() {
+  while (state.inflight) await state.inflight;
+  state.inflight = load();
+  try {
+    await state.inflight;
+  } finally {
+    state.inflight = null;
+  }
+}
+
+async function load() {
+  const session = state.session;
+  const mutations = state.mutations;
+  try {
+    const nodes = await api('GET', '/v0/nodes');
+    const detailId = state.detailId;
+    const events = detailId && nodes.some((n) => n.id === detailId)
+      ? await api('GET', `/v0/nodes/${encodeURIComponent(detailId)}/events`).catch((err) => {
+          if (err instanceof ApiError && err.status === 404) return [];
+          throw err;
+        })
+      : null;
+    if (session !== state.session || mutations !== state.mutations) return;
+    state.lastOk = Date.now();
+    setUnreachable(false);
+    state.nodes = new Map(nodes.map((n) => [n.id, n]));
+    state.loaded = true;
+    if (events && detailId === state.detailId) {
+      state.events = events;
+      state.eventsFor = detailId;
+    }
+    render();
+  } catch (err) {
+    if (session !== state.session) return;
+    if (err instanceof ApiError && err.status === 401) {
+      showSignin('Your session has ended; sign in again.');
+    } else if (err instanceof Unreachable) {
+      setUnreachable(true);
+    } else {
+      setBanner(`The router answered with an error: ${err.message}`);
+    }
+  }
+}
+
+function setUnreachable(on) {
+  state.unreachable = on;
+  toggleClass(document.body, 'is-stale', on);
+  toggleClass($('live'), 'live-down', on);
+  if (on) {
+    setBanner(`The router cannot be reached at ${location.host}. Retrying every ${REFRESH_MS / 1000} s…`);
+  } else {
+    setBanner(null);
+  }
+  tick();
+}
+
+function setBanner(text) {
+  const banner = $('banner');
+  banner.hidden = !text;
+  setText($('banner-text'), text);
+}
+
+/** Once a second: relative times move on without a request. */
+function tick() {
+  if (!state.user) return;
+  for (const view of state.rows.values()) updateSeen(view);
+  if (state.detailId) {
+    const node = state.nodes.get(state.detailId);
+    if (node) renderOverview(node);
+  }
+  const live = $('live-text');
+  if (state.unreachable) {
+    setText(live, state.lastOk ? `Offline · data from ${formatAgo(new Date(state.lastOk - clockSkew).toISOString())}` : 'Offline');
+  } else {
+    setText(live, 'Live');
+  }
+  setTitle($('live'), state.lastOk ? `Last update ${new Date(state.lastOk).toLocaleTimeString()}` : '');
+}
+
+setInterval(tick, 1000);
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fleet table.
+
+function matches(node) {
+  if (state.filter !== 'all' && node.status !== state.filter) return false;
+  const query = state.search.trim().toLowerCase();
+  if (!query) return true;
+  const haystack = [node.display_name, node.machine_name, node.ip_address, ...node.tags]
+    .filter(Boolean)
+    .join('\n')
+    .toLowerCase();
+  return query.split(/\s+/).every((word) => haystack.includes(word));
+}
+
+function compareNodes(a, b) {
+  return (STATUS_ORDER[a.status] ?? 9) - (STATUS_ORDER[b.status] ?? 9)
+    || nodeName(a).localeCompare(nodeName(b), undefined, { numeric: true, sensitivity: 'base' })
+    || a.id.localeCompare(b.id);
+}
+
+function render() {
+  const all = [...state.nodes.values()];
+  renderSummary(all);
+
+  const visible = all.filter(matches).sort(compareNodes);
+  const tbody = $('node-rows');
+  let cursor = tbody.firstElementChild;
+  for (const node of visible) {
+    let view = state.rows.get(node.id);
+    if (!view) {
+      view = createRow(node.id);
+      state.rows.set(node.id, view);
+    }
+    updateRow(view, node);
+    if (view.tr === cursor) {
+      cursor = cursor.nextElementSibling;
+    } else {
+      tbody.insertBefore(view.tr, cursor);
+    }
+  }
+  while (cursor) {
+    const next = cursor.nextElementSibling;
+    cursor.remove();
+    cursor = next;
+  }
+  for (const id of state.rows.keys()) {
+    if (!state.nodes.has(id)) state.rows.delete(id);
+  }
+
+  const empty = state.loaded && all.length === 0;
+  $('empty').hidden = !empty;
+  $('table-wrap').hidden = empty;
+  $('no-match').hidden = empty || visible.length > 0 || !state.loaded;
+
+  if (state.detailId) {
+    const node = state.nodes.get(state.detailId);
+    if (node) {
+      renderDetail(node);
+    } else {
+      toast('The node you were looking at has been deleted.', 'info');
+      closeDetail();
+    }
+  }
+}
+
+function renderSummary(all) {
+  const counts = { all: all.length, pending: 0, registering: 0, online: 0, offline: 0 };
+  for (const node of all) counts[node.status] = (counts[node.status] ?? 0) + 1;
+
+  const pending = counts.pending;
+  $('pending-callout').hidden = pending === 0;
+  setText($('pending-count'), String(pending));
+  setText($('pending-label'), pending === 1 ? 'node is' : 'nodes are');
+  document.title = pending > 0 ? `(${pending}) llm-router` : 'llm-router';
+
+  const filter = $('status-filter');
+  rebuild(filter, 'buttons', () => ['all', ...STATUSES].map((status) =>
+    el('button', {
+      type: 'button',
+      className: `seg seg-${status}`,
+      dataset: { status },
+      onclick: () => setFilter(status),
+    }, status === 'all' ? 'All' : status[0].toUpperCase() + status.slice(1), el('span', { className: 'seg-count' }))));
+  for (const button of filter.children) {
+    const status = button.dataset.status;
+    setText(button.querySelector('.seg-count'), String(counts[status] ?? 0));
+    button.setAttribute('aria-pressed', String(state.filter === status));
+  }
+
+  const gpus = all.reduce((sum, n) => sum + gpuCount(n), 0);
+  const serving = all.filter((n) => n.status === 'online').reduce((sum, n) => sum + gpuCount(n), 0);
+  setText($('fleet-summary'), state.loaded
+    ? `${plural(all.length, 'node', 'nodes')} · ${plural(gpus, 'GPU', 'GPUs')} · ${serving} serving`
+    : '');
+}
+
+function setFilter(status) {
+  state.filter = status;
+  render();
+}
+
+$('search').addEventListener('input', (event) => {
+  state.search = event.target.value;
+  render();
+});
+
+$('clear-filter').addEventListener('click', () => {
+  state.filter = 'all';
+  state.search = '';
+  $('search').value = '';
+  render();
+});
+
+$('show-pending').addEventListener('click', () => setFilter('pending'));
+
+function meter() {
+  const fill = el('span', { className: 'meter-fill' });
+  const value = el('span', { className: 'meter-value' });
+  const root = el('div', { className: 'meter' }, el('span', { className: 'meter-track' }, fill), value);
+  return { root, fill, value };
+}
+
+function setMeter(m, percent) {
+  const known = typeof percent === 'number';
+  setText(m.value, formatPercent(percent));
+  const width = known ? `${Math.min(100, Math.max(0, percent)).toFixed(0)}%` : '0%';
+  // A CSSOM property, not a style attribute: allowed by the page's `style-src 'self'` policy.
+  if (m.fill.style.width !== width) m.fill.style.width = width;
+  toggleClass(m.root, 'meter-none', !known);
+  toggleClass(m.root, 'meter-warm', known && percent >= 70 && percent < 90);
+  toggleClass(m.root, 'meter-hot', known && percent >= 90);
+}
+
+function badge(status) {
+  return el('span', { className: `badge badge-${status}` }, el('span', { className: 'badge-dot' }), status);
+}
+
+function setBadge(node, status) {
+  if (node.dataset.status === status) return;
+  node.dataset.status = status;
+  node.className = `badge badge-${status}`;
+  node.replaceChildren(el('span', { className: 'badge-dot' }), status);
+}
+
+function createRow(id) {
+  const view = { id };
+  view.status = el('span', { className: 'badge' });
+  view.name = el('button', { type: 'button', className: 'name-link', onclick: () => openDetail(id) });
+  view.nameSub = el('div', { className: 'sub' });
+  view.address = el('span', { className: 'mono' });
+  view.gpus = el('div', { className: 'gpus' });
+  view.gpusSub = el('div', { className: 'sub' });
+  view.runtime = el('div');
+  view.runtimeSub = el('div', { className: 'sub' });
+  view.models = el('div', { className: 'models' });
+  view.cpu = meter();
+  view.mem = meter();
+  view.gpu = meter();
+  view.gpuSub = el('div', { className: 'sub' });
+  view.seen = el('span', { className: 'seen' });
+  view.actions = el('div', { className: 'row-actions' });
+  view.tr = el('tr', { className: 'node-row', dataset: { nodeId: id } },
+    el('td', { className: 'col-status' }, view.status),
+    el('td', { className: 'col-name' }, view.name, view.nameSub),
+    el('td', { className: 'col-addr' }, view.address),
+    el('td', { className: 'col-gpus' }, view.gpus, view.gpusSub),
+    el('td', { className: 'col-runtime' }, view.runtime, view.runtimeSub),
+    el('td', { className: 'col-models' }, view.models),
+    el('td', { className: 'col-num col-cpu' }, view.cpu.root),
+    el('td', { className: 'col-num col-mem' }, view.mem.root),
+    el('td', { className: 'col-num col-gpu' }, view.gpu.root, view.gpuSub),
+    el('td', { className: 'col-seen' }, view.seen),
+    isAdmin() ? el('td', { className: 'col-actions' }, view.actions) : null);
+  view.tr.addEventListener('click', (event) => {
+    if (event.target.closest('button, a, input')) return;
+    openDetail(id);
+  });
+  return view;
+}
+
+function updateRow(view, node) {
+  view.node = node;
+  toggleClass(view.tr, 'is-pending', node.status === 'pending');
+  toggleClass(view.tr, 'is-offline', node.status === 'offline');
+  toggleClass(view.tr, 'is-selected', state.detailId === node.id);
+  setBadge(view.status, node.status);
+
+  setText(view.name, nodeName(node));
+  setTitle(view.name, `Show details of ${nodeName(node)}`);
+  rebuild(view.nameSub, JSON.stringify([node.display_name ? node.machine_name : '', node.tags]), () => [
+    node.display_name ? el('span', { className: 'mono machine' }, node.machine_name) : null,
+    ...node.tags.map((tag) => el('span', { className: 'tag' }, tag)),
+  ]);
+
+  setText(view.address, address(node));
+
+  const devices = node.gpu_devices;
+  setText(view.gpus, devices.map((d) => `${d.count} × ${d.model}`).join(', '));
+  setTitle(view.gpus, view.gpus.textContent);
+  setText(view.gpusSub, devices
+    .filter((d) => d.memory_bytes)
+    .map((d) => `${formatBytes(d.memory_bytes)} each`)
+    .join(', '));
+
+  setText(view.runtime, node.runtime_version);
+  setTitle(view.runtime, node.runtime_version);
+  setText(view.runtimeSub, node.supported_runtimes.join(', '));
+
+  rebuild(view.models, JSON.stringify([node.ready_models, node.loaded_models.length]), () => {
+    const ready = node.ready_models;
+    if (ready.length === 0) {
+      const loaded = node.loaded_models.length;
+      return el('span', { className: 'muted' }, loaded ? `${loaded} loaded, none ready` : '–');
+    }
+    return [
+      el('span', { className: 'model', title: ready.join('\n') }, ready[0]),
+      ready.length > 1 ? el('span', { className: 'more', title: ready.slice(1).join('\n') }, `+${ready.length - 1}`) : null,
+    ];
+  });
+
+  const metrics = node.metrics;
+  setMeter(view.cpu, metrics?.cpu_usage);
+  setMeter(view.mem, metrics?.memory_usage);
+  const gpu = gpuFigures(node);
+  setMeter(view.gpu, gpu.util);
+  setText(view.gpuSub, gpu.memory);
+
+  updateSeen(view);
+  if (isAdmin()) updateActions(view.actions, node, 'row');
+}
+
+function updateSeen(view) {
+  const node = view.node;
+  if (!node) return;
+  setText(view.seen, formatAgo(node.last_seen_at));
+  setTitle(view.seen, node.last_seen_at ? formatTime(node.last_seen_at) : 'No heartbeat received yet');
+}
+
+/** Approve (pending only) and Delete buttons; rebuilt only when the node's status changes, so focus stays. */
+function updateActions(container, node, where) {
+  rebuild(container, `${node.id}:${node.status}`, () => [
+    node.status === 'pending'
+      ? el('button', {
+          type: 'button',
+          className: 'btn btn-primary btn-small act-approve',
+          onclick: (event) => approve(node.id, event.currentTarget),
+        }, 'Approve')
+      : null,
+    el('button', {
+      type: 'button',
+      className: `btn btn-small btn-danger-ghost act-delete`,
+      title: 'Delete this node and revoke its token',
+      onclick: () => remove(node.id),
+    }, where === 'row' ? 'Delete' : 'Delete node'),
+  ]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Actions.
+
+async function approve(id, button) {
+  const node = state.nodes.get(id);
+  if (!node) return;
+  if (button) {
+    button.disabled = true;
+    setText(button, 'Approving…');
+  }
+  try {
+    const updated = await api('POST', `/v0/nodes/${encodeURIComponent(id)}/approve`);
+    applyNode(updated);
+    toast(`Approved ${nodeName(updated)}: now ${updated.status}.`, 'success');
+  } catch (err) {
+    actionFailed('Approval', err);
+    if (button?.isConnected) {
+      button.disabled = false;
+      setText(button, 'Approve');
+    }
+  }
+  refresh();
+}
+
+async function remove(id) {
+  const node = state.nodes.get(id);
+  if (!node) return;
+  const ok = await confirmDialog({
+    title: `Delete ${nodeName(node)}?`,
+    text: `${node.machine_name} (${address(node)}) leaves the fleet and its token stops working at once. ` +
+      'If its agent is still running, it registers again and waits here as pending.',
+    confirm: 'Delete node',
+  });
+  if (!ok) return;
+  try {
+    await api('DELETE', `/v0/nodes/${encodeURIComponent(id)}`);
+    state.mutations += 1;
+    state.nodes.delete(id);
+    if (state.detailId === id) closeDetail();
+    render();
+    toast(`Deleted ${nodeName(node)}.`, 'success');
+  } catch (err) {
+    actionFailed('Deletion', err);
+  }
+  refresh();
+}
+
+/** Puts a node the router just answered with into the page, ahead of the next refresh. */
+function applyNode(node) {
+  state.mutations += 1;
+  state.nodes.set(node.id, node);
+  if (state.detailId === node.id) state.eventsFor = null;
+  render();
+}
+
+function actionFailed(what, err) {
+  if (err instanceof ApiError && err.status === 401) {
+    showSignin('Your session has ended; sign in again.');
+    return;
+  }
+  const reason = err instanceof Unreachable ? 'the router cannot be reached.' : err.message;
+  toast(`${what} failed: ${reason}`, 'error');
+}
+
+function confirmDialog({ title, text, confirm }) {
+  const dialog = $('confirm');
+  setText($('confirm-title'), title);
+  setText($('confirm-text'), text);
+  setText($('confirm-ok'), confirm);
+  dialog.returnValue = '';
+  dialog.showModal();
+  $('confirm-cancel').focus();
+  return new Promise((resolve) => {
+    dialog.addEventListener('close', () => resolve(dialog.returnValue === 'confirm'), { once: true });
+  });
+}
+
+$('confirm-ok').addEventListener('click', () => $('confirm').close('confirm'));
+$('confirm-cancel').addEventListener('click', () => $('confirm').close('cancel'));
+
+function toast(message, kind = 'info') {
+  const item = el('div', { className: `toast toast-${kind}`, role: kind === 'error' ? 'alert' : 'status' }, message);
+  $('toasts').append(item);
+  setTimeout(() => item.remove(), kind === 'error' ? 8000 : 4000);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The detail view.
+
+function openDetail(id) {
+  if (!state.nodes.has(id)) return;
+  const changed = state.detailId !== id;
+  state.detailId = id;
+  if (changed) {
+    state.events = [];
+    state.eventsFor = null;
+    $('detail-events').replaceChildren();
+    delete $('detail-events').dataset.sig;
+    delete $('edit-status').dataset.kind;
+    setText($('edit-status'), '');
+  }
+  if (location.hash !== `#/nodes/${id}`) history.replaceState(null, '', `#/nodes/${id}`);
+  $('detail').hidden = false;
+  render();
+  if (changed) {
+    $('detail-body').scrollTop = 0;
+    $('detail-close').focus();
+    refresh();
+  }
+}
+
+function closeDetail() {
+  const id = state.detailId;
+  state.detailId = null;
+  $('detail').hidden = true;
+  if (location.hash) history.replaceState(null, '', location.pathname + location.search);
+  const view = id && state.rows.get(id);
+  if (view) toggleClass(view.tr, 'is-selected', false);
+}
+
+$('detail-close').addEventListener('click', closeDetail);
+
+document.addEventListener('keydown', (event) => {
+  if (!state.user || $('confirm').open) return;
+  const typing = event.target.closest?.('input, textarea, select');
+  if (event.key === 'Escape' && state.detailId && !typing) closeDetail();
+  if (event.key === '/' && !typing) {
+    event.preventDefault();
+    $('search').focus();
+  }
+});
+
+window.addEventListener('hashchange', () => {
+  const match = NODE_HASH.exec(location.hash);
+  if (match && state.nodes.has(match[1])) openDetail(match[1]);
+  else if (!match && state.detailId) closeDetail();
+});
+
+function renderDetail(node) {
+  setText($('detail-title'), nodeName(node));
+  setText($('detail-sub'), node.display_name ? node.machine_name : node.id);
+  setBadge($('detail-status'), node.status);
+  const actions = $('detail-actions');
+  actions.hidden = !isAdmin();
+  if (isAdmin()) updateActions(actions, node, 'detail');
+  renderOverview(node);
+  renderGpus(node);
+  renderModels(node);
+  renderLabels(node);
+  renderEvents();
+}
+
+function renderOverview(node) {
+  const rows = [
+    ['Machine name', node.machine_name, 'mono'],
+    ['Address', address(node), 'mono'],
+    ['Runtime', node.runtime_version],
+    ['Supported runtimes', node.supported_runtimes.join(', ') || '–'],
+    ['Registered', `${formatTime(node.registered_at)} (${formatAgo(node.registered_at)})`],
+    ['Approved', node.approved_at
+      ? `${formatTime(node.approved_at)}${node.approved_by ? ` by ${node.approved_by}` : ''}`
+      : 'Not yet: waiting for an administrator'],
+    ['Last seen', node.last_seen_at ? `${formatAgo(node.last_seen_at)} (${formatTime(node.last_seen_at)})` : 'No heartbeat yet'],
+    ['CPU · memory', node.metrics
+      ? `${formatPercent(node.metrics.cpu_usage)} · ${formatPercent(node.metrics.memory_usage)}`
+      : '–'],
+    ['Active requests', node.metrics?.active_requests ?? '–'],
+    ['Node id', node.id, 'mono'],
+  ];
+  const list = $('detail-overview');
+  rebuild(list, JSON.stringify(rows), () => rows.flatMap(([label, value, cls]) => [
+    el('dt', {}, label),
+    el('dd', { className: cls ?? '' }, String(value)),
+  ]));
+}
+
+function renderGpus(node) {
+  const gpus = node.metrics?.gpus ?? [];
+  rebuild($('detail-gpus'), JSON.stringify([node.gpu_devices, gpus]), () => {
+    const devices = el('ul', { className: 'device-list' }, node.gpu_devices.map((d) =>
+      el('li', {}, el('strong', {}, `${d.count} ×`), ` ${d.model}`,
+        d.memory_bytes ? el('span', { className: 'muted' }, ` · ${formatBytes(d.memory_bytes)} each`) : null)));
+    if (gpus.length === 0) {
+      return [devices, el('p', { className: 'muted small' }, 'No GPU figures yet: they arrive with the first heartbeat.')];
+    }
+    const table = el('table', { className: 'mini' },
+      el('thead', {}, el('tr', {}, ['GPU', 'Model', 'Utilisation', 'Memory', 'Temp.'].map((h) => el('th', {}, h)))),
+      el('tbody', {}, gpus.map((g) => {
+        const m = meter();
+        setMeter(m, g.utilization);
+        return el('tr', {},
+          el('td', { className: 'mono' }, `#${g.index}`),
+          el('td', {}, g.model ?? '–'),
+          el('td', {}, m.root),
+          el('td', { className: 'num' }, g.memory_total_bytes
+            ? `${formatBytes(g.memory_used_bytes ?? 0)} / ${formatBytes(g.memory_total_bytes)}`
+            : '–'),
+          el('td', { className: 'num' }, typeof g.temperature_c === 'number' ? `${Math.round(g.temperature_c)} °C` : '–'));
+      })));
+    return [devices, table];
+  });
+}
+
+function renderModels(node) {
+  rebuild($('detail-models'), JSON.stringify([node.ready_models, node.loaded_models]), () => {
+    const notReady = node.loaded_models.filter((m) => !node.ready_models.includes(m));
+    const list = (models, cls) => el('ul', { className: 'chips' }, models.map((m) => el('li', { className: cls }, m)));
+    return [
+      el('p', { className: 'label' }, `Ready (${node.ready_models.length})`),
+      node.ready_models.length ? list(node.ready_models, 'model') : el('p', { className: 'muted small' }, 'None ready.'),
+      notReady.length ? el('p', { className: 'label' }, `Loaded, not ready (${notReady.length})`) : null,
+      notReady.length ? list(notReady, 'model model-idle') : null,
+    ];
+  });
+}
+
+// The edit form. An edit in progress is never overwritten by a refresh: the form is refilled from the router only
+// while what it shows is still what the router last said (not dirty), and always when another node is opened.
+
+function labelsOf(node) {
+  return { display_name: node.display_name ?? '', notes: node.notes ?? '', tags: node.tags.join(', ') };
+}
+
+function formValues() {
+  return { display_name: $('edit-display-name').value, notes: $('edit-notes').value, tags: $('edit-tags').value };
+}
+
+function formDirty() {
+  const form = $('edit-form');
+  return form.dataset.base !== undefined && form.dataset.base !== JSON.stringify(formValues());
+}
+
+function fillForm(node) {
+  const values = labelsOf(node);
+  const form = $('edit-form');
+  form.dataset.base = JSON.stringify(values);
+  form.dataset.node = node.id;
+  for (const [field, id] of [['display_name', 'edit-display-name'], ['notes', 'edit-notes'], ['tags', 'edit-tags']]) {
+    if ($(id).value !== values[field]) $(id).value = values[field];
+  }
+  updateFormState();
+}
+
+function updateFormState() {
+  const dirty = formDirty();
+  $('edit-save').disabled = !dirty;
+  $('edit-reset').hidden = !dirty;
+  const status = $('edit-status');
+  if (dirty) setText(status, 'Unsaved changes');
+  else if (status.dataset.kind !== 'saved') setText(status, '');
+  toggleClass(status, 'is-dirty', dirty);
+}
+
+function renderLabels(node) {
+  const form = $('edit-form');
+  const labels = $('detail-labels');
+  form.hidden = !isAdmin();
+  labels.hidden = isAdmin();
+  if (isAdmin()) {
+    if (form.dataset.node !== node.id || !formDirty()) fillForm(node);
+    return;
+  }
+  const rows = [
+    ['Display name', node.display_name || '–'],
+    ['Notes', node.notes || '–'],
+    ['Tags', node.tags.join(', ') || '–'],
+  ];
+  rebuild(labels, JSON.stringify(rows), () => rows.flatMap(([label, value]) => [
+    el('dt', {}, label),
+    el('dd', { className: 'prewrap' }, value),
+  ]));
+}
+
+$('edit-form').addEventListener('input', () => {
+  delete $('edit-status').dataset.kind;
+  updateFormState();
+});
+
+$('edit-reset').addEventListener('click', () => {
+  const node = state.nodes.get(state.detailId);
+  if (node) fillForm(node);
+});
+
+$('edit-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const id = $('edit-form').dataset.node;
+  if (!id || !formDirty()) return;
+  const values = formValues();
+  const body = {
+    display_name: values.display_name.trim(),
+    notes: values.notes.trim(),
+    tags: values.tags.split(',').map((t) => t.trim()).filter(Boolean),
+  };
+  const save = $('edit-save');
+  const status = $('edit-status');
+  save.disabled = true;
+  setText(status, 'Saving…');
+  try {
+    const updated = await api('PATCH', `/v0/nodes/${encodeURIComponent(id)}`, body);
+    fillForm(updated);
+    status.dataset.kind = 'saved';
+    setText(status, 'Saved');
+    applyNode(updated);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      showSignin('Your session has ended; sign in again.');
+      return;
+    }
+    setText(status, err instanceof Unreachable ? 'Not saved: the router cannot be reached.' : `Not saved: ${err.message}`);
+    save.disabled = false;
+  }
+});
+
+function renderEvents() {
+  const list = $('detail-events');
+  if (state.eventsFor !== state.detailId) {
+    if (!list.dataset.sig) setText(list, 'Loading…');
+    return;
+  }
+  const events = state.events;
+  rebuild(list, events.map((e) => e.id).join(',') || 'none', () => {
+    if (events.length === 0) return el('li', { className: 'muted small' }, 'No events recorded.');
+    return events.map((event) => el('li', { className: `event event-to-${event.to}` },
+      el('div', { className: 'event-line' },
+        event.from ? badge(event.from) : null,
+        event.from ? el('span', { className: 'arrow', 'aria-label': 'to' }, '→') : null,
+        STATUS_ORDER[event.to] !== undefined ? badge(event.to) : el('span', { className: 'badge badge-deleted' }, event.to),
+        el('span', { className: 'event-reason' }, event.reason),
+        event.actor ? el('span', { className: 'event-actor' }, `by ${event.actor}`) : null),
+      el('time', { className: 'event-time', dateTime: event.at, title: event.at }, formatTime(event.at))));
+  });
+}
+
+boot();

@@ -13,10 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{Role, password};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::{ServeArgs, Settings};
 use crate::db::Store;
 use crate::db::auth::UserRow;
+use crate::legacy::{self, LegacyFile};
 use crate::probe::Prober;
 use crate::registry::Registry;
 use crate::routes;
@@ -45,7 +46,12 @@ impl App {
     /// is no user, and loads the registry.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
         ensure_writable_dir(&settings.data_dir)?;
+        // A corrupt legacy file stops the start before the database is created.
+        let legacy = legacy::read(&settings.data_dir, clock.now_ms())?;
         let store = Store::open(&settings.database_path()).await?;
+        if let Some(legacy) = legacy {
+            import_legacy(&store, &legacy, clock.now_ms()).await?;
+        }
         create_first_admin(&store, &settings, clock.as_ref()).await?;
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms).await?;
@@ -118,6 +124,21 @@ where
             _ = stop.changed() => return,
         }
     }
+}
+
+async fn import_legacy(store: &Store, legacy: &LegacyFile, now: Millis) -> anyhow::Result<()> {
+    for skipped in &legacy.skipped {
+        tracing::warn!("nodes.json: not imported: {skipped}");
+    }
+    let nodes: Vec<_> = legacy.nodes.iter().map(|node| (node.clone(), LegacyFile::event(node, now))).collect();
+    let added = store.import_nodes(&nodes).await.context("importing nodes.json")?;
+    tracing::info!(
+        imported = added.len(),
+        already_present = nodes.len() - added.len(),
+        skipped = legacy.skipped.len(),
+        "nodes.json imported; the agents of these nodes register again and an administrator approves them"
+    );
+    legacy.mark_migrated()
 }
 
 fn ensure_writable_dir(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod legacy;
 pub mod probe;
 pub mod registry;
 pub mod routes;

@@ -116,27 +116,7 @@ impl Store {
     /// Stores a newly registered node, its token and its first event in one transaction.
     pub async fn insert_node(&self, node: &Node, token: TokenHash, event: &NodeEvent) -> Result<(), InsertError> {
         let mut tx = self.writer.begin().await.map_err(anyhow::Error::from)?;
-        let inserted = sqlx::query(
-            "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, \
-             notes, metrics, registered_at, approved_at, approved_by, last_seen_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(node.id.to_string())
-        .bind(&node.machine_name)
-        .bind(&node.ip_address)
-        .bind(i64::from(node.runtime_port))
-        .bind(&node.runtime_version)
-        .bind(node.status.as_str())
-        .bind(&node.display_name)
-        .bind(&node.notes)
-        .bind(metrics_json(&node.metrics)?)
-        .bind(node.registered_at)
-        .bind(node.approved_at)
-        .bind(&node.approved_by)
-        .bind(node.last_seen_at)
-        .execute(&mut *tx)
-        .await;
-        if let Err(err) = inserted {
+        if let Err(err) = insert_row(&mut tx, node, INSERT_NODE).await {
             let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
             return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
         }
@@ -145,6 +125,23 @@ impl Store {
         write_event(&mut tx, event).await?;
         tx.commit().await.map_err(anyhow::Error::from)?;
         Ok(())
+    }
+
+    /// Imports nodes that have no token (legacy `nodes.json`) in one transaction. A node whose id, or machine name
+    /// and port, is already stored is left out, which makes a repeated import add nothing. Returns the ids added.
+    pub async fn import_nodes(&self, nodes: &[(Node, NodeEvent)]) -> anyhow::Result<Vec<Uuid>> {
+        let mut tx = self.writer.begin().await?;
+        let mut added = Vec::new();
+        for (node, event) in nodes {
+            let inserted = insert_row(&mut tx, node, INSERT_NODE_IF_NEW).await?;
+            if inserted.rows_affected() == 1 {
+                write_lists(&mut tx, node).await?;
+                write_event(&mut tx, event).await?;
+                added.push(node.id);
+            }
+        }
+        tx.commit().await?;
+        Ok(added)
     }
 
     /// Rewrites a re-registered node's descriptive fields, status and token in one transaction.
@@ -267,6 +264,38 @@ impl Store {
             })
             .collect()
     }
+}
+
+const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+const INSERT_NODE_IF_NEW: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, \
+     status, display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+
+async fn insert_row(
+    conn: &mut SqliteConnection,
+    node: &Node,
+    sql: &'static str,
+) -> Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error> {
+    let metrics = metrics_json(&node.metrics).map_err(|err| sqlx::Error::Encode(err.into()))?;
+    sqlx::query(sql)
+        .bind(node.id.to_string())
+        .bind(&node.machine_name)
+        .bind(&node.ip_address)
+        .bind(i64::from(node.runtime_port))
+        .bind(&node.runtime_version)
+        .bind(node.status.as_str())
+        .bind(&node.display_name)
+        .bind(&node.notes)
+        .bind(metrics)
+        .bind(node.registered_at)
+        .bind(node.approved_at)
+        .bind(&node.approved_by)
+        .bind(node.last_seen_at)
+        .execute(&mut *conn)
+        .await
 }
 
 fn metrics_json(metrics: &Option<NodeMetrics>) -> anyhow::Result<Option<String>> {

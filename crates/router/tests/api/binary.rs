@@ -204,3 +204,27 @@ async fn registrations_survive_sigkill_mid_burst() {
         assert_eq!(response.status(), 200, "acknowledged node {id} lost its token");
     }
 }
+
+#[tokio::test]
+async fn the_start_up_log_names_legacy_entries_left_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("nodes.json"), crate::helpers::legacy_fixture()).expect("write");
+    let mut child = command(dir.path(), Some("pw-123456")).spawn().expect("spawn");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.expect("started");
+    assert!(ready.expect("read").is_some_and(|l| l.contains("listening on")));
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.expect("read") {
+            if line.contains("not imported") {
+                return line;
+            }
+        }
+        panic!("no line about the skipped entry");
+    })
+    .await
+    .expect("logged in time");
+    assert!(line.contains("cpu-only-box") && line.contains("no GPU"), "{line}");
+    child.kill().await.expect("kill");
+    assert!(dir.path().join("nodes.json.migrated").exists());
+}

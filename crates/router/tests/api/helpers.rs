@@ -41,6 +41,8 @@ pub struct Options {
     pub reachability_check: bool,
     pub reachability_timeout: Duration,
     pub offline_after: Duration,
+    /// Written to the data directory as `nodes.json` before the first start.
+    pub legacy_nodes_json: Option<Vec<u8>>,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             reachability_check: false,
             reachability_timeout: Duration::from_millis(500),
             offline_after: Duration::from_secs(30),
+            legacy_nodes_json: None,
         }
     }
 }
@@ -75,6 +78,10 @@ impl TestApp {
         settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
+        if let Some(bytes) = options.legacy_nodes_json {
+            std::fs::create_dir_all(&settings.data_dir).expect("data dir");
+            std::fs::write(settings.data_dir.join("nodes.json"), bytes).expect("write nodes.json");
+        }
         TestApp::start(dir, settings, ManualClock::new(START_MS)).await
     }
 
@@ -237,6 +244,11 @@ impl Drop for TestApp {
             let _ = stop.send(());
         }
     }
+}
+
+/// The legacy `nodes.json` fixture.
+pub fn legacy_fixture() -> Vec<u8> {
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/legacy-nodes.json")).expect("fixture")
 }
 
 /// A valid registration body.

@@ -5,5 +5,6 @@ mod binary;
 mod errors;
 mod heartbeat;
 mod helpers;
+mod legacy;
 mod registration;
 mod storage;
