@@ -21,6 +21,7 @@ pub const HEARTBEAT_PATH: &str = "/v0/health";
 
 /// Lifecycle state of a node (SPEC §2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NodeStatus {
     /// Registered, waiting for an administrator's approval.
@@ -82,6 +83,7 @@ impl FromStr for NodeStatus {
 
 /// One group of identical GPUs in a machine, as announced at registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuDevice {
     /// Marketing name as the driver reports it, e.g. `NVIDIA H100 80GB HBM3`.
     pub model: String,
@@ -94,6 +96,7 @@ pub struct GpuDevice {
 
 /// Body of `POST /v0/nodes` (SPEC §2.1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     pub machine_name: String,
     /// Advertised address; the router uses the TCP peer address when absent.
@@ -117,6 +120,7 @@ pub struct RegisterRequest {
 
 /// Answer to a successful registration (201, or 200 when a node rotated its own token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     pub node_id: Uuid,
     /// The node's secret; shown only in this answer.
@@ -127,6 +131,7 @@ pub struct RegisterResponse {
 
 /// Live figures of one GPU, sent with every heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuMetrics {
     pub index: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +149,7 @@ pub struct GpuMetrics {
 
 /// Body of `POST /v0/health` (SPEC §2.2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatRequest {
     pub node_id: Uuid,
     /// Percent, 0..=100.
@@ -164,6 +170,7 @@ pub struct HeartbeatRequest {
 
 /// Answer to a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// The node's status after this heartbeat.
     pub status: NodeStatus,
@@ -172,12 +179,14 @@ pub struct HeartbeatResponse {
 
 /// The body of every error answer: `{"error": {"code", "message"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// Machine-readable code and a sentence a person can act on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
@@ -185,12 +194,14 @@ pub struct ErrorDetail {
 
 /// One entry of an OpenAI-compatible `GET /v1/models` answer; only `id` matters here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelEntry {
     pub id: String,
 }
 
 /// An OpenAI-compatible `GET /v1/models` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelList {
     #[serde(default)]
     pub data: Vec<ModelEntry>,

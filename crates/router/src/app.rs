@@ -18,6 +18,7 @@ use crate::config::{ServeArgs, Settings};
 use crate::db::Store;
 use crate::db::auth::UserRow;
 use crate::legacy::{self, LegacyFile};
+use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::registry::Registry;
 use crate::routes;
@@ -29,6 +30,7 @@ pub struct AppInner {
     pub registry: Registry,
     pub clock: Arc<dyn Clock>,
     pub prober: Prober,
+    pub metrics: Arc<Metrics>,
     /// Hash of a random password, verified against on logins with an unknown username.
     pub dummy_password_hash: String,
 }
@@ -54,7 +56,8 @@ impl App {
         }
         create_first_admin(&store, &settings, clock.as_ref()).await?;
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
-        let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms).await?;
+        let metrics = Arc::new(Metrics::default());
+        let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone()).await?;
         let prober = Prober::new(settings.reachability_timeout)?;
         if !settings.reachability_check {
             tracing::warn!(
@@ -63,7 +66,7 @@ impl App {
         }
         tracing::info!(nodes = registry.len(), db = %settings.database_path().display(), "registry loaded");
         let dummy_password_hash = password::hash(password::generate()).await?;
-        Ok(App { state: Arc::new(AppInner { settings, store, registry, clock, prober, dummy_password_hash }) })
+        Ok(App { state: Arc::new(AppInner { settings, store, registry, clock, prober, metrics, dummy_password_hash }) })
     }
 
     /// Serves on `listener` until `shutdown` completes, then writes the last heartbeat figures and closes the
@@ -80,9 +83,11 @@ impl App {
             move || {
                 let state = state.clone();
                 async move {
+                    let started = std::time::Instant::now();
                     if let Err(err) = state.registry.sweep().await {
                         tracing::error!(error = %err, "offline sweep failed");
                     }
+                    state.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
                 }
             }
         }));

@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod legacy;
+pub mod metrics;
 pub mod probe;
 pub mod registry;
 pub mod routes;

@@ -24,6 +24,7 @@ use crate::clock::{Clock, Millis};
 use crate::db::Store;
 use crate::db::nodes::{Figures, InsertError};
 use crate::error::{ApiError, ApiResult, not_found};
+use crate::metrics::Metrics;
 use node::{Node, NodeEvent, NodeView};
 use validate::{Heartbeat, Registration};
 
@@ -33,8 +34,9 @@ pub struct Registry {
     clock: Arc<dyn Clock>,
     offline_after_ms: i64,
     index: RwLock<Index>,
-    /// Nodes whose figures changed since the last flush.
-    dirty: Mutex<Vec<Uuid>>,
+    /// Nodes whose figures changed since the last flush, and when the oldest of those figures arrived.
+    dirty: Mutex<(Vec<Uuid>, Option<Millis>)>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -87,7 +89,12 @@ fn lock(slot: &Slot) -> MutexGuard<'_, SlotState> {
 
 impl Registry {
     /// Loads every node from the store. Each approved node gets a full `offline_after` grace period from now.
-    pub async fn load(store: Store, clock: Arc<dyn Clock>, offline_after_ms: i64) -> anyhow::Result<Registry> {
+    pub async fn load(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        offline_after_ms: i64,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Registry> {
         let now = clock.now_ms();
         let mut index = Index::default();
         for (node, token) in store.load_nodes().await? {
@@ -98,7 +105,14 @@ impl Registry {
             }
             index.nodes.insert(id, new_slot(node, token, now));
         }
-        Ok(Registry { store, clock, offline_after_ms, index: RwLock::new(index), dirty: Mutex::new(Vec::new()) })
+        Ok(Registry {
+            store,
+            clock,
+            offline_after_ms,
+            index: RwLock::new(index),
+            dirty: Mutex::new((Vec::new(), None)),
+            metrics,
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -190,6 +204,7 @@ impl Registry {
             }
             Err(InsertError::Other(err)) => return Err(err.into()),
         }
+        self.metrics.transition(NodeStatus::Pending);
         let id = node.id;
         let mut index = self.write();
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
@@ -242,6 +257,9 @@ impl Registry {
         };
         let token = NewToken::generate(TokenKind::Node);
         self.store.reregister_node(&updated, token.hash(), now, event.as_ref()).await?;
+        if event.is_some() {
+            self.metrics.transition(NodeStatus::Pending);
+        }
         let status = updated.status;
         {
             let mut state = lock(&slot);
@@ -291,7 +309,9 @@ impl Registry {
             }
             if !state.figures_dirty {
                 state.figures_dirty = true;
-                self.dirty.lock().unwrap_or_else(|p| p.into_inner()).push(owner);
+                let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                dirty.0.push(owner);
+                dirty.1.get_or_insert(now);
             }
             let next = state::after_heartbeat(state.node.status, &state.node.ready_models);
             if next == state.node.status {
@@ -333,6 +353,7 @@ impl Registry {
             (node, event)
         };
         self.store.record_transition(&updated, &event).await?;
+        self.metrics.transition(updated.status);
         let mut state = lock(&slot);
         state.node.status = updated.status;
         state.node.approved_at = updated.approved_at;
@@ -364,6 +385,7 @@ impl Registry {
             (node, event)
         };
         self.store.record_transition(&updated, &event).await?;
+        self.metrics.transition(updated.status);
         lock(slot).node.status = updated.status;
         Ok(updated.status)
     }
@@ -407,7 +429,7 @@ impl Registry {
 
     /// Writes the figures of every heartbeat since the last flush, in one transaction. Returns the batch size.
     pub async fn flush(&self) -> anyhow::Result<usize> {
-        let ids = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let (ids, oldest) = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         if ids.is_empty() {
             return Ok(0);
         }
@@ -440,10 +462,20 @@ impl Registry {
                 }
                 if !state.figures_dirty {
                     state.figures_dirty = true;
-                    self.dirty.lock().unwrap_or_else(|p| p.into_inner()).push(*id);
+                    let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                    dirty.0.push(*id);
+                    dirty.1 = match (dirty.1, oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                 }
             }
+            Metrics::inc(&self.metrics.flush_errors);
             return Err(err);
+        }
+        self.metrics.flush_batch_size.observe(batch.len() as f64);
+        if let Some(oldest) = oldest {
+            self.metrics.flush_lag_seconds.observe((self.clock.now_ms() - oldest).max(0) as f64 / 1000.0);
         }
         Ok(batch.len())
     }

@@ -30,7 +30,7 @@ pub struct Node {
 }
 
 /// The figures of the latest heartbeat, replaced as a whole by each new one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeMetrics {
     pub cpu_usage: Option<f64>,
     pub memory_usage: Option<f64>,
@@ -39,7 +39,7 @@ pub struct NodeMetrics {
 }
 
 /// The node as the admin API shows it (SPEC §3): times as RFC 3339 UTC, never a token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub id: Uuid,
     pub machine_name: String,
@@ -112,7 +112,7 @@ impl NodeEvent {
 }
 
 /// The event as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NodeEventView {
     pub id: i64,
     pub node_id: Uuid,

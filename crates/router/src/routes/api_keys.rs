@@ -13,8 +13,9 @@ use crate::auth::{AdminUser, Role};
 use crate::clock::rfc3339;
 use crate::db::auth::ApiKeyRow;
 use crate::error::{ApiResult, bad_request, not_found};
+use llm_router_protocol::ErrorBody;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateApiKey {
     name: String,
     /// Defaults to `admin`; a `viewer` key can only read.
@@ -22,7 +23,7 @@ pub struct CreateApiKey {
     role: Option<Role>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiKeyView {
     id: Uuid,
     name: String,
@@ -31,7 +32,7 @@ pub struct ApiKeyView {
     created_at: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedApiKey {
     id: Uuid,
     name: String,
@@ -53,12 +54,27 @@ impl From<ApiKeyRow> for ApiKeyView {
     }
 }
 
-/// `GET /v0/api-keys`: never shows a key.
+/// List API keys (admin); never shows a key
+#[utoipa::path(get, path = "/v0/api-keys", tag = "api keys", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "All keys, without the secrets", body = Vec<ApiKeyView>),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody)
+    ))]
 pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Json<Vec<ApiKeyView>>> {
     Ok(Json(state.store.api_keys().await?.into_iter().map(ApiKeyView::from).collect()))
 }
 
-/// `POST /v0/api-keys`: 201 with the key, shown only now.
+/// Create an API key (admin); the key is shown only in this answer
+#[utoipa::path(post, path = "/v0/api-keys", tag = "api keys", security(("bearer" = [])), request_body = CreateApiKey,
+    responses(
+        (status = 201, description = "Created", body = CreatedApiKey),
+        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody)
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
@@ -89,7 +105,15 @@ pub async fn create(
     ))
 }
 
-/// `DELETE /v0/api-keys/{id}`: the key stops working at once.
+/// Revoke an API key (admin); it stops working at once
+#[utoipa::path(delete, path = "/v0/api-keys/{id}", tag = "api keys", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Key id (UUID)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody)
+    ))]
 pub async fn delete(State(state): State<AppState>, _admin: AdminUser, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let missing = || not_found(format!("No API key with id `{id}`."));
     let key_id = Uuid::parse_str(&id).map_err(|_| missing())?;

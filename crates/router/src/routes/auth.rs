@@ -11,27 +11,38 @@ use crate::app::AppState;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::auth::{Role, SESSION_COOKIE, Viewer, password};
 use crate::error::{ApiError, ApiResult};
+use llm_router_protocol::ErrorBody;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LoginRequest {
     username: String,
     password: String,
 }
 
 /// A user as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     pub username: String,
     pub role: Role,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LoginResponse {
     token: String,
     user: UserView,
 }
 
-/// `POST /v0/auth/login`: a session token in the body and as an HttpOnly, SameSite=Strict cookie.
+/// Sign in
+///
+/// Answers a session token and sets it as an HttpOnly, SameSite=Strict cookie for the dashboard.
+#[utoipa::path(post, path = "/v0/auth/login", tag = "auth", request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Signed in", body = LoginResponse),
+        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 401, description = "Wrong username or password", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody)
+    ))]
 pub async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginRequest>) -> ApiResult<Response> {
     let user = state.store.user(&body.username).await?;
     // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
@@ -57,7 +68,13 @@ pub async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<Login
     Ok(response)
 }
 
-/// `POST /v0/auth/logout`: ends the session behind the credential (an API key is revoked only by deleting it).
+/// Sign out: ends the session (an API key is revoked only by deleting it)
+#[utoipa::path(post, path = "/v0/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Signed out"),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "Cookie request without X-Requested-With", body = ErrorBody)
+    ))]
 pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) -> ApiResult<Response> {
     if let Some(session) = principal.session {
         state.store.delete_session(session).await?;
@@ -70,7 +87,12 @@ pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) ->
     Ok(response)
 }
 
-/// `GET /v0/auth/me`
+/// Who is signed in
+#[utoipa::path(get, path = "/v0/auth/me", tag = "auth", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The signed-in user", body = UserView),
+        (status = 401, description = "No valid credential", body = ErrorBody)
+    ))]
 pub async fn me(Viewer(principal): Viewer) -> Json<UserView> {
     Json(UserView { username: principal.name, role: principal.role })
 }

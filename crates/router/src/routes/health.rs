@@ -3,12 +3,13 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use llm_router_protocol::{HeartbeatRequest, HeartbeatResponse, NODE_TOKEN_HEADER};
+use llm_router_protocol::{ErrorBody, HeartbeatRequest, HeartbeatResponse, NODE_TOKEN_HEADER};
 use serde_json::{Value, json};
 
 use super::json::JsonBody;
 use crate::app::AppState;
 use crate::error::{ApiResult, unauthorized};
+use crate::metrics::Metrics;
 use crate::registry::validate;
 
 /// Answers as long as the process serves HTTP.
@@ -16,7 +17,19 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Records a heartbeat and answers the node's status after it.
+/// Heartbeat with metrics (an agent calls this)
+///
+/// Records the figures with the router's own clock and answers the node's status after this heartbeat.
+#[utoipa::path(post, path = "/v0/health", tag = "node agent", request_body = HeartbeatRequest,
+    params(("X-Node-Token" = String, Header, description = "The node's token")),
+    responses(
+        (status = 200, description = "Recorded", body = HeartbeatResponse),
+        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token (a deleted node's token is unknown)", body = ErrorBody),
+        (status = 403, description = "The token belongs to another node", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody)
+    ))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -29,5 +42,6 @@ pub async fn heartbeat(
         .ok_or_else(|| unauthorized(format!("Send the node's token in the {NODE_TOKEN_HEADER} header.")))?;
     let heartbeat = validate::heartbeat(body)?;
     let status = state.registry.heartbeat(token, heartbeat).await?;
+    Metrics::inc(&state.metrics.heartbeats);
     Ok(Json(HeartbeatResponse { status, heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs() }))
 }

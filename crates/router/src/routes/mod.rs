@@ -1,5 +1,8 @@
 //! HTTP routes, one module per resource. Handlers are short: they extract, call the registry or the store, and
 //! answer; statuses are chosen in [`crate::error`].
+//!
+//! Every `/v0` route is added through [`Api`], which also records it, so a test can hold the list of routes
+//! against the generated OpenAPI document and fail when one lacks the other.
 
 pub mod api_keys;
 pub mod auth;
@@ -7,44 +10,111 @@ pub mod dashboard;
 pub mod health;
 pub mod json;
 pub mod nodes;
+pub mod openapi;
 pub mod users;
 
 use std::any::Any;
+use std::time::Instant;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::{StatusCode, Uri};
-use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::handler::Handler;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, get, on};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::app::AppState;
 use crate::error::{ApiError, error_response};
 
+/// The `/v0` API under construction, and the (method, path) pairs added so far.
+struct Api {
+    router: Router<AppState>,
+    endpoints: Vec<(Method, &'static str)>,
+}
+
+impl Api {
+    fn new() -> Self {
+        Api { router: Router::new(), endpoints: Vec::new() }
+    }
+
+    fn add<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).unwrap_or(MethodFilter::GET);
+        self.router = self.router.route(path, on(filter, handler));
+        self.endpoints.push((method, path));
+        self
+    }
+}
+
+fn api() -> Api {
+    Api::new()
+        .add(Method::POST, "/v0/nodes", nodes::register)
+        .add(Method::GET, "/v0/nodes", nodes::list)
+        .add(Method::GET, "/v0/nodes/{id}", nodes::get)
+        .add(Method::PATCH, "/v0/nodes/{id}", nodes::update)
+        .add(Method::DELETE, "/v0/nodes/{id}", nodes::delete)
+        .add(Method::POST, "/v0/nodes/{id}/approve", nodes::approve)
+        .add(Method::GET, "/v0/nodes/{id}/events", nodes::events)
+        .add(Method::POST, "/v0/health", health::heartbeat)
+        .add(Method::POST, "/v0/auth/login", auth::login)
+        .add(Method::POST, "/v0/auth/logout", auth::logout)
+        .add(Method::GET, "/v0/auth/me", auth::me)
+        .add(Method::GET, "/v0/users", users::list)
+        .add(Method::POST, "/v0/users", users::create)
+        .add(Method::DELETE, "/v0/users/{username}", users::delete)
+        .add(Method::GET, "/v0/api-keys", api_keys::list)
+        .add(Method::POST, "/v0/api-keys", api_keys::create)
+        .add(Method::DELETE, "/v0/api-keys/{id}", api_keys::delete)
+        .add(Method::GET, "/v0/openapi.json", openapi::document)
+}
+
+/// Every `/v0` route as (method, path), paths in OpenAPI's `{param}` form.
+pub fn endpoints() -> Vec<(Method, &'static str)> {
+    api().endpoints
+}
+
 /// The whole HTTP surface of the router.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    api()
+        .router
         .route("/", get(dashboard::home))
         .route("/dashboard", get(dashboard::index))
         .route("/dashboard/{file}", get(dashboard::asset))
         .route("/healthz", get(health::healthz))
-        .route("/v0/health", post(health::heartbeat))
-        .route("/v0/nodes", post(nodes::register).get(nodes::list))
-        .route("/v0/nodes/{id}", get(nodes::get).patch(nodes::update).delete(nodes::delete))
-        .route("/v0/nodes/{id}/approve", post(nodes::approve))
-        .route("/v0/nodes/{id}/events", get(nodes::events))
-        .route("/v0/auth/login", post(auth::login))
-        .route("/v0/auth/logout", post(auth::logout))
-        .route("/v0/auth/me", get(auth::me))
-        .route("/v0/users", get(users::list).post(users::create))
-        .route("/v0/users/{username}", delete(users::delete))
-        .route("/v0/api-keys", get(api_keys::list).post(api_keys::create))
-        .route("/v0/api-keys/{id}", delete(api_keys::delete))
+        .route("/metrics", get(prometheus))
+        .route_layer(middleware::from_fn_with_state(state.clone(), measure))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(panicked))
         .with_state(state)
+}
+
+/// Records the latency and status of every request to a matched route.
+async fn measure(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    if let Some(route) = route {
+        state.metrics.request(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+    }
+    response
+}
+
+/// `GET /metrics`: Prometheus text format, without authentication, for scrapers.
+async fn prometheus(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.registry.counts());
+    let mut response = text.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
 }
 
 async fn unknown_route(uri: Uri) -> ApiError {

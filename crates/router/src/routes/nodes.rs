@@ -14,10 +14,27 @@ use super::json::JsonBody;
 use crate::app::AppState;
 use crate::auth::{AdminUser, Viewer};
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
+use crate::metrics::Metrics;
 use crate::registry::node::{NodeEventView, NodeView};
 use crate::registry::validate;
+use llm_router_protocol::ErrorBody;
 
-/// `POST /v0/nodes`: the steps of SPEC §2.1, in order.
+/// Register a node (an agent calls this)
+///
+/// The checks run in this order: body (400), GPU (403), uniqueness (409 or a token rotation with the node's own
+/// `X-Node-Token`), reachability of `GET http://ip:port/v1/models` (422); then the node is stored as pending (201).
+#[utoipa::path(post, path = "/v0/nodes", tag = "node agent", request_body = RegisterRequest,
+    params(("X-Node-Token" = Option<String>, Header, description = "The node's own token, to rotate it")),
+    responses(
+        (status = 201, description = "Registered as pending; the token is shown only now", body = RegisterResponse),
+        (status = 200, description = "The node's own token was presented: token rotated, id and status kept", body = RegisterResponse),
+        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 403, description = "No usable GPU (`gpu_required`)", body = ErrorBody),
+        (status = 409, description = "A node with this machine name and runtime port exists", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 422, description = "The node's runtime could not be reached", body = ErrorBody)
+    ))]
 pub async fn register(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -34,6 +51,7 @@ pub async fn register(
         }
     }
     let done = state.registry.register(registration, plan).await?;
+    Metrics::inc(&state.metrics.registrations);
     let status = if done.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
         status,
@@ -51,7 +69,15 @@ pub struct ListParams {
     status: Option<String>,
 }
 
-/// `GET /v0/nodes[?status=...]`
+/// List nodes, optionally of one status
+#[utoipa::path(get, path = "/v0/nodes", tag = "nodes", security(("bearer" = [])),
+    params(("status" = Option<NodeStatus>, Query, description = "Only nodes of this status")),
+    responses(
+        (status = 200, description = "All nodes, oldest registration first", body = Vec<NodeView>),
+        (status = 400, description = "Unknown status", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody)
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -66,26 +92,47 @@ pub async fn list(
     Ok(Json(state.registry.list(status)))
 }
 
-/// `GET /v0/nodes/{id}`
+/// One node
+#[utoipa::path(get, path = "/v0/nodes/{id}", tag = "nodes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 200, description = "The node", body = NodeView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody)
+    ))]
 pub async fn get(State(state): State<AppState>, _viewer: Viewer, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
     Ok(Json(state.registry.get(node_id(&id)?)?))
 }
 
-/// `POST /v0/nodes/{id}/approve`
+/// Approve a pending node (admin)
+#[utoipa::path(post, path = "/v0/nodes/{id}/approve", tag = "nodes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 200, description = "Approved: now `online` or `registering`", body = NodeView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 409, description = "The node is not pending (`not_pending`)", body = ErrorBody)
+    ))]
 pub async fn approve(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     Path(id): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
-    Ok(Json(state.registry.approve(node_id(&id)?, &admin.name).await?))
+    let node = state.registry.approve(node_id(&id)?, &admin.name).await?;
+    Metrics::inc(&state.metrics.approvals);
+    Ok(Json(node))
 }
 
 /// Body of `PATCH /v0/nodes/{id}`: absent fields stay as they are; `null` or "" clears a text field.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NodePatch {
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 255)]
     display_name: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 4096)]
     notes: Option<Option<String>>,
     #[serde(default)]
     tags: Option<Vec<String>>,
@@ -96,7 +143,18 @@ fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option<Stri
     Option::<String>::deserialize(de).map(Some)
 }
 
-/// `PATCH /v0/nodes/{id}`
+/// Edit a node's display name, notes or tags (admin)
+#[utoipa::path(patch, path = "/v0/nodes/{id}", tag = "nodes", security(("bearer" = [])), request_body = NodePatch,
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 200, description = "The node after the edit", body = NodeView),
+        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody)
+    ))]
 pub async fn update(
     State(state): State<AppState>,
     _admin: AdminUser,
@@ -110,17 +168,34 @@ pub async fn update(
     Ok(Json(state.registry.update(id, display_name, notes, tags).await?))
 }
 
-/// `DELETE /v0/nodes/{id}`: the node's token stops working at once.
+/// Delete a node (admin); its token stops working at once
+#[utoipa::path(delete, path = "/v0/nodes/{id}", tag = "nodes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody)
+    ))]
 pub async fn delete(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     state.registry.delete(node_id(&id)?, &admin.name).await?;
+    Metrics::inc(&state.metrics.deletions);
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v0/nodes/{id}/events`: newest first.
+/// A node's transition history, newest first
+#[utoipa::path(get, path = "/v0/nodes/{id}/events", tag = "nodes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 200, description = "Events, newest first", body = Vec<NodeEventView>),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody)
+    ))]
 pub async fn events(
     State(state): State<AppState>,
     _viewer: Viewer,

@@ -11,18 +11,19 @@ use crate::auth::{AdminUser, Role, password};
 use crate::clock::rfc3339;
 use crate::db::auth::{DeleteUserError, UserRow};
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
+use llm_router_protocol::ErrorBody;
 
 /// Shortest accepted password.
 pub const MIN_PASSWORD_CHARS: usize = 8;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateUser {
     username: String,
     password: String,
     role: Role,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserListItem {
     username: String,
     role: Role,
@@ -35,12 +36,28 @@ impl From<UserRow> for UserListItem {
     }
 }
 
-/// `GET /v0/users`
+/// List users (admin)
+#[utoipa::path(get, path = "/v0/users", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "All users", body = Vec<UserListItem>),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody)
+    ))]
 pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Json<Vec<UserListItem>>> {
     Ok(Json(state.store.users().await?.into_iter().map(UserListItem::from).collect()))
 }
 
-/// `POST /v0/users`: 201 with the user; 409 when the name is taken.
+/// Create a user (admin); the password is stored as an Argon2id hash
+#[utoipa::path(post, path = "/v0/users", tag = "users", security(("bearer" = [])), request_body = CreateUser,
+    responses(
+        (status = 201, description = "Created", body = UserListItem),
+        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 409, description = "The username is taken", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not JSON", body = ErrorBody)
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     _admin: AdminUser,
@@ -67,7 +84,16 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(user.into())))
 }
 
-/// `DELETE /v0/users/{username}`: also ends the user's sessions; the last administrator stays.
+/// Delete a user (admin); ends their sessions
+#[utoipa::path(delete, path = "/v0/users/{username}", tag = "users", security(("bearer" = [])),
+    params(("username" = String, Path, description = "The user")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 409, description = "The last administrator cannot be deleted", body = ErrorBody)
+    ))]
 pub async fn delete(
     State(state): State<AppState>,
     _admin: AdminUser,

@@ -6,5 +6,6 @@ mod errors;
 mod heartbeat;
 mod helpers;
 mod legacy;
+mod observability;
 mod registration;
 mod storage;

@@ -1,0 +1,260 @@
+//! Prometheus metrics, kept per application instance and rendered as text at `GET /metrics`.
+//!
+//! Counters and histograms are plain atomics: the heartbeat path pays one relaxed increment per figure, and each
+//! app (each test) has its own registry instead of a process-wide global.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use llm_router_protocol::NodeStatus;
+
+/// Latency buckets in seconds.
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Batch size buckets, in nodes.
+const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
+/// Flush lag buckets, in seconds.
+const LAG_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+
+/// A cumulative histogram with fixed buckets.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum of observations, in millionths of the unit.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|bound| value <= *bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// Everything the router counts.
+pub struct Metrics {
+    pub registrations: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub approvals: AtomicU64,
+    pub deletions: AtomicU64,
+    /// Status changes, by the status reached.
+    transitions: [AtomicU64; 4],
+    pub flush_batch_size: Histogram,
+    pub flush_lag_seconds: Histogram,
+    pub flush_errors: AtomicU64,
+    pub sweep_seconds: Histogram,
+    http: RwLock<HashMap<(String, String), Arc<RouteStats>>>,
+}
+
+/// Requests of one matched route and method.
+struct RouteStats {
+    duration: Histogram,
+    by_status: RwLock<HashMap<u16, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            registrations: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            approvals: AtomicU64::new(0),
+            deletions: AtomicU64::new(0),
+            transitions: Default::default(),
+            flush_batch_size: Histogram::new(BATCH_BUCKETS),
+            flush_lag_seconds: Histogram::new(LAG_BUCKETS),
+            flush_errors: AtomicU64::new(0),
+            sweep_seconds: Histogram::new(LATENCY_BUCKETS),
+            http: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+fn index(status: NodeStatus) -> usize {
+    NodeStatus::ALL.iter().position(|s| *s == status).unwrap_or(0)
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn transition(&self, to: NodeStatus) {
+        self.transitions[index(to)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one answered request of a matched route.
+    pub fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let key = (method.to_owned(), route.to_owned());
+        let existing = self.http.read().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        let stats = existing.unwrap_or_else(|| {
+            let mut map = self.http.write().unwrap_or_else(|p| p.into_inner());
+            map.entry(key)
+                .or_insert_with(|| {
+                    Arc::new(RouteStats {
+                        duration: Histogram::new(LATENCY_BUCKETS),
+                        by_status: RwLock::new(HashMap::new()),
+                    })
+                })
+                .clone()
+        });
+        stats.duration.observe(elapsed.as_secs_f64());
+        let counted = {
+            let by_status = stats.by_status.read().unwrap_or_else(|p| p.into_inner());
+            by_status.get(&status).map(|c| c.fetch_add(1, Ordering::Relaxed)).is_some()
+        };
+        if !counted {
+            let mut by_status = stats.by_status.write().unwrap_or_else(|p| p.into_inner());
+            by_status.entry(status).or_insert_with(|| AtomicU64::new(0)).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The Prometheus text exposition; `nodes` are the current counts by status.
+    pub fn render(&self, nodes: &HashMap<NodeStatus, usize>) -> String {
+        let mut out = String::with_capacity(4096);
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(&mut out, "llm_router_nodes", "gauge", "Nodes known to the router, by status.");
+        for status in NodeStatus::ALL {
+            let _ = writeln!(out, "llm_router_nodes{{status=\"{status}\"}} {}", nodes.get(&status).unwrap_or(&0));
+        }
+        for (name, help, counter) in [
+            (
+                "llm_router_registrations_total",
+                "Registrations accepted (new, token rotation, takeover).",
+                &self.registrations,
+            ),
+            ("llm_router_heartbeats_total", "Heartbeats accepted.", &self.heartbeats),
+            ("llm_router_approvals_total", "Nodes approved by an administrator.", &self.approvals),
+            ("llm_router_deletions_total", "Nodes deleted by an administrator.", &self.deletions),
+            ("llm_router_flush_errors_total", "Failed writes of heartbeat figures (retried).", &self.flush_errors),
+        ] {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+        family(&mut out, "llm_router_status_changes_total", "counter", "Node status changes, by the status reached.");
+        for status in NodeStatus::ALL {
+            let value = self.transitions[index(status)].load(Ordering::Relaxed);
+            let _ = writeln!(out, "llm_router_status_changes_total{{to=\"{status}\"}} {value}");
+        }
+        for (name, help, histogram) in [
+            (
+                "llm_router_flush_batch_size",
+                "Nodes whose heartbeat figures one write-behind batch stored.",
+                &self.flush_batch_size,
+            ),
+            (
+                "llm_router_flush_lag_seconds",
+                "Age of the oldest figures a write-behind batch stored.",
+                &self.flush_lag_seconds,
+            ),
+            (
+                "llm_router_offline_sweep_seconds",
+                "Duration of one offline sweep over the registry.",
+                &self.sweep_seconds,
+            ),
+        ] {
+            family(&mut out, name, "histogram", help);
+            histogram.render(&mut out, name, "");
+        }
+        let http = self.http.read().unwrap_or_else(|p| p.into_inner());
+        let mut routes: Vec<_> = http.iter().collect();
+        routes.sort_by(|a, b| a.0.cmp(b.0));
+        family(
+            &mut out,
+            "llm_router_http_requests_total",
+            "counter",
+            "HTTP requests answered, by matched route, method and status.",
+        );
+        for ((method, route), stats) in &routes {
+            let by_status = stats.by_status.read().unwrap_or_else(|p| p.into_inner());
+            let mut statuses: Vec<_> = by_status.iter().collect();
+            statuses.sort_by_key(|(status, _)| **status);
+            for (status, count) in statuses {
+                let _ = writeln!(
+                    out,
+                    "llm_router_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
+                    count.load(Ordering::Relaxed)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "llm_router_http_request_duration_seconds",
+            "histogram",
+            "HTTP request latency, by matched route and method.",
+        );
+        for ((method, route), stats) in &routes {
+            let labels = format!("method=\"{method}\",route=\"{route}\"");
+            stats.duration.render(&mut out, "llm_router_http_request_duration_seconds", &labels);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let histogram = Histogram::new(&[1.0, 10.0]);
+        for value in [0.5, 5.0, 50.0] {
+            histogram.observe(value);
+        }
+        let mut out = String::new();
+        histogram.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum{a=\"b\"} 55.5\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_method_and_status() {
+        let metrics = Metrics::default();
+        metrics.request("POST", "/v0/health", 200, Duration::from_millis(2));
+        metrics.request("POST", "/v0/health", 200, Duration::from_millis(3));
+        metrics.request("POST", "/v0/health", 401, Duration::from_millis(1));
+        let text = metrics.render(&HashMap::from([(NodeStatus::Online, 7)]));
+        assert!(text.contains("llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"200\"} 2"));
+        assert!(text.contains("llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"401\"} 1"));
+        assert!(text.contains("llm_router_nodes{status=\"online\"} 7"));
+        assert!(text.contains("llm_router_nodes{status=\"pending\"} 0"));
+    }
+}
