@@ -1,0 +1,152 @@
+//! Client of the router's node API (SPEC §2): registration and heartbeats, with answers sorted into what the
+//! agent loop must do about them ([`Failure`]).
+
+use std::time::Duration;
+
+use llm_router_protocol::{
+    ErrorBody, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, NODE_TOKEN_HEADER, REGISTER_PATH, RegisterRequest,
+    RegisterResponse,
+};
+use reqwest::{Client, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use crate::runtime::{endpoint, error_chain};
+
+/// A call to the router that did not succeed, sorted by what the agent does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// No answer (connection refused, timeout), a server error, or an answer that is not the API's: retry with
+    /// backoff.
+    #[error("router unreachable: {0}")]
+    Unreachable(String),
+    /// 401: the token is unknown (the node was deleted, or the router's database was replaced).
+    #[error("the router does not know this node's token ({0})")]
+    Unauthorized(String),
+    /// Any other 4xx (403 gpu_required or forbidden, 409 node_exists, 422 node_unreachable, 400): the router
+    /// understood and said no. Retrying fast would not change its mind.
+    #[error("the router refused the node: HTTP {status} {code}: {message}")]
+    Refused { status: u16, code: String, message: String },
+}
+
+/// Client of one router.
+#[derive(Debug, Clone)]
+pub struct RouterClient {
+    http: Client,
+    base: Url,
+}
+
+impl RouterClient {
+    /// A client for the router at `base`, every call bounded by `timeout`.
+    pub fn new(base: Url, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("llm-node/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(RouterClient { http, base })
+    }
+
+    /// The router's base URL.
+    pub fn url(&self) -> &Url {
+        &self.base
+    }
+
+    /// `POST /v0/nodes`. With `token`, the router keeps the node's id and status and rotates its token.
+    pub async fn register(&self, request: &RegisterRequest, token: Option<&str>) -> Result<RegisterResponse, Failure> {
+        let mut call = self.http.post(endpoint(&self.base, REGISTER_PATH.trim_start_matches('/'))).json(request);
+        if let Some(token) = token {
+            call = call.header(NODE_TOKEN_HEADER, token);
+        }
+        self.send(call).await
+    }
+
+    /// `POST /v0/health` with the node's token.
+    pub async fn heartbeat(&self, token: &str, request: &HeartbeatRequest) -> Result<HeartbeatResponse, Failure> {
+        let call = self
+            .http
+            .post(endpoint(&self.base, HEARTBEAT_PATH.trim_start_matches('/')))
+            .header(NODE_TOKEN_HEADER, token)
+            .json(request);
+        self.send(call).await
+    }
+
+    async fn send<T: DeserializeOwned>(&self, call: reqwest::RequestBuilder) -> Result<T, Failure> {
+        let response = call.send().await.map_err(|e| Failure::Unreachable(error_chain(&e)))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| Failure::Unreachable(error_chain(&e)))?;
+        classify(status, &body)
+    }
+}
+
+/// Sort an answer of the router into success or a [`Failure`]. Pure, so every case is tested without a server.
+pub fn classify<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, Failure> {
+    if status.is_success() {
+        return serde_json::from_slice(body).map_err(|e| {
+            Failure::Unreachable(format!("HTTP {} with a body that is not the API's answer: {e}", status.as_u16()))
+        });
+    }
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(error) => (error.error.code, error.error.message),
+        Err(_) => (
+            String::from("unknown"),
+            String::from_utf8_lossy(body).chars().take(200).collect::<String>().trim().to_owned(),
+        ),
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        Err(Failure::Unauthorized(if message.is_empty() { code } else { message }))
+    } else if status.is_client_error()
+        && status != StatusCode::REQUEST_TIMEOUT
+        && status != StatusCode::TOO_MANY_REQUESTS
+    {
+        Err(Failure::Refused { status: status.as_u16(), code, message })
+    } else {
+        Err(Failure::Unreachable(format!("HTTP {} {code}: {message}", status.as_u16())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_router_protocol::NodeStatus;
+
+    fn error_body(code: &str, message: &str) -> Vec<u8> {
+        format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn success_is_parsed() {
+        let answer: HeartbeatResponse =
+            classify(StatusCode::OK, br#"{"status":"online","heartbeat_interval_secs":10}"#).expect("ok");
+        assert_eq!(answer, HeartbeatResponse { status: NodeStatus::Online, heartbeat_interval_secs: 10 });
+    }
+
+    #[test]
+    fn unauthorized_means_register_again() {
+        let err = classify::<HeartbeatResponse>(StatusCode::UNAUTHORIZED, &error_body("unauthorized", "unknown token"))
+            .expect_err("401");
+        assert_eq!(err, Failure::Unauthorized("unknown token".into()));
+    }
+
+    #[test]
+    fn refusals_keep_the_routers_reason() {
+        for (status, code) in [
+            (StatusCode::FORBIDDEN, "gpu_required"),
+            (StatusCode::CONFLICT, "node_exists"),
+            (StatusCode::UNPROCESSABLE_ENTITY, "node_unreachable"),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+        ] {
+            let err = classify::<RegisterResponse>(status, &error_body(code, "why")).expect_err("refused");
+            assert_eq!(err, Failure::Refused { status: status.as_u16(), code: code.into(), message: "why".into() });
+        }
+    }
+
+    #[test]
+    fn server_errors_and_foreign_answers_are_retried_as_unreachable() {
+        let err = classify::<RegisterResponse>(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>").expect_err("502");
+        assert!(matches!(&err, Failure::Unreachable(text) if text.contains("502")), "{err}");
+        let err = classify::<RegisterResponse>(StatusCode::TOO_MANY_REQUESTS, b"").expect_err("429");
+        assert!(matches!(err, Failure::Unreachable(_)));
+        let err = classify::<RegisterResponse>(StatusCode::OK, b"<html>a proxy page</html>").expect_err("not json");
+        assert!(matches!(err, Failure::Unreachable(_)));
+    }
+}

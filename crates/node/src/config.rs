@@ -1,0 +1,298 @@
+//! Command line and environment configuration of the agent (SPEC §5). Every setting is a flag and an environment
+//! variable; flags win. [`Cli`] is what clap parses; [`Config`] is the checked, resolved form the agent runs on.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use reqwest::Url;
+
+use crate::gpu::Detection;
+
+/// Agent of a GPU machine: detects its GPUs, registers the machine with llm-router and sends heartbeats with
+/// metrics and the runtime's models.
+///
+/// The node id and token are kept in the state directory; a restarted agent reuses them, so an approved node comes
+/// back online without a new approval. Logs go to stderr; `LLM_NODE_LOG` sets their filter (default `info`).
+/// Exit status: 0 after SIGINT/SIGTERM, 3 when the machine has no GPU, 1 for any other fatal error.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "llm-node", version, about, long_about)]
+pub struct Cli {
+    /// Base URL of the router, e.g. http://router.example:8080
+    #[arg(long, env = "LLM_ROUTER_URL", required_unless_present = "check")]
+    pub router_url: Option<String>,
+
+    /// Base URL of the local OpenAI-compatible runtime (llama.cpp server, vLLM, Ollama), plain HTTP. Its port
+    /// (80 when the URL names none) is the runtime port announced to the router.
+    #[arg(long, env = "LLM_NODE_RUNTIME_URL", default_value = "http://127.0.0.1:8000")]
+    pub runtime_url: String,
+
+    /// Address the router should reach this machine at. Default: the address the router sees the agent connect
+    /// from.
+    #[arg(long, env = "LLM_NODE_IP")]
+    pub ip: Option<IpAddr>,
+
+    /// Machine name announced to the router. Default: the host name.
+    #[arg(long, env = "LLM_NODE_NAME")]
+    pub name: Option<String>,
+
+    /// Directory where the node id and token are kept (file `node.json`, mode 0600). Default: ~/.llm-node
+    #[arg(long, env = "LLM_NODE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Tags announced to the router, comma separated, e.g. `rack-3,fast-disk`.
+    #[arg(long, env = "LLM_NODE_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+
+    /// How GPUs are found: `auto` tries NVML (the NVIDIA driver library) and then the `nvidia-smi` command.
+    #[arg(long, env = "LLM_NODE_GPU_DETECTION", value_enum, default_value_t = Detection::Auto)]
+    pub gpu_detection: Detection,
+
+    /// Runtimes this node serves, comma separated (e.g. `llama_cpp`, `vllm`, `ollama`). Default: what the
+    /// runtime reveals about itself.
+    #[arg(long, env = "LLM_NODE_SUPPORTED_RUNTIMES", value_delimiter = ',')]
+    pub supported_runtimes: Vec<String>,
+
+    /// Version of the runtime announced to the router. Default: what the runtime reveals, else `unknown`.
+    #[arg(long, env = "LLM_NODE_RUNTIME_VERSION")]
+    pub runtime_version: Option<String>,
+
+    /// Detect GPUs and the runtime, print what would be announced to the router, and exit.
+    #[arg(long)]
+    pub check: bool,
+
+    /// First retry delay while the router is unreachable, in milliseconds.
+    #[arg(long, env = "LLM_NODE_BACKOFF_BASE_MS", default_value_t = 1000, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub backoff_base_ms: u64,
+
+    /// Longest retry delay while the router is unreachable, in milliseconds.
+    #[arg(long, env = "LLM_NODE_BACKOFF_MAX_MS", default_value_t = 60_000, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub backoff_max_ms: u64,
+
+    /// Retry delay after the router refused the node (403, 409, 422, other 4xx), in milliseconds.
+    #[arg(long, env = "LLM_NODE_REFUSED_RETRY_MS", default_value_t = 30_000, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub refused_retry_ms: u64,
+}
+
+/// The checked settings the agent runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub router_url: Url,
+    pub runtime_url: Url,
+    /// Port of the runtime, from `runtime_url`.
+    pub runtime_port: u16,
+    pub ip: Option<IpAddr>,
+    pub machine_name: String,
+    pub state_dir: PathBuf,
+    pub tags: Vec<String>,
+    pub gpu_detection: Detection,
+    pub supported_runtimes: Vec<String>,
+    pub runtime_version: Option<String>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub refused_retry: Duration,
+    /// Time limit of one call to the router.
+    pub router_timeout: Duration,
+    /// Time limit of one call to the runtime.
+    pub runtime_timeout: Duration,
+}
+
+/// A setting that cannot be used, with a sentence saying which and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Cli {
+    /// Check the parsed flags and fill in defaults that need the machine (host name, home directory).
+    ///
+    /// `host_name` and `home` are passed in so the defaults can be tested without touching the machine.
+    pub fn resolve(self, host_name: Option<String>, home: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let router_url = match self.router_url.as_deref() {
+            Some(raw) => parse_http_url("--router-url (LLM_ROUTER_URL)", raw)?,
+            // Only `--check` runs without a router; it never talks to it.
+            None => parse_http_url("--router-url", "http://127.0.0.1:8080")?,
+        };
+        let runtime_url = parse_http_url("--runtime-url (LLM_NODE_RUNTIME_URL)", &self.runtime_url)?;
+        let runtime_port = runtime_url.port_or_known_default().ok_or_else(|| {
+            ConfigError(format!("--runtime-url `{runtime_url}` has no port and no default port for its scheme"))
+        })?;
+
+        let machine_name = match self.name.or(host_name) {
+            Some(name) => name.trim().to_owned(),
+            None => {
+                return Err(ConfigError(
+                    "the host name could not be read; set the machine name with --name (LLM_NODE_NAME)".into(),
+                ));
+            }
+        };
+        if machine_name.is_empty() || machine_name.chars().count() > 255 {
+            return Err(ConfigError(
+                "the machine name (--name, LLM_NODE_NAME) must be 1 to 255 characters and not blank".into(),
+            ));
+        }
+
+        let state_dir = match self.state_dir.or_else(|| home.map(|h| h.join(".llm-node"))) {
+            Some(dir) => dir,
+            None => {
+                return Err(ConfigError(
+                    "no home directory is known; set the state directory with --state-dir (LLM_NODE_STATE_DIR)".into(),
+                ));
+            }
+        };
+
+        let runtime_version = self.runtime_version.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        if self.backoff_max_ms < self.backoff_base_ms {
+            return Err(ConfigError("--backoff-max-ms must not be below --backoff-base-ms".into()));
+        }
+
+        Ok(Config {
+            router_url,
+            runtime_url,
+            runtime_port,
+            ip: self.ip,
+            machine_name,
+            state_dir,
+            tags: clean_list(self.tags),
+            gpu_detection: self.gpu_detection,
+            supported_runtimes: clean_list(self.supported_runtimes),
+            runtime_version,
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            refused_retry: Duration::from_millis(self.refused_retry_ms),
+            router_timeout: Duration::from_secs(10),
+            runtime_timeout: Duration::from_secs(3),
+        })
+    }
+}
+
+/// Trim every entry and drop empty ones and repeats, keeping the order given.
+fn clean_list(items: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let item = item.trim();
+        if !item.is_empty() && !out.iter().any(|seen| seen == item) {
+            out.push(item.to_owned());
+        }
+    }
+    out
+}
+
+/// Parse a base URL that this build can talk to (plain HTTP).
+fn parse_http_url(what: &str, raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw.trim()).map_err(|e| ConfigError(format!("{what}: `{raw}` is not a URL: {e}")))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(ConfigError(format!(
+                "{what}: `{raw}` uses https, which this build does not support; use http:// (behind a TLS proxy if \
+                 needed)"
+            )));
+        }
+        other => {
+            return Err(ConfigError(format!("{what}: `{raw}` has scheme `{other}`; expected http://")));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError(format!("{what}: `{raw}` names no host")));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["llm-node"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("flags parse")
+    }
+
+    fn resolve(args: &[&str]) -> Result<Config, ConfigError> {
+        cli(args).resolve(Some("gpu-host-1".into()), Some(PathBuf::from("/home/op")))
+    }
+
+    #[test]
+    fn defaults_come_from_the_machine() {
+        let config = resolve(&["--router-url", "http://10.0.0.1:8080"]).expect("valid");
+        assert_eq!(config.machine_name, "gpu-host-1");
+        assert_eq!(config.state_dir, PathBuf::from("/home/op/.llm-node"));
+        assert_eq!(config.runtime_url.as_str(), "http://127.0.0.1:8000/");
+        assert_eq!(config.runtime_port, 8000);
+        assert_eq!(config.gpu_detection, Detection::Auto);
+        assert!(config.tags.is_empty());
+        assert_eq!(config.backoff_max, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn runtime_port_defaults_by_scheme() {
+        let config = resolve(&["--router-url", "http://r:1", "--runtime-url", "http://127.0.0.1"]).expect("valid");
+        assert_eq!(config.runtime_port, 80);
+    }
+
+    #[test]
+    fn lists_are_split_trimmed_and_deduplicated() {
+        let config = resolve(&[
+            "--router-url",
+            "http://r:1",
+            "--tags",
+            "rack-3, fast-disk,,rack-3",
+            "--supported-runtimes",
+            "vllm",
+        ])
+        .expect("valid");
+        assert_eq!(config.tags, vec!["rack-3", "fast-disk"]);
+        assert_eq!(config.supported_runtimes, vec!["vllm"]);
+    }
+
+    #[test]
+    fn flags_override_machine_defaults() {
+        let config = resolve(&[
+            "--router-url",
+            "http://r:1",
+            "--name",
+            "box",
+            "--state-dir",
+            "/var/lib/llm-node",
+            "--gpu-detection",
+            "nvidia-smi",
+            "--ip",
+            "192.168.1.20",
+        ])
+        .expect("valid");
+        assert_eq!(config.machine_name, "box");
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/llm-node"));
+        assert_eq!(config.gpu_detection, Detection::NvidiaSmi);
+        assert_eq!(config.ip, Some("192.168.1.20".parse().expect("ip")));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_setting_named() {
+        let err = resolve(&["--router-url", "https://r"]).expect_err("https refused");
+        assert!(err.to_string().contains("https"), "{err}");
+        let err = resolve(&["--router-url", "not a url"]).expect_err("refused");
+        assert!(err.to_string().contains("--router-url"), "{err}");
+        let err = resolve(&["--router-url", "http://r", "--name", "  "]).expect_err("blank name refused");
+        assert!(err.to_string().contains("--name"), "{err}");
+        assert!(Cli::try_parse_from(["llm-node", "--router-url", "http://r", "--ip", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["llm-node", "--router-url", "http://r", "--gpu-detection", "amd"]).is_err());
+    }
+
+    #[test]
+    fn router_url_is_required_unless_checking() {
+        assert!(Cli::try_parse_from(["llm-node"]).is_err());
+        assert!(Cli::try_parse_from(["llm-node", "--check"]).is_ok());
+    }
+
+    #[test]
+    fn missing_host_name_and_home_need_flags() {
+        let err = cli(&["--router-url", "http://r"]).resolve(None, Some("/h".into())).expect_err("no name");
+        assert!(err.to_string().contains("--name"), "{err}");
+        let err = cli(&["--router-url", "http://r"]).resolve(Some("n".into()), None).expect_err("no home");
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+    }
+}

@@ -1,0 +1,89 @@
+//! `llm-node`, the agent that runs on every GPU machine of an llm-router fleet (SPEC §5).
+//!
+//! It detects the machine's GPUs ([`gpu`]), registers the machine with the router ([`client`]), keeps the node's
+//! id and token ([`identity`]) and sends heartbeats with host, GPU and runtime figures ([`runtime`], [`agent`]).
+//! [`run`] is the whole program; the binary only parses the command line and waits for a signal.
+
+pub mod agent;
+pub mod client;
+pub mod config;
+pub mod gpu;
+pub mod identity;
+pub mod runtime;
+
+use std::future::Future;
+
+pub use config::{Cli, Config};
+
+/// Why the agent stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    NoGpu(#[from] gpu::NoGpuFound),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+}
+
+impl Error {
+    /// Process exit status for this error: 3 when no GPU was found (so a service manager can be told not to
+    /// restart a machine that has none), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::NoGpu(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Run the agent until `shutdown` completes (then `Ok`) or a fatal error.
+///
+/// With `--check`, print what would be announced to the router and return instead of running.
+pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let check = cli.check;
+    let host_name = sysinfo::System::host_name().ok().filter(|h| !h.trim().is_empty());
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).map(Into::into);
+    let config = cli.resolve(host_name, home)?;
+
+    let runtime = runtime::Runtime::new(config.runtime_url.clone(), config.runtime_timeout)?;
+    let router = client::RouterClient::new(config.router_url.clone(), config.router_timeout)?;
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (probe, first_sample) = tokio::select! {
+        found = gpu::detect(config.gpu_detection) => found?,
+        () = &mut shutdown => return Ok(()),
+    };
+    tracing::info!(
+        source = probe.name(),
+        gpus = first_sample.len(),
+        models = %first_sample.iter().map(|g| g.model.as_str()).collect::<Vec<_>>().join(", "),
+        "GPUs found"
+    );
+
+    if check {
+        let models = runtime.models().await.unwrap_or_else(|e| {
+            tracing::warn!(cause = %e, "runtime unreachable");
+            Vec::new()
+        });
+        let detected = runtime.detect().await;
+        let request = agent::build_registration(&config, &first_sample, models, detected);
+        let json = serde_json::to_string_pretty(&request).unwrap_or_else(|e| format!("cannot encode: {e}"));
+        println!("{json}");
+        return Ok(());
+    }
+
+    let agent = agent::Agent::new(config, router, runtime, probe, first_sample);
+    tokio::select! {
+        result = agent.run() => match result {
+            Err(e) => Err(e.into()),
+            Ok(never) => match never {},
+        },
+        () = shutdown => {
+            tracing::info!("stopping");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! What the end-to-end tests drive: the real `llm-router` and `llm-node` binaries, a stand-in runtime (a tiny HTTP
+//! server answering `/v1/models` and vLLM's `/version`, whose model list a test can change) and a stand-in
+//! `nvidia-smi` (a shell script first on `PATH` printing fixed CSV).
+//!
+//! Nothing here sleeps hoping something happened: every wait polls with a deadline ([`wait_for`]) and fails with
+//! the agent's log when the deadline passes.
+
+use std::fs;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Password of the administrator every test router starts with.
+pub const ADMIN_PASSWORD: &str = "secret-pass";
+
+/// Output of the stand-in `nvidia-smi`: two H100 and one A100, with figures the tests look for.
+pub const THREE_GPUS_CSV: &str = "\
+0, NVIDIA H100 80GB HBM3, 81559, 1024, 35, 41
+1, NVIDIA H100 80GB HBM3, 81559, 2048, 70, 52
+2, NVIDIA A100-SXM4-40GB, 40960, [N/A], [Not Supported], 38
+";
+
+/// Version the stand-in runtime reports at `GET /version`, as vLLM does.
+pub const RUNTIME_VERSION: &str = "0.6.3-e2e";
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// The agent binary, built by cargo for this test.
+pub fn node_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_llm-node"))
+}
+
+/// The router binary: `LLM_ROUTER_BIN`, else beside the agent binary (same target profile directory).
+pub fn router_bin() -> PathBuf {
+    let path = match std::env::var_os("LLM_ROUTER_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => node_bin().with_file_name("llm-router"),
+    };
+    assert!(
+        path.is_file(),
+        "the router binary {} is missing: run `cargo build -p llm-router` first (or set LLM_ROUTER_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Poll `check` every 100 ms until it gives a value or `timeout` passes; then fail with `what` and `context()`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, context: impl Fn() -> String, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}\n{}", context());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The per-test directory: stand-in `nvidia-smi`, state directories, router data, logs.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Scratch { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Write the stand-in `nvidia-smi` as a script `body` into `bin/` (replacing any earlier one).
+    pub fn fake_nvidia_smi(&self, body: &str) {
+        let bin = self.path("bin");
+        fs::create_dir_all(&bin).expect("create bin dir");
+        let script = bin.join("nvidia-smi");
+        fs::write(&script, format!("#!/bin/sh\n{body}\n")).expect("write nvidia-smi");
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod nvidia-smi");
+    }
+
+    /// Stand-in `nvidia-smi` printing `csv` when asked the agent's query (and failing otherwise).
+    pub fn fake_nvidia_smi_printing(&self, csv: &str) {
+        self.fake_nvidia_smi(&format!(
+            "case \"$1\" in --query-gpu=index,name,memory.total,memory.used,utilization.gpu,temperature.gpu) ;; \
+             *) echo \"unexpected arguments: $*\" >&2; exit 2 ;; esac\ncat <<'CSV'\n{csv}CSV"
+        ));
+    }
+
+    /// `PATH` with the stand-in `bin/` first.
+    pub fn path_env(&self) -> String {
+        let rest = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+        format!("{}:{rest}", self.path("bin").display())
+    }
+}
+
+/// The stand-in runtime: `GET /v1/models` lists the current models, `GET /version` answers like vLLM.
+pub struct FakeRuntime {
+    pub port: u16,
+    models: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeRuntime {
+    pub fn start(models: &[&str]) -> Self {
+        Self::start_on(0, models)
+    }
+
+    pub fn start_on(port: u16, models: &[&str]) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the stand-in runtime");
+        let port = listener.local_addr().expect("address").port();
+        let models = Arc::new(Mutex::new(models.iter().map(|m| m.to_string()).collect::<Vec<_>>()));
+        let shared = Arc::clone(&models);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || answer(stream, &shared));
+            }
+        });
+        FakeRuntime { port, models }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_models(&self, models: &[&str]) {
+        *self.models.lock().expect("models lock") = models.iter().map(|m| m.to_string()).collect();
+    }
+}
+
+fn answer(mut stream: TcpStream, models: &Mutex<Vec<String>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/v1/models" => {
+            let data: Vec<Value> = models
+                .lock()
+                .map(|m| m.iter().map(|id| json!({"id": id, "object": "model", "owned_by": "e2e"})).collect())
+                .unwrap_or_default();
+            ("200 OK", json!({"object": "list", "data": data}).to_string())
+        }
+        "/version" => ("200 OK", json!({"version": RUNTIME_VERSION}).to_string()),
+        _ => ("404 Not Found", json!({"detail": "Not Found"}).to_string()),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes());
+}
+
+/// A running `llm-router serve`.
+pub struct Router {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Router {
+    /// Start a router on a free port with its database in `data_dir`.
+    pub fn start(data_dir: &Path, log: &Path) -> Self {
+        Self::start_on(data_dir, log, 0)
+    }
+
+    /// Start a router on `port` (0: any free one) and wait for its "listening" line.
+    pub fn start_on(data_dir: &Path, log: &Path, port: u16) -> Self {
+        let log_file = fs::OpenOptions::new().create(true).append(true).open(log).expect("router log");
+        let mut child = Command::new(router_bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(data_dir)
+            .args(["--heartbeat-interval-secs", "1", "--offline-after-secs", "2"])
+            .env("LLM_ROUTER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env_remove("LLM_ROUTER_ADMIN_USERNAME")
+            .env_remove("LLM_ROUTER_NO_REACHABILITY_CHECK")
+            .env("LLM_ROUTER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("start llm-router");
+        let stdout = child.stdout.take().expect("router stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep reading after the first line so the router never writes into a closed pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("llm-router listening on http://") {
+                        let port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                        break port.unwrap_or_else(|| panic!("no port in the router's line `{line}`"));
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the router did not say it was listening within 20 s; its log:\n{}", tail(log));
+                }
+            }
+        };
+        Router { child, port, log: log.to_owned() }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill the router at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `llm-node`, its stderr captured in a log file.
+pub struct Node {
+    child: Child,
+    pub log: PathBuf,
+}
+
+/// Settings of one agent run.
+pub struct NodeSettings {
+    pub router_url: String,
+    pub runtime_url: String,
+    pub state_dir: PathBuf,
+    pub name: String,
+    pub path_env: String,
+    pub log: PathBuf,
+}
+
+impl Node {
+    pub fn start(settings: &NodeSettings) -> Self {
+        let log_file = fs::OpenOptions::new().create(true).append(true).open(&settings.log).expect("node log");
+        let child = node_command(settings).stderr(log_file).spawn().expect("start llm-node");
+        Node { child, log: settings.log.clone() }
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the agent's log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration, context: impl Fn() -> String) {
+        let what = format!("the agent to log `{needle}`");
+        wait_for(&what, timeout, context, || async move { self.log_text().contains(needle).then_some(()) }).await
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Send SIGTERM and wait (at most `within`) for the agent to exit; its exit status.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        self.wait_exit(within)
+    }
+
+    /// Wait (at most `within`) for the agent to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("llm-node did not exit within {within:?}; its log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The command line of one agent run, environment cleaned of the caller's agent settings.
+pub fn node_command(settings: &NodeSettings) -> Command {
+    let mut command = Command::new(node_bin());
+    command
+        .args(["--router-url", &settings.router_url, "--runtime-url", &settings.runtime_url])
+        .arg("--state-dir")
+        .arg(&settings.state_dir)
+        .args(["--name", &settings.name, "--gpu-detection", "nvidia-smi", "--tags", "e2e,rack-1"])
+        .args(["--backoff-base-ms", "100", "--backoff-max-ms", "400", "--refused-retry-ms", "300"])
+        .env("PATH", &settings.path_env)
+        .env("LLM_NODE_LOG", "info,llm_node=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for var in [
+        "LLM_ROUTER_URL",
+        "LLM_NODE_RUNTIME_URL",
+        "LLM_NODE_IP",
+        "LLM_NODE_NAME",
+        "LLM_NODE_STATE_DIR",
+        "LLM_NODE_TAGS",
+        "LLM_NODE_GPU_DETECTION",
+        "LLM_NODE_SUPPORTED_RUNTIMES",
+        "LLM_NODE_RUNTIME_VERSION",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// The last 60 lines of a log file.
+pub fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// An administrator's session on a router's API.
+#[derive(Clone)]
+pub struct Admin {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Admin {
+    pub async fn login(router_url: &str) -> Self {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+        let response = http
+            .post(format!("{router_url}/v0/auth/login"))
+            .json(&json!({"username": "admin", "password": ADMIN_PASSWORD}))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(response.status(), 200, "admin login failed: {:?}", response.text().await);
+        let body: Value = response.json().await.expect("login answer");
+        let token = body["token"].as_str().expect("token in the login answer").to_owned();
+        Admin { http, base: router_url.to_owned(), token }
+    }
+
+    /// Every node the router knows, or `None` if the router did not answer.
+    pub async fn nodes(&self) -> Option<Vec<Value>> {
+        let response = self.http.get(format!("{}/v0/nodes", self.base)).bearer_auth(&self.token).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json::<Vec<Value>>().await.ok()
+    }
+
+    /// The only node the router knows, when there is exactly one.
+    pub async fn only_node(&self) -> Option<Value> {
+        let mut nodes = self.nodes().await?;
+        (nodes.len() == 1).then(|| nodes.remove(0))
+    }
+
+    pub async fn approve(&self, id: &str) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/v0/nodes/{id}/approve", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("approve request");
+        assert_eq!(response.status(), 200, "approve failed: {:?}", response.text().await);
+        response.json().await.expect("approve answer")
+    }
+
+    pub async fn delete(&self, id: &str) {
+        let response = self
+            .http
+            .delete(format!("{}/v0/nodes/{id}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("delete request");
+        assert_eq!(response.status(), 204, "delete failed: {:?}", response.text().await);
+    }
+}
+
+/// The node id kept in an agent's state directory.
+pub fn stored_node_id(state_dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(state_dir.join("node.json")).ok()?;
+    let value: Value = serde_json::from_str(&text).ok()?;
+    value["node_id"].as_str().map(str::to_owned)
+}

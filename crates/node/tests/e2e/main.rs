@@ -1,0 +1,324 @@
+//! End-to-end tests of the agent: the real `llm-router` and `llm-node` binaries, a stand-in runtime and a stand-in
+//! `nvidia-smi`. The router runs with a 1 s heartbeat interval and marks nodes offline after 2 s, so every scenario
+//! takes seconds; every wait polls the router's API with a deadline.
+
+mod helpers;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use helpers::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// One router, one stand-in runtime, one agent's settings, and the scratch directory they share.
+struct Fleet {
+    scratch: Scratch,
+    runtime: FakeRuntime,
+    router: Router,
+    admin: Admin,
+}
+
+impl Fleet {
+    async fn start(models: &[&str]) -> Self {
+        let scratch = Scratch::new();
+        scratch.fake_nvidia_smi_printing(THREE_GPUS_CSV);
+        let runtime = FakeRuntime::start(models);
+        let router = Router::start(&scratch.path("router-data"), &scratch.path("router.log"));
+        let admin = Admin::login(&router.url()).await;
+        Fleet { scratch, runtime, router, admin }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.scratch.path("node-state")
+    }
+
+    fn node_settings(&self) -> NodeSettings {
+        NodeSettings {
+            router_url: self.router.url(),
+            runtime_url: self.runtime.url(),
+            state_dir: self.state_dir(),
+            name: "gpu-box-1".into(),
+            path_env: self.scratch.path_env(),
+            log: self.scratch.path("node.log"),
+        }
+    }
+
+    fn start_node(&self) -> Node {
+        Node::start(&self.node_settings())
+    }
+
+    /// Both logs, for a failed wait.
+    fn logs(&self) -> String {
+        format!(
+            "--- llm-node log:\n{}\n--- llm-router log:\n{}",
+            tail(&self.scratch.path("node.log")),
+            tail(&self.router.log)
+        )
+    }
+
+    /// Wait until the router lists exactly one node and `check` accepts it; that node.
+    async fn wait_node(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let check = &check;
+        wait_for(what, WAIT, || self.logs(), || async move { self.admin.only_node().await.filter(|node| check(node)) })
+            .await
+    }
+}
+
+fn status(node: &Value) -> &str {
+    node["status"].as_str().unwrap_or("")
+}
+
+fn id(node: &Value) -> String {
+    node["id"].as_str().expect("node id").to_owned()
+}
+
+#[test]
+fn help_explains_every_setting() {
+    let output = Command::new(node_bin()).arg("--help").output().expect("run llm-node --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in [
+        "--router-url",
+        "LLM_ROUTER_URL",
+        "--runtime-url",
+        "LLM_NODE_RUNTIME_URL",
+        "http://127.0.0.1:8000",
+        "--ip",
+        "LLM_NODE_IP",
+        "--name",
+        "LLM_NODE_NAME",
+        "--state-dir",
+        "LLM_NODE_STATE_DIR",
+        "--tags",
+        "LLM_NODE_TAGS",
+        "--gpu-detection",
+        "LLM_NODE_GPU_DETECTION",
+        "nvidia-smi",
+        "--supported-runtimes",
+        "--runtime-version",
+    ] {
+        assert!(help.contains(needle), "--help does not mention {needle}:\n{help}");
+    }
+    assert!(!help.contains("--backoff-base-ms"), "test-only flags stay hidden");
+}
+
+#[test]
+fn no_gpu_is_a_clear_non_zero_exit() {
+    for (case, script) in [
+        (
+            "nvidia-smi fails",
+            "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; exit 9",
+        ),
+        ("nvidia-smi lists nothing", "exit 0"),
+    ] {
+        let scratch = Scratch::new();
+        scratch.fake_nvidia_smi(script);
+        let settings = NodeSettings {
+            router_url: format!("http://127.0.0.1:{}", free_port()),
+            runtime_url: format!("http://127.0.0.1:{}", free_port()),
+            state_dir: scratch.path("state"),
+            name: "no-gpu".into(),
+            path_env: scratch.path_env(),
+            log: scratch.path("node.log"),
+        };
+        let mut node = Node::start(&settings);
+        let exit = node.wait_exit(Duration::from_secs(10));
+        let log = node.log_text();
+        assert_eq!(exit.code(), Some(3), "{case}: exit status {exit:?}; log:\n{log}");
+        assert!(log.contains("no GPU was found"), "{case}: {log}");
+        assert!(log.contains("nvidia-smi:"), "{case}: the message names the path tried: {log}");
+        if case == "nvidia-smi fails" {
+            assert!(log.contains("exit status 9"), "{case}: the cause is named: {log}");
+        } else {
+            assert!(log.contains("it lists no GPU"), "{case}: {log}");
+        }
+        assert!(!settings.state_dir.join("node.json").exists(), "{case}: nothing was registered");
+    }
+}
+
+/// Registration, metrics while pending, approval, models coming and going, a clean stop, a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_lifecycle_from_registration_to_restart() {
+    let fleet = Fleet::start(&["llama-3-8b"]).await;
+    let mut node = fleet.start_node();
+
+    let registered = fleet.wait_node("the node registered as pending", |n| status(n) == "pending").await;
+    let node_id = id(&registered);
+    assert_eq!(registered["machine_name"], "gpu-box-1");
+    assert_eq!(registered["runtime_port"], json!(fleet.runtime.port));
+    assert_eq!(registered["runtime_version"], RUNTIME_VERSION);
+    assert_eq!(registered["supported_runtimes"], json!(["vllm"]));
+    assert_eq!(registered["tags"], json!(["e2e", "rack-1"]));
+    assert_eq!(
+        registered["gpu_devices"],
+        json!([
+            {"model": "NVIDIA H100 80GB HBM3", "count": 2, "memory_bytes": 81559 * MIB},
+            {"model": "NVIDIA A100-SXM4-40GB", "count": 1, "memory_bytes": 40960 * MIB},
+        ])
+    );
+
+    // Identity kept, private to its owner.
+    let state_file = fleet.state_dir().join("node.json");
+    let mode = std::fs::metadata(&state_file).expect("state file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(stored_node_id(&fleet.state_dir()).as_deref(), Some(node_id.as_str()));
+
+    // Heartbeats carry figures while the node waits for approval.
+    let pending = fleet
+        .wait_node("heartbeat figures while pending", |n| n["metrics"]["gpus"].as_array().is_some_and(|g| g.len() == 3))
+        .await;
+    assert_eq!(status(&pending), "pending", "a heartbeat never approves a node");
+    let metrics = &pending["metrics"];
+    assert!(metrics["cpu_usage"].as_f64().is_some_and(|v| (0.0..=100.0).contains(&v)), "{metrics}");
+    assert!(metrics["memory_usage"].as_f64().is_some_and(|v| v > 0.0 && v <= 100.0), "{metrics}");
+    let gpus = metrics["gpus"].as_array().expect("gpus");
+    assert_eq!(gpus[0]["index"], 0);
+    assert_eq!(gpus[0]["model"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(gpus[0]["utilization"].as_f64(), Some(35.0));
+    assert_eq!(gpus[0]["memory_used_bytes"], json!(1024 * MIB));
+    assert_eq!(gpus[0]["memory_total_bytes"], json!(81559 * MIB));
+    assert_eq!(gpus[0]["temperature_c"].as_f64(), Some(41.0));
+    assert_eq!(gpus[1]["utilization"].as_f64(), Some(70.0));
+    assert!(gpus[2]["utilization"].is_null(), "[Not Supported] is absent, not zero: {}", gpus[2]);
+    assert!(gpus[2]["memory_used_bytes"].is_null(), "[N/A] is absent, not zero: {}", gpus[2]);
+    assert_eq!(pending["ready_models"], json!(["llama-3-8b"]));
+
+    // Approval: the runtime has a model, so the node goes online.
+    fleet.admin.approve(&node_id).await;
+    fleet.wait_node("online after approval", |n| status(n) == "online").await;
+
+    // The runtime unloads its model: registering; loads one again: online.
+    fleet.runtime.set_models(&[]);
+    let registering = fleet.wait_node("registering without models", |n| status(n) == "registering").await;
+    assert_eq!(registering["ready_models"], json!([]));
+    fleet.runtime.set_models(&["qwen2-7b"]);
+    let online = fleet.wait_node("online with a model again", |n| status(n) == "online").await;
+    assert_eq!(online["ready_models"], json!(["qwen2-7b"]));
+
+    // SIGTERM: a prompt, clean exit; the router then marks the silent node offline.
+    let exit = node.terminate(Duration::from_secs(2));
+    assert!(exit.success(), "SIGTERM ends the agent with status 0, got {exit:?}");
+    fleet.wait_node("offline after the agent stopped", |n| status(n) == "offline").await;
+
+    // Restarted: the same node comes back online without a new approval.
+    let _node = fleet.start_node();
+    let back = fleet.wait_node("the same node online again", |n| status(n) == "online").await;
+    assert_eq!(id(&back), node_id);
+    assert_eq!(stored_node_id(&fleet.state_dir()).as_deref(), Some(node_id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_restart_keeps_the_same_node() {
+    let mut fleet = Fleet::start(&["llama-3-8b"]).await;
+    let node = fleet.start_node();
+    let registered = fleet.wait_node("registered", |n| status(n) == "pending").await;
+    let node_id = id(&registered);
+    fleet.admin.approve(&node_id).await;
+    fleet.wait_node("online", |n| status(n) == "online").await;
+
+    fleet.router.kill();
+    node.wait_log("router unreachable", WAIT, || fleet.logs()).await;
+
+    let port = fleet.router.port;
+    fleet.router = Router::start_on(&fleet.scratch.path("router-data"), &fleet.scratch.path("router.log"), port);
+    fleet.admin = Admin::login(&fleet.router.url()).await;
+    let before = fleet.admin.only_node().await.expect("the node survived the restart");
+    let seen_before = before["last_seen_at"].clone();
+    let back = fleet
+        .wait_node("heartbeats reaching the restarted router", |n| {
+            status(n) == "online" && n["last_seen_at"] != seen_before
+        })
+        .await;
+    assert_eq!(id(&back), node_id, "the agent carries on as the same node");
+    assert_eq!(stored_node_id(&fleet.state_dir()).as_deref(), Some(node_id.as_str()));
+    node.wait_log("router reachable again", WAIT, || fleet.logs()).await;
+    assert_eq!(node.log_text().matches("registered with the router").count(), 1, "no second registration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_registers_anew_and_waits_for_approval() {
+    let fleet = Fleet::start(&["llama-3-8b"]).await;
+    let _node = fleet.start_node();
+    let first = fleet.wait_node("registered", |n| status(n) == "pending").await;
+    let first_id = id(&first);
+    fleet.admin.approve(&first_id).await;
+    fleet.wait_node("online", |n| status(n) == "online").await;
+
+    fleet.admin.delete(&first_id).await;
+    let again = fleet.wait_node("registered anew as pending", |n| id(n) != first_id && status(n) == "pending").await;
+    let new_id = id(&again);
+    let (state_dir, new_id) = (&fleet.state_dir(), new_id.as_str());
+    wait_for(
+        "the new identity stored",
+        WAIT,
+        || fleet.logs(),
+        || async move { (stored_node_id(state_dir).as_deref() == Some(new_id)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_the_router_registers_once_it_is_up() {
+    let scratch = Scratch::new();
+    scratch.fake_nvidia_smi_printing(THREE_GPUS_CSV);
+    let runtime = FakeRuntime::start(&["m"]);
+    let router_port = free_port();
+    let settings = NodeSettings {
+        router_url: format!("http://127.0.0.1:{router_port}"),
+        runtime_url: runtime.url(),
+        state_dir: scratch.path("state"),
+        name: "early-bird".into(),
+        path_env: scratch.path_env(),
+        log: scratch.path("node.log"),
+    };
+    let mut node = Node::start(&settings);
+    let log = || tail(&settings.log);
+    node.wait_log("router unreachable", WAIT, log).await;
+    assert!(node.is_running(), "an unreachable router never stops the agent");
+
+    let router = Router::start_on(&scratch.path("router-data"), &scratch.path("router.log"), router_port);
+    let admin = &Admin::login(&router.url()).await;
+    let registered = wait_for("registration once the router is up", WAIT, log, || async move {
+        admin.only_node().await.filter(|n| status(n) == "pending")
+    })
+    .await;
+    assert_eq!(registered["machine_name"], "early-bird");
+}
+
+/// A refusal (here 422: the router cannot reach the runtime) is logged once and retried slowly; the agent stays
+/// up and registers once the cause is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_registration_is_retried_without_crashing() {
+    let scratch = Scratch::new();
+    scratch.fake_nvidia_smi_printing(THREE_GPUS_CSV);
+    let runtime_port = free_port();
+    let router = Router::start(&scratch.path("router-data"), &scratch.path("router.log"));
+    let admin = &Admin::login(&router.url()).await;
+    let settings = NodeSettings {
+        router_url: router.url(),
+        runtime_url: format!("http://127.0.0.1:{runtime_port}"),
+        state_dir: scratch.path("state"),
+        name: "runtime-late".into(),
+        path_env: scratch.path_env(),
+        log: scratch.path("node.log"),
+    };
+    let mut node = Node::start(&settings);
+    let log = || format!("{}\n--- router:\n{}", tail(&settings.log), tail(&scratch.path("router.log")));
+    node.wait_log("still refuses", WAIT, log).await;
+    let text = node.log_text();
+    assert!(text.contains("node_unreachable"), "the router's reason is logged: {text}");
+    assert_eq!(text.matches("the router refused this node").count(), 1, "one log line, not one per try: {text}");
+    assert!(node.is_running(), "a refusal never stops the agent");
+    assert!(admin.nodes().await.is_some_and(|n| n.is_empty()));
+
+    let _runtime = FakeRuntime::start_on(runtime_port, &["m"]);
+    let registered = wait_for("registration once the runtime answers", WAIT, log, || async move {
+        admin.only_node().await.filter(|n| status(n) == "pending")
+    })
+    .await;
+    assert_eq!(registered["ready_models"], json!(["m"]));
+}
