@@ -16,6 +16,16 @@ const NODE_HASH = /^#\/nodes\/([0-9a-fA-F-]{36})$/;
 
 const $ = (id) => document.getElementById(id);
 
+// The edit form is taken out of the page for viewers (not merely hidden), so it is held here.
+const editForm = $('edit-form');
+const editName = $('edit-display-name');
+const editNotes = $('edit-notes');
+const editTags = $('edit-tags');
+const editSave = $('edit-save');
+const editReset = $('edit-reset');
+const editStatus = $('edit-status');
+const editHome = $('detail-labels');
+
 // ---------------------------------------------------------------------------------------------------------------
 // DOM helpers: text only.
 
@@ -78,6 +88,20 @@ function formatBytes(bytes) {
   return `${value.toFixed(digits)} ${units[unit]}`;
 }
 
+/** `474 / 640 GiB`: both figures in the unit of the total. */
+function formatUsage(used, total) {
+  const [value, unit] = formatBytes(total).split(' ');
+  const scale = Number(total) / Number(value);
+  const usedValue = Number(used) / scale;
+  const digits = usedValue >= 100 || Number.isInteger(usedValue) || usedValue === 0 ? 0 : 1;
+  return `${usedValue.toFixed(digits)} / ${value} ${unit}`;
+}
+
+/** The table shows `H100 80GB HBM3`: the vendor prefix repeats on every row; the detail view keeps it. */
+function shortModel(model) {
+  return model.replace(/^NVIDIA\s+/i, '');
+}
+
 function formatPercent(value) {
   return value === null || value === undefined ? '–' : `${Math.round(value)}%`;
 }
@@ -118,7 +142,7 @@ function gpuFigures(node) {
   const total = gpus.reduce((sum, g) => sum + (g.memory_total_bytes ?? 0), 0);
   return {
     util: utils.length ? utils.reduce((a, b) => a + b, 0) / utils.length : null,
-    memory: total > 0 ? `${formatBytes(used)} / ${formatBytes(total)}` : '',
+    memory: total > 0 ? formatUsage(used, total) : '',
   };
 }
 
@@ -249,6 +273,8 @@ function showApp(user) {
   setText(role, user.role);
   role.className = `role role-${user.role === 'admin' ? 'admin' : 'viewer'}`;
   $('readonly-note').hidden = isAdmin();
+  if (isAdmin()) editHome.before(editForm);
+  else editForm.remove();
   document.body.classList.toggle('is-admin', isAdmin());
   setText($('empty-command'), `LLM_ROUTER_URL=${location.origin} \\\n  LLM_NODE_RUNTIME_URL=http://127.0.0.1:8000 \\\n  llm-node`);
   show('app');
@@ -275,7 +301,7 @@ function resetFleet() {
   $('pending-callout').hidden = true;
   $('empty').hidden = true;
   $('table-wrap').hidden = false;
-  const form = $('edit-form');
+  const form = editForm;
   delete form.dataset.base;
   delete form.dataset.node;
 }
@@ -417,6 +443,7 @@ function setUnreachable(on) {
 function setBanner(text) {
   const banner = $('banner');
   banner.hidden = !text;
+  toggleClass(document.body, 'has-banner', Boolean(text));
   setText($('banner-text'), text);
 }
 
@@ -430,7 +457,7 @@ function tick() {
   }
   const live = $('live-text');
   if (state.unreachable) {
-    setText(live, state.lastOk ? `Offline · data from ${formatAgo(new Date(state.lastOk - clockSkew).toISOString())}` : 'Offline');
+    setText(live, state.lastOk ? `Offline · data from ${formatAgo(new Date(state.lastOk + clockSkew).toISOString())}` : 'Offline');
   } else {
     setText(live, 'Live');
   }
@@ -525,13 +552,14 @@ function renderSummary(all) {
   for (const button of filter.children) {
     const status = button.dataset.status;
     setText(button.querySelector('.seg-count'), String(counts[status] ?? 0));
+    toggleClass(button, 'seg-zero', !counts[status]);
     button.setAttribute('aria-pressed', String(state.filter === status));
   }
 
   const gpus = all.reduce((sum, n) => sum + gpuCount(n), 0);
   const serving = all.filter((n) => n.status === 'online').reduce((sum, n) => sum + gpuCount(n), 0);
   setText($('fleet-summary'), state.loaded
-    ? `${plural(all.length, 'node', 'nodes')} · ${plural(gpus, 'GPU', 'GPUs')} · ${serving} serving`
+    ? `${plural(all.length, 'node', 'nodes')} · ${serving} of ${plural(gpus, 'GPU', 'GPUs')} online`
     : '');
 }
 
@@ -636,8 +664,8 @@ function updateRow(view, node) {
   setText(view.address, address(node));
 
   const devices = node.gpu_devices;
-  setText(view.gpus, devices.map((d) => `${d.count} × ${d.model}`).join(', '));
-  setTitle(view.gpus, view.gpus.textContent);
+  setText(view.gpus, devices.map((d) => `${d.count} × ${shortModel(d.model)}`).join(', '));
+  setTitle(view.gpus, devices.map((d) => `${d.count} × ${d.model}`).join('\n'));
   setText(view.gpusSub, devices
     .filter((d) => d.memory_bytes)
     .map((d) => `${formatBytes(d.memory_bytes)} each`)
@@ -794,8 +822,8 @@ function openDetail(id) {
     state.eventsFor = null;
     $('detail-events').replaceChildren();
     delete $('detail-events').dataset.sig;
-    delete $('edit-status').dataset.kind;
-    setText($('edit-status'), '');
+    delete editStatus.dataset.kind;
+    setText(editStatus, '');
   }
   if (location.hash !== `#/nodes/${id}`) history.replaceState(null, '', `#/nodes/${id}`);
   $('detail').hidden = false;
@@ -865,11 +893,17 @@ function renderOverview(node) {
     ['Active requests', node.metrics?.active_requests ?? '–'],
     ['Node id', node.id, 'mono'],
   ];
-  const list = $('detail-overview');
-  rebuild(list, JSON.stringify(rows), () => rows.flatMap(([label, value, cls]) => [
-    el('dt', {}, label),
-    el('dd', { className: cls ?? '' }, String(value)),
-  ]));
+  renderKv($('detail-overview'), rows);
+}
+
+/** A definition list whose values are updated in place (a selection in it survives the once-a-second tick). */
+function renderKv(list, rows) {
+  const labels = rows.map(([label]) => label).join('\n');
+  if (list.dataset.labels !== labels) {
+    list.dataset.labels = labels;
+    list.replaceChildren(...rows.flatMap(([label, , cls]) => [el('dt', {}, label), el('dd', { className: cls ?? '' })]));
+  }
+  rows.forEach(([, value], i) => setText(list.children[i * 2 + 1], String(value)));
 }
 
 function renderGpus(node) {
@@ -891,7 +925,7 @@ function renderGpus(node) {
           el('td', {}, g.model ?? '–'),
           el('td', {}, m.root),
           el('td', { className: 'num' }, g.memory_total_bytes
-            ? `${formatBytes(g.memory_used_bytes ?? 0)} / ${formatBytes(g.memory_total_bytes)}`
+            ? formatUsage(g.memory_used_bytes ?? 0, g.memory_total_bytes)
             : '–'),
           el('td', { className: 'num' }, typeof g.temperature_c === 'number' ? `${Math.round(g.temperature_c)} °C` : '–'));
       })));
@@ -920,37 +954,37 @@ function labelsOf(node) {
 }
 
 function formValues() {
-  return { display_name: $('edit-display-name').value, notes: $('edit-notes').value, tags: $('edit-tags').value };
+  return { display_name: editName.value, notes: editNotes.value, tags: editTags.value };
 }
 
 function formDirty() {
-  const form = $('edit-form');
+  const form = editForm;
   return form.dataset.base !== undefined && form.dataset.base !== JSON.stringify(formValues());
 }
 
 function fillForm(node) {
   const values = labelsOf(node);
-  const form = $('edit-form');
+  const form = editForm;
   form.dataset.base = JSON.stringify(values);
   form.dataset.node = node.id;
-  for (const [field, id] of [['display_name', 'edit-display-name'], ['notes', 'edit-notes'], ['tags', 'edit-tags']]) {
-    if ($(id).value !== values[field]) $(id).value = values[field];
+  for (const [field, input] of [['display_name', editName], ['notes', editNotes], ['tags', editTags]]) {
+    if (input.value !== values[field]) input.value = values[field];
   }
   updateFormState();
 }
 
 function updateFormState() {
   const dirty = formDirty();
-  $('edit-save').disabled = !dirty;
-  $('edit-reset').hidden = !dirty;
-  const status = $('edit-status');
+  editSave.disabled = !dirty;
+  editReset.hidden = !dirty;
+  const status = editStatus;
   if (dirty) setText(status, 'Unsaved changes');
   else if (status.dataset.kind !== 'saved') setText(status, '');
   toggleClass(status, 'is-dirty', dirty);
 }
 
 function renderLabels(node) {
-  const form = $('edit-form');
+  const form = editForm;
   const labels = $('detail-labels');
   form.hidden = !isAdmin();
   labels.hidden = isAdmin();
@@ -963,25 +997,22 @@ function renderLabels(node) {
     ['Notes', node.notes || '–'],
     ['Tags', node.tags.join(', ') || '–'],
   ];
-  rebuild(labels, JSON.stringify(rows), () => rows.flatMap(([label, value]) => [
-    el('dt', {}, label),
-    el('dd', { className: 'prewrap' }, value),
-  ]));
+  renderKv(labels, rows.map(([label, value]) => [label, value, 'prewrap']));
 }
 
-$('edit-form').addEventListener('input', () => {
-  delete $('edit-status').dataset.kind;
+editForm.addEventListener('input', () => {
+  delete editStatus.dataset.kind;
   updateFormState();
 });
 
-$('edit-reset').addEventListener('click', () => {
+editReset.addEventListener('click', () => {
   const node = state.nodes.get(state.detailId);
   if (node) fillForm(node);
 });
 
-$('edit-form').addEventListener('submit', async (event) => {
+editForm.addEventListener('submit', async (event) => {
   event.preventDefault();
-  const id = $('edit-form').dataset.node;
+  const id = editForm.dataset.node;
   if (!id || !formDirty()) return;
   const values = formValues();
   const body = {
@@ -989,8 +1020,8 @@ $('edit-form').addEventListener('submit', async (event) => {
     notes: values.notes.trim(),
     tags: values.tags.split(',').map((t) => t.trim()).filter(Boolean),
   };
-  const save = $('edit-save');
-  const status = $('edit-status');
+  const save = editSave;
+  const status = editStatus;
   save.disabled = true;
   setText(status, 'Saving…');
   try {

@@ -1,0 +1,588 @@
+// End-to-end tests of the dashboard (SPEC §6) in a real headless Chromium against the real router binary.
+//
+// The router is started here with a fresh data directory; nodes are registered and heartbeat through the node API
+// exactly as an agent would. Every wait is an auto-waiting locator or a polled condition, never a fixed sleep.
+//
+// Environment:
+//   LLM_ROUTER_BIN         the router binary (default: ../../target/debug/llm-router)
+//   CHROMIUM_PATH          the browser (default: /usr/bin/chromium, Debian's `chromium` package)
+//   DASHBOARD_SCREENSHOTS  a folder: when set, the sign-in page, the node table and the detail view are saved there
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const ROUTER_BIN = process.env.LLM_ROUTER_BIN ?? path.resolve(here, '../../target/debug/llm-router');
+const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
+const SCREENSHOTS = process.env.DASHBOARD_SCREENSHOTS ? path.resolve(process.env.DASHBOARD_SCREENSHOTS) : null;
+const ADMIN_PASSWORD = 'dashboard-test-admin-password';
+const VIEWER_PASSWORD = 'dashboard-test-viewer-password';
+const XSS_NAME = '<img src=x onerror=alert(1)>';
+const GiB = 1024 ** 3;
+
+// ---------------------------------------------------------------------------------------------------------------
+// The router and its API.
+
+let router;
+let base;
+let dataDir;
+let adminToken;
+
+async function startRouter() {
+  dataDir = await mkdtemp(path.join(os.tmpdir(), 'llm-router-dashboard-'));
+  const child = spawn(
+    ROUTER_BIN,
+    ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, '--no-reachability-check'],
+    {
+      env: {
+        ...process.env,
+        LLM_ROUTER_ADMIN_USERNAME: 'admin',
+        LLM_ROUTER_ADMIN_PASSWORD: ADMIN_PASSWORD,
+        LLM_ROUTER_LOG: 'warn',
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
+  let stderr = '';
+  child.stderr.on('data', (chunk) => {
+    stderr += chunk;
+  });
+  const port = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the router did not start within 20 s:\n${stderr}`)), 20_000);
+    const lines = readline.createInterface({ input: child.stdout });
+    lines.on('line', (line) => {
+      const match = /^llm-router listening on http:\/\/127\.0\.0\.1:(\d+)$/.exec(line);
+      if (match) {
+        clearTimeout(timer);
+        resolve(Number(match[1]));
+      }
+    });
+    child.once('error', (err) => {
+      clearTimeout(timer);
+      reject(new Error(`cannot start ${ROUTER_BIN}: ${err.message} (run \`cargo build -p llm-router\` first)`));
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`the router exited with ${code} before listening:\n${stderr}`));
+    });
+  });
+  return { child, port };
+}
+
+/** One API call; answers `{ status, body }`. */
+async function call(method, urlPath, { token, nodeToken, body } = {}) {
+  const headers = { Accept: 'application/json' };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (nodeToken) headers['X-Node-Token'] = nodeToken;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const response = await fetch(base + urlPath, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  return { status: response.status, body: text ? JSON.parse(text) : null };
+}
+
+async function expectStatus(promise, status) {
+  const answer = await promise;
+  assert.equal(answer.status, status, `expected ${status}, got ${answer.status}: ${JSON.stringify(answer.body)}`);
+  return answer.body;
+}
+
+/** Registers a node as its agent would; answers `{ id, token, ...spec }`. */
+async function registerNode(spec) {
+  const body = await expectStatus(call('POST', '/v0/nodes', {
+    body: {
+      machine_name: spec.machine_name,
+      ip_address: spec.ip_address,
+      runtime_port: spec.runtime_port ?? 8000,
+      runtime_version: spec.runtime_version ?? 'vLLM 0.6.3',
+      gpu_devices: spec.gpu_devices,
+      supported_runtimes: spec.supported_runtimes ?? ['vllm'],
+      ready_models: spec.ready_models ?? [],
+      loaded_models: spec.loaded_models ?? spec.ready_models ?? [],
+      tags: spec.tags ?? [],
+    },
+  }), 201);
+  assert.equal(body.status, 'pending');
+  return { ...spec, id: body.node_id, token: body.node_token };
+}
+
+/** Sends a heartbeat with plausible figures for every GPU of the node. */
+async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [] } = {}) {
+  const gpus = [];
+  for (const device of node.gpu_devices) {
+    for (let i = 0; i < device.count; i += 1) {
+      const total = device.memory_bytes ?? 24 * GiB;
+      gpus.push({
+        index: gpus.length,
+        model: device.model,
+        utilization: Math.max(0, Math.min(100, util + ((gpus.length * 7) % 11) - 5)),
+        memory_used_bytes: Math.round(total * Math.min(0.95, util / 100 + 0.1)),
+        memory_total_bytes: total,
+        temperature_c: 40 + util / 3,
+      });
+    }
+  }
+  return expectStatus(call('POST', '/v0/health', {
+    nodeToken: node.token,
+    body: {
+      node_id: node.id,
+      cpu_usage: cpu,
+      memory_usage: memory,
+      gpus,
+      ready_models: ready,
+      loaded_models: node.loaded_models ?? ready,
+      active_requests: Math.round(util / 10),
+    },
+  }), 200);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The browser.
+
+let browser;
+let context;
+let page;
+const dialogs = [];
+const problems = [];
+
+async function newPage(ctx) {
+  const p = await ctx.newPage();
+  p.setDefaultTimeout(10_000);
+  p.on('dialog', (dialog) => {
+    dialogs.push(dialog.message());
+    dialog.dismiss().catch(() => {});
+  });
+  p.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
+  p.on('console', (msg) => {
+    const text = msg.text();
+    // Failed requests are logged as console errors on purpose in some tests (403, aborted fetches); a CSP
+    // violation or an exception never is.
+    if (/Content Security Policy|Refused to|Uncaught/i.test(text)) problems.push(`console: ${text}`);
+  });
+  return p;
+}
+
+async function screenshot(p, name) {
+  if (!SCREENSHOTS) return;
+  await mkdir(SCREENSHOTS, { recursive: true });
+  await p.screenshot({ path: path.join(SCREENSHOTS, name) });
+}
+
+const row = (p, node) => p.locator(`#node-rows tr[data-node-id="${node.id}"]`);
+
+async function signIn(p, username, password) {
+  await p.goto(`${base}/dashboard`);
+  await p.locator('#signin').waitFor();
+  await p.fill('#signin-username', username);
+  await p.fill('#signin-password', password);
+  await p.click('#signin-submit');
+  await p.locator('#app').waitFor();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fleet used by the tests.
+
+const H100 = { model: 'NVIDIA H100 80GB HBM3', count: 8, memory_bytes: 80 * GiB };
+const fleet = {
+  h100: {
+    machine_name: 'gpu-h100-07', ip_address: '10.20.0.17', runtime_version: 'vLLM 0.6.3',
+    gpu_devices: [H100], ready_models: ['meta-llama/Llama-3.1-70B-Instruct'], tags: ['rack-b'],
+  },
+  l40s: {
+    machine_name: 'gpu-l40s-02', ip_address: '10.20.0.32', runtime_port: 11434, runtime_version: 'ollama 0.3.14',
+    supported_runtimes: ['ollama'],
+    gpu_devices: [{ model: 'NVIDIA L40S', count: 4, memory_bytes: 48 * GiB }],
+  },
+  a100a: {
+    machine_name: 'gpu-a100-01', ip_address: '10.20.0.11', runtime_version: 'vLLM 0.6.3',
+    gpu_devices: [{ model: 'NVIDIA A100-SXM4-80GB', count: 8, memory_bytes: 80 * GiB }],
+    ready_models: ['Qwen/Qwen2.5-72B-Instruct', 'meta-llama/Llama-3.1-8B-Instruct'], tags: ['prod', 'rack-a'],
+  },
+  a100b: {
+    machine_name: 'gpu-a100-02', ip_address: '10.20.0.12', runtime_version: 'vLLM 0.6.3',
+    gpu_devices: [{ model: 'NVIDIA A100-SXM4-80GB', count: 8, memory_bytes: 80 * GiB }],
+    ready_models: ['Qwen/Qwen2.5-72B-Instruct'], tags: ['prod', 'rack-a'],
+  },
+  rtx: {
+    machine_name: 'lab-rtx4090', ip_address: '192.168.7.40', runtime_port: 8080, runtime_version: 'llama.cpp b4273',
+    supported_runtimes: ['llama_cpp'],
+    gpu_devices: [{ model: 'NVIDIA GeForce RTX 4090', count: 2, memory_bytes: 24 * GiB }],
+    loaded_models: ['qwen2.5-coder-32b-q4_k_m'],
+  },
+};
+const nodes = {};
+
+// ---------------------------------------------------------------------------------------------------------------
+
+describe('dashboard', { timeout: 120_000 }, () => {
+  before(async () => {
+    const started = await startRouter();
+    router = started.child;
+    base = `http://127.0.0.1:${started.port}`;
+    const login = await expectStatus(call('POST', '/v0/auth/login', { body: { username: 'admin', password: ADMIN_PASSWORD } }), 200);
+    adminToken = login.token;
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: [
+        '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      ],
+    });
+    context = await browser.newContext({ viewport: { width: 1440, height: 860 }, colorScheme: 'light' });
+    page = await newPage(context);
+  });
+
+  after(async () => {
+    await browser?.close().catch(() => {});
+    if (router && router.exitCode === null) {
+      const exited = new Promise((resolve) => router.once('exit', resolve));
+      router.kill('SIGTERM');
+      const timer = setTimeout(() => router.kill('SIGKILL'), 5_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  test('the page is served with a strict CSP and contains no way to inject markup', async () => {
+    const response = await fetch(`${base}/dashboard`);
+    assert.equal(response.status, 200);
+    const csp = response.headers.get('content-security-policy');
+    assert.match(csp, /script-src 'self'/);
+    assert.match(csp, /style-src 'self'/);
+    const html = await response.text();
+    assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)[^>]*>/i, 'no inline script');
+    assert.doesNotMatch(html, /\sstyle=/i, 'no inline style attribute');
+    for (const file of ['app.js', 'style.css']) {
+      assert.equal((await fetch(`${base}/dashboard/${file}`)).status, 200, file);
+    }
+    const js = await readFile(path.resolve(here, '../../crates/router/assets/app.js'), 'utf8');
+    assert.equal(await (await fetch(`${base}/dashboard/app.js`)).text(), js, 'the binary embeds the current app.js');
+    assert.doesNotMatch(js, /innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|localStorage|sessionStorage/);
+  });
+
+  test('sign in: a wrong password is refused, the right one shows the empty fleet with agent instructions', async () => {
+    let loginToken = null;
+    page.on('response', async (response) => {
+      if (response.url().endsWith('/v0/auth/login') && response.status() === 200) {
+        loginToken = (await response.json()).token;
+      }
+    });
+    await page.goto(`${base}/dashboard`);
+    await page.locator('#signin').waitFor();
+    await screenshot(page, 'signin.png');
+
+    await page.fill('#signin-username', 'admin');
+    await page.fill('#signin-password', 'not-the-password');
+    await page.click('#signin-submit');
+    await page.locator('#signin-error', { hasText: 'Wrong username or password' }).waitFor();
+    assert.equal(await page.locator('#app').isHidden(), true);
+
+    await page.fill('#signin-password', ADMIN_PASSWORD);
+    await page.click('#signin-submit');
+    await page.locator('#app').waitFor();
+    assert.equal(await page.textContent('#user-name'), 'admin');
+    assert.equal(await page.textContent('#user-role'), 'admin');
+
+    await page.locator('#empty').waitFor();
+    const command = await page.textContent('#empty-command');
+    assert.match(command, /llm-node/);
+    assert.ok(command.includes(`LLM_ROUTER_URL=${base}`), command);
+
+    // The session lives in an HttpOnly cookie only: nothing readable by the page holds the token.
+    assert.ok(loginToken, 'the login answer was seen');
+    const exposed = await page.evaluate(() => ({
+      cookie: document.cookie,
+      local: JSON.stringify({ ...localStorage }),
+      session: JSON.stringify({ ...sessionStorage }),
+      html: document.documentElement.outerHTML,
+    }));
+    assert.equal(exposed.cookie, '');
+    assert.equal(exposed.local, '{}');
+    assert.equal(exposed.session, '{}');
+    assert.ok(!exposed.html.includes(loginToken), 'the token is not in the page');
+    const cookies = await context.cookies();
+    const session = cookies.find((c) => c.name === 'llm_router_session');
+    assert.ok(session?.httpOnly, 'HttpOnly session cookie');
+    assert.equal(session.sameSite, 'Strict');
+  });
+
+  test('registered nodes appear live: pending first, highlighted and counted, with their figures', async () => {
+    for (const [key, spec] of Object.entries(fleet)) nodes[key] = await registerNode(spec);
+    const figures = {
+      h100: { cpu: 37, memory: 52, util: 64 },
+      l40s: { cpu: 3, memory: 11, util: 0 },
+      a100a: { cpu: 58, memory: 71, util: 88 },
+      a100b: { cpu: 44, memory: 63, util: 97 },
+      rtx: { cpu: 12, memory: 35, util: 8 },
+    };
+    for (const [key, node] of Object.entries(nodes)) await heartbeat(node, figures[key]);
+    for (const key of ['a100a', 'a100b', 'rtx']) {
+      await expectStatus(call('POST', `/v0/nodes/${nodes[key].id}/approve`, { token: adminToken }), 200);
+    }
+
+    // No reload: the page finds the nodes by itself.
+    await row(page, nodes.rtx).locator('.badge', { hasText: 'registering' }).waitFor();
+    await row(page, nodes.a100b).locator('.badge', { hasText: 'online' }).waitFor();
+    await page.locator('#pending-count', { hasText: '2' }).waitFor();
+    assert.equal(await page.locator('#empty').isHidden(), true);
+
+    const h100 = row(page, nodes.h100);
+    await h100.locator('.badge', { hasText: 'pending' }).waitFor();
+    assert.match(await h100.getAttribute('class'), /is-pending/);
+    const order = await page.$$eval('#node-rows tr', (rows) => rows.map((r) => r.querySelector('.badge').textContent));
+    assert.deepEqual(order.slice(0, 2), ['pending', 'pending'], `pending first: ${order}`);
+    assert.equal(order.length, 5);
+
+    assert.equal(await h100.locator('.name-link').textContent(), 'gpu-h100-07');
+    assert.equal(await h100.locator('.col-addr').textContent(), '10.20.0.17:8000');
+    assert.equal(await h100.locator('.gpus').textContent(), '8 × H100 80GB HBM3');
+    assert.equal(await h100.locator('.gpus').getAttribute('title'), '8 × NVIDIA H100 80GB HBM3');
+    assert.match(await h100.locator('.col-gpus').textContent(), /80 GiB each/);
+    assert.match(await h100.locator('.col-runtime').textContent(), /vLLM 0\.6\.3/);
+    assert.match(await h100.locator('.col-models').textContent(), /Llama-3\.1-70B-Instruct/);
+    assert.equal(await h100.locator('.col-cpu .meter-value').textContent(), '37%');
+    assert.equal(await h100.locator('.col-mem .meter-value').textContent(), '52%');
+    assert.match(await h100.locator('.col-gpu .meter-value').textContent(), /^\d+%$/);
+    assert.match(await h100.locator('.col-gpu .sub').textContent(), /^\d+(\.\d)? \/ 640 GiB$/);
+    assert.match(await h100.locator('.col-seen').textContent(), /^(just now|\d+ s ago)$/);
+    assert.match(await row(page, nodes.a100a).locator('.col-models').textContent(), /\+1/);
+    assert.match(await row(page, nodes.a100a).locator('.col-name').textContent(), /prod/);
+    assert.match(await row(page, nodes.rtx).locator('.col-models').textContent(), /1 loaded, none ready/);
+    assert.equal(await page.locator('#node-rows .act-approve').count(), 2, 'Approve only on pending nodes');
+    await screenshot(page, 'nodes.png');
+  });
+
+  test('filter by status and search by name', async () => {
+    await page.click('#status-filter [data-status="pending"]');
+    await page.waitForFunction(() => document.querySelectorAll('#node-rows tr').length === 2);
+    assert.equal(await row(page, nodes.a100a).count(), 0);
+
+    await page.click('#status-filter [data-status="all"]');
+    await page.fill('#search', 'a100');
+    await page.waitForFunction(() => document.querySelectorAll('#node-rows tr').length === 2);
+    assert.equal(await row(page, nodes.a100b).count(), 1);
+
+    await page.fill('#search', 'no-such-node');
+    await page.locator('#no-match').waitFor();
+    await page.click('#clear-filter');
+    await page.waitForFunction(() => document.querySelectorAll('#node-rows tr').length === 5);
+    assert.equal(await page.inputValue('#search'), '');
+  });
+
+  test('Approve turns a pending node online, or registering when it has no ready model', async () => {
+    await row(page, nodes.h100).locator('.act-approve').click();
+    await row(page, nodes.h100).locator('.badge', { hasText: 'online' }).waitFor();
+    await page.locator('#pending-count', { hasText: '1' }).waitFor();
+    assert.equal(await row(page, nodes.h100).locator('.act-approve').count(), 0);
+    const h100 = await expectStatus(call('GET', `/v0/nodes/${nodes.h100.id}`, { token: adminToken }), 200);
+    assert.equal(h100.status, 'online');
+    assert.equal(h100.approved_by, 'admin');
+
+    await row(page, nodes.l40s).locator('.act-approve').click();
+    await row(page, nodes.l40s).locator('.badge', { hasText: 'registering' }).waitFor();
+    await page.locator('#pending-callout').waitFor({ state: 'hidden' });
+  });
+
+  test('the detail view shows the history with who approved, and live refreshes keep it, focus and an edit', async () => {
+    const h100 = row(page, nodes.h100);
+    await h100.locator('.name-link').click();
+    await page.locator('#detail').waitFor();
+    assert.equal(await page.textContent('#detail-title'), 'gpu-h100-07');
+    const approved = page.locator('#detail-events .event', { hasText: 'approved' });
+    await approved.waitFor();
+    assert.match(await approved.textContent(), /pending.*online.*approved.*by admin/s);
+    await page.locator('#detail-events .event', { hasText: 'registered' }).waitFor();
+    assert.match(await page.textContent('#detail-overview'), /by admin/);
+    assert.match(await page.textContent('#detail-gpus'), /#7/);
+
+    // An edit in progress, then a heartbeat with new figures: the table updates in place around it.
+    await page.evaluate((id) => {
+      window.keptRow = document.querySelector(`#node-rows tr[data-node-id="${id}"]`);
+    }, nodes.h100.id);
+    await page.fill('#edit-display-name', 'Inference H100 #7');
+    await page.fill('#edit-notes', 'Rack B, slot 7. Owner: platform team.');
+    await page.focus('#edit-notes');
+    await heartbeat(nodes.h100, { cpu: 91, memory: 77, util: 99 });
+    await h100.locator('.col-cpu .meter-value', { hasText: '91%' }).waitFor();
+    await page.locator('#detail-overview', { hasText: '91%' }).waitFor();
+    const kept = await page.evaluate((id) => ({
+      sameRow: window.keptRow === document.querySelector(`#node-rows tr[data-node-id="${id}"]`),
+      focused: document.activeElement?.id,
+      name: document.getElementById('edit-display-name').value,
+      notes: document.getElementById('edit-notes').value,
+    }), nodes.h100.id);
+    assert.deepEqual(kept, {
+      sameRow: true,
+      focused: 'edit-notes',
+      name: 'Inference H100 #7',
+      notes: 'Rack B, slot 7. Owner: platform team.',
+    });
+    assert.equal(await page.locator('#detail').isVisible(), true);
+    assert.match(await h100.getAttribute('class'), /is-selected/);
+
+    await page.fill('#edit-tags', 'rack-b, inference');
+    await page.click('#edit-save');
+    await page.locator('#edit-status', { hasText: 'Saved' }).waitFor();
+    await h100.locator('.name-link', { hasText: 'Inference H100 #7' }).waitFor();
+    await page.locator('#detail-title', { hasText: 'Inference H100 #7' }).waitFor();
+    const saved = await expectStatus(call('GET', `/v0/nodes/${nodes.h100.id}`, { token: adminToken }), 200);
+    assert.equal(saved.display_name, 'Inference H100 #7');
+    assert.equal(saved.notes, 'Rack B, slot 7. Owner: platform team.');
+    assert.deepEqual(saved.tags, ['rack-b', 'inference']);
+    await heartbeat(nodes.h100, { cpu: 41, memory: 55, util: 72 });
+    await h100.locator('.col-cpu .meter-value', { hasText: '41%' }).waitFor();
+    if (SCREENSHOTS) {
+      await page.$eval('#detail-body', (body) => { body.scrollTop = 0; });
+      await page.waitForFunction(() => document.querySelectorAll('.toast').length === 0);
+      await screenshot(page, 'detail.png');
+    }
+
+    await page.click('#detail-close');
+    await page.locator('#detail').waitFor({ state: 'hidden' });
+  });
+
+  test('a node name with markup is shown as text and runs nothing', async () => {
+    nodes.xss = await registerNode({
+      machine_name: XSS_NAME,
+      ip_address: '10.99.0.1',
+      runtime_version: '<b>1.0</b>',
+      gpu_devices: [{ model: '<svg onload=alert(2)>', count: 1 }],
+      ready_models: ['<script>alert(3)</script>'],
+      tags: ['<i>tag</i>'],
+    });
+    await expectStatus(call('PATCH', `/v0/nodes/${nodes.xss.id}`, {
+      token: adminToken,
+      body: { notes: '<img src=x onerror=alert(4)>' },
+    }), 200);
+    const xss = row(page, nodes.xss);
+    await xss.waitFor();
+    assert.equal(await xss.locator('.name-link').textContent(), XSS_NAME);
+    assert.equal(await xss.locator('.gpus').textContent(), '1 × <svg onload=alert(2)>');
+    assert.match(await xss.locator('.col-models').textContent(), /<script>alert\(3\)<\/script>/);
+    await xss.locator('.name-link').click();
+    await page.locator('#detail-title', { hasText: XSS_NAME }).waitFor();
+    assert.equal(await page.inputValue('#edit-notes'), '<img src=x onerror=alert(4)>');
+    assert.equal(await page.locator('#app img, #app svg, #app script, #app b, #app i').count(), 0);
+    assert.deepEqual(dialogs, [], 'no dialog fired');
+    await page.click('#detail-close');
+  });
+
+  test('Delete asks for confirmation; Cancel keeps the node, confirming removes it', async () => {
+    const xss = row(page, nodes.xss);
+    await xss.locator('.act-delete').click();
+    await page.locator('#confirm').waitFor();
+    assert.match(await page.textContent('#confirm-title'), /Delete <img src=x onerror=alert\(1\)>\?/);
+    await page.click('#confirm-cancel');
+    await page.locator('#confirm').waitFor({ state: 'hidden' });
+    await expectStatus(call('GET', `/v0/nodes/${nodes.xss.id}`, { token: adminToken }), 200);
+    assert.equal(await xss.count(), 1);
+
+    await xss.locator('.act-delete').click();
+    await page.locator('#confirm').waitFor();
+    await page.click('#confirm-ok');
+    await xss.waitFor({ state: 'detached' });
+    await expectStatus(call('GET', `/v0/nodes/${nodes.xss.id}`, { token: adminToken }), 404);
+    // The deleted node's token no longer works.
+    await expectStatus(call('POST', '/v0/health', { nodeToken: nodes.xss.token, body: { node_id: nodes.xss.id } }), 401);
+    assert.deepEqual(dialogs, [], 'the confirmation is the page\'s own dialog, not window.confirm');
+  });
+
+  test('a viewer sees the fleet but no Approve, Delete or edit controls, and the API refuses with 403', async () => {
+    await expectStatus(call('POST', '/v0/users', {
+      token: adminToken,
+      body: { username: 'viewer', password: VIEWER_PASSWORD, role: 'viewer' },
+    }), 201);
+    const pending = await registerNode({
+      machine_name: 'gpu-new-01', ip_address: '10.20.0.50',
+      gpu_devices: [{ model: 'NVIDIA H100 80GB HBM3', count: 1, memory_bytes: 80 * GiB }],
+    });
+    // A short window, so the page scrolls: a live refresh must keep the scroll position.
+    const viewerContext = await browser.newContext({ viewport: { width: 1440, height: 420 } });
+    try {
+      const viewer = await newPage(viewerContext);
+      await signIn(viewer, 'viewer', VIEWER_PASSWORD);
+      assert.equal(await viewer.textContent('#user-role'), 'viewer');
+      await row(viewer, pending).locator('.badge', { hasText: 'pending' }).waitFor();
+      await viewer.locator('#readonly-note').waitFor();
+      assert.equal(await viewer.locator('#node-rows tr').count(), 6);
+      assert.equal(await viewer.locator('.act-approve, .act-delete').count(), 0);
+      assert.equal(await viewer.locator('#node-rows button', { hasText: /Approve|Delete/ }).count(), 0);
+
+      const scrolled = await viewer.evaluate(() => {
+        window.scrollTo(0, document.documentElement.scrollHeight);
+        return window.scrollY;
+      });
+      assert.ok(scrolled > 0, 'the page scrolls');
+      await heartbeat(nodes.a100a, { cpu: 66, memory: 71, util: 88 });
+      await row(viewer, nodes.a100a).locator('.col-cpu .meter-value', { hasText: '66%' }).waitFor();
+      assert.equal(await viewer.evaluate(() => window.scrollY), scrolled, 'the refresh kept the scroll position');
+
+      await row(viewer, nodes.h100).locator('.name-link').click();
+      await viewer.locator('#detail-labels', { hasText: 'Rack B, slot 7' }).waitFor();
+      assert.equal(await viewer.locator('#edit-form, #detail input, #detail textarea').count(), 0, 'no edit form');
+      assert.equal(await viewer.locator('#detail button', { hasText: /Approve|Delete|Save/ }).count(), 0);
+      await viewer.locator('#detail-events .event', { hasText: 'by admin' }).waitFor();
+
+      const refused = await viewer.evaluate(async (id) => {
+        const response = await fetch(`/v0/nodes/${id}/approve`, {
+          method: 'POST',
+          credentials: 'same-origin',
+          headers: { 'X-Requested-With': 'llm-router-dashboard' },
+        });
+        return { status: response.status, body: await response.json() };
+      }, pending.id);
+      assert.equal(refused.status, 403);
+      assert.equal(refused.body.error.code, 'forbidden');
+      const still = await expectStatus(call('GET', `/v0/nodes/${pending.id}`, { token: adminToken }), 200);
+      assert.equal(still.status, 'pending');
+    } finally {
+      await viewerContext.close();
+    }
+
+    // The admin's page found the new node too; it also needs the header for a cookie-authenticated write.
+    await row(page, pending).locator('.act-approve').waitFor();
+    const withoutHeader = await page.evaluate(async (id) => {
+      const response = await fetch(`/v0/nodes/${id}/approve`, { method: 'POST', credentials: 'same-origin' });
+      return response.status;
+    }, pending.id);
+    assert.equal(withoutHeader, 403);
+  });
+
+  test('a banner says when the router cannot be reached, and goes when it answers again', async () => {
+    const isList = (url) => new URL(url).pathname === '/v0/nodes';
+    await page.route(isList, (route) => route.abort('connectionrefused'));
+    await page.locator('#banner', { hasText: 'cannot be reached' }).waitFor();
+    assert.match(await page.textContent('#live'), /Offline/);
+    assert.equal(await row(page, nodes.h100).count(), 1, 'the last known fleet stays on screen');
+    await page.unroute(isList);
+    await page.locator('#banner').waitFor({ state: 'hidden' });
+    assert.equal(await page.textContent('#live-text'), 'Live');
+  });
+
+  test('sign out ends the session', async () => {
+    await page.click('#signout');
+    await page.locator('#signin').waitFor();
+    assert.equal(await page.locator('#node-rows tr').count(), 0);
+    const me = await page.evaluate(async () => (await fetch('/v0/auth/me', { credentials: 'same-origin' })).status);
+    assert.equal(me, 401);
+    await page.reload();
+    await page.locator('#signin').waitFor();
+  });
+
+  test('no page error and no CSP violation happened', () => {
+    assert.deepEqual(problems, []);
+    assert.deepEqual(dialogs, []);
+  });
+});
