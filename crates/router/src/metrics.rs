@@ -77,13 +77,29 @@ pub struct Metrics {
     pub flush_lag_seconds: Histogram,
     pub flush_errors: AtomicU64,
     pub sweep_seconds: Histogram,
-    http: RwLock<HashMap<(String, String), Arc<RouteStats>>>,
+    /// By matched route, then by method: looked up without allocating on every request.
+    http: RwLock<HashMap<String, ByMethod>>,
 }
+
+/// The statistics of one route, by method.
+type ByMethod = Vec<(String, Arc<RouteStats>)>;
+
+/// Highest HTTP status counted separately; anything above is counted as 599.
+const MAX_STATUS: usize = 599;
 
 /// Requests of one matched route and method.
 struct RouteStats {
     duration: Histogram,
-    by_status: RwLock<HashMap<u16, AtomicU64>>,
+    by_status: Vec<AtomicU64>,
+}
+
+impl RouteStats {
+    fn new() -> Self {
+        RouteStats {
+            duration: Histogram::new(LATENCY_BUCKETS),
+            by_status: (0..=MAX_STATUS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -118,28 +134,24 @@ impl Metrics {
 
     /// Records one answered request of a matched route.
     pub fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let key = (method.to_owned(), route.to_owned());
-        let existing = self.http.read().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
-        let stats = existing.unwrap_or_else(|| {
-            let mut map = self.http.write().unwrap_or_else(|p| p.into_inner());
-            map.entry(key)
-                .or_insert_with(|| {
-                    Arc::new(RouteStats {
-                        duration: Histogram::new(LATENCY_BUCKETS),
-                        by_status: RwLock::new(HashMap::new()),
-                    })
-                })
-                .clone()
+        let found = {
+            let http = self.http.read().unwrap_or_else(|p| p.into_inner());
+            http.get(route).and_then(|methods| methods.iter().find(|(m, _)| m == method).map(|(_, s)| s.clone()))
+        };
+        let stats = found.unwrap_or_else(|| {
+            let mut http = self.http.write().unwrap_or_else(|p| p.into_inner());
+            let methods = http.entry(route.to_owned()).or_default();
+            match methods.iter().find(|(m, _)| m == method) {
+                Some((_, stats)) => stats.clone(),
+                None => {
+                    let stats = Arc::new(RouteStats::new());
+                    methods.push((method.to_owned(), stats.clone()));
+                    stats
+                }
+            }
         });
         stats.duration.observe(elapsed.as_secs_f64());
-        let counted = {
-            let by_status = stats.by_status.read().unwrap_or_else(|p| p.into_inner());
-            by_status.get(&status).map(|c| c.fetch_add(1, Ordering::Relaxed)).is_some()
-        };
-        if !counted {
-            let mut by_status = stats.by_status.write().unwrap_or_else(|p| p.into_inner());
-            by_status.entry(status).or_insert_with(|| AtomicU64::new(0)).fetch_add(1, Ordering::Relaxed);
-        }
+        stats.by_status[usize::from(status).min(MAX_STATUS)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition; `nodes` are the current counts by status.
@@ -192,24 +204,26 @@ impl Metrics {
             histogram.render(&mut out, name, "");
         }
         let http = self.http.read().unwrap_or_else(|p| p.into_inner());
-        let mut routes: Vec<_> = http.iter().collect();
-        routes.sort_by(|a, b| a.0.cmp(b.0));
+        let mut routes: Vec<(&str, &str, &RouteStats)> = http
+            .iter()
+            .flat_map(|(route, methods)| methods.iter().map(move |(m, stats)| (m.as_str(), route.as_str(), &**stats)))
+            .collect();
+        routes.sort_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)));
         family(
             &mut out,
             "llm_router_http_requests_total",
             "counter",
             "HTTP requests answered, by matched route, method and status.",
         );
-        for ((method, route), stats) in &routes {
-            let by_status = stats.by_status.read().unwrap_or_else(|p| p.into_inner());
-            let mut statuses: Vec<_> = by_status.iter().collect();
-            statuses.sort_by_key(|(status, _)| **status);
-            for (status, count) in statuses {
-                let _ = writeln!(
-                    out,
-                    "llm_router_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
-                    count.load(Ordering::Relaxed)
-                );
+        for (method, route, stats) in &routes {
+            for (status, count) in stats.by_status.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let _ = writeln!(
+                        out,
+                        "llm_router_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {count}"
+                    );
+                }
             }
         }
         family(
@@ -218,7 +232,7 @@ impl Metrics {
             "histogram",
             "HTTP request latency, by matched route and method.",
         );
-        for ((method, route), stats) in &routes {
+        for (method, route, stats) in &routes {
             let labels = format!("method=\"{method}\",route=\"{route}\"");
             stats.duration.render(&mut out, "llm_router_http_request_duration_seconds", &labels);
         }

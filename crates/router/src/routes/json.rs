@@ -43,18 +43,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parses JSON, naming the path of the offending field on failure.
+/// Parses JSON, naming the path of the offending field on failure. The common, valid case takes the plain parser;
+/// only a body that fails is parsed a second time with path tracking, to build the message.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match serde_json::from_slice(bytes) {
+        Ok(value) => Ok(value),
+        Err(_) => Err(describe::<T>(bytes)),
+    }
+}
+
+fn describe<T: DeserializeOwned>(bytes: &[u8]) -> ApiError {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        if matches!(path.as_str(), "." | "?" | "") {
-            bad_request(format!("The body is not valid JSON for this endpoint: {inner}."))
-        } else {
-            bad_request(format!("`{path}`: {inner}."))
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if matches!(path.as_str(), "." | "?" | "") {
+                bad_request(format!("The body is not valid JSON for this endpoint: {inner}."))
+            } else {
+                bad_request(format!("`{path}`: {inner}."))
+            }
         }
-    })?;
-    de.end().map_err(|err| bad_request(format!("Trailing characters after the JSON body: {err}.")))?;
-    Ok(value)
+        Ok(_) => match de.end() {
+            Err(err) => bad_request(format!("Trailing characters after the JSON body: {err}.")),
+            Ok(()) => bad_request("The body is not valid JSON for this endpoint."),
+        },
+    }
 }

@@ -99,10 +99,10 @@ pub fn router(state: AppState) -> Router {
 async fn measure(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let response = next.run(request).await;
     if let Some(route) = route {
-        state.metrics.request(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+        state.metrics.request(method.as_str(), route.as_str(), response.status().as_u16(), started.elapsed());
     }
     response
 }
