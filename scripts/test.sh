@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 
 cargo test --workspace
 
+scripts/contract-test.sh
+
 if [ ! -d tests/dashboard/node_modules ]; then
   npm --prefix tests/dashboard ci --no-audit --no-fund
 fi
 npm --prefix tests/dashboard test
-
-scripts/contract-test.sh
