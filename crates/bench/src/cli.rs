@@ -1,0 +1,154 @@
+//! Command line of `bench`.
+
+use std::path::PathBuf;
+
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand};
+
+/// Load and start-up benchmarks of llm-router. Every mode starts the real router binary on a fresh temporary data
+/// directory and stops it at the end.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub mode: Mode,
+
+    /// The router binary. Default: the `llm-router` beside this executable (same target directory and profile).
+    #[arg(long, global = true)]
+    pub router_bin: Option<PathBuf>,
+
+    /// Print the results as one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Worker threads of the load generator. It shares the machine's cores with the router.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub client_threads: u16,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Mode {
+    /// Register and approve a fleet, then drive heartbeats at it and report throughput and latency.
+    Heartbeat(HeartbeatArgs),
+    /// Build a database with a large fleet, then time router start-ups on it.
+    Startup(StartupArgs),
+    /// Time registrations (reachability check off).
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HeartbeatArgs {
+    /// Nodes to register, approve and heartbeat for.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Unmeasured seconds before the measured window.
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_secs)]
+    pub warmup_secs: f64,
+
+    /// Persistent connections, each sending heartbeats back-to-back for its share of the nodes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize),
+          conflicts_with = "connection_per_node")]
+    pub connections: usize,
+
+    /// One persistent connection per node instead, as a real fleet connects.
+    #[arg(long)]
+    pub connection_per_node: bool,
+
+    /// Heartbeats per second per node, on a schedule; default: as fast as answers come.
+    #[arg(long, value_parser = positive_rate)]
+    pub rate_per_node_hz: Option<f64>,
+
+    /// Registrations and approvals in flight at once while setting up the fleet.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
+    pub setup_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StartupArgs {
+    /// Nodes written into the database.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// Router starts to time; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100).map(|n| n as usize))]
+    pub runs: usize,
+
+    /// Leave the figures of a last heartbeat (CPU, memory, 8 GPUs) out of every node, to see what they cost.
+    #[arg(long)]
+    pub no_metrics: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// Registrations to send.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub count: usize,
+
+    /// Registrations in flight at once, each on its own keep-alive connection.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
+    pub concurrency: usize,
+}
+
+fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !value.is_finite() || value < 0.0 || (value == 0.0 && !allow_zero) || value > 86_400.0 {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(value)
+}
+
+fn positive_secs(text: &str) -> Result<f64, String> {
+    parse_secs(text, false)
+}
+
+fn non_negative_secs(text: &str) -> Result<f64, String> {
+    parse_secs(text, true)
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a rate in Hz"))?;
+    if !value.is_finite() || value <= 0.0 || value > 1e6 {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn the_documented_commands_parse() {
+        Cli::command().debug_assert();
+        let cli = parse("heartbeat --nodes 10000 --secs 10 --connections 64").expect("parse");
+        let Mode::Heartbeat(args) = cli.mode else { panic!("heartbeat expected") };
+        assert_eq!((args.nodes, args.connections, args.secs, args.warmup_secs), (10_000, 64, 10.0, 1.0));
+        let cli = parse("heartbeat --nodes 10000 --secs 10 --connection-per-node --json").expect("parse");
+        assert!(cli.json);
+        assert!(matches!(cli.mode, Mode::Heartbeat(HeartbeatArgs { connection_per_node: true, .. })));
+        let cli = parse("startup --nodes 100000").expect("parse");
+        assert!(matches!(cli.mode, Mode::Startup(StartupArgs { nodes: 100_000, runs: 3, no_metrics: false })));
+        let cli = parse("register --count 2000 --concurrency 16").expect("parse");
+        assert!(matches!(cli.mode, Mode::Register(RegisterArgs { count: 2000, concurrency: 16 })));
+    }
+
+    #[test]
+    fn rejects_contradictions_and_nonsense() {
+        assert!(parse("heartbeat --connections 8 --connection-per-node").is_err());
+        assert!(parse("heartbeat --nodes 0").is_err());
+        assert!(parse("heartbeat --secs 0").is_err());
+        assert!(parse("heartbeat --secs nan").is_err());
+        assert!(parse("heartbeat --rate-per-node-hz -1").is_err());
+        assert!(parse("startup --runs 0").is_err());
+    }
+}

@@ -1,0 +1,74 @@
+//! `bench`: load and start-up benchmarks of llm-router (SPEC §7), run against the real router binary. See
+//! `docs/performance.md` for the commands and what each mode measures.
+
+mod cli;
+mod fleet;
+mod heartbeat;
+mod http;
+mod procfs;
+mod register;
+mod router;
+mod seed;
+mod startup;
+mod stats;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Serialize;
+
+use crate::cli::{Cli, Mode};
+use crate::router::RouterSpec;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let open_files = procfs::raise_open_file_limit()?;
+    if let Mode::Heartbeat(args) = &cli.mode {
+        // The router and the bench each hold one socket per connection, plus their own files.
+        let needed = if args.connection_per_node { args.nodes } else { args.connections } as u64 + 256;
+        if open_files < needed {
+            eprintln!(
+                "warning: the open-file limit is {open_files}; {needed} or more is needed for this many connections"
+            );
+        }
+    }
+    let binary = match cli.router_bin.clone() {
+        Some(path) => path,
+        None => router::default_binary()?,
+    };
+    let data = tempfile::Builder::new().prefix("llm-router-bench-").tempdir().context("creating a data directory")?;
+    let password = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let spec = RouterSpec::new(binary, data.path(), password)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(cli.client_threads))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        match &cli.mode {
+            Mode::Heartbeat(args) => output(cli.json, &heartbeat::run(&spec, args).await?, heartbeat::print),
+            Mode::Startup(args) => output(cli.json, &startup::run(&spec, args).await?, startup::print),
+            Mode::Register(args) => output(cli.json, &register::run(&spec, args).await?, register::print),
+        }
+    })
+}
+
+fn output<T: Serialize>(json: bool, report: &T, print: fn(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print(report);
+    }
+    Ok(())
+}
