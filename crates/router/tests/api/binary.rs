@@ -228,3 +228,48 @@ async fn the_start_up_log_names_legacy_entries_left_out() {
     child.kill().await.expect("kill");
     assert!(dir.path().join("nodes.json.migrated").exists());
 }
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let mut router = start(dir.path(), Some("pw-123456")).await;
+    let answer: Value = client
+        .post(format!("{}/v0/nodes", router.base))
+        .json(&registration("gpu-term", 8000))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
+    let (id, token) = (answer["node_id"].as_str().expect("id"), answer["node_token"].as_str().expect("token"));
+    let heartbeat = client
+        .post(format!("{}/v0/health", router.base))
+        .header("X-Node-Token", token)
+        .json(&json!({"node_id": id, "cpu_usage": 33.0}))
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(heartbeat.status(), 200);
+
+    let pid = router.child.id().expect("pid").to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+    assert!(killed.success());
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), router.child.wait()).await.expect("exits").expect("wait");
+    assert!(status.success(), "{status:?}");
+
+    let router = start(dir.path(), Some("pw-123456")).await;
+    let token: Value = login(&client, &router.base, "pw-123456").await.json().await.expect("json");
+    let node: Value = client
+        .get(format!("{}/v0/nodes/{id}", router.base))
+        .bearer_auth(token["token"].as_str().expect("token"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(node["metrics"]["cpu_usage"], 33.0, "figures written at shutdown: {node}");
+}
