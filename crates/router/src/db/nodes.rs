@@ -1,16 +1,17 @@
 //! Rows of `nodes` and its child tables, `node_tokens` and `node_events`.
 
-use std::collections::HashMap;
-
 use anyhow::Context;
+use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
+use serde_json::value::RawValue;
+use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::Store;
 use crate::auth::token::TokenHash;
 use crate::clock::{Millis, rfc3339};
-use crate::registry::node::{Node, NodeEvent, NodeEventView, NodeMetrics};
+use crate::registry::node::{Node, NodeEvent, NodeEventView};
 
 /// A node as stored, with the hash of its token (imported nodes have none).
 pub type StoredNode = (Node, Option<TokenHash>);
@@ -20,7 +21,7 @@ pub type StoredNode = (Node, Option<TokenHash>);
 pub struct Figures {
     pub node_id: Uuid,
     pub last_seen_at: Millis,
-    pub metrics: Option<NodeMetrics>,
+    pub metrics: Option<Box<RawValue>>,
     /// Present only when the lists changed since the last write.
     pub models: Option<(Vec<String>, Vec<String>)>,
 }
@@ -35,80 +36,14 @@ pub enum InsertError {
 }
 
 impl Store {
-    /// Every node with its lists and token hash; one query per table, joined in memory, so start-up stays fast at
-    /// 100,000 nodes.
+    /// Every node with its lists and token hash, in one streamed query: each node's lists come as JSON arrays
+    /// from indexed subqueries, so start-up holds one row at a time instead of every child row of the fleet.
     pub async fn load_nodes(&self) -> anyhow::Result<Vec<StoredNode>> {
         let mut conn = self.reader.acquire().await?;
-        let mut gpus: HashMap<String, Vec<GpuDevice>> = HashMap::new();
-        for row in
-            sqlx::query("SELECT node_id, model, count, memory_bytes FROM node_gpu_devices ORDER BY node_id, position")
-                .fetch_all(&mut *conn)
-                .await?
-        {
-            let memory: Option<i64> = row.try_get(3)?;
-            gpus.entry(row.try_get(0)?).or_default().push(GpuDevice {
-                model: row.try_get(1)?,
-                count: row.try_get(2)?,
-                memory_bytes: memory.and_then(|m| u64::try_from(m).ok()),
-            });
-        }
-        let mut loaded: HashMap<String, Vec<String>> = HashMap::new();
-        let mut ready: HashMap<String, Vec<String>> = HashMap::new();
-        for row in sqlx::query("SELECT node_id, kind, model FROM node_loaded_models ORDER BY node_id, kind, position")
-            .fetch_all(&mut *conn)
-            .await?
-        {
-            let kind: String = row.try_get(1)?;
-            let target = if kind == "ready" { &mut ready } else { &mut loaded };
-            target.entry(row.try_get(0)?).or_default().push(row.try_get(2)?);
-        }
-        let runtimes =
-            load_list(&mut conn, "SELECT node_id, runtime FROM node_supported_runtimes ORDER BY node_id, position")
-                .await?;
-        let mut tags = load_list(&mut conn, "SELECT node_id, tag FROM node_tags ORDER BY node_id, position").await?;
-        let mut tokens: HashMap<String, TokenHash> = HashMap::new();
-        for row in sqlx::query("SELECT node_id, token_hash FROM node_tokens").fetch_all(&mut *conn).await? {
-            let hash: String = row.try_get(1)?;
-            let hash = TokenHash::from_hex(&hash).context("malformed token hash in node_tokens")?;
-            tokens.insert(row.try_get(0)?, hash);
-        }
-        let mut runtimes = runtimes;
-        let rows = sqlx::query(
-            "SELECT id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, notes, \
-             metrics, registered_at, approved_at, approved_by, last_seen_at FROM nodes",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut nodes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id_text: String = row.try_get(0)?;
-            let id = Uuid::parse_str(&id_text).with_context(|| format!("malformed node id {id_text}"))?;
-            let status: String = row.try_get(5)?;
-            let port: i64 = row.try_get(3)?;
-            let metrics: Option<String> = row.try_get(8)?;
-            let node = Node {
-                id,
-                machine_name: row.try_get(1)?,
-                ip_address: row.try_get(2)?,
-                runtime_port: u16::try_from(port).with_context(|| format!("bad port {port} for node {id}"))?,
-                runtime_version: row.try_get(4)?,
-                status: status.parse()?,
-                display_name: row.try_get(6)?,
-                notes: row.try_get(7)?,
-                gpu_devices: gpus.remove(&id_text).unwrap_or_default(),
-                supported_runtimes: runtimes.remove(&id_text).unwrap_or_default(),
-                loaded_models: loaded.remove(&id_text).unwrap_or_default(),
-                ready_models: ready.remove(&id_text).unwrap_or_default(),
-                tags: tags.remove(&id_text).unwrap_or_default(),
-                // Figures that no longer parse (an older format) are dropped: the next heartbeat replaces them.
-                metrics: metrics.and_then(|m| serde_json::from_str(&m).ok()),
-                registered_at: row.try_get(9)?,
-                approved_at: row.try_get(10)?,
-                approved_by: row.try_get(11)?,
-                last_seen_at: row.try_get(12)?,
-            };
-            let token = tokens.remove(&id_text);
-            nodes.push((node, token));
+        let mut rows = sqlx::query(LOAD_NODES).fetch(&mut *conn);
+        let mut nodes = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            nodes.push(node_from_row(&row)?);
         }
         Ok(nodes)
     }
@@ -225,7 +160,7 @@ impl Store {
         for figures in batch {
             let updated = sqlx::query("UPDATE nodes SET last_seen_at = ?, metrics = ? WHERE id = ?")
                 .bind(figures.last_seen_at)
-                .bind(metrics_json(&figures.metrics)?)
+                .bind(metrics_json(&figures.metrics))
                 .bind(figures.node_id.to_string())
                 .execute(&mut *tx)
                 .await?;
@@ -279,7 +214,7 @@ async fn insert_row(
     node: &Node,
     sql: &'static str,
 ) -> Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error> {
-    let metrics = metrics_json(&node.metrics).map_err(|err| sqlx::Error::Encode(err.into()))?;
+    let metrics = metrics_json(&node.metrics);
     sqlx::query(sql)
         .bind(node.id.to_string())
         .bind(&node.machine_name)
@@ -298,16 +233,69 @@ async fn insert_row(
         .await
 }
 
-fn metrics_json(metrics: &Option<NodeMetrics>) -> anyhow::Result<Option<String>> {
-    metrics.as_ref().map(serde_json::to_string).transpose().context("encoding node metrics")
+fn metrics_json(metrics: &Option<Box<RawValue>>) -> Option<&str> {
+    metrics.as_deref().map(RawValue::get)
 }
 
-async fn load_list(conn: &mut SqliteConnection, sql: &'static str) -> anyhow::Result<HashMap<String, Vec<String>>> {
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for row in sqlx::query(sql).fetch_all(&mut *conn).await? {
-        out.entry(row.try_get(0)?).or_default().push(row.try_get(1)?);
-    }
-    Ok(out)
+/// Each node with its token hash and its lists as JSON arrays, in position order (the child tables' primary keys).
+const LOAD_NODES: &str = "SELECT n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, n.status, \
+     n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, \
+     (SELECT token_hash FROM node_tokens t WHERE t.node_id = n.id), \
+     (SELECT json_group_array(json_array(model, count, memory_bytes)) FROM \
+        (SELECT model, count, memory_bytes FROM node_gpu_devices WHERE node_id = n.id ORDER BY position)), \
+     (SELECT json_group_array(runtime) FROM \
+        (SELECT runtime FROM node_supported_runtimes WHERE node_id = n.id ORDER BY position)), \
+     (SELECT json_group_array(model) FROM \
+        (SELECT model FROM node_loaded_models WHERE node_id = n.id AND kind = 'loaded' ORDER BY position)), \
+     (SELECT json_group_array(model) FROM \
+        (SELECT model FROM node_loaded_models WHERE node_id = n.id AND kind = 'ready' ORDER BY position)), \
+     (SELECT json_group_array(tag) FROM (SELECT tag FROM node_tags WHERE node_id = n.id ORDER BY position)) \
+     FROM nodes n";
+
+fn node_from_row(row: &SqliteRow) -> anyhow::Result<StoredNode> {
+    let id_text: &str = row.try_get(0)?;
+    let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
+    let port: i64 = row.try_get(3)?;
+    let status: &str = row.try_get(5)?;
+    let metrics: Option<String> = row.try_get(8)?;
+    let token: Option<&str> = row.try_get(13)?;
+    let token = token.map(|hash| TokenHash::from_hex(hash).context("malformed token hash")).transpose()?;
+    let gpus: Vec<(String, i64, Option<i64>)> = json_list(row, 14)?;
+    let node = Node {
+        id,
+        machine_name: row.try_get(1)?,
+        ip_address: row.try_get(2)?,
+        runtime_port: u16::try_from(port).with_context(|| format!("bad port {port} for node {id}"))?,
+        runtime_version: row.try_get(4)?,
+        status: status.parse()?,
+        display_name: row.try_get(6)?,
+        notes: row.try_get(7)?,
+        gpu_devices: gpus
+            .into_iter()
+            .map(|(model, count, memory)| GpuDevice {
+                model,
+                count,
+                memory_bytes: memory.and_then(|m| u64::try_from(m).ok()),
+            })
+            .collect(),
+        supported_runtimes: json_list(row, 15)?,
+        loaded_models: json_list(row, 16)?,
+        ready_models: json_list(row, 17)?,
+        tags: json_list(row, 18)?,
+        // Figures that are no longer valid JSON are dropped: the next heartbeat replaces them.
+        metrics: metrics.and_then(|m| RawValue::from_string(m).ok()),
+        registered_at: row.try_get(9)?,
+        approved_at: row.try_get(10)?,
+        approved_by: row.try_get(11)?,
+        last_seen_at: row.try_get(12)?,
+    };
+    Ok((node, token))
+}
+
+/// A JSON array column built by `json_group_array`.
+fn json_list<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: usize) -> anyhow::Result<Vec<T>> {
+    let text: &str = row.try_get(column)?;
+    serde_json::from_str(text).with_context(|| format!("malformed list in column {column}"))
 }
 
 /// Rewrites every list a registration carries: GPUs, runtimes, models, tags.

@@ -2,12 +2,13 @@
 
 use llm_router_protocol::{GpuDevice, GpuMetrics, NodeStatus};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::clock::{Millis, rfc3339};
 
 /// Everything the router keeps about one node, token excepted.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Node {
     pub id: Uuid,
     pub machine_name: String,
@@ -22,7 +23,9 @@ pub struct Node {
     pub loaded_models: Vec<String>,
     pub ready_models: Vec<String>,
     pub tags: Vec<String>,
-    pub metrics: Option<NodeMetrics>,
+    /// The latest heartbeat's figures ([`NodeMetrics`]) as JSON: encoded once when they arrive, then stored and
+    /// shown as they are. Compact in memory, and a start-up loads them without decoding.
+    pub metrics: Option<Box<RawValue>>,
     pub registered_at: Millis,
     pub approved_at: Option<Millis>,
     pub approved_by: Option<String>,
@@ -54,7 +57,8 @@ pub struct NodeView {
     pub loaded_models: Vec<String>,
     pub ready_models: Vec<String>,
     pub tags: Vec<String>,
-    pub metrics: Option<NodeMetrics>,
+    #[schema(value_type = Option<NodeMetrics>)]
+    pub metrics: Option<Box<RawValue>>,
     pub registered_at: String,
     pub approved_at: Option<String>,
     pub approved_by: Option<String>,

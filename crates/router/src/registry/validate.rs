@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use llm_router_protocol::{GpuDevice, HeartbeatRequest, RegisterRequest};
+use serde_json::value::{RawValue, to_raw_value};
 use uuid::Uuid;
 
 use super::node::NodeMetrics;
@@ -50,7 +51,8 @@ impl Registration {
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     pub node_id: Uuid,
-    pub metrics: NodeMetrics,
+    /// [`NodeMetrics`], encoded.
+    pub metrics: Box<RawValue>,
     pub loaded_models: Vec<String>,
     pub ready_models: Vec<String>,
 }
@@ -138,16 +140,17 @@ pub fn heartbeat(req: HeartbeatRequest) -> ApiResult<Heartbeat> {
             return Err(bad_request(format!("`gpus[{i}].model` is longer than {MAX_ITEM_CHARS} characters.")));
         }
     }
+    let metrics = NodeMetrics {
+        cpu_usage: req.cpu_usage,
+        memory_usage: req.memory_usage,
+        gpus,
+        active_requests: req.active_requests,
+    };
     Ok(Heartbeat {
         node_id: req.node_id,
         loaded_models: list("loaded_models", req.loaded_models)?,
         ready_models: list("ready_models", req.ready_models)?,
-        metrics: NodeMetrics {
-            cpu_usage: req.cpu_usage,
-            memory_usage: req.memory_usage,
-            gpus,
-            active_requests: req.active_requests,
-        },
+        metrics: to_raw_value(&metrics).map_err(|err| ApiError::Internal(err.into()))?,
     })
 }
 
