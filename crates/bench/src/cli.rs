@@ -21,6 +21,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Keep the router's data directory at the end (its path is printed on stderr), e.g. to inspect a seeded
+    /// database.
+    #[arg(long, global = true)]
+    pub keep_data: bool,
+
     /// Worker threads of the load generator. It shares the machine's cores with the router.
     #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub client_threads: u16,

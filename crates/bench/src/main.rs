@@ -55,13 +55,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         match &cli.mode {
             Mode::Heartbeat(args) => output(cli.json, &heartbeat::run(&spec, args).await?, heartbeat::print),
             Mode::Startup(args) => output(cli.json, &startup::run(&spec, args).await?, startup::print),
             Mode::Register(args) => output(cli.json, &register::run(&spec, args).await?, register::print),
         }
-    })
+    });
+    if cli.keep_data {
+        eprintln!("data directory kept: {}", data.keep().display());
+    }
+    result
 }
 
 fn output<T: Serialize>(json: bool, report: &T, print: fn(&T)) -> anyhow::Result<()> {

@@ -43,6 +43,8 @@ struct NodeRow {
     status: &'static str,
     display_name: Option<String>,
     metrics: Option<String>,
+    /// The copy of the node's lists the router keeps on the row (what start-up reads).
+    lists: String,
     registered_at: i64,
     approved_at: Option<i64>,
     approved_by: Option<&'static str>,
@@ -64,6 +66,14 @@ fn node_row(i: usize, now: i64, with_metrics: bool) -> anyhow::Result<NodeRow> {
     });
     // A token hash is the hex SHA-256 of a secret; two random UUIDs give the same shape and are unique.
     let token_hash = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+    // The same lists the child tables get below, as the router writes them on the node's row.
+    let lists = serde_json::json!({
+        "gpu_devices": GPU_GROUPS.iter().map(|(model, memory)| (model, GPUS_PER_GROUP, memory)).collect::<Vec<_>>(),
+        "supported_runtimes": ["vllm", "llama_cpp"],
+        "loaded_models": MODELS,
+        "ready_models": MODELS,
+        "tags": fleet::tags(i),
+    });
     Ok(NodeRow {
         id: Uuid::new_v4().to_string(),
         machine_name: fleet::machine_name(i),
@@ -71,6 +81,7 @@ fn node_row(i: usize, now: i64, with_metrics: bool) -> anyhow::Result<NodeRow> {
         status,
         display_name: i.is_multiple_of(10).then(|| format!("Rack {} node {}", i % 40, i)),
         metrics: if with_metrics { Some(serde_json::to_string(&metrics)?) } else { None },
+        lists: serde_json::to_string(&lists)?,
         registered_at,
         approved_at: approved.then_some(registered_at + 3_600_000),
         approved_by: approved.then_some("admin"),
@@ -116,7 +127,7 @@ pub async fn seed(path: &Path, count: usize, with_metrics: bool) -> anyhow::Resu
 async fn insert_chunk(conn: &mut SqliteConnection, rows: &[NodeRow], first: usize) -> anyhow::Result<()> {
     let mut nodes = QueryBuilder::<Sqlite>::new(
         "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, \
-         notes, metrics, registered_at, approved_at, approved_by, last_seen_at) ",
+         notes, metrics, lists, registered_at, approved_at, approved_by, last_seen_at) ",
     );
     nodes.push_values(rows, |mut b, row| {
         b.push_bind(row.id.clone())
@@ -128,6 +139,7 @@ async fn insert_chunk(conn: &mut SqliteConnection, rows: &[NodeRow], first: usiz
             .push_bind(row.display_name.clone())
             .push_bind(None::<String>)
             .push_bind(row.metrics.clone())
+            .push_bind(row.lists.clone())
             .push_bind(row.registered_at)
             .push_bind(row.approved_at)
             .push_bind(row.approved_by)

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
@@ -22,8 +23,43 @@ pub struct Figures {
     pub node_id: Uuid,
     pub last_seen_at: Millis,
     pub metrics: Option<Box<RawValue>>,
-    /// Present only when the lists changed since the last write.
-    pub models: Option<(Vec<String>, Vec<String>)>,
+    /// The node's lists, present only when its models changed since the last write.
+    pub lists: Option<NodeLists>,
+}
+
+/// Every list of a node: what the child tables hold, and what the `lists` copy on its row holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeLists {
+    /// `[model, count, memory_bytes]` per GPU group.
+    pub gpu_devices: Vec<(String, i64, Option<u64>)>,
+    pub supported_runtimes: Vec<String>,
+    pub loaded_models: Vec<String>,
+    pub ready_models: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+impl NodeLists {
+    pub fn of(node: &Node) -> Self {
+        NodeLists {
+            gpu_devices: node.gpu_devices.iter().map(|g| (g.model.clone(), g.count, g.memory_bytes)).collect(),
+            supported_runtimes: node.supported_runtimes.clone(),
+            loaded_models: node.loaded_models.clone(),
+            ready_models: node.ready_models.clone(),
+            tags: node.tags.clone(),
+        }
+    }
+
+    fn apply_to(self, node: &mut Node) {
+        node.gpu_devices = self
+            .gpu_devices
+            .into_iter()
+            .map(|(model, count, memory_bytes)| GpuDevice { model, count, memory_bytes })
+            .collect();
+        node.supported_runtimes = self.supported_runtimes;
+        node.loaded_models = self.loaded_models;
+        node.ready_models = self.ready_models;
+        node.tags = self.tags;
+    }
 }
 
 /// Why an insert did not happen.
@@ -36,14 +72,24 @@ pub enum InsertError {
 }
 
 impl Store {
-    /// Every node with its lists and token hash, in one streamed query: each node's lists come as JSON arrays
-    /// from indexed subqueries, so start-up holds one row at a time instead of every child row of the fleet.
+    /// Every node with its lists and token hash, one row per node: the lists come from the copy on the node's
+    /// row, so start-up does not read the fleet's million child rows. A database whose rows lack that copy
+    /// (written by something other than the router) is read from the child tables instead, merged in key order.
     pub async fn load_nodes(&self) -> anyhow::Result<Vec<StoredNode>> {
         let mut conn = self.reader.acquire().await?;
-        let mut rows = sqlx::query(LOAD_NODES).fetch(&mut *conn);
-        let mut nodes = Vec::new();
-        while let Some(row) = rows.try_next().await? {
-            nodes.push(node_from_row(&row)?);
+        let mut nodes: Vec<StoredNode> = Vec::new();
+        let mut complete = true;
+        {
+            let mut rows = sqlx::query(LOAD_NODES).fetch(&mut *conn);
+            while let Some(row) = rows.try_next().await? {
+                let (node, has_lists) = node_from_row(&row)?;
+                complete &= has_lists;
+                nodes.push(node);
+            }
+        }
+        if !complete {
+            tracing::warn!("some nodes lack the copy of their lists; reading them from the child tables");
+            load_lists_from_child_tables(&mut conn, &mut nodes).await?;
         }
         Ok(nodes)
     }
@@ -141,6 +187,7 @@ impl Store {
             &node.tags,
         )
         .await?;
+        write_lists_copy(&mut tx, node.id, &NodeLists::of(node)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -167,8 +214,9 @@ impl Store {
             if updated.rows_affected() == 0 {
                 continue;
             }
-            if let Some((loaded, ready)) = &figures.models {
-                write_models(&mut tx, figures.node_id, loaded, ready).await?;
+            if let Some(lists) = &figures.lists {
+                write_models(&mut tx, figures.node_id, &lists.loaded_models, &lists.ready_models).await?;
+                write_lists_copy(&mut tx, figures.node_id, lists).await?;
             }
         }
         tx.commit().await?;
@@ -237,31 +285,25 @@ fn metrics_json(metrics: &Option<Box<RawValue>>) -> Option<&str> {
     metrics.as_deref().map(RawValue::get)
 }
 
-/// Each node with its token hash and its lists as JSON arrays, in position order (the child tables' primary keys).
 const LOAD_NODES: &str = "SELECT n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, n.status, \
-     n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, \
-     (SELECT token_hash FROM node_tokens t WHERE t.node_id = n.id), \
-     (SELECT json_group_array(json_array(model, count, memory_bytes)) FROM \
-        (SELECT model, count, memory_bytes FROM node_gpu_devices WHERE node_id = n.id ORDER BY position)), \
-     (SELECT json_group_array(runtime) FROM \
-        (SELECT runtime FROM node_supported_runtimes WHERE node_id = n.id ORDER BY position)), \
-     (SELECT json_group_array(model) FROM \
-        (SELECT model FROM node_loaded_models WHERE node_id = n.id AND kind = 'loaded' ORDER BY position)), \
-     (SELECT json_group_array(model) FROM \
-        (SELECT model FROM node_loaded_models WHERE node_id = n.id AND kind = 'ready' ORDER BY position)), \
-     (SELECT json_group_array(tag) FROM (SELECT tag FROM node_tags WHERE node_id = n.id ORDER BY position)) \
-     FROM nodes n";
+     n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, n.lists, \
+     t.token_hash FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id";
+const LOAD_GPUS: &str = "SELECT node_id, model, count, memory_bytes FROM node_gpu_devices ORDER BY node_id, position";
+const LOAD_RUNTIMES: &str = "SELECT node_id, runtime FROM node_supported_runtimes ORDER BY node_id, position";
+const LOAD_MODELS: &str = "SELECT node_id, kind, model FROM node_loaded_models ORDER BY node_id, kind, position";
+const LOAD_TAGS: &str = "SELECT node_id, tag FROM node_tags ORDER BY node_id, position";
 
-fn node_from_row(row: &SqliteRow) -> anyhow::Result<StoredNode> {
+/// A node row with its token hash; the flag tells whether the row carried the copy of its lists.
+fn node_from_row(row: &SqliteRow) -> anyhow::Result<(StoredNode, bool)> {
     let id_text: &str = row.try_get(0)?;
     let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
     let port: i64 = row.try_get(3)?;
     let status: &str = row.try_get(5)?;
     let metrics: Option<String> = row.try_get(8)?;
-    let token: Option<&str> = row.try_get(13)?;
+    let lists: Option<&str> = row.try_get(13)?;
+    let token: Option<&str> = row.try_get(14)?;
     let token = token.map(|hash| TokenHash::from_hex(hash).context("malformed token hash")).transpose()?;
-    let gpus: Vec<(String, i64, Option<i64>)> = json_list(row, 14)?;
-    let node = Node {
+    let mut node = Node {
         id,
         machine_name: row.try_get(1)?,
         ip_address: row.try_get(2)?,
@@ -270,18 +312,11 @@ fn node_from_row(row: &SqliteRow) -> anyhow::Result<StoredNode> {
         status: status.parse()?,
         display_name: row.try_get(6)?,
         notes: row.try_get(7)?,
-        gpu_devices: gpus
-            .into_iter()
-            .map(|(model, count, memory)| GpuDevice {
-                model,
-                count,
-                memory_bytes: memory.and_then(|m| u64::try_from(m).ok()),
-            })
-            .collect(),
-        supported_runtimes: json_list(row, 15)?,
-        loaded_models: json_list(row, 16)?,
-        ready_models: json_list(row, 17)?,
-        tags: json_list(row, 18)?,
+        gpu_devices: Vec::new(),
+        supported_runtimes: Vec::new(),
+        loaded_models: Vec::new(),
+        ready_models: Vec::new(),
+        tags: Vec::new(),
         // Figures that are no longer valid JSON are dropped: the next heartbeat replaces them.
         metrics: metrics.and_then(|m| RawValue::from_string(m).ok()),
         registered_at: row.try_get(9)?,
@@ -289,16 +324,76 @@ fn node_from_row(row: &SqliteRow) -> anyhow::Result<StoredNode> {
         approved_by: row.try_get(11)?,
         last_seen_at: row.try_get(12)?,
     };
-    Ok((node, token))
+    let has_lists = match lists.map(serde_json::from_str::<NodeLists>) {
+        Some(Ok(lists)) => {
+            lists.apply_to(&mut node);
+            true
+        }
+        _ => false,
+    };
+    Ok(((node, token), has_lists))
 }
 
-/// A JSON array column built by `json_group_array`.
-fn json_list<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: usize) -> anyhow::Result<Vec<T>> {
-    let text: &str = row.try_get(column)?;
-    serde_json::from_str(text).with_context(|| format!("malformed list in column {column}"))
+/// Rebuilds every node's lists from the child tables: each read once in key order and merged into the nodes.
+async fn load_lists_from_child_tables(conn: &mut SqliteConnection, nodes: &mut [StoredNode]) -> anyhow::Result<()> {
+    // Uuid order is the byte order of the ids' lowercase text, which is the child tables' key order.
+    nodes.sort_unstable_by_key(|(node, _)| node.id);
+    for (node, _) in nodes.iter_mut() {
+        NodeLists::default().apply_to(node);
+    }
+    merge_children(conn, nodes, LOAD_GPUS, |(node, _), row| {
+        let memory: Option<i64> = row.try_get(3)?;
+        node.gpu_devices.push(GpuDevice {
+            model: row.try_get(1)?,
+            count: row.try_get(2)?,
+            memory_bytes: memory.and_then(|m| u64::try_from(m).ok()),
+        });
+        Ok(())
+    })
+    .await?;
+    merge_children(conn, nodes, LOAD_RUNTIMES, |(node, _), row| {
+        node.supported_runtimes.push(row.try_get(1)?);
+        Ok(())
+    })
+    .await?;
+    merge_children(conn, nodes, LOAD_MODELS, |(node, _), row| {
+        let kind: &str = row.try_get(1)?;
+        let list = if kind == "ready" { &mut node.ready_models } else { &mut node.loaded_models };
+        list.push(row.try_get(2)?);
+        Ok(())
+    })
+    .await?;
+    merge_children(conn, nodes, LOAD_TAGS, |(node, _), row| {
+        node.tags.push(row.try_get(1)?);
+        Ok(())
+    })
+    .await
 }
 
-/// Rewrites every list a registration carries: GPUs, runtimes, models, tags.
+/// Streams `sql` (rows ordered by node id in column 0) and hands each row to `apply` with its node. `nodes` must be
+/// sorted by id; rows of nodes that do not exist are skipped.
+async fn merge_children(
+    conn: &mut SqliteConnection,
+    nodes: &mut [StoredNode],
+    sql: &'static str,
+    mut apply: impl FnMut(&mut StoredNode, &SqliteRow) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut rows = sqlx::query(sql).fetch(&mut *conn);
+    let mut next = 0;
+    while let Some(row) = rows.try_next().await? {
+        let id_text: &str = row.try_get(0)?;
+        let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
+        while next < nodes.len() && nodes[next].0.id < id {
+            next += 1;
+        }
+        match nodes.get_mut(next) {
+            Some(node) if node.0.id == id => apply(node, &row)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 async fn write_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Result<()> {
     let id = node.id.to_string();
     sqlx::query("DELETE FROM node_gpu_devices WHERE node_id = ?").bind(&id).execute(&mut *conn).await?;
@@ -330,7 +425,18 @@ async fn write_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Result
         &node.tags,
     )
     .await?;
-    write_models(conn, node.id, &node.loaded_models, &node.ready_models).await
+    write_models(conn, node.id, &node.loaded_models, &node.ready_models).await?;
+    write_lists_copy(conn, node.id, &NodeLists::of(node)).await
+}
+
+/// The copy of a node's lists on its row, read at start-up.
+async fn write_lists_copy(conn: &mut SqliteConnection, id: Uuid, lists: &NodeLists) -> anyhow::Result<()> {
+    sqlx::query("UPDATE nodes SET lists = ? WHERE id = ?")
+        .bind(serde_json::to_string(lists).context("encoding node lists")?)
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 async fn write_models(

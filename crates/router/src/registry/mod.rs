@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::auth::token::{NewToken, TokenHash, TokenKind};
 use crate::clock::{Clock, Millis};
 use crate::db::Store;
-use crate::db::nodes::{Figures, InsertError};
+use crate::db::nodes::{Figures, InsertError, NodeLists};
 use crate::error::{ApiError, ApiResult, not_found};
 use crate::metrics::Metrics;
 use node::{Node, NodeEvent, NodeView};
@@ -444,20 +444,19 @@ impl Registry {
             if state.deleted {
                 continue;
             }
-            let models = std::mem::take(&mut state.models_dirty)
-                .then(|| (state.node.loaded_models.clone(), state.node.ready_models.clone()));
+            let lists = std::mem::take(&mut state.models_dirty).then(|| NodeLists::of(&state.node));
             batch.push(Figures {
                 node_id: *id,
                 last_seen_at: state.node.last_seen_at.unwrap_or(state.alive_since),
                 metrics: state.node.metrics.clone(),
-                models,
+                lists,
             });
         }
         if let Err(err) = self.store.flush_figures(&batch).await {
             // Keep the figures for the next flush rather than lose them.
             for (id, slot) in &slots {
                 let mut state = lock(slot);
-                if batch.iter().any(|f| f.node_id == *id && f.models.is_some()) {
+                if batch.iter().any(|f| f.node_id == *id && f.lists.is_some()) {
                     state.models_dirty = true;
                 }
                 if !state.figures_dirty {

@@ -41,6 +41,12 @@ async fn a_restart_keeps_nodes_tokens_statuses_figures_and_history() {
     let admin = app.admin_token().await;
     let online = app.register_node("gpu-keep").await;
     let pending = app.register_node("gpu-wait").await;
+    let mut other = registration("gpu-other", 9000);
+    other["gpu_devices"] = json!([{"model": "A", "count": 1}, {"model": "B", "count": 3, "memory_bytes": 7}]);
+    other["tags"] = json!(["z", "a", "m"]);
+    other["supported_runtimes"] = json!(["vllm", "ollama"]);
+    other["loaded_models"] = json!(["m2", "m1"]);
+    assert_eq!(app.register(&other).await.status(), 201);
     let heartbeat = json!({"node_id": online.id, "cpu_usage": 42.0, "loaded_models": ["m"], "ready_models": ["m"]});
     assert_eq!(app.approve(&admin, &online.id).await.status(), 200);
     assert_eq!(app.heartbeat_body(&online.token, &heartbeat).await.status(), 200);
@@ -48,10 +54,12 @@ async fn a_restart_keeps_nodes_tokens_statuses_figures_and_history() {
     assert_eq!(patch.json(&json!({"notes": "kept"})).send().await.expect("patch").status(), 200);
     let before = app.node(&online.id).await;
     assert_eq!(before["status"], "online");
+    let fleet_before = app.nodes().await;
 
     let app = app.restart(1_000).await;
     let after = app.node(&online.id).await;
     assert_eq!(after, before, "everything survives, figures included");
+    assert_eq!(app.nodes().await, fleet_before, "every node with its lists, in order");
     assert_eq!(app.status_of(&pending.id).await, "pending");
     assert_eq!(app.events(&online.id).await.len(), 3);
     assert_eq!(body(app.heartbeat(&online, &["m"]).await).await["status"], "online");
@@ -126,4 +134,51 @@ async fn three_hundred_concurrent_registrations_are_all_stored() {
     for node in &nodes {
         assert_eq!(app.heartbeat(node, &[]).await.status(), 200, "token of {} works", node.id);
     }
+}
+
+async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
+    let mut other = registration("gpu-lists", 9000);
+    other["gpu_devices"] = json!([{"model": "A", "count": 1}, {"model": "B", "count": 3, "memory_bytes": 7}]);
+    other["tags"] = json!(["z", "a"]);
+    other["supported_runtimes"] = json!(["vllm", "ollama"]);
+    other["loaded_models"] = json!(["m2", "m1"]);
+    other["ready_models"] = json!(["m1"]);
+    assert_eq!(app.register(&other).await.status(), 201);
+    app.register_node("gpu-plain").await;
+    app.nodes().await
+}
+
+#[tokio::test]
+async fn rows_without_the_copy_of_their_lists_are_read_from_the_child_tables() {
+    let app = TestApp::spawn().await;
+    let before = fleet_with_lists(&app).await;
+    let db = open_db(&app).await;
+    sqlx::query("UPDATE nodes SET lists = NULL").execute(&db).await.expect("clear the copies");
+    db.close().await;
+    let app = app.restart(0).await;
+    assert_eq!(app.nodes().await, before);
+}
+
+#[tokio::test]
+async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
+    let app = TestApp::spawn().await;
+    let before = fleet_with_lists(&app).await;
+    let db = open_db(&app).await;
+    let expected: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, lists FROM nodes ORDER BY id").fetch_all(&db).await.expect("copies");
+    // Back to the schema before the copy existed, then let the router migrate again.
+    sqlx::query("ALTER TABLE nodes DROP COLUMN lists").execute(&db).await.expect("drop");
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 2").execute(&db).await.expect("forget");
+    db.close().await;
+    let app = app.restart(0).await;
+    let db = open_db(&app).await;
+    let migrated: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, lists FROM nodes ORDER BY id").fetch_all(&db).await.expect("copies");
+    for ((id, want), (_, got)) in expected.iter().zip(&migrated) {
+        let want: serde_json::Value = serde_json::from_str(want).expect("json");
+        let got: serde_json::Value = serde_json::from_str(got).expect("json");
+        assert_eq!(got, want, "node {id}");
+    }
+    assert_eq!(migrated.len(), 2);
+    assert_eq!(app.nodes().await, before);
 }
