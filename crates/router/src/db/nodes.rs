@@ -5,8 +5,8 @@ use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::sqlite::{Sqlite, SqliteRow};
+use sqlx::{QueryBuilder, Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::Store;
@@ -204,17 +204,27 @@ impl Store {
     /// Writes a batch of heartbeat figures in one transaction. Nodes deleted meanwhile match no row and are skipped.
     pub async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
         let mut tx = self.writer.begin().await?;
+        // One statement per chunk, not per node: each statement is a round trip to the database thread.
+        for chunk in batch.chunks(FIGURES_PER_STATEMENT) {
+            let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
+            update.push_values(chunk, |mut row, figures| {
+                row.push_bind(figures.node_id.to_string())
+                    .push_bind(figures.last_seen_at)
+                    .push_bind(metrics_json(&figures.metrics));
+            });
+            update.push(
+                ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
+            );
+            update.build().execute(&mut *tx).await?;
+        }
         for figures in batch {
-            let updated = sqlx::query("UPDATE nodes SET last_seen_at = ?, metrics = ? WHERE id = ?")
-                .bind(figures.last_seen_at)
-                .bind(metrics_json(&figures.metrics))
+            let Some(lists) = &figures.lists else { continue };
+            let exists = sqlx::query("SELECT 1 FROM nodes WHERE id = ?")
                 .bind(figures.node_id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            if updated.rows_affected() == 0 {
-                continue;
-            }
-            if let Some(lists) = &figures.lists {
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if exists {
                 write_models(&mut tx, figures.node_id, &lists.loaded_models, &lists.ready_models).await?;
                 write_lists_copy(&mut tx, figures.node_id, lists).await?;
             }
@@ -284,6 +294,9 @@ async fn insert_row(
 fn metrics_json(metrics: &Option<Box<RawValue>>) -> Option<&str> {
     metrics.as_deref().map(RawValue::get)
 }
+
+/// Nodes per statement of a figures batch (three parameters each, well under SQLite's limit of 32,766).
+const FIGURES_PER_STATEMENT: usize = 500;
 
 const LOAD_NODES: &str = "SELECT n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, n.status, \
      n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, n.lists, \

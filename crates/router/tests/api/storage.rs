@@ -182,3 +182,25 @@ async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
     assert_eq!(migrated.len(), 2);
     assert_eq!(app.nodes().await, before);
 }
+
+#[tokio::test]
+async fn a_batch_with_a_node_deleted_meanwhile_still_writes_the_others() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin_token().await;
+    let kept = app.register_node("gpu-kept").await;
+    let gone = app.register_node("gpu-gone").await;
+    assert_eq!(app.heartbeat(&kept, &["new-model"]).await.status(), 200);
+    assert_eq!(app.heartbeat(&gone, &["new-model"]).await.status(), 200);
+    let deleted = app.request(reqwest::Method::DELETE, &format!("/v0/nodes/{}", gone.id)).bearer_auth(&admin).send();
+    assert_eq!(deleted.await.expect("delete").status(), 204);
+    assert_eq!(app.state.registry.flush().await.expect("flush"), 1);
+    let db = open_db(&app).await;
+    let (ready,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_loaded_models WHERE model = 'new-model'")
+        .fetch_one(&db)
+        .await
+        .expect("count");
+    assert_eq!(ready, 1, "only the kept node's models are written");
+    let (metrics,): (Option<String>,) =
+        sqlx::query_as("SELECT metrics FROM nodes WHERE id = ?").bind(&kept.id).fetch_one(&db).await.expect("row");
+    assert!(metrics.is_some_and(|m| m.contains("12.5")));
+}
