@@ -57,13 +57,22 @@ fn node_row(i: usize, now: i64, with_metrics: bool) -> anyhow::Result<NodeRow> {
     let approved = status != "pending";
     let registered_at = now - 30 * DAY_MS + (i as i64 % 1000) * 60_000;
     let last_seen_at = if status == "offline" { now - 6 * 3600 * 1000 } else { now - (i as i64 % 10) * 1000 };
-    // The router stores heartbeat figures as the JSON of its own metrics type: these four fields.
-    let metrics = serde_json::json!({
-        "cpu_usage": (i % 90) as f64 + 5.5,
-        "memory_usage": (i % 70) as f64 + 20.25,
-        "gpus": fleet::gpu_metrics(i),
-        "active_requests": i % 17,
-    });
+    // The router stores heartbeat figures packed as positional arrays:
+    // [cpu, memory, active, [[index, model, utilization, used, total, temperature], ...]].
+    let gpus: Vec<serde_json::Value> = fleet::gpu_metrics(i)
+        .into_iter()
+        .map(|g| {
+            serde_json::json!([
+                g.index,
+                g.model,
+                g.utilization,
+                g.memory_used_bytes,
+                g.memory_total_bytes,
+                g.temperature_c
+            ])
+        })
+        .collect();
+    let metrics = serde_json::json!([(i % 90) as f64 + 5.5, (i % 70) as f64 + 20.25, i % 17, gpus]);
     // A token hash is the hex SHA-256 of a secret; two random UUIDs give the same shape and are unique.
     let token_hash = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     // The same lists the child tables get below, as the router writes them on the node's row.
@@ -228,7 +237,10 @@ mod tests {
         assert!(row.token_hash.bytes().all(|b| b.is_ascii_hexdigit()));
         assert!(Uuid::parse_str(&row.id).is_ok());
         let metrics: serde_json::Value = serde_json::from_str(row.metrics.as_deref().expect("metrics")).expect("JSON");
-        assert_eq!(metrics["gpus"].as_array().map(Vec::len), Some(8));
+        assert_eq!(metrics[3].as_array().map(Vec::len), Some(8), "packed: [cpu, memory, active, gpus]");
+        assert_eq!(metrics[3][0].as_array().map(Vec::len), Some(6), "packed GPU: six positions");
+        let lists: serde_json::Value = serde_json::from_str(&row.lists).expect("lists JSON");
+        assert_eq!(lists["gpu_devices"].as_array().map(Vec::len), Some(GPU_GROUPS.len()));
         assert_eq!(row.approved_by, Some("admin"));
         let bare = node_row(0, 0, false).expect("row");
         assert!(bare.approved_at.is_none() && bare.metrics.is_none());

@@ -4,7 +4,6 @@ use anyhow::Context;
 use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::{QueryBuilder, Row, SqliteConnection};
 use uuid::Uuid;
@@ -12,7 +11,7 @@ use uuid::Uuid;
 use super::Store;
 use crate::auth::token::TokenHash;
 use crate::clock::{Millis, rfc3339};
-use crate::registry::node::{Node, NodeEvent, NodeEventView};
+use crate::registry::node::{Node, NodeEvent, NodeEventView, PackedMetrics};
 
 /// A node as stored, with the hash of its token (imported nodes have none).
 pub type StoredNode = (Node, Option<TokenHash>);
@@ -22,7 +21,7 @@ pub type StoredNode = (Node, Option<TokenHash>);
 pub struct Figures {
     pub node_id: Uuid,
     pub last_seen_at: Millis,
-    pub metrics: Option<Box<RawValue>>,
+    pub metrics: Option<PackedMetrics>,
     /// The node's lists, present only when its models changed since the last write.
     pub lists: Option<NodeLists>,
 }
@@ -291,8 +290,8 @@ async fn insert_row(
         .await
 }
 
-fn metrics_json(metrics: &Option<Box<RawValue>>) -> Option<&str> {
-    metrics.as_deref().map(RawValue::get)
+fn metrics_json(metrics: &Option<PackedMetrics>) -> Option<&str> {
+    metrics.as_ref().map(PackedMetrics::as_str)
 }
 
 /// Nodes per statement of a figures batch (three parameters each, well under SQLite's limit of 32,766).
@@ -330,8 +329,7 @@ fn node_from_row(row: &SqliteRow) -> anyhow::Result<(StoredNode, bool)> {
         loaded_models: Vec::new(),
         ready_models: Vec::new(),
         tags: Vec::new(),
-        // Figures that are no longer valid JSON are dropped: the next heartbeat replaces them.
-        metrics: metrics.and_then(|m| RawValue::from_string(m).ok()),
+        metrics: metrics.map(PackedMetrics::from_stored),
         registered_at: row.try_get(9)?,
         approved_at: row.try_get(10)?,
         approved_by: row.try_get(11)?,

@@ -6,10 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use llm_router_protocol::{GpuDevice, HeartbeatRequest, RegisterRequest};
-use serde_json::value::{RawValue, to_raw_value};
 use uuid::Uuid;
 
-use super::node::NodeMetrics;
+use super::node::{NodeMetrics, PackedMetrics};
 use crate::error::{ApiError, ApiResult, bad_request};
 
 /// Longest accepted machine name, in characters.
@@ -51,8 +50,7 @@ impl Registration {
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     pub node_id: Uuid,
-    /// [`NodeMetrics`], encoded.
-    pub metrics: Box<RawValue>,
+    pub metrics: PackedMetrics,
     pub loaded_models: Vec<String>,
     pub ready_models: Vec<String>,
 }
@@ -150,7 +148,7 @@ pub fn heartbeat(req: HeartbeatRequest) -> ApiResult<Heartbeat> {
         node_id: req.node_id,
         loaded_models: list("loaded_models", req.loaded_models)?,
         ready_models: list("ready_models", req.ready_models)?,
-        metrics: to_raw_value(&metrics).map_err(|err| ApiError::Internal(err.into()))?,
+        metrics: PackedMetrics::pack(&metrics),
     })
 }
 
