@@ -91,7 +91,7 @@ impl App {
                 }
             }
         }));
-        let flusher = tokio::spawn(every(state.settings.flush_interval, stop_rx, {
+        let flusher = tokio::spawn(every(state.settings.flush_interval, stop_rx.clone(), {
             let state = state.clone();
             move || {
                 let state = state.clone();
@@ -102,11 +102,23 @@ impl App {
                 }
             }
         }));
+        let checkpointer = tokio::spawn(every(Duration::from_secs(1), stop_rx.clone(), {
+            let state = state.clone();
+            move || {
+                let state = state.clone();
+                async move {
+                    if let Err(err) = state.store.checkpoint().await {
+                        tracing::warn!(error = %err, "checkpoint failed; will retry");
+                    }
+                }
+            }
+        }));
         let app = routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         let _ = stop_tx.send(true);
         let _ = sweeper.await;
         let _ = flusher.await;
+        let _ = checkpointer.await;
         if let Err(err) = state.registry.flush().await {
             tracing::error!(error = ?err, "writing the last heartbeat figures failed");
         }

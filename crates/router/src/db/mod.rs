@@ -18,11 +18,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 /// Migrations, embedded in the binary and applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Handle to the database: one writer connection and a pool of readers.
+/// Handle to the database: one writer connection, a pool of readers, and a connection that checkpoints.
 #[derive(Debug, Clone)]
 pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
+    checkpointer: SqlitePool,
 }
 
 impl Store {
@@ -37,26 +38,46 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        // The writer never checkpoints: copying the write-ahead log into the database happens beside it
+        // (`checkpoint`), so no registration waits for a checkpoint's copy and fsync.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .with_context(|| format!("opening database {}", path.display()))?;
         MIGRATOR.run(&writer).await.with_context(|| format!("applying migrations to {}", path.display()))?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await
+            .with_context(|| format!("opening database {} for checkpoints", path.display()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await
             .with_context(|| format!("opening database {} for reading", path.display()))?;
-        Ok(Store { writer, reader })
+        Ok(Store { writer, reader, checkpointer })
     }
 
-    /// Closes both pools, waiting for queued writes to finish.
+    /// Copies what it can of the write-ahead log into the database without waiting for readers or the writer
+    /// (SQLite's passive checkpoint). Run every second in the background; returns the log's size in pages.
+    pub async fn checkpoint(&self) -> anyhow::Result<i64> {
+        let (_busy, log_pages, _copied): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.checkpointer).await?;
+        Ok(log_pages)
+    }
+
+    /// Checkpoints fully and closes every pool, waiting for queued writes to finish.
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.checkpointer).await {
+            tracing::warn!(error = %err, "final checkpoint failed; the write-ahead log is applied at the next start");
+        }
+        self.checkpointer.close().await;
     }
 }

@@ -100,7 +100,7 @@ impl Store {
             let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
             return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
         }
-        write_lists(&mut tx, node).await?;
+        insert_lists(&mut tx, node).await?;
         write_token(&mut tx, node.id, token, node.registered_at).await?;
         write_event(&mut tx, event).await?;
         tx.commit().await.map_err(anyhow::Error::from)?;
@@ -115,7 +115,7 @@ impl Store {
         for (node, event) in nodes {
             let inserted = insert_row(&mut tx, node, INSERT_NODE_IF_NEW).await?;
             if inserted.rows_affected() == 1 {
-                write_lists(&mut tx, node).await?;
+                insert_lists(&mut tx, node).await?;
                 write_event(&mut tx, event).await?;
                 added.push(node.id);
             }
@@ -259,12 +259,12 @@ impl Store {
 }
 
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
-     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
 const INSERT_NODE_IF_NEW: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, \
-     status, display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+     status, display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
 
 async fn insert_row(
     conn: &mut SqliteConnection,
@@ -286,6 +286,7 @@ async fn insert_row(
         .bind(node.approved_at)
         .bind(&node.approved_by)
         .bind(node.last_seen_at)
+        .bind(serde_json::to_string(&NodeLists::of(node)).map_err(|err| sqlx::Error::Encode(err.into()))?)
         .execute(&mut *conn)
         .await
 }
@@ -405,6 +406,52 @@ async fn merge_children(
     Ok(())
 }
 
+/// Writes the child rows of a node just inserted (its row already holds the copy of the lists): one statement per
+/// table, since each statement is a round trip to the database thread.
+async fn insert_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Result<()> {
+    let id = node.id.to_string();
+    if !node.gpu_devices.is_empty() {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO node_gpu_devices (node_id, position, model, count, memory_bytes) ",
+        );
+        insert.push_values(node.gpu_devices.iter().enumerate(), |mut row, (position, gpu)| {
+            row.push_bind(&id)
+                .push_bind(position as i64)
+                .push_bind(&gpu.model)
+                .push_bind(gpu.count)
+                .push_bind(gpu.memory_bytes.and_then(|m| i64::try_from(m).ok()));
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    let loaded = node.loaded_models.iter().enumerate().map(|(position, model)| ("loaded", position, model));
+    let ready = node.ready_models.iter().enumerate().map(|(position, model)| ("ready", position, model));
+    let models: Vec<_> = loaded.chain(ready).collect();
+    if !models.is_empty() {
+        let mut insert =
+            QueryBuilder::<Sqlite>::new("INSERT INTO node_loaded_models (node_id, kind, position, model) ");
+        insert.push_values(models, |mut row, (kind, position, model)| {
+            row.push_bind(&id).push_bind(kind).push_bind(position as i64).push_bind(model);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    let lists = [
+        ("INSERT INTO node_supported_runtimes (node_id, position, runtime) ", &node.supported_runtimes),
+        ("INSERT INTO node_tags (node_id, position, tag) ", &node.tags),
+    ];
+    for (statement, items) in lists {
+        if items.is_empty() {
+            continue;
+        }
+        let mut insert = QueryBuilder::<Sqlite>::new(statement);
+        insert.push_values(items.iter().enumerate(), |mut row, (position, item)| {
+            row.push_bind(&id).push_bind(position as i64).push_bind(item);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Rewrites every list of a node that is already stored: child rows and the copy on its row.
 async fn write_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Result<()> {
     let id = node.id.to_string();
     sqlx::query("DELETE FROM node_gpu_devices WHERE node_id = ?").bind(&id).execute(&mut *conn).await?;
