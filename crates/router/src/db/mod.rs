@@ -24,6 +24,8 @@ pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
     checkpointer: SqlitePool,
+    /// Registrations waiting for the next group commit.
+    inserts: tokio::sync::mpsc::Sender<nodes::InsertJob>,
 }
 
 impl Store {
@@ -60,7 +62,9 @@ impl Store {
             .connect_with(options.read_only(true))
             .await
             .with_context(|| format!("opening database {} for reading", path.display()))?;
-        Ok(Store { writer, reader, checkpointer })
+        let (inserts, jobs) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(nodes::group_commits(writer.clone(), jobs));
+        Ok(Store { writer, reader, checkpointer, inserts })
     }
 
     /// Copies what it can of the write-ahead log into the database without waiting for readers or the writer

@@ -4,8 +4,9 @@ use anyhow::Context;
 use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{Sqlite, SqliteRow};
+use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
 use sqlx::{QueryBuilder, Row, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::Store;
@@ -93,18 +94,18 @@ impl Store {
         Ok(nodes)
     }
 
-    /// Stores a newly registered node, its token and its first event in one transaction.
-    pub async fn insert_node(&self, node: &Node, token: TokenHash, event: &NodeEvent) -> Result<(), InsertError> {
-        let mut tx = self.writer.begin().await.map_err(anyhow::Error::from)?;
-        if let Err(err) = insert_row(&mut tx, node, INSERT_NODE).await {
-            let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
-            return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
-        }
-        insert_lists(&mut tx, node).await?;
-        write_token(&mut tx, node.id, token, node.registered_at).await?;
-        write_event(&mut tx, event).await?;
-        tx.commit().await.map_err(anyhow::Error::from)?;
-        Ok(())
+    /// Stores a newly registered node, its token and its first event, and returns once they are committed.
+    ///
+    /// Registrations that arrive together are committed together (group commit): the node's writes run in a
+    /// savepoint of a shared transaction, so one failing registration does not affect the others, and the batch
+    /// pays one durable commit instead of one each.
+    pub async fn insert_node(&self, node: Node, token: TokenHash, event: NodeEvent) -> Result<(), InsertError> {
+        let (reply, answer) = oneshot::channel();
+        self.inserts
+            .send(InsertJob { node, token, event, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the database is closed"))?;
+        answer.await.map_err(|_| anyhow::anyhow!("the database is closed"))?
     }
 
     /// Imports nodes that have no token (legacy `nodes.json`) in one transaction. A node whose id, or machine name
@@ -293,6 +294,67 @@ async fn insert_row(
 
 fn metrics_json(metrics: &Option<PackedMetrics>) -> Option<&str> {
     metrics.as_ref().map(PackedMetrics::as_str)
+}
+
+/// A registration waiting for the next group commit.
+pub(super) struct InsertJob {
+    node: Node,
+    token: TokenHash,
+    event: NodeEvent,
+    reply: oneshot::Sender<Result<(), InsertError>>,
+}
+
+/// Most registrations in one group commit.
+const INSERTS_PER_COMMIT: usize = 64;
+
+/// Commits waiting registrations in groups until every sender is gone.
+pub(super) async fn group_commits(writer: SqlitePool, mut jobs: mpsc::Receiver<InsertJob>) {
+    let mut batch = Vec::with_capacity(INSERTS_PER_COMMIT);
+    while jobs.recv_many(&mut batch, INSERTS_PER_COMMIT).await > 0 {
+        let results = commit_group(&writer, &batch).await;
+        for (job, result) in batch.drain(..).zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+/// One result per job; all errors when the commit itself fails.
+async fn commit_group(writer: &SqlitePool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
+    let failed =
+        |err: &anyhow::Error| batch.iter().map(|_| Err(InsertError::Other(anyhow::anyhow!("{err:#}")))).collect();
+    let mut tx = match writer.begin().await {
+        Ok(tx) => tx,
+        Err(err) => return failed(&err.into()),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let result = match sqlx::query("SAVEPOINT registration").execute(&mut *tx).await {
+            Ok(_) => insert_one(&mut tx, job).await,
+            Err(err) => Err(InsertError::Other(err.into())),
+        };
+        // A failed registration is undone alone; the others in the group stay.
+        let end: &'static str =
+            if result.is_ok() { "RELEASE registration" } else { "ROLLBACK TO registration; RELEASE registration" };
+        if let Err(err) = sqlx::raw_sql(end).execute(&mut *tx).await {
+            return failed(&err.into());
+        }
+        results.push(result);
+    }
+    match tx.commit().await {
+        Ok(()) => results,
+        Err(err) => failed(&err.into()),
+    }
+}
+
+async fn insert_one(conn: &mut SqliteConnection, job: &InsertJob) -> Result<(), InsertError> {
+    if let Err(err) = insert_row(conn, &job.node, INSERT_NODE).await {
+        let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
+        return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
+    }
+    insert_lists(conn, &job.node).await?;
+    write_token(conn, job.node.id, job.token, job.node.registered_at).await?;
+    write_event(conn, &job.event).await?;
+    Ok(())
 }
 
 /// Nodes per statement of a figures batch (three parameters each, well under SQLite's limit of 32,766).

@@ -191,7 +191,7 @@ impl Registry {
         };
         let token = NewToken::generate(TokenKind::Node);
         let event = NodeEvent::new(node.id, now, None, NodeStatus::Pending.as_str(), "registered");
-        match self.store.insert_node(&node, token.hash(), &event).await {
+        match self.store.insert_node(node.clone(), token.hash(), event).await {
             Ok(()) => {}
             Err(InsertError::Duplicate) => {
                 // Another registration of the same machine and port won the race.
