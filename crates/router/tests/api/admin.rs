@@ -143,9 +143,7 @@ async fn users_are_created_listed_and_deleted_with_argon2id_hashes() {
     assert!(assert_error(role.expect("role"), 400, "invalid_request").await.contains("role"));
 
     assert_eq!(app.login("ops", "long-enough").await.status(), 200);
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("router.db").display()))
-        .await
-        .expect("db");
+    let db = app.db().await;
     let (hash,): (String,) =
         sqlx::query_as("SELECT password_hash FROM users WHERE username = 'ops'").fetch_one(&db).await.expect("row");
     assert!(hash.starts_with("$argon2id$"), "{hash}");
@@ -226,9 +224,7 @@ async fn deletion_is_recorded_with_its_actor() {
     let node = app.register_node("gpu-audit").await;
     let deleted = app.request(Method::DELETE, &format!("/v0/nodes/{}", node.id)).bearer_auth(&admin).send().await;
     assert_eq!(deleted.expect("delete").status(), 204);
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("router.db").display()))
-        .await
-        .expect("db");
+    let db = app.db().await;
     let (to, actor): (String, String) =
         sqlx::query_as("SELECT to_status, actor FROM node_events WHERE node_id = ? ORDER BY id DESC LIMIT 1")
             .bind(&node.id)

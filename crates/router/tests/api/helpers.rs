@@ -125,6 +125,12 @@ impl TestApp {
         self.settings.data_dir.clone()
     }
 
+    /// A connection of the test's own to the router's database, to look at what was stored.
+    pub async fn db(&self) -> sqlx::SqlitePool {
+        let url = format!("sqlite://{}", self.data_dir().join("router.db").display());
+        sqlx::SqlitePool::connect(&url).await.expect("open the router's database")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

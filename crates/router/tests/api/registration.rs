@@ -32,9 +32,7 @@ async fn a_new_node_is_pending_and_its_token_is_shown_once() {
     assert!(!listed.contains(token) && !listed.contains("token"), "node JSON must never carry a token");
 
     // Only the SHA-256 of the token is stored.
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("router.db").display()))
-        .await
-        .expect("open db");
+    let db = app.db().await;
     let stored: (String,) = sqlx::query_as("SELECT token_hash FROM node_tokens WHERE node_id = ?")
         .bind(id)
         .fetch_one(&db)

@@ -4,14 +4,10 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-async fn open_db(app: &TestApp) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("router.db").display())).await.expect("db")
-}
-
 #[tokio::test]
 async fn the_database_has_the_spec_tables_in_wal_mode() {
     let app = TestApp::spawn().await;
-    let db = open_db(&app).await;
+    let db = app.db().await;
     let tables: Vec<(String,)> =
         sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table'").fetch_all(&db).await.expect("tables");
     let tables: Vec<String> = tables.into_iter().map(|t| t.0).collect();
@@ -71,7 +67,7 @@ async fn a_restart_keeps_nodes_tokens_statuses_figures_and_history() {
 async fn heartbeat_figures_are_written_behind_in_batches() {
     let app = TestApp::spawn().await;
     let node = app.register_node("gpu-batch").await;
-    let db = open_db(&app).await;
+    let db = app.db().await;
     let heartbeat = json!({"node_id": node.id, "cpu_usage": 77.0, "ready_models": ["x"]});
     assert_eq!(app.heartbeat_body(&node.token, &heartbeat).await.status(), 200);
     let read = || sqlx::query_as::<_, (Option<String>,)>("SELECT metrics FROM nodes WHERE id = ?").bind(&node.id);
@@ -152,7 +148,7 @@ async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
 async fn rows_without_the_copy_of_their_lists_are_read_from_the_child_tables() {
     let app = TestApp::spawn().await;
     let before = fleet_with_lists(&app).await;
-    let db = open_db(&app).await;
+    let db = app.db().await;
     sqlx::query("UPDATE nodes SET lists = NULL").execute(&db).await.expect("clear the copies");
     db.close().await;
     let app = app.restart(0).await;
@@ -163,7 +159,7 @@ async fn rows_without_the_copy_of_their_lists_are_read_from_the_child_tables() {
 async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
     let app = TestApp::spawn().await;
     let before = fleet_with_lists(&app).await;
-    let db = open_db(&app).await;
+    let db = app.db().await;
     let expected: Vec<(String, String)> =
         sqlx::query_as("SELECT id, lists FROM nodes ORDER BY id").fetch_all(&db).await.expect("copies");
     // Back to the schema before the copy existed, then let the router migrate again.
@@ -171,7 +167,7 @@ async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 2").execute(&db).await.expect("forget");
     db.close().await;
     let app = app.restart(0).await;
-    let db = open_db(&app).await;
+    let db = app.db().await;
     let migrated: Vec<(String, String)> =
         sqlx::query_as("SELECT id, lists FROM nodes ORDER BY id").fetch_all(&db).await.expect("copies");
     for ((id, want), (_, got)) in expected.iter().zip(&migrated) {
@@ -194,7 +190,7 @@ async fn a_batch_with_a_node_deleted_meanwhile_still_writes_the_others() {
     let deleted = app.request(reqwest::Method::DELETE, &format!("/v0/nodes/{}", gone.id)).bearer_auth(&admin).send();
     assert_eq!(deleted.await.expect("delete").status(), 204);
     assert_eq!(app.state.registry.flush().await.expect("flush"), 1);
-    let db = open_db(&app).await;
+    let db = app.db().await;
     let (ready,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_loaded_models WHERE model = 'new-model'")
         .fetch_one(&db)
         .await
