@@ -468,8 +468,8 @@ async fn merge_children(
     Ok(())
 }
 
-/// Writes the child rows of a node just inserted (its row already holds the copy of the lists): one statement per
-/// table, since each statement is a round trip to the database thread.
+/// Writes the child rows of a node that has none (a new node, or one whose rows were just deleted): one statement
+/// per table, since each statement is a round trip to the database thread.
 async fn insert_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Result<()> {
     let id = node.id.to_string();
     if !node.gpu_devices.is_empty() {
@@ -516,36 +516,15 @@ async fn insert_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Resul
 /// Rewrites every list of a node that is already stored: child rows and the copy on its row.
 async fn write_lists(conn: &mut SqliteConnection, node: &Node) -> anyhow::Result<()> {
     let id = node.id.to_string();
-    sqlx::query("DELETE FROM node_gpu_devices WHERE node_id = ?").bind(&id).execute(&mut *conn).await?;
-    for (position, gpu) in node.gpu_devices.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO node_gpu_devices (node_id, position, model, count, memory_bytes) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(position as i64)
-        .bind(&gpu.model)
-        .bind(gpu.count)
-        .bind(gpu.memory_bytes.and_then(|m| i64::try_from(m).ok()))
-        .execute(&mut *conn)
-        .await?;
-    }
-    replace_strings(
-        conn,
+    for delete in [
+        "DELETE FROM node_gpu_devices WHERE node_id = ?",
         "DELETE FROM node_supported_runtimes WHERE node_id = ?",
-        "INSERT INTO node_supported_runtimes (node_id, position, runtime) VALUES (?, ?, ?)",
-        node.id,
-        &node.supported_runtimes,
-    )
-    .await?;
-    replace_strings(
-        conn,
         "DELETE FROM node_tags WHERE node_id = ?",
-        "INSERT INTO node_tags (node_id, position, tag) VALUES (?, ?, ?)",
-        node.id,
-        &node.tags,
-    )
-    .await?;
-    write_models(conn, node.id, &node.loaded_models, &node.ready_models).await?;
+        "DELETE FROM node_loaded_models WHERE node_id = ?",
+    ] {
+        sqlx::query(delete).bind(&id).execute(&mut *conn).await?;
+    }
+    insert_lists(conn, node).await?;
     write_lists_copy(conn, node.id, &NodeLists::of(node)).await
 }
 

@@ -139,9 +139,21 @@ async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
     other["supported_runtimes"] = json!(["vllm", "ollama"]);
     other["loaded_models"] = json!(["m2", "m1"]);
     other["ready_models"] = json!(["m1"]);
-    assert_eq!(app.register(&other).await.status(), 201);
+    let first = app.register(&other).await;
+    assert_eq!(first.status(), 201);
+    let token = body(first).await["node_token"].as_str().expect("token").to_owned();
+    // A token rotation rewrites every list.
+    other["gpu_devices"] = json!([{"model": "C", "count": 2}]);
+    other["tags"] = json!(["rotated"]);
+    other["loaded_models"] = json!(["m3"]);
+    let rotated = app.request(reqwest::Method::POST, "/v0/nodes").header("X-Node-Token", token).json(&other);
+    assert_eq!(rotated.send().await.expect("rotate").status(), 200);
     app.register_node("gpu-plain").await;
-    app.nodes().await
+    let nodes = app.nodes().await;
+    let node = nodes.iter().find(|n| n["machine_name"] == "gpu-lists").expect("node");
+    assert_eq!(node["gpu_devices"], json!([{"model": "C", "count": 2}]));
+    assert_eq!(node["tags"], json!(["rotated"]));
+    nodes
 }
 
 #[tokio::test]
