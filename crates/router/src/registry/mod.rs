@@ -318,7 +318,8 @@ impl Registry {
                 return Ok(next);
             }
         };
-        self.transition(&slot, None, |node| {
+        self.transition(&slot, |state| {
+            let node = &state.node;
             let to = state::after_heartbeat(node.status, &node.ready_models);
             let reason = match to {
                 NodeStatus::Online => "heartbeat reports ready models",
@@ -363,11 +364,11 @@ impl Registry {
     }
 
     /// Changes a node's status through `decide`, under the node's transition lock, persisting before applying.
+    /// `decide` sees the node's state as it is under the lock, so a heartbeat that arrived meanwhile counts.
     async fn transition(
         &self,
         slot: &Slot,
-        actor: Option<&str>,
-        decide: impl Fn(&Node) -> Option<(NodeStatus, String)>,
+        decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
     ) -> ApiResult<NodeStatus> {
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
@@ -376,11 +377,11 @@ impl Registry {
             if state.deleted {
                 return Err(unknown_token());
             }
-            let Some((to, reason)) = decide(&state.node) else {
+            let Some((to, reason)) = decide(&state) else {
                 return Ok(state.node.status);
             };
             let mut node = state.node.clone();
-            let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason).by(actor);
+            let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason);
             node.status = to;
             (node, event)
         };
@@ -410,11 +411,10 @@ impl Registry {
         let mut changed = 0;
         let reason = format!("no heartbeat for {} s", limit / 1000);
         for slot in candidates {
-            let alive_since = lock(&slot).alive_since;
             let status = self
-                .transition(&slot, None, |node| {
-                    let silent = self.clock.now_ms() - alive_since;
-                    state::goes_offline(node.status, silent, limit).then(|| (NodeStatus::Offline, reason.clone()))
+                .transition(&slot, |state| {
+                    let silent = self.clock.now_ms() - state.alive_since;
+                    state::goes_offline(state.node.status, silent, limit).then(|| (NodeStatus::Offline, reason.clone()))
                 })
                 .await;
             match status {
