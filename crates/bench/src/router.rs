@@ -75,6 +75,10 @@ impl RouterSpec {
             }
         }
         command.env("LLM_ROUTER_ADMIN_PASSWORD", &self.admin_password).env("LLM_ROUTER_LOG", "warn");
+        // The bench registers its whole fleet from one address and leaves nodes pending while it sets up: the
+        // anonymous registration limits would refuse that, so they are off (as environment variables, which a
+        // router from before the limits ignores, so the same bench measures both).
+        command.env("LLM_ROUTER_REGISTRATION_RATE", "0").env("LLM_ROUTER_MAX_PENDING", "0");
 
         let spawned_at = Instant::now();
         let mut child = command.spawn().with_context(|| format!("starting {}", self.binary.display()))?;

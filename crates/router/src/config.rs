@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::net::Cidr;
+
 /// Central router of a GPU inference fleet.
 #[derive(Debug, Parser)]
 #[command(name = "llm-router", version, about)]
@@ -56,9 +58,69 @@ pub struct ServeArgs {
     #[arg(long, env = "LLM_ROUTER_ADMIN_USERNAME", default_value = "admin")]
     pub admin_username: String,
 
-    /// Password of the administrator created on first start; generated and printed once when absent.
+    /// Password of the administrator created on first start (at least 12 characters); generated and printed once
+    /// when absent.
     #[arg(long, env = "LLM_ROUTER_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
+
+    /// The router's address as users reach it (e.g. `https://router.example`); an `https://` URL makes the session
+    /// cookie `Secure`.
+    #[arg(long, env = "LLM_ROUTER_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+
+    /// Days node events are kept (each node also keeps at most its newest 1,000).
+    #[arg(long, env = "LLM_ROUTER_EVENT_RETENTION_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub event_retention_days: u64,
+
+    /// Anonymous registrations per minute and source address (bursts of twice that); 0 turns the limit off.
+    #[arg(long, env = "LLM_ROUTER_REGISTRATION_RATE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub registration_rate: u32,
+
+    /// Most pending nodes in all; 0 = no cap.
+    #[arg(long, env = "LLM_ROUTER_MAX_PENDING", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub max_pending: u64,
+
+    /// Pending nodes that never heartbeat for this many hours are removed.
+    #[arg(long, env = "LLM_ROUTER_PENDING_TTL_HOURS", default_value_t = 72,
+          value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    pub pending_ttl_hours: u64,
+
+    /// Proxies whose `X-Forwarded-For` is believed, as a comma-separated CIDR list (e.g. `10.0.0.0/8,::1/128`).
+    #[arg(long, env = "LLM_ROUTER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// Accept nodes at link-local addresses (169.254.0.0/16, fe80::/10, cloud metadata); refused by default.
+    #[arg(long, env = "LLM_ROUTER_ALLOW_LINK_LOCAL_NODES", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub allow_link_local_nodes: bool,
+
+    /// Most open client connections. Default: the open-file limit less a reserve for the database and probes.
+    #[arg(long, env = "LLM_ROUTER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub max_connections: Option<u64>,
+
+    /// Seconds a client has to send a request's headers before the connection is closed.
+    #[arg(long, env = "LLM_ROUTER_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub header_timeout_secs: u64,
+
+    /// Seconds an idle keep-alive connection stays open.
+    #[arg(long, env = "LLM_ROUTER_IDLE_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_timeout_secs: u64,
+}
+
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| "must start with http:// or https://".to_owned())?;
+    if rest.is_empty() || rest.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must name a host".to_owned());
+    }
+    Ok(text.trim_end_matches('/').to_owned())
 }
 
 /// The resolved settings the app is built from.
@@ -75,6 +137,26 @@ pub struct Settings {
     pub flush_interval: Duration,
     /// How long a dashboard or API session lasts.
     pub session_ttl: Duration,
+    /// The router's public address; `https://` makes the session cookie `Secure`.
+    pub public_url: Option<String>,
+    /// How long node events are kept.
+    pub event_retention: Duration,
+    /// Anonymous registrations per minute and source address; 0 = no limit.
+    pub registration_rate: u32,
+    /// Most pending nodes in all; 0 = no cap.
+    pub max_pending: u64,
+    /// Pending nodes silent this long are removed.
+    pub pending_ttl: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Accept nodes at link-local addresses.
+    pub allow_link_local_nodes: bool,
+    /// Most open client connections; `None`: derived from the open-file limit.
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Time an idle keep-alive connection stays open.
+    pub idle_timeout: Duration,
 }
 
 impl Settings {
@@ -90,6 +172,16 @@ impl Settings {
             admin_password: None,
             flush_interval: Duration::from_secs(1),
             session_ttl: Duration::from_secs(12 * 3600),
+            public_url: None,
+            event_retention: Duration::from_secs(30 * 86_400),
+            registration_rate: 10,
+            max_pending: 1000,
+            pending_ttl: Duration::from_secs(72 * 3600),
+            trusted_proxies: Vec::new(),
+            allow_link_local_nodes: false,
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -125,6 +217,16 @@ impl ServeArgs {
             reachability_check: !self.no_reachability_check,
             admin_username: self.admin_username,
             admin_password: self.admin_password,
+            public_url: self.public_url,
+            event_retention: Duration::from_secs(self.event_retention_days * 86_400),
+            registration_rate: self.registration_rate,
+            max_pending: self.max_pending,
+            pending_ttl: Duration::from_secs(self.pending_ttl_hours * 3600),
+            trusted_proxies: self.trusted_proxies,
+            allow_link_local_nodes: self.allow_link_local_nodes,
+            max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             ..Settings::new(data_dir)
         })
     }
@@ -155,6 +257,31 @@ mod tests {
         assert!(parse(&["serve", "--listen", "nowhere"]).is_err());
         assert!(parse(&["serve", "--heartbeat-interval-secs", "0"]).is_err());
         assert!(parse(&["serve", "--offline-after-secs", "soon"]).is_err());
+    }
+
+    #[test]
+    fn parses_the_hardening_settings() {
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--data-dir",
+            "/tmp/x",
+            "--trusted-proxies",
+            "10.0.0.0/8,::1/128",
+            "--public-url",
+            "https://router.example/",
+            "--registration-rate",
+            "0",
+        ])
+        .expect("parse")
+        .command;
+        let settings = args.into_settings().expect("settings");
+        assert_eq!(settings.trusted_proxies.len(), 2);
+        assert_eq!(settings.public_url.as_deref(), Some("https://router.example"));
+        assert_eq!(settings.registration_rate, 0);
+        assert_eq!(settings.max_pending, 1000);
+        assert_eq!(settings.event_retention, Duration::from_secs(30 * 86_400));
+        assert!(parse(&["serve", "--trusted-proxies", "10.0.0.0/33"]).is_err());
+        assert!(parse(&["serve", "--public-url", "ftp://x"]).is_err());
     }
 
     #[test]

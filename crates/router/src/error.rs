@@ -5,7 +5,7 @@
 //! database detail leaks to clients.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{ErrorBody, ErrorDetail};
 
@@ -38,6 +38,13 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     NodeUnreachable(String),
+    /// Too many requests of one kind; the client may try again after `retry_after_secs`. `code` names the limit
+    /// (`rate_limited`, `too_many_pending`, `login_throttled`, ...).
+    #[error("{message}")]
+    TooManyRequests { code: &'static str, message: String, retry_after_secs: u64 },
+    /// A write to the database failed (disk full, I/O error): nothing of the request was kept.
+    #[error("{0}")]
+    StorageUnavailable(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -59,10 +66,26 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             ApiError::NodeUnreachable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "node_unreachable"),
+            ApiError::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, *code),
+            ApiError::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
+
+impl ApiError {
+    /// Seconds a client should wait before trying again, sent as `Retry-After`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::TooManyRequests { retry_after_secs, .. } => Some((*retry_after_secs).max(1)),
+            ApiError::StorageUnavailable(_) => Some(STORAGE_RETRY_AFTER_SECS),
+            _ => None,
+        }
+    }
+}
+
+/// How long a client is asked to wait after a failed write.
+pub const STORAGE_RETRY_AFTER_SECS: u64 = 5;
 
 /// Shorthand constructors, so handlers read as sentences.
 pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -97,7 +120,11 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        error_response(status, code, message)
+        let mut response = error_response(status, code, message);
+        if let Some(secs) = self.retry_after_secs() {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 

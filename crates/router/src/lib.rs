@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod legacy;
 pub mod metrics;
+pub mod net;
 pub mod probe;
 pub mod registry;
 pub mod routes;

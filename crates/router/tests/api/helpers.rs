@@ -43,6 +43,9 @@ pub struct Options {
     pub offline_after: Duration,
     /// Written to the data directory as `nodes.json` before the first start.
     pub legacy_nodes_json: Option<Vec<u8>>,
+    /// Anonymous registrations per minute and address; off (0) unless a test is about the limit, since the
+    /// tests register many nodes from 127.0.0.1.
+    pub registration_rate: u32,
 }
 
 impl Default for Options {
@@ -52,6 +55,7 @@ impl Default for Options {
             reachability_timeout: Duration::from_millis(500),
             offline_after: Duration::from_secs(30),
             legacy_nodes_json: None,
+            registration_rate: 0,
         }
     }
 }
@@ -76,6 +80,7 @@ impl TestApp {
         settings.reachability_timeout = options.reachability_timeout;
         settings.offline_after = options.offline_after;
         settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
+        settings.registration_rate = options.registration_rate;
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
         if let Some(bytes) = options.legacy_nodes_json {
