@@ -50,7 +50,11 @@ impl App {
         ensure_writable_dir(&settings.data_dir)?;
         // A corrupt legacy file stops the start before the database is created.
         let legacy = legacy::read(&settings.data_dir, clock.now_ms())?;
+        let initialised = check_database_file(&settings)?;
         let store = Store::open(&settings.database_path()).await?;
+        if !initialised {
+            mark_initialised(&settings, clock.now_ms())?;
+        }
         if let Some(legacy) = legacy {
             import_legacy(&store, &legacy, clock.now_ms()).await?;
         }
@@ -102,6 +106,21 @@ impl App {
                 }
             }
         }));
+        let pruner = tokio::spawn(every(EVENT_PRUNE_INTERVAL, stop_rx.clone(), {
+            let state = state.clone();
+            move || {
+                let state = state.clone();
+                async move {
+                    match prune_events(&state).await {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::info!(removed, "removed node events past the retention period"),
+                        Err(err) => {
+                            tracing::warn!(error = %format!("{err:#}"), "removing old node events failed; will retry")
+                        }
+                    }
+                }
+            }
+        }));
         let checkpointer = tokio::spawn(every(Duration::from_secs(1), stop_rx.clone(), {
             let state = state.clone();
             move || {
@@ -119,12 +138,19 @@ impl App {
         let _ = sweeper.await;
         let _ = flusher.await;
         let _ = checkpointer.await;
+        let _ = pruner.await;
         if let Err(err) = state.registry.flush().await {
             tracing::error!(error = ?err, "writing the last heartbeat figures failed");
         }
         state.store.close().await;
         served.context("serving HTTP")
     }
+}
+
+/// Removes node events older than the retention period (`--event-retention-days`); returns how many.
+pub async fn prune_events(state: &AppInner) -> anyhow::Result<u64> {
+    let retention = i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
+    state.store.prune_events(state.clock.now_ms().saturating_sub(retention)).await
 }
 
 /// Runs `tick` every `period` until `stop` turns true.
@@ -156,6 +182,47 @@ async fn import_legacy(store: &Store, legacy: &LegacyFile, now: Millis) -> anyho
         "nodes.json imported; the agents of these nodes register again and an administrator approves them"
     );
     legacy.mark_migrated()
+}
+
+/// How often node events past the retention period are removed (also once at start).
+const EVENT_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// The file that records that the data directory holds a database.
+const INITIALISED_MARKER: &str = "initialised";
+
+/// Returns whether the data directory was initialised before. A database file that is missing or empty (0 bytes)
+/// in an initialised directory is a fault (a truncated or lost file), not a fresh install: creating a new, empty
+/// fleet over it would hide the loss, so the start stops.
+fn check_database_file(settings: &Settings) -> anyhow::Result<bool> {
+    let marker = settings.data_dir.join(INITIALISED_MARKER);
+    let database = settings.database_path();
+    let size = std::fs::metadata(&database).map(|meta| meta.len()).ok();
+    if !marker.exists() {
+        return Ok(size.is_some_and(|size| size > 0));
+    }
+    match size {
+        Some(size) if size > 0 => Ok(true),
+        found => anyhow::bail!(
+            "the database {} is {} although this data directory was initialised ({} exists): it was truncated or \
+             lost. Restore it from a backup (see docs/operations.md, Backups); to start afresh with an empty fleet \
+             instead, remove {}",
+            database.display(),
+            if found.is_some() { "empty (0 bytes)" } else { "missing" },
+            marker.display(),
+            marker.display()
+        ),
+    }
+}
+
+/// Records that the data directory holds a database, once it has been created.
+fn mark_initialised(settings: &Settings, now: Millis) -> anyhow::Result<()> {
+    let marker = settings.data_dir.join(INITIALISED_MARKER);
+    let text = format!(
+        "llm-router: router.db in this directory was created on {}. While this file exists, a missing or empty \
+         router.db stops the start instead of creating an empty one.\n",
+        crate::clock::rfc3339(now)
+    );
+    std::fs::write(&marker, text).with_context(|| format!("cannot write {}", marker.display()))
 }
 
 fn ensure_writable_dir(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -9,6 +9,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{ErrorBody, ErrorDetail};
 
+use crate::db::StorageFault;
+
 /// A failure answered to the client as `{"error": {"code", "message"}}`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -46,7 +48,7 @@ pub enum ApiError {
     #[error("{0}")]
     StorageUnavailable(String),
     #[error("internal error")]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
 }
 
 impl ApiError {
@@ -128,9 +130,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<anyhow::Error> for ApiError {
+    /// A storage fault is the client's 503 with `Retry-After`; anything else is a 500.
+    fn from(err: anyhow::Error) -> Self {
+        let err = crate::db::classify(err);
+        if err.downcast_ref::<StorageFault>().is_some() {
+            tracing::warn!(error = %format!("{err:#}"), "a request failed on a storage fault");
+            return ApiError::StorageUnavailable(
+                "The router could not store this change (its disk may be full or failing); nothing of it was \
+                 applied. Try again shortly."
+                    .to_owned(),
+            );
+        }
+        ApiError::Internal(err)
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        ApiError::Internal(err.into())
+        anyhow::Error::from(err).into()
     }
 }
 

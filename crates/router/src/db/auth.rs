@@ -3,7 +3,7 @@
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::Store;
+use super::{Store, write_tx};
 use crate::auth::token::TokenHash;
 use crate::auth::{Principal, Role};
 use crate::clock::Millis;
@@ -45,17 +45,19 @@ impl Store {
 
     /// Inserts a user; `Ok(false)` when the name is taken.
     pub async fn insert_user(&self, user: &UserRow) -> anyhow::Result<bool> {
-        let result = sqlx::query(
-            "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (username) DO NOTHING",
-        )
-        .bind(&user.username)
-        .bind(&user.password_hash)
-        .bind(user.role.as_str())
-        .bind(user.created_at)
-        .execute(&self.writer)
-        .await?;
-        Ok(result.rows_affected() == 1)
+        write_tx!(self, |tx| async {
+            let result = sqlx::query(
+                "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (username) DO NOTHING",
+            )
+            .bind(&user.username)
+            .bind(&user.password_hash)
+            .bind(user.role.as_str())
+            .bind(user.created_at)
+            .execute(&mut *tx)
+            .await?;
+            anyhow::Ok(result.rows_affected() == 1)
+        })
     }
 
     pub async fn user(&self, username: &str) -> anyhow::Result<Option<UserRow>> {
@@ -75,33 +77,27 @@ impl Store {
 
     /// Deletes a user and their sessions, refusing to remove the last administrator.
     pub async fn delete_user(&self, username: &str) -> Result<(), DeleteUserError> {
-        let mut tx = self.writer.begin().await.map_err(anyhow::Error::from)?;
-        let role: Option<String> = sqlx::query("SELECT role FROM users WHERE username = ?")
-            .bind(username)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(anyhow::Error::from)?
-            .map(|row| row.try_get(0))
-            .transpose()
-            .map_err(anyhow::Error::from)?;
-        let role = role.ok_or(DeleteUserError::NotFound)?;
-        if role == Role::Admin.as_str() {
-            let admins: i64 = sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin'")
-                .fetch_one(&mut *tx)
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(anyhow::Error::from)?;
-            if admins <= 1 {
-                return Err(DeleteUserError::LastAdmin);
+        let refused: Option<DeleteUserError> = write_tx!(self, |tx| async {
+            let role: Option<String> = sqlx::query("SELECT role FROM users WHERE username = ?")
+                .bind(username)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?;
+            let Some(role) = role else { return anyhow::Ok(Some(DeleteUserError::NotFound)) };
+            if role == Role::Admin.as_str() {
+                let admins: i64 = sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin'")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .and_then(|row| row.try_get(0))?;
+                if admins <= 1 {
+                    return Ok(Some(DeleteUserError::LastAdmin));
+                }
             }
-        }
-        sqlx::query("DELETE FROM users WHERE username = ?")
-            .bind(username)
-            .execute(&mut *tx)
-            .await
-            .map_err(anyhow::Error::from)?;
-        tx.commit().await.map_err(anyhow::Error::from)?;
-        Ok(())
+            sqlx::query("DELETE FROM users WHERE username = ?").bind(username).execute(&mut *tx).await?;
+            Ok(None)
+        })?;
+        refused.map_or(Ok(()), Err)
     }
 
     pub async fn insert_session(
@@ -111,20 +107,24 @@ impl Store {
         now: Millis,
         expires_at: Millis,
     ) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(now).execute(&self.writer).await?;
-        sqlx::query("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)")
-            .bind(hash.to_hex())
-            .bind(username)
-            .bind(now)
-            .bind(expires_at)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        write_tx!(self, |tx| async {
+            sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(now).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)")
+                .bind(hash.to_hex())
+                .bind(username)
+                .bind(now)
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
+            anyhow::Ok(())
+        })
     }
 
     pub async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(hash.to_hex()).execute(&self.writer).await?;
-        Ok(())
+        write_tx!(self, |tx| async {
+            sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(hash.to_hex()).execute(&mut *tx).await?;
+            anyhow::Ok(())
+        })
     }
 
     /// The signed-in user behind a session token or API key, if it is valid now.
@@ -160,18 +160,20 @@ impl Store {
     }
 
     pub async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(key.id.to_string())
-        .bind(&key.name)
-        .bind(hash.to_hex())
-        .bind(key.role.as_str())
-        .bind(&key.created_by)
-        .bind(key.created_at)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        write_tx!(self, |tx| async {
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(key.id.to_string())
+            .bind(&key.name)
+            .bind(hash.to_hex())
+            .bind(key.role.as_str())
+            .bind(&key.created_by)
+            .bind(key.created_at)
+            .execute(&mut *tx)
+            .await?;
+            anyhow::Ok(())
+        })
     }
 
     pub async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
@@ -193,9 +195,11 @@ impl Store {
 
     /// Revokes an API key; `Ok(false)` when there was none with this id.
     pub async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
-        let result =
-            sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id.to_string()).execute(&self.writer).await?;
-        Ok(result.rows_affected() == 1)
+        write_tx!(self, |tx| async {
+            let result =
+                sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+            anyhow::Ok(result.rows_affected() == 1)
+        })
     }
 }
 

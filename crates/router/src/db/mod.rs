@@ -4,19 +4,61 @@
 //! Writes go through one connection, so SQLite never has to arbitrate between writers and a burst of registrations
 //! queues in order instead of failing with `SQLITE_BUSY`; reads use a small pool of their own (WAL lets them run
 //! beside the writer).
+//!
+//! Every write is one transaction run by [`Store::write`] (or the group commit of registrations). A write that
+//! fails (full disk, I/O error) is undone whole and reported as a [`StorageFault`]; the writer connection is then
+//! closed and a fresh one opened for the next write, so a connection whose transaction SQLite already rolled back
+//! on its own can never make a later write join a transaction that is never committed.
 
 pub mod auth;
 pub mod nodes;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Transaction};
 
 /// Migrations, embedded in the binary and applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Size the write-ahead log is cut back to whenever SQLite resets it (`journal_size_limit`).
+const JOURNAL_SIZE_LIMIT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Log size above which a checkpoint waits for the writer and truncates the log, so that no write load can grow it
+/// without bound (a passive checkpoint never catches up with a writer that never pauses).
+pub const WAL_TRUNCATE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// A write the database could not make: the disk is full, an I/O error, the database file became unwritable or the
+/// writer connection was lost. Nothing of the write was kept; the same write may succeed once the fault is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the database could not be written (disk full or I/O error)")]
+pub struct StorageFault;
+
+/// True for errors of the storage itself, as opposed to a refused statement (a constraint, a bug).
+fn is_fault(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|code| code.parse::<i32>().ok()).unwrap_or(0);
+            // Primary result codes: BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL,
+            // NOTADB.
+            matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 15 | 26)
+        }
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Marks `err` as a [`StorageFault`] when a storage error is among its causes.
+pub(crate) fn classify(err: anyhow::Error) -> anyhow::Error {
+    let fault = err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_fault);
+    if fault && err.downcast_ref::<StorageFault>().is_none() { err.context(StorageFault) } else { err }
+}
 
 /// Handle to the database: one writer connection, a pool of readers, and a connection that checkpoints.
 #[derive(Debug, Clone)]
@@ -26,6 +68,9 @@ pub struct Store {
     checkpointer: SqlitePool,
     /// Registrations waiting for the next group commit.
     inserts: tokio::sync::mpsc::Sender<nodes::InsertJob>,
+    /// Largest database size in pages the writer may reach (0: SQLite's own limit). Set by tests to make the
+    /// database "full" without filling a disk; applied to every writer connection, including reopened ones.
+    page_limit: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -42,10 +87,26 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         // The writer never checkpoints: copying the write-ahead log into the database happens beside it
         // (`checkpoint`), so no registration waits for a checkpoint's copy and fsync.
+        let options = options.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES.to_string());
+        let page_limit = Arc::new(AtomicU64::new(0));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .after_connect({
+                let page_limit = page_limit.clone();
+                move |conn, _| {
+                    let limit = page_limit.load(Ordering::Relaxed);
+                    Box::pin(async move {
+                        if limit > 0 {
+                            sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {limit}")))
+                                .execute(conn)
+                                .await?;
+                        }
+                        Ok(())
+                    })
+                }
+            })
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .with_context(|| format!("opening database {}", path.display()))?;
@@ -64,14 +125,57 @@ impl Store {
             .with_context(|| format!("opening database {} for reading", path.display()))?;
         let (inserts, jobs) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(nodes::group_commits(writer.clone(), jobs));
-        Ok(Store { writer, reader, checkpointer, inserts })
+        Ok(Store { writer, reader, checkpointer, inserts, page_limit })
+    }
+
+    /// The writer connection, for one write transaction (see [`write_tx!`], which wraps this).
+    pub(crate) async fn writer(&self) -> anyhow::Result<Writer> {
+        Writer::acquire(&self.writer).await
+    }
+
+    /// Makes the database refuse to grow past `pages` pages, as a full disk would (`None`: no limit). For tests of
+    /// the router's behaviour under storage faults.
+    #[doc(hidden)]
+    pub async fn limit_pages(&self, pages: Option<u64>) -> anyhow::Result<()> {
+        // SQLite's own maximum, which is what "no limit" means to it.
+        let limit = pages.unwrap_or(4_294_967_294);
+        self.page_limit.store(limit, Ordering::Relaxed);
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {limit}"))).execute(&self.writer).await?;
+        Ok(())
+    }
+
+    /// The database's size in pages, as the writer sees it.
+    #[doc(hidden)]
+    pub async fn page_count(&self) -> anyhow::Result<u64> {
+        let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count").fetch_one(&self.writer).await?;
+        Ok(u64::try_from(pages).unwrap_or(0))
     }
 
     /// Copies what it can of the write-ahead log into the database without waiting for readers or the writer
-    /// (SQLite's passive checkpoint). Run every second in the background; returns the log's size in pages.
+    /// (SQLite's passive checkpoint); when the log is still over [`WAL_TRUNCATE_BYTES`] afterwards, checkpoints
+    /// again waiting for the writer and truncates the log. Run every second in the background; returns the log's
+    /// size in pages after the checkpoint.
     pub async fn checkpoint(&self) -> anyhow::Result<i64> {
+        self.checkpoint_with_limit(WAL_TRUNCATE_BYTES).await
+    }
+
+    /// [`Store::checkpoint`] with another truncation threshold.
+    #[doc(hidden)]
+    pub async fn checkpoint_with_limit(&self, truncate_bytes: u64) -> anyhow::Result<i64> {
         let (_busy, log_pages, _copied): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.checkpointer).await?;
+        let (page_size,): (i64,) = sqlx::query_as("PRAGMA page_size").fetch_one(&self.checkpointer).await?;
+        if log_pages.saturating_mul(page_size) <= i64::try_from(truncate_bytes).unwrap_or(i64::MAX) {
+            return Ok(log_pages);
+        }
+        // TRUNCATE waits (up to the busy timeout) for the writer's transaction in progress and for readers, copies
+        // the rest of the log and cuts the file to zero bytes. Writes pause for that copy, which is short since the
+        // passive checkpoint just did most of it.
+        let (busy, log_pages, _copied): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.checkpointer).await?;
+        if busy != 0 {
+            tracing::debug!(log_pages, "the write-ahead log could not be truncated yet; will retry");
+        }
         Ok(log_pages)
     }
 
@@ -85,3 +189,60 @@ impl Store {
         self.checkpointer.close().await;
     }
 }
+
+/// The writer connection, held for one write transaction.
+///
+/// A failed write must not leave the connection behind: SQLite may already have rolled the transaction back by
+/// itself (a full disk does), and a connection whose idea of the transaction differs from SQLite's would let the
+/// next write join a transaction that is never committed. [`Writer::finish`] therefore closes the connection after
+/// any failure; the pool opens a fresh one for the next write, so writes work again by themselves once the fault is
+/// gone.
+pub(crate) struct Writer {
+    conn: PoolConnection<Sqlite>,
+}
+
+impl Writer {
+    /// Waits for the writer connection of `pool` (a pool of one).
+    pub(crate) async fn acquire(pool: &SqlitePool) -> anyhow::Result<Writer> {
+        let conn = pool.acquire().await.map_err(|err| classify(err.into()))?;
+        Ok(Writer { conn })
+    }
+
+    /// Starts the transaction.
+    pub(crate) async fn begin(&mut self) -> Result<Transaction<'_, Sqlite>, sqlx::Error> {
+        self.conn.begin().await
+    }
+
+    /// Settles a write: on success the connection goes back to the pool; on failure it is closed, and a storage
+    /// error comes back marked as [`StorageFault`].
+    pub(crate) async fn finish<T>(self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(err) => {
+                let err = classify(err);
+                tracing::warn!(error = %format!("{err:#}"), "a database write failed and was undone; the writer connection is reopened for the next write");
+                if let Err(close) = self.conn.close().await {
+                    tracing::debug!(error = %close, "closing the writer connection after a failed write");
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Runs the statements of `$body` (an async block using `$tx: &mut SqliteConnection`) in one write transaction.
+macro_rules! write_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {{
+        let mut writer = $store.writer().await?;
+        let result: anyhow::Result<_> = async {
+            let mut transaction = writer.begin().await?;
+            let $tx: &mut sqlx::SqliteConnection = &mut transaction;
+            let value = $body.await?;
+            transaction.commit().await?;
+            Ok(value)
+        }
+        .await;
+        writer.finish(result).await
+    }};
+}
+pub(crate) use write_tx;

@@ -9,7 +9,7 @@ use sqlx::{QueryBuilder, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::Store;
+use super::{StorageFault, Store, Writer, write_tx};
 use crate::auth::token::TokenHash;
 use crate::clock::{Millis, rfc3339};
 use crate::registry::node::{Node, NodeEvent, NodeEventView, PackedMetrics};
@@ -111,18 +111,18 @@ impl Store {
     /// Imports nodes that have no token (legacy `nodes.json`) in one transaction. A node whose id, or machine name
     /// and port, is already stored is left out, which makes a repeated import add nothing. Returns the ids added.
     pub async fn import_nodes(&self, nodes: &[(Node, NodeEvent)]) -> anyhow::Result<Vec<Uuid>> {
-        let mut tx = self.writer.begin().await?;
-        let mut added = Vec::new();
-        for (node, event) in nodes {
-            let inserted = insert_row(&mut tx, node, INSERT_NODE_IF_NEW).await?;
-            if inserted.rows_affected() == 1 {
-                insert_lists(&mut tx, node).await?;
-                write_event(&mut tx, event).await?;
-                added.push(node.id);
+        write_tx!(self, |tx| async {
+            let mut added = Vec::new();
+            for (node, event) in nodes {
+                let inserted = insert_row(tx, node, INSERT_NODE_IF_NEW).await?;
+                if inserted.rows_affected() == 1 {
+                    insert_lists(tx, node).await?;
+                    write_event(tx, event).await?;
+                    added.push(node.id);
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(added)
+            anyhow::Ok(added)
+        })
     }
 
     /// Rewrites a re-registered node's descriptive fields, status and token in one transaction.
@@ -133,113 +133,114 @@ impl Store {
         now: Millis,
         event: Option<&NodeEvent>,
     ) -> anyhow::Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query(
-            "UPDATE nodes SET ip_address = ?, runtime_version = ?, status = ?, approved_at = ?, approved_by = ? \
-             WHERE id = ?",
-        )
-        .bind(&node.ip_address)
-        .bind(&node.runtime_version)
-        .bind(node.status.as_str())
-        .bind(node.approved_at)
-        .bind(&node.approved_by)
-        .bind(node.id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        write_lists(&mut tx, node).await?;
-        write_token(&mut tx, node.id, token, now).await?;
-        if let Some(event) = event {
-            write_event(&mut tx, event).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Persists a status change (and approval fields) together with its event.
-    pub async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE nodes SET status = ?, approved_at = ?, approved_by = ? WHERE id = ?")
+        write_tx!(self, |tx| async {
+            sqlx::query(
+                "UPDATE nodes SET ip_address = ?, runtime_version = ?, status = ?, approved_at = ?, approved_by = ? \
+                 WHERE id = ?",
+            )
+            .bind(&node.ip_address)
+            .bind(&node.runtime_version)
             .bind(node.status.as_str())
             .bind(node.approved_at)
             .bind(&node.approved_by)
             .bind(node.id.to_string())
             .execute(&mut *tx)
             .await?;
-        write_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(())
+            write_lists(tx, node).await?;
+            write_token(tx, node.id, token, now).await?;
+            if let Some(event) = event {
+                write_event(tx, event).await?;
+            }
+            anyhow::Ok(())
+        })
+    }
+
+    /// Persists a status change (and approval fields) together with its event.
+    pub async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
+        write_tx!(self, |tx| async {
+            sqlx::query("UPDATE nodes SET status = ?, approved_at = ?, approved_by = ? WHERE id = ?")
+                .bind(node.status.as_str())
+                .bind(node.approved_at)
+                .bind(&node.approved_by)
+                .bind(node.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            write_event(tx, event).await?;
+            cap_events(tx, node.id).await
+        })
     }
 
     /// Persists the fields an administrator edits.
     pub async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE nodes SET display_name = ?, notes = ? WHERE id = ?")
-            .bind(&node.display_name)
-            .bind(&node.notes)
-            .bind(node.id.to_string())
-            .execute(&mut *tx)
+        write_tx!(self, |tx| async {
+            sqlx::query("UPDATE nodes SET display_name = ?, notes = ? WHERE id = ?")
+                .bind(&node.display_name)
+                .bind(&node.notes)
+                .bind(node.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            replace_strings(
+                tx,
+                "DELETE FROM node_tags WHERE node_id = ?",
+                "INSERT INTO node_tags (node_id, position, tag) VALUES (?, ?, ?)",
+                node.id,
+                &node.tags,
+            )
             .await?;
-        replace_strings(
-            &mut tx,
-            "DELETE FROM node_tags WHERE node_id = ?",
-            "INSERT INTO node_tags (node_id, position, tag) VALUES (?, ?, ?)",
-            node.id,
-            &node.tags,
-        )
-        .await?;
-        write_lists_copy(&mut tx, node.id, &NodeLists::of(node)).await?;
-        tx.commit().await?;
-        Ok(())
+            write_lists_copy(tx, node.id, &NodeLists::of(node)).await
+        })
     }
 
     /// Removes a node with its lists and token; its events stay as the audit trail, plus one for the deletion.
     pub async fn delete_node(&self, id: Uuid, event: &NodeEvent) -> anyhow::Result<()> {
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM nodes WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
-        write_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(())
+        write_tx!(self, |tx| async {
+            sqlx::query("DELETE FROM nodes WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+            write_event(tx, event).await
+        })
     }
 
     /// Writes a batch of heartbeat figures in one transaction. Nodes deleted meanwhile match no row and are skipped.
     pub async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
-        let mut tx = self.writer.begin().await?;
-        // One statement per chunk, not per node: each statement is a round trip to the database thread.
-        for chunk in batch.chunks(FIGURES_PER_STATEMENT) {
-            let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
-            update.push_values(chunk, |mut row, figures| {
-                row.push_bind(figures.node_id.to_string())
-                    .push_bind(figures.last_seen_at)
-                    .push_bind(metrics_json(&figures.metrics));
-            });
-            update.push(
-                ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
-            );
-            update.build().execute(&mut *tx).await?;
-        }
-        for figures in batch {
-            let Some(lists) = &figures.lists else { continue };
-            let exists = sqlx::query("SELECT 1 FROM nodes WHERE id = ?")
-                .bind(figures.node_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?
-                .is_some();
-            if exists {
-                write_models(&mut tx, figures.node_id, &lists.loaded_models, &lists.ready_models).await?;
-                write_lists_copy(&mut tx, figures.node_id, lists).await?;
+        write_tx!(self, |tx| async {
+            // One statement per chunk, not per node: each statement is a round trip to the database thread.
+            for chunk in batch.chunks(FIGURES_PER_STATEMENT) {
+                let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
+                update.push_values(chunk, |mut row, figures| {
+                    row.push_bind(figures.node_id.to_string())
+                        .push_bind(figures.last_seen_at)
+                        .push_bind(metrics_json(&figures.metrics));
+                });
+                update.push(
+                    ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
+                );
+                update.build().execute(&mut *tx).await?;
             }
-        }
-        tx.commit().await?;
-        Ok(())
+            for figures in batch {
+                let Some(lists) = &figures.lists else { continue };
+                let exists = sqlx::query("SELECT 1 FROM nodes WHERE id = ?")
+                    .bind(figures.node_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                if exists {
+                    write_models(tx, figures.node_id, &lists.loaded_models, &lists.ready_models).await?;
+                    write_lists_copy(tx, figures.node_id, lists).await?;
+                }
+            }
+            anyhow::Ok(())
+        })
     }
 
-    /// A node's history, newest first.
-    pub async fn node_events(&self, id: Uuid) -> anyhow::Result<Vec<NodeEventView>> {
+    /// A page of a node's history, newest first: at most `limit` events older than the event `before` (all when
+    /// `None`).
+    pub async fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> anyhow::Result<Vec<NodeEventView>> {
         let rows = sqlx::query(
             "SELECT id, node_id, at, from_status, to_status, reason, actor FROM node_events \
-             WHERE node_id = ? ORDER BY id DESC",
+             WHERE node_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
         )
         .bind(id.to_string())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter()
@@ -257,6 +258,49 @@ impl Store {
             })
             .collect()
     }
+
+    /// Removes events recorded before `cutoff`, a bounded batch per transaction so that the writer is never held
+    /// for long. Returns how many were removed.
+    pub async fn prune_events(&self, cutoff: Millis) -> anyhow::Result<u64> {
+        let mut removed = 0;
+        loop {
+            let batch = write_tx!(self, |tx| async {
+                let done = sqlx::query(
+                    "DELETE FROM node_events WHERE id IN (SELECT id FROM node_events WHERE at < ? LIMIT ?)",
+                )
+                .bind(cutoff)
+                .bind(PRUNE_BATCH)
+                .execute(&mut *tx)
+                .await?;
+                anyhow::Ok(done.rows_affected())
+            })?;
+            removed += batch;
+            if batch < PRUNE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
+/// Most events kept per node (SPEC §9): a node's older events go as new ones are written.
+pub const EVENTS_PER_NODE: i64 = 1000;
+
+/// Events removed per transaction by [`Store::prune_events`].
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Keeps the newest [`EVENTS_PER_NODE`] events of a node. Two index probes when there is nothing to remove.
+async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()> {
+    let id = id.to_string();
+    sqlx::query(
+        "DELETE FROM node_events WHERE node_id = ? AND id <= \
+         (SELECT id FROM node_events WHERE node_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+    )
+    .bind(&id)
+    .bind(&id)
+    .bind(EVENTS_PER_NODE)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
@@ -318,31 +362,49 @@ pub(super) async fn group_commits(writer: SqlitePool, mut jobs: mpsc::Receiver<I
     }
 }
 
-/// One result per job; all errors when the commit itself fails.
-async fn commit_group(writer: &SqlitePool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
-    let failed =
-        |err: &anyhow::Error| batch.iter().map(|_| Err(InsertError::Other(anyhow::anyhow!("{err:#}")))).collect();
-    let mut tx = match writer.begin().await {
-        Ok(tx) => tx,
-        Err(err) => return failed(&err.into()),
-    };
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        let result = match sqlx::query("SAVEPOINT registration").execute(&mut *tx).await {
-            Ok(_) => insert_one(&mut tx, job).await,
-            Err(err) => Err(InsertError::Other(err.into())),
-        };
-        // A failed registration is undone alone; the others in the group stay.
-        let end: &'static str =
-            if result.is_ok() { "RELEASE registration" } else { "ROLLBACK TO registration; RELEASE registration" };
-        if let Err(err) = sqlx::raw_sql(end).execute(&mut *tx).await {
-            return failed(&err.into());
+/// One result per job. A registration refused as a duplicate is undone alone (its savepoint) and the others stay;
+/// any other failure (a full disk, an I/O error) may already have undone the whole transaction inside SQLite, so
+/// the group fails as one and every job gets the error: no answer of success for a row that was not committed.
+async fn commit_group(pool: &SqlitePool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
+    let outcome = async {
+        let mut writer = Writer::acquire(pool).await?;
+        let result = async {
+            let mut tx = writer.begin().await?;
+            let mut results = Vec::with_capacity(batch.len());
+            for job in batch {
+                sqlx::query("SAVEPOINT registration").execute(&mut *tx).await?;
+                match insert_one(&mut tx, job).await {
+                    Ok(()) => {
+                        sqlx::query("RELEASE registration").execute(&mut *tx).await?;
+                        results.push(Ok(()));
+                    }
+                    Err(InsertError::Duplicate) => {
+                        sqlx::raw_sql("ROLLBACK TO registration; RELEASE registration").execute(&mut *tx).await?;
+                        results.push(Err(InsertError::Duplicate));
+                    }
+                    Err(InsertError::Other(err)) => return Err(err),
+                }
+            }
+            tx.commit().await?;
+            Ok(results)
         }
-        results.push(result);
+        .await;
+        writer.finish(result).await
     }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(err) => failed(&err.into()),
+    .await;
+    match outcome {
+        Ok(results) => results,
+        Err(err) => {
+            let fault = err.downcast_ref::<StorageFault>().is_some();
+            let message = format!("{err:#}");
+            batch
+                .iter()
+                .map(|_| {
+                    let err = anyhow::anyhow!("registration not stored: {message}");
+                    Err(InsertError::Other(if fault { err.context(StorageFault) } else { err }))
+                })
+                .collect()
+        }
     }
 }
 

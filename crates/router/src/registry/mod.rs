@@ -76,8 +76,8 @@ pub struct Registered {
 pub enum RegistrationPlan {
     /// No node with this name and port: create one.
     Create,
-    /// The caller presented this node's own token: rotate it, keep id and status.
-    Rotate(Uuid),
+    /// The caller presented this node's own token (its hash here): rotate it, keep id and status.
+    Rotate(Uuid, TokenHash),
     /// The node was imported and has never had a token: take it over as pending.
     TakeOver(Uuid),
 }
@@ -152,7 +152,7 @@ impl Registry {
         match token {
             Some(None) => Ok(RegistrationPlan::TakeOver(id)),
             Some(Some(stored)) if presented.is_some_and(|p| TokenHash::of(p) == stored) => {
-                Ok(RegistrationPlan::Rotate(id))
+                Ok(RegistrationPlan::Rotate(id, stored))
             }
             _ => Err(node_exists(reg, id)),
         }
@@ -162,8 +162,8 @@ impl Registry {
     pub async fn register(&self, reg: Registration, plan: RegistrationPlan) -> ApiResult<Registered> {
         match plan {
             RegistrationPlan::Create => self.create(reg).await,
-            RegistrationPlan::Rotate(id) => self.reregister(id, reg, false).await,
-            RegistrationPlan::TakeOver(id) => self.reregister(id, reg, true).await,
+            RegistrationPlan::Rotate(id, presented) => self.reregister(id, reg, Some(presented)).await,
+            RegistrationPlan::TakeOver(id) => self.reregister(id, reg, None).await,
         }
     }
 
@@ -214,8 +214,10 @@ impl Registry {
         Ok(Registered { node_id: id, token, status: NodeStatus::Pending, created: true })
     }
 
-    /// Token rotation (`takeover == false`) or takeover of an imported node (`takeover == true`).
-    async fn reregister(&self, id: Uuid, reg: Registration, takeover: bool) -> ApiResult<Registered> {
+    /// Token rotation (`presented` is the hash of the node's token the caller showed) or takeover of an imported
+    /// node that has no token (`presented == None`).
+    async fn reregister(&self, id: Uuid, reg: Registration, presented: Option<TokenHash>) -> ApiResult<Registered> {
+        let takeover = presented.is_none();
         let slot = self.slot_or_404(id)?;
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
@@ -224,8 +226,9 @@ impl Registry {
             if state.deleted {
                 return Err(not_found(format!("Node {id} was deleted meanwhile; register again.")));
             }
-            // The plan was made without the lock: check it still holds.
-            if takeover != state.token.is_none() {
+            // The plan was made without the lock: check it still holds. Of concurrent rotations with the same token,
+            // the first to get here replaces it; the others present a token that is no longer the node's.
+            if state.token != presented {
                 return Err(node_exists(&reg, id));
             }
             let mut node = state.node.clone();

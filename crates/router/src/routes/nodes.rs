@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{NODE_TOKEN_HEADER, NodeStatus, RegisterRequest, RegisterResponse};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -13,6 +14,7 @@ use uuid::Uuid;
 use super::json::JsonBody;
 use crate::app::AppState;
 use crate::auth::{AdminUser, Viewer};
+use crate::db::nodes::EVENTS_PER_NODE;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
 use crate::registry::node::{NodeEventView, NodeView};
@@ -187,11 +189,30 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A node's transition history, newest first
+/// Query of `GET /v0/nodes/{id}/events`.
+#[derive(Debug, Deserialize)]
+pub struct EventsParams {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+/// Events in one page when the caller names no `limit`.
+const DEFAULT_EVENTS_PAGE: u32 = 100;
+
+/// A node's transition history, newest first, paged
+///
+/// At most `limit` events (default 100, at most 1,000), older than the event whose id is `before`. When the page
+/// is full, the `Link` header names the next page (`rel="next"`).
 #[utoipa::path(get, path = "/v0/nodes/{id}/events", tag = "nodes", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Node id (UUID)")),
+    params(
+        ("id" = String, Path, description = "Node id (UUID)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Events per page (default 100)"),
+        ("before" = Option<i64>, Query, minimum = 1, description = "Only events older than the event with this id (the `id` of the last event of the previous page)")
+    ),
     responses(
-        (status = 200, description = "Events, newest first", body = Vec<NodeEventView>),
+        (status = 200, description = "Events, newest first", body = Vec<NodeEventView>,
+            headers(("Link" = String, description = "`<…?limit=N&before=ID>; rel=\"next\"` when there may be more"))),
+        (status = 400, description = "`limit` or `before` out of range", body = ErrorBody),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "The credential's role may not do this", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody)
@@ -200,10 +221,29 @@ pub async fn events(
     State(state): State<AppState>,
     _viewer: Viewer,
     Path(id): Path<String>,
-) -> ApiResult<Json<Vec<NodeEventView>>> {
+    params: Result<Query<EventsParams>, QueryRejection>,
+) -> ApiResult<Response> {
     let id = node_id(&id)?;
+    let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
+    let limit = params.limit.unwrap_or(DEFAULT_EVENTS_PAGE);
+    let max = EVENTS_PER_NODE as u32;
+    if !(1..=max).contains(&limit) {
+        return Err(bad_request(format!("`limit` must be 1 to {max}.")));
+    }
+    if params.before.is_some_and(|before| before < 1) {
+        return Err(bad_request("`before` must be the id of an event (a positive integer)."));
+    }
     state.registry.get(id)?;
-    Ok(Json(state.store.node_events(id).await?))
+    let events = state.store.node_events(id, limit, params.before).await?;
+    let next = (events.len() == limit as usize).then(|| events.last().map(|last| last.id)).flatten();
+    let mut response = Json(events).into_response();
+    if let Some(last) = next
+        && let Ok(link) =
+            HeaderValue::from_str(&format!("</v0/nodes/{id}/events?limit={limit}&before={last}>; rel=\"next\""))
+    {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
 }
 
 /// A path segment that is not a UUID names no node.
