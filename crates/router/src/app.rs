@@ -60,7 +60,9 @@ impl App {
         }
         create_first_admin(&store, &settings, clock.as_ref()).await?;
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
-        let metrics = Arc::new(Metrics::default());
+        let mut metrics = Metrics::default();
+        metrics.storage_faults = store.fault_counter();
+        let metrics = Arc::new(metrics);
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone()).await?;
         let prober = Prober::new(settings.reachability_timeout)?;
         if !settings.reachability_check {

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub flush_batch_size: Histogram,
     pub flush_lag_seconds: Histogram,
     pub flush_errors: AtomicU64,
+    /// Writes the database could not make (disk full, I/O error), counted by the store.
+    pub storage_faults: Arc<AtomicU64>,
     pub sweep_seconds: Histogram,
     /// By matched route, then by method: looked up without allocating on every request.
     http: RwLock<HashMap<String, ByMethod>>,
@@ -113,6 +115,7 @@ impl Default for Metrics {
             flush_batch_size: Histogram::new(BATCH_BUCKETS),
             flush_lag_seconds: Histogram::new(LAG_BUCKETS),
             flush_errors: AtomicU64::new(0),
+            storage_faults: Arc::new(AtomicU64::new(0)),
             sweep_seconds: Histogram::new(LATENCY_BUCKETS),
             http: RwLock::new(HashMap::new()),
         }
@@ -174,6 +177,11 @@ impl Metrics {
             ("llm_router_approvals_total", "Nodes approved by an administrator.", &self.approvals),
             ("llm_router_deletions_total", "Nodes deleted by an administrator.", &self.deletions),
             ("llm_router_flush_errors_total", "Failed writes of heartbeat figures (retried).", &self.flush_errors),
+            (
+                "llm_router_storage_errors_total",
+                "Writes the database could not make (disk full, I/O error); each was undone and its caller told.",
+                &self.storage_faults,
+            ),
         ] {
             family(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));

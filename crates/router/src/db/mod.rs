@@ -71,6 +71,8 @@ pub struct Store {
     /// Largest database size in pages the writer may reach (0: SQLite's own limit). Set by tests to make the
     /// database "full" without filling a disk; applied to every writer connection, including reopened ones.
     page_limit: Arc<AtomicU64>,
+    /// Writes that failed on a storage fault, for `/metrics`.
+    faults: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -124,13 +126,19 @@ impl Store {
             .await
             .with_context(|| format!("opening database {} for reading", path.display()))?;
         let (inserts, jobs) = tokio::sync::mpsc::channel(1024);
-        tokio::spawn(nodes::group_commits(writer.clone(), jobs));
-        Ok(Store { writer, reader, checkpointer, inserts, page_limit })
+        let faults = Arc::new(AtomicU64::new(0));
+        tokio::spawn(nodes::group_commits(writer.clone(), faults.clone(), jobs));
+        Ok(Store { writer, reader, checkpointer, inserts, page_limit, faults })
     }
 
     /// The writer connection, for one write transaction (see [`write_tx!`], which wraps this).
     pub(crate) async fn writer(&self) -> anyhow::Result<Writer> {
-        Writer::acquire(&self.writer).await
+        Writer::acquire(&self.writer, &self.faults).await
+    }
+
+    /// The counter of writes that failed on a storage fault.
+    pub fn fault_counter(&self) -> Arc<AtomicU64> {
+        self.faults.clone()
     }
 
     /// Makes the database refuse to grow past `pages` pages, as a full disk would (`None`: no limit). For tests of
@@ -199,13 +207,17 @@ impl Store {
 /// gone.
 pub(crate) struct Writer {
     conn: PoolConnection<Sqlite>,
+    faults: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Waits for the writer connection of `pool` (a pool of one).
-    pub(crate) async fn acquire(pool: &SqlitePool) -> anyhow::Result<Writer> {
-        let conn = pool.acquire().await.map_err(|err| classify(err.into()))?;
-        Ok(Writer { conn })
+    pub(crate) async fn acquire(pool: &SqlitePool, faults: &Arc<AtomicU64>) -> anyhow::Result<Writer> {
+        let conn = pool.acquire().await.map_err(|err| {
+            faults.fetch_add(1, Ordering::Relaxed);
+            classify(err.into())
+        })?;
+        Ok(Writer { conn, faults: faults.clone() })
     }
 
     /// Starts the transaction.
@@ -220,6 +232,9 @@ impl Writer {
             Ok(value) => Ok(value),
             Err(err) => {
                 let err = classify(err);
+                if err.downcast_ref::<StorageFault>().is_some() {
+                    self.faults.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::warn!(error = %format!("{err:#}"), "a database write failed and was undone; the writer connection is reopened for the next write");
                 if let Err(close) = self.conn.close().await {
                     tracing::debug!(error = %close, "closing the writer connection after a failed write");

@@ -1,5 +1,8 @@
 //! Rows of `nodes` and its child tables, `node_tokens` and `node_events`.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
 use anyhow::Context;
 use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
@@ -352,10 +355,10 @@ pub(super) struct InsertJob {
 const INSERTS_PER_COMMIT: usize = 64;
 
 /// Commits waiting registrations in groups until every sender is gone.
-pub(super) async fn group_commits(writer: SqlitePool, mut jobs: mpsc::Receiver<InsertJob>) {
+pub(super) async fn group_commits(writer: SqlitePool, faults: Arc<AtomicU64>, mut jobs: mpsc::Receiver<InsertJob>) {
     let mut batch = Vec::with_capacity(INSERTS_PER_COMMIT);
     while jobs.recv_many(&mut batch, INSERTS_PER_COMMIT).await > 0 {
-        let results = commit_group(&writer, &batch).await;
+        let results = commit_group(&writer, &faults, &batch).await;
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.reply.send(result);
         }
@@ -365,9 +368,9 @@ pub(super) async fn group_commits(writer: SqlitePool, mut jobs: mpsc::Receiver<I
 /// One result per job. A registration refused as a duplicate is undone alone (its savepoint) and the others stay;
 /// any other failure (a full disk, an I/O error) may already have undone the whole transaction inside SQLite, so
 /// the group fails as one and every job gets the error: no answer of success for a row that was not committed.
-async fn commit_group(pool: &SqlitePool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
+async fn commit_group(pool: &SqlitePool, faults: &Arc<AtomicU64>, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
     let outcome = async {
-        let mut writer = Writer::acquire(pool).await?;
+        let mut writer = Writer::acquire(pool, faults).await?;
         let result = async {
             let mut tx = writer.begin().await?;
             let mut results = Vec::with_capacity(batch.len());

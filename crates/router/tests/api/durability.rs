@@ -63,6 +63,13 @@ async fn a_full_database_refuses_writes_with_503_and_loses_no_acknowledged_node(
     }
     assert!(!refused.is_empty(), "the database never filled up");
     assert!(!acknowledged.is_empty(), "nothing fitted before the database filled up");
+    let metrics = app.request(Method::GET, "/metrics").send().await.expect("metrics").text().await.expect("text");
+    let faults: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("llm_router_storage_errors_total "))
+        .and_then(|value| value.parse().ok())
+        .expect("llm_router_storage_errors_total");
+    assert!(faults > 0, "storage faults are counted");
 
     // Nothing of a refused registration stays in memory: the router shows exactly what it acknowledged.
     assert_eq!(machine_names(&app).await, acknowledged);
