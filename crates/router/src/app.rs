@@ -123,7 +123,7 @@ impl App {
                 }
             }
         }));
-        let checkpointer = tokio::spawn(every(Duration::from_secs(1), stop_rx.clone(), {
+        let checkpointer = tokio::spawn(every(CHECKPOINT_INTERVAL, stop_rx.clone(), {
             let state = state.clone();
             move || {
                 let state = state.clone();
@@ -185,6 +185,10 @@ async fn import_legacy(store: &Store, legacy: &LegacyFile, now: Millis) -> anyho
     );
     legacy.mark_migrated()
 }
+
+/// How often the write-ahead log is copied into the database in the background (a passive checkpoint, beside the
+/// writer). Often enough that the truncation a write does when the log is over its limit finds little to copy.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often node events past the retention period are removed (also once at start).
 const EVENT_PRUNE_INTERVAL: Duration = Duration::from_secs(600);

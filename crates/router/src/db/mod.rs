@@ -13,7 +13,7 @@
 pub mod auth;
 pub mod nodes;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,9 +30,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Size the write-ahead log is cut back to whenever SQLite resets it (`journal_size_limit`).
 const JOURNAL_SIZE_LIMIT_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Log size above which a checkpoint waits for the writer and truncates the log, so that no write load can grow it
-/// without bound (a passive checkpoint never catches up with a writer that never pauses).
-pub const WAL_TRUNCATE_BYTES: u64 = 32 * 1024 * 1024;
+/// Log size above which the writer, after its commit, checkpoints and truncates the log, so that no write load can
+/// grow it without bound (SPEC §9: under 64 MiB).
+pub const WAL_TRUNCATE_BYTES: u64 = 40 * 1024 * 1024;
 
 /// A write the database could not make: the disk is full, an I/O error, the database file became unwritable or the
 /// writer connection was lost. Nothing of the write was kept; the same write may succeed once the fault is gone.
@@ -63,7 +63,7 @@ pub(crate) fn classify(err: anyhow::Error) -> anyhow::Error {
 /// Handle to the database: one writer connection, a pool of readers, and a connection that checkpoints.
 #[derive(Debug, Clone)]
 pub struct Store {
-    writer: SqlitePool,
+    writer: WriterPool,
     reader: SqlitePool,
     checkpointer: SqlitePool,
     /// Registrations waiting for the next group commit.
@@ -71,8 +71,17 @@ pub struct Store {
     /// Largest database size in pages the writer may reach (0: SQLite's own limit). Set by tests to make the
     /// database "full" without filling a disk; applied to every writer connection, including reopened ones.
     page_limit: Arc<AtomicU64>,
+}
+
+/// The writer connection's pool (of one), with what every write needs beside it.
+#[derive(Debug, Clone)]
+pub(crate) struct WriterPool {
+    pool: SqlitePool,
     /// Writes that failed on a storage fault, for `/metrics`.
     faults: Arc<AtomicU64>,
+    /// The write-ahead log's file, and the size over which a write truncates it.
+    wal: Arc<PathBuf>,
+    wal_limit: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -126,19 +135,32 @@ impl Store {
             .await
             .with_context(|| format!("opening database {} for reading", path.display()))?;
         let (inserts, jobs) = tokio::sync::mpsc::channel(1024);
-        let faults = Arc::new(AtomicU64::new(0));
-        tokio::spawn(nodes::group_commits(writer.clone(), faults.clone(), jobs));
-        Ok(Store { writer, reader, checkpointer, inserts, page_limit, faults })
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let writer = WriterPool {
+            pool: writer,
+            faults: Arc::new(AtomicU64::new(0)),
+            wal: Arc::new(PathBuf::from(wal)),
+            wal_limit: Arc::new(AtomicU64::new(WAL_TRUNCATE_BYTES)),
+        };
+        tokio::spawn(nodes::group_commits(writer.clone(), jobs));
+        Ok(Store { writer, reader, checkpointer, inserts, page_limit })
     }
 
     /// The writer connection, for one write transaction (see [`write_tx!`], which wraps this).
     pub(crate) async fn writer(&self) -> anyhow::Result<Writer> {
-        Writer::acquire(&self.writer, &self.faults).await
+        Writer::acquire(&self.writer).await
     }
 
     /// The counter of writes that failed on a storage fault.
     pub fn fault_counter(&self) -> Arc<AtomicU64> {
-        self.faults.clone()
+        self.writer.faults.clone()
+    }
+
+    /// Sets the size of the write-ahead log over which a write truncates it (default [`WAL_TRUNCATE_BYTES`]).
+    #[doc(hidden)]
+    pub fn limit_log(&self, bytes: u64) {
+        self.writer.wal_limit.store(bytes, Ordering::Relaxed);
     }
 
     /// Makes the database refuse to grow past `pages` pages, as a full disk would (`None`: no limit). For tests of
@@ -148,48 +170,29 @@ impl Store {
         // SQLite's own maximum, which is what "no limit" means to it.
         let limit = pages.unwrap_or(4_294_967_294);
         self.page_limit.store(limit, Ordering::Relaxed);
-        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {limit}"))).execute(&self.writer).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {limit}"))).execute(&self.writer.pool).await?;
         Ok(())
     }
 
     /// The database's size in pages, as the writer sees it.
     #[doc(hidden)]
     pub async fn page_count(&self) -> anyhow::Result<u64> {
-        let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count").fetch_one(&self.writer).await?;
+        let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count").fetch_one(&self.writer.pool).await?;
         Ok(u64::try_from(pages).unwrap_or(0))
     }
 
     /// Copies what it can of the write-ahead log into the database without waiting for readers or the writer
-    /// (SQLite's passive checkpoint); when the log is still over [`WAL_TRUNCATE_BYTES`] afterwards, checkpoints
-    /// again waiting for the writer and truncates the log. Run every second in the background; returns the log's
-    /// size in pages after the checkpoint.
+    /// (SQLite's passive checkpoint). Run every second in the background, so that the truncation a write does when
+    /// the log is over its limit has little left to copy; returns the log's size in pages.
     pub async fn checkpoint(&self) -> anyhow::Result<i64> {
-        self.checkpoint_with_limit(WAL_TRUNCATE_BYTES).await
-    }
-
-    /// [`Store::checkpoint`] with another truncation threshold.
-    #[doc(hidden)]
-    pub async fn checkpoint_with_limit(&self, truncate_bytes: u64) -> anyhow::Result<i64> {
         let (_busy, log_pages, _copied): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.checkpointer).await?;
-        let (page_size,): (i64,) = sqlx::query_as("PRAGMA page_size").fetch_one(&self.checkpointer).await?;
-        if log_pages.saturating_mul(page_size) <= i64::try_from(truncate_bytes).unwrap_or(i64::MAX) {
-            return Ok(log_pages);
-        }
-        // TRUNCATE waits (up to the busy timeout) for the writer's transaction in progress and for readers, copies
-        // the rest of the log and cuts the file to zero bytes. Writes pause for that copy, which is short since the
-        // passive checkpoint just did most of it.
-        let (busy, log_pages, _copied): (i64, i64, i64) =
-            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&self.checkpointer).await?;
-        if busy != 0 {
-            tracing::debug!(log_pages, "the write-ahead log could not be truncated yet; will retry");
-        }
         Ok(log_pages)
     }
 
     /// Checkpoints fully and closes every pool, waiting for queued writes to finish.
     pub async fn close(&self) {
-        self.writer.close().await;
+        self.writer.pool.close().await;
         self.reader.close().await;
         if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.checkpointer).await {
             tracing::warn!(error = %err, "final checkpoint failed; the write-ahead log is applied at the next start");
@@ -207,17 +210,17 @@ impl Store {
 /// gone.
 pub(crate) struct Writer {
     conn: PoolConnection<Sqlite>,
-    faults: Arc<AtomicU64>,
+    shared: WriterPool,
 }
 
 impl Writer {
     /// Waits for the writer connection of `pool` (a pool of one).
-    pub(crate) async fn acquire(pool: &SqlitePool, faults: &Arc<AtomicU64>) -> anyhow::Result<Writer> {
-        let conn = pool.acquire().await.map_err(|err| {
-            faults.fetch_add(1, Ordering::Relaxed);
+    pub(crate) async fn acquire(pool: &WriterPool) -> anyhow::Result<Writer> {
+        let conn = pool.pool.acquire().await.map_err(|err| {
+            pool.faults.fetch_add(1, Ordering::Relaxed);
             classify(err.into())
         })?;
-        Ok(Writer { conn, faults: faults.clone() })
+        Ok(Writer { conn, shared: pool.clone() })
     }
 
     /// Starts the transaction.
@@ -227,13 +230,16 @@ impl Writer {
 
     /// Settles a write: on success the connection goes back to the pool; on failure it is closed, and a storage
     /// error comes back marked as [`StorageFault`].
-    pub(crate) async fn finish<T>(self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    pub(crate) async fn finish<T>(mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         match result {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                self.keep_log_bounded().await;
+                Ok(value)
+            }
             Err(err) => {
                 let err = classify(err);
                 if err.downcast_ref::<StorageFault>().is_some() {
-                    self.faults.fetch_add(1, Ordering::Relaxed);
+                    self.shared.faults.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::warn!(error = %format!("{err:#}"), "a database write failed and was undone; the writer connection is reopened for the next write");
                 if let Err(close) = self.conn.close().await {
@@ -241,6 +247,30 @@ impl Writer {
                 }
                 Err(err)
             }
+        }
+    }
+}
+
+impl Writer {
+    /// After a commit, truncates the write-ahead log when it has grown over its limit.
+    ///
+    /// A writer that never pauses keeps appending while the background passive checkpoint copies, so the log is
+    /// never wholly copied and SQLite never starts it over: it would grow without bound. Here the writer itself,
+    /// between two transactions, copies the rest of the log into the database and cuts the file to zero bytes; the
+    /// next write waits for that copy, which is short since the passive checkpoints did most of it. The write
+    /// before is committed whatever happens here, so a failed checkpoint is only logged (and retried after the
+    /// next write).
+    async fn keep_log_bounded(&mut self) {
+        let size = std::fs::metadata(&*self.shared.wal).map(|meta| meta.len()).unwrap_or(0);
+        if size <= self.shared.wal_limit.load(Ordering::Relaxed) {
+            return;
+        }
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut *self.conn).await {
+            Ok((0, _, _)) => {}
+            Ok((_, log_pages, copied)) => {
+                tracing::debug!(log_pages, copied, "readers kept the write-ahead log from being truncated; will retry")
+            }
+            Err(err) => tracing::warn!(error = %err, size, "truncating the write-ahead log failed; will retry"),
         }
     }
 }

@@ -1,18 +1,15 @@
 //! Rows of `nodes` and its child tables, `node_tokens` and `node_events`.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-
 use anyhow::Context;
 use futures_util::TryStreamExt;
 use llm_router_protocol::{GpuDevice, NodeStatus};
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
+use sqlx::sqlite::{Sqlite, SqliteRow};
 use sqlx::{QueryBuilder, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{StorageFault, Store, Writer, write_tx};
+use super::{StorageFault, Store, Writer, WriterPool, write_tx};
 use crate::auth::token::TokenHash;
 use crate::clock::{Millis, rfc3339};
 use crate::registry::node::{Node, NodeEvent, NodeEventView, PackedMetrics};
@@ -355,10 +352,10 @@ pub(super) struct InsertJob {
 const INSERTS_PER_COMMIT: usize = 64;
 
 /// Commits waiting registrations in groups until every sender is gone.
-pub(super) async fn group_commits(writer: SqlitePool, faults: Arc<AtomicU64>, mut jobs: mpsc::Receiver<InsertJob>) {
+pub(super) async fn group_commits(writer: WriterPool, mut jobs: mpsc::Receiver<InsertJob>) {
     let mut batch = Vec::with_capacity(INSERTS_PER_COMMIT);
     while jobs.recv_many(&mut batch, INSERTS_PER_COMMIT).await > 0 {
-        let results = commit_group(&writer, &faults, &batch).await;
+        let results = commit_group(&writer, &batch).await;
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.reply.send(result);
         }
@@ -368,9 +365,9 @@ pub(super) async fn group_commits(writer: SqlitePool, faults: Arc<AtomicU64>, mu
 /// One result per job. A registration refused as a duplicate is undone alone (its savepoint) and the others stay;
 /// any other failure (a full disk, an I/O error) may already have undone the whole transaction inside SQLite, so
 /// the group fails as one and every job gets the error: no answer of success for a row that was not committed.
-async fn commit_group(pool: &SqlitePool, faults: &Arc<AtomicU64>, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
+async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
     let outcome = async {
-        let mut writer = Writer::acquire(pool, faults).await?;
+        let mut writer = Writer::acquire(pool).await?;
         let result = async {
             let mut tx = writer.begin().await?;
             let mut results = Vec::with_capacity(batch.len());
