@@ -46,6 +46,10 @@ pub struct Options {
     /// Anonymous registrations per minute and address; off (0) unless a test is about the limit, since the
     /// tests register many nodes from 127.0.0.1.
     pub registration_rate: u32,
+    /// Accept nodes at link-local addresses (`--allow-link-local-nodes`).
+    pub allow_link_local_nodes: bool,
+    /// `--public-url`; an `https://` one makes the session cookie `Secure`.
+    pub public_url: Option<String>,
 }
 
 impl Default for Options {
@@ -56,6 +60,8 @@ impl Default for Options {
             offline_after: Duration::from_secs(30),
             legacy_nodes_json: None,
             registration_rate: 0,
+            allow_link_local_nodes: false,
+            public_url: None,
         }
     }
 }
@@ -81,6 +87,8 @@ impl TestApp {
         settings.offline_after = options.offline_after;
         settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
         settings.registration_rate = options.registration_rate;
+        settings.allow_link_local_nodes = options.allow_link_local_nodes;
+        settings.public_url = options.public_url;
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
         if let Some(bytes) = options.legacy_nodes_json {

@@ -5,6 +5,7 @@ mod binary;
 mod errors;
 mod heartbeat;
 mod helpers;
+mod hostile_input;
 mod legacy;
 mod observability;
 mod registration;
