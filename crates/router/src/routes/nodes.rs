@@ -33,7 +33,7 @@ use llm_router_protocol::ErrorBody;
         (status = 409, description = "A node with this machine name and runtime port exists", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
         (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 422, description = "The node's runtime could not be reached", body = ErrorBody)
+        (status = 422, description = "The node's runtime could not be reached, answered non-2xx (redirects included) or sent more than 1 MiB", body = ErrorBody)
     ))]
 pub async fn register(
     State(state): State<AppState>,

@@ -1,10 +1,81 @@
-//! What a stranger on the network may send (SPEC §9 "Bounded work for strangers"): the address rules, control
-//! characters in every string, numeric bounds, passwords and the session cookie.
+//! What a stranger on the network may send (SPEC §9 "Bounded work for strangers"): the reachability probe's limits,
+//! the address rules, control characters in every string, numeric bounds, passwords and the session cookie.
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+
+const MIB: usize = 1 << 20;
+
+fn probing() -> Options {
+    Options { reachability_check: true, ..Options::default() }
+}
+
+#[tokio::test]
+async fn the_probe_reads_at_most_1_mib_of_a_streamed_model_list() {
+    let app = TestApp::with(probing()).await;
+    let runtime = StandInRuntime::start(&["m1"]).await;
+    runtime.stream(2 * MIB);
+    let message =
+        assert_error(app.register(&registration("gpu-big", runtime.addr.port())).await, 422, "node_unreachable").await;
+    assert!(message.contains("1 MiB") && message.contains("/v1/models"), "{message}");
+    assert!(app.nodes().await.is_empty());
+
+    // Just under the limit is an ordinary answer.
+    runtime.stream(MIB - 16);
+    let response = app.register(&registration("gpu-fits", runtime.addr.port())).await;
+    assert_eq!(response.status(), 201);
+    let id = body(response).await["node_id"].as_str().expect("id").to_owned();
+    assert_eq!(app.node(&id).await["loaded_models"], json!(["m1"]));
+}
+
+#[tokio::test]
+async fn a_declared_length_over_1_mib_is_refused_before_reading() {
+    let app = TestApp::with(probing()).await;
+    let runtime = StandInRuntime::start(&[]).await;
+    // The runtime announces 1 GiB and then stalls: reading would only end at the probe's timeout.
+    runtime.declare_length(1 << 30);
+    let message =
+        assert_error(app.register(&registration("gpu-liar", runtime.addr.port())).await, 422, "node_unreachable").await;
+    assert!(message.contains("announced") && message.contains(&(1u64 << 30).to_string()), "{message}");
+    assert!(message.contains("1 MiB"), "{message}");
+}
+
+#[tokio::test]
+async fn the_probe_keeps_the_first_1024_valid_model_ids() {
+    let app = TestApp::with(probing()).await;
+    let mut models = vec![" ".to_owned(), "evil\u{1b}[2J".to_owned(), "a\u{0}b".to_owned()];
+    models.extend((0..100).map(|i| format!("{i}-{}", "x".repeat(600))));
+    models.extend((0..5000).map(|i| format!("model-{i}")));
+    let runtime = StandInRuntime::start(&[]).await;
+    runtime.list(models);
+    let response = app.register(&registration("gpu-many", runtime.addr.port())).await;
+    assert_eq!(response.status(), 201);
+    let id = body(response).await["node_id"].as_str().expect("id").to_owned();
+    let node = app.node(&id).await;
+    let loaded = node["loaded_models"].as_array().expect("list");
+    assert_eq!(loaded.len(), 1024);
+    assert_eq!(loaded[0], "model-0");
+    assert_eq!(loaded[1023], "model-1023");
+
+    // What was kept survives a restart: it was stored, not only held in memory.
+    let app = app.restart(0).await;
+    assert_eq!(app.node(&id).await["loaded_models"].as_array().expect("list").len(), 1024);
+}
+
+#[tokio::test]
+async fn the_probe_does_not_follow_redirects() {
+    let app = TestApp::with(probing()).await;
+    let target = StandInRuntime::start(&["m1"]).await;
+    let runtime = StandInRuntime::start(&[]).await;
+    runtime.redirect_to(format!("http://{}/v1/models", target.addr));
+    let message =
+        assert_error(app.register(&registration("gpu-redirect", runtime.addr.port())).await, 422, "node_unreachable")
+            .await;
+    assert!(message.contains("302") && message.contains("redirect"), "{message}");
+    assert!(app.nodes().await.is_empty());
+}
 
 fn at(ip: &str) -> Value {
     let mut request = registration(&format!("gpu-at-{ip}"), 8000);
