@@ -39,6 +39,9 @@ pub enum Mode {
     Startup(StartupArgs),
     /// Time registrations (reachability check off).
     Register(RegisterArgs),
+    /// Point registrations at hostile runtimes (reachability check on): a 1 GiB model list, a lying length, 200,000
+    /// models; report the answers and the router's peak memory.
+    Probe(ProbeArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -99,6 +102,21 @@ pub struct RegisterArgs {
     pub concurrency: usize,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// Registrations per hostile runtime, all in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
+    pub registrations: usize,
+
+    /// Size of the streamed model list, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub stream_mib: u64,
+
+    /// Models the listing runtime lists.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
+    pub models: usize,
+}
+
 fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if !value.is_finite() || value < 0.0 || (value == 0.0 && !allow_zero) || value > 86_400.0 {
@@ -145,6 +163,8 @@ mod tests {
         assert!(matches!(cli.mode, Mode::Startup(StartupArgs { nodes: 100_000, runs: 3, no_metrics: false })));
         let cli = parse("register --count 2000 --concurrency 16").expect("parse");
         assert!(matches!(cli.mode, Mode::Register(RegisterArgs { count: 2000, concurrency: 16 })));
+        let cli = parse("probe --registrations 32").expect("parse");
+        assert!(matches!(cli.mode, Mode::Probe(ProbeArgs { registrations: 32, stream_mib: 1024, models: 200_000 })));
     }
 
     #[test]
@@ -155,5 +175,6 @@ mod tests {
         assert!(parse("heartbeat --secs nan").is_err());
         assert!(parse("heartbeat --rate-per-node-hz -1").is_err());
         assert!(parse("startup --runs 0").is_err());
+        assert!(parse("probe --registrations 0").is_err());
     }
 }

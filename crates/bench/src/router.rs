@@ -38,12 +38,16 @@ pub fn default_binary() -> anyhow::Result<PathBuf> {
     Ok(dir.join(format!("llm-router{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// How to start a router: which binary, which data directory, which administrator password.
+/// How to start a router: which binary, which data directory, which administrator password, whether registrations
+/// are probed.
 #[derive(Debug, Clone)]
 pub struct RouterSpec {
     pub binary: PathBuf,
     pub data_dir: PathBuf,
     pub admin_password: String,
+    /// Probe each registering node's runtime (off unless a mode measures the probe: the simulated fleet has no
+    /// runtimes).
+    pub reachability_check: bool,
 }
 
 impl RouterSpec {
@@ -55,19 +59,17 @@ impl RouterSpec {
                 binary.display()
             );
         }
-        Ok(RouterSpec { binary, data_dir: data_dir.to_owned(), admin_password })
+        Ok(RouterSpec { binary, data_dir: data_dir.to_owned(), admin_password, reachability_check: false })
     }
 
     /// Spawns the router and waits for its listening line.
     pub async fn start(&self) -> anyhow::Result<Router> {
         let mut command = Command::new(&self.binary);
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--no-reachability-check", "--data-dir"])
-            .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        command.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&self.data_dir);
+        if !self.reachability_check {
+            command.arg("--no-reachability-check");
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         // Defaults for everything the bench does not set; a stray LLM_ROUTER_* in the shell must not change them.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("LLM_ROUTER_") {

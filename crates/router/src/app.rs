@@ -20,7 +20,7 @@ use crate::db::auth::UserRow;
 use crate::legacy::{self, LegacyFile};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
-use crate::registry::Registry;
+use crate::registry::{Registry, validate};
 use crate::routes;
 
 /// What every handler can reach.
@@ -247,6 +247,9 @@ async fn create_first_admin(store: &Store, settings: &Settings, clock: &dyn Cloc
         Some(password) if !password.is_empty() => (password.clone(), false),
         _ => (password::generate(), true),
     };
+    if let Some(problem) = validate::password_problem(&password) {
+        anyhow::bail!("the first administrator's password {problem}");
+    }
     let user = UserRow {
         username: settings.admin_username.clone(),
         password_hash: password::hash(password.clone()).await?,

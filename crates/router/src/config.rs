@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::net::Cidr;
+use crate::registry::validate;
 
 /// Central router of a GPU inference fleet.
 #[derive(Debug, Parser)]
@@ -210,6 +211,16 @@ impl ServeArgs {
         if self.admin_username.trim().is_empty() {
             anyhow::bail!("LLM_ROUTER_ADMIN_USERNAME must not be blank");
         }
+        // Checked on every start, before anything is written, though only a first start uses it: a weak password
+        // in the environment is worth hearing about even when the administrator already exists.
+        if let Some(problem) =
+            self.admin_password.as_deref().filter(|p| !p.is_empty()).and_then(validate::password_problem)
+        {
+            anyhow::bail!(
+                "LLM_ROUTER_ADMIN_PASSWORD (--admin-password) {problem}; choose a longer one, or leave it unset to \
+                 have one generated"
+            );
+        }
         Ok(Settings {
             heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
             offline_after: Duration::from_secs(self.offline_after_secs),
@@ -282,6 +293,18 @@ mod tests {
         assert_eq!(settings.event_retention, Duration::from_secs(30 * 86_400));
         assert!(parse(&["serve", "--trusted-proxies", "10.0.0.0/33"]).is_err());
         assert!(parse(&["serve", "--public-url", "ftp://x"]).is_err());
+    }
+
+    #[test]
+    fn a_short_admin_password_is_a_configuration_error() {
+        let settings = |password: &str| {
+            let Command::Serve(args) =
+                parse(&["serve", "--data-dir", "/tmp/x", "--admin-password", password]).expect("parse").command;
+            args.into_settings()
+        };
+        let err = settings("12345678").expect_err("short").to_string();
+        assert!(err.contains("LLM_ROUTER_ADMIN_PASSWORD") && err.contains("at least 12"), "{err}");
+        assert!(settings("twelve-chars").is_ok());
     }
 
     #[test]

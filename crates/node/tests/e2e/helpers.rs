@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 /// Password of the administrator every test router starts with.
-pub const ADMIN_PASSWORD: &str = "secret-pass";
+pub const ADMIN_PASSWORD: &str = "secret-pass-123";
 
 /// Output of the stand-in `nvidia-smi`: two H100 and one A100, with figures the tests look for.
 pub const THREE_GPUS_CSV: &str = "\

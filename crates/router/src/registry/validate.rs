@@ -1,9 +1,14 @@
-//! Checks on what nodes send (SPEC §2.1 steps 1–2, §2.2), turning wire types into validated values.
+//! Checks on what comes from the network (SPEC §2.1 steps 1–2, §2.2, §9), turning wire types into validated values.
 //!
 //! Shape errors name the offending field (400 `invalid_request`); a missing or unusable GPU list is its own
-//! answer (403 `gpu_required`), checked after the shape so a malformed body never reads as "no GPU".
+//! answer (403 `gpu_required`), checked after the shape so a malformed body never reads as "no GPU". Every string
+//! a stranger can send goes through [`text`], so no control character reaches the database, a log line or a
+//! terminal; the address rules of SPEC §9 keep the reachability probe away from addresses that can never be a node.
+//!
+//! Field names are formatted only when a check fails: the heartbeat path allocates nothing here for a valid body.
 
-use std::net::{IpAddr, SocketAddr};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use llm_router_protocol::{GpuDevice, HeartbeatRequest, RegisterRequest};
 use uuid::Uuid;
@@ -17,6 +22,63 @@ pub const MAX_NAME_CHARS: usize = 255;
 pub const MAX_ITEM_CHARS: usize = 512;
 /// Most entries accepted in any list.
 pub const MAX_LIST_LEN: usize = 1024;
+/// Most GPUs in one group of a registration; GPU indexes in heartbeats stay below it.
+pub const MAX_GPU_COUNT: i64 = 1024;
+/// Largest memory figure accepted, in bytes (1 PiB: no GPU comes near it, and it stays exact in JSON and SQLite).
+pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
+/// Largest `active_requests` figure a heartbeat may carry.
+pub const MAX_ACTIVE_REQUESTS: u64 = 1_000_000;
+/// Shortest accepted password, for new users and the first administrator.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// Longest accepted password, in bytes (hashing cost grows with it).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Which control characters a string may hold: none, or line breaks and tabs (multi-line notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Text {
+    /// Names, ids, tags, versions: no control character at all.
+    Line,
+    /// Free text typed in a text area: `\n` and `\t` are allowed, every other control character is not.
+    Lines,
+}
+
+/// Refuses control characters (U+0000–U+001F, U+007F) in a string from the network with 400 naming `field`.
+pub fn text(field: impl fmt::Display, value: &str, kind: Text) -> ApiResult<()> {
+    match first_control(value, kind) {
+        None => Ok(()),
+        Some((position, c)) => {
+            let allowed = if kind == Text::Lines { " other than line breaks and tabs" } else { "" };
+            Err(bad_request(format!(
+                "`{field}` contains the control character U+{:04X} at character {}; control characters{allowed} are \
+                 not accepted.",
+                u32::from(c),
+                position + 1
+            )))
+        }
+    }
+}
+
+/// The first control character `kind` does not allow, with its character position.
+fn first_control(value: &str, kind: Text) -> Option<(usize, char)> {
+    // UTF-8 continuation bytes are all >= 0x80, so a byte scan finds exactly the ASCII control characters.
+    if !value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return None;
+    }
+    value.chars().enumerate().find(|(_, c)| c.is_ascii_control() && !(kind == Text::Lines && matches!(c, '\n' | '\t')))
+}
+
+/// Why `password` may not become a user's password, as the end of a sentence; `None` when it may.
+pub fn password_problem(password: &str) -> Option<String> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Some(format!("must be at least {MIN_PASSWORD_CHARS} characters long (it has {chars})"));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Some(format!("must be at most {MAX_PASSWORD_BYTES} bytes long"));
+    }
+    first_control(password, Text::Line)
+        .map(|(_, c)| format!("must not contain control characters (it contains U+{:04X})", u32::from(c)))
+}
 
 /// A registration that passed steps 1 and 2.
 #[derive(Debug, Clone)]
@@ -55,8 +117,9 @@ pub struct Heartbeat {
     pub ready_models: Vec<String>,
 }
 
-/// Steps 1 (shape and values, 400) and 2 (GPU required, 403) of SPEC §2.1. `peer` stands in for a missing address.
-pub fn registration(req: RegisterRequest, peer: IpAddr) -> ApiResult<Registration> {
+/// Steps 1 (shape and values, 400) and 2 (GPU required, 403) of SPEC §2.1. `peer` stands in for a missing address;
+/// either way the address rules of SPEC §9 apply, link-local addresses only when `allow_link_local` is set.
+pub fn registration(req: RegisterRequest, peer: IpAddr, allow_link_local: bool) -> ApiResult<Registration> {
     let machine_name = req.machine_name;
     if machine_name.trim().is_empty() {
         return Err(bad_request("`machine_name` must not be blank."));
@@ -64,16 +127,21 @@ pub fn registration(req: RegisterRequest, peer: IpAddr) -> ApiResult<Registratio
     if machine_name.chars().count() > MAX_NAME_CHARS {
         return Err(bad_request(format!("`machine_name` must be at most {MAX_NAME_CHARS} characters.")));
     }
-    let ip_address = match req.ip_address {
-        Some(text) => {
-            let ip: IpAddr = text
-                .trim()
-                .parse()
-                .map_err(|_| bad_request(format!("`ip_address`: `{text}` is not an IPv4 or IPv6 address literal.")))?;
-            canonical(ip).to_string()
-        }
-        None => canonical(peer).to_string(),
+    text("machine_name", &machine_name, Text::Line)?;
+    let given = req.ip_address.is_some();
+    let ip = match req.ip_address {
+        Some(text) => text.trim().parse().map_err(|_| {
+            bad_request(format!("`ip_address`: `{}` is not an IPv4 or IPv6 address literal.", text.escape_debug()))
+        })?,
+        None => peer,
     };
+    let ip = canonical(ip);
+    node_address(ip, allow_link_local).map_err(|why| {
+        let source =
+            if given { "" } else { " (the request has no `ip_address`, so the router took the connection's address)" };
+        bad_request(format!("`ip_address`: {ip}{source} {why}."))
+    })?;
+    let ip_address = ip.to_string();
     let runtime_port = u16::try_from(req.runtime_port)
         .ok()
         .filter(|port| *port >= 1)
@@ -88,11 +156,18 @@ pub fn registration(req: RegisterRequest, peer: IpAddr) -> ApiResult<Registratio
     if gpu_devices.len() > MAX_LIST_LEN {
         return Err(bad_request(format!("`gpu_devices` has more than {MAX_LIST_LEN} entries.")));
     }
-    if let Some(gpu) = gpu_devices.iter().find(|gpu| gpu.model.chars().count() > MAX_ITEM_CHARS) {
-        return Err(bad_request(format!(
-            "`gpu_devices`: model names are at most {MAX_ITEM_CHARS} characters ({} is longer).",
-            gpu.model.chars().take(40).collect::<String>()
-        )));
+    for (i, gpu) in gpu_devices.iter().enumerate() {
+        if gpu.model.chars().count() > MAX_ITEM_CHARS {
+            return Err(bad_request(format!("`gpu_devices[{i}].model` must be at most {MAX_ITEM_CHARS} characters.")));
+        }
+        text(format_args!("gpu_devices[{i}].model"), &gpu.model, Text::Line)?;
+        if gpu.count > MAX_GPU_COUNT {
+            return Err(bad_request(format!(
+                "`gpu_devices[{i}].count` must be at most {MAX_GPU_COUNT}, not {}.",
+                gpu.count
+            )));
+        }
+        memory(format_args!("gpu_devices[{i}].memory_bytes"), gpu.memory_bytes)?;
     }
     // Step 2: only machines with at least one usable GPU may join the fleet.
     if gpu_devices.is_empty() {
@@ -121,21 +196,33 @@ pub fn registration(req: RegisterRequest, peer: IpAddr) -> ApiResult<Registratio
     })
 }
 
-/// Validates a heartbeat's figures: percentages within 0..=100, finite numbers, bounded lists.
+/// Validates a heartbeat's figures: percentages within 0..=100, finite and bounded numbers, printable and bounded
+/// lists.
 pub fn heartbeat(req: HeartbeatRequest) -> ApiResult<Heartbeat> {
     percent("cpu_usage", req.cpu_usage)?;
     percent("memory_usage", req.memory_usage)?;
+    if let Some(active) = req.active_requests.filter(|n| *n > MAX_ACTIVE_REQUESTS) {
+        return Err(bad_request(format!("`active_requests` must be at most {MAX_ACTIVE_REQUESTS}, not {active}.")));
+    }
     let gpus = req.gpus.unwrap_or_default();
     if gpus.len() > MAX_LIST_LEN {
         return Err(bad_request(format!("`gpus` has more than {MAX_LIST_LEN} entries.")));
     }
     for (i, gpu) in gpus.iter().enumerate() {
-        percent(&format!("gpus[{i}].utilization"), gpu.utilization)?;
+        if i64::from(gpu.index) >= MAX_GPU_COUNT {
+            return Err(bad_request(format!("`gpus[{i}].index` must be below {MAX_GPU_COUNT}, not {}.", gpu.index)));
+        }
+        percent(format_args!("gpus[{i}].utilization"), gpu.utilization)?;
         if gpu.temperature_c.is_some_and(|t| !t.is_finite() || !(-100.0..=300.0).contains(&t)) {
             return Err(bad_request(format!("`gpus[{i}].temperature_c` must be a temperature in °C.")));
         }
-        if gpu.model.as_ref().is_some_and(|m| m.chars().count() > MAX_ITEM_CHARS) {
-            return Err(bad_request(format!("`gpus[{i}].model` is longer than {MAX_ITEM_CHARS} characters.")));
+        memory(format_args!("gpus[{i}].memory_used_bytes"), gpu.memory_used_bytes)?;
+        memory(format_args!("gpus[{i}].memory_total_bytes"), gpu.memory_total_bytes)?;
+        if let Some(model) = &gpu.model {
+            if model.chars().count() > MAX_ITEM_CHARS {
+                return Err(bad_request(format!("`gpus[{i}].model` is longer than {MAX_ITEM_CHARS} characters.")));
+            }
+            text(format_args!("gpus[{i}].model"), model, Text::Line)?;
         }
     }
     let metrics = NodeMetrics {
@@ -152,37 +239,49 @@ pub fn heartbeat(req: HeartbeatRequest) -> ApiResult<Heartbeat> {
     })
 }
 
-/// Validates the fields an administrator edits; `None` means "not given".
-pub fn optional_text(field: &str, value: Option<String>, max_chars: usize) -> ApiResult<Option<String>> {
+/// Validates the fields an administrator edits; `None` means "not given". `kind` says whether line breaks are
+/// allowed (notes) or not (names).
+pub fn optional_text(field: &str, value: Option<String>, max_chars: usize, kind: Text) -> ApiResult<Option<String>> {
     match value {
         Some(text) if text.chars().count() > max_chars => {
             Err(bad_request(format!("`{field}` must be at most {max_chars} characters.")))
         }
         Some(text) if text.trim().is_empty() => Ok(None),
-        other => Ok(other),
+        Some(value) => {
+            text(field, &value, kind)?;
+            Ok(Some(value))
+        }
+        None => Ok(None),
     }
 }
 
-/// A list of non-blank strings, each at most [`MAX_ITEM_CHARS`], at most [`MAX_LIST_LEN`] entries.
+/// A list of non-blank, printable strings, each at most [`MAX_ITEM_CHARS`], at most [`MAX_LIST_LEN`] entries.
 pub fn list(field: &str, values: Option<Vec<String>>) -> ApiResult<Vec<String>> {
     let values = values.unwrap_or_default();
     if values.len() > MAX_LIST_LEN {
         return Err(bad_request(format!("`{field}` has more than {MAX_LIST_LEN} entries.")));
     }
-    values.into_iter().enumerate().map(|(i, value)| item(&format!("{field}[{i}]"), value)).collect()
+    values.into_iter().enumerate().map(|(i, value)| item(format_args!("{field}[{i}]"), value)).collect()
 }
 
-fn item(field: &str, value: String) -> ApiResult<String> {
+/// True when `value` would pass as an entry of a list (model id, tag, runtime name): what the reachability probe
+/// keeps of a runtime's model list.
+pub fn is_list_item(value: &str) -> bool {
+    !value.trim().is_empty() && value.chars().count() <= MAX_ITEM_CHARS && first_control(value, Text::Line).is_none()
+}
+
+fn item(field: impl fmt::Display, value: String) -> ApiResult<String> {
     if value.trim().is_empty() {
         return Err(bad_request(format!("`{field}` must not be blank.")));
     }
     if value.chars().count() > MAX_ITEM_CHARS {
         return Err(bad_request(format!("`{field}` must be at most {MAX_ITEM_CHARS} characters.")));
     }
+    text(field, &value, Text::Line)?;
     Ok(value)
 }
 
-fn percent(field: &str, value: Option<f64>) -> ApiResult<()> {
+fn percent(field: impl fmt::Display, value: Option<f64>) -> ApiResult<()> {
     match value {
         Some(v) if !v.is_finite() || !(0.0..=100.0).contains(&v) => {
             Err(bad_request(format!("`{field}` must be a percentage between 0 and 100, not {v}.")))
@@ -191,9 +290,47 @@ fn percent(field: &str, value: Option<f64>) -> ApiResult<()> {
     }
 }
 
-/// IPv4-mapped IPv6 peers (`::ffff:10.0.0.1`) are shown and probed as plain IPv4.
+fn memory(field: impl fmt::Display, value: Option<u64>) -> ApiResult<()> {
+    match value {
+        Some(bytes) if bytes > MAX_MEMORY_BYTES => {
+            Err(bad_request(format!("`{field}` must be at most {MAX_MEMORY_BYTES} bytes (1 PiB), not {bytes}.")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are checked, stored, shown and probed as plain IPv4.
 fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
+}
+
+/// The IPv6 address of the cloud instance metadata service (AWS); its IPv4 one is link-local.
+const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
+
+/// The address rules of SPEC §9 for an address in canonical form: why it can never be a node's, or be one only with
+/// `--allow-link-local-nodes`. Loopback stays allowed, for a router and a node on one machine.
+fn node_address(ip: IpAddr, allow_link_local: bool) -> Result<(), String> {
+    let never = match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("is the unspecified address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("is the broadcast address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("is a multicast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("is the unspecified address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("is a multicast address"),
+        _ => None,
+    };
+    if let Some(what) = never {
+        return Err(format!("{what}, which can never be a node's; send the address the router reaches the runtime at"));
+    }
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80 || v6 == METADATA_V6,
+    };
+    if link_local && !allow_link_local {
+        return Err("is link-local (169.254.0.0/16, fe80::/10, or a cloud metadata address); the router accepts such \
+                    nodes only when started with --allow-link-local-nodes"
+            .to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -224,7 +361,7 @@ mod tests {
 
     #[test]
     fn missing_address_uses_the_canonical_peer() {
-        let reg = registration(request(), peer()).expect("valid");
+        let reg = registration(request(), peer(), false).expect("valid");
         assert_eq!(reg.ip_address, "10.1.2.3");
         assert!(!reg.loaded_models_given);
         assert_eq!(reg.tags, None);
@@ -234,39 +371,39 @@ mod tests {
     fn bad_values_name_their_field() {
         let mut r = request();
         r.machine_name = "  ".into();
-        assert_eq!(code(registration(r, peer())), "invalid_request");
+        assert_eq!(code(registration(r, peer(), false)), "invalid_request");
         let mut r = request();
         r.runtime_port = 0;
-        let err = registration(r, peer()).expect_err("port 0");
+        let err = registration(r, peer(), false).expect_err("port 0");
         assert!(err.to_string().contains("runtime_port"));
         let mut r = request();
         r.runtime_port = 65536;
-        assert_eq!(code(registration(r, peer())), "invalid_request");
+        assert_eq!(code(registration(r, peer(), false)), "invalid_request");
         let mut r = request();
         r.ip_address = Some("10.0.0.300".into());
-        assert!(registration(r, peer()).expect_err("ip").to_string().contains("ip_address"));
+        assert!(registration(r, peer(), false).expect_err("ip").to_string().contains("ip_address"));
         let mut r = request();
         r.machine_name = "x".repeat(256);
-        assert_eq!(code(registration(r, peer())), "invalid_request");
+        assert_eq!(code(registration(r, peer(), false)), "invalid_request");
         let mut r = request();
         r.tags = Some(vec!["ok".into(), "".into()]);
-        assert!(registration(r, peer()).expect_err("tag").to_string().contains("tags[1]"));
+        assert!(registration(r, peer(), false).expect_err("tag").to_string().contains("tags[1]"));
     }
 
     #[test]
     fn gpu_rules_answer_gpu_required() {
         let mut r = request();
         r.gpu_devices = None;
-        assert_eq!(code(registration(r, peer())), "gpu_required");
+        assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
         r.gpu_devices = Some(vec![]);
-        assert_eq!(code(registration(r, peer())), "gpu_required");
+        assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
         r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: 0, memory_bytes: None }]);
-        assert_eq!(code(registration(r, peer())), "gpu_required");
+        assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
         r.gpu_devices = Some(vec![GpuDevice { model: " ".into(), count: 1, memory_bytes: None }]);
-        assert_eq!(code(registration(r, peer())), "gpu_required");
+        assert_eq!(code(registration(r, peer(), false)), "gpu_required");
     }
 
     #[test]
@@ -274,7 +411,7 @@ mod tests {
         let mut r = request();
         r.gpu_devices = None;
         r.runtime_version = "".into();
-        assert_eq!(code(registration(r, peer())), "invalid_request");
+        assert_eq!(code(registration(r, peer(), false)), "invalid_request");
     }
 
     #[test]
@@ -292,5 +429,101 @@ mod tests {
         assert!(heartbeat(hb(100.1)).expect_err("over").to_string().contains("cpu_usage"));
         assert!(heartbeat(hb(-1.0)).is_err());
         assert!(heartbeat(hb(f64::NAN)).is_err());
+    }
+
+    fn with_ip(ip: &str, allow_link_local: bool) -> ApiResult<Registration> {
+        let mut r = request();
+        r.ip_address = Some(ip.into());
+        registration(r, peer(), allow_link_local)
+    }
+
+    #[test]
+    fn addresses_that_can_never_be_a_node_are_refused_in_every_form() {
+        for ip in ["0.0.0.0", "::", "224.0.0.1", "239.255.255.250", "ff02::1", "255.255.255.255", "::ffff:0.0.0.0"] {
+            let err = with_ip(ip, true).expect_err(ip);
+            assert_eq!(err.status_and_code().1, "invalid_request", "{ip}");
+            assert!(err.to_string().contains("`ip_address`"), "{ip}: {err}");
+        }
+        for ip in ["::ffff:255.255.255.255", "::ffff:224.0.0.1"] {
+            assert!(with_ip(ip, true).expect_err(ip).to_string().contains("can never be a node"), "{ip}");
+        }
+    }
+
+    #[test]
+    fn link_local_and_metadata_addresses_need_the_flag() {
+        for ip in ["169.254.169.254", "169.254.1.2", "fe80::1", "febf::1", "::ffff:169.254.169.254", "fd00:ec2::254"] {
+            let err = with_ip(ip, false).expect_err(ip);
+            assert!(err.to_string().contains("--allow-link-local-nodes"), "{ip}: {err}");
+            assert!(with_ip(ip, true).is_ok(), "{ip} with the flag");
+        }
+        assert_eq!(with_ip("::ffff:169.254.1.2", true).expect("flag").ip_address, "169.254.1.2");
+        // Neighbours of the blocks are ordinary addresses.
+        for ip in ["169.255.0.1", "fec0::1", "fd00:ec2::253", "127.0.0.1", "::1", "10.0.0.1", "2001:db8::1"] {
+            assert!(with_ip(ip, false).is_ok(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_peer_address_obeys_the_same_rules() {
+        let link_local: IpAddr = "::ffff:169.254.7.7".parse().expect("ip");
+        let err = registration(request(), link_local, false).expect_err("link-local peer");
+        assert!(err.to_string().contains("169.254.7.7") && err.to_string().contains("connection"), "{err}");
+        assert_eq!(registration(request(), link_local, true).expect("flag").ip_address, "169.254.7.7");
+        let mapped: IpAddr = "::ffff:0.0.0.0".parse().expect("ip");
+        assert!(registration(request(), mapped, true).is_err());
+    }
+
+    #[test]
+    fn control_characters_are_refused_naming_the_field() {
+        for (field, bad) in [("machine_name", "gpu\u{1b}[31m"), ("runtime_version", "v1\r\n"), ("tags[0]", "a\u{7f}")] {
+            let mut r = request();
+            match field {
+                "machine_name" => r.machine_name = bad.into(),
+                "runtime_version" => r.runtime_version = bad.into(),
+                _ => r.tags = Some(vec![bad.into()]),
+            }
+            let err = registration(r, peer(), false).expect_err(field);
+            assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+        }
+        assert!(text("notes", "line one\n\tline two", Text::Lines).is_ok());
+        assert!(text("notes", "line one\r\nline two", Text::Lines).is_err());
+        assert!(text("name", "tab\there", Text::Line).is_err());
+        // Non-ASCII text, C1 controls included, is not what SPEC §9 refuses.
+        assert!(text("name", "Grafikkarte für Ünïcode \u{85} 🚀", Text::Line).is_ok());
+        let err = text("name", "ab\u{0}", Text::Line).expect_err("NUL");
+        assert!(err.to_string().contains("U+0000 at character 3"), "{err}");
+    }
+
+    #[test]
+    fn gpu_numbers_are_bounded() {
+        let mut r = request();
+        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT + 1, memory_bytes: None }]);
+        assert!(registration(r, peer(), false).expect_err("count").to_string().contains("gpu_devices[0].count"));
+        let mut r = request();
+        r.gpu_devices =
+            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT, memory_bytes: Some(MAX_MEMORY_BYTES + 1) }]);
+        assert!(registration(r, peer(), false).expect_err("memory").to_string().contains("memory_bytes"));
+        let mut r = request();
+        r.gpu_devices =
+            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT, memory_bytes: Some(MAX_MEMORY_BYTES) }]);
+        assert!(registration(r, peer(), false).is_ok());
+    }
+
+    #[test]
+    fn passwords_need_twelve_printable_characters() {
+        assert!(password_problem("12345678").expect("short").contains("at least 12"));
+        assert!(password_problem("ünïcödé-pässwörd").is_none());
+        assert!(password_problem("twelve-chars").is_none());
+        assert!(password_problem("eleven-char").is_some());
+        assert!(password_problem("twelve\u{0}chars").expect("NUL").contains("U+0000"));
+        assert!(password_problem(&"x".repeat(MAX_PASSWORD_BYTES + 1)).is_some());
+    }
+
+    #[test]
+    fn list_items_as_the_probe_keeps_them() {
+        assert!(is_list_item("meta-llama/Llama-3.1-8B"));
+        assert!(!is_list_item(" "));
+        assert!(!is_list_item(&"m".repeat(MAX_ITEM_CHARS + 1)));
+        assert!(!is_list_item("m\u{1b}"));
     }
 }

@@ -13,6 +13,7 @@ use crate::auth::{AdminUser, Role};
 use crate::clock::rfc3339;
 use crate::db::auth::ApiKeyRow;
 use crate::error::{ApiResult, bad_request, not_found};
+use crate::registry::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -84,6 +85,7 @@ pub async fn create(
     if name.is_empty() || name.chars().count() > 128 {
         return Err(bad_request("`name` must be 1 to 128 characters and not blank."));
     }
+    validate::text("name", &name, Text::Line)?;
     let key = NewToken::generate(TokenKind::ApiKey);
     let row = ApiKeyRow {
         id: Uuid::new_v4(),

@@ -10,7 +10,9 @@ use super::json::JsonBody;
 use crate::app::AppState;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::auth::{Role, SESSION_COOKIE, Viewer, password};
+use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
+use crate::registry::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -44,6 +46,7 @@ pub struct LoginResponse {
         (status = 415, description = "The body is not JSON", body = ErrorBody)
     ))]
 pub async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginRequest>) -> ApiResult<Response> {
+    validate::text("username", &body.username, Text::Line)?;
     let user = state.store.user(&body.username).await?;
     // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
     let stored = user.as_ref().map_or_else(|| state.dummy_password_hash.clone(), |u| u.password_hash.clone());
@@ -57,8 +60,7 @@ pub async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<Login
     let ttl = state.settings.session_ttl;
     let expires = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
     state.store.insert_session(token.hash(), &user.username, now, expires).await?;
-    let cookie =
-        format!("{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}", token.plaintext(), ttl.as_secs());
+    let cookie = session_cookie(&state.settings, token.plaintext(), ttl.as_secs());
     let body =
         LoginResponse { token: token.into_plaintext(), user: UserView { username: user.username, role: user.role } };
     let mut response = Json(body).into_response();
@@ -80,11 +82,18 @@ pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) ->
         state.store.delete_session(session).await?;
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("llm_router_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
-    );
+    if let Ok(value) = HeaderValue::from_str(&session_cookie(&state.settings, "", 0)) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
     Ok(response)
+}
+
+/// The session cookie's `Set-Cookie` value; `Secure` when users reach the router over HTTPS (`--public-url`), so the
+/// browser never sends the session over plain HTTP.
+fn session_cookie(settings: &Settings, value: &str, max_age_secs: u64) -> String {
+    let secure =
+        if settings.public_url.as_deref().is_some_and(|url| url.starts_with("https://")) { "; Secure" } else { "" };
+    format!("{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}{secure}")
 }
 
 /// Who is signed in

@@ -18,7 +18,7 @@ use crate::db::nodes::EVENTS_PER_NODE;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
 use crate::registry::node::{NodeEventView, NodeView};
-use crate::registry::validate;
+use crate::registry::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 /// Register a node (an agent calls this)
@@ -30,12 +30,12 @@ use llm_router_protocol::ErrorBody;
     responses(
         (status = 201, description = "Registered as pending; the token is shown only now", body = RegisterResponse),
         (status = 200, description = "The node's own token was presented: token rotated, id and status kept", body = RegisterResponse),
-        (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
+        (status = 400, description = "Malformed body, a field out of range or with a control character, or an address that can never be a node's; the message names the field", body = ErrorBody),
         (status = 403, description = "No usable GPU (`gpu_required`)", body = ErrorBody),
         (status = 409, description = "A node with this machine name and runtime port exists", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
         (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 422, description = "The node's runtime could not be reached", body = ErrorBody)
+        (status = 422, description = "The node's runtime could not be reached, answered non-2xx (redirects included) or sent more than 1 MiB", body = ErrorBody)
     ))]
 pub async fn register(
     State(state): State<AppState>,
@@ -43,7 +43,7 @@ pub async fn register(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
-    let mut registration = validate::registration(body, peer.ip())?;
+    let mut registration = validate::registration(body, peer.ip(), state.settings.allow_link_local_nodes)?;
     let presented = headers.get(NODE_TOKEN_HEADER).and_then(|v| v.to_str().ok());
     let plan = state.registry.plan_registration(&registration, presented)?;
     if state.settings.reachability_check {
@@ -164,8 +164,10 @@ pub async fn update(
     JsonBody(patch): JsonBody<NodePatch>,
 ) -> ApiResult<Json<NodeView>> {
     let id = node_id(&id)?;
-    let display_name = patch.display_name.map(|v| validate::optional_text("display_name", v, 255)).transpose()?;
-    let notes = patch.notes.map(|v| validate::optional_text("notes", v, 4096)).transpose()?;
+    let display_name =
+        patch.display_name.map(|v| validate::optional_text("display_name", v, 255, Text::Line)).transpose()?;
+    // Notes are typed in a text area: line breaks and tabs are part of them.
+    let notes = patch.notes.map(|v| validate::optional_text("notes", v, 4096, Text::Lines)).transpose()?;
     let tags = patch.tags.map(|tags| validate::list("tags", Some(tags))).transpose()?;
     Ok(Json(state.registry.update(id, display_name, notes, tags).await?))
 }

@@ -11,10 +11,8 @@ use crate::auth::{AdminUser, Role, password};
 use crate::clock::rfc3339;
 use crate::db::auth::{DeleteUserError, UserRow};
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
+use crate::registry::validate;
 use llm_router_protocol::ErrorBody;
-
-/// Shortest accepted password.
-pub const MIN_PASSWORD_CHARS: usize = 8;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateUser {
@@ -69,8 +67,8 @@ pub async fn create(
     if !valid_name {
         return Err(bad_request("`username` must be 1 to 64 characters of letters, digits, `.`, `_`, `-` or `@`."));
     }
-    if body.password.chars().count() < MIN_PASSWORD_CHARS || body.password.len() > 1024 {
-        return Err(bad_request(format!("`password` must be {MIN_PASSWORD_CHARS} to 1024 characters long.")));
+    if let Some(problem) = validate::password_problem(&body.password) {
+        return Err(bad_request(format!("`password` {problem}.")));
     }
     let user = UserRow {
         username: body.username,

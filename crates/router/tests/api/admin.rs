@@ -132,17 +132,18 @@ async fn users_are_created_listed_and_deleted_with_argon2id_hashes() {
     let admin = app.admin_token().await;
     let create =
         |body: serde_json::Value| app.request(Method::POST, "/v0/users").bearer_auth(&admin).json(&body).send();
-    let created = create(json!({"username": "ops", "password": "long-enough", "role": "admin"})).await.expect("create");
+    let created =
+        create(json!({"username": "ops", "password": "long-enough-pw", "role": "admin"})).await.expect("create");
     assert_eq!(created.status(), 201);
     assert_eq!(body(created).await["role"], "admin");
-    let duplicate = create(json!({"username": "ops", "password": "long-enough", "role": "viewer"})).await;
+    let duplicate = create(json!({"username": "ops", "password": "long-enough-pw", "role": "viewer"})).await;
     assert_error(duplicate.expect("dup"), 409, "conflict").await;
     let short = create(json!({"username": "x", "password": "short", "role": "viewer"})).await;
     assert!(assert_error(short.expect("short"), 400, "invalid_request").await.contains("password"));
-    let role = create(json!({"username": "y", "password": "long-enough", "role": "root"})).await;
+    let role = create(json!({"username": "y", "password": "long-enough-pw", "role": "root"})).await;
     assert!(assert_error(role.expect("role"), 400, "invalid_request").await.contains("role"));
 
-    assert_eq!(app.login("ops", "long-enough").await.status(), 200);
+    assert_eq!(app.login("ops", "long-enough-pw").await.status(), 200);
     let db = app.db().await;
     let (hash,): (String,) =
         sqlx::query_as("SELECT password_hash FROM users WHERE username = 'ops'").fetch_one(&db).await.expect("row");
@@ -154,7 +155,7 @@ async fn users_are_created_listed_and_deleted_with_argon2id_hashes() {
     assert_eq!(names, ["admin", "ops"]);
     assert!(!listed.to_string().contains("argon2"), "hashes are never listed");
 
-    let ops_token = body(app.login("ops", "long-enough").await).await["token"].as_str().expect("t").to_owned();
+    let ops_token = body(app.login("ops", "long-enough-pw").await).await["token"].as_str().expect("t").to_owned();
     let deleted = app.request(Method::DELETE, "/v0/users/ops").bearer_auth(&admin).send().await.expect("delete");
     assert_eq!(deleted.status(), 204);
     let me = app.request(Method::GET, "/v0/auth/me").bearer_auth(&ops_token).send().await.expect("me");

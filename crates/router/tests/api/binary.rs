@@ -82,12 +82,12 @@ async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
 
-    let (code, stderr) = run_to_exit(command_on(&data, Some("pw-123456"), "nowhere")).await;
+    let (code, stderr) = run_to_exit(command_on(&data, Some("first-admin-pw"), "nowhere")).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--listen"), "{stderr}");
 
-    let mut bad_number = command(&data, Some("pw-123456"));
+    let mut bad_number = command(&data, Some("first-admin-pw"));
     bad_number.env("LLM_ROUTER_OFFLINE_AFTER_SECS", "soon");
     let (code, stderr) = run_to_exit(bad_number).await;
     assert_ne!(code, 0);
@@ -95,7 +95,7 @@ async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let in_use = taken.local_addr().expect("addr").to_string();
-    let (code, stderr) = run_to_exit(command_on(&data, Some("pw-123456"), &in_use)).await;
+    let (code, stderr) = run_to_exit(command_on(&data, Some("first-admin-pw"), &in_use)).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot listen"), "{stderr}");
@@ -103,10 +103,21 @@ async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");
-    let (code, stderr) = run_to_exit(command(&file.join("data"), Some("pw-123456"))).await;
+    let (code, stderr) = run_to_exit(command(&file.join("data"), Some("first-admin-pw"))).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("data directory"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_short_first_admin_password_stops_the_start_before_anything_is_written() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let (code, stderr) = run_to_exit(command(&data, Some("12345678"))).await;
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("LLM_ROUTER_ADMIN_PASSWORD") && stderr.contains("at least 12"), "{stderr}");
+    assert!(!data.exists(), "nothing was written");
 }
 
 #[tokio::test]
@@ -130,7 +141,7 @@ async fn the_first_start_prints_a_generated_admin_password_once() {
 async fn registrations_survive_sigkill_mid_burst() {
     let dir = tempfile::tempdir().expect("dir");
     let client = reqwest::Client::builder().no_proxy().build().expect("client");
-    let mut router = start(dir.path(), Some("pw-123456")).await;
+    let mut router = start(dir.path(), Some("first-admin-pw")).await;
 
     async fn register(client: reqwest::Client, base: String, name: String) -> Option<(String, String)> {
         let response = client.post(format!("{base}/v0/nodes")).json(&registration(&name, 8000)).send().await.ok()?;
@@ -180,8 +191,8 @@ async fn registrations_survive_sigkill_mid_burst() {
     }
     assert!(acknowledged.len() >= 320);
 
-    let router = start(dir.path(), Some("pw-123456")).await;
-    let token: Value = login(&client, &router.base, "pw-123456").await.json().await.expect("json");
+    let router = start(dir.path(), Some("first-admin-pw")).await;
+    let token: Value = login(&client, &router.base, "first-admin-pw").await.json().await.expect("json");
     let token = token["token"].as_str().expect("token");
     let nodes: Vec<Value> = client
         .get(format!("{}/v0/nodes", router.base))
@@ -209,7 +220,7 @@ async fn registrations_survive_sigkill_mid_burst() {
 async fn the_start_up_log_names_legacy_entries_left_out() {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("nodes.json"), crate::helpers::legacy_fixture()).expect("write");
-    let mut child = command(dir.path(), Some("pw-123456")).spawn().expect("spawn");
+    let mut child = command(dir.path(), Some("first-admin-pw")).spawn().expect("spawn");
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.expect("started");
@@ -233,7 +244,7 @@ async fn the_start_up_log_names_legacy_entries_left_out() {
 async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
     let dir = tempfile::tempdir().expect("dir");
     let client = reqwest::Client::builder().no_proxy().build().expect("client");
-    let mut router = start(dir.path(), Some("pw-123456")).await;
+    let mut router = start(dir.path(), Some("first-admin-pw")).await;
     let answer: Value = client
         .post(format!("{}/v0/nodes", router.base))
         .json(&registration("gpu-term", 8000))
@@ -260,8 +271,8 @@ async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
         tokio::time::timeout(Duration::from_secs(10), router.child.wait()).await.expect("exits").expect("wait");
     assert!(status.success(), "{status:?}");
 
-    let router = start(dir.path(), Some("pw-123456")).await;
-    let token: Value = login(&client, &router.base, "pw-123456").await.json().await.expect("json");
+    let router = start(dir.path(), Some("first-admin-pw")).await;
+    let token: Value = login(&client, &router.base, "first-admin-pw").await.json().await.expect("json");
     let node: Value = client
         .get(format!("{}/v0/nodes/{id}", router.base))
         .bearer_auth(token["token"].as_str().expect("token"))

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::routing::get;
+use futures_util::StreamExt;
 use llm_router::app::{App, AppState};
 use llm_router::clock::ManualClock;
 use llm_router::config::Settings;
@@ -46,6 +47,10 @@ pub struct Options {
     /// Anonymous registrations per minute and address; off (0) unless a test is about the limit, since the
     /// tests register many nodes from 127.0.0.1.
     pub registration_rate: u32,
+    /// Accept nodes at link-local addresses (`--allow-link-local-nodes`).
+    pub allow_link_local_nodes: bool,
+    /// `--public-url`; an `https://` one makes the session cookie `Secure`.
+    pub public_url: Option<String>,
 }
 
 impl Default for Options {
@@ -56,6 +61,8 @@ impl Default for Options {
             offline_after: Duration::from_secs(30),
             legacy_nodes_json: None,
             registration_rate: 0,
+            allow_link_local_nodes: false,
+            public_url: None,
         }
     }
 }
@@ -81,6 +88,8 @@ impl TestApp {
         settings.offline_after = options.offline_after;
         settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
         settings.registration_rate = options.registration_rate;
+        settings.allow_link_local_nodes = options.allow_link_local_nodes;
+        settings.public_url = options.public_url;
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
         if let Some(bytes) = options.legacy_nodes_json {
@@ -292,7 +301,8 @@ pub async fn assert_error(response: Response, status: u16, code: &str) -> String
     message
 }
 
-/// A stand-in OpenAI-compatible runtime whose `/v1/models` answer the test controls.
+/// A stand-in OpenAI-compatible runtime whose `/v1/models` answer the test controls: a model list, a huge body, a
+/// lying `Content-Length`, or a redirect.
 pub struct StandInRuntime {
     pub addr: SocketAddr,
     state: Arc<Mutex<RuntimeAnswer>>,
@@ -304,6 +314,19 @@ struct RuntimeAnswer {
     status: StatusCode,
     models: Vec<String>,
     delay: Duration,
+    body: AnswerBody,
+}
+
+#[derive(Clone)]
+enum AnswerBody {
+    /// `{"object": "list", "data": [{"id": …}, …]}` of `models`.
+    Models,
+    /// A valid model list padded to this many bytes, streamed in chunks without a `Content-Length`.
+    Streamed(usize),
+    /// A `Content-Length` of this many bytes, then a few bytes and silence.
+    Declared(u64),
+    /// `302 Found` to this location.
+    Redirect(String),
 }
 
 impl StandInRuntime {
@@ -312,6 +335,7 @@ impl StandInRuntime {
             status: StatusCode::OK,
             models: models.iter().map(|m| m.to_string()).collect(),
             delay: Duration::ZERO,
+            body: AnswerBody::Models,
         }));
         let app = axum::Router::new().route("/v1/models", get(models_handler)).with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind runtime");
@@ -329,15 +353,62 @@ impl StandInRuntime {
     pub fn delay(&self, delay: Duration) {
         self.state.lock().expect("lock").delay = delay;
     }
+
+    /// Lists these models from now on.
+    pub fn list(&self, models: Vec<String>) {
+        let mut state = self.state.lock().expect("lock");
+        state.models = models;
+        state.body = AnswerBody::Models;
+    }
+
+    /// Streams a model list of `bytes` bytes (padded with whitespace), without announcing its length.
+    pub fn stream(&self, bytes: usize) {
+        self.state.lock().expect("lock").body = AnswerBody::Streamed(bytes);
+    }
+
+    /// Announces a `Content-Length` of `bytes`, sends a few, and then nothing.
+    pub fn declare_length(&self, bytes: u64) {
+        self.state.lock().expect("lock").body = AnswerBody::Declared(bytes);
+    }
+
+    /// Answers `302 Found` to `location`.
+    pub fn redirect_to(&self, location: String) {
+        self.state.lock().expect("lock").body = AnswerBody::Redirect(location);
+    }
 }
 
-async fn models_handler(State(state): State<Arc<Mutex<RuntimeAnswer>>>) -> (StatusCode, Json<Value>) {
+async fn models_handler(State(state): State<Arc<Mutex<RuntimeAnswer>>>) -> axum::http::Response<Body> {
     let answer = state.lock().expect("lock").clone();
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
     }
     let data: Vec<Value> = answer.models.iter().map(|id| json!({"id": id, "object": "model"})).collect();
-    (answer.status, Json(json!({"object": "list", "data": data})))
+    let list = serde_json::to_vec(&json!({"object": "list", "data": data})).expect("json");
+    let response =
+        axum::http::Response::builder().status(answer.status).header(header::CONTENT_TYPE, "application/json");
+    match answer.body {
+        AnswerBody::Models => response.body(Body::from(list)),
+        AnswerBody::Streamed(total) => {
+            const CHUNK: usize = 64 * 1024;
+            let padding = total.saturating_sub(list.len());
+            let chunks = std::iter::once(Bytes::from(list))
+                .chain(
+                    (0..padding.div_ceil(CHUNK)).map(move |i| Bytes::from(vec![b' '; CHUNK.min(padding - i * CHUNK)])),
+                )
+                .map(Ok::<_, std::io::Error>);
+            response.body(Body::from_stream(futures_util::stream::iter(chunks)))
+        }
+        AnswerBody::Declared(length) => {
+            let start = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{\"data\": ["))]);
+            response
+                .header(header::CONTENT_LENGTH, length)
+                .body(Body::from_stream(start.chain(futures_util::stream::pending())))
+        }
+        AnswerBody::Redirect(location) => {
+            response.status(StatusCode::FOUND).header(header::LOCATION, location).body(Body::empty())
+        }
+    }
+    .expect("response")
 }
 
 /// A local port nothing listens on.

@@ -6,6 +6,7 @@ mod durability;
 mod errors;
 mod heartbeat;
 mod helpers;
+mod hostile_input;
 mod legacy;
 mod observability;
 mod registration;
