@@ -149,6 +149,12 @@ pub struct Settings {
     pub pending_ttl: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Password hashes at a time; 0 = one per core, at most 8 (each holds 19 MiB while it runs).
+    pub hash_workers: usize,
+    /// Callers that may wait for a password hash beyond those running; more are answered 429.
+    pub hash_queue: usize,
+    /// Longest wait for a password hash before the caller is answered 429.
+    pub hash_wait: Duration,
     /// Accept nodes at link-local addresses.
     pub allow_link_local_nodes: bool,
     /// Most open client connections; `None`: derived from the open-file limit.
@@ -178,6 +184,9 @@ impl Settings {
             max_pending: 1000,
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
+            hash_workers: 0,
+            hash_queue: 64,
+            hash_wait: Duration::from_secs(2),
             allow_link_local_nodes: false,
             max_connections: None,
             header_timeout: Duration::from_secs(10),
@@ -188,6 +197,11 @@ impl Settings {
     /// The database file inside the data directory.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("router.db")
+    }
+
+    /// How often pending nodes are checked against `pending_ttl`: a hundredth of it, between 1 s and 1 min.
+    pub fn pending_expiry_interval(&self) -> Duration {
+        (self.pending_ttl / 100).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
     /// How often the offline sweep runs: a tenth of `offline_after`, between 100 ms and 1 s.

@@ -8,4 +8,6 @@ mod helpers;
 mod legacy;
 mod observability;
 mod registration;
+mod registration_limits;
+mod sign_in_limits;
 mod storage;
