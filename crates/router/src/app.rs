@@ -63,9 +63,10 @@ impl App {
         if let Some(legacy) = legacy {
             import_legacy(&store, &legacy, clock.now_ms()).await?;
         }
-        create_first_admin(&store, &settings, clock.as_ref()).await?;
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
         let metrics = Arc::new(Metrics::default());
+        let hasher = Hasher::new(settings.hash_workers, settings.hash_queue, settings.hash_wait, metrics.clone())?;
+        create_first_admin(&store, &settings, clock.as_ref(), &hasher).await?;
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone()).await?;
         let prober = Prober::new(settings.reachability_timeout)?;
         if !settings.reachability_check {
@@ -74,8 +75,7 @@ impl App {
             );
         }
         tracing::info!(nodes = registry.len(), db = %settings.database_path().display(), "registry loaded");
-        let dummy_password_hash = password::hash(password::generate()).await?;
-        let hasher = Hasher::new(settings.hash_workers, settings.hash_queue, settings.hash_wait, metrics.clone());
+        let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         Ok(App {
             state: Arc::new(AppInner {
@@ -205,7 +205,12 @@ fn ensure_writable_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_first_admin(store: &Store, settings: &Settings, clock: &dyn Clock) -> anyhow::Result<()> {
+async fn create_first_admin(
+    store: &Store,
+    settings: &Settings,
+    clock: &dyn Clock,
+    hasher: &Hasher,
+) -> anyhow::Result<()> {
     if store.count_users().await? > 0 {
         return Ok(());
     }
@@ -215,7 +220,7 @@ async fn create_first_admin(store: &Store, settings: &Settings, clock: &dyn Cloc
     };
     let user = UserRow {
         username: settings.admin_username.clone(),
-        password_hash: password::hash(password.clone()).await?,
+        password_hash: hasher.hash(password.clone()).await?,
         role: Role::Admin,
         created_at: clock.now_ms(),
     };
