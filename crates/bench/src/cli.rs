@@ -39,6 +39,9 @@ pub enum Mode {
     Startup(StartupArgs),
     /// Time registrations (reachability check off).
     Register(RegisterArgs),
+    /// Send wrong-password sign-ins from parallel attackers while timing a legitimate sign-in; report the router's
+    /// peak memory.
+    Logins(LoginsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -99,6 +102,21 @@ pub struct RegisterArgs {
     pub concurrency: usize,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct LoginsArgs {
+    /// Attackers, each on its own keep-alive connection sending wrong passwords back-to-back.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
+    pub attackers: usize,
+
+    /// Seconds the attack lasts.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Milliseconds between two sign-ins of the legitimate user.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub pause_ms: u64,
+}
+
 fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if !value.is_finite() || value < 0.0 || (value == 0.0 && !allow_zero) || value > 86_400.0 {
@@ -145,6 +163,8 @@ mod tests {
         assert!(matches!(cli.mode, Mode::Startup(StartupArgs { nodes: 100_000, runs: 3, no_metrics: false })));
         let cli = parse("register --count 2000 --concurrency 16").expect("parse");
         assert!(matches!(cli.mode, Mode::Register(RegisterArgs { count: 2000, concurrency: 16 })));
+        let cli = parse("logins --attackers 32 --secs 10").expect("parse");
+        assert!(matches!(cli.mode, Mode::Logins(LoginsArgs { attackers: 32, secs: 10.0, pause_ms: 100 })));
     }
 
     #[test]
@@ -155,5 +175,6 @@ mod tests {
         assert!(parse("heartbeat --secs nan").is_err());
         assert!(parse("heartbeat --rate-per-node-hz -1").is_err());
         assert!(parse("startup --runs 0").is_err());
+        assert!(parse("logins --attackers 0").is_err());
     }
 }

@@ -5,6 +5,7 @@ mod cli;
 mod fleet;
 mod heartbeat;
 mod http;
+mod logins;
 mod procfs;
 mod register;
 mod router;
@@ -60,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Heartbeat(args) => output(cli.json, &heartbeat::run(&spec, args).await?, heartbeat::print),
             Mode::Startup(args) => output(cli.json, &startup::run(&spec, args).await?, startup::print),
             Mode::Register(args) => output(cli.json, &register::run(&spec, args).await?, register::print),
+            Mode::Logins(args) => output(cli.json, &logins::run(&spec, args).await?, logins::print),
         }
     });
     if cli.keep_data {
