@@ -299,6 +299,16 @@ mod tests {
     }
 
     #[test]
+    fn pending_expiry_runs_often_enough_for_its_ttl() {
+        let mut settings = Settings::new(PathBuf::from("/tmp"));
+        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(60), "72 h: every minute");
+        settings.pending_ttl = Duration::from_secs(100);
+        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(1));
+        settings.pending_ttl = Duration::from_secs(3600);
+        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(36));
+    }
+
+    #[test]
     fn sweep_interval_scales_with_offline_after() {
         let mut settings = Settings::new(PathBuf::from("/tmp"));
         assert_eq!(settings.sweep_interval(), Duration::from_secs(1));
