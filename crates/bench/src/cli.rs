@@ -42,6 +42,9 @@ pub enum Mode {
     /// Point registrations at hostile runtimes (reachability check on): a 1 GiB model list, a lying length, 200,000
     /// models; report the answers and the router's peak memory.
     Probe(ProbeArgs),
+    /// Send wrong-password sign-ins from parallel attackers while timing a legitimate sign-in; report the router's
+    /// peak memory.
+    Logins(LoginsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -117,6 +120,21 @@ pub struct ProbeArgs {
     pub models: usize,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct LoginsArgs {
+    /// Attackers, each on its own keep-alive connection sending wrong passwords back-to-back.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
+    pub attackers: usize,
+
+    /// Seconds the attack lasts.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Milliseconds between two sign-ins of the legitimate user.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub pause_ms: u64,
+}
+
 fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if !value.is_finite() || value < 0.0 || (value == 0.0 && !allow_zero) || value > 86_400.0 {
@@ -165,6 +183,8 @@ mod tests {
         assert!(matches!(cli.mode, Mode::Register(RegisterArgs { count: 2000, concurrency: 16 })));
         let cli = parse("probe --registrations 32").expect("parse");
         assert!(matches!(cli.mode, Mode::Probe(ProbeArgs { registrations: 32, stream_mib: 1024, models: 200_000 })));
+        let cli = parse("logins --attackers 32 --secs 10").expect("parse");
+        assert!(matches!(cli.mode, Mode::Logins(LoginsArgs { attackers: 32, secs: 10.0, pause_ms: 100 })));
     }
 
     #[test]
@@ -176,5 +196,6 @@ mod tests {
         assert!(parse("heartbeat --rate-per-node-hz -1").is_err());
         assert!(parse("startup --runs 0").is_err());
         assert!(parse("probe --registrations 0").is_err());
+        assert!(parse("logins --attackers 0").is_err());
     }
 }

@@ -5,6 +5,7 @@ mod cli;
 mod fleet;
 mod heartbeat;
 mod http;
+mod logins;
 mod probe;
 mod procfs;
 mod register;
@@ -62,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Startup(args) => output(cli.json, &startup::run(&spec, args).await?, startup::print),
             Mode::Register(args) => output(cli.json, &register::run(&spec, args).await?, register::print),
             Mode::Probe(args) => output(cli.json, &probe::run(&spec, args).await?, probe::print),
+            Mode::Logins(args) => output(cli.json, &logins::run(&spec, args).await?, logins::print),
         }
     });
     if cli.keep_data {

@@ -4,7 +4,9 @@
 //! What each answer of the router leads to:
 //! - no answer or a server error: retry with exponential backoff and jitter, capped ([`backoff_delay`]);
 //! - 401: the router no longer knows the token (node deleted): forget the identity and register anew;
-//! - 403, 409, 422 and other refusals: one log line saying why, then a slow retry; the agent never exits over it.
+//! - 403, 409, 422 and other refusals: one log line saying why, then a slow retry; the agent never exits over it;
+//! - 429 or 503 with `Retry-After` (rate limited, too many pending nodes, storage unavailable): wait at least that
+//!   long ([`retry_later_delay`]), registering and heartbeating alike.
 //!
 //! Logs say what changed (registered, status, router or runtime lost and back, models), not a line per heartbeat.
 //! The waits are pure functions of a random number in `[0, 1)` so they are tested without sleeping.
@@ -28,6 +30,18 @@ pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration, unit: f64) -> 
     let exponential = base.saturating_mul(2u32.saturating_pow(attempt.min(31))).min(cap);
     let half = exponential / 2;
     half + half.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// The longest `Retry-After` the agent obeys; a larger one (a broken or hostile proxy) is cut to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// The wait after the router answered `Retry-After: retry_after`: at least that (capped at [`MAX_RETRY_AFTER`]),
+/// plus up to 10 % jitter so that agents turned away together do not return together, and never less than the
+/// `backoff` the failure count would give anyway.
+pub fn retry_later_delay(retry_after: Duration, backoff: Duration, unit: f64) -> Duration {
+    let asked = retry_after.min(MAX_RETRY_AFTER);
+    let jittered = (asked + asked.mul_f64(0.1 * unit.clamp(0.0, 1.0))).min(MAX_RETRY_AFTER.max(asked));
+    jittered.max(backoff)
 }
 
 /// The wait before the next heartbeat: the router's interval, ±10 %.
@@ -262,6 +276,25 @@ impl Agent {
                 }
                 self.config.refused_retry
             }
+            Failure::RetryLater { status, code, message, retry_after } => {
+                self.router_reached();
+                let backoff =
+                    backoff_delay(failures, self.config.backoff_base, self.config.backoff_max, (self.jitter)());
+                let wait = retry_later_delay(*retry_after, backoff, (self.jitter)());
+                let key = (*status, code.clone());
+                if self.last_refusal.as_ref() != Some(&key) {
+                    tracing::warn!(
+                        status = *status,
+                        code = %code,
+                        retry_in_secs = wait.as_secs_f64(),
+                        "the router asks to come back later: {message}"
+                    );
+                    self.last_refusal = Some(key);
+                } else {
+                    tracing::debug!(status = *status, code = %code, "the router still asks to come back later");
+                }
+                wait
+            }
             Failure::Unauthorized(why) => {
                 // Only registration gets here (it sends no token); the router should not answer 401 to it.
                 self.router_reached();
@@ -442,6 +475,23 @@ mod tests {
         assert_eq!(backoff_delay(3, base, cap, 7.0), 800 * MS);
         assert_eq!(backoff_delay(3, base, cap, -1.0), 400 * MS);
         assert_eq!(backoff_delay(20, base, cap, 0.0), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn retry_after_is_waited_at_least_and_capped_at_fifteen_minutes() {
+        let secs = Duration::from_secs;
+        // The router's figure wins over a short backoff, with at most 10 % more.
+        assert_eq!(retry_later_delay(secs(30), 100 * MS, 0.0), secs(30));
+        assert_eq!(retry_later_delay(secs(30), 100 * MS, 1.0), secs(33));
+        for unit in [0.0, 0.3, 0.99] {
+            let wait = retry_later_delay(secs(600), secs(1), unit);
+            assert!(wait >= secs(600) && wait <= secs(660), "{wait:?}");
+        }
+        // A longer backoff (many failures in a row) still applies.
+        assert_eq!(retry_later_delay(secs(1), secs(45), 0.5), secs(45));
+        // Absurd values are cut to 15 minutes, jitter included.
+        assert_eq!(retry_later_delay(secs(86_400 * 365), secs(1), 1.0), MAX_RETRY_AFTER);
+        assert_eq!(retry_later_delay(secs(14 * 60 + 59), secs(1), 1.0), MAX_RETRY_AFTER);
     }
 
     #[test]

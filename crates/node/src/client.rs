@@ -7,6 +7,7 @@ use llm_router_protocol::{
     ErrorBody, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, NODE_TOKEN_HEADER, REGISTER_PATH, RegisterRequest,
     RegisterResponse,
 };
+use reqwest::header::RETRY_AFTER;
 use reqwest::{Client, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
@@ -26,6 +27,10 @@ pub enum Failure {
     /// understood and said no. Retrying fast would not change its mind.
     #[error("the router refused the node: HTTP {status} {code}: {message}")]
     Refused { status: u16, code: String, message: String },
+    /// 429 or 503 with `Retry-After` (rate limited, too many pending nodes, storage unavailable): the router is up
+    /// and says when to come back.
+    #[error("the router asks to retry in {} s: HTTP {status} {code}: {message}", retry_after.as_secs())]
+    RetryLater { status: u16, code: String, message: String, retry_after: Duration },
 }
 
 /// Client of one router.
@@ -73,13 +78,20 @@ impl RouterClient {
     async fn send<T: DeserializeOwned>(&self, call: reqwest::RequestBuilder) -> Result<T, Failure> {
         let response = call.send().await.map_err(|e| Failure::Unreachable(error_chain(&e)))?;
         let status = response.status();
+        let retry_after = response.headers().get(RETRY_AFTER).and_then(|value| value.to_str().ok()).map(str::to_owned);
         let body = response.bytes().await.map_err(|e| Failure::Unreachable(error_chain(&e)))?;
-        classify(status, &body)
+        classify(status, retry_after.as_deref(), &body)
     }
 }
 
-/// Sort an answer of the router into success or a [`Failure`]. Pure, so every case is tested without a server.
-pub fn classify<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, Failure> {
+/// `Retry-After` in its seconds form; the HTTP-date form, which the router never sends, counts as absent.
+fn retry_after_secs(value: Option<&str>) -> Option<Duration> {
+    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Sort an answer of the router (its status, `Retry-After` header and body) into success or a [`Failure`]. Pure,
+/// so every case is tested without a server.
+pub fn classify<T: DeserializeOwned>(status: StatusCode, retry_after: Option<&str>, body: &[u8]) -> Result<T, Failure> {
     if status.is_success() {
         return serde_json::from_slice(body).map_err(|e| {
             Failure::Unreachable(format!("HTTP {} with a body that is not the API's answer: {e}", status.as_u16()))
@@ -92,7 +104,10 @@ pub fn classify<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<
             String::from_utf8_lossy(body).chars().take(200).collect::<String>().trim().to_owned(),
         ),
     };
-    if status == StatusCode::UNAUTHORIZED {
+    let asks_to_wait = status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+    if let Some(retry_after) = retry_after_secs(retry_after).filter(|_| asks_to_wait) {
+        Err(Failure::RetryLater { status: status.as_u16(), code, message, retry_after })
+    } else if status == StatusCode::UNAUTHORIZED {
         Err(Failure::Unauthorized(if message.is_empty() { code } else { message }))
     } else if status.is_client_error()
         && status != StatusCode::REQUEST_TIMEOUT
@@ -116,14 +131,15 @@ mod tests {
     #[test]
     fn success_is_parsed() {
         let answer: HeartbeatResponse =
-            classify(StatusCode::OK, br#"{"status":"online","heartbeat_interval_secs":10}"#).expect("ok");
+            classify(StatusCode::OK, None, br#"{"status":"online","heartbeat_interval_secs":10}"#).expect("ok");
         assert_eq!(answer, HeartbeatResponse { status: NodeStatus::Online, heartbeat_interval_secs: 10 });
     }
 
     #[test]
     fn unauthorized_means_register_again() {
-        let err = classify::<HeartbeatResponse>(StatusCode::UNAUTHORIZED, &error_body("unauthorized", "unknown token"))
-            .expect_err("401");
+        let err =
+            classify::<HeartbeatResponse>(StatusCode::UNAUTHORIZED, None, &error_body("unauthorized", "unknown token"))
+                .expect_err("401");
         assert_eq!(err, Failure::Unauthorized("unknown token".into()));
     }
 
@@ -135,18 +151,105 @@ mod tests {
             (StatusCode::UNPROCESSABLE_ENTITY, "node_unreachable"),
             (StatusCode::BAD_REQUEST, "invalid_request"),
         ] {
-            let err = classify::<RegisterResponse>(status, &error_body(code, "why")).expect_err("refused");
+            let err = classify::<RegisterResponse>(status, None, &error_body(code, "why")).expect_err("refused");
             assert_eq!(err, Failure::Refused { status: status.as_u16(), code: code.into(), message: "why".into() });
         }
     }
 
     #[test]
     fn server_errors_and_foreign_answers_are_retried_as_unreachable() {
-        let err = classify::<RegisterResponse>(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>").expect_err("502");
+        let err =
+            classify::<RegisterResponse>(StatusCode::BAD_GATEWAY, None, b"<html>bad gateway</html>").expect_err("502");
         assert!(matches!(&err, Failure::Unreachable(text) if text.contains("502")), "{err}");
-        let err = classify::<RegisterResponse>(StatusCode::TOO_MANY_REQUESTS, b"").expect_err("429");
+        let err = classify::<RegisterResponse>(StatusCode::TOO_MANY_REQUESTS, None, b"").expect_err("429");
         assert!(matches!(err, Failure::Unreachable(_)));
-        let err = classify::<RegisterResponse>(StatusCode::OK, b"<html>a proxy page</html>").expect_err("not json");
+        let err =
+            classify::<RegisterResponse>(StatusCode::OK, None, b"<html>a proxy page</html>").expect_err("not json");
         assert!(matches!(err, Failure::Unreachable(_)));
+    }
+
+    #[test]
+    fn retry_after_on_429_and_503_says_when_to_come_back() {
+        for (status, code) in
+            [(StatusCode::TOO_MANY_REQUESTS, "rate_limited"), (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")]
+        {
+            let err = classify::<RegisterResponse>(status, Some("42"), &error_body(code, "later")).expect_err("wait");
+            assert_eq!(
+                err,
+                Failure::RetryLater {
+                    status: status.as_u16(),
+                    code: code.into(),
+                    message: "later".into(),
+                    retry_after: Duration::from_secs(42)
+                }
+            );
+        }
+        // Another status, or a Retry-After that is not a number of seconds, is not a request to wait.
+        let err = classify::<RegisterResponse>(StatusCode::CONFLICT, Some("42"), &error_body("node_exists", "x"))
+            .expect_err("409");
+        assert!(matches!(err, Failure::Refused { status: 409, .. }), "{err}");
+        let date = Some("Wed, 21 Oct 2015 07:28:00 GMT");
+        let err = classify::<RegisterResponse>(StatusCode::TOO_MANY_REQUESTS, date, b"").expect_err("429");
+        assert!(matches!(err, Failure::Unreachable(_)), "{err}");
+    }
+
+    /// An HTTP server on a thread of its own, answering every request with `answer`.
+    fn answering(answer: String) -> Url {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                // Read the whole request (head, then Content-Length bytes) so closing sends no reset.
+                let mut request = Vec::new();
+                let mut buf = [0; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        if n == 0 {
+                            break;
+                        }
+                        continue;
+                    };
+                    let length = text[..head_end]
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .and_then(|value| value.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if n == 0 || request.len() >= head_end + 4 + length {
+                        break;
+                    }
+                }
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        Url::parse(&format!("http://{addr}/")).expect("url")
+    }
+
+    #[tokio::test]
+    async fn the_client_reads_retry_after_from_the_answer() {
+        let body = r#"{"error":{"code":"rate_limited","message":"slow down"}}"#;
+        let answer = format!(
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 37\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let client = RouterClient::new(answering(answer), Duration::from_secs(5)).expect("client");
+        let request = HeartbeatRequest {
+            node_id: uuid::Uuid::nil(),
+            cpu_usage: None,
+            memory_usage: None,
+            gpus: None,
+            loaded_models: None,
+            ready_models: None,
+            active_requests: None,
+        };
+        let err = client.heartbeat("llmn_x", &request).await.expect_err("429");
+        assert!(
+            matches!(&err, Failure::RetryLater { retry_after, code, .. }
+                if *retry_after == Duration::from_secs(37) && code == "rate_limited"),
+            "{err}"
+        );
     }
 }

@@ -12,7 +12,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::{Role, password};
+use crate::auth::Role;
+use crate::auth::password::{self, Hasher};
+use crate::auth::throttle::LoginThrottle;
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::{ServeArgs, Settings};
 use crate::db::Store;
@@ -20,6 +22,7 @@ use crate::db::auth::UserRow;
 use crate::legacy::{self, LegacyFile};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
+use crate::rate_limit::{self, RegistrationLimiter};
 use crate::registry::{Registry, validate};
 use crate::routes;
 
@@ -33,6 +36,12 @@ pub struct AppInner {
     pub metrics: Arc<Metrics>,
     /// Hash of a random password, verified against on logins with an unknown username.
     pub dummy_password_hash: String,
+    /// The bounded pool every password hash of a request goes through.
+    pub hasher: Hasher,
+    /// Failed sign-ins by (username, client address).
+    pub login_throttle: LoginThrottle,
+    /// Anonymous registrations by client address.
+    pub registration_limiter: RegistrationLimiter,
 }
 
 /// Shared handle to the application.
@@ -58,11 +67,12 @@ impl App {
         if let Some(legacy) = legacy {
             import_legacy(&store, &legacy, clock.now_ms()).await?;
         }
-        create_first_admin(&store, &settings, clock.as_ref()).await?;
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
         let mut metrics = Metrics::default();
         metrics.storage_faults = store.fault_counter();
         let metrics = Arc::new(metrics);
+        let hasher = Hasher::new(settings.hash_workers, settings.hash_queue, settings.hash_wait, metrics.clone())?;
+        create_first_admin(&store, &settings, clock.as_ref(), &hasher).await?;
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone()).await?;
         let prober = Prober::new(settings.reachability_timeout)?;
         if !settings.reachability_check {
@@ -71,8 +81,22 @@ impl App {
             );
         }
         tracing::info!(nodes = registry.len(), db = %settings.database_path().display(), "registry loaded");
-        let dummy_password_hash = password::hash(password::generate()).await?;
-        Ok(App { state: Arc::new(AppInner { settings, store, registry, clock, prober, metrics, dummy_password_hash }) })
+        let dummy_password_hash = hasher.hash(password::generate()).await?;
+        let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
+        Ok(App {
+            state: Arc::new(AppInner {
+                settings,
+                store,
+                registry,
+                clock,
+                prober,
+                metrics,
+                dummy_password_hash,
+                hasher,
+                login_throttle: LoginThrottle::default(),
+                registration_limiter,
+            }),
+        })
     }
 
     /// Serves on `listener` until `shutdown` completes, then writes the last heartbeat figures and closes the
@@ -134,9 +158,24 @@ impl App {
                 }
             }
         }));
+        let expirer = tokio::spawn(every(state.settings.pending_expiry_interval(), stop_rx.clone(), {
+            let state = state.clone();
+            move || {
+                let state = state.clone();
+                async move {
+                    let ttl_ms = i64::try_from(state.settings.pending_ttl.as_millis()).unwrap_or(i64::MAX);
+                    match state.registry.expire_pending(ttl_ms).await {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::info!(removed, "removed pending nodes that never heartbeat"),
+                        Err(err) => tracing::warn!(error = %err, "removing expired pending nodes failed; will retry"),
+                    }
+                }
+            }
+        }));
         let app = routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         let _ = stop_tx.send(true);
+        let _ = expirer.await;
         let _ = sweeper.await;
         let _ = flusher.await;
         let _ = checkpointer.await;
@@ -239,7 +278,12 @@ fn ensure_writable_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_first_admin(store: &Store, settings: &Settings, clock: &dyn Clock) -> anyhow::Result<()> {
+async fn create_first_admin(
+    store: &Store,
+    settings: &Settings,
+    clock: &dyn Clock,
+    hasher: &Hasher,
+) -> anyhow::Result<()> {
     if store.count_users().await? > 0 {
         return Ok(());
     }
@@ -252,7 +296,7 @@ async fn create_first_admin(store: &Store, settings: &Settings, clock: &dyn Cloc
     }
     let user = UserRow {
         username: settings.admin_username.clone(),
-        password_hash: password::hash(password.clone()).await?,
+        password_hash: hasher.hash(password.clone()).await?,
         role: Role::Admin,
         created_at: clock.now_ms(),
     };

@@ -150,6 +150,12 @@ pub struct Settings {
     pub pending_ttl: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Password hashes at a time; 0 = one per core, at most 8 (each holds 19 MiB while it runs).
+    pub hash_workers: usize,
+    /// Callers that may wait for a password hash beyond those running; more are answered 429.
+    pub hash_queue: usize,
+    /// Longest wait for a password hash before the caller is answered 429.
+    pub hash_wait: Duration,
     /// Accept nodes at link-local addresses.
     pub allow_link_local_nodes: bool,
     /// Most open client connections; `None`: derived from the open-file limit.
@@ -179,6 +185,9 @@ impl Settings {
             max_pending: 1000,
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
+            hash_workers: 0,
+            hash_queue: 64,
+            hash_wait: Duration::from_secs(2),
             allow_link_local_nodes: false,
             max_connections: None,
             header_timeout: Duration::from_secs(10),
@@ -189,6 +198,11 @@ impl Settings {
     /// The database file inside the data directory.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("router.db")
+    }
+
+    /// How often pending nodes are checked against `pending_ttl`: a hundredth of it, between 1 s and 1 min.
+    pub fn pending_expiry_interval(&self) -> Duration {
+        (self.pending_ttl / 100).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
     /// How often the offline sweep runs: a tenth of `offline_after`, between 100 ms and 1 s.
@@ -305,6 +319,16 @@ mod tests {
         let err = settings("12345678").expect_err("short").to_string();
         assert!(err.contains("LLM_ROUTER_ADMIN_PASSWORD") && err.contains("at least 12"), "{err}");
         assert!(settings("twelve-chars").is_ok());
+    }
+
+    #[test]
+    fn pending_expiry_runs_often_enough_for_its_ttl() {
+        let mut settings = Settings::new(PathBuf::from("/tmp"));
+        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(60), "72 h: every minute");
+        settings.pending_ttl = Duration::from_secs(100);
+        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(1));
+        settings.pending_ttl = Duration::from_secs(3600);
+        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(36));
     }
 
     #[test]

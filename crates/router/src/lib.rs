@@ -10,5 +10,6 @@ pub mod legacy;
 pub mod metrics;
 pub mod net;
 pub mod probe;
+pub mod rate_limit;
 pub mod registry;
 pub mod routes;

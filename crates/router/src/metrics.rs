@@ -79,6 +79,16 @@ pub struct Metrics {
     /// Writes the database could not make (disk full, I/O error), counted by the store.
     pub storage_faults: Arc<AtomicU64>,
     pub sweep_seconds: Histogram,
+    /// Sign-ins refused by the throttle, before any password check.
+    pub logins_throttled: AtomicU64,
+    /// Password hashes refused because the hashing pool and its queue were full.
+    pub hashes_refused: AtomicU64,
+    /// Anonymous registrations refused by the per-address rate limit.
+    pub registrations_rate_limited: AtomicU64,
+    /// Registrations refused because the pending cap was reached.
+    pub registrations_too_many_pending: AtomicU64,
+    /// Pending nodes removed after `--pending-ttl-hours` without a heartbeat.
+    pub pending_expired: AtomicU64,
     /// By matched route, then by method: looked up without allocating on every request.
     http: RwLock<HashMap<String, ByMethod>>,
 }
@@ -117,6 +127,11 @@ impl Default for Metrics {
             flush_errors: AtomicU64::new(0),
             storage_faults: Arc::new(AtomicU64::new(0)),
             sweep_seconds: Histogram::new(LATENCY_BUCKETS),
+            logins_throttled: AtomicU64::new(0),
+            hashes_refused: AtomicU64::new(0),
+            registrations_rate_limited: AtomicU64::new(0),
+            registrations_too_many_pending: AtomicU64::new(0),
+            pending_expired: AtomicU64::new(0),
             http: RwLock::new(HashMap::new()),
         }
     }
@@ -181,6 +196,31 @@ impl Metrics {
                 "llm_router_storage_errors_total",
                 "Writes the database could not make (disk full, I/O error); each was undone and its caller told.",
                 &self.storage_faults,
+            ),
+            (
+                "llm_router_logins_throttled_total",
+                "Sign-ins refused by the per-username-and-address throttle (429 login_throttled).",
+                &self.logins_throttled,
+            ),
+            (
+                "llm_router_password_hashes_refused_total",
+                "Password checks refused because the hashing pool was full (429 hashing_busy).",
+                &self.hashes_refused,
+            ),
+            (
+                "llm_router_registrations_rate_limited_total",
+                "Anonymous registrations refused by the per-address rate limit (429 rate_limited).",
+                &self.registrations_rate_limited,
+            ),
+            (
+                "llm_router_registrations_too_many_pending_total",
+                "Registrations refused because the pending cap was reached (429 too_many_pending).",
+                &self.registrations_too_many_pending,
+            ),
+            (
+                "llm_router_pending_expired_total",
+                "Pending nodes removed after the pending TTL without a heartbeat.",
+                &self.pending_expired,
             ),
         ] {
             family(&mut out, name, "counter", help);

@@ -6,6 +6,7 @@
 //! cross-site form cannot set and a cross-site script cannot send without a CORS grant the router never gives.
 
 pub mod password;
+pub mod throttle;
 pub mod token;
 
 use std::fmt;

@@ -14,6 +14,7 @@ pub mod state;
 pub mod validate;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use llm_router_protocol::NodeStatus;
@@ -37,6 +38,10 @@ pub struct Registry {
     /// Nodes whose figures changed since the last flush, and when the oldest of those figures arrived.
     dirty: Mutex<(Vec<Uuid>, Option<Millis>)>,
     metrics: Arc<Metrics>,
+    /// Pending nodes, kept in step with every change to or from `pending`, so the pending cap costs no scan.
+    pending: AtomicUsize,
+    /// Registrations admitted under the pending cap and not yet settled.
+    reserved: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -97,8 +102,10 @@ impl Registry {
     ) -> anyhow::Result<Registry> {
         let now = clock.now_ms();
         let mut index = Index::default();
+        let mut pending = 0;
         for (node, token) in store.load_nodes().await? {
             let id = node.id;
+            pending += usize::from(node.status == NodeStatus::Pending);
             index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
             if let Some(token) = token {
                 index.by_token.insert(token, id);
@@ -112,6 +119,8 @@ impl Registry {
             index: RwLock::new(index),
             dirty: Mutex::new((Vec::new(), None)),
             metrics,
+            pending: AtomicUsize::new(pending),
+            reserved: AtomicUsize::new(0),
         })
     }
 
@@ -205,6 +214,7 @@ impl Registry {
             Err(InsertError::Other(err)) => return Err(err.into()),
         }
         self.metrics.transition(NodeStatus::Pending);
+        self.pending.fetch_add(1, Ordering::Relaxed);
         let id = node.id;
         let mut index = self.write();
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
@@ -260,8 +270,11 @@ impl Registry {
         };
         let token = NewToken::generate(TokenKind::Node);
         self.store.reregister_node(&updated, token.hash(), now, event.as_ref()).await?;
-        if event.is_some() {
+        if let Some(event) = &event {
             self.metrics.transition(NodeStatus::Pending);
+            if event.from != Some(NodeStatus::Pending) {
+                self.pending.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let status = updated.status;
         {
@@ -358,6 +371,7 @@ impl Registry {
         };
         self.store.record_transition(&updated, &event).await?;
         self.metrics.transition(updated.status);
+        self.pending.fetch_sub(1, Ordering::Relaxed);
         let mut state = lock(&slot);
         state.node.status = updated.status;
         state.node.approved_at = updated.approved_at;
@@ -520,18 +534,79 @@ impl Registry {
     /// Deletes a node; its token stops working as soon as this returns.
     pub async fn delete(&self, id: Uuid, by: &str) -> ApiResult<()> {
         let slot = self.slot_or_404(id)?;
-        let _writing = slot.transition.lock().await;
-        let (key, token, from) = {
-            let state = lock(&slot);
-            if state.deleted {
-                return Err(not_found(format!("No node with id {id}.")));
-            }
-            ((state.node.machine_name.clone(), state.node.runtime_port), state.token, state.node.status)
+        let removed = self
+            .remove(id, &slot, |state, now| {
+                Some(
+                    NodeEvent::new(id, now, Some(state.node.status), "deleted", "deleted by an administrator")
+                        .by(Some(by)),
+                )
+            })
+            .await?;
+        if !removed {
+            return Err(not_found(format!("No node with id {id}.")));
+        }
+        Ok(())
+    }
+
+    /// Removes every pending node silent for `ttl_ms` (SPEC §9), each with an event and like a deletion: its
+    /// token stops working and its name and port are free again. Silence counts from the latest of its last
+    /// heartbeat, its registration and the router's start, as offline detection does. Returns how many went.
+    ///
+    /// Cost: one pass over the in-memory map with a short per-node lock; only expired nodes are written.
+    pub async fn expire_pending(&self, ttl_ms: i64) -> ApiResult<usize> {
+        let now = self.clock.now_ms();
+        let expired = |state: &SlotState, now: Millis| {
+            state.node.status == NodeStatus::Pending && now - state.alive_since >= ttl_ms
         };
-        let event =
-            NodeEvent::new(id, self.clock.now_ms(), Some(from), "deleted", "deleted by an administrator").by(Some(by));
+        let candidates: Vec<(Uuid, Arc<Slot>)> = self
+            .read()
+            .nodes
+            .iter()
+            .filter(|(_, slot)| expired(&lock(slot), now))
+            .map(|(id, slot)| (*id, slot.clone()))
+            .collect();
+        let reason = format!("pending for {} h without a heartbeat; removed", ttl_ms / 3_600_000);
+        let mut removed = 0;
+        for (id, slot) in candidates {
+            // Decided again under the node's lock: a heartbeat or an approval may have come meanwhile.
+            let gone = self
+                .remove(id, &slot, |state, now| {
+                    expired(state, now).then(|| NodeEvent::new(id, now, Some(NodeStatus::Pending), "deleted", &*reason))
+                })
+                .await?;
+            if gone {
+                removed += 1;
+                Metrics::inc(&self.metrics.pending_expired);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes a node when `decide`, seeing its state under the node's lock, gives the event to record. Returns
+    /// whether it was removed (false: already deleted, or `decide` said no).
+    async fn remove(
+        &self,
+        id: Uuid,
+        slot: &Slot,
+        decide: impl Fn(&SlotState, Millis) -> Option<NodeEvent>,
+    ) -> ApiResult<bool> {
+        let _writing = slot.transition.lock().await;
+        let now = self.clock.now_ms();
+        let (key, token, from, event) = {
+            let state = lock(slot);
+            if state.deleted {
+                return Ok(false);
+            }
+            let Some(event) = decide(&state, now) else {
+                return Ok(false);
+            };
+            ((state.node.machine_name.clone(), state.node.runtime_port), state.token, state.node.status, event)
+        };
         self.store.delete_node(id, &event).await?;
-        lock(&slot).deleted = true;
+        if from == NodeStatus::Pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        lock(slot).deleted = true;
         let mut index = self.write();
         index.nodes.remove(&id);
         if index.by_key.get(&key) == Some(&id) {
@@ -540,7 +615,23 @@ impl Registry {
         if let Some(token) = token {
             index.by_token.remove(&token);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Pending nodes now.
+    pub fn pending_count(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Admits one registration that may add a pending node while fewer than `cap` are pending or admitted
+    /// (`cap` 0: no cap); `None` when the cap is reached. Hold the reservation until the registration is settled.
+    pub fn reserve_pending(&self, cap: u64) -> Option<PendingReservation<'_>> {
+        let reservation = PendingReservation(&self.reserved);
+        let reserved = self.reserved.fetch_add(1, Ordering::AcqRel) + 1;
+        // A registration that committed and still holds its reservation counts twice for a moment: the cap may
+        // refuse one too many at its edge, never admit one too many.
+        let taken = self.pending.load(Ordering::Acquire) + reserved;
+        (cap == 0 || u64::try_from(taken).unwrap_or(u64::MAX) <= cap).then_some(reservation)
     }
 
     /// One node as the admin API shows it.
@@ -572,6 +663,15 @@ impl Registry {
             *counts.entry(lock(slot).node.status).or_insert(0) += 1;
         }
         counts
+    }
+}
+
+/// A place under the pending cap, held by a registration in progress; given back when dropped.
+pub struct PendingReservation<'a>(&'a AtomicUsize);
+
+impl Drop for PendingReservation<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

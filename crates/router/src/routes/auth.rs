@@ -1,17 +1,21 @@
 //! `/v0/auth`: sign in, sign out, who am I.
 
+use std::net::SocketAddr;
+
 use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::json::JsonBody;
 use crate::app::AppState;
 use crate::auth::token::{NewToken, TokenKind};
-use crate::auth::{Role, SESSION_COOKIE, Viewer, password};
+use crate::auth::{Role, SESSION_COOKIE, Viewer};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+use crate::net::client_addr;
 use crate::registry::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
@@ -36,24 +40,52 @@ pub struct LoginResponse {
 
 /// Sign in
 ///
-/// Answers a session token and sets it as an HttpOnly, SameSite=Strict cookie for the dashboard.
+/// Answers a session token and sets it as an HttpOnly, SameSite=Strict cookie for the dashboard. After 5 wrong
+/// passwords within 15 minutes for one username from one address, that pair is refused for a while (429
+/// `login_throttled`, growing to 15 minutes; unknown usernames alike); a burst of sign-ins beyond what the
+/// password hashing pool takes is refused with 429 `hashing_busy`. Both carry `Retry-After`.
 #[utoipa::path(post, path = "/v0/auth/login", tag = "auth", request_body = LoginRequest,
     responses(
         (status = 200, description = "Signed in", body = LoginResponse),
         (status = 400, description = "Malformed body or a field out of range; the message names it", body = ErrorBody),
         (status = 401, description = "Wrong username or password", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
-        (status = 415, description = "The body is not JSON", body = ErrorBody)
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 429, description = "Too many failures for this username from this address (`login_throttled`), or too many sign-ins at once (`hashing_busy`); see `Retry-After`", body = ErrorBody)
     ))]
-pub async fn login(State(state): State<AppState>, JsonBody(body): JsonBody<LoginRequest>) -> ApiResult<Response> {
+pub async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<LoginRequest>,
+) -> ApiResult<Response> {
     validate::text("username", &body.username, Text::Line)?;
+    let from = client_addr(peer, &headers, &state.settings.trusted_proxies);
+    // Refused before any lookup or hash: a locked pair costs the router nothing.
+    let attempt = state.login_throttle.begin(&body.username, from, state.clock.now_ms()).map_err(|throttled| {
+        Metrics::inc(&state.metrics.logins_throttled);
+        ApiError::TooManyRequests {
+            code: "login_throttled",
+            message: format!(
+                "Too many failed sign-ins for this username from this address; try again in {} s.",
+                throttled.retry_after_secs
+            ),
+            retry_after_secs: throttled.retry_after_secs,
+        }
+    })?;
     let user = state.store.user(&body.username).await?;
     // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
     let stored = user.as_ref().map_or_else(|| state.dummy_password_hash.clone(), |u| u.password_hash.clone());
-    let matches = password::verify(body.password, stored).await?;
+    let matches = state.hasher.verify(body.password, stored).await?;
     let user = match user {
-        Some(user) if matches => user,
-        _ => return Err(ApiError::InvalidCredentials("Wrong username or password.".to_owned())),
+        Some(user) if matches => {
+            attempt.succeeded();
+            user
+        }
+        _ => {
+            attempt.failed(state.clock.now_ms());
+            return Err(ApiError::InvalidCredentials("Wrong username or password.".to_owned()));
+        }
     };
     let token = NewToken::generate(TokenKind::Session);
     let now = state.clock.now_ms();

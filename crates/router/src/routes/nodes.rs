@@ -17,6 +17,8 @@ use crate::auth::{AdminUser, Viewer};
 use crate::db::nodes::EVENTS_PER_NODE;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
+use crate::net::client_addr;
+use crate::registry::RegistrationPlan;
 use crate::registry::node::{NodeEventView, NodeView};
 use crate::registry::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
@@ -24,7 +26,9 @@ use llm_router_protocol::ErrorBody;
 /// Register a node (an agent calls this)
 ///
 /// The checks run in this order: body (400), GPU (403), uniqueness (409 or a token rotation with the node's own
-/// `X-Node-Token`), reachability of `GET http://ip:port/v1/models` (422); then the node is stored as pending (201).
+/// `X-Node-Token`), the anonymous limits (429 `rate_limited` per client address, 429 `too_many_pending` at the
+/// pending cap; a token rotation is not anonymous and skips them), reachability of `GET http://ip:port/v1/models`
+/// (422); then the node is stored as pending (201).
 #[utoipa::path(post, path = "/v0/nodes", tag = "node agent", request_body = RegisterRequest,
     params(("X-Node-Token" = Option<String>, Header, description = "The node's own token, to rotate it")),
     responses(
@@ -35,7 +39,8 @@ use llm_router_protocol::ErrorBody;
         (status = 409, description = "A node with this machine name and runtime port exists", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
         (status = 415, description = "The body is not JSON", body = ErrorBody),
-        (status = 422, description = "The node's runtime could not be reached, answered non-2xx (redirects included) or sent more than 1 MiB", body = ErrorBody)
+        (status = 422, description = "The node's runtime could not be reached, answered non-2xx (redirects included) or sent more than 1 MiB", body = ErrorBody),
+        (status = 429, description = "Too many registrations from this address (`rate_limited`) or too many pending nodes (`too_many_pending`); see `Retry-After`", body = ErrorBody)
     ))]
 pub async fn register(
     State(state): State<AppState>,
@@ -46,6 +51,12 @@ pub async fn register(
     let mut registration = validate::registration(body, peer.ip(), state.settings.allow_link_local_nodes)?;
     let presented = headers.get(NODE_TOKEN_HEADER).and_then(|v| v.to_str().ok());
     let plan = state.registry.plan_registration(&registration, presented)?;
+    // The anonymous limits come before the probe, the one costly step. Only the node's own valid token makes a
+    // registration not anonymous; held until the registration is settled, the reservation keeps the cap exact.
+    let _reservation = match plan {
+        RegistrationPlan::Rotate(..) => None,
+        RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => Some(anonymous_limits(&state, peer, &headers)?),
+    };
     if state.settings.reachability_check {
         let models = state.prober.models(registration.runtime_addr()?).await.map_err(ApiError::NodeUnreachable)?;
         if !registration.loaded_models_given {
@@ -64,6 +75,42 @@ pub async fn register(
             heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs(),
         }),
     ))
+}
+
+/// Seconds a registration refused at the pending cap is asked to wait: places free up only as an administrator
+/// approves or deletes nodes, or as silent ones expire.
+pub const TOO_MANY_PENDING_RETRY_AFTER_SECS: u64 = 60;
+
+/// The per-address rate limit, then the pending cap; the cap's reservation on success.
+fn anonymous_limits<'a>(
+    state: &'a AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> ApiResult<crate::registry::PendingReservation<'a>> {
+    let from = client_addr(peer, headers, &state.settings.trusted_proxies);
+    if let Err(limited) = state.registration_limiter.check(from, state.clock.now_ms()) {
+        Metrics::inc(&state.metrics.registrations_rate_limited);
+        return Err(ApiError::TooManyRequests {
+            code: "rate_limited",
+            message: format!(
+                "Too many registrations from {from}: at most {} a minute (bursts of twice that); try again in {} s.",
+                state.settings.registration_rate, limited.retry_after_secs
+            ),
+            retry_after_secs: limited.retry_after_secs,
+        });
+    }
+    let cap = state.settings.max_pending;
+    state.registry.reserve_pending(cap).ok_or_else(|| {
+        Metrics::inc(&state.metrics.registrations_too_many_pending);
+        ApiError::TooManyRequests {
+            code: "too_many_pending",
+            message: format!(
+                "The router already holds {cap} pending nodes, its limit; an administrator must approve or delete \
+                 some before more can register."
+            ),
+            retry_after_secs: TOO_MANY_PENDING_RETRY_AFTER_SECS,
+        }
+    })
 }
 
 #[derive(Debug, Deserialize)]

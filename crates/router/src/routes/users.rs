@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::json::JsonBody;
 use crate::app::AppState;
-use crate::auth::{AdminUser, Role, password};
+use crate::auth::{AdminUser, Role};
 use crate::clock::rfc3339;
 use crate::db::auth::{DeleteUserError, UserRow};
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
@@ -54,7 +54,8 @@ pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult
         (status = 403, description = "The credential's role may not do this", body = ErrorBody),
         (status = 409, description = "The username is taken", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
-        (status = 415, description = "The body is not JSON", body = ErrorBody)
+        (status = 415, description = "The body is not JSON", body = ErrorBody),
+        (status = 429, description = "Too many password hashes at once (`hashing_busy`); see `Retry-After`", body = ErrorBody)
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -72,7 +73,7 @@ pub async fn create(
     }
     let user = UserRow {
         username: body.username,
-        password_hash: password::hash(body.password).await?,
+        password_hash: state.hasher.hash(body.password).await?,
         role: body.role,
         created_at: state.clock.now_ms(),
     };

@@ -34,6 +34,9 @@ fn command_on(data_dir: &Path, password: Option<&str>, listen: &str) -> Command 
         .env_remove("LLM_ROUTER_ADMIN_PASSWORD")
         .env_remove("LLM_ROUTER_LISTEN")
         .env("LLM_ROUTER_LOG", "warn")
+        // These tests register hundreds of nodes from one address: the anonymous registration limits are off.
+        .env("LLM_ROUTER_REGISTRATION_RATE", "0")
+        .env("LLM_ROUTER_MAX_PENDING", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

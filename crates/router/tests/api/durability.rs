@@ -266,7 +266,8 @@ async fn events_past_the_retention_period_are_removed() {
 
 #[tokio::test]
 async fn writes_keep_the_write_ahead_log_bounded() {
-    let app = TestApp::spawn().await;
+    // 1,280 pending nodes: over the default cap on pending nodes.
+    let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
     let wal = app.data_dir().join("router.db-wal");
     let limit = 256 * 1024;
     app.state.store.limit_log(limit);

@@ -81,6 +81,11 @@ impl TestApp {
     }
 
     pub async fn with(options: Options) -> TestApp {
+        TestApp::with_settings(options, |_| {}).await
+    }
+
+    /// Like [`TestApp::with`], then `configure` changes whatever else a test is about.
+    pub async fn with_settings(options: Options, configure: impl FnOnce(&mut Settings)) -> TestApp {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let mut settings = Settings::new(dir.path().join("data"));
         settings.reachability_check = options.reachability_check;
@@ -96,6 +101,7 @@ impl TestApp {
             std::fs::create_dir_all(&settings.data_dir).expect("data dir");
             std::fs::write(settings.data_dir.join("nodes.json"), bytes).expect("write nodes.json");
         }
+        configure(&mut settings);
         TestApp::start(dir, settings, ManualClock::new(START_MS)).await
     }
 
@@ -249,6 +255,14 @@ impl TestApp {
         let response = self.request(Method::GET, "/v0/nodes").bearer_auth(&admin).send().await.expect("list");
         assert_eq!(response.status(), 200);
         body(response).await.as_array().expect("array").clone()
+    }
+
+    /// The value of an unlabelled metric in `GET /metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.request(Method::GET, "/metrics").send().await.expect("scrape").text().await.expect("text");
+        let line = text.lines().find(|line| line.split(' ').next() == Some(name));
+        let value = line.and_then(|line| line.split(' ').nth(1)).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+        value.parse().unwrap_or_else(|_| panic!("{name}: `{value}` is not a number"))
     }
 
     /// Moves the router's clock and runs the offline sweep, as the background task would.

@@ -10,4 +10,6 @@ mod hostile_input;
 mod legacy;
 mod observability;
 mod registration;
+mod registration_limits;
+mod sign_in_limits;
 mod storage;
