@@ -2,6 +2,7 @@
 
 mod admin;
 mod binary;
+mod connections;
 mod errors;
 mod heartbeat;
 mod helpers;
