@@ -12,3 +12,4 @@ pub mod net;
 pub mod probe;
 pub mod registry;
 pub mod routes;
+pub mod server;

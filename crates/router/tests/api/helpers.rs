@@ -46,6 +46,10 @@ pub struct Options {
     /// Anonymous registrations per minute and address; off (0) unless a test is about the limit, since the
     /// tests register many nodes from 127.0.0.1.
     pub registration_rate: u32,
+    /// Cap on open client connections; `None`: derived from the open-file limit.
+    pub max_connections: Option<usize>,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Default for Options {
@@ -56,6 +60,9 @@ impl Default for Options {
             offline_after: Duration::from_secs(30),
             legacy_nodes_json: None,
             registration_rate: 0,
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -81,6 +88,9 @@ impl TestApp {
         settings.offline_after = options.offline_after;
         settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
         settings.registration_rate = options.registration_rate;
+        settings.max_connections = options.max_connections;
+        settings.header_timeout = options.header_timeout;
+        settings.idle_timeout = options.idle_timeout;
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
         if let Some(bytes) = options.legacy_nodes_json {
