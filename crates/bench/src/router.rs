@@ -44,6 +44,8 @@ pub struct RouterSpec {
     pub binary: PathBuf,
     pub data_dir: PathBuf,
     pub admin_password: String,
+    /// Run the router under this open-file limit, soft and hard (so it cannot raise it); `None`: the bench's own.
+    pub open_file_limit: Option<u64>,
 }
 
 impl RouterSpec {
@@ -55,12 +57,20 @@ impl RouterSpec {
                 binary.display()
             );
         }
-        Ok(RouterSpec { binary, data_dir: data_dir.to_owned(), admin_password })
+        Ok(RouterSpec { binary, data_dir: data_dir.to_owned(), admin_password, open_file_limit: None })
     }
 
     /// Spawns the router and waits for its listening line.
     pub async fn start(&self) -> anyhow::Result<Router> {
-        let mut command = Command::new(&self.binary);
+        let mut command = match self.open_file_limit {
+            // `ulimit -n` without -S or -H sets both limits; the shell then becomes the router, same pid.
+            Some(limit) => {
+                let mut command = Command::new("sh");
+                command.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &limit.to_string()]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--no-reachability-check", "--data-dir"])
             .arg(&self.data_dir)
