@@ -45,6 +45,9 @@ pub enum Mode {
     /// Send wrong-password sign-ins from parallel attackers while timing a legitimate sign-in; report the router's
     /// peak memory.
     Logins(LoginsArgs),
+    /// Hold many half-open connections against a router under a low open-file limit and time `GET /healthz` on
+    /// fresh connections meanwhile.
+    Connections(ConnectionsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -135,6 +138,25 @@ pub struct LoginsArgs {
     pub pause_ms: u64,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionsArgs {
+    /// Half-open connections to hold: TCP connected, part of a request's headers sent, never finished.
+    #[arg(long, default_value_t = 1100, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub half_open: usize,
+
+    /// Open-file limit the router runs under, soft and hard.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(64..=1_048_576))]
+    pub open_file_limit: u64,
+
+    /// `GET /healthz` requests to time, one after another, each on a fresh connection.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub requests: usize,
+
+    /// Reopen every half-open connection the router closes, at once, so that the router stays at its cap.
+    #[arg(long)]
+    pub reopen: bool,
+}
+
 fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if !value.is_finite() || value < 0.0 || (value == 0.0 && !allow_zero) || value > 86_400.0 {
@@ -185,6 +207,13 @@ mod tests {
         assert!(matches!(cli.mode, Mode::Probe(ProbeArgs { registrations: 32, stream_mib: 1024, models: 200_000 })));
         let cli = parse("logins --attackers 32 --secs 10").expect("parse");
         assert!(matches!(cli.mode, Mode::Logins(LoginsArgs { attackers: 32, secs: 10.0, pause_ms: 100 })));
+        let cli = parse("connections").expect("parse");
+        assert!(matches!(
+            cli.mode,
+            Mode::Connections(ConnectionsArgs { half_open: 1100, open_file_limit: 1024, requests: 200, reopen: false })
+        ));
+        let cli = parse("connections --half-open 5000 --open-file-limit 4096 --reopen").expect("parse");
+        assert!(matches!(cli.mode, Mode::Connections(ConnectionsArgs { half_open: 5000, reopen: true, .. })));
     }
 
     #[test]
@@ -197,5 +226,7 @@ mod tests {
         assert!(parse("startup --runs 0").is_err());
         assert!(parse("probe --registrations 0").is_err());
         assert!(parse("logins --attackers 0").is_err());
+        assert!(parse("connections --half-open 0").is_err());
+        assert!(parse("connections --open-file-limit 10").is_err());
     }
 }

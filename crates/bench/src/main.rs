@@ -2,6 +2,7 @@
 //! `docs/performance.md` for the commands and what each mode measures.
 
 mod cli;
+mod connections;
 mod fleet;
 mod heartbeat;
 mod http;
@@ -36,9 +37,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let open_files = procfs::raise_open_file_limit()?;
-    if let Mode::Heartbeat(args) = &cli.mode {
+    let connections = match &cli.mode {
+        Mode::Heartbeat(args) => Some(if args.connection_per_node { args.nodes } else { args.connections }),
+        Mode::Connections(args) => Some(args.half_open),
+        _ => None,
+    };
+    if let Some(connections) = connections {
         // The router and the bench each hold one socket per connection, plus their own files.
-        let needed = if args.connection_per_node { args.nodes } else { args.connections } as u64 + 256;
+        let needed = connections as u64 + 256;
         if open_files < needed {
             eprintln!(
                 "warning: the open-file limit is {open_files}; {needed} or more is needed for this many connections"
@@ -64,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Register(args) => output(cli.json, &register::run(&spec, args).await?, register::print),
             Mode::Probe(args) => output(cli.json, &probe::run(&spec, args).await?, probe::print),
             Mode::Logins(args) => output(cli.json, &logins::run(&spec, args).await?, logins::print),
+            Mode::Connections(args) => output(cli.json, &connections::run(&spec, args).await?, connections::print),
         }
     });
     if cli.keep_data {

@@ -48,6 +48,8 @@ pub struct RouterSpec {
     /// Probe each registering node's runtime (off unless a mode measures the probe: the simulated fleet has no
     /// runtimes).
     pub reachability_check: bool,
+    /// Run the router under this open-file limit, soft and hard (so it cannot raise it); `None`: the bench's own.
+    pub open_file_limit: Option<u64>,
 }
 
 impl RouterSpec {
@@ -59,12 +61,26 @@ impl RouterSpec {
                 binary.display()
             );
         }
-        Ok(RouterSpec { binary, data_dir: data_dir.to_owned(), admin_password, reachability_check: false })
+        Ok(RouterSpec {
+            binary,
+            data_dir: data_dir.to_owned(),
+            admin_password,
+            reachability_check: false,
+            open_file_limit: None,
+        })
     }
 
     /// Spawns the router and waits for its listening line.
     pub async fn start(&self) -> anyhow::Result<Router> {
-        let mut command = Command::new(&self.binary);
+        let mut command = match self.open_file_limit {
+            // `ulimit -n` without -S or -H sets both limits; the shell then becomes the router, same pid.
+            Some(limit) => {
+                let mut command = Command::new("sh");
+                command.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &limit.to_string()]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         command.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&self.data_dir);
         if !self.reachability_check {
             command.arg("--no-reachability-check");

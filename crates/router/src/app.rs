@@ -4,7 +4,6 @@
 //! their own shutdown; the binary goes through [`run`].
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use crate::probe::Prober;
 use crate::rate_limit::{self, RegistrationLimiter};
 use crate::registry::{Registry, validate};
 use crate::routes;
+use crate::server;
 
 /// What every handler can reach.
 pub struct AppInner {
@@ -172,8 +172,13 @@ impl App {
                 }
             }
         }));
-        let app = routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        let limits = server::Limits {
+            max_connections: server::connection_cap(state.settings.max_connections),
+            header_timeout: state.settings.header_timeout,
+            idle_timeout: state.settings.idle_timeout,
+        };
+        let served =
+            server::serve(listener, routes::router(state.clone()), limits, state.metrics.clone(), shutdown).await;
         let _ = stop_tx.send(true);
         let _ = expirer.await;
         let _ = sweeper.await;
@@ -317,13 +322,38 @@ async fn create_first_admin(
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listen = args.listen;
     let settings = args.into_settings()?;
+    log_open_file_limit(&server::raise_open_file_limit(), settings.max_connections);
     // Bind first: a port in use ends the start before the data directory or database is touched.
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let app = App::build(settings, Arc::new(SystemClock)).await?;
     let shutdown = shutdown_signal()?;
     let addr = listener.local_addr()?;
     println!("llm-router listening on http://{addr}");
     app.serve(listener, shutdown).await
+}
+
+/// Logs the open-file limits and the connection cap they give; warns when a configured cap exceeds what they allow.
+fn log_open_file_limit(limit: &server::OpenFileLimit, configured: Option<usize>) {
+    let show = |value: Option<u64>| value.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    let derived = server::default_max_connections(limit.soft);
+    let max_connections = configured.unwrap_or(derived);
+    if let Some(error) = &limit.error {
+        tracing::warn!(soft = %show(limit.soft), hard = %show(limit.hard), %error, "cannot raise the open-file limit");
+    }
+    tracing::info!(
+        soft_before = %show(limit.soft_before),
+        soft = %show(limit.soft),
+        hard = %show(limit.hard),
+        max_connections,
+        "open-file limit"
+    );
+    if max_connections > derived {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = %show(limit.soft),
+            "--max-connections exceeds what the open-file limit allows ({derived}); accepts may fail with too many open files"
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the future is first

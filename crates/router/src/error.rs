@@ -47,6 +47,9 @@ pub enum ApiError {
     /// A write to the database failed (disk full, I/O error): nothing of the request was kept.
     #[error("{0}")]
     StorageUnavailable(String),
+    /// Every connection the router may hold is busy with a request: the new one is answered and closed.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("internal error")]
     Internal(anyhow::Error),
 }
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::NodeUnreachable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "node_unreachable"),
             ApiError::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, *code),
             ApiError::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -81,6 +85,7 @@ impl ApiError {
         match self {
             ApiError::TooManyRequests { retry_after_secs, .. } => Some((*retry_after_secs).max(1)),
             ApiError::StorageUnavailable(_) => Some(STORAGE_RETRY_AFTER_SECS),
+            ApiError::Overloaded(_) => Some(OVERLOADED_RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -88,6 +93,9 @@ impl ApiError {
 
 /// How long a client is asked to wait after a failed write.
 pub const STORAGE_RETRY_AFTER_SECS: u64 = 5;
+
+/// How long a client is asked to wait when every connection was busy: requests are short, a slot frees soon.
+pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
 /// Shorthand constructors, so handlers read as sentences.
 pub fn bad_request(message: impl Into<String>) -> ApiError {

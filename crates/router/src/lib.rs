@@ -13,3 +13,4 @@ pub mod probe;
 pub mod rate_limit;
 pub mod registry;
 pub mod routes;
+pub mod server;

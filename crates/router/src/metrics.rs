@@ -89,6 +89,18 @@ pub struct Metrics {
     pub registrations_too_many_pending: AtomicU64,
     /// Pending nodes removed after `--pending-ttl-hours` without a heartbeat.
     pub pending_expired: AtomicU64,
+    /// Client connections open now (a gauge, kept by the accept loop).
+    pub connections_open: AtomicU64,
+    /// The cap on open client connections (a gauge, set once at start).
+    pub connections_max: AtomicU64,
+    /// Idle or half-open connections closed to make room for a new client at the cap.
+    pub connections_evicted: AtomicU64,
+    /// New connections answered 503 and closed because every connection was busy.
+    pub connections_refused: AtomicU64,
+    /// Connections closed for not sending a request's headers in time.
+    pub header_timeouts: AtomicU64,
+    /// Keep-alive connections closed for staying idle too long.
+    pub idle_timeouts: AtomicU64,
     /// By matched route, then by method: looked up without allocating on every request.
     http: RwLock<HashMap<String, ByMethod>>,
 }
@@ -132,6 +144,12 @@ impl Default for Metrics {
             registrations_rate_limited: AtomicU64::new(0),
             registrations_too_many_pending: AtomicU64::new(0),
             pending_expired: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_max: AtomicU64::new(0),
+            connections_evicted: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
+            idle_timeouts: AtomicU64::new(0),
             http: RwLock::new(HashMap::new()),
         }
     }
@@ -222,9 +240,36 @@ impl Metrics {
                 "Pending nodes removed after the pending TTL without a heartbeat.",
                 &self.pending_expired,
             ),
+            (
+                "llm_router_http_connections_evicted_total",
+                "Idle or half-open client connections closed to make room for a new one at the cap.",
+                &self.connections_evicted,
+            ),
+            (
+                "llm_router_http_connections_refused_total",
+                "New client connections answered 503 and closed because every connection was busy.",
+                &self.connections_refused,
+            ),
         ] {
             family(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+        for (name, help, gauge) in [
+            ("llm_router_http_connections_open", "Client connections open now.", &self.connections_open),
+            ("llm_router_http_connections_max", "The cap on open client connections.", &self.connections_max),
+        ] {
+            family(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {}", gauge.load(Ordering::Relaxed));
+        }
+        family(
+            &mut out,
+            "llm_router_http_connection_timeouts_total",
+            "counter",
+            "Client connections closed by a timeout: `header` (request headers too slow), `idle` (keep-alive unused).",
+        );
+        for (kind, counter) in [("header", &self.header_timeouts), ("idle", &self.idle_timeouts)] {
+            let value = counter.load(Ordering::Relaxed);
+            let _ = writeln!(out, "llm_router_http_connection_timeouts_total{{kind=\"{kind}\"}} {value}");
         }
         family(&mut out, "llm_router_status_changes_total", "counter", "Node status changes, by the status reached.");
         for status in NodeStatus::ALL {

@@ -24,6 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on};
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::app::AppState;
 use crate::error::{ApiError, error_response};
@@ -92,6 +93,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(json::MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(panicked))
+        // Outermost, so that every answer carries it: handlers, errors, fallbacks, panics, assets, /metrics.
+        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .with_state(state)
 }
 

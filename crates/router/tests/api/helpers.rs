@@ -51,6 +51,10 @@ pub struct Options {
     pub allow_link_local_nodes: bool,
     /// `--public-url`; an `https://` one makes the session cookie `Secure`.
     pub public_url: Option<String>,
+    /// Cap on open client connections; `None`: derived from the open-file limit.
+    pub max_connections: Option<usize>,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Default for Options {
@@ -63,6 +67,9 @@ impl Default for Options {
             registration_rate: 0,
             allow_link_local_nodes: false,
             public_url: None,
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -95,6 +102,9 @@ impl TestApp {
         settings.registration_rate = options.registration_rate;
         settings.allow_link_local_nodes = options.allow_link_local_nodes;
         settings.public_url = options.public_url;
+        settings.max_connections = options.max_connections;
+        settings.header_timeout = options.header_timeout;
+        settings.idle_timeout = options.idle_timeout;
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
         if let Some(bytes) = options.legacy_nodes_json {

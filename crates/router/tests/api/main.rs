@@ -2,6 +2,7 @@
 
 mod admin;
 mod binary;
+mod connections;
 mod durability;
 mod errors;
 mod heartbeat;

@@ -1,0 +1,319 @@
+//! The HTTP server's bounds (SPEC §9): connection cap with eviction of idle and half-open connections, `503` when
+//! every connection is busy, header and idle timeouts, graceful shutdown, and `nosniff` on every answer. The tests
+//! speak raw HTTP/1.1 over TCP, since an HTTP client library never leaves a request half-sent.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::*;
+
+/// The most any single wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A request whose headers never end.
+const PARTIAL_HEADERS: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: router\r\nUser-Agent: slow";
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: router\r\n\r\n";
+
+fn options(max_connections: usize, header_timeout: Duration, idle_timeout: Duration) -> Options {
+    Options { max_connections: Some(max_connections), header_timeout, idle_timeout, ..Options::default() }
+}
+
+async fn connect(app: &TestApp) -> TcpStream {
+    tokio::time::timeout(WAIT, TcpStream::connect(app.addr)).await.expect("connect in time").expect("connect")
+}
+
+async fn half_open(app: &TestApp) -> TcpStream {
+    let mut stream = connect(app).await;
+    stream.write_all(PARTIAL_HEADERS).await.expect("write partial headers");
+    stream
+}
+
+/// One answer: its head (status line and headers, lower-cased names) and its body, read by `Content-Length`.
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+/// Reads one answer from `stream`; interim `100 Continue` heads are returned as answers of their own.
+async fn read_answer(stream: &mut TcpStream) -> Answer {
+    tokio::time::timeout(WAIT, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(buf[..end].to_vec()).expect("UTF-8 head");
+                let status: u16 = head[9..12].parse().expect("status code");
+                let mut answer = Answer { status, head, body: Vec::new() };
+                let length: usize = answer.header("content-length").map_or(0, |v| v.parse().expect("length"));
+                while buf.len() < end + 4 + length {
+                    let n = stream.read(&mut chunk).await.expect("read body");
+                    assert!(n > 0, "connection closed inside a body");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                answer.body = buf[end + 4..end + 4 + length].to_vec();
+                return answer;
+            }
+            let n = stream.read(&mut chunk).await.expect("read head");
+            assert!(n > 0, "connection closed before an answer: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("an answer in time")
+}
+
+/// Whether the router closed `stream` (end of file or reset) within `within`; `false` if it is still open then.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut chunk = [0u8; 1024];
+    match tokio::time::timeout(within, stream.read(&mut chunk)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(n)) => panic!("unexpected bytes from the router: {:?}", String::from_utf8_lossy(&chunk[..n])),
+        Err(_) => false,
+    }
+}
+
+/// Waits, at most [`WAIT`], until the router counts `open` client connections.
+async fn until_open(app: &TestApp, open: u64) {
+    let started = Instant::now();
+    while app.state.metrics.connections_open.load(Ordering::Relaxed) != open {
+        assert!(
+            started.elapsed() < WAIT,
+            "the router holds {} connections, not {open}",
+            app.state.metrics.connections_open.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A keep-alive connection that has been answered once and is now idle.
+async fn idle_keep_alive(app: &TestApp) -> TcpStream {
+    let mut stream = connect(app).await;
+    stream.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut stream).await.status, 200);
+    stream
+}
+
+/// A registration whose headers are complete and whose body the router is waiting for: the `100 Continue` proves
+/// the handler reads the body, so the connection is busy.
+async fn busy(app: &TestApp, body: &[u8]) -> TcpStream {
+    let mut stream = connect(app).await;
+    let head = format!(
+        "POST /v0/nodes HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    assert_eq!(read_answer(&mut stream).await.status, 100, "100 Continue");
+    stream
+}
+
+#[tokio::test]
+async fn at_the_cap_half_open_connections_make_room_oldest_first() {
+    let app = TestApp::with(options(32, Duration::from_secs(60), Duration::from_secs(60))).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(idle_keep_alive(&app).await);
+    }
+    let mut half = Vec::new();
+    for _ in 0..28 {
+        half.push(half_open(&app).await);
+    }
+    until_open(&app, 32).await;
+    // Eight more than the cap, then a real client.
+    for _ in 0..8 {
+        half.push(half_open(&app).await);
+    }
+    let started = Instant::now();
+    let mut fresh = connect(&app).await;
+    fresh.write_all(HEALTHZ).await.expect("write");
+    let answer = read_answer(&mut fresh).await;
+    assert_eq!(answer.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(1), "/healthz took {:?}", started.elapsed());
+    // The nine oldest half-open connections made room, and only they.
+    for (i, stream) in half.iter_mut().take(9).enumerate() {
+        assert!(closed_within(stream, WAIT).await, "half-open connection {i} should have been closed");
+    }
+    assert_eq!(app.state.metrics.connections_evicted.load(Ordering::Relaxed), 9);
+    assert_eq!(app.state.metrics.connections_refused.load(Ordering::Relaxed), 0);
+    // The older idle keep-alive connections were spared and still serve.
+    for stream in &mut idle {
+        stream.write_all(HEALTHZ).await.expect("write");
+        assert_eq!(read_answer(stream).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn at_the_cap_the_longest_idle_keep_alive_connection_makes_room() {
+    let app = TestApp::with(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
+    let mut idle = Vec::new();
+    let mut second_answered = Instant::now();
+    for i in 0..16 {
+        if i == 15 {
+            // The router stamps phases in milliseconds: let the last accept's stamp be later than the second
+            // connection's, so that the first one, used again below, is strictly the more recent.
+            while second_answered.elapsed() < Duration::from_millis(3) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        idle.push(idle_keep_alive(&app).await);
+        if i == 1 {
+            second_answered = Instant::now();
+        }
+    }
+    until_open(&app, 16).await;
+    // The first one is used again: it is no longer the one idle longest.
+    idle[0].write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut idle[0]).await.status, 200);
+    let mut fresh = connect(&app).await;
+    fresh.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut fresh).await.status, 200);
+    assert!(closed_within(&mut idle[1], WAIT).await, "the connection idle longest should have been closed");
+    assert_eq!(app.state.metrics.connections_evicted.load(Ordering::Relaxed), 1);
+    idle[0].write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut idle[0]).await.status, 200);
+}
+
+#[tokio::test]
+async fn when_every_connection_is_busy_a_new_one_gets_503_and_is_closed() {
+    let app = TestApp::with(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
+    let body = serde_json::to_vec(&registration("gpu-busy", 8000)).expect("json");
+    let mut busy_connections = Vec::new();
+    for _ in 0..16 {
+        busy_connections.push(busy(&app, &body).await);
+    }
+    let mut refused = connect(&app).await;
+    // A client that sends its request at once gets the answer all the same.
+    refused.write_all(HEALTHZ).await.expect("write");
+    let answer = read_answer(&mut refused).await;
+    assert_eq!(answer.status, 503, "{}", answer.head);
+    assert_eq!(answer.json()["error"]["code"], "overloaded");
+    assert!(answer.json()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
+    assert!(closed_within(&mut refused, WAIT).await, "a refused connection is closed");
+    assert_eq!(app.state.metrics.connections_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(app.state.metrics.connections_evicted.load(Ordering::Relaxed), 0);
+
+    // The busy requests were not disturbed: one finishes and is answered.
+    let mut first = busy_connections.swap_remove(0);
+    first.write_all(&body).await.expect("write body");
+    assert_eq!(read_answer(&mut first).await.status, 201);
+    // Now idle, it makes room for the next client.
+    let mut fresh = connect(&app).await;
+    fresh.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut fresh).await.status, 200);
+    assert!(closed_within(&mut first, WAIT).await);
+}
+
+#[tokio::test]
+async fn headers_must_arrive_within_the_header_timeout_on_every_request() {
+    let app = TestApp::with(options(64, Duration::from_millis(300), Duration::from_secs(60))).await;
+    // A first request that never completes its headers.
+    let mut silent = half_open(&app).await;
+    assert!(closed_within(&mut silent, WAIT).await, "half-open connection not closed");
+    assert_eq!(app.state.metrics.header_timeouts.load(Ordering::Relaxed), 1);
+    // A later request on a keep-alive connection is held to the same timeout, though idling may last a minute.
+    let mut keep_alive = idle_keep_alive(&app).await;
+    keep_alive.write_all(PARTIAL_HEADERS).await.expect("write partial headers");
+    let started = Instant::now();
+    assert!(closed_within(&mut keep_alive, WAIT).await, "keep-alive connection with partial headers not closed");
+    assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
+    assert_eq!(app.state.metrics.header_timeouts.load(Ordering::Relaxed), 2);
+    assert_eq!(app.state.metrics.idle_timeouts.load(Ordering::Relaxed), 0);
+    let metrics = app.request(Method::GET, "/metrics").send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("llm_router_http_connection_timeouts_total{kind=\"header\"} 2\n"), "{metrics}");
+    assert!(metrics.contains("llm_router_http_connections_max 64\n"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let app = TestApp::with(options(64, Duration::from_millis(300), Duration::from_millis(1500))).await;
+    let mut stream = idle_keep_alive(&app).await;
+    let idle_since = Instant::now();
+    assert!(closed_within(&mut stream, WAIT).await, "idle connection not closed");
+    // The idle timeout applies, not the shorter header timeout.
+    assert!(idle_since.elapsed() >= Duration::from_secs(1), "closed after {:?}", idle_since.elapsed());
+    assert_eq!(app.state.metrics.idle_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(app.state.metrics.header_timeouts.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_lets_requests_in_flight_finish() {
+    let mut app = TestApp::spawn().await;
+    let body = serde_json::to_vec(&registration("gpu-late", 8000)).expect("json");
+    let mut in_flight = busy(&app, &body).await;
+    let mut idle = idle_keep_alive(&app).await;
+    let addr = app.addr;
+    let stopping = tokio::spawn(async move {
+        app.shutdown().await;
+    });
+    assert!(closed_within(&mut idle, WAIT).await, "idle connection not closed at shutdown");
+    // No new connection is accepted.
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            if TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "the router still accepts connections while stopping");
+    assert!(!stopping.is_finished(), "the router stopped with a request in flight");
+    in_flight.write_all(&body).await.expect("write body");
+    let answer = read_answer(&mut in_flight).await;
+    assert_eq!(answer.status, 201);
+    assert_eq!(answer.header("connection"), Some("close"));
+    tokio::time::timeout(WAIT, stopping).await.expect("stopped in time").expect("shutdown task");
+}
+
+#[tokio::test]
+async fn every_answer_says_nosniff() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let answers = [
+        app.request(Method::GET, "/healthz").send().await,
+        app.request(Method::GET, "/metrics").send().await,
+        app.request(Method::GET, "/dashboard").send().await,
+        app.request(Method::GET, "/dashboard/app.js").send().await,
+        app.request(Method::GET, "/dashboard/missing.js").send().await,
+        app.request(Method::GET, "/v0/openapi.json").send().await,
+        app.request(Method::GET, "/v0/nodes").bearer_auth(&token).send().await,
+        app.request(Method::GET, "/v0/nodes").send().await,
+        app.request(Method::GET, "/v0/nothing-here").send().await,
+        app.request(Method::PUT, "/v0/nodes").send().await,
+        app.request(Method::POST, "/v0/nodes").header("content-type", "application/json").body("{").send().await,
+    ];
+    let mut statuses = Vec::new();
+    for answer in answers {
+        let answer = answer.expect("send");
+        statuses.push(answer.status().as_u16());
+        assert_eq!(
+            answer.headers().get("x-content-type-options").and_then(|v| v.to_str().ok()),
+            Some("nosniff"),
+            "{} lacks nosniff",
+            answer.url()
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 404, 200, 200, 401, 404, 405, 400]);
+}
