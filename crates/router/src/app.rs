@@ -231,7 +231,7 @@ async fn import_legacy(store: &Store, legacy: &LegacyFile, now: Millis) -> anyho
 }
 
 /// How often the write-ahead log is copied into the database in the background (a passive checkpoint, beside the
-/// writer). Often enough that the truncation a write does when the log is over its limit finds little to copy.
+/// writer). Often enough that the checkpoint a write does when the log is over its limit finds little to copy.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often node events past the retention period are removed (also once at start).

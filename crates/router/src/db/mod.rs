@@ -27,12 +27,11 @@ use sqlx::{Connection, Transaction};
 /// Migrations, embedded in the binary and applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Size the write-ahead log is cut back to whenever SQLite resets it (`journal_size_limit`).
-const JOURNAL_SIZE_LIMIT_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Log size above which the writer, after its commit, checkpoints and truncates the log, so that no write load can
-/// grow it without bound (SPEC §9: under 64 MiB).
-pub const WAL_TRUNCATE_BYTES: u64 = 40 * 1024 * 1024;
+/// Size of the write-ahead log above which the writer, after its commit, checkpoints and starts the log over, so
+/// that no write load can grow it without bound (SPEC §9: under 64 MiB). Also SQLite's `journal_size_limit`: when
+/// the log starts over, a file larger than this is cut back to it, so the file stays about this size and is reused
+/// in place (cheaper to write and sync than a file that grows).
+pub const WAL_LIMIT_BYTES: u64 = 40 * 1024 * 1024;
 
 /// A write the database could not make: the disk is full, an I/O error, the database file became unwritable or the
 /// writer connection was lost. Nothing of the write was kept; the same write may succeed once the fault is gone.
@@ -79,7 +78,7 @@ pub(crate) struct WriterPool {
     pool: SqlitePool,
     /// Writes that failed on a storage fault, for `/metrics`.
     faults: Arc<AtomicU64>,
-    /// The write-ahead log's file, and the size over which a write truncates it.
+    /// The write-ahead log's file, and the size over which a write starts it over.
     wal: Arc<PathBuf>,
     wal_limit: Arc<AtomicU64>,
 }
@@ -98,7 +97,7 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         // The writer never checkpoints: copying the write-ahead log into the database happens beside it
         // (`checkpoint`), so no registration waits for a checkpoint's copy and fsync.
-        let options = options.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES.to_string());
+        let options = options.pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string());
         let page_limit = Arc::new(AtomicU64::new(0));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -141,7 +140,7 @@ impl Store {
             pool: writer,
             faults: Arc::new(AtomicU64::new(0)),
             wal: Arc::new(PathBuf::from(wal)),
-            wal_limit: Arc::new(AtomicU64::new(WAL_TRUNCATE_BYTES)),
+            wal_limit: Arc::new(AtomicU64::new(WAL_LIMIT_BYTES)),
         };
         tokio::spawn(nodes::group_commits(writer.clone(), jobs));
         Ok(Store { writer, reader, checkpointer, inserts, page_limit })
@@ -157,10 +156,14 @@ impl Store {
         self.writer.faults.clone()
     }
 
-    /// Sets the size of the write-ahead log over which a write truncates it (default [`WAL_TRUNCATE_BYTES`]).
+    /// Sets the size of the write-ahead log over which a write starts it over (default [`WAL_LIMIT_BYTES`]).
     #[doc(hidden)]
-    pub fn limit_log(&self, bytes: u64) {
+    pub async fn limit_log(&self, bytes: u64) -> anyhow::Result<()> {
         self.writer.wal_limit.store(bytes, Ordering::Relaxed);
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA journal_size_limit = {bytes}")))
+            .execute(&self.writer.pool)
+            .await?;
+        Ok(())
     }
 
     /// Makes the database refuse to grow past `pages` pages, as a full disk would (`None`: no limit). For tests of
@@ -182,7 +185,7 @@ impl Store {
     }
 
     /// Copies what it can of the write-ahead log into the database without waiting for readers or the writer
-    /// (SQLite's passive checkpoint). Run every second in the background, so that the truncation a write does when
+    /// (SQLite's passive checkpoint). Run every 250 ms in the background, so that the checkpoint a write does when
     /// the log is over its limit has little left to copy; returns the log's size in pages.
     pub async fn checkpoint(&self) -> anyhow::Result<i64> {
         let (_busy, log_pages, _copied): (i64, i64, i64) =
@@ -252,25 +255,26 @@ impl Writer {
 }
 
 impl Writer {
-    /// After a commit, truncates the write-ahead log when it has grown over its limit.
+    /// After a commit, starts the write-ahead log over when it has grown past its limit.
     ///
     /// A writer that never pauses keeps appending while the background passive checkpoint copies, so the log is
     /// never wholly copied and SQLite never starts it over: it would grow without bound. Here the writer itself,
-    /// between two transactions, copies the rest of the log into the database and cuts the file to zero bytes; the
-    /// next write waits for that copy, which is short since the passive checkpoints did most of it. The write
-    /// before is committed whatever happens here, so a failed checkpoint is only logged (and retried after the
-    /// next write).
+    /// between two transactions, copies the rest of the log into the database and waits for readers to leave it
+    /// (SQLite's RESTART checkpoint), so the next write starts the log from its beginning, and `journal_size_limit`
+    /// cuts the file back to the limit. That next write waits for the copy, which is short since the passive
+    /// checkpoints did most of it. The write before is committed whatever happens here, so a failed checkpoint is
+    /// only logged (and retried after the next write).
     async fn keep_log_bounded(&mut self) {
         let size = std::fs::metadata(&*self.shared.wal).map(|meta| meta.len()).unwrap_or(0);
         if size <= self.shared.wal_limit.load(Ordering::Relaxed) {
             return;
         }
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut *self.conn).await {
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *self.conn).await {
             Ok((0, _, _)) => {}
             Ok((_, log_pages, copied)) => {
-                tracing::debug!(log_pages, copied, "readers kept the write-ahead log from being truncated; will retry")
+                tracing::debug!(log_pages, copied, "readers kept the write-ahead log from starting over; will retry")
             }
-            Err(err) => tracing::warn!(error = %err, size, "truncating the write-ahead log failed; will retry"),
+            Err(err) => tracing::warn!(error = %err, size, "checkpointing the write-ahead log failed; will retry"),
         }
     }
 }
