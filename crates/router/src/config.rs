@@ -111,6 +111,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LLM_ROUTER_IDLE_TIMEOUT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub idle_timeout_secs: u64,
+
+    /// Seconds a client has to send a request's body once its headers are in; past it the request is answered 408
+    /// and the connection closed.
+    #[arg(long, env = "LLM_ROUTER_BODY_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub body_timeout_secs: u64,
 }
 
 fn parse_public_url(text: &str) -> Result<String, String> {
@@ -164,6 +170,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Time an idle keep-alive connection stays open.
     pub idle_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in.
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -192,6 +200,7 @@ impl Settings {
             max_connections: None,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
         }
     }
 
@@ -252,6 +261,7 @@ impl ServeArgs {
             max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
             ..Settings::new(data_dir)
         })
     }

@@ -31,6 +31,8 @@ impl Prober {
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
+            // One probe per registration: a pool of idle connections to nodes would only hold open files.
+            .pool_max_idle_per_host(0)
             .build()?;
         Ok(Prober { client })
     }

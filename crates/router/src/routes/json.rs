@@ -6,6 +6,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
+use crate::app::AppState;
 use crate::error::{ApiError, bad_request};
 
 /// Largest accepted request body.
@@ -14,10 +15,10 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// A JSON request body of type `T`.
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -32,7 +33,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "Send the body as JSON with `Content-Type: application/json`.".to_owned(),
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        // A body that trickles in would hold its connection busy (and so out of reach of the connection cap's
+        // eviction) for as long as the client likes: it gets a deadline.
+        let limit = state.settings.body_timeout;
+        let read = tokio::time::timeout(limit, Bytes::from_request(req, state)).await.map_err(|_| {
+            ApiError::RequestTimeout(format!(
+                "The body did not arrive within {} s of the headers; send it whole, promptly.",
+                limit.as_secs_f64()
+            ))
+        })?;
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(format!("The body is larger than the limit of {MAX_BODY_BYTES} bytes."))
             } else {

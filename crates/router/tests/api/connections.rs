@@ -226,6 +226,25 @@ async fn when_every_connection_is_busy_a_new_one_gets_503_and_is_closed() {
 }
 
 #[tokio::test]
+async fn a_body_that_trickles_in_gets_408_and_frees_its_connection() {
+    let app = TestApp::with(Options { body_timeout: Duration::from_millis(300), ..options(64, WAIT, WAIT) }).await;
+    let body = serde_json::to_vec(&registration("gpu-slow-body", 8000)).expect("json");
+    let mut slow = busy(&app, &body).await;
+    slow.write_all(&body[..10]).await.expect("part of the body");
+    let started = Instant::now();
+    let answer = read_answer(&mut slow).await;
+    assert_eq!(answer.status, 408, "{}", answer.head);
+    assert_eq!(answer.json()["error"]["code"], "request_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(250), "answered before the deadline");
+    assert!(closed_within(&mut slow, WAIT).await, "the connection is closed");
+    assert!(app.nodes().await.is_empty(), "nothing was registered");
+    // A body sent whole, promptly, is unaffected.
+    let mut prompt = busy(&app, &body).await;
+    prompt.write_all(&body).await.expect("body");
+    assert_eq!(read_answer(&mut prompt).await.status, 201);
+}
+
+#[tokio::test]
 async fn headers_must_arrive_within_the_header_timeout_on_every_request() {
     let app = TestApp::with(options(64, Duration::from_millis(300), Duration::from_secs(60))).await;
     // A first request that never completes its headers.

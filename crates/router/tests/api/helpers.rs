@@ -55,6 +55,7 @@ pub struct Options {
     pub max_connections: Option<usize>,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 impl Default for Options {
@@ -70,6 +71,7 @@ impl Default for Options {
             max_connections: None,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -105,6 +107,7 @@ impl TestApp {
         settings.max_connections = options.max_connections;
         settings.header_timeout = options.header_timeout;
         settings.idle_timeout = options.idle_timeout;
+        settings.body_timeout = options.body_timeout;
         // The background flush must not race the tests' explicit flushes in a way that matters: keep it slow.
         settings.flush_interval = Duration::from_secs(3600);
         if let Some(bytes) = options.legacy_nodes_json {
