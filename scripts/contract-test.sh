@@ -2,7 +2,8 @@
 # Contract fuzzing: schemathesis generates requests from the router's own OpenAPI document and checks that no
 # answer is a server error and that every answer matches its documented schema.
 #
-# Needs: a built router (target/debug/llm-router, or $LLM_ROUTER_BIN) and schemathesis (`pip install schemathesis`).
+# Needs: a built router (target/debug/llm-router, or $LLM_ROUTER_BIN) and schemathesis: the Python in
+# $SCHEMATHESIS_PYTHON (scripts/test.sh sets up .venv-test/ with it), or python3 with `pip install schemathesis`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,7 @@ session=$(curl -sf -X POST "$base/v0/auth/login" -H 'Content-Type: application/j
 key=$(curl -sf -X POST "$base/v0/api-keys" -H 'Content-Type: application/json' -H "Authorization: Bearer $session" \
   -d '{"name":"contract-test"}' | json '["key"]')
 
-python3 -m schemathesis.cli run "$base/v0/openapi.json" \
+"${SCHEMATHESIS_PYTHON:-python3}" -m schemathesis.cli run "$base/v0/openapi.json" \
   --checks "$checks" \
   --header "Authorization: Bearer $key" \
   --max-time "$max_time" \
