@@ -15,9 +15,9 @@ pub mod nodes;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::pool::PoolConnection;
@@ -32,6 +32,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// the log starts over, a file larger than this is cut back to it, so the file stays about this size and is reused
 /// in place (cheaper to write and sync than a file that grows).
 pub const WAL_LIMIT_BYTES: u64 = 40 * 1024 * 1024;
+
+/// How long a connection waits for a lock held by another before its statement fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the writer's checkpoint waits for readers to leave the write-ahead log, and how long it then leaves the
+/// log alone when they did not: a reader that stays (an online backup holds one for its whole copy) must not make
+/// every write wait.
+const CHECKPOINT_READER_WAIT: Duration = Duration::from_millis(200);
+const CHECKPOINT_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// A write the database could not make: the disk is full, an I/O error, the database file became unwritable or the
 /// writer connection was lost. Nothing of the write was kept; the same write may succeed once the fault is gone.
@@ -81,6 +90,8 @@ pub(crate) struct WriterPool {
     /// The write-ahead log's file, and the size over which a write starts it over.
     wal: Arc<PathBuf>,
     wal_limit: Arc<AtomicU64>,
+    /// Before this instant the writer does not try to start the log over again (readers kept it from it).
+    wal_retry_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Store {
@@ -94,7 +105,7 @@ impl Store {
             // FULL: a committed registration or status change survives power loss, not only a crash.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(BUSY_TIMEOUT);
         // The writer never checkpoints: copying the write-ahead log into the database happens beside it
         // (`checkpoint`), so no registration waits for a checkpoint's copy and fsync.
         let options = options.pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string());
@@ -141,6 +152,7 @@ impl Store {
             faults: Arc::new(AtomicU64::new(0)),
             wal: Arc::new(PathBuf::from(wal)),
             wal_limit: Arc::new(AtomicU64::new(WAL_LIMIT_BYTES)),
+            wal_retry_at: Arc::new(Mutex::new(None)),
         };
         tokio::spawn(nodes::group_commits(writer.clone(), jobs));
         Ok(Store { writer, reader, checkpointer, inserts, page_limit })
@@ -269,12 +281,36 @@ impl Writer {
         if size <= self.shared.wal_limit.load(Ordering::Relaxed) {
             return;
         }
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *self.conn).await {
-            Ok((0, _, _)) => {}
-            Ok((_, log_pages, copied)) => {
-                tracing::debug!(log_pages, copied, "readers kept the write-ahead log from starting over; will retry")
+        let now = Instant::now();
+        {
+            let mut retry_at = self.shared.wal_retry_at.lock().unwrap_or_else(|p| p.into_inner());
+            if retry_at.is_some_and(|at| now < at) {
+                return;
             }
-            Err(err) => tracing::warn!(error = %err, size, "checkpointing the write-ahead log failed; will retry"),
+            *retry_at = None;
+        }
+        // Readers are waited for briefly, not for the connection's usual busy timeout.
+        let wait = |timeout: Duration| format!("PRAGMA busy_timeout = {}", timeout.as_millis());
+        let checkpoint = async {
+            sqlx::query(sqlx::AssertSqlSafe(wait(CHECKPOINT_READER_WAIT))).execute(&mut *self.conn).await?;
+            let result =
+                sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *self.conn).await;
+            sqlx::query(sqlx::AssertSqlSafe(wait(BUSY_TIMEOUT))).execute(&mut *self.conn).await?;
+            result
+        };
+        let busy = match checkpoint.await {
+            Ok((0, _, _)) => false,
+            Ok((_, log_pages, copied)) => {
+                tracing::debug!(log_pages, copied, "readers kept the write-ahead log from starting over; will retry");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, size, "checkpointing the write-ahead log failed; will retry");
+                true
+            }
+        };
+        if busy {
+            *self.shared.wal_retry_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + CHECKPOINT_RETRY_AFTER);
         }
     }
 }

@@ -287,6 +287,30 @@ async fn writes_keep_the_write_ahead_log_bounded() {
 }
 
 #[tokio::test]
+async fn a_reader_that_stays_does_not_stall_writes() {
+    let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
+    app.state.store.limit_log(256 * 1024).await.expect("limit the log");
+    // A reader holding one snapshot throughout, as an online backup does: the log cannot start over meanwhile.
+    let db = app.db().await;
+    let mut reader = db.acquire().await.expect("reader");
+    sqlx::query("BEGIN").execute(&mut *reader).await.expect("begin");
+    let _: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM nodes").fetch_one(&mut *reader).await.expect("read");
+    let mut slowest = std::time::Duration::ZERO;
+    for round in 0..20 {
+        let names: Vec<String> = (0..32).map(|i| format!("held-{round}-{i}")).collect();
+        let started = std::time::Instant::now();
+        let (created, failed) = register_together(&app, &names).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!((created.len(), failed.len()), (32, 0));
+    }
+    let log = std::fs::metadata(app.data_dir().join("router.db-wal")).expect("wal").len();
+    assert!(log > 256 * 1024, "the reader did not hold the log ({log} bytes)");
+    // Each checkpoint the reader blocks waits 200 ms at most, and the next is tried 5 s later, not on every write.
+    assert!(slowest < std::time::Duration::from_secs(2), "a round of registrations took {slowest:?}");
+    sqlx::query("COMMIT").execute(&mut *reader).await.expect("commit");
+}
+
+#[tokio::test]
 async fn an_empty_database_in_an_initialised_directory_stops_the_start() {
     let mut app = TestApp::spawn().await;
     app.register_node("precious").await;
