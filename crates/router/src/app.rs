@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::auth::Role;
 use crate::auth::password::{self, Hasher};
@@ -100,7 +101,8 @@ impl App {
     }
 
     /// Serves on `listener` until `shutdown` completes, then writes the last heartbeat figures and closes the
-    /// database. The offline sweep and the figure flush run in the background meanwhile.
+    /// database. The offline sweep, the figure flush, checkpoints, event pruning and pending expiry run in the
+    /// background meanwhile.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -108,70 +110,43 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let sweeper = tokio::spawn(every(state.settings.sweep_interval(), stop_rx.clone(), {
-            let state = state.clone();
-            move || {
-                let state = state.clone();
-                async move {
-                    let started = std::time::Instant::now();
-                    if let Err(err) = state.registry.sweep().await {
-                        tracing::error!(error = %err, "offline sweep failed");
-                    }
-                    state.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
+        // The background work, each on its own period until the stop.
+        let background = [
+            spawn_every(&state, state.settings.sweep_interval(), &stop_rx, |state| async move {
+                let started = std::time::Instant::now();
+                if let Err(err) = state.registry.sweep().await {
+                    tracing::error!(error = %err, "offline sweep failed");
                 }
-            }
-        }));
-        let flusher = tokio::spawn(every(state.settings.flush_interval, stop_rx.clone(), {
-            let state = state.clone();
-            move || {
-                let state = state.clone();
-                async move {
-                    if let Err(err) = state.registry.flush().await {
-                        tracing::error!(error = ?err, "writing heartbeat figures failed; will retry");
-                    }
+                state.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
+            }),
+            spawn_every(&state, state.settings.flush_interval, &stop_rx, |state| async move {
+                if let Err(err) = state.registry.flush().await {
+                    tracing::error!(error = ?err, "writing heartbeat figures failed; will retry");
                 }
-            }
-        }));
-        let pruner = tokio::spawn(every(EVENT_PRUNE_INTERVAL, stop_rx.clone(), {
-            let state = state.clone();
-            move || {
-                let state = state.clone();
-                async move {
-                    match prune_events(&state).await {
-                        Ok(0) => {}
-                        Ok(removed) => tracing::info!(removed, "removed node events past the retention period"),
-                        Err(err) => {
-                            tracing::warn!(error = %format!("{err:#}"), "removing old node events failed; will retry")
-                        }
+            }),
+            spawn_every(&state, EVENT_PRUNE_INTERVAL, &stop_rx, |state| async move {
+                match prune_events(&state).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "removed node events past the retention period"),
+                    Err(err) => {
+                        tracing::warn!(error = %format!("{err:#}"), "removing old node events failed; will retry")
                     }
                 }
-            }
-        }));
-        let checkpointer = tokio::spawn(every(CHECKPOINT_INTERVAL, stop_rx.clone(), {
-            let state = state.clone();
-            move || {
-                let state = state.clone();
-                async move {
-                    if let Err(err) = state.store.checkpoint().await {
-                        tracing::warn!(error = %err, "checkpoint failed; will retry");
-                    }
+            }),
+            spawn_every(&state, CHECKPOINT_INTERVAL, &stop_rx, |state| async move {
+                if let Err(err) = state.store.checkpoint().await {
+                    tracing::warn!(error = %err, "checkpoint failed; will retry");
                 }
-            }
-        }));
-        let expirer = tokio::spawn(every(state.settings.pending_expiry_interval(), stop_rx.clone(), {
-            let state = state.clone();
-            move || {
-                let state = state.clone();
-                async move {
-                    let ttl_ms = i64::try_from(state.settings.pending_ttl.as_millis()).unwrap_or(i64::MAX);
-                    match state.registry.expire_pending(ttl_ms).await {
-                        Ok(0) => {}
-                        Ok(removed) => tracing::info!(removed, "removed pending nodes that never heartbeat"),
-                        Err(err) => tracing::warn!(error = %err, "removing expired pending nodes failed; will retry"),
-                    }
+            }),
+            spawn_every(&state, state.settings.pending_expiry_interval(), &stop_rx, |state| async move {
+                let ttl_ms = i64::try_from(state.settings.pending_ttl.as_millis()).unwrap_or(i64::MAX);
+                match state.registry.expire_pending(ttl_ms).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "removed pending nodes that never heartbeat"),
+                    Err(err) => tracing::warn!(error = %err, "removing expired pending nodes failed; will retry"),
                 }
-            }
-        }));
+            }),
+        ];
         let limits = server::Limits {
             max_connections: server::connection_cap(state.settings.max_connections),
             header_timeout: state.settings.header_timeout,
@@ -180,11 +155,9 @@ impl App {
         let served =
             server::serve(listener, routes::router(state.clone()), limits, state.metrics.clone(), shutdown).await;
         let _ = stop_tx.send(true);
-        let _ = expirer.await;
-        let _ = sweeper.await;
-        let _ = flusher.await;
-        let _ = checkpointer.await;
-        let _ = pruner.await;
+        for task in background {
+            let _ = task.await;
+        }
         if let Err(err) = state.registry.flush().await {
             tracing::error!(error = ?err, "writing the last heartbeat figures failed");
         }
@@ -197,6 +170,16 @@ impl App {
 pub async fn prune_events(state: &AppInner) -> anyhow::Result<u64> {
     let retention = i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
     state.store.prune_events(state.clock.now_ms().saturating_sub(retention)).await
+}
+
+/// Spawns `tick(state)` every `period` until `stop` turns true.
+fn spawn_every<F, Fut>(state: &AppState, period: Duration, stop: &watch::Receiver<bool>, tick: F) -> JoinHandle<()>
+where
+    F: Fn(AppState) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let state = state.clone();
+    tokio::spawn(every(period, stop.clone(), move || tick(state.clone())))
 }
 
 /// Runs `tick` every `period` until `stop` turns true.

@@ -5,10 +5,10 @@
 //! queues in order instead of failing with `SQLITE_BUSY`; reads use a small pool of their own (WAL lets them run
 //! beside the writer).
 //!
-//! Every write is one transaction run by [`Store::write`] (or the group commit of registrations). A write that
-//! fails (full disk, I/O error) is undone whole and reported as a [`StorageFault`]; the writer connection is then
-//! closed and a fresh one opened for the next write, so a connection whose transaction SQLite already rolled back
-//! on its own can never make a later write join a transaction that is never committed.
+//! Every write is one transaction on the writer connection (`Writer`, through `write_tx!` or the group commit of
+//! registrations). A write that fails (full disk, I/O error) is undone whole and reported as a [`StorageFault`]; the
+//! writer connection is then closed and a fresh one opened for the next write, so a connection whose transaction
+//! SQLite already rolled back on its own can never make a later write join a transaction that is never committed.
 
 pub mod auth;
 pub mod nodes;
@@ -106,8 +106,9 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        // The writer never checkpoints: copying the write-ahead log into the database happens beside it
-        // (`checkpoint`), so no registration waits for a checkpoint's copy and fsync.
+        // The writer does not checkpoint on its own schedule: copying the write-ahead log into the database happens
+        // beside it (`checkpoint`), so registrations do not wait for a checkpoint's copy and fsync; only when the log
+        // passes its limit does the writer checkpoint, between two transactions (`Writer::keep_log_bounded`).
         let options = options.pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string());
         let page_limit = Arc::new(AtomicU64::new(0));
         let writer = SqlitePoolOptions::new()
