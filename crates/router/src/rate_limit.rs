@@ -6,7 +6,9 @@
 //! full buckets go first, then the eighth of the table closest to full (those addresses merely get their burst
 //! back early). IPv6 addresses share a bucket per /64 ([`crate::net::limit_key`]).
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
@@ -90,17 +92,36 @@ impl RegistrationLimiter {
 
     fn make_room(&self, buckets: &mut HashMap<IpAddr, Bucket>, now: Millis) {
         let burst = self.burst();
-        buckets.retain(|_, bucket| self.refilled(*bucket, now) < burst);
-        if buckets.len() < self.capacity {
-            return;
-        }
-        let mut fullest: Vec<(u64, IpAddr)> =
-            buckets.iter().map(|(addr, bucket)| (self.refilled(*bucket, now), *addr)).collect();
-        let evict = (self.capacity / 8).max(1).min(fullest.len());
-        fullest.select_nth_unstable_by(evict - 1, |a, b| b.0.cmp(&a.0));
-        for (_, addr) in &fullest[..evict] {
-            buckets.remove(addr);
-        }
+        make_room(
+            buckets,
+            self.capacity,
+            |bucket| self.refilled(*bucket, now) >= burst,
+            |bucket| Reverse(self.refilled(*bucket, now)),
+        );
+    }
+}
+
+/// Frees at least one place in a bounded table of per-client state: drops the entries `forgotten` says are as good
+/// as absent, then, while the table is still at `capacity`, the eighth of it that `rank` puts first (the entries
+/// closest to being forgotten).
+pub(crate) fn make_room<K, V, R>(
+    table: &mut HashMap<K, V>,
+    capacity: usize,
+    forgotten: impl Fn(&V) -> bool,
+    rank: impl Fn(&V) -> R,
+) where
+    K: Copy + Eq + Hash,
+    R: Ord,
+{
+    table.retain(|_, value| !forgotten(value));
+    if table.len() < capacity {
+        return;
+    }
+    let mut ranked: Vec<(R, K)> = table.iter().map(|(key, value)| (rank(value), *key)).collect();
+    let evict = (capacity / 8).max(1).min(ranked.len());
+    ranked.select_nth_unstable_by(evict - 1, |a, b| a.0.cmp(&b.0));
+    for (_, key) in &ranked[..evict] {
+        table.remove(key);
     }
 }
 

@@ -21,6 +21,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::Millis;
 use crate::net::limit_key;
+use crate::rate_limit;
 
 /// Failures within [`WINDOW_MS`] that lock a (username, address) pair.
 pub const MAX_FAILURES: usize = 5;
@@ -191,16 +192,7 @@ impl LoginThrottle {
 
 /// Frees at least one place: expired pairs first, then the eighth of the table closest to expiring.
 fn make_room(table: &mut HashMap<Key, Entry>, capacity: usize, now: Millis) {
-    table.retain(|_, entry| !entry.expired(now));
-    if table.len() < capacity {
-        return;
-    }
-    let mut by_expiry: Vec<(Millis, Key)> = table.iter().map(|(key, entry)| (entry.expires_at(), *key)).collect();
-    let evict = (capacity / 8).max(1).min(by_expiry.len());
-    by_expiry.select_nth_unstable_by_key(evict - 1, |(expires_at, _)| *expires_at);
-    for (_, key) in &by_expiry[..evict] {
-        table.remove(key);
-    }
+    rate_limit::make_room(table, capacity, |entry| entry.expired(now), Entry::expires_at);
 }
 
 fn secs_until(now: Millis, then: Millis) -> u64 {
