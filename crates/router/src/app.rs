@@ -12,41 +12,26 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::Role;
 use crate::auth::password::{self, Hasher};
 use crate::auth::throttle::LoginThrottle;
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::{ServeArgs, Settings};
-use crate::db::Store;
-use crate::db::auth::UserRow;
 use crate::legacy::{self, LegacyFile};
 use crate::metrics::Metrics;
+use crate::model::auth::Role;
 use crate::probe::Prober;
 use crate::rate_limit::{self, RegistrationLimiter};
-use crate::registry::{Registry, validate};
+use crate::registry::Registry;
 use crate::routes;
 use crate::server;
+use crate::state::{AppInner, AppState};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{NewNode, Store, UserRow};
+use crate::validate;
 
-/// What every handler can reach.
-pub struct AppInner {
-    pub settings: Settings,
-    pub store: Store,
-    pub registry: Registry,
-    pub clock: Arc<dyn Clock>,
-    pub prober: Prober,
-    pub metrics: Arc<Metrics>,
-    /// Hash of a random password, verified against on logins with an unknown username.
-    pub dummy_password_hash: String,
-    /// The bounded pool every password hash of a request goes through.
-    pub hasher: Hasher,
-    /// Failed sign-ins by (username, client address).
-    pub login_throttle: LoginThrottle,
-    /// Anonymous registrations by client address.
-    pub registration_limiter: RegistrationLimiter,
-}
-
-/// Shared handle to the application.
-pub type AppState = Arc<AppInner>;
+/// The start of the line `llm-router serve` prints on stdout once it listens, followed by the address: what
+/// scripts, tests and benchmarks wait for.
+pub const LISTENING_ON: &str = "llm-router listening on http://";
 
 /// A built application, ready to serve.
 pub struct App {
@@ -61,7 +46,7 @@ impl App {
         // A corrupt legacy file stops the start before the database is created.
         let legacy = legacy::read(&settings.data_dir, clock.now_ms())?;
         let initialised = check_database_file(&settings)?;
-        let store = Store::open(&settings.database_path()).await?;
+        let store: Store = Arc::new(SqliteStore::open(&settings.database_path()).await?);
         if !initialised {
             mark_initialised(&settings, clock.now_ms())?;
         }
@@ -69,9 +54,7 @@ impl App {
             import_legacy(&store, &legacy, clock.now_ms()).await?;
         }
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
-        let mut metrics = Metrics::default();
-        metrics.storage_faults = store.fault_counter();
-        let metrics = Arc::new(metrics);
+        let metrics = Arc::new(Metrics::default());
         let hasher = Hasher::new(settings.hash_workers, settings.hash_queue, settings.hash_wait, metrics.clone())?;
         create_first_admin(&store, &settings, clock.as_ref(), &hasher).await?;
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone()).await?;
@@ -133,9 +116,9 @@ impl App {
                     }
                 }
             }),
-            spawn_every(&state, CHECKPOINT_INTERVAL, &stop_rx, |state| async move {
-                if let Err(err) = state.store.checkpoint().await {
-                    tracing::warn!(error = %err, "checkpoint failed; will retry");
+            spawn_every(&state, UPKEEP_INTERVAL, &stop_rx, |state| async move {
+                if let Err(err) = state.store.upkeep().await {
+                    tracing::warn!(error = %err, "storage upkeep (checkpoint) failed; will retry");
                 }
             }),
             spawn_every(&state, state.settings.pending_expiry_interval(), &stop_rx, |state| async move {
@@ -202,7 +185,11 @@ async fn import_legacy(store: &Store, legacy: &LegacyFile, now: Millis) -> anyho
     for skipped in &legacy.skipped {
         tracing::warn!("nodes.json: not imported: {skipped}");
     }
-    let nodes: Vec<_> = legacy.nodes.iter().map(|node| (node.clone(), LegacyFile::event(node, now))).collect();
+    let nodes: Vec<NewNode> = legacy
+        .nodes
+        .iter()
+        .map(|node| NewNode { node: node.clone(), token: None, events: vec![LegacyFile::event(node, now)] })
+        .collect();
     let added = store.import_nodes(&nodes).await.context("importing nodes.json")?;
     tracing::info!(
         imported = added.len(),
@@ -213,9 +200,10 @@ async fn import_legacy(store: &Store, legacy: &LegacyFile, now: Millis) -> anyho
     legacy.mark_migrated()
 }
 
-/// How often the write-ahead log is copied into the database in the background (a passive checkpoint, beside the
-/// writer). Often enough that the checkpoint a write does when the log is over its limit finds little to copy.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the storage's upkeep runs: for SQLite, the write-ahead log is copied into the database in the
+/// background (a passive checkpoint, beside the writer), often enough that the checkpoint a write does when the log
+/// is over its limit finds little to copy.
+const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often node events past the retention period are removed (also once at start).
 const EVENT_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
@@ -311,7 +299,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let app = App::build(settings, Arc::new(SystemClock)).await?;
     let shutdown = shutdown_signal()?;
     let addr = listener.local_addr()?;
-    println!("llm-router listening on http://{addr}");
+    println!("{LISTENING_ON}{addr}");
     app.serve(listener, shutdown).await
 }
 

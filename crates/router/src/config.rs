@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::net::Cidr;
-use crate::registry::validate;
+use crate::validate;
 
 /// Central router of a GPU inference fleet.
 #[derive(Debug, Parser)]

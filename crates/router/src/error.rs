@@ -9,7 +9,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{ErrorBody, ErrorDetail};
 
-use crate::db::StorageFault;
+use crate::auth::password::{BUSY_RETRY_AFTER_SECS, HashError};
+use crate::registry::RegistryError;
+use crate::store;
+use crate::validate::Invalid;
 
 /// A failure answered to the client as `{"error": {"code", "message"}}`.
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +148,7 @@ impl IntoResponse for ApiError {
 impl From<anyhow::Error> for ApiError {
     /// A storage fault is the client's 503 with `Retry-After`; anything else is a 500.
     fn from(err: anyhow::Error) -> Self {
-        let err = crate::db::classify(err);
-        if err.downcast_ref::<StorageFault>().is_some() {
+        if store::is_fault(&err) {
             tracing::warn!(error = %format!("{err:#}"), "a request failed on a storage fault");
             return ApiError::StorageUnavailable(
                 "The router could not store this change (its disk may be full or failing); nothing of it was \
@@ -158,9 +160,39 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(err: sqlx::Error) -> Self {
-        anyhow::Error::from(err).into()
+impl From<Invalid> for ApiError {
+    fn from(err: Invalid) -> Self {
+        match err {
+            Invalid::Field(message) => ApiError::InvalidRequest(message),
+            Invalid::GpuRequired(message) => ApiError::GpuRequired(message),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        let message = err.to_string();
+        match err {
+            RegistryError::NotFound(_) | RegistryError::DeletedMeanwhile(_) => ApiError::NotFound(message),
+            RegistryError::UnknownToken => ApiError::Unauthorized(message),
+            RegistryError::TokenOfAnotherNode(_) => ApiError::Forbidden(message),
+            RegistryError::NodeExists { .. } => ApiError::NodeExists(message),
+            RegistryError::NotPending { .. } => ApiError::NotPending(message),
+            RegistryError::Store(err) => err.into(),
+        }
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(err: HashError) -> Self {
+        match err {
+            HashError::Busy => ApiError::TooManyRequests {
+                code: "hashing_busy",
+                message: err.to_string(),
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            },
+            HashError::Failed(err) => err.into(),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::registry::node::{Node, NodeEvent};
+use crate::model::node::{Node, NodeEvent};
 
 /// Name of the legacy file inside the data directory.
 pub const FILE_NAME: &str = "nodes.json";

@@ -1,16 +1,24 @@
 //! The llm-router server as a library: the binary only parses configuration and calls [`app::run`].
+//!
+//! Layers, from the floor up (imports point down only; `docs/architecture.md` has the table a test holds the code
+//! to): `clock` and `model` (plain domain types); `store` (all SQL, behind the `Storage` trait); the services
+//! (`registry`, `auth`, `validate`, `metrics`, `probe`, `legacy`, `rate_limit`, `net`, `config`); HTTP (`error`,
+//! `routes`, `server`, `state`); and the wiring (`app`).
 
 pub mod app;
 pub mod auth;
 pub mod clock;
 pub mod config;
-pub mod db;
 pub mod error;
 pub mod legacy;
 pub mod metrics;
+pub mod model;
 pub mod net;
 pub mod probe;
 pub mod rate_limit;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod state;
+pub mod store;
+pub mod validate;

@@ -76,8 +76,6 @@ pub struct Metrics {
     pub flush_batch_size: Histogram,
     pub flush_lag_seconds: Histogram,
     pub flush_errors: AtomicU64,
-    /// Writes the database could not make (disk full, I/O error), counted by the store.
-    pub storage_faults: Arc<AtomicU64>,
     pub sweep_seconds: Histogram,
     /// Sign-ins refused by the throttle, before any password check.
     pub logins_throttled: AtomicU64,
@@ -137,7 +135,6 @@ impl Default for Metrics {
             flush_batch_size: Histogram::new(BATCH_BUCKETS),
             flush_lag_seconds: Histogram::new(LAG_BUCKETS),
             flush_errors: AtomicU64::new(0),
-            storage_faults: Arc::new(AtomicU64::new(0)),
             sweep_seconds: Histogram::new(LATENCY_BUCKETS),
             logins_throttled: AtomicU64::new(0),
             hashes_refused: AtomicU64::new(0),
@@ -190,8 +187,10 @@ impl Metrics {
         stats.by_status[usize::from(status).min(MAX_STATUS)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition; `nodes` are the current counts by status.
-    pub fn render(&self, nodes: &HashMap<NodeStatus, usize>) -> String {
+    /// The Prometheus text exposition; `nodes` are the current counts by status, `storage_faults` the writes the
+    /// store could not make.
+    pub fn render(&self, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> String {
+        let storage_faults = AtomicU64::new(storage_faults);
         let mut out = String::with_capacity(4096);
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -213,7 +212,7 @@ impl Metrics {
             (
                 "llm_router_storage_errors_total",
                 "Writes the database could not make (disk full, I/O error); each was undone and its caller told.",
-                &self.storage_faults,
+                &storage_faults,
             ),
             (
                 "llm_router_logins_throttled_total",
@@ -358,7 +357,7 @@ mod tests {
         metrics.request("POST", "/v0/health", 200, Duration::from_millis(2));
         metrics.request("POST", "/v0/health", 200, Duration::from_millis(3));
         metrics.request("POST", "/v0/health", 401, Duration::from_millis(1));
-        let text = metrics.render(&HashMap::from([(NodeStatus::Online, 7)]));
+        let text = metrics.render(&HashMap::from([(NodeStatus::Online, 7)]), 0);
         assert!(text.contains("llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"200\"} 2"));
         assert!(text.contains("llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"401\"} 1"));
         assert!(text.contains("llm_router_nodes{status=\"online\"} 7"));

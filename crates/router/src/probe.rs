@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{SeqAccess, Visitor};
 
-use crate::registry::validate::{self, MAX_LIST_LEN};
+use crate::validate::{self, MAX_LIST_LEN};
 
 /// Most bytes of a `/v1/models` answer the router reads.
 pub const MAX_BODY_BYTES: usize = 1 << 20;

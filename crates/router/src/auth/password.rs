@@ -17,8 +17,17 @@ use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
-use crate::error::ApiError;
 use crate::metrics::Metrics;
+
+/// Why a password could not be hashed or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    /// The pool and its queue are full, or the wait was too long: the caller should come back shortly.
+    #[error("The router is checking as many passwords as it can at once; try again in a moment.")]
+    Busy,
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
 
 /// Most hashes at a time by default, whatever the core count: each worker holds 19 MiB.
 pub const MAX_DEFAULT_WORKERS: usize = 8;
@@ -107,8 +116,8 @@ impl Hasher {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Waits for a permit in the queue, or answers `429 hashing_busy` when the queue is full or the wait too long.
-    pub async fn permit(&self) -> Result<HashPermit<'_>, ApiError> {
+    /// Waits for a permit in the queue, or refuses ([`HashError::Busy`], a 429 to the client) when the queue is full or the wait too long.
+    pub async fn permit(&self) -> Result<HashPermit<'_>, HashError> {
         // The semaphore is fair: with callers queued, no permit is free, so this never jumps the queue.
         if let Ok(permit) = self.permits.try_acquire() {
             return Ok(HashPermit { _permit: permit });
@@ -125,20 +134,16 @@ impl Hasher {
         }
     }
 
-    fn busy(&self) -> ApiError {
+    fn busy(&self) -> HashError {
         Metrics::inc(&self.metrics.hashes_refused);
-        ApiError::TooManyRequests {
-            code: "hashing_busy",
-            message: "The router is checking as many passwords as it can at once; try again in a moment.".to_owned(),
-            retry_after_secs: BUSY_RETRY_AFTER_SECS,
-        }
+        HashError::Busy
     }
 
     /// Runs `work` on a hashing thread once a permit is free.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Memory) -> T + Send + 'static,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, HashError> {
         let _permit = self.permit().await?;
         let (done, answer) = oneshot::channel();
         self.jobs
@@ -150,13 +155,13 @@ impl Hasher {
     }
 
     /// Hashes a password into a PHC string (`$argon2id$...`), in turn with every other hash.
-    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
+    pub async fn hash(&self, password: String) -> Result<String, HashError> {
         Ok(self.run(move |memory| hash_with(memory, &password)).await??)
     }
 
     /// Checks a password against a stored PHC string, in turn with every other hash; a malformed stored hash counts
     /// as a mismatch.
-    pub async fn verify(&self, password: String, phc: String) -> Result<bool, ApiError> {
+    pub async fn verify(&self, password: String, phc: String) -> Result<bool, HashError> {
         self.run(move |memory| verify_with(memory, &password, &phc)).await
     }
 }
@@ -288,11 +293,9 @@ mod tests {
         assert!(!hasher.verify("right password".to_owned(), greedy).await.expect("verify"));
     }
 
-    fn assert_busy(result: Result<HashPermit<'_>, ApiError>) {
+    fn assert_busy(result: Result<HashPermit<'_>, HashError>) {
         match result {
-            Err(ApiError::TooManyRequests { code: "hashing_busy", retry_after_secs, .. }) => {
-                assert_eq!(retry_after_secs, BUSY_RETRY_AFTER_SECS);
-            }
+            Err(HashError::Busy) => {}
             Err(other) => panic!("expected hashing_busy, got {other:?}"),
             Ok(_) => panic!("expected hashing_busy, got a permit"),
         }
@@ -303,10 +306,7 @@ mod tests {
         let (hasher, metrics) = pool(1, 0, Duration::from_secs(60));
         let held = hasher.permit().await.expect("the only permit");
         assert_busy(hasher.permit().await);
-        assert!(matches!(
-            hasher.verify("x".to_owned(), "y".to_owned()).await,
-            Err(ApiError::TooManyRequests { code: "hashing_busy", .. })
-        ));
+        assert!(matches!(hasher.verify("x".to_owned(), "y".to_owned()).await, Err(HashError::Busy)));
         assert_eq!(metrics.hashes_refused.load(Ordering::Relaxed), 2);
         drop(held);
         assert!(hasher.permit().await.is_ok(), "the permit is free again");

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use sha2::{Digest, Sha256};
+use crate::model::auth::TokenHash;
 
 /// What a secret is for; its prefix says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,32 +57,6 @@ impl NewToken {
 impl fmt::Debug for NewToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NewToken").field("hash", &self.hash).finish_non_exhaustive()
-    }
-}
-
-/// SHA-256 of a secret: what the database and the in-memory indexes hold.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TokenHash(pub [u8; 32]);
-
-impl TokenHash {
-    pub fn of(secret: &str) -> Self {
-        TokenHash(Sha256::digest(secret.as_bytes()).into())
-    }
-
-    pub fn to_hex(self) -> String {
-        hex::encode(self.0)
-    }
-
-    pub fn from_hex(text: &str) -> Option<Self> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(text, &mut out).ok()?;
-        Some(TokenHash(out))
-    }
-}
-
-impl fmt::Debug for TokenHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TokenHash({}…)", &self.to_hex()[..8])
     }
 }
 

@@ -6,14 +6,15 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::extract::AdminUser;
 use super::json::JsonBody;
-use crate::app::AppState;
 use crate::auth::token::{NewToken, TokenKind};
-use crate::auth::{AdminUser, Role};
 use crate::clock::rfc3339;
-use crate::db::auth::ApiKeyRow;
 use crate::error::{ApiResult, bad_request, not_found};
-use crate::registry::validate::{self, Text};
+use crate::model::auth::Role;
+use crate::state::AppState;
+use crate::store::ApiKeyRow;
+use crate::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -8,15 +8,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::extract::{SESSION_COOKIE, Viewer};
 use super::json::JsonBody;
-use crate::app::AppState;
 use crate::auth::token::{NewToken, TokenKind};
-use crate::auth::{Role, SESSION_COOKIE, Viewer};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
+use crate::model::auth::Role;
 use crate::net::client_addr;
-use crate::registry::validate::{self, Text};
+use crate::state::AppState;
+use crate::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -2,15 +2,15 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use llm_router_protocol::{ErrorBody, HeartbeatRequest, HeartbeatResponse, NODE_TOKEN_HEADER};
+use llm_router_protocol::{ErrorBody, HeartbeatRequest, HeartbeatResponse};
 use serde_json::{Value, json};
 
+use super::extract::NodeAuth;
 use super::json::JsonBody;
-use crate::app::AppState;
-use crate::error::{ApiResult, unauthorized};
+use crate::error::ApiResult;
 use crate::metrics::Metrics;
-use crate::registry::validate;
+use crate::state::AppState;
+use crate::validate;
 
 /// Answers as long as the process serves HTTP.
 pub async fn healthz() -> Json<Value> {
@@ -32,16 +32,11 @@ pub async fn healthz() -> Json<Value> {
     ))]
 pub async fn heartbeat(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    NodeAuth(node): NodeAuth,
     JsonBody(body): JsonBody<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
-    let token = headers
-        .get(NODE_TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| unauthorized(format!("Send the node's token in the {NODE_TOKEN_HEADER} header.")))?;
     let heartbeat = validate::heartbeat(body)?;
-    let status = state.registry.heartbeat(token, heartbeat).await?;
+    let status = state.registry.heartbeat(&node, heartbeat).await?;
     Metrics::inc(&state.metrics.heartbeats);
     Ok(Json(HeartbeatResponse { status, heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs() }))
 }

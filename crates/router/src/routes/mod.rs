@@ -7,11 +7,13 @@
 pub mod api_keys;
 pub mod auth;
 pub mod dashboard;
+pub mod extract;
 pub mod health;
 pub mod json;
 pub mod nodes;
 pub mod openapi;
 pub mod users;
+pub mod views;
 
 use std::any::Any;
 use std::time::Instant;
@@ -26,8 +28,8 @@ use axum::routing::{MethodFilter, get, on};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::app::AppState;
 use crate::error::{ApiError, error_response};
+use crate::state::AppState;
 
 /// The `/v0` API under construction, and the (method, path) pairs added so far.
 struct Api {
@@ -112,7 +114,7 @@ async fn measure(State(state): State<AppState>, request: Request, next: Next) ->
 
 /// `GET /metrics`: Prometheus text format, without authentication, for scrapers.
 async fn prometheus(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.registry.counts());
+    let text = state.metrics.render(&state.registry.counts(), state.store.storage_faults());
     let mut response = text.into_response();
     response
         .headers_mut()

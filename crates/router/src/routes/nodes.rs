@@ -11,16 +11,16 @@ use llm_router_protocol::{NODE_TOKEN_HEADER, NodeStatus, RegisterRequest, Regist
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::extract::{AdminUser, Viewer};
 use super::json::JsonBody;
-use crate::app::AppState;
-use crate::auth::{AdminUser, Viewer};
-use crate::db::nodes::EVENTS_PER_NODE;
+use super::views::{NodeEventView, NodeView};
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
 use crate::net::client_addr;
-use crate::registry::RegistrationPlan;
-use crate::registry::node::{NodeEventView, NodeView};
-use crate::registry::validate::{self, Text};
+use crate::registry::{PendingReservation, RegistrationPlan};
+use crate::state::AppState;
+use crate::store::EVENTS_PER_NODE;
+use crate::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 /// Register a node (an agent calls this)
@@ -58,7 +58,10 @@ pub async fn register(
         RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => Some(anonymous_limits(&state, peer, &headers)?),
     };
     if state.settings.reachability_check {
-        let models = state.prober.models(registration.runtime_addr()?).await.map_err(ApiError::NodeUnreachable)?;
+        let addr = registration
+            .runtime_addr()
+            .ok_or_else(|| bad_request(format!("`ip_address`: `{}` is not an IP address.", registration.ip_address)))?;
+        let models = state.prober.models(addr).await.map_err(ApiError::NodeUnreachable)?;
         if !registration.loaded_models_given {
             registration.loaded_models = models;
         }
@@ -86,7 +89,7 @@ fn anonymous_limits<'a>(
     state: &'a AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> ApiResult<crate::registry::PendingReservation<'a>> {
+) -> ApiResult<PendingReservation<'a>> {
     let from = client_addr(peer, headers, &state.settings.trusted_proxies);
     if let Err(limited) = state.registration_limiter.check(from, state.clock.now_ms()) {
         Metrics::inc(&state.metrics.registrations_rate_limited);
@@ -138,7 +141,7 @@ pub async fn list(
         .map(|s| s.parse::<NodeStatus>())
         .transpose()
         .map_err(|err| bad_request(format!("`status`: {err}.")))?;
-    Ok(Json(state.registry.list(status)))
+    Ok(Json(state.registry.list(status, |node| NodeView::from(node))))
 }
 
 /// One node
@@ -151,7 +154,7 @@ pub async fn list(
         (status = 404, description = "No such node", body = ErrorBody)
     ))]
 pub async fn get(State(state): State<AppState>, _viewer: Viewer, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
-    Ok(Json(state.registry.get(node_id(&id)?)?))
+    Ok(Json(state.registry.get(node_id(&id)?, |node| NodeView::from(node))?))
 }
 
 /// Approve a pending node (admin)
@@ -171,7 +174,7 @@ pub async fn approve(
 ) -> ApiResult<Json<NodeView>> {
     let node = state.registry.approve(node_id(&id)?, &admin.name).await?;
     Metrics::inc(&state.metrics.approvals);
-    Ok(Json(node))
+    Ok(Json(NodeView::from(&node)))
 }
 
 /// Body of `PATCH /v0/nodes/{id}`: absent fields stay as they are; `null` or "" clears a text field.
@@ -216,7 +219,8 @@ pub async fn update(
     // Notes are typed in a text area: line breaks and tabs are part of them.
     let notes = patch.notes.map(|v| validate::optional_text("notes", v, 4096, Text::Lines)).transpose()?;
     let tags = patch.tags.map(|tags| validate::list("tags", Some(tags))).transpose()?;
-    Ok(Json(state.registry.update(id, display_name, notes, tags).await?))
+    let node = state.registry.update(id, display_name, notes, tags).await?;
+    Ok(Json(NodeView::from(&node)))
 }
 
 /// Delete a node (admin); its token stops working at once
@@ -282,8 +286,9 @@ pub async fn events(
     if params.before.is_some_and(|before| before < 1) {
         return Err(bad_request("`before` must be the id of an event (a positive integer)."));
     }
-    state.registry.get(id)?;
-    let events = state.store.node_events(id, limit, params.before).await?;
+    state.registry.get(id, |_| ())?;
+    let events: Vec<NodeEventView> =
+        state.store.node_events(id, limit, params.before).await?.into_iter().map(NodeEventView::from).collect();
     let next = (events.len() == limit as usize).then(|| events.last().map(|last| last.id)).flatten();
     let mut response = Json(events).into_response();
     if let Some(last) = next

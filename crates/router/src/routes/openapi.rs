@@ -11,9 +11,10 @@ use llm_router_protocol::{
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::views::{NodeEventView, NodeView};
 use super::{api_keys, auth, health, nodes, users};
-use crate::auth::Role;
-use crate::registry::node::{NodeEventView, NodeMetrics, NodeView};
+use crate::model::auth::Role;
+use crate::model::figures::NodeMetrics;
 
 #[derive(OpenApi)]
 #[openapi(

@@ -5,13 +5,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::extract::AdminUser;
 use super::json::JsonBody;
-use crate::app::AppState;
-use crate::auth::{AdminUser, Role};
 use crate::clock::rfc3339;
-use crate::db::auth::{DeleteUserError, UserRow};
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
-use crate::registry::validate;
+use crate::model::auth::Role;
+use crate::state::AppState;
+use crate::store::{DeleteUserError, UserRow};
+use crate::validate;
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

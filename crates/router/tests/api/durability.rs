@@ -8,16 +8,23 @@ use futures_util::future::join_all;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use llm_router::store::sqlite::SqliteStore;
+
 use crate::helpers::*;
+
+/// The SQLite store under the app, for its fault-injection seams.
+fn sqlite(app: &TestApp) -> &SqliteStore {
+    app.state.store.as_any().downcast_ref::<SqliteStore>().expect("the tests run on SQLite")
+}
 
 /// Lets the database grow by `extra` pages from its current size.
 async fn fill_up(app: &TestApp, extra: u64) {
-    let pages = app.state.store.page_count().await.expect("page count");
-    app.state.store.limit_pages(Some(pages + extra)).await.expect("limit pages");
+    let pages = sqlite(app).page_count().await.expect("page count");
+    sqlite(app).limit_pages(Some(pages + extra)).await.expect("limit pages");
 }
 
 async fn make_room(app: &TestApp) {
-    app.state.store.limit_pages(None).await.expect("lift the page limit");
+    sqlite(app).limit_pages(None).await.expect("lift the page limit");
 }
 
 /// Names of every node the router shows.
@@ -270,7 +277,7 @@ async fn writes_keep_the_write_ahead_log_bounded() {
     let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
     let wal = app.data_dir().join("router.db-wal");
     let limit = 1024 * 1024;
-    app.state.store.limit_log(limit).await.expect("limit the log");
+    sqlite(&app).limit_log(limit).await.expect("limit the log");
     let mut largest = 0;
     // Back-to-back group commits, with no pause for the background checkpoint to catch up.
     for round in 0..40 {
@@ -289,7 +296,7 @@ async fn writes_keep_the_write_ahead_log_bounded() {
 #[tokio::test]
 async fn a_reader_that_stays_does_not_stall_writes() {
     let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
-    app.state.store.limit_log(256 * 1024).await.expect("limit the log");
+    sqlite(&app).limit_log(256 * 1024).await.expect("limit the log");
     // A reader holding one snapshot throughout, as an online backup does: the log cannot start over meanwhile.
     let db = app.db().await;
     let mut reader = db.acquire().await.expect("reader");

@@ -3,48 +3,18 @@
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Store, write_tx};
-use crate::auth::token::TokenHash;
-use crate::auth::{Principal, Role};
+use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
+use crate::model::auth::{Principal, Role, TokenHash};
+use crate::store::{ApiKeyRow, DeleteUserError, UserRow};
 
-/// A user as stored.
-#[derive(Debug, Clone)]
-pub struct UserRow {
-    pub username: String,
-    pub password_hash: String,
-    pub role: Role,
-    pub created_at: Millis,
-}
-
-/// An API key as listed (never the key itself).
-#[derive(Debug, Clone)]
-pub struct ApiKeyRow {
-    pub id: Uuid,
-    pub name: String,
-    pub role: Role,
-    pub created_by: String,
-    pub created_at: Millis,
-}
-
-/// What can stop a user's deletion.
-#[derive(Debug, thiserror::Error)]
-pub enum DeleteUserError {
-    #[error("no such user")]
-    NotFound,
-    #[error("the last administrator cannot be deleted")]
-    LastAdmin,
-    #[error(transparent)]
-    Other(#[from] anyhow::Error),
-}
-
-impl Store {
-    pub async fn count_users(&self) -> anyhow::Result<i64> {
+impl SqliteStore {
+    pub(super) async fn count_users(&self) -> anyhow::Result<i64> {
         Ok(sqlx::query("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await?.try_get(0)?)
     }
 
     /// Inserts a user; `Ok(false)` when the name is taken.
-    pub async fn insert_user(&self, user: &UserRow) -> anyhow::Result<bool> {
+    pub(super) async fn insert_user(&self, user: &UserRow) -> anyhow::Result<bool> {
         write_tx!(self, |tx| async {
             let result = sqlx::query(
                 "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) \
@@ -60,7 +30,7 @@ impl Store {
         })
     }
 
-    pub async fn user(&self, username: &str) -> anyhow::Result<Option<UserRow>> {
+    pub(super) async fn user(&self, username: &str) -> anyhow::Result<Option<UserRow>> {
         let row = sqlx::query("SELECT username, password_hash, role, created_at FROM users WHERE username = ?")
             .bind(username)
             .fetch_optional(&self.reader)
@@ -68,7 +38,7 @@ impl Store {
         row.map(|row| user_from_row(&row)).transpose()
     }
 
-    pub async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
+    pub(super) async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
         let rows = sqlx::query("SELECT username, password_hash, role, created_at FROM users ORDER BY username")
             .fetch_all(&self.reader)
             .await?;
@@ -76,7 +46,7 @@ impl Store {
     }
 
     /// Deletes a user and their sessions, refusing to remove the last administrator.
-    pub async fn delete_user(&self, username: &str) -> Result<(), DeleteUserError> {
+    pub(super) async fn delete_user(&self, username: &str) -> Result<(), DeleteUserError> {
         let refused: Option<DeleteUserError> = write_tx!(self, |tx| async {
             let role: Option<String> = sqlx::query("SELECT role FROM users WHERE username = ?")
                 .bind(username)
@@ -100,7 +70,7 @@ impl Store {
         refused.map_or(Ok(()), Err)
     }
 
-    pub async fn insert_session(
+    pub(super) async fn insert_session(
         &self,
         hash: TokenHash,
         username: &str,
@@ -120,7 +90,7 @@ impl Store {
         })
     }
 
-    pub async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
+    pub(super) async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
             sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(hash.to_hex()).execute(&mut *tx).await?;
             anyhow::Ok(())
@@ -128,7 +98,7 @@ impl Store {
     }
 
     /// The signed-in user behind a session token or API key, if it is valid now.
-    pub async fn principal(&self, hash: TokenHash, now: Millis) -> anyhow::Result<Option<Principal>> {
+    pub(super) async fn principal(&self, hash: TokenHash, now: Millis) -> anyhow::Result<Option<Principal>> {
         let hex = hash.to_hex();
         let session = sqlx::query(
             "SELECT u.username, u.role FROM sessions s JOIN users u ON u.username = s.username \
@@ -159,7 +129,7 @@ impl Store {
         .transpose()
     }
 
-    pub async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
+    pub(super) async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
             sqlx::query(
                 "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -176,7 +146,7 @@ impl Store {
         })
     }
 
-    pub async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
+    pub(super) async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
         let rows = sqlx::query("SELECT id, name, role, created_by, created_at FROM api_keys ORDER BY created_at, id")
             .fetch_all(&self.reader)
             .await?;
@@ -194,7 +164,7 @@ impl Store {
     }
 
     /// Revokes an API key; `Ok(false)` when there was none with this id.
-    pub async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
+    pub(super) async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
         write_tx!(self, |tx| async {
             let result =
                 sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;

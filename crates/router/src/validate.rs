@@ -8,13 +8,31 @@
 //! Field names are formatted only when a check fails: the heartbeat path allocates nothing here for a valid body.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 
-use llm_router_protocol::{GpuDevice, HeartbeatRequest, RegisterRequest};
-use uuid::Uuid;
+use llm_router_protocol::{HeartbeatRequest, RegisterRequest};
 
-use super::node::{NodeMetrics, PackedMetrics};
-use crate::error::{ApiError, ApiResult, bad_request};
+use crate::model::figures::NodeMetrics;
+use crate::model::input::{Heartbeat, Registration};
+
+/// Why a value from the network was refused. `crate::error` answers it: 400 `invalid_request` or 403
+/// `gpu_required`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// A field's shape or value; the message names the field.
+    #[error("{0}")]
+    Field(String),
+    /// No usable GPU in a registration (SPEC §2.1 step 2).
+    #[error("{0}")]
+    GpuRequired(String),
+}
+
+/// The result of a check.
+pub type Checked<T> = Result<T, Invalid>;
+
+fn bad_request(message: impl Into<String>) -> Invalid {
+    Invalid::Field(message.into())
+}
 
 /// Longest accepted machine name, in characters.
 pub const MAX_NAME_CHARS: usize = 255;
@@ -43,7 +61,7 @@ pub enum Text {
 }
 
 /// Refuses control characters (U+0000–U+001F, U+007F) in a string from the network with 400 naming `field`.
-pub fn text(field: impl fmt::Display, value: &str, kind: Text) -> ApiResult<()> {
+pub fn text(field: impl fmt::Display, value: &str, kind: Text) -> Checked<()> {
     match first_control(value, kind) {
         None => Ok(()),
         Some((position, c)) => {
@@ -80,46 +98,9 @@ pub fn password_problem(password: &str) -> Option<String> {
         .map(|(_, c)| format!("must not contain control characters (it contains U+{:04X})", u32::from(c)))
 }
 
-/// A registration that passed steps 1 and 2.
-#[derive(Debug, Clone)]
-pub struct Registration {
-    pub machine_name: String,
-    pub ip_address: String,
-    pub runtime_port: u16,
-    pub runtime_version: String,
-    pub gpu_devices: Vec<GpuDevice>,
-    pub supported_runtimes: Vec<String>,
-    pub loaded_models: Vec<String>,
-    /// True when the request carried `loaded_models`; otherwise the probe may fill them.
-    pub loaded_models_given: bool,
-    pub ready_models: Vec<String>,
-    /// `None` when the request did not carry tags: a re-registration then keeps the node's tags.
-    pub tags: Option<Vec<String>>,
-}
-
-impl Registration {
-    /// The peer the reachability probe contacts.
-    pub fn runtime_addr(&self) -> ApiResult<SocketAddr> {
-        let ip: IpAddr = self
-            .ip_address
-            .parse()
-            .map_err(|_| bad_request(format!("`ip_address`: `{}` is not an IP address.", self.ip_address)))?;
-        Ok(SocketAddr::new(ip, self.runtime_port))
-    }
-}
-
-/// A heartbeat that passed validation.
-#[derive(Debug, Clone)]
-pub struct Heartbeat {
-    pub node_id: Uuid,
-    pub metrics: PackedMetrics,
-    pub loaded_models: Vec<String>,
-    pub ready_models: Vec<String>,
-}
-
 /// Steps 1 (shape and values, 400) and 2 (GPU required, 403) of SPEC §2.1. `peer` stands in for a missing address;
 /// either way the address rules of SPEC §9 apply, link-local addresses only when `allow_link_local` is set.
-pub fn registration(req: RegisterRequest, peer: IpAddr, allow_link_local: bool) -> ApiResult<Registration> {
+pub fn registration(req: RegisterRequest, peer: IpAddr, allow_link_local: bool) -> Checked<Registration> {
     let machine_name = req.machine_name;
     if machine_name.trim().is_empty() {
         return Err(bad_request("`machine_name` must not be blank."));
@@ -171,14 +152,14 @@ pub fn registration(req: RegisterRequest, peer: IpAddr, allow_link_local: bool) 
     }
     // Step 2: only machines with at least one usable GPU may join the fleet.
     if gpu_devices.is_empty() {
-        return Err(ApiError::GpuRequired(
+        return Err(Invalid::GpuRequired(
             "This router accepts only machines with a GPU, and `gpu_devices` is empty or missing.".to_owned(),
         ));
     }
     if let Some((i, gpu)) = gpu_devices.iter().enumerate().find(|(_, gpu)| gpu.count < 1 || gpu.model.trim().is_empty())
     {
         let why = if gpu.count < 1 { format!("a count of {}", gpu.count) } else { "a blank model".to_owned() };
-        return Err(ApiError::GpuRequired(format!(
+        return Err(Invalid::GpuRequired(format!(
             "`gpu_devices[{i}]` has {why}; every GPU entry needs a model and a count of at least 1."
         )));
     }
@@ -198,7 +179,7 @@ pub fn registration(req: RegisterRequest, peer: IpAddr, allow_link_local: bool) 
 
 /// Validates a heartbeat's figures: percentages within 0..=100, finite and bounded numbers, printable and bounded
 /// lists.
-pub fn heartbeat(req: HeartbeatRequest) -> ApiResult<Heartbeat> {
+pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
     percent("cpu_usage", req.cpu_usage)?;
     percent("memory_usage", req.memory_usage)?;
     if let Some(active) = req.active_requests.filter(|n| *n > MAX_ACTIVE_REQUESTS) {
@@ -235,13 +216,13 @@ pub fn heartbeat(req: HeartbeatRequest) -> ApiResult<Heartbeat> {
         node_id: req.node_id,
         loaded_models: list("loaded_models", req.loaded_models)?,
         ready_models: list("ready_models", req.ready_models)?,
-        metrics: PackedMetrics::pack(&metrics),
+        metrics,
     })
 }
 
 /// Validates the fields an administrator edits; `None` means "not given". `kind` says whether line breaks are
 /// allowed (notes) or not (names).
-pub fn optional_text(field: &str, value: Option<String>, max_chars: usize, kind: Text) -> ApiResult<Option<String>> {
+pub fn optional_text(field: &str, value: Option<String>, max_chars: usize, kind: Text) -> Checked<Option<String>> {
     match value {
         Some(text) if text.chars().count() > max_chars => {
             Err(bad_request(format!("`{field}` must be at most {max_chars} characters.")))
@@ -256,7 +237,7 @@ pub fn optional_text(field: &str, value: Option<String>, max_chars: usize, kind:
 }
 
 /// A list of non-blank, printable strings, each at most [`MAX_ITEM_CHARS`], at most [`MAX_LIST_LEN`] entries.
-pub fn list(field: &str, values: Option<Vec<String>>) -> ApiResult<Vec<String>> {
+pub fn list(field: &str, values: Option<Vec<String>>) -> Checked<Vec<String>> {
     let values = values.unwrap_or_default();
     if values.len() > MAX_LIST_LEN {
         return Err(bad_request(format!("`{field}` has more than {MAX_LIST_LEN} entries.")));
@@ -270,7 +251,7 @@ pub fn is_list_item(value: &str) -> bool {
     !value.trim().is_empty() && value.chars().count() <= MAX_ITEM_CHARS && first_control(value, Text::Line).is_none()
 }
 
-fn item(field: impl fmt::Display, value: String) -> ApiResult<String> {
+fn item(field: impl fmt::Display, value: String) -> Checked<String> {
     if value.trim().is_empty() {
         return Err(bad_request(format!("`{field}` must not be blank.")));
     }
@@ -281,7 +262,7 @@ fn item(field: impl fmt::Display, value: String) -> ApiResult<String> {
     Ok(value)
 }
 
-fn percent(field: impl fmt::Display, value: Option<f64>) -> ApiResult<()> {
+fn percent(field: impl fmt::Display, value: Option<f64>) -> Checked<()> {
     match value {
         Some(v) if !v.is_finite() || !(0.0..=100.0).contains(&v) => {
             Err(bad_request(format!("`{field}` must be a percentage between 0 and 100, not {v}.")))
@@ -290,7 +271,7 @@ fn percent(field: impl fmt::Display, value: Option<f64>) -> ApiResult<()> {
     }
 }
 
-fn memory(field: impl fmt::Display, value: Option<u64>) -> ApiResult<()> {
+fn memory(field: impl fmt::Display, value: Option<u64>) -> Checked<()> {
     match value {
         Some(bytes) if bytes > MAX_MEMORY_BYTES => {
             Err(bad_request(format!("`{field}` must be at most {MAX_MEMORY_BYTES} bytes (1 PiB), not {bytes}.")))
@@ -335,6 +316,9 @@ fn node_address(ip: IpAddr, allow_link_local: bool) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use llm_router_protocol::GpuDevice;
+    use uuid::Uuid;
+
     use super::*;
 
     fn request() -> RegisterRequest {
@@ -355,8 +339,11 @@ mod tests {
         "::ffff:10.1.2.3".parse().expect("ip")
     }
 
-    fn code(result: ApiResult<Registration>) -> &'static str {
-        result.map(|_| ()).expect_err("should fail").status_and_code().1
+    fn code(result: Checked<Registration>) -> &'static str {
+        match result.map(|_| ()).expect_err("should fail") {
+            Invalid::Field(_) => "invalid_request",
+            Invalid::GpuRequired(_) => "gpu_required",
+        }
     }
 
     #[test]
@@ -431,7 +418,7 @@ mod tests {
         assert!(heartbeat(hb(f64::NAN)).is_err());
     }
 
-    fn with_ip(ip: &str, allow_link_local: bool) -> ApiResult<Registration> {
+    fn with_ip(ip: &str, allow_link_local: bool) -> Checked<Registration> {
         let mut r = request();
         r.ip_address = Some(ip.into());
         registration(r, peer(), allow_link_local)
@@ -441,7 +428,7 @@ mod tests {
     fn addresses_that_can_never_be_a_node_are_refused_in_every_form() {
         for ip in ["0.0.0.0", "::", "224.0.0.1", "239.255.255.250", "ff02::1", "255.255.255.255", "::ffff:0.0.0.0"] {
             let err = with_ip(ip, true).expect_err(ip);
-            assert_eq!(err.status_and_code().1, "invalid_request", "{ip}");
+            assert!(matches!(err, Invalid::Field(_)), "{ip}");
             assert!(err.to_string().contains("`ip_address`"), "{ip}: {err}");
         }
         for ip in ["::ffff:255.255.255.255", "::ffff:224.0.0.1"] {

@@ -1,0 +1,8 @@
+//! The router's domain types, plain data: nodes, their lists, figures and events, validated inputs, roles and
+//! principals, token hashes. This is the floor of the crate: it imports nothing of the router but the clock, and
+//! knows neither HTTP (axum) nor SQL (sqlx), so every layer above can use it.
+
+pub mod auth;
+pub mod figures;
+pub mod input;
+pub mod node;

@@ -1,0 +1,205 @@
+//! Registration (SPEC §2.1 step 3 onwards): a new node, a token rotation, or the takeover of an imported node; and
+//! the pending cap's reservations.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use llm_router_protocol::NodeStatus;
+use uuid::Uuid;
+
+use super::index::Slot;
+use super::{Registry, RegistryError, RegistryResult};
+use crate::auth::token::{NewToken, TokenKind};
+use crate::model::auth::TokenHash;
+use crate::model::input::Registration;
+use crate::model::node::{Node, NodeEvent};
+use crate::store::InsertError;
+
+/// How a registration was settled.
+#[derive(Debug)]
+pub struct Registered {
+    pub node_id: Uuid,
+    pub token: NewToken,
+    pub status: NodeStatus,
+    /// True for a new node or a takeover (201); false for a token rotation (200).
+    pub created: bool,
+}
+
+/// What a registration must do, decided before the reachability probe.
+pub enum RegistrationPlan {
+    /// No node with this name and port: create one.
+    Create,
+    /// The caller presented this node's own token (its hash here): rotate it, keep id and status.
+    Rotate(Uuid, TokenHash),
+    /// The node was imported and has never had a token: take it over as pending.
+    TakeOver(Uuid),
+}
+
+impl Registry {
+    /// Decides what a registration will do (SPEC §2.1 step 3), or answers 409.
+    pub fn plan_registration(&self, reg: &Registration, presented: Option<&str>) -> RegistryResult<RegistrationPlan> {
+        let index = self.read();
+        let Some(&id) = index.by_key.get(&(reg.machine_name.clone(), reg.runtime_port)) else {
+            return Ok(RegistrationPlan::Create);
+        };
+        let slot = index.nodes.get(&id).cloned();
+        drop(index);
+        let token = slot.map(|slot| slot.lock().token);
+        match token {
+            Some(None) => Ok(RegistrationPlan::TakeOver(id)),
+            Some(Some(stored)) if presented.is_some_and(|p| TokenHash::of(p) == stored) => {
+                Ok(RegistrationPlan::Rotate(id, stored))
+            }
+            _ => Err(node_exists(&reg.machine_name, reg.runtime_port, id)),
+        }
+    }
+
+    /// Carries out a planned registration; `loaded_models` already holds what the probe found when needed.
+    pub async fn register(&self, reg: Registration, plan: RegistrationPlan) -> RegistryResult<Registered> {
+        match plan {
+            RegistrationPlan::Create => self.create(reg).await,
+            RegistrationPlan::Rotate(id, presented) => self.reregister(id, reg, Some(presented)).await,
+            RegistrationPlan::TakeOver(id) => self.reregister(id, reg, None).await,
+        }
+    }
+
+    async fn create(&self, reg: Registration) -> RegistryResult<Registered> {
+        let now = self.clock.now_ms();
+        let node = Node {
+            id: Uuid::new_v4(),
+            machine_name: reg.machine_name,
+            ip_address: reg.ip_address,
+            runtime_port: reg.runtime_port,
+            runtime_version: reg.runtime_version,
+            status: NodeStatus::Pending,
+            display_name: None,
+            notes: None,
+            gpu_devices: reg.gpu_devices,
+            supported_runtimes: reg.supported_runtimes,
+            loaded_models: reg.loaded_models,
+            ready_models: reg.ready_models,
+            tags: reg.tags.unwrap_or_default(),
+            metrics: None,
+            registered_at: now,
+            approved_at: None,
+            approved_by: None,
+            last_seen_at: None,
+        };
+        let token = NewToken::generate(TokenKind::Node);
+        let event = NodeEvent::new(node.id, now, None, NodeStatus::Pending.as_str(), "registered");
+        match self.store.insert_node(node.clone(), token.hash(), event).await {
+            Ok(()) => {}
+            Err(InsertError::Duplicate) => {
+                // Another registration of the same machine and port won the race.
+                let id = self.read().by_key.get(&(node.machine_name.clone(), node.runtime_port)).copied();
+                return Err(node_exists(&node.machine_name, node.runtime_port, id.unwrap_or(node.id)));
+            }
+            Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
+        }
+        self.metrics.transition(NodeStatus::Pending);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let id = node.id;
+        let mut index = self.write();
+        index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
+        index.by_token.insert(token.hash(), id);
+        index.nodes.insert(id, Slot::new(node, Some(token.hash()), now));
+        drop(index);
+        Ok(Registered { node_id: id, token, status: NodeStatus::Pending, created: true })
+    }
+
+    /// Token rotation (`presented` is the hash of the node's token the caller showed) or takeover of an imported
+    /// node that has no token (`presented == None`).
+    async fn reregister(
+        &self,
+        id: Uuid,
+        reg: Registration,
+        presented: Option<TokenHash>,
+    ) -> RegistryResult<Registered> {
+        let takeover = presented.is_none();
+        let slot = self.slot(id)?;
+        let _writing = slot.transition.lock().await;
+        let now = self.clock.now_ms();
+        let (updated, old_token, event) = {
+            let state = slot.lock();
+            if state.deleted {
+                return Err(RegistryError::DeletedMeanwhile(id));
+            }
+            // The plan was made without the lock: check it still holds. Of concurrent rotations with the same token,
+            // the first to get here replaces it; the others present a token that is no longer the node's.
+            if state.token != presented {
+                return Err(node_exists(&reg.machine_name, reg.runtime_port, id));
+            }
+            let mut node = state.node.clone();
+            node.ip_address = reg.ip_address;
+            node.runtime_version = reg.runtime_version;
+            node.gpu_devices = reg.gpu_devices;
+            node.supported_runtimes = reg.supported_runtimes;
+            node.loaded_models = reg.loaded_models;
+            node.ready_models = reg.ready_models;
+            if let Some(tags) = reg.tags {
+                node.tags = tags;
+            }
+            let event = if takeover {
+                let event = NodeEvent::new(
+                    id,
+                    now,
+                    Some(node.status),
+                    NodeStatus::Pending.as_str(),
+                    "imported node taken over by a new registration; approval needed",
+                );
+                node.status = NodeStatus::Pending;
+                node.approved_at = None;
+                node.approved_by = None;
+                Some(event)
+            } else {
+                None
+            };
+            (node, state.token, event)
+        };
+        let token = NewToken::generate(TokenKind::Node);
+        self.store.reregister_node(&updated, token.hash(), now, event.as_ref()).await?;
+        if let Some(event) = &event {
+            self.metrics.transition(NodeStatus::Pending);
+            if event.from != Some(NodeStatus::Pending) {
+                self.pending.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let status = updated.status;
+        {
+            let mut state = slot.lock();
+            state.node = updated;
+            state.token = Some(token.hash());
+            state.models_dirty = false;
+        }
+        let mut index = self.write();
+        if let Some(old) = old_token {
+            index.by_token.remove(&old);
+        }
+        index.by_token.insert(token.hash(), id);
+        drop(index);
+        Ok(Registered { node_id: id, token, status, created: takeover })
+    }
+
+    /// Admits one registration that may add a pending node while fewer than `cap` are pending or admitted
+    /// (`cap` 0: no cap); `None` when the cap is reached. Hold the reservation until the registration is settled.
+    pub fn reserve_pending(&self, cap: u64) -> Option<PendingReservation<'_>> {
+        let reservation = PendingReservation(&self.reserved);
+        let reserved = self.reserved.fetch_add(1, Ordering::AcqRel) + 1;
+        // A registration that committed and still holds its reservation counts twice for a moment: the cap may
+        // refuse one too many at its edge, never admit one too many.
+        let taken = self.pending.load(Ordering::Acquire) + reserved;
+        (cap == 0 || u64::try_from(taken).unwrap_or(u64::MAX) <= cap).then_some(reservation)
+    }
+}
+
+/// A place under the pending cap, held by a registration in progress; given back when dropped.
+pub struct PendingReservation<'a>(&'a AtomicUsize);
+
+impl Drop for PendingReservation<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn node_exists(machine_name: &str, port: u16, id: Uuid) -> RegistryError {
+    RegistryError::NodeExists { machine_name: machine_name.to_owned(), port, id }
+}

@@ -1,0 +1,280 @@
+//! Where a node changes state: heartbeats (SPEC §2.2), approval, the offline sweep, an administrator's edits and
+//! deletion, and the expiry of silent pending nodes (SPEC §9). Each decision is taken under the node's own lock
+//! and committed to the store before memory changes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use llm_router_protocol::NodeStatus;
+use uuid::Uuid;
+
+use super::index::{NodeHandle, Slot, SlotState};
+use super::{Registry, RegistryError, RegistryResult, state};
+use crate::clock::Millis;
+use crate::metrics::Metrics;
+use crate::model::figures::PackedMetrics;
+use crate::model::input::Heartbeat;
+use crate::model::node::{Node, NodeEvent};
+
+impl Registry {
+    /// Applies a heartbeat of the node whose token the caller presented (SPEC §2.2): `TokenOfAnotherNode` when the
+    /// body names another node, `UnknownToken` when the token stopped being the node's meanwhile.
+    pub async fn heartbeat(&self, node: &NodeHandle, hb: Heartbeat) -> RegistryResult<NodeStatus> {
+        if node.id != hb.node_id {
+            return Err(RegistryError::TokenOfAnotherNode(hb.node_id));
+        }
+        let slot = &node.slot;
+        // Packed once here, kept and stored as it is, unpacked only when shown.
+        let metrics = PackedMetrics::pack(&hb.metrics);
+        let now = self.clock.now_ms();
+        {
+            let mut state = slot.lock();
+            if state.deleted || state.token != Some(node.token) {
+                return Err(RegistryError::UnknownToken);
+            }
+            let models_changed =
+                state.node.loaded_models != hb.loaded_models || state.node.ready_models != hb.ready_models;
+            state.node.metrics = Some(metrics);
+            state.node.last_seen_at = Some(now);
+            state.alive_since = now;
+            if models_changed {
+                state.node.loaded_models = hb.loaded_models;
+                state.node.ready_models = hb.ready_models;
+                state.models_dirty = true;
+            }
+            self.mark_figures_dirty(&mut state, now);
+            let next = state::after_heartbeat(state.node.status, &state.node.ready_models);
+            if next == state.node.status {
+                return Ok(next);
+            }
+        }
+        let status = self
+            .transition(slot, |state| {
+                let node = &state.node;
+                let to = state::after_heartbeat(node.status, &node.ready_models);
+                let reason = match to {
+                    NodeStatus::Online => "heartbeat reports ready models",
+                    _ => "heartbeat reports no ready model",
+                };
+                (to != node.status).then(|| (to, reason.to_owned()))
+            })
+            .await?;
+        status.ok_or(RegistryError::UnknownToken)
+    }
+
+    /// Approves a pending node (SPEC §2.3) by `by`; `NotPending` otherwise. Returns the node as approved.
+    pub async fn approve(&self, id: Uuid, by: &str) -> RegistryResult<Node> {
+        let slot = self.slot(id)?;
+        let _writing = slot.transition.lock().await;
+        let now = self.clock.now_ms();
+        let (updated, event) = {
+            let state = slot.lock();
+            if state.deleted {
+                return Err(RegistryError::NotFound(id));
+            }
+            let Some(to) = state::after_approval(state.node.status, &state.node.ready_models) else {
+                return Err(RegistryError::NotPending { id, status: state.node.status });
+            };
+            let mut node = state.node.clone();
+            let event = NodeEvent::new(id, now, Some(node.status), to.as_str(), "approved").by(Some(by));
+            node.status = to;
+            node.approved_at = Some(now);
+            node.approved_by = Some(by.to_owned());
+            (node, event)
+        };
+        self.store.record_transition(&updated, &event).await?;
+        self.metrics.transition(updated.status);
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        let mut state = slot.lock();
+        state.node.status = updated.status;
+        state.node.approved_at = updated.approved_at;
+        state.node.approved_by = updated.approved_by;
+        state.alive_since = now;
+        Ok(state.node.clone())
+    }
+
+    /// Changes a node's status through `decide`, under the node's transition lock, persisting before applying.
+    /// `decide` sees the node's state as it is under the lock, so a heartbeat that arrived meanwhile counts.
+    /// Returns the node's status after, or `None` when the node was deleted meanwhile.
+    async fn transition(
+        &self,
+        slot: &Slot,
+        decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
+    ) -> anyhow::Result<Option<NodeStatus>> {
+        let _writing = slot.transition.lock().await;
+        let now = self.clock.now_ms();
+        let (updated, event) = {
+            let state = slot.lock();
+            if state.deleted {
+                return Ok(None);
+            }
+            let Some((to, reason)) = decide(&state) else {
+                return Ok(Some(state.node.status));
+            };
+            let mut node = state.node.clone();
+            let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason);
+            node.status = to;
+            (node, event)
+        };
+        self.store.record_transition(&updated, &event).await?;
+        self.metrics.transition(updated.status);
+        slot.lock().node.status = updated.status;
+        Ok(Some(updated.status))
+    }
+
+    /// Marks offline every approved node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
+    ///
+    /// Cost: one pass over the in-memory map with a short per-node lock, no database read; only nodes that change
+    /// are written.
+    pub async fn sweep(&self) -> anyhow::Result<usize> {
+        let now = self.clock.now_ms();
+        let limit = self.offline_after_ms;
+        let candidates: Vec<Arc<Slot>> = self
+            .read()
+            .nodes
+            .values()
+            .filter(|slot| {
+                let state = slot.lock();
+                state::goes_offline(state.node.status, now - state.alive_since, limit)
+            })
+            .cloned()
+            .collect();
+        let mut changed = 0;
+        let reason = format!("no heartbeat for {} s", limit / 1000);
+        for slot in candidates {
+            let status = self
+                .transition(&slot, |state| {
+                    let silent = self.clock.now_ms() - state.alive_since;
+                    state::goes_offline(state.node.status, silent, limit).then(|| (NodeStatus::Offline, reason.clone()))
+                })
+                .await?;
+            // `None`: deleted meanwhile.
+            if status == Some(NodeStatus::Offline) {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Updates the fields an administrator owns; `None` leaves a field as it is. Returns the node after the edit.
+    pub async fn update(
+        &self,
+        id: Uuid,
+        display_name: Option<Option<String>>,
+        notes: Option<Option<String>>,
+        tags: Option<Vec<String>>,
+    ) -> RegistryResult<Node> {
+        let slot = self.slot(id)?;
+        let _writing = slot.transition.lock().await;
+        let updated = {
+            let state = slot.lock();
+            if state.deleted {
+                return Err(RegistryError::NotFound(id));
+            }
+            let mut node = state.node.clone();
+            if let Some(display_name) = display_name {
+                node.display_name = display_name;
+            }
+            if let Some(notes) = notes {
+                node.notes = notes;
+            }
+            if let Some(tags) = tags {
+                node.tags = tags;
+            }
+            node
+        };
+        self.store.update_admin_fields(&updated).await?;
+        let mut state = slot.lock();
+        state.node.display_name = updated.display_name;
+        state.node.notes = updated.notes;
+        state.node.tags = updated.tags;
+        Ok(state.node.clone())
+    }
+
+    /// Deletes a node by `by`; its token stops working as soon as this returns.
+    pub async fn delete(&self, id: Uuid, by: &str) -> RegistryResult<()> {
+        let slot = self.slot(id)?;
+        let removed = self
+            .remove(id, &slot, |state, now| {
+                Some(
+                    NodeEvent::new(id, now, Some(state.node.status), "deleted", "deleted by an administrator")
+                        .by(Some(by)),
+                )
+            })
+            .await?;
+        if !removed {
+            return Err(RegistryError::NotFound(id));
+        }
+        Ok(())
+    }
+
+    /// Removes every pending node silent for `ttl_ms` (SPEC §9), each with an event and like a deletion: its
+    /// token stops working and its name and port are free again. Silence counts from the latest of its last
+    /// heartbeat, its registration and the router's start, as offline detection does. Returns how many went.
+    ///
+    /// Cost: one pass over the in-memory map with a short per-node lock; only expired nodes are written.
+    pub async fn expire_pending(&self, ttl_ms: i64) -> anyhow::Result<usize> {
+        let now = self.clock.now_ms();
+        let expired = |state: &SlotState, now: Millis| {
+            state.node.status == NodeStatus::Pending && now - state.alive_since >= ttl_ms
+        };
+        let candidates: Vec<(Uuid, Arc<Slot>)> = self
+            .read()
+            .nodes
+            .iter()
+            .filter(|(_, slot)| expired(&slot.lock(), now))
+            .map(|(id, slot)| (*id, slot.clone()))
+            .collect();
+        let reason = format!("pending for {} h without a heartbeat; removed", ttl_ms / 3_600_000);
+        let mut removed = 0;
+        for (id, slot) in candidates {
+            // Decided again under the node's lock: a heartbeat or an approval may have come meanwhile.
+            let gone = self
+                .remove(id, &slot, |state, now| {
+                    expired(state, now).then(|| NodeEvent::new(id, now, Some(NodeStatus::Pending), "deleted", &*reason))
+                })
+                .await?;
+            if gone {
+                removed += 1;
+                Metrics::inc(&self.metrics.pending_expired);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes a node when `decide`, seeing its state under the node's lock, gives the event to record. Returns
+    /// whether it was removed (false: already deleted, or `decide` said no).
+    async fn remove(
+        &self,
+        id: Uuid,
+        slot: &Slot,
+        decide: impl Fn(&SlotState, Millis) -> Option<NodeEvent>,
+    ) -> anyhow::Result<bool> {
+        let _writing = slot.transition.lock().await;
+        let now = self.clock.now_ms();
+        let (key, token, from, event) = {
+            let state = slot.lock();
+            if state.deleted {
+                return Ok(false);
+            }
+            let Some(event) = decide(&state, now) else {
+                return Ok(false);
+            };
+            ((state.node.machine_name.clone(), state.node.runtime_port), state.token, state.node.status, event)
+        };
+        self.store.delete_node(id, &event).await?;
+        if from == NodeStatus::Pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        slot.lock().deleted = true;
+        let mut index = self.write();
+        index.nodes.remove(&id);
+        if index.by_key.get(&key) == Some(&id) {
+            index.by_key.remove(&key);
+        }
+        if let Some(token) = token {
+            index.by_token.remove(&token);
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,85 @@
+//! How nodes and their events look in the admin API (SPEC §3): times as RFC 3339 UTC, figures unpacked, never a
+//! token.
+
+use llm_router_protocol::{GpuDevice, NodeStatus};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::clock::rfc3339;
+use crate::model::figures::{NodeMetrics, PackedMetrics};
+use crate::model::node::{Node, RecordedEvent};
+
+/// The node as the admin API shows it (SPEC §3): times as RFC 3339 UTC, never a token.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct NodeView {
+    pub id: Uuid,
+    pub machine_name: String,
+    pub ip_address: String,
+    pub runtime_port: u16,
+    pub runtime_version: String,
+    pub status: NodeStatus,
+    pub display_name: Option<String>,
+    pub notes: Option<String>,
+    pub gpu_devices: Vec<GpuDevice>,
+    pub supported_runtimes: Vec<String>,
+    pub loaded_models: Vec<String>,
+    pub ready_models: Vec<String>,
+    pub tags: Vec<String>,
+    pub metrics: Option<NodeMetrics>,
+    pub registered_at: String,
+    pub approved_at: Option<String>,
+    pub approved_by: Option<String>,
+    pub last_seen_at: Option<String>,
+}
+
+impl From<&Node> for NodeView {
+    fn from(node: &Node) -> Self {
+        NodeView {
+            id: node.id,
+            machine_name: node.machine_name.clone(),
+            ip_address: node.ip_address.clone(),
+            runtime_port: node.runtime_port,
+            runtime_version: node.runtime_version.clone(),
+            status: node.status,
+            display_name: node.display_name.clone(),
+            notes: node.notes.clone(),
+            gpu_devices: node.gpu_devices.clone(),
+            supported_runtimes: node.supported_runtimes.clone(),
+            loaded_models: node.loaded_models.clone(),
+            ready_models: node.ready_models.clone(),
+            tags: node.tags.clone(),
+            metrics: node.metrics.as_ref().and_then(PackedMetrics::unpack),
+            registered_at: rfc3339(node.registered_at),
+            approved_at: node.approved_at.map(rfc3339),
+            approved_by: node.approved_by.clone(),
+            last_seen_at: node.last_seen_at.map(rfc3339),
+        }
+    }
+}
+
+/// An event as the admin API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct NodeEventView {
+    pub id: i64,
+    pub node_id: Uuid,
+    pub at: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+    pub actor: Option<String>,
+}
+
+impl From<RecordedEvent> for NodeEventView {
+    fn from(recorded: RecordedEvent) -> Self {
+        let RecordedEvent { id, event } = recorded;
+        NodeEventView {
+            id,
+            node_id: event.node_id,
+            at: rfc3339(event.at),
+            from: event.from.map(|status| status.as_str().to_owned()),
+            to: event.to,
+            reason: event.reason,
+            actor: event.actor,
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! What every handler can reach: the application's parts, built once by `app.rs`.
+
+use std::sync::Arc;
+
+use crate::auth::password::Hasher;
+use crate::auth::throttle::LoginThrottle;
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::probe::Prober;
+use crate::rate_limit::RegistrationLimiter;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// The application's parts.
+pub struct AppInner {
+    pub settings: Settings,
+    pub store: Store,
+    pub registry: Registry,
+    pub clock: Arc<dyn Clock>,
+    pub prober: Prober,
+    pub metrics: Arc<Metrics>,
+    /// Hash of a random password, verified against on logins with an unknown username.
+    pub dummy_password_hash: String,
+    /// The bounded pool every password hash of a request goes through.
+    pub hasher: Hasher,
+    /// Failed sign-ins by (username, client address).
+    pub login_throttle: LoginThrottle,
+    /// Anonymous registrations by client address.
+    pub registration_limiter: RegistrationLimiter,
+}
+
+/// Shared handle to the application.
+pub type AppState = Arc<AppInner>;

@@ -1,0 +1,176 @@
+//! The storage seam: everything the registry and the handlers keep goes through [`Storage`], and all SQL lives
+//! below this module, in one folder per backend ([`sqlite`] today). A second backend (PostgreSQL) implements the
+//! same trait; nothing above it changes.
+//!
+//! The contract every backend keeps:
+//! - a method returns only once its write is durable; a write that fails is undone whole and comes back as an error,
+//!   marked [`StorageFault`] when the storage itself failed (full disk, I/O error, lost connection), so the caller
+//!   answers 503 and nothing of the request is kept;
+//! - a node's lists are written together with the copy read at start-up ([`Storage::load_nodes`] returns them);
+//! - events are capped at [`EVENTS_PER_NODE`] per node.
+//!
+//! Methods return boxed futures so that the store can be held as `Arc<dyn Storage>`; none is on the heartbeat path,
+//! whose figures are written behind in batches ([`Storage::flush_figures`]).
+
+pub mod sqlite;
+
+use std::any::Any;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::clock::Millis;
+use crate::model::auth::{Principal, Role, TokenHash};
+use crate::model::figures::PackedMetrics;
+use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
+
+/// The storage the application holds.
+pub type Store = Arc<dyn Storage>;
+
+/// Most events kept per node (SPEC §9): a node's older events go as new ones are written.
+pub const EVENTS_PER_NODE: i64 = 1000;
+
+/// A write the storage could not make: the disk is full, an I/O error, the database became unwritable or the
+/// connection was lost. Nothing of the write was kept; the same write may succeed once the fault is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the database could not be written (disk full or I/O error)")]
+pub struct StorageFault;
+
+/// A node as stored, with the hash of its token (imported nodes have none).
+pub type StoredNode = (Node, Option<TokenHash>);
+
+/// A node to add as it is, with its token (if any) and its history so far: an import, or a seeded fleet.
+#[derive(Debug, Clone)]
+pub struct NewNode {
+    pub node: Node,
+    pub token: Option<TokenHash>,
+    pub events: Vec<NodeEvent>,
+}
+
+/// Heartbeat figures written behind, in batches.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    pub node_id: Uuid,
+    pub last_seen_at: Millis,
+    pub metrics: Option<PackedMetrics>,
+    /// The node's lists, present only when its models changed since the last write.
+    pub lists: Option<NodeLists>,
+}
+
+/// Why a node was not inserted.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    #[error("a node with this machine name and runtime port already exists")]
+    Duplicate,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// A user as stored.
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub username: String,
+    pub password_hash: String,
+    pub role: Role,
+    pub created_at: Millis,
+}
+
+/// An API key as listed (never the key itself).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRow {
+    pub id: Uuid,
+    pub name: String,
+    pub role: Role,
+    pub created_by: String,
+    pub created_at: Millis,
+}
+
+/// What can stop a user's deletion.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteUserError {
+    #[error("no such user")]
+    NotFound,
+    #[error("the last administrator cannot be deleted")]
+    LastAdmin,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// A result of the store.
+pub type StoreResult<'a, T> = BoxFuture<'a, anyhow::Result<T>>;
+
+/// Everything the router keeps, behind one narrow interface.
+pub trait Storage: Send + Sync + 'static {
+    // Nodes.
+
+    /// Every node with its lists and token hash.
+    fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>>;
+    /// Stores a newly registered node, its token and its first event; returns once they are committed.
+    fn insert_node(&self, node: Node, token: TokenHash, event: NodeEvent) -> BoxFuture<'_, Result<(), InsertError>>;
+    /// Adds nodes as they are, in one transaction. A node whose id, or machine name and port, is already stored is
+    /// left out, so a repeated import adds nothing. Returns the ids added.
+    fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>>;
+    /// Rewrites a re-registered node's descriptive fields, lists, status and token, with its event if any.
+    fn reregister_node<'a>(
+        &'a self,
+        node: &'a Node,
+        token: TokenHash,
+        now: Millis,
+        event: Option<&'a NodeEvent>,
+    ) -> StoreResult<'a, ()>;
+    /// Persists a status change (and approval fields) together with its event.
+    fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()>;
+    /// Persists the fields an administrator edits (display name, notes, tags).
+    fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()>;
+    /// Removes a node with its lists and token; its events stay, plus `event` for the deletion.
+    fn delete_node<'a>(&'a self, id: Uuid, event: &'a NodeEvent) -> StoreResult<'a, ()>;
+    /// Writes a batch of heartbeat figures in one transaction; nodes deleted meanwhile are skipped.
+    fn flush_figures<'a>(&'a self, batch: &'a [Figures]) -> StoreResult<'a, ()>;
+    /// A page of a node's history, newest first: at most `limit` events older than the event `before`.
+    fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> StoreResult<'_, Vec<RecordedEvent>>;
+    /// Removes events recorded before `cutoff`, in bounded batches; returns how many.
+    fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64>;
+
+    // Users, sessions and API keys.
+
+    fn count_users(&self) -> StoreResult<'_, i64>;
+    /// Inserts a user; `false` when the name is taken.
+    fn insert_user<'a>(&'a self, user: &'a UserRow) -> StoreResult<'a, bool>;
+    fn user<'a>(&'a self, username: &'a str) -> StoreResult<'a, Option<UserRow>>;
+    fn users(&self) -> StoreResult<'_, Vec<UserRow>>;
+    /// Deletes a user and their sessions, refusing to remove the last administrator.
+    fn delete_user<'a>(&'a self, username: &'a str) -> BoxFuture<'a, Result<(), DeleteUserError>>;
+    /// Stores a session (and drops the expired ones).
+    fn insert_session<'a>(
+        &'a self,
+        hash: TokenHash,
+        username: &'a str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> StoreResult<'a, ()>;
+    fn delete_session(&self, hash: TokenHash) -> StoreResult<'_, ()>;
+    /// The signed-in user behind a session token or API key, if it is valid now.
+    fn principal(&self, hash: TokenHash, now: Millis) -> StoreResult<'_, Option<Principal>>;
+    fn insert_api_key<'a>(&'a self, key: &'a ApiKeyRow, hash: TokenHash) -> StoreResult<'a, ()>;
+    fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>>;
+    /// Revokes an API key; `false` when there was none with this id.
+    fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool>;
+
+    // The storage itself.
+
+    /// Periodic upkeep between writes (SQLite: a passive checkpoint of the write-ahead log), every 250 ms.
+    fn upkeep(&self) -> StoreResult<'_, ()>;
+    /// Finishes queued writes and closes the storage.
+    fn close(&self) -> BoxFuture<'_, ()>;
+    /// Writes that failed on a storage fault since the start, for `/metrics`.
+    fn storage_faults(&self) -> u64;
+    /// The backend itself, for its own test seams.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// True when a [`StorageFault`] is among the causes of `err`.
+pub fn is_fault(err: &anyhow::Error) -> bool {
+    // Through every layer of context added on the way up.
+    err.downcast_ref::<StorageFault>().is_some()
+}

@@ -1,0 +1,106 @@
+//! Group commit of registrations: those that arrive together share one durable commit, each in its own savepoint.
+
+use sqlx::SqliteConnection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::lists::{self, Rows};
+use super::nodes::{insert_row, write_events, write_token};
+use super::writer::{Writer, WriterPool};
+use crate::model::auth::TokenHash;
+use crate::model::node::{Node, NodeEvent, NodeLists};
+use crate::store::{InsertError, StorageFault};
+
+/// Stores a newly registered node, its token and its first event, and returns once they are committed.
+///
+/// Registrations that arrive together are committed together (group commit): the node's writes run in a savepoint
+/// of a shared transaction, so one refused registration does not affect the others, and the batch pays one durable
+/// commit instead of one each.
+pub(super) async fn insert_node(
+    queue: &mpsc::Sender<InsertJob>,
+    node: Node,
+    token: TokenHash,
+    event: NodeEvent,
+) -> Result<(), InsertError> {
+    let (reply, answer) = oneshot::channel();
+    queue.send(InsertJob { node, token, event, reply }).await.map_err(|_| anyhow::anyhow!("the database is closed"))?;
+    answer.await.map_err(|_| anyhow::anyhow!("the database is closed"))?
+}
+
+/// A registration waiting for the next group commit.
+pub(super) struct InsertJob {
+    node: Node,
+    token: TokenHash,
+    event: NodeEvent,
+    reply: oneshot::Sender<Result<(), InsertError>>,
+}
+
+/// Most registrations in one group commit.
+const INSERTS_PER_COMMIT: usize = 64;
+
+/// Commits waiting registrations in groups until every sender is gone.
+pub(super) async fn group_commits(writer: WriterPool, mut jobs: mpsc::Receiver<InsertJob>) {
+    let mut batch = Vec::with_capacity(INSERTS_PER_COMMIT);
+    while jobs.recv_many(&mut batch, INSERTS_PER_COMMIT).await > 0 {
+        let results = commit_group(&writer, &batch).await;
+        for (job, result) in batch.drain(..).zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+/// One result per job. A registration refused as a duplicate is undone alone (its savepoint) and the others stay;
+/// any other failure (a full disk, an I/O error) may already have undone the whole transaction inside SQLite, so
+/// the group fails as one and every job gets the error: no answer of success for a row that was not committed.
+async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
+    let outcome = async {
+        let mut writer = Writer::acquire(pool).await?;
+        let result = async {
+            let mut tx = writer.begin().await?;
+            let mut results = Vec::with_capacity(batch.len());
+            for job in batch {
+                sqlx::query("SAVEPOINT registration").execute(&mut *tx).await?;
+                match insert_one(&mut tx, job).await {
+                    Ok(()) => {
+                        sqlx::query("RELEASE registration").execute(&mut *tx).await?;
+                        results.push(Ok(()));
+                    }
+                    Err(InsertError::Duplicate) => {
+                        sqlx::raw_sql("ROLLBACK TO registration; RELEASE registration").execute(&mut *tx).await?;
+                        results.push(Err(InsertError::Duplicate));
+                    }
+                    Err(InsertError::Other(err)) => return Err(err),
+                }
+            }
+            tx.commit().await?;
+            Ok(results)
+        }
+        .await;
+        writer.finish(result).await
+    }
+    .await;
+    match outcome {
+        Ok(results) => results,
+        Err(err) => {
+            let fault = err.downcast_ref::<StorageFault>().is_some();
+            let message = format!("{err:#}");
+            batch
+                .iter()
+                .map(|_| {
+                    let err = anyhow::anyhow!("registration not stored: {message}");
+                    Err(InsertError::Other(if fault { err.context(StorageFault) } else { err }))
+                })
+                .collect()
+        }
+    }
+}
+
+async fn insert_one(conn: &mut SqliteConnection, job: &InsertJob) -> Result<(), InsertError> {
+    if let Err(err) = insert_row(conn, &job.node).await {
+        let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
+        return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
+    }
+    lists::write(conn, &[(job.node.id, &NodeLists::of(&job.node))], Rows::New).await?;
+    write_token(conn, job.node.id, job.token, job.node.registered_at).await?;
+    write_events(conn, [&job.event]).await?;
+    Ok(())
+}

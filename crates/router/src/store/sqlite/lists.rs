@@ -1,0 +1,187 @@
+//! The one writer of a node's lists: its child rows (`node_gpu_devices`, `node_supported_runtimes`,
+//! `node_loaded_models`, `node_tags`) and the copy of them on its row (`nodes.lists`, what start-up reads), always
+//! written together, for one node or a whole batch; and the one definition of that copy's encoding.
+//!
+//! (Migration `0002` filled the copy once for rows written before it existed; migrations are history and stay as they
+//! were applied.)
+
+use llm_router_protocol::GpuDevice;
+use serde::{Deserialize, Serialize};
+use sqlx::query_builder::Separated;
+use sqlx::sqlite::Sqlite;
+use sqlx::{QueryBuilder, SqliteConnection};
+use uuid::Uuid;
+
+use crate::model::node::NodeLists;
+
+/// Most values bound in one statement: SQLite allows 32,766. Rows are written many per statement, since each
+/// statement is a round trip to the database thread.
+const MAX_BINDS: usize = 30_000;
+
+/// Whether the nodes may already have child rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rows {
+    /// New nodes: nothing to remove first.
+    New,
+    /// Stored nodes: their child rows are replaced.
+    Replace,
+}
+
+/// The copy's stored form: `{"gpu_devices": [[model, count, memory_bytes], …], "supported_runtimes": […],
+/// "loaded_models": […], "ready_models": […], "tags": […]}`.
+#[derive(Serialize, Deserialize)]
+struct Copy {
+    gpu_devices: Vec<(String, i64, Option<u64>)>,
+    supported_runtimes: Vec<String>,
+    loaded_models: Vec<String>,
+    ready_models: Vec<String>,
+    tags: Vec<String>,
+}
+
+/// The copy of `lists` as stored on the node's row.
+pub(super) fn encode(lists: &NodeLists) -> String {
+    let copy = Copy {
+        gpu_devices: lists.gpu_devices.iter().map(|g| (g.model.clone(), g.count, g.memory_bytes)).collect(),
+        supported_runtimes: lists.supported_runtimes.clone(),
+        loaded_models: lists.loaded_models.clone(),
+        ready_models: lists.ready_models.clone(),
+        tags: lists.tags.clone(),
+    };
+    // Strings, numbers and arrays always encode.
+    serde_json::to_string(&copy).unwrap_or_default()
+}
+
+/// The lists of a stored copy; `None` when the text is not one.
+pub(super) fn decode(text: &str) -> Option<NodeLists> {
+    let copy: Copy = serde_json::from_str(text).ok()?;
+    Some(NodeLists {
+        gpu_devices: copy
+            .gpu_devices
+            .into_iter()
+            .map(|(model, count, memory_bytes)| GpuDevice { model, count, memory_bytes })
+            .collect(),
+        supported_runtimes: copy.supported_runtimes,
+        loaded_models: copy.loaded_models,
+        ready_models: copy.ready_models,
+        tags: copy.tags,
+    })
+}
+
+/// Writes every list of `nodes` (whose rows exist): the child rows and the copy on each row.
+pub(super) async fn write(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeLists)], rows: Rows) -> anyhow::Result<()> {
+    let ids: Vec<String> = nodes.iter().map(|(id, _)| id.to_string()).collect();
+    if rows == Rows::Replace {
+        for table in ["node_gpu_devices", "node_supported_runtimes", "node_loaded_models", "node_tags"] {
+            for chunk in ids.chunks(MAX_BINDS) {
+                let mut delete = QueryBuilder::<Sqlite>::new(format!("DELETE FROM {table} WHERE node_id IN ("));
+                let mut list = delete.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                delete.push(")");
+                delete.build().execute(&mut *conn).await?;
+            }
+        }
+    }
+    let pairs = || ids.iter().map(String::as_str).zip(nodes.iter().map(|(_, lists)| *lists));
+
+    let gpus: Vec<_> = pairs()
+        .flat_map(|(id, lists)| lists.gpu_devices.iter().enumerate().map(move |(position, gpu)| (id, position, gpu)))
+        .collect();
+    insert(
+        conn,
+        "INSERT INTO node_gpu_devices (node_id, position, model, count, memory_bytes) ",
+        5,
+        &gpus,
+        |row, (id, position, gpu)| {
+            row.push_bind(*id)
+                .push_bind(*position as i64)
+                .push_bind(gpu.model.as_str())
+                .push_bind(gpu.count)
+                .push_bind(gpu.memory_bytes.and_then(|m| i64::try_from(m).ok()));
+        },
+    )
+    .await?;
+
+    let models: Vec<_> = pairs()
+        .flat_map(|(id, lists)| {
+            let loaded = lists.loaded_models.iter().enumerate().map(move |(position, m)| (id, "loaded", position, m));
+            let ready = lists.ready_models.iter().enumerate().map(move |(position, m)| (id, "ready", position, m));
+            loaded.chain(ready)
+        })
+        .collect();
+    insert(
+        conn,
+        "INSERT INTO node_loaded_models (node_id, kind, position, model) ",
+        4,
+        &models,
+        |row, (id, kind, position, model)| {
+            row.push_bind(*id).push_bind(*kind).push_bind(*position as i64).push_bind(model.as_str());
+        },
+    )
+    .await?;
+
+    let strings = |pick: fn(&NodeLists) -> &Vec<String>| -> Vec<(&str, usize, &str)> {
+        pairs()
+            .flat_map(|(id, lists)| {
+                pick(lists).iter().enumerate().map(move |(position, item)| (id, position, item.as_str()))
+            })
+            .collect()
+    };
+    for (head, items) in [
+        ("INSERT INTO node_supported_runtimes (node_id, position, runtime) ", strings(|l| &l.supported_runtimes)),
+        ("INSERT INTO node_tags (node_id, position, tag) ", strings(|l| &l.tags)),
+    ] {
+        insert(conn, head, 3, &items, |row, (id, position, item)| {
+            row.push_bind(*id).push_bind(*position as i64).push_bind(*item);
+        })
+        .await?;
+    }
+
+    let copies: Vec<(&str, String)> = pairs().map(|(id, lists)| (id, encode(lists))).collect();
+    for chunk in copies.chunks(MAX_BINDS / 2) {
+        let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, lists) AS (");
+        update.push_values(chunk, |mut row, (id, copy)| {
+            row.push_bind(*id).push_bind(copy.as_str());
+        });
+        update.push(") UPDATE nodes SET lists = v.lists FROM v WHERE nodes.id = v.id");
+        update.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Inserts `rows` with `head` (`INSERT INTO table (columns) `), as few statements as the bound values allow.
+async fn insert<'a, T>(
+    conn: &mut SqliteConnection,
+    head: &'static str,
+    columns: usize,
+    rows: &'a [T],
+    mut bind: impl FnMut(&mut Separated<'_, Sqlite, &'static str>, &'a T),
+) -> anyhow::Result<()> {
+    for chunk in rows.chunks(MAX_BINDS / columns) {
+        let mut insert = QueryBuilder::<Sqlite>::new(head);
+        insert.push_values(chunk, |mut row, item| bind(&mut row, item));
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_round_trips() {
+        let lists = NodeLists {
+            gpu_devices: vec![GpuDevice { model: "NVIDIA H100".into(), count: 8, memory_bytes: Some(80 << 30) }],
+            supported_runtimes: vec!["vllm".into()],
+            loaded_models: vec!["a".into(), "b".into()],
+            ready_models: vec!["a".into()],
+            tags: vec!["rack-1".into()],
+        };
+        let text = encode(&lists);
+        assert!(text.starts_with(r#"{"gpu_devices":[["NVIDIA H100",8,85899345920]]"#), "{text}");
+        assert_eq!(decode(&text), Some(lists));
+        assert_eq!(decode("not json"), None);
+    }
+}

@@ -1,0 +1,304 @@
+//! Writes of nodes, their tokens and their events; reads of a node's history.
+
+use std::collections::HashSet;
+
+use llm_router_protocol::NodeStatus;
+use sqlx::query_builder::Separated;
+use sqlx::sqlite::Sqlite;
+use sqlx::{QueryBuilder, Row, SqliteConnection};
+use uuid::Uuid;
+
+use super::lists::{self, Rows};
+use super::{SqliteStore, write_tx};
+use crate::clock::Millis;
+use crate::model::auth::TokenHash;
+use crate::model::figures::PackedMetrics;
+use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
+use crate::store::{EVENTS_PER_NODE, Figures, NewNode};
+
+impl SqliteStore {
+    /// Adds nodes as they are (an import, a seeded fleet), many per statement, in one transaction. A node whose id,
+    /// or machine name and port, is already stored is left out. Returns the ids added.
+    pub(super) async fn import_nodes(&self, nodes: &[NewNode]) -> anyhow::Result<Vec<Uuid>> {
+        write_tx!(self, |tx| async {
+            let mut added = Vec::new();
+            for chunk in nodes.chunks(NODES_PER_STATEMENT) {
+                let mut insert = QueryBuilder::<Sqlite>::new(INSERT_NODE);
+                insert.push_values(chunk, |mut row, new| bind_node(&mut row, &new.node));
+                insert.push(" ON CONFLICT DO NOTHING RETURNING id");
+                let ids: Vec<String> = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+                let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+                let fresh: Vec<&NewNode> =
+                    chunk.iter().filter(|new| ids.contains(new.node.id.to_string().as_str())).collect();
+                let node_lists: Vec<NodeLists> = fresh.iter().map(|new| NodeLists::of(&new.node)).collect();
+                let pairs: Vec<(Uuid, &NodeLists)> =
+                    fresh.iter().zip(&node_lists).map(|(new, lists)| (new.node.id, lists)).collect();
+                lists::write(tx, &pairs, Rows::New).await?;
+                for new in &fresh {
+                    if let Some(token) = new.token {
+                        write_token(tx, new.node.id, token, new.node.registered_at).await?;
+                    }
+                }
+                write_events(tx, fresh.iter().flat_map(|new| &new.events)).await?;
+                added.extend(fresh.iter().map(|new| new.node.id));
+            }
+            anyhow::Ok(added)
+        })
+    }
+
+    /// Rewrites a re-registered node's descriptive fields, status and token in one transaction.
+    pub(super) async fn reregister_node(
+        &self,
+        node: &Node,
+        token: TokenHash,
+        now: Millis,
+        event: Option<&NodeEvent>,
+    ) -> anyhow::Result<()> {
+        write_tx!(self, |tx| async {
+            sqlx::query(
+                "UPDATE nodes SET ip_address = ?, runtime_version = ?, status = ?, approved_at = ?, approved_by = ? \
+                 WHERE id = ?",
+            )
+            .bind(&node.ip_address)
+            .bind(&node.runtime_version)
+            .bind(node.status.as_str())
+            .bind(node.approved_at)
+            .bind(&node.approved_by)
+            .bind(node.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            lists::write(tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await?;
+            write_token(tx, node.id, token, now).await?;
+            if let Some(event) = event {
+                write_events(tx, [event]).await?;
+            }
+            anyhow::Ok(())
+        })
+    }
+
+    /// Persists a status change (and approval fields) together with its event.
+    pub(super) async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
+        write_tx!(self, |tx| async {
+            sqlx::query("UPDATE nodes SET status = ?, approved_at = ?, approved_by = ? WHERE id = ?")
+                .bind(node.status.as_str())
+                .bind(node.approved_at)
+                .bind(&node.approved_by)
+                .bind(node.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            write_events(tx, [event]).await?;
+            cap_events(tx, node.id).await
+        })
+    }
+
+    /// Persists the fields an administrator edits.
+    pub(super) async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
+        write_tx!(self, |tx| async {
+            sqlx::query("UPDATE nodes SET display_name = ?, notes = ? WHERE id = ?")
+                .bind(&node.display_name)
+                .bind(&node.notes)
+                .bind(node.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            lists::write(tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await
+        })
+    }
+
+    /// Removes a node with its lists and token; its events stay as the audit trail, plus one for the deletion.
+    pub(super) async fn delete_node(&self, id: Uuid, event: &NodeEvent) -> anyhow::Result<()> {
+        write_tx!(self, |tx| async {
+            sqlx::query("DELETE FROM nodes WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+            write_events(tx, [event]).await
+        })
+    }
+
+    /// Writes a batch of heartbeat figures in one transaction. Nodes deleted meanwhile match no row and are skipped.
+    pub(super) async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
+        write_tx!(self, |tx| async {
+            // One statement per chunk, not per node: each statement is a round trip to the database thread.
+            for chunk in batch.chunks(FIGURES_PER_STATEMENT) {
+                let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
+                update.push_values(chunk, |mut row, figures| {
+                    row.push_bind(figures.node_id.to_string())
+                        .push_bind(figures.last_seen_at)
+                        .push_bind(metrics_json(&figures.metrics));
+                });
+                update.push(
+                    ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
+                );
+                update.build().execute(&mut *tx).await?;
+            }
+            // Models changed: the node's lists are written anew, unless it was deleted meanwhile.
+            let mut changed = Vec::new();
+            for figures in batch {
+                let Some(lists) = &figures.lists else { continue };
+                let exists = sqlx::query("SELECT 1 FROM nodes WHERE id = ?")
+                    .bind(figures.node_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                if exists {
+                    changed.push((figures.node_id, lists));
+                }
+            }
+            lists::write(tx, &changed, Rows::Replace).await
+        })
+    }
+
+    /// A page of a node's history, newest first: at most `limit` events older than the event `before` (all when
+    /// `None`).
+    pub(super) async fn node_events(
+        &self,
+        id: Uuid,
+        limit: u32,
+        before: Option<i64>,
+    ) -> anyhow::Result<Vec<RecordedEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, node_id, at, from_status, to_status, reason, actor FROM node_events \
+             WHERE node_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(id.to_string())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let node_id: &str = row.try_get(1)?;
+                let from: Option<&str> = row.try_get(3)?;
+                Ok(RecordedEvent {
+                    id: row.try_get(0)?,
+                    event: NodeEvent {
+                        node_id: Uuid::parse_str(node_id)?,
+                        at: row.try_get(2)?,
+                        from: from.map(str::parse).transpose()?,
+                        to: row.try_get(4)?,
+                        reason: row.try_get(5)?,
+                        actor: row.try_get(6)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Removes events recorded before `cutoff`, a bounded batch per transaction so that the writer is never held
+    /// for long. Returns how many were removed.
+    pub(super) async fn prune_events(&self, cutoff: Millis) -> anyhow::Result<u64> {
+        let mut removed = 0;
+        loop {
+            let batch = write_tx!(self, |tx| async {
+                let done = sqlx::query(
+                    "DELETE FROM node_events WHERE id IN (SELECT id FROM node_events WHERE at < ? LIMIT ?)",
+                )
+                .bind(cutoff)
+                .bind(PRUNE_BATCH)
+                .execute(&mut *tx)
+                .await?;
+                anyhow::Ok(done.rows_affected())
+            })?;
+            removed += batch;
+            if batch < PRUNE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
+/// Events removed per transaction by [`SqliteStore::prune_events`].
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Keeps the newest [`EVENTS_PER_NODE`] events of a node. Two index probes when there is nothing to remove.
+async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()> {
+    let id = id.to_string();
+    sqlx::query(
+        "DELETE FROM node_events WHERE node_id = ? AND id <= \
+         (SELECT id FROM node_events WHERE node_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+    )
+    .bind(&id)
+    .bind(&id)
+    .bind(EVENTS_PER_NODE)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The columns of a node's row; its lists go through [`lists::write`], its token through [`write_token`].
+const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at) ";
+
+/// Nodes per statement of an import (13 values each, well under SQLite's limit of 32,766).
+const NODES_PER_STATEMENT: usize = 500;
+
+/// Binds the values of a node's row, in the order of [`INSERT_NODE`].
+fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
+    row.push_bind(node.id.to_string())
+        .push_bind(node.machine_name.as_str())
+        .push_bind(node.ip_address.as_str())
+        .push_bind(i64::from(node.runtime_port))
+        .push_bind(node.runtime_version.as_str())
+        .push_bind(node.status.as_str())
+        .push_bind(node.display_name.as_deref())
+        .push_bind(node.notes.as_deref())
+        .push_bind(metrics_json(&node.metrics))
+        .push_bind(node.registered_at)
+        .push_bind(node.approved_at)
+        .push_bind(node.approved_by.as_deref())
+        .push_bind(node.last_seen_at);
+}
+
+/// Inserts one node's row; a duplicate comes back as the database's unique violation.
+pub(super) async fn insert_row(conn: &mut SqliteConnection, node: &Node) -> Result<(), sqlx::Error> {
+    let mut insert = QueryBuilder::<Sqlite>::new(INSERT_NODE);
+    insert.push_values([node], |mut row, node| bind_node(&mut row, node));
+    insert.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
+fn metrics_json(metrics: &Option<PackedMetrics>) -> Option<&str> {
+    metrics.as_ref().map(PackedMetrics::as_str)
+}
+
+/// Nodes per statement of a figures batch (three parameters each, well under SQLite's limit of 32,766).
+const FIGURES_PER_STATEMENT: usize = 500;
+
+pub(super) async fn write_token(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    token: TokenHash,
+    now: Millis,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES (?, ?, ?) \
+         ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
+    )
+    .bind(id.to_string())
+    .bind(token.to_hex())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends events to their nodes' histories, many per statement.
+pub(super) async fn write_events<'a>(
+    conn: &mut SqliteConnection,
+    events: impl IntoIterator<Item = &'a NodeEvent>,
+) -> anyhow::Result<()> {
+    let events: Vec<&NodeEvent> = events.into_iter().collect();
+    // Six values each, well under SQLite's limit of 32,766.
+    for chunk in events.chunks(5_000) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO node_events (node_id, at, from_status, to_status, reason, actor) ",
+        );
+        insert.push_values(chunk, |mut row, event| {
+            row.push_bind(event.node_id.to_string())
+                .push_bind(event.at)
+                .push_bind(event.from.map(NodeStatus::as_str))
+                .push_bind(event.to.as_str())
+                .push_bind(event.reason.as_str())
+                .push_bind(event.actor.as_deref());
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
