@@ -20,6 +20,7 @@ LLM_ROUTER_ADMIN_PASSWORD=$password LLM_ROUTER_LOG=warn \
 router=$!
 trap 'kill $router 2>/dev/null || true; wait $router 2>/dev/null || true; rm -rf "$data"' EXIT
 
+# The line the router prints once it listens (`llm_router::app::LISTENING_ON`, then the address).
 base=""
 for _ in $(seq 1 100); do
   base=$(sed -n 's/^llm-router listening on \(http:[^ ]*\)$/\1/p' "$log")

@@ -59,6 +59,7 @@ async function startRouter() {
     const timer = setTimeout(() => reject(new Error(`the router did not start within 20 s:\n${stderr}`)), 20_000);
     const lines = readline.createInterface({ input: child.stdout });
     lines.on('line', (line) => {
+      // The line the router prints once it listens: `llm_router::app::LISTENING_ON`, then the address.
       const match = /^llm-router listening on http:\/\/127\.0\.0\.1:(\d+)$/.exec(line);
       if (match) {
         clearTimeout(timer);

@@ -9,15 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use llm_router::app::LISTENING_ON;
 use rustix::process::{Pid, Signal, kill_process};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::http::{Answer, Client, encode_request};
 use crate::procfs::{self, Memory};
-
-/// The line the router prints on stdout once it serves.
-const LISTENING_PREFIX: &str = "llm-router listening on http://";
 
 /// How long a start may take before the bench gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -120,7 +118,7 @@ impl RouterSpec {
         let mut lines = BufReader::new(stdout).lines();
         let waited = tokio::time::timeout(START_TIMEOUT, async {
             while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
+                if let Some(addr) = line.strip_prefix(LISTENING_ON) {
                     return Ok(Some(addr.trim().parse::<SocketAddr>()?));
                 }
             }

@@ -1,20 +1,23 @@
-//! Fills a router database with a large fleet directly, without HTTP: the router has created the schema (its
-//! migrations ran on a first start), and the rows are written here in one transaction, many per statement, in the
-//! shapes of `crates/router/migrations/0001_init.sql`.
+//! Fills a router database with a large fleet without HTTP, through the router library's own storage code
+//! (`SqliteStore::import_nodes`): the same schema, the same encodings of lists and figures, the same writer of a
+//! node's lists as a running router. The router must not be running.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
+use llm_router::model::auth::TokenHash;
+use llm_router::model::figures::{NodeMetrics, PackedMetrics};
+use llm_router::model::node::{Node, NodeEvent};
+use llm_router::store::sqlite::SqliteStore;
+use llm_router::store::{NewNode, Storage};
+use llm_router_protocol::{GpuDevice, NodeStatus};
 use uuid::Uuid;
 
 use crate::fleet::{self, GPU_GROUPS, GPUS_PER_GROUP, MODELS};
 
-/// Nodes per statement: the widest table (13 columns) stays far below SQLite's 32,766 bound variables.
-const NODES_PER_STATEMENT: usize = 500;
+/// Nodes per transaction: bounds the seeder's memory, not the router's.
+const NODES_PER_TRANSACTION: usize = 10_000;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
@@ -27,244 +30,133 @@ pub struct StatusMix {
 }
 
 /// The status of seeded node `i`: 5 % pending, 25 % offline, 70 % online.
-pub fn status_of(i: usize) -> &'static str {
+pub fn status_of(i: usize) -> NodeStatus {
     match i % 20 {
-        0 => "pending",
-        1..=5 => "offline",
-        _ => "online",
+        0 => NodeStatus::Pending,
+        1..=5 => NodeStatus::Offline,
+        _ => NodeStatus::Online,
     }
 }
 
-/// One node's `nodes` row, ready to bind.
-struct NodeRow {
-    id: String,
-    machine_name: String,
-    ip_address: String,
-    status: &'static str,
-    display_name: Option<String>,
-    metrics: Option<String>,
-    /// The copy of the node's lists the router keeps on the row (what start-up reads).
-    lists: String,
-    registered_at: i64,
-    approved_at: Option<i64>,
-    approved_by: Option<&'static str>,
-    last_seen_at: i64,
-    token_hash: String,
-}
-
-fn node_row(i: usize, now: i64, with_metrics: bool) -> anyhow::Result<NodeRow> {
+/// Seeded node `i` with its token and history: the registration, and the approval for approved nodes.
+fn new_node(i: usize, now: i64, with_metrics: bool) -> NewNode {
     let status = status_of(i);
-    let approved = status != "pending";
+    let approved = status != NodeStatus::Pending;
     let registered_at = now - 30 * DAY_MS + (i as i64 % 1000) * 60_000;
-    let last_seen_at = if status == "offline" { now - 6 * 3600 * 1000 } else { now - (i as i64 % 10) * 1000 };
-    // The router stores heartbeat figures packed as positional arrays:
-    // [cpu, memory, active, [[index, model, utilization, used, total, temperature], ...]].
-    let gpus: Vec<serde_json::Value> = fleet::gpu_metrics(i)
-        .into_iter()
-        .map(|g| {
-            serde_json::json!([
-                g.index,
-                g.model,
-                g.utilization,
-                g.memory_used_bytes,
-                g.memory_total_bytes,
-                g.temperature_c
-            ])
-        })
-        .collect();
-    let metrics = serde_json::json!([(i % 90) as f64 + 5.5, (i % 70) as f64 + 20.25, i % 17, gpus]);
-    // A token hash is the hex SHA-256 of a secret; two random UUIDs give the same shape and are unique.
-    let token_hash = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
-    // The same lists the child tables get below, as the router writes them on the node's row.
-    let lists = serde_json::json!({
-        "gpu_devices": GPU_GROUPS.iter().map(|(model, memory)| (model, GPUS_PER_GROUP, memory)).collect::<Vec<_>>(),
-        "supported_runtimes": ["vllm", "llama_cpp"],
-        "loaded_models": MODELS,
-        "ready_models": MODELS,
-        "tags": fleet::tags(i),
-    });
-    Ok(NodeRow {
-        id: Uuid::new_v4().to_string(),
+    let approved_at = approved.then_some(registered_at + 3_600_000);
+    let last_seen_at = if status == NodeStatus::Offline { now - 6 * 3600 * 1000 } else { now - (i as i64 % 10) * 1000 };
+    let metrics = NodeMetrics {
+        cpu_usage: Some((i % 90) as f64 + 5.5),
+        memory_usage: Some((i % 70) as f64 + 20.25),
+        gpus: fleet::gpu_metrics(i),
+        active_requests: Some((i % 17) as u64),
+    };
+    let models: Vec<String> = MODELS.iter().map(|m| (*m).to_owned()).collect();
+    let node = Node {
+        id: Uuid::new_v4(),
         machine_name: fleet::machine_name(i),
         ip_address: fleet::ip_address(i),
+        runtime_port: 8000,
+        runtime_version: "vllm 0.8.5".to_owned(),
         status,
         display_name: i.is_multiple_of(10).then(|| format!("Rack {} node {}", i % 40, i)),
-        metrics: if with_metrics { Some(serde_json::to_string(&metrics)?) } else { None },
-        lists: serde_json::to_string(&lists)?,
+        notes: None,
+        gpu_devices: GPU_GROUPS
+            .iter()
+            .map(|(model, memory)| GpuDevice {
+                model: (*model).to_owned(),
+                count: i64::from(GPUS_PER_GROUP),
+                memory_bytes: Some(*memory),
+            })
+            .collect(),
+        supported_runtimes: vec!["vllm".to_owned(), "llama_cpp".to_owned()],
+        loaded_models: models.clone(),
+        ready_models: models,
+        tags: fleet::tags(i),
+        metrics: with_metrics.then(|| PackedMetrics::pack(&metrics)),
         registered_at,
-        approved_at: approved.then_some(registered_at + 3_600_000),
-        approved_by: approved.then_some("admin"),
-        last_seen_at,
-        token_hash,
-    })
+        approved_at,
+        approved_by: approved.then(|| "admin".to_owned()),
+        last_seen_at: Some(last_seen_at),
+    };
+    let registered = NodeEvent::new(node.id, registered_at, None, NodeStatus::Pending.as_str(), "registered");
+    let approval = approved_at.map(|at| {
+        NodeEvent::new(node.id, at, Some(NodeStatus::Pending), NodeStatus::Online.as_str(), "approved")
+            .by(Some("admin"))
+    });
+    // Each node's token is a secret nobody holds: the start-up bench sends no heartbeat.
+    let token = TokenHash::of(&Uuid::new_v4().to_string());
+    NewNode { node, token: Some(token), events: std::iter::once(registered).chain(approval).collect() }
 }
 
-/// Inserts `count` nodes with their GPUs, runtimes, models, tags, token and events into the database at `path`,
-/// in one transaction. `with_metrics`: every node carries the figures of a last heartbeat (8 GPUs), as a fleet that
-/// has been running does. The router must not be running.
+/// Adds `count` nodes with their lists, token and events to the database at `path` (created and migrated if
+/// needed). `with_metrics`: every node carries the figures of a last heartbeat (8 GPUs), as a fleet that has been
+/// running does.
 pub async fn seed(path: &Path, count: usize, with_metrics: bool) -> anyhow::Result<StatusMix> {
-    let options = SqliteConnectOptions::from_str("sqlite://")?
-        .filename(path)
-        .journal_mode(SqliteJournalMode::Wal)
-        // A bench database: if this process dies, the file is thrown away anyway.
-        .synchronous(SqliteSynchronous::Off);
-    let mut conn = SqliteConnection::connect_with(&options)
-        .await
-        .with_context(|| format!("opening {} to seed it", path.display()))?;
+    let store = SqliteStore::open(path).await.with_context(|| format!("opening {} to seed it", path.display()))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
     let mut mix = StatusMix::default();
-    let mut tx = conn.begin().await?;
     let mut first = 0;
     while first < count {
-        let last = (first + NODES_PER_STATEMENT).min(count);
-        let rows = (first..last).map(|i| node_row(i, now, with_metrics)).collect::<anyhow::Result<Vec<_>>>()?;
-        for row in &rows {
-            match row.status {
-                "online" => mix.online += 1,
-                "offline" => mix.offline += 1,
+        let last = (first + NODES_PER_TRANSACTION).min(count);
+        let nodes: Vec<NewNode> = (first..last).map(|i| new_node(i, now, with_metrics)).collect();
+        let added =
+            Storage::import_nodes(&store, &nodes).await.with_context(|| format!("adding nodes {first}..{last}"))?;
+        anyhow::ensure!(added.len() == nodes.len(), "nodes {first}..{last}: only {} of them were new", added.len());
+        for new in &nodes {
+            match new.node.status {
+                NodeStatus::Online => mix.online += 1,
+                NodeStatus::Offline => mix.offline += 1,
                 _ => mix.pending += 1,
             }
         }
-        insert_chunk(&mut tx, &rows, first).await.with_context(|| format!("inserting nodes {first}..{last}"))?;
         first = last;
     }
-    tx.commit().await.context("committing the seeded nodes")?;
-    conn.close().await?;
+    store.close().await;
     Ok(mix)
-}
-
-async fn insert_chunk(conn: &mut SqliteConnection, rows: &[NodeRow], first: usize) -> anyhow::Result<()> {
-    let mut nodes = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, \
-         notes, metrics, lists, registered_at, approved_at, approved_by, last_seen_at) ",
-    );
-    nodes.push_values(rows, |mut b, row| {
-        b.push_bind(row.id.clone())
-            .push_bind(row.machine_name.clone())
-            .push_bind(row.ip_address.clone())
-            .push_bind(8000_i64)
-            .push_bind("vllm 0.8.5")
-            .push_bind(row.status)
-            .push_bind(row.display_name.clone())
-            .push_bind(None::<String>)
-            .push_bind(row.metrics.clone())
-            .push_bind(row.lists.clone())
-            .push_bind(row.registered_at)
-            .push_bind(row.approved_at)
-            .push_bind(row.approved_by)
-            .push_bind(row.last_seen_at);
-    });
-    nodes.build().execute(&mut *conn).await?;
-
-    let mut gpus =
-        QueryBuilder::<Sqlite>::new("INSERT INTO node_gpu_devices (node_id, position, model, count, memory_bytes) ");
-    let gpu_rows = rows.iter().flat_map(|row| GPU_GROUPS.iter().enumerate().map(move |(pos, gpu)| (row, pos, gpu)));
-    gpus.push_values(gpu_rows, |mut b, (row, pos, (model, memory))| {
-        b.push_bind(row.id.clone())
-            .push_bind(pos as i64)
-            .push_bind(*model)
-            .push_bind(i64::from(GPUS_PER_GROUP))
-            .push_bind(*memory as i64);
-    });
-    gpus.build().execute(&mut *conn).await?;
-
-    let mut models = QueryBuilder::<Sqlite>::new("INSERT INTO node_loaded_models (node_id, kind, position, model) ");
-    let model_rows = rows.iter().flat_map(|row| {
-        ["loaded", "ready"]
-            .into_iter()
-            .flat_map(move |kind| MODELS.iter().enumerate().map(move |(pos, model)| (row, kind, pos, *model)))
-    });
-    models.push_values(model_rows, |mut b, (row, kind, pos, model)| {
-        b.push_bind(row.id.clone()).push_bind(kind).push_bind(pos as i64).push_bind(model);
-    });
-    models.build().execute(&mut *conn).await?;
-
-    let mut runtimes = QueryBuilder::<Sqlite>::new("INSERT INTO node_supported_runtimes (node_id, position, runtime) ");
-    let runtime_rows =
-        rows.iter().flat_map(|row| ["vllm", "llama_cpp"].into_iter().enumerate().map(move |(pos, rt)| (row, pos, rt)));
-    runtimes.push_values(runtime_rows, |mut b, (row, pos, runtime)| {
-        b.push_bind(row.id.clone()).push_bind(pos as i64).push_bind(runtime);
-    });
-    runtimes.build().execute(&mut *conn).await?;
-
-    let mut tags = QueryBuilder::<Sqlite>::new("INSERT INTO node_tags (node_id, position, tag) ");
-    let tag_rows = rows
-        .iter()
-        .enumerate()
-        .flat_map(|(k, row)| fleet::tags(first + k).into_iter().enumerate().map(move |(pos, tag)| (row, pos, tag)));
-    tags.push_values(tag_rows, |mut b, (row, pos, tag)| {
-        b.push_bind(row.id.clone()).push_bind(pos as i64).push_bind(tag);
-    });
-    tags.build().execute(&mut *conn).await?;
-
-    let mut tokens = QueryBuilder::<Sqlite>::new("INSERT INTO node_tokens (node_id, token_hash, created_at) ");
-    tokens.push_values(rows, |mut b, row| {
-        b.push_bind(row.id.clone()).push_bind(row.token_hash.clone()).push_bind(row.registered_at);
-    });
-    tokens.build().execute(&mut *conn).await?;
-
-    // The history the API shows: the registration, and the approval for approved nodes.
-    let mut events =
-        QueryBuilder::<Sqlite>::new("INSERT INTO node_events (node_id, at, from_status, to_status, reason, actor) ");
-    let event_rows = rows.iter().flat_map(|row| {
-        let registered = Some((row, row.registered_at, None, "pending", "registered", None));
-        let approved = row.approved_at.map(|at| (row, at, Some("pending"), "online", "approved", Some("admin")));
-        registered.into_iter().chain(approved)
-    });
-    events.push_values(event_rows, |mut b, (row, at, from, to, reason, actor)| {
-        b.push_bind(row.id.clone()).push_bind(at).push_bind(from).push_bind(to).push_bind(reason).push_bind(actor);
-    });
-    events.build().execute(&mut *conn).await?;
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{Connection, SqliteConnection};
+
     use super::*;
 
     #[test]
     fn status_mix_is_mostly_online() {
-        let mix: Vec<&str> = (0..20).map(status_of).collect();
-        assert_eq!(mix.iter().filter(|s| **s == "pending").count(), 1);
-        assert_eq!(mix.iter().filter(|s| **s == "offline").count(), 5);
-        assert_eq!(mix.iter().filter(|s| **s == "online").count(), 14);
+        let mix: Vec<NodeStatus> = (0..20).map(status_of).collect();
+        assert_eq!(mix.iter().filter(|s| **s == NodeStatus::Pending).count(), 1);
+        assert_eq!(mix.iter().filter(|s| **s == NodeStatus::Offline).count(), 5);
+        assert_eq!(mix.iter().filter(|s| **s == NodeStatus::Online).count(), 14);
     }
 
     #[test]
-    fn rows_have_the_shapes_the_router_reads() {
-        let row = node_row(1, 1_700_000_000_000, true).expect("row");
-        assert_eq!(row.token_hash.len(), 64);
-        assert!(row.token_hash.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(Uuid::parse_str(&row.id).is_ok());
-        let metrics: serde_json::Value = serde_json::from_str(row.metrics.as_deref().expect("metrics")).expect("JSON");
-        assert_eq!(metrics[3].as_array().map(Vec::len), Some(8), "packed: [cpu, memory, active, gpus]");
-        assert_eq!(metrics[3][0].as_array().map(Vec::len), Some(6), "packed GPU: six positions");
-        let lists: serde_json::Value = serde_json::from_str(&row.lists).expect("lists JSON");
-        assert_eq!(lists["gpu_devices"].as_array().map(Vec::len), Some(GPU_GROUPS.len()));
-        assert_eq!(row.approved_by, Some("admin"));
-        let bare = node_row(0, 0, false).expect("row");
-        assert!(bare.approved_at.is_none() && bare.metrics.is_none());
+    fn nodes_carry_what_a_running_fleet_has() {
+        let new = new_node(1, 1_700_000_000_000, true);
+        let figures = new.node.metrics.as_ref().and_then(PackedMetrics::unpack).expect("figures");
+        assert_eq!(figures.gpus.len(), 8);
+        assert_eq!(new.node.gpu_devices.len(), GPU_GROUPS.len());
+        assert_eq!(new.node.approved_by.as_deref(), Some("admin"));
+        assert_eq!(new.events.len(), 2, "registered, then approved");
+        let bare = new_node(0, 0, false);
+        assert!(bare.node.approved_at.is_none() && bare.node.metrics.is_none());
+        assert_eq!(bare.events.len(), 1);
     }
-
-    /// The router's own migrations, so a schema change that breaks the seeder fails here.
-    static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../router/migrations");
 
     #[tokio::test]
     async fn seeds_every_table_of_the_router_schema() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("router.db");
-        let options =
-            SqliteConnectOptions::from_str("sqlite://").expect("options").filename(&path).create_if_missing(true);
-        let mut conn = SqliteConnection::connect_with(&options).await.expect("create");
-        MIGRATOR.run(&mut conn).await.expect("migrate");
-        conn.close().await.expect("close");
-
-        // More than one statement's worth, and not a multiple of it.
-        let count = NODES_PER_STATEMENT * 2 + 7;
+        // More than one transaction's worth would be slow here; several nodes per status are enough.
+        let count = 1007;
         let mix = seed(&path, count, true).await.expect("seed");
         assert_eq!(mix.online + mix.offline + mix.pending, count);
         assert_eq!(mix.pending, count.div_ceil(20));
 
+        let options = SqliteConnectOptions::from_str("sqlite://").expect("options").filename(&path);
         let mut conn = SqliteConnection::connect_with(&options).await.expect("open");
         for (table, per_node) in [
             ("nodes", 1),
@@ -281,10 +173,18 @@ mod tests {
         let events: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM node_events").fetch_one(&mut conn).await.expect("count");
         assert_eq!(events as usize, count + mix.online + mix.offline);
-        let distinct: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT machine_name) FROM nodes")
+        let copies: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nodes WHERE lists IS NOT NULL")
             .fetch_one(&mut conn)
             .await
             .expect("count");
-        assert_eq!(distinct as usize, count);
+        assert_eq!(copies as usize, count, "every row carries the copy of its lists");
+        conn.close().await.expect("close");
+
+        // The router's own loader reads back what was seeded.
+        let store = SqliteStore::open(&path).await.expect("reopen");
+        let loaded = store.load_nodes().await.expect("load");
+        assert_eq!(loaded.len(), count);
+        assert!(loaded.iter().all(|(node, token)| token.is_some() && node.ready_models.len() == MODELS.len()));
+        store.close().await;
     }
 }

@@ -15,6 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use llm_router::app::LISTENING_ON;
 use serde_json::{Value, json};
 
 /// Password of the administrator every test router starts with.
@@ -219,7 +220,7 @@ impl Router {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("llm-router listening on http://") {
+                    if let Some(rest) = line.strip_prefix(LISTENING_ON) {
                         let port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
                         break port.unwrap_or_else(|| panic!("no port in the router's line `{line}`"));
                     }

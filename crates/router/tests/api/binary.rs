@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use llm_router::app::LISTENING_ON;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -53,8 +54,8 @@ async fn start(data_dir: &Path, password: Option<&str>) -> Router {
     let mut banner = Vec::new();
     let base = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stdout.next_line().await.expect("read stdout") {
-            if let Some(url) = line.strip_prefix("llm-router listening on ") {
-                return url.to_owned();
+            if let Some(addr) = line.strip_prefix(LISTENING_ON) {
+                return format!("http://{addr}");
             }
             banner.push(line);
         }
@@ -227,7 +228,7 @@ async fn the_start_up_log_names_legacy_entries_left_out() {
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.expect("started");
-    assert!(ready.expect("read").is_some_and(|l| l.contains("listening on")));
+    assert!(ready.expect("read").is_some_and(|l| l.starts_with(LISTENING_ON)));
     let line = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stderr.next_line().await.expect("read") {
             if line.contains("not imported") {
