@@ -2,30 +2,25 @@
 //! cap and the timeouts act on, and the I/O and service wrappers that keep the phase word up to date.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::ConnectInfo;
-use axum::http::{Request, Response};
-use axum::routing::future::RouteFuture;
-use hyper::body::{Frame, Incoming, SizeHint};
+use axum::body::Bytes;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
 use crate::metrics::Metrics;
 
+use super::tracked::{ConnService, TrackedIo};
 use super::{LINGER, LINGER_MAX_BYTES, Limits, MAX_LINGERING};
 
 /// Milliseconds since the server started, advanced every [`CLOCK_TICK`] and on every accept, so the request path
@@ -59,7 +54,7 @@ impl CoarseClock {
 
 /// What a connection is doing, in the low bits of its phase word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     /// Receiving a request's headers (or nothing yet, right after the accept).
     Headers = 0,
     /// Between an answer and the first byte of the next request.
@@ -72,7 +67,7 @@ const PHASE_BITS: u32 = 2;
 const PHASE_MASK: u64 = (1 << PHASE_BITS) - 1;
 
 /// The phase word of one connection; written only by the connection's own task.
-struct ConnState {
+pub(super) struct ConnState {
     word: AtomicU64,
     clock: Arc<CoarseClock>,
 }
@@ -93,12 +88,12 @@ impl ConnState {
         (phase, word >> PHASE_BITS)
     }
 
-    fn set(&self, phase: Phase) {
+    pub(super) fn set(&self, phase: Phase) {
         self.word.store(pack(phase, self.clock.coarse_ms()), Ordering::Relaxed);
     }
 
     /// Bytes arrived: on an idle connection they start the next request, and its header timeout.
-    fn received(&self) {
+    pub(super) fn received(&self) {
         if self.word.load(Ordering::Relaxed) & PHASE_MASK == Phase::Idle as u64 {
             self.set(Phase::Headers);
         }
@@ -378,119 +373,6 @@ async fn connection(
         }
     }
     shared.remove(id);
-}
-
-/// The client's socket; bytes read from it may start a request on an idle connection.
-struct TrackedIo {
-    stream: TcpStream,
-    state: Arc<ConnState>,
-}
-
-impl AsyncRead for TrackedIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.received();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for TrackedIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// The router, as one connection's hyper service: marks the connection busy for each request and gives handlers
-/// the peer address.
-struct ConnService {
-    router: Router,
-    state: Arc<ConnState>,
-    peer: SocketAddr,
-}
-
-impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<TrackedBody>;
-    type Error = Infallible;
-    type Future = Answering;
-
-    fn call(&self, mut request: Request<Incoming>) -> Answering {
-        self.state.set(Phase::Busy);
-        request.extensions_mut().insert(ConnectInfo(self.peer));
-        let future = tower::Service::call(&mut self.router.clone(), request);
-        Answering { future, state: Some(self.state.clone()) }
-    }
-}
-
-/// The router's answer on its way; its body marks the connection idle once written.
-struct Answering {
-    future: RouteFuture<Infallible>,
-    state: Option<Arc<ConnState>>,
-}
-
-impl Future for Answering {
-    type Output = Result<Response<TrackedBody>, Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let Ok(response) = ready!(Pin::new(&mut this.future).poll(cx));
-        let written = this.state.take().map(AnswerWritten);
-        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _written: written })))
-    }
-}
-
-/// Marks the connection idle when dropped: hyper drops an answer's body once it has taken its last frame.
-struct AnswerWritten(Arc<ConnState>);
-
-impl Drop for AnswerWritten {
-    fn drop(&mut self) {
-        self.0.set(Phase::Idle);
-    }
-}
-
-/// An answer's body, unchanged, with the mark that the answer is written.
-struct TrackedBody {
-    body: Body,
-    _written: Option<AnswerWritten>,
-}
-
-impl hyper::body::Body for TrackedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 #[cfg(test)]

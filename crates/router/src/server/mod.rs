@@ -18,6 +18,7 @@
 //! all words only when a new connection arrives at the cap.
 
 mod conn;
+mod tracked;
 
 use std::future::Future;
 use std::io;
