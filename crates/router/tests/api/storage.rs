@@ -212,3 +212,39 @@ async fn a_batch_with_a_node_deleted_meanwhile_still_writes_the_others() {
         sqlx::query_as("SELECT metrics FROM nodes WHERE id = ?").bind(&kept.id).fetch_one(&db).await.expect("row");
     assert!(metrics.is_some_and(|m| m.contains("12.5")));
 }
+
+#[tokio::test]
+async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step() {
+    let app = TestApp::spawn().await;
+    // Registration and token rotation.
+    fleet_with_lists(&app).await;
+    let node = app.register_node("lists-writer").await;
+    let admin = app.admin_token().await;
+    assert_eq!(app.approve(&admin, &node.id).await.status(), 200);
+    // An administrator's edit of the tags.
+    let patched = app
+        .request(reqwest::Method::PATCH, &format!("/v0/nodes/{}", node.id))
+        .bearer_auth(&admin)
+        .json(&json!({"tags": ["edited", "twice"]}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(patched.status(), 200);
+    // Models changed by a heartbeat, written behind.
+    assert_eq!(app.heartbeat(&node, &["m-ready"]).await.status(), 200);
+    app.state.registry.flush().await.expect("flush");
+    let before = app.nodes().await;
+    let edited = before.iter().find(|n| n["machine_name"] == "lists-writer").expect("node");
+    assert_eq!(edited["tags"], json!(["edited", "twice"]));
+    assert_eq!(edited["ready_models"], json!(["m-ready"]));
+
+    // Read back from the copies on the rows...
+    let app = app.restart(0).await;
+    assert_eq!(app.nodes().await, before, "from the copies of the lists");
+    // ...and from the child rows alone.
+    let db = app.db().await;
+    sqlx::query("UPDATE nodes SET lists = NULL").execute(&db).await.expect("clear the copies");
+    db.close().await;
+    let app = app.restart(0).await;
+    assert_eq!(app.nodes().await, before, "from the child rows");
+}
