@@ -152,7 +152,7 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     // Header and idle timeouts are the connection task's, see the module documentation.
     builder.header_read_timeout(None).keep_alive(true);
-    metrics.connections_max.store(limits.max_connections as u64, Ordering::Relaxed);
+    metrics.connections_max.set(limits.max_connections as u64);
     let shared = Arc::new(Shared {
         limits,
         metrics,
@@ -416,7 +416,7 @@ impl Shared {
         let state = Arc::new(ConnState::new(shared.clock.clone()));
         let (close, closed) = oneshot::channel();
         table.open.insert(id, Entry { state: state.clone(), close: Some(close) });
-        shared.metrics.connections_open.store(table.open.len() as u64, Ordering::Relaxed);
+        shared.metrics.connections_open.set(table.open.len() as u64);
         drop(table);
         tokio::spawn(connection(shared.clone(), id, state, stream, peer, closed));
         true
@@ -444,7 +444,7 @@ impl Shared {
         {
             let _ = close.send(Close::Evict);
         }
-        self.metrics.connections_open.store(table.open.len() as u64, Ordering::Relaxed);
+        self.metrics.connections_open.set(table.open.len() as u64);
         Metrics::inc(&self.metrics.connections_evicted);
         true
     }
@@ -470,7 +470,7 @@ impl Shared {
     fn remove(&self, id: u64) {
         let mut table = self.table();
         table.open.remove(&id);
-        self.metrics.connections_open.store(table.open.len() as u64, Ordering::Relaxed);
+        self.metrics.connections_open.set(table.open.len() as u64);
         if table.draining && table.open.is_empty() {
             self.drained.notify_one();
         }
