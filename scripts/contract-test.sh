@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Contract fuzzing: schemathesis generates requests from the router's own OpenAPI document and checks that no
-# answer is a server error and that every answer matches its documented schema.
+# answer is a server error and that every answer matches its documented schema. Then GET /metrics, after all that
+# traffic, must parse with the official Python client's OpenMetrics parser (scripts/check-metrics.py).
 #
-# Needs: a built router (target/debug/llm-router, or $LLM_ROUTER_BIN) and schemathesis: the Python in
-# $SCHEMATHESIS_PYTHON (scripts/test.sh sets up .venv-test/ with it), or python3 with `pip install schemathesis`.
+# Needs: a built router (target/debug/llm-router, or $LLM_ROUTER_BIN), schemathesis and prometheus_client: the
+# Python in $SCHEMATHESIS_PYTHON (scripts/test.sh sets up .venv-test/ with both), or python3 with
+# `pip install schemathesis prometheus_client`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,3 +45,5 @@ key=$(curl -sf -X POST "$base/v0/api-keys" -H 'Content-Type: application/json' -
   --workers 2 \
   --suppress-health-check all \
   --warnings off
+
+"${SCHEMATHESIS_PYTHON:-python3}" scripts/check-metrics.py "$base"

@@ -1,15 +1,30 @@
-//! Prometheus metrics, kept per application instance and rendered as text at `GET /metrics`.
+//! Prometheus metrics, kept per application instance and served at `GET /metrics` in the OpenMetrics text format.
 //!
-//! Counters and histograms are plain atomics: the heartbeat path pays one relaxed increment per figure, and each
-//! app (each test) has its own registry instead of a process-wide global.
+//! The registry, counters, gauges, label families and the encoding (label values escaped) are prometheus-client's.
+//! Each app (each test) owns its [`Metrics`] and so its own registry, never a process-wide global. Counters and
+//! gauges are single atomics. Histograms are this module's [`Histogram`], also atomics: prometheus-client's takes a
+//! mutex on every observation, and every heartbeat observes the same route's latency histogram.
+//!
+//! Every request passes [`Metrics::request`]: it finds its route's handles (taken from the families once) under a
+//! read lock, without allocating, and pays atomic increments.
 
 use std::collections::HashMap;
-use std::fmt::Write;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use llm_router_protocol::NodeStatus;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Registry, Unit};
+
+/// The content type of [`Metrics::render`]'s text: OpenMetrics 1.0, which Prometheus asks for and reads.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Latency buckets in seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
@@ -18,138 +33,275 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
 /// Flush lag buckets, in seconds.
 const LAG_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
-/// A cumulative histogram with fixed buckets.
-pub struct Histogram {
+/// A gauge of a count: connections open, the connection cap.
+pub type Level = Gauge<u64, AtomicU64>;
+
+/// A cumulative histogram with fixed buckets; cloning it gives another handle on the same figures.
+#[derive(Clone, Debug)]
+pub struct Histogram(Arc<Buckets>);
+
+#[derive(Debug)]
+struct Buckets {
     bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
+    /// Observations by the first bound they do not exceed; the last one counts those above every bound.
+    counts: Box<[AtomicU64]>,
     /// Sum of observations, in millionths of the unit.
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Histogram(Arc::new(Buckets { bounds, counts, sum_micros: AtomicU64::new(0) }))
     }
 
+    fn latency() -> Self {
+        Histogram::new(LATENCY_BUCKETS)
+    }
+
+    /// Counts one observation: two relaxed increments.
     pub fn observe(&self, value: f64) {
-        if let Some(i) = self.bounds.iter().position(|bound| value <= *bound) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        let buckets = &*self.0;
+        let bucket = buckets.bounds.iter().position(|bound| value <= *bound).unwrap_or(buckets.bounds.len());
+        buckets.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        buckets.sum_micros.fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        let buckets = &*self.0;
+        let counts: Vec<(f64, u64)> = (buckets.bounds.iter().copied().chain([f64::INFINITY]))
+            .zip(buckets.counts.iter().map(|count| count.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' total, so that the `+Inf` bucket always equals it.
+        let count = counts.iter().map(|(_, n)| n).sum();
+        let sum = buckets.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &counts, None)
     }
 
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
+}
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {sum}");
-        let _ = writeln!(out, "{name}_count{braces} {count}");
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToLabel {
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
 }
 
 /// Everything the router counts.
 pub struct Metrics {
-    pub registrations: AtomicU64,
-    pub heartbeats: AtomicU64,
-    pub approvals: AtomicU64,
-    pub deletions: AtomicU64,
-    /// Status changes, by the status reached.
-    transitions: [AtomicU64; 4],
+    pub registrations: Counter,
+    pub heartbeats: Counter,
+    pub approvals: Counter,
+    pub deletions: Counter,
+    /// Status changes, by the status reached, in the order of [`NodeStatus::ALL`].
+    transitions: [Counter; 4],
     pub flush_batch_size: Histogram,
     pub flush_lag_seconds: Histogram,
-    pub flush_errors: AtomicU64,
+    pub flush_errors: Counter,
     pub sweep_seconds: Histogram,
     /// Sign-ins refused by the throttle, before any password check.
-    pub logins_throttled: AtomicU64,
+    pub logins_throttled: Counter,
     /// Password hashes refused because the hashing pool and its queue were full.
-    pub hashes_refused: AtomicU64,
+    pub hashes_refused: Counter,
     /// Anonymous registrations refused by the per-address rate limit.
-    pub registrations_rate_limited: AtomicU64,
+    pub registrations_rate_limited: Counter,
     /// Registrations refused because the pending cap was reached.
-    pub registrations_too_many_pending: AtomicU64,
+    pub registrations_too_many_pending: Counter,
     /// Pending nodes removed after `--pending-ttl-hours` without a heartbeat.
-    pub pending_expired: AtomicU64,
-    /// Client connections open now (a gauge, kept by the accept loop).
-    pub connections_open: AtomicU64,
-    /// The cap on open client connections (a gauge, set once at start).
-    pub connections_max: AtomicU64,
+    pub pending_expired: Counter,
+    /// Client connections open now (kept by the accept loop).
+    pub connections_open: Level,
+    /// The cap on open client connections (set once at start).
+    pub connections_max: Level,
     /// Idle or half-open connections closed to make room for a new client at the cap.
-    pub connections_evicted: AtomicU64,
+    pub connections_evicted: Counter,
     /// New connections answered 503 and closed because every connection was busy.
-    pub connections_refused: AtomicU64,
+    pub connections_refused: Counter,
     /// Connections closed for not sending a request's headers in time.
-    pub header_timeouts: AtomicU64,
+    pub header_timeouts: Counter,
     /// Keep-alive connections closed for staying idle too long.
-    pub idle_timeouts: AtomicU64,
-    /// By matched route, then by method: looked up without allocating on every request.
-    http: RwLock<HashMap<String, ByMethod>>,
+    pub idle_timeouts: Counter,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// The handles of `requests` and `durations`, by matched route, then by method.
+    http: RwLock<HashMap<Box<str>, ByMethod>>,
+    registry: Registry,
 }
 
 /// The statistics of one route, by method.
-type ByMethod = Vec<(String, Arc<RouteStats>)>;
+type ByMethod = Vec<(Box<str>, RouteStats)>;
 
 /// Highest HTTP status counted separately; anything above is counted as 599.
-const MAX_STATUS: usize = 599;
+const MAX_STATUS: u16 = 599;
 
-/// Requests of one matched route and method.
+/// The handles of one matched route and method.
 struct RouteStats {
     duration: Histogram,
-    by_status: Vec<AtomicU64>,
-}
-
-impl RouteStats {
-    fn new() -> Self {
-        RouteStats {
-            duration: Histogram::new(LATENCY_BUCKETS),
-            by_status: (0..=MAX_STATUS).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
+    /// By status, each taken from the family on the first request that answered it.
+    by_status: Box<[OnceLock<Counter>]>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let registrations = counter(
+            &mut registry,
+            "llm_router_registrations",
+            "Registrations accepted (new, token rotation, takeover)",
+        );
+        let heartbeats = counter(&mut registry, "llm_router_heartbeats", "Heartbeats accepted");
+        let approvals = counter(&mut registry, "llm_router_approvals", "Nodes approved by an administrator");
+        let deletions = counter(&mut registry, "llm_router_deletions", "Nodes deleted by an administrator");
+        let flush_errors =
+            counter(&mut registry, "llm_router_flush_errors", "Failed writes of heartbeat figures (retried)");
+        let logins_throttled = counter(
+            &mut registry,
+            "llm_router_logins_throttled",
+            "Sign-ins refused by the per-username-and-address throttle (429 login_throttled)",
+        );
+        let hashes_refused = counter(
+            &mut registry,
+            "llm_router_password_hashes_refused",
+            "Password checks refused because the hashing pool was full (429 hashing_busy)",
+        );
+        let registrations_rate_limited = counter(
+            &mut registry,
+            "llm_router_registrations_rate_limited",
+            "Anonymous registrations refused by the per-address rate limit (429 rate_limited)",
+        );
+        let registrations_too_many_pending = counter(
+            &mut registry,
+            "llm_router_registrations_too_many_pending",
+            "Registrations refused because the pending cap was reached (429 too_many_pending)",
+        );
+        let pending_expired = counter(
+            &mut registry,
+            "llm_router_pending_expired",
+            "Pending nodes removed after the pending TTL without a heartbeat",
+        );
+        let connections_evicted = counter(
+            &mut registry,
+            "llm_router_http_connections_evicted",
+            "Idle or half-open client connections closed to make room for a new one at the cap",
+        );
+        let connections_refused = counter(
+            &mut registry,
+            "llm_router_http_connections_refused",
+            "New client connections answered 503 and closed because every connection was busy",
+        );
+        let connections_open = Level::default();
+        registry.register("llm_router_http_connections_open", "Client connections open now", connections_open.clone());
+        let connections_max = Level::default();
+        registry.register(
+            "llm_router_http_connections_max",
+            "The cap on open client connections",
+            connections_max.clone(),
+        );
+        let timeouts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "llm_router_http_connection_timeouts",
+            "Client connections closed by a timeout: `header` (request headers too slow), `idle` (keep-alive unused)",
+            timeouts.clone(),
+        );
+        let changes = Family::<ToLabel, Counter>::default();
+        registry.register("llm_router_status_changes", "Node status changes, by the status reached", changes.clone());
+        let flush_batch_size = Histogram::new(BATCH_BUCKETS);
+        registry.register(
+            "llm_router_flush_batch_size",
+            "Nodes whose heartbeat figures one write-behind batch stored",
+            flush_batch_size.clone(),
+        );
+        let flush_lag_seconds = Histogram::new(LAG_BUCKETS);
+        registry.register_with_unit(
+            "llm_router_flush_lag",
+            "Age of the oldest figures a write-behind batch stored",
+            Unit::Seconds,
+            flush_lag_seconds.clone(),
+        );
+        let sweep_seconds = Histogram::latency();
+        registry.register_with_unit(
+            "llm_router_offline_sweep",
+            "Duration of one offline sweep over the registry",
+            Unit::Seconds,
+            sweep_seconds.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "llm_router_http_requests",
+            "HTTP requests answered, by matched route, method and status",
+            requests.clone(),
+        );
+        let durations = Family::new_with_constructor(Histogram::latency as fn() -> Histogram);
+        registry.register_with_unit(
+            "llm_router_http_request_duration",
+            "HTTP request latency, by matched route and method",
+            Unit::Seconds,
+            durations.clone(),
+        );
         Metrics {
-            registrations: AtomicU64::new(0),
-            heartbeats: AtomicU64::new(0),
-            approvals: AtomicU64::new(0),
-            deletions: AtomicU64::new(0),
-            transitions: Default::default(),
-            flush_batch_size: Histogram::new(BATCH_BUCKETS),
-            flush_lag_seconds: Histogram::new(LAG_BUCKETS),
-            flush_errors: AtomicU64::new(0),
-            sweep_seconds: Histogram::new(LATENCY_BUCKETS),
-            logins_throttled: AtomicU64::new(0),
-            hashes_refused: AtomicU64::new(0),
-            registrations_rate_limited: AtomicU64::new(0),
-            registrations_too_many_pending: AtomicU64::new(0),
-            pending_expired: AtomicU64::new(0),
-            connections_open: AtomicU64::new(0),
-            connections_max: AtomicU64::new(0),
-            connections_evicted: AtomicU64::new(0),
-            connections_refused: AtomicU64::new(0),
-            header_timeouts: AtomicU64::new(0),
-            idle_timeouts: AtomicU64::new(0),
+            registrations,
+            heartbeats,
+            approvals,
+            deletions,
+            transitions: NodeStatus::ALL.map(|status| changes.get_or_create_owned(&ToLabel { to: status.as_str() })),
+            flush_batch_size,
+            flush_lag_seconds,
+            flush_errors,
+            sweep_seconds,
+            logins_throttled,
+            hashes_refused,
+            registrations_rate_limited,
+            registrations_too_many_pending,
+            pending_expired,
+            connections_open,
+            connections_max,
+            connections_evicted,
+            connections_refused,
+            header_timeouts: timeouts.get_or_create_owned(&KindLabel { kind: "header" }),
+            idle_timeouts: timeouts.get_or_create_owned(&KindLabel { kind: "idle" }),
+            requests,
+            durations,
             http: RwLock::new(HashMap::new()),
+            registry,
         }
     }
+}
+
+/// A counter registered under `name`; the encoding adds `_total` to its samples.
+fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+    let counter = Counter::default();
+    registry.register(name, help, counter.clone());
+    counter
 }
 
 fn index(status: NodeStatus) -> usize {
@@ -157,198 +309,111 @@ fn index(status: NodeStatus) -> usize {
 }
 
 impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Counts one event on one of the counters above.
+    pub fn inc(counter: &Counter) {
+        counter.inc();
     }
 
+    /// Counts one node status change, by the status reached.
     pub fn transition(&self, to: NodeStatus) {
-        self.transitions[index(to)].fetch_add(1, Ordering::Relaxed);
+        self.transitions[index(to)].inc();
     }
 
     /// Records one answered request of a matched route.
     pub fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let found = {
+        let status = status.min(MAX_STATUS);
+        {
             let http = self.http.read().unwrap_or_else(|p| p.into_inner());
-            http.get(route).and_then(|methods| methods.iter().find(|(m, _)| m == method).map(|(_, s)| s.clone()))
-        };
-        let stats = found.unwrap_or_else(|| {
-            let mut http = self.http.write().unwrap_or_else(|p| p.into_inner());
-            let methods = http.entry(route.to_owned()).or_default();
-            match methods.iter().find(|(m, _)| m == method) {
-                Some((_, stats)) => stats.clone(),
-                None => {
-                    let stats = Arc::new(RouteStats::new());
-                    methods.push((method.to_owned(), stats.clone()));
-                    stats
-                }
+            let found = http.get(route).and_then(|methods| methods.iter().find(|(m, _)| &**m == method));
+            if let Some((_, stats)) = found {
+                self.record(stats, method, route, status, elapsed);
+                return;
             }
-        });
-        stats.duration.observe(elapsed.as_secs_f64());
-        stats.by_status[usize::from(status).min(MAX_STATUS)].fetch_add(1, Ordering::Relaxed);
+        }
+        let mut http = self.http.write().unwrap_or_else(|p| p.into_inner());
+        let methods = http.entry(route.into()).or_default();
+        let at = match methods.iter().position(|(m, _)| &**m == method) {
+            Some(at) => at,
+            None => {
+                let labels = RouteLabels { method: method.to_owned(), route: route.to_owned() };
+                let by_status = (0..=MAX_STATUS).map(|_| OnceLock::new()).collect();
+                methods.push((
+                    method.into(),
+                    RouteStats { duration: self.durations.get_or_create_owned(&labels), by_status },
+                ));
+                methods.len() - 1
+            }
+        };
+        self.record(&methods[at].1, method, route, status, elapsed);
     }
 
-    /// The Prometheus text exposition; `nodes` are the current counts by status, `storage_faults` the writes the
-    /// store could not make.
+    fn record(&self, stats: &RouteStats, method: &str, route: &str, status: u16, elapsed: Duration) {
+        stats.duration.observe(elapsed.as_secs_f64());
+        let counter = stats.by_status[usize::from(status)].get_or_init(|| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                method: method.to_owned(),
+                route: route.to_owned(),
+                status,
+            })
+        });
+        counter.inc();
+    }
+
+    /// The OpenMetrics text exposition (see [`CONTENT_TYPE`]); `nodes` are the current counts by status,
+    /// `storage_faults` the writes the store could not make.
     pub fn render(&self, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> String {
-        let storage_faults = AtomicU64::new(storage_faults);
-        let mut out = String::with_capacity(4096);
-        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        family(&mut out, "llm_router_nodes", "gauge", "Nodes known to the router, by status.");
+        // The figures known at scrape time only, in a registry of their own.
+        let mut now = Registry::default();
+        let by_status = Family::<StatusLabel, Level>::default();
         for status in NodeStatus::ALL {
-            let _ = writeln!(out, "llm_router_nodes{{status=\"{status}\"}} {}", nodes.get(&status).unwrap_or(&0));
+            let count = nodes.get(&status).copied().unwrap_or(0);
+            by_status.get_or_create(&StatusLabel { status: status.as_str() }).set(count as u64);
         }
-        for (name, help, counter) in [
-            (
-                "llm_router_registrations_total",
-                "Registrations accepted (new, token rotation, takeover).",
-                &self.registrations,
-            ),
-            ("llm_router_heartbeats_total", "Heartbeats accepted.", &self.heartbeats),
-            ("llm_router_approvals_total", "Nodes approved by an administrator.", &self.approvals),
-            ("llm_router_deletions_total", "Nodes deleted by an administrator.", &self.deletions),
-            ("llm_router_flush_errors_total", "Failed writes of heartbeat figures (retried).", &self.flush_errors),
-            (
-                "llm_router_storage_errors_total",
-                "Writes the database could not make (disk full, I/O error); each was undone and its caller told.",
-                &storage_faults,
-            ),
-            (
-                "llm_router_logins_throttled_total",
-                "Sign-ins refused by the per-username-and-address throttle (429 login_throttled).",
-                &self.logins_throttled,
-            ),
-            (
-                "llm_router_password_hashes_refused_total",
-                "Password checks refused because the hashing pool was full (429 hashing_busy).",
-                &self.hashes_refused,
-            ),
-            (
-                "llm_router_registrations_rate_limited_total",
-                "Anonymous registrations refused by the per-address rate limit (429 rate_limited).",
-                &self.registrations_rate_limited,
-            ),
-            (
-                "llm_router_registrations_too_many_pending_total",
-                "Registrations refused because the pending cap was reached (429 too_many_pending).",
-                &self.registrations_too_many_pending,
-            ),
-            (
-                "llm_router_pending_expired_total",
-                "Pending nodes removed after the pending TTL without a heartbeat.",
-                &self.pending_expired,
-            ),
-            (
-                "llm_router_http_connections_evicted_total",
-                "Idle or half-open client connections closed to make room for a new one at the cap.",
-                &self.connections_evicted,
-            ),
-            (
-                "llm_router_http_connections_refused_total",
-                "New client connections answered 503 and closed because every connection was busy.",
-                &self.connections_refused,
-            ),
-        ] {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
-        }
-        for (name, help, gauge) in [
-            ("llm_router_http_connections_open", "Client connections open now.", &self.connections_open),
-            ("llm_router_http_connections_max", "The cap on open client connections.", &self.connections_max),
-        ] {
-            family(&mut out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {}", gauge.load(Ordering::Relaxed));
-        }
-        family(
-            &mut out,
-            "llm_router_http_connection_timeouts_total",
-            "counter",
-            "Client connections closed by a timeout: `header` (request headers too slow), `idle` (keep-alive unused).",
+        now.register("llm_router_nodes", "Nodes known to the router, by status", by_status);
+        now.register(
+            "llm_router_storage_errors",
+            "Writes the database could not make (disk full, I/O error); each was undone and its caller told",
+            ConstCounter::new(storage_faults),
         );
-        for (kind, counter) in [("header", &self.header_timeouts), ("idle", &self.idle_timeouts)] {
-            let value = counter.load(Ordering::Relaxed);
-            let _ = writeln!(out, "llm_router_http_connection_timeouts_total{{kind=\"{kind}\"}} {value}");
-        }
-        family(&mut out, "llm_router_status_changes_total", "counter", "Node status changes, by the status reached.");
-        for status in NodeStatus::ALL {
-            let value = self.transitions[index(status)].load(Ordering::Relaxed);
-            let _ = writeln!(out, "llm_router_status_changes_total{{to=\"{status}\"}} {value}");
-        }
-        for (name, help, histogram) in [
-            (
-                "llm_router_flush_batch_size",
-                "Nodes whose heartbeat figures one write-behind batch stored.",
-                &self.flush_batch_size,
-            ),
-            (
-                "llm_router_flush_lag_seconds",
-                "Age of the oldest figures a write-behind batch stored.",
-                &self.flush_lag_seconds,
-            ),
-            (
-                "llm_router_offline_sweep_seconds",
-                "Duration of one offline sweep over the registry.",
-                &self.sweep_seconds,
-            ),
-        ] {
-            family(&mut out, name, "histogram", help);
-            histogram.render(&mut out, name, "");
-        }
-        let http = self.http.read().unwrap_or_else(|p| p.into_inner());
-        let mut routes: Vec<(&str, &str, &RouteStats)> = http
-            .iter()
-            .flat_map(|(route, methods)| methods.iter().map(move |(m, stats)| (m.as_str(), route.as_str(), &**stats)))
-            .collect();
-        routes.sort_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)));
-        family(
-            &mut out,
-            "llm_router_http_requests_total",
-            "counter",
-            "HTTP requests answered, by matched route, method and status.",
-        );
-        for (method, route, stats) in &routes {
-            for (status, count) in stats.by_status.iter().enumerate() {
-                let count = count.load(Ordering::Relaxed);
-                if count > 0 {
-                    let _ = writeln!(
-                        out,
-                        "llm_router_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {count}"
-                    );
-                }
-            }
-        }
-        family(
-            &mut out,
-            "llm_router_http_request_duration_seconds",
-            "histogram",
-            "HTTP request latency, by matched route and method.",
-        );
-        for (method, route, stats) in &routes {
-            let labels = format!("method=\"{method}\",route=\"{route}\"");
-            stats.duration.render(&mut out, "llm_router_http_request_duration_seconds", &labels);
-        }
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode_registry(&mut out, &now)
+            .and_then(|()| encode_registry(&mut out, &self.registry))
+            .and_then(|()| encode_eof(&mut out));
         out
     }
 }
 
 #[cfg(test)]
+#[path = "../tests/api/exposition.rs"]
+mod exposition;
+
+#[cfg(test)]
 mod tests {
+    use super::exposition::{Exposition, parse};
     use super::*;
+
+    fn scrape(metrics: &Metrics, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> Exposition {
+        let text = metrics.render(nodes, storage_faults);
+        parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"))
+    }
 
     #[test]
     fn histograms_are_cumulative() {
-        let histogram = Histogram::new(&[1.0, 10.0]);
-        for value in [0.5, 5.0, 50.0] {
-            histogram.observe(value);
+        let metrics = Metrics::default();
+        for value in [0.05, 5.0, 50.0] {
+            metrics.flush_lag_seconds.observe(value);
         }
-        let mut out = String::new();
-        histogram.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_sum{a=\"b\"} 55.5\n"), "{out}");
-        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+        let scraped = scrape(&metrics, &HashMap::new(), 0);
+        assert_eq!(scraped.types["llm_router_flush_lag_seconds"], "histogram");
+        let bucket = |le: &str| scraped.value("llm_router_flush_lag_seconds_bucket", &[("le", le)]);
+        assert_eq!(bucket("0.1"), Some(1.0));
+        assert_eq!(bucket("2.0"), Some(1.0));
+        assert_eq!(bucket("5.0"), Some(2.0));
+        assert_eq!(bucket("30.0"), Some(2.0));
+        assert_eq!(bucket("+Inf"), Some(3.0));
+        assert_eq!(scraped.value("llm_router_flush_lag_seconds_sum", &[]), Some(55.05));
+        assert_eq!(scraped.value("llm_router_flush_lag_seconds_count", &[]), Some(3.0));
     }
 
     #[test]
@@ -357,10 +422,91 @@ mod tests {
         metrics.request("POST", "/v0/health", 200, Duration::from_millis(2));
         metrics.request("POST", "/v0/health", 200, Duration::from_millis(3));
         metrics.request("POST", "/v0/health", 401, Duration::from_millis(1));
-        let text = metrics.render(&HashMap::from([(NodeStatus::Online, 7)]), 0);
-        assert!(text.contains("llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"200\"} 2"));
-        assert!(text.contains("llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"401\"} 1"));
-        assert!(text.contains("llm_router_nodes{status=\"online\"} 7"));
-        assert!(text.contains("llm_router_nodes{status=\"pending\"} 0"));
+        metrics.request("GET", "/v0/health", 1000, Duration::from_millis(1));
+        let scraped = scrape(&metrics, &HashMap::from([(NodeStatus::Online, 7)]), 0);
+        let requests = |method: &str, status: &str| {
+            let labels = [("method", method), ("route", "/v0/health"), ("status", status)];
+            scraped.value("llm_router_http_requests_total", &labels)
+        };
+        assert_eq!(scraped.types["llm_router_http_requests"], "counter");
+        assert_eq!(requests("POST", "200"), Some(2.0));
+        assert_eq!(requests("POST", "401"), Some(1.0));
+        assert_eq!(requests("GET", "599"), Some(1.0), "statuses above 599 count as 599");
+        assert_eq!(scraped.samples("llm_router_http_requests_total").count(), 3, "no series for unseen statuses");
+        let latency = [("method", "POST"), ("route", "/v0/health")];
+        assert_eq!(scraped.value("llm_router_http_request_duration_seconds_count", &latency), Some(3.0));
+        assert_eq!(scraped.value("llm_router_http_request_duration_seconds_bucket", &[("le", "0.001")]), None);
+        let bucket = |le| {
+            let labels = [("method", "POST"), ("route", "/v0/health"), ("le", le)];
+            scraped.value("llm_router_http_request_duration_seconds_bucket", &labels)
+        };
+        assert_eq!(bucket("0.0005"), Some(0.0));
+        assert_eq!(bucket("0.001"), Some(1.0));
+        assert_eq!(bucket("0.0025"), Some(2.0));
+        assert_eq!(bucket("0.005"), Some(3.0));
+        assert_eq!(bucket("+Inf"), Some(3.0));
+        assert_eq!(scraped.value("llm_router_nodes", &[("status", "online")]), Some(7.0));
+        assert_eq!(scraped.value("llm_router_nodes", &[("status", "pending")]), Some(0.0));
+        assert_eq!(scraped.samples("llm_router_nodes").count(), NodeStatus::ALL.len());
+    }
+
+    #[test]
+    fn every_family_keeps_its_name_and_type() {
+        let metrics = Metrics::default();
+        metrics.request("GET", "/healthz", 200, Duration::from_millis(1));
+        Metrics::inc(&metrics.registrations);
+        Metrics::inc(&metrics.header_timeouts);
+        metrics.transition(NodeStatus::Online);
+        metrics.connections_max.set(64);
+        let scraped = scrape(&metrics, &HashMap::new(), 3);
+        let expected = [
+            ("llm_router_nodes", "gauge"),
+            ("llm_router_storage_errors", "counter"),
+            ("llm_router_registrations", "counter"),
+            ("llm_router_heartbeats", "counter"),
+            ("llm_router_approvals", "counter"),
+            ("llm_router_deletions", "counter"),
+            ("llm_router_flush_errors", "counter"),
+            ("llm_router_logins_throttled", "counter"),
+            ("llm_router_password_hashes_refused", "counter"),
+            ("llm_router_registrations_rate_limited", "counter"),
+            ("llm_router_registrations_too_many_pending", "counter"),
+            ("llm_router_pending_expired", "counter"),
+            ("llm_router_http_connections_evicted", "counter"),
+            ("llm_router_http_connections_refused", "counter"),
+            ("llm_router_http_connections_open", "gauge"),
+            ("llm_router_http_connections_max", "gauge"),
+            ("llm_router_http_connection_timeouts", "counter"),
+            ("llm_router_status_changes", "counter"),
+            ("llm_router_flush_batch_size", "histogram"),
+            ("llm_router_flush_lag_seconds", "histogram"),
+            ("llm_router_offline_sweep_seconds", "histogram"),
+            ("llm_router_http_requests", "counter"),
+            ("llm_router_http_request_duration_seconds", "histogram"),
+        ];
+        for (family, kind) in expected {
+            assert_eq!(scraped.types.get(family).map(String::as_str), Some(kind), "{family}");
+        }
+        assert_eq!(scraped.types.len(), expected.len(), "{:?}", scraped.types);
+        assert_eq!(scraped.value("llm_router_storage_errors_total", &[]), Some(3.0));
+        assert_eq!(scraped.value("llm_router_registrations_total", &[]), Some(1.0));
+        assert_eq!(scraped.value("llm_router_heartbeats_total", &[]), Some(0.0));
+        assert_eq!(scraped.value("llm_router_http_connections_max", &[]), Some(64.0));
+        assert_eq!(scraped.value("llm_router_http_connection_timeouts_total", &[("kind", "header")]), Some(1.0));
+        assert_eq!(scraped.value("llm_router_http_connection_timeouts_total", &[("kind", "idle")]), Some(0.0));
+        assert_eq!(scraped.value("llm_router_status_changes_total", &[("to", "online")]), Some(1.0));
+        assert_eq!(scraped.samples("llm_router_status_changes_total").count(), NodeStatus::ALL.len());
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let metrics = Metrics::default();
+        let route = "/odd/\"quoted\"/back\\slash/new\nline";
+        metrics.request("GET", route, 200, Duration::from_millis(1));
+        let text = metrics.render(&HashMap::new(), 0);
+        assert!(text.contains(r#"route="/odd/\"quoted\"/back\\slash/new\nline""#), "{text}");
+        let scraped = parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"));
+        let labels = [("method", "GET"), ("route", route), ("status", "200")];
+        assert_eq!(scraped.value("llm_router_http_requests_total", &labels), Some(1.0));
     }
 }

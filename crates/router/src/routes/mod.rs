@@ -29,6 +29,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::error::{ApiError, error_response};
+use crate::metrics;
 use crate::state::AppState;
 
 /// The `/v0` API under construction, and the (method, path) pairs added so far.
@@ -112,13 +113,11 @@ async fn measure(State(state): State<AppState>, request: Request, next: Next) ->
     response
 }
 
-/// `GET /metrics`: Prometheus text format, without authentication, for scrapers.
+/// `GET /metrics`: the OpenMetrics text format, without authentication, for scrapers.
 async fn prometheus(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state.registry.counts(), state.store.storage_faults());
     let mut response = text.into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
     response
 }
 

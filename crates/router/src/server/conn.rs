@@ -163,7 +163,7 @@ impl Shared {
         let state = Arc::new(ConnState::new(shared.clock.clone()));
         let (close, closed) = oneshot::channel();
         table.open.insert(id, Entry { state: state.clone(), close: Some(close) });
-        shared.metrics.connections_open.store(table.open.len() as u64, Ordering::Relaxed);
+        shared.metrics.connections_open.set(table.open.len() as u64);
         drop(table);
         tokio::spawn(connection(shared.clone(), id, state, stream, peer, closed));
         true
@@ -191,7 +191,7 @@ impl Shared {
         {
             let _ = close.send(Close::Evict);
         }
-        self.metrics.connections_open.store(table.open.len() as u64, Ordering::Relaxed);
+        self.metrics.connections_open.set(table.open.len() as u64);
         Metrics::inc(&self.metrics.connections_evicted);
         true
     }
@@ -217,7 +217,7 @@ impl Shared {
     fn remove(&self, id: u64) {
         let mut table = self.table();
         table.open.remove(&id);
-        self.metrics.connections_open.store(table.open.len() as u64, Ordering::Relaxed);
+        self.metrics.connections_open.set(table.open.len() as u64);
         if table.draining && table.open.is_empty() {
             self.drained.notify_one();
         }

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -148,7 +148,7 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     // Header and idle timeouts are the connection task's, see the module documentation.
     builder.header_read_timeout(None).keep_alive(true);
-    metrics.connections_max.store(limits.max_connections as u64, Ordering::Relaxed);
+    metrics.connections_max.set(limits.max_connections as u64);
     let shared = Arc::new(Shared {
         limits,
         metrics,

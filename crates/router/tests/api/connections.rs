@@ -2,7 +2,6 @@
 //! every connection is busy, header and idle timeouts, graceful shutdown, and `nosniff` on every answer. The tests
 //! speak raw HTTP/1.1 over TCP, since an HTTP client library never leaves a request half-sent.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -95,11 +94,11 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 /// Waits, at most [`WAIT`], until the router counts `open` client connections.
 async fn until_open(app: &TestApp, open: u64) {
     let started = Instant::now();
-    while app.state.metrics.connections_open.load(Ordering::Relaxed) != open {
+    while app.state.metrics.connections_open.get() != open {
         assert!(
             started.elapsed() < WAIT,
             "the router holds {} connections, not {open}",
-            app.state.metrics.connections_open.load(Ordering::Relaxed)
+            app.state.metrics.connections_open.get()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -152,8 +151,8 @@ async fn at_the_cap_half_open_connections_make_room_oldest_first() {
     for (i, stream) in half.iter_mut().take(9).enumerate() {
         assert!(closed_within(stream, WAIT).await, "half-open connection {i} should have been closed");
     }
-    assert_eq!(app.state.metrics.connections_evicted.load(Ordering::Relaxed), 9);
-    assert_eq!(app.state.metrics.connections_refused.load(Ordering::Relaxed), 0);
+    assert_eq!(app.state.metrics.connections_evicted.get(), 9);
+    assert_eq!(app.state.metrics.connections_refused.get(), 0);
     // The older idle keep-alive connections were spared and still serve.
     for stream in &mut idle {
         stream.write_all(HEALTHZ).await.expect("write");
@@ -187,7 +186,7 @@ async fn at_the_cap_the_longest_idle_keep_alive_connection_makes_room() {
     fresh.write_all(HEALTHZ).await.expect("write");
     assert_eq!(read_answer(&mut fresh).await.status, 200);
     assert!(closed_within(&mut idle[1], WAIT).await, "the connection idle longest should have been closed");
-    assert_eq!(app.state.metrics.connections_evicted.load(Ordering::Relaxed), 1);
+    assert_eq!(app.state.metrics.connections_evicted.get(), 1);
     idle[0].write_all(HEALTHZ).await.expect("write");
     assert_eq!(read_answer(&mut idle[0]).await.status, 200);
 }
@@ -211,8 +210,8 @@ async fn when_every_connection_is_busy_a_new_one_gets_503_and_is_closed() {
     assert_eq!(answer.header("content-type"), Some("application/json"));
     assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
     assert!(closed_within(&mut refused, WAIT).await, "a refused connection is closed");
-    assert_eq!(app.state.metrics.connections_refused.load(Ordering::Relaxed), 1);
-    assert_eq!(app.state.metrics.connections_evicted.load(Ordering::Relaxed), 0);
+    assert_eq!(app.state.metrics.connections_refused.get(), 1);
+    assert_eq!(app.state.metrics.connections_evicted.get(), 0);
 
     // The busy requests were not disturbed: one finishes and is answered.
     let mut first = busy_connections.swap_remove(0);
@@ -250,15 +249,15 @@ async fn headers_must_arrive_within_the_header_timeout_on_every_request() {
     // A first request that never completes its headers.
     let mut silent = half_open(&app).await;
     assert!(closed_within(&mut silent, WAIT).await, "half-open connection not closed");
-    assert_eq!(app.state.metrics.header_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(app.state.metrics.header_timeouts.get(), 1);
     // A later request on a keep-alive connection is held to the same timeout, though idling may last a minute.
     let mut keep_alive = idle_keep_alive(&app).await;
     keep_alive.write_all(PARTIAL_HEADERS).await.expect("write partial headers");
     let started = Instant::now();
     assert!(closed_within(&mut keep_alive, WAIT).await, "keep-alive connection with partial headers not closed");
     assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
-    assert_eq!(app.state.metrics.header_timeouts.load(Ordering::Relaxed), 2);
-    assert_eq!(app.state.metrics.idle_timeouts.load(Ordering::Relaxed), 0);
+    assert_eq!(app.state.metrics.header_timeouts.get(), 2);
+    assert_eq!(app.state.metrics.idle_timeouts.get(), 0);
     let metrics = app.request(Method::GET, "/metrics").send().await.expect("metrics").text().await.expect("text");
     assert!(metrics.contains("llm_router_http_connection_timeouts_total{kind=\"header\"} 2\n"), "{metrics}");
     assert!(metrics.contains("llm_router_http_connections_max 64\n"), "{metrics}");
@@ -272,8 +271,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(closed_within(&mut stream, WAIT).await, "idle connection not closed");
     // The idle timeout applies, not the shorter header timeout.
     assert!(idle_since.elapsed() >= Duration::from_secs(1), "closed after {:?}", idle_since.elapsed());
-    assert_eq!(app.state.metrics.idle_timeouts.load(Ordering::Relaxed), 1);
-    assert_eq!(app.state.metrics.header_timeouts.load(Ordering::Relaxed), 0);
+    assert_eq!(app.state.metrics.idle_timeouts.get(), 1);
+    assert_eq!(app.state.metrics.header_timeouts.get(), 0);
 }
 
 #[tokio::test]

@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::exposition::{self, Exposition};
+
 pub const ADMIN_PASSWORD: &str = "admin-password-1";
 /// 2026-01-01T00:00:00Z
 pub const START_MS: i64 = 1_767_225_600_000;
@@ -271,12 +273,18 @@ impl TestApp {
         body(response).await.as_array().expect("array").clone()
     }
 
+    /// `GET /metrics`, parsed; fails the test unless it answers 200 with OpenMetrics text that parses.
+    pub async fn scrape(&self) -> Exposition {
+        let response = self.request(Method::GET, "/metrics").send().await.expect("scrape");
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.expect("text");
+        exposition::parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"))
+    }
+
     /// The value of an unlabelled metric in `GET /metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.request(Method::GET, "/metrics").send().await.expect("scrape").text().await.expect("text");
-        let line = text.lines().find(|line| line.split(' ').next() == Some(name));
-        let value = line.and_then(|line| line.split(' ').nth(1)).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
-        value.parse().unwrap_or_else(|_| panic!("{name}: `{value}` is not a number"))
+        let scraped = self.scrape().await;
+        scraped.value(name, &[]).unwrap_or_else(|| panic!("no {name} in {:#?}", scraped.samples))
     }
 
     /// Moves the router's clock and runs the offline sweep, as the background task would.

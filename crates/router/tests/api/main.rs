@@ -6,6 +6,7 @@ mod binary;
 mod connections;
 mod durability;
 mod errors;
+mod exposition;
 mod heartbeat;
 mod helpers;
 mod hostile_input;

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use reqwest::Method;
 use serde_json::Value;
 
+use crate::exposition;
 use crate::helpers::*;
 
 #[tokio::test]
@@ -61,15 +62,6 @@ async fn every_documented_operation_has_schemas_and_the_error_shape() {
     }
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-        .trim()
-        .parse()
-        .expect("number")
-}
-
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let app = TestApp::spawn().await;
@@ -88,36 +80,37 @@ async fn metrics_count_what_happened() {
     let response = app.request(Method::GET, "/metrics").send().await.expect("scrape");
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"].to_str().expect("type").to_owned();
-    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    assert_eq!(content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8");
     let text = response.text().await.expect("text");
-    assert_eq!(metric(&text, "llm_router_registrations_total"), 2.0);
-    assert_eq!(metric(&text, "llm_router_heartbeats_total"), 3.0);
-    assert_eq!(metric(&text, "llm_router_approvals_total"), 1.0);
-    assert_eq!(metric(&text, "llm_router_deletions_total"), 1.0);
-    assert_eq!(metric(&text, "llm_router_nodes{status=\"online\"}"), 1.0);
-    assert_eq!(metric(&text, "llm_router_nodes{status=\"pending\"}"), 0.0);
-    assert_eq!(metric(&text, "llm_router_status_changes_total{to=\"pending\"}"), 2.0);
-    assert_eq!(metric(&text, "llm_router_status_changes_total{to=\"online\"}"), 1.0);
-    assert_eq!(
-        metric(&text, "llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"200\"}"),
-        3.0
-    );
-    assert_eq!(
-        metric(&text, "llm_router_http_requests_total{method=\"POST\",route=\"/v0/health\",status=\"401\"}"),
-        1.0
-    );
-    assert_eq!(
-        metric(&text, "llm_router_http_request_duration_seconds_count{method=\"POST\",route=\"/v0/health\"}"),
-        4.0
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "llm_router_http_request_duration_seconds_count{method=\"POST\",route=\"/v0/nodes/{id}/approve\"}"
-        ),
-        1.0
-    );
-    assert_eq!(metric(&text, "llm_router_flush_batch_size_count"), 1.0);
-    assert_eq!(metric(&text, "llm_router_flush_batch_size_sum"), 1.0);
-    assert_eq!(metric(&text, "llm_router_flush_lag_seconds_count"), 1.0);
+    let scraped = exposition::parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"));
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        scraped.value(name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+    };
+    for (family, kind) in [
+        ("llm_router_registrations", "counter"),
+        ("llm_router_nodes", "gauge"),
+        ("llm_router_http_requests", "counter"),
+        ("llm_router_http_request_duration_seconds", "histogram"),
+    ] {
+        assert_eq!(scraped.types.get(family).map(String::as_str), Some(kind), "{family}");
+    }
+    assert_eq!(value("llm_router_registrations_total", &[]), 2.0);
+    assert_eq!(value("llm_router_heartbeats_total", &[]), 3.0);
+    assert_eq!(value("llm_router_approvals_total", &[]), 1.0);
+    assert_eq!(value("llm_router_deletions_total", &[]), 1.0);
+    assert_eq!(value("llm_router_nodes", &[("status", "online")]), 1.0);
+    assert_eq!(value("llm_router_nodes", &[("status", "pending")]), 0.0);
+    assert_eq!(value("llm_router_status_changes_total", &[("to", "pending")]), 2.0);
+    assert_eq!(value("llm_router_status_changes_total", &[("to", "online")]), 1.0);
+    let health = |status| [("method", "POST"), ("route", "/v0/health"), ("status", status)];
+    assert_eq!(value("llm_router_http_requests_total", &health("200")), 3.0);
+    assert_eq!(value("llm_router_http_requests_total", &health("401")), 1.0);
+    let route = |route| [("method", "POST"), ("route", route)];
+    assert_eq!(value("llm_router_http_request_duration_seconds_count", &route("/v0/health")), 4.0);
+    assert_eq!(value("llm_router_http_request_duration_seconds_count", &route("/v0/nodes/{id}/approve")), 1.0);
+    let inf = [("method", "POST"), ("route", "/v0/health"), ("le", "+Inf")];
+    assert_eq!(value("llm_router_http_request_duration_seconds_bucket", &inf), 4.0);
+    assert_eq!(value("llm_router_flush_batch_size_count", &[]), 1.0);
+    assert_eq!(value("llm_router_flush_batch_size_sum", &[]), 1.0);
+    assert_eq!(value("llm_router_flush_lag_seconds_count", &[]), 1.0);
 }
