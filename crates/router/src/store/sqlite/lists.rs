@@ -1,9 +1,13 @@
 //! The one writer of a node's lists: its child rows (`node_gpu_devices`, `node_supported_runtimes`,
 //! `node_loaded_models`, `node_tags`) and the copy of them on its row (`nodes.lists`, what start-up reads), always
-//! written together, for one node or a whole batch; and the one definition of that copy's encoding.
+//! written together, for one node or a whole batch; and the one definition of that copy's encoding. A new node's
+//! copy goes in with its row (the insert binds [`encode_node`]) and its child rows are written here in the same
+//! transaction; for a stored node, both are written here.
 //!
 //! (Migration `0002` filled the copy once for rows written before it existed; migrations are history and stay as they
 //! were applied.)
+
+use std::borrow::Cow;
 
 use llm_router_protocol::GpuDevice;
 use serde::{Deserialize, Serialize};
@@ -12,40 +16,57 @@ use sqlx::sqlite::Sqlite;
 use sqlx::{QueryBuilder, SqliteConnection};
 use uuid::Uuid;
 
-use crate::model::node::NodeLists;
+use crate::model::node::{Node, NodeLists};
 
 /// Most values bound in one statement: SQLite allows 32,766. Rows are written many per statement, since each
 /// statement is a round trip to the database thread.
 const MAX_BINDS: usize = 30_000;
 
-/// Whether the nodes may already have child rows.
+/// Whether the nodes are new or stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Rows {
-    /// New nodes: nothing to remove first.
+    /// Rows just inserted, their copy already in their `lists` column ([`encode_node`], bound by the insert):
+    /// only the child rows are written.
     New,
-    /// Stored nodes: their child rows are replaced.
+    /// Stored nodes: their child rows are replaced and their copy rewritten.
     Replace,
 }
 
 /// The copy's stored form: `{"gpu_devices": [[model, count, memory_bytes], …], "supported_runtimes": […],
-/// "loaded_models": […], "ready_models": […], "tags": […]}`.
+/// "loaded_models": […], "ready_models": […], "tags": […]}`. Borrowed when written, owned when read.
 #[derive(Serialize, Deserialize)]
-struct Copy {
-    gpu_devices: Vec<(String, i64, Option<u64>)>,
-    supported_runtimes: Vec<String>,
-    loaded_models: Vec<String>,
-    ready_models: Vec<String>,
-    tags: Vec<String>,
+struct Copy<'a> {
+    gpu_devices: Vec<(Cow<'a, str>, i64, Option<u64>)>,
+    supported_runtimes: Cow<'a, [String]>,
+    loaded_models: Cow<'a, [String]>,
+    ready_models: Cow<'a, [String]>,
+    tags: Cow<'a, [String]>,
 }
 
 /// The copy of `lists` as stored on the node's row.
 pub(super) fn encode(lists: &NodeLists) -> String {
+    let NodeLists { gpu_devices, supported_runtimes, loaded_models, ready_models, tags } = lists;
+    encode_parts(gpu_devices, supported_runtimes, loaded_models, ready_models, tags)
+}
+
+/// The copy of `node`'s lists, as the `lists` column of its new row (see [`Rows::New`]).
+pub(super) fn encode_node(node: &Node) -> String {
+    encode_parts(&node.gpu_devices, &node.supported_runtimes, &node.loaded_models, &node.ready_models, &node.tags)
+}
+
+fn encode_parts(
+    gpu_devices: &[GpuDevice],
+    supported_runtimes: &[String],
+    loaded_models: &[String],
+    ready_models: &[String],
+    tags: &[String],
+) -> String {
     let copy = Copy {
-        gpu_devices: lists.gpu_devices.iter().map(|g| (g.model.clone(), g.count, g.memory_bytes)).collect(),
-        supported_runtimes: lists.supported_runtimes.clone(),
-        loaded_models: lists.loaded_models.clone(),
-        ready_models: lists.ready_models.clone(),
-        tags: lists.tags.clone(),
+        gpu_devices: gpu_devices.iter().map(|g| (Cow::Borrowed(g.model.as_str()), g.count, g.memory_bytes)).collect(),
+        supported_runtimes: Cow::Borrowed(supported_runtimes),
+        loaded_models: Cow::Borrowed(loaded_models),
+        ready_models: Cow::Borrowed(ready_models),
+        tags: Cow::Borrowed(tags),
     };
     // Strings, numbers and arrays always encode.
     serde_json::to_string(&copy).unwrap_or_default()
@@ -58,16 +79,16 @@ pub(super) fn decode(text: &str) -> Option<NodeLists> {
         gpu_devices: copy
             .gpu_devices
             .into_iter()
-            .map(|(model, count, memory_bytes)| GpuDevice { model, count, memory_bytes })
+            .map(|(model, count, memory_bytes)| GpuDevice { model: model.into_owned(), count, memory_bytes })
             .collect(),
-        supported_runtimes: copy.supported_runtimes,
-        loaded_models: copy.loaded_models,
-        ready_models: copy.ready_models,
-        tags: copy.tags,
+        supported_runtimes: copy.supported_runtimes.into_owned(),
+        loaded_models: copy.loaded_models.into_owned(),
+        ready_models: copy.ready_models.into_owned(),
+        tags: copy.tags.into_owned(),
     })
 }
 
-/// Writes every list of `nodes` (whose rows exist): the child rows and the copy on each row.
+/// Writes every list of `nodes` (whose rows exist): the child rows, and the copy on each row of stored nodes.
 pub(super) async fn write(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeLists)], rows: Rows) -> anyhow::Result<()> {
     let ids: Vec<String> = nodes.iter().map(|(id, _)| id.to_string()).collect();
     if rows == Rows::Replace {
@@ -138,7 +159,19 @@ pub(super) async fn write(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeList
         .await?;
     }
 
+    if rows == Rows::New {
+        return Ok(());
+    }
     let copies: Vec<(&str, String)> = pairs().map(|(id, lists)| (id, encode(lists))).collect();
+    if let [(id, copy)] = copies.as_slice() {
+        // One node (a registration, an edit): the plain statement, cheaper than joining a table of values.
+        sqlx::query("UPDATE nodes SET lists = ? WHERE id = ?")
+            .bind(copy.as_str())
+            .bind(*id)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(());
+    }
     for chunk in copies.chunks(MAX_BINDS / 2) {
         let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, lists) AS (");
         update.push_values(chunk, |mut row, (id, copy)| {

@@ -222,11 +222,12 @@ async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The columns of a node's row; its lists go through [`lists::write`], its token through [`write_token`].
+/// The columns of a node's row, the copy of its lists included ([`lists::encode_node`]); its child rows go through
+/// [`lists::write`], its token through [`write_token`].
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
-     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at) ";
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists) ";
 
-/// Nodes per statement of an import (13 values each, well under SQLite's limit of 32,766).
+/// Nodes per statement of an import (14 values each, well under SQLite's limit of 32,766).
 const NODES_PER_STATEMENT: usize = 500;
 
 /// Binds the values of a node's row, in the order of [`INSERT_NODE`].
@@ -243,7 +244,8 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(node.registered_at)
         .push_bind(node.approved_at)
         .push_bind(node.approved_by.as_deref())
-        .push_bind(node.last_seen_at);
+        .push_bind(node.last_seen_at)
+        .push_bind(lists::encode_node(node));
 }
 
 /// Inserts one node's row; a duplicate comes back as the database's unique violation.
