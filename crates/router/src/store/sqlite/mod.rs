@@ -127,6 +127,7 @@ impl SqliteStore {
             wal: Arc::new(PathBuf::from(wal)),
             wal_limit: Arc::new(AtomicU64::new(WAL_LIMIT_BYTES)),
             wal_retry_at: Arc::new(Mutex::new(None)),
+            checkpointing: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(commit::group_commits(writer.clone(), jobs));
         Ok(SqliteStore { writer, reader, checkpointer, inserts, page_limit })
@@ -167,11 +168,13 @@ impl SqliteStore {
 
     /// Copies what it can of the write-ahead log into the database without waiting for readers or the writer
     /// (SQLite's passive checkpoint). Run every 250 ms in the background, so that the checkpoint a write does when
-    /// the log is over its limit has little left to copy; returns the log's size in pages.
-    pub async fn checkpoint(&self) -> anyhow::Result<i64> {
+    /// the log is over its limit has little left to copy. Skipped while the writer checkpoints. Returns the log's
+    /// size in pages, when it ran.
+    pub async fn checkpoint(&self) -> anyhow::Result<Option<i64>> {
+        let Ok(_checkpointing) = self.writer.checkpointing.try_lock() else { return Ok(None) };
         let (_busy, log_pages, _copied): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.checkpointer).await?;
-        Ok(log_pages)
+        Ok(Some(log_pages))
     }
 
     /// Checkpoints fully and closes every pool, waiting for queued writes to finish.

@@ -50,6 +50,9 @@ pub(super) struct WriterPool {
     pub(super) wal_limit: Arc<AtomicU64>,
     /// Before this instant the writer does not try to start the log over again (readers kept it from it).
     pub(super) wal_retry_at: Arc<Mutex<Option<Instant>>>,
+    /// Held by whichever checkpoint runs, the background passive one or the writer's: SQLite runs one checkpoint at
+    /// a time, and the writer's must not mistake the other for a reader that stays.
+    pub(super) checkpointing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The writer connection, held for one write transaction.
@@ -125,6 +128,8 @@ impl Writer {
             }
             *retry_at = None;
         }
+        // A background checkpoint under way finishes first (it copies what this one would).
+        let _checkpointing = self.shared.checkpointing.lock().await;
         // Readers are waited for briefly, not for the connection's usual busy timeout.
         let wait = |timeout: Duration| format!("PRAGMA busy_timeout = {}", timeout.as_millis());
         let checkpoint = async {
