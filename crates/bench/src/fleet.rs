@@ -43,6 +43,18 @@ pub fn tags(i: usize) -> Vec<String> {
     vec![format!("rack-{:02}", i % 40), if i.is_multiple_of(2) { "zone-a" } else { "zone-b" }.to_owned()]
 }
 
+/// The GPUs every simulated machine registers: the two groups of [`GPU_GROUPS`].
+pub fn gpu_devices() -> Vec<GpuDevice> {
+    GPU_GROUPS
+        .iter()
+        .map(|(model, memory)| GpuDevice {
+            model: (*model).to_owned(),
+            count: i64::from(GPUS_PER_GROUP),
+            memory_bytes: Some(*memory),
+        })
+        .collect()
+}
+
 /// The registration body of simulated node `i`: two GPU groups, two ready models, two tags.
 pub fn register_body(i: usize) -> anyhow::Result<Vec<u8>> {
     let models: Vec<String> = MODELS.iter().map(|m| (*m).to_owned()).collect();
@@ -51,16 +63,7 @@ pub fn register_body(i: usize) -> anyhow::Result<Vec<u8>> {
         ip_address: Some(ip_address(i)),
         runtime_port: 8000,
         runtime_version: "vllm 0.8.5".to_owned(),
-        gpu_devices: Some(
-            GPU_GROUPS
-                .iter()
-                .map(|(model, memory)| GpuDevice {
-                    model: (*model).to_owned(),
-                    count: i64::from(GPUS_PER_GROUP),
-                    memory_bytes: Some(*memory),
-                })
-                .collect(),
-        ),
+        gpu_devices: Some(gpu_devices()),
         supported_runtimes: Some(vec!["vllm".to_owned(), "llama_cpp".to_owned()]),
         loaded_models: Some(models.clone()),
         ready_models: Some(models),

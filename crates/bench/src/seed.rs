@@ -11,10 +11,10 @@ use llm_router::model::figures::{NodeMetrics, PackedMetrics};
 use llm_router::model::node::{Node, NodeEvent};
 use llm_router::store::sqlite::SqliteStore;
 use llm_router::store::{NewNode, Storage};
-use llm_router_protocol::{GpuDevice, NodeStatus};
+use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
-use crate::fleet::{self, GPU_GROUPS, GPUS_PER_GROUP, MODELS};
+use crate::fleet::{self, MODELS};
 
 /// Nodes per transaction: bounds the seeder's memory, not the router's.
 const NODES_PER_TRANSACTION: usize = 10_000;
@@ -61,14 +61,7 @@ fn new_node(i: usize, now: i64, with_metrics: bool) -> NewNode {
         status,
         display_name: i.is_multiple_of(10).then(|| format!("Rack {} node {}", i % 40, i)),
         notes: None,
-        gpu_devices: GPU_GROUPS
-            .iter()
-            .map(|(model, memory)| GpuDevice {
-                model: (*model).to_owned(),
-                count: i64::from(GPUS_PER_GROUP),
-                memory_bytes: Some(*memory),
-            })
-            .collect(),
+        gpu_devices: fleet::gpu_devices(),
         supported_runtimes: vec!["vllm".to_owned(), "llama_cpp".to_owned()],
         loaded_models: models.clone(),
         ready_models: models,
@@ -138,7 +131,7 @@ mod tests {
         let new = new_node(1, 1_700_000_000_000, true);
         let figures = new.node.metrics.as_ref().and_then(PackedMetrics::unpack).expect("figures");
         assert_eq!(figures.gpus.len(), 8);
-        assert_eq!(new.node.gpu_devices.len(), GPU_GROUPS.len());
+        assert_eq!(new.node.gpu_devices.len(), fleet::GPU_GROUPS.len());
         assert_eq!(new.node.approved_by.as_deref(), Some("admin"));
         assert_eq!(new.events.len(), 2, "registered, then approved");
         let bare = new_node(0, 0, false);
