@@ -63,10 +63,3 @@ pub struct NodeHandle {
     pub(super) token: TokenHash,
     pub(super) slot: Arc<Slot>,
 }
-
-impl NodeHandle {
-    /// The id of the node the token belongs to.
-    pub fn id(&self) -> Uuid {
-        self.id
-    }
-}
