@@ -34,6 +34,7 @@ FAMILIES = {
     "llm_router_registrations_rate_limited": "counter",
     "llm_router_registrations_too_many_pending": "counter",
     "llm_router_pending_expired": "counter",
+    "llm_router_audit_dropped": "counter",
     "llm_router_http_connections_open": "gauge",
     "llm_router_http_connections_max": "gauge",
     "llm_router_http_connections_evicted": "counter",

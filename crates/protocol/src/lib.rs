@@ -13,6 +13,9 @@ use uuid::Uuid;
 /// Header that carries a node's token on node API calls.
 pub const NODE_TOKEN_HEADER: &str = "X-Node-Token";
 
+/// Header carrying a join token on `POST /v0/nodes` (SPEC §9): enrollment an operator controls.
+pub const JOIN_TOKEN_HEADER: &str = "X-Join-Token";
+
 /// Path of the registration endpoint.
 pub const REGISTER_PATH: &str = "/v0/nodes";
 

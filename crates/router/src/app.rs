@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::audit::AuditLog;
 use crate::auth::password::{self, Hasher};
 use crate::auth::throttle::LoginThrottle;
 use crate::clock::{Clock, Millis, SystemClock};
@@ -67,6 +68,7 @@ impl App {
         tracing::info!(nodes = registry.len(), db = %settings.database_path().display(), "registry loaded");
         let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
+        let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
         Ok(App {
             state: Arc::new(AppInner {
                 settings,
@@ -79,6 +81,7 @@ impl App {
                 hasher,
                 login_throttle: LoginThrottle::default(),
                 registration_limiter,
+                audit,
             }),
         })
     }
@@ -144,15 +147,18 @@ impl App {
         if let Err(err) = state.registry.flush().await {
             tracing::error!(error = ?err, "writing the last heartbeat figures failed");
         }
+        state.audit.flush().await;
         state.store.close().await;
         served.context("serving HTTP")
     }
 }
 
-/// Removes node events older than the retention period (`--event-retention-days`); returns how many.
+/// Removes node events and audit events older than the retention period (`--event-retention-days`); returns how
+/// many.
 pub async fn prune_events(state: &AppInner) -> anyhow::Result<u64> {
     let retention = i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
-    state.store.prune_events(state.clock.now_ms().saturating_sub(retention)).await
+    let cutoff = state.clock.now_ms().saturating_sub(retention);
+    Ok(state.store.prune_events(cutoff).await? + state.store.prune_audit(cutoff).await?)
 }
 
 /// Spawns `tick(state)` every `period` until `stop` turns true.

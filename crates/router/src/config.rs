@@ -79,6 +79,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub registration_rate: u32,
 
+    /// `open`: any machine may register (and waits as pending); `token`: a registration needs a join token
+    /// (`X-Join-Token`), except a node's own token rotation.
+    #[arg(long, env = "LLM_ROUTER_REGISTRATION_MODE", value_enum, default_value_t = RegistrationMode::Open)]
+    pub registration_mode: RegistrationMode,
+
     /// Most pending nodes in all; 0 = no cap.
     #[arg(long, env = "LLM_ROUTER_MAX_PENDING", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -130,6 +135,15 @@ fn parse_public_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
+/// Who may register (SPEC §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistrationMode {
+    /// Any machine; without a join token it waits as pending.
+    Open,
+    /// Only with a join token (or a node's own token, to rotate it).
+    Token,
+}
+
 /// The resolved settings the app is built from.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -152,6 +166,7 @@ pub struct Settings {
     pub registration_rate: u32,
     /// Most pending nodes in all; 0 = no cap.
     pub max_pending: u64,
+    pub registration_mode: RegistrationMode,
     /// Pending nodes silent this long are removed.
     pub pending_ttl: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -191,6 +206,7 @@ impl Settings {
             event_retention: Duration::from_secs(30 * 86_400),
             registration_rate: 10,
             max_pending: 1000,
+            registration_mode: RegistrationMode::Open,
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
             hash_workers: 0,
@@ -255,6 +271,7 @@ impl ServeArgs {
             event_retention: Duration::from_secs(self.event_retention_days * 86_400),
             registration_rate: self.registration_rate,
             max_pending: self.max_pending,
+            registration_mode: self.registration_mode,
             pending_ttl: Duration::from_secs(self.pending_ttl_hours * 3600),
             trusted_proxies: self.trusted_proxies,
             allow_link_local_nodes: self.allow_link_local_nodes,

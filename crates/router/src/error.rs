@@ -35,6 +35,12 @@ pub enum ApiError {
     NodeExists(String),
     #[error("{0}")]
     NotPending(String),
+    /// A registration without a join token where the router requires one.
+    #[error("{0}")]
+    JoinTokenRequired(String),
+    /// A join token that is unknown, expired, used up or revoked; the message says which.
+    #[error("{0}")]
+    JoinTokenInvalid(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -73,6 +79,8 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NodeExists(_) => (StatusCode::CONFLICT, "node_exists"),
             ApiError::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
+            ApiError::JoinTokenRequired(_) => (StatusCode::UNAUTHORIZED, "join_token_required"),
+            ApiError::JoinTokenInvalid(_) => (StatusCode::UNAUTHORIZED, "join_token_invalid"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
@@ -178,6 +186,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::TokenOfAnotherNode(_) => ApiError::Forbidden(message),
             RegistryError::NodeExists { .. } => ApiError::NodeExists(message),
             RegistryError::NotPending { .. } => ApiError::NotPending(message),
+            RegistryError::JoinTokenInvalid(_) => ApiError::JoinTokenInvalid(message),
             RegistryError::Store(err) => err.into(),
         }
     }

@@ -158,6 +158,7 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         registered_at,
         approved_at: Some(registered_at),
         approved_by: Some(IMPORT_ACTOR.to_owned()),
+        join_token: None,
         last_seen_at: entry.last_seen.as_deref().and_then(parse_time),
     })
 }

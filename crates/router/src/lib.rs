@@ -6,6 +6,7 @@
 //! `routes`, `server`, `state`); and the wiring (`app`).
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -139,6 +139,8 @@ pub struct Metrics {
     pub registrations_too_many_pending: Counter,
     /// Pending nodes removed after `--pending-ttl-hours` without a heartbeat.
     pub pending_expired: Counter,
+    /// Audit events dropped because the audit log's queue was full (a flood of failed sign-ins).
+    pub audit_dropped: Counter,
     /// Client connections open now (kept by the accept loop).
     pub connections_open: Level,
     /// The cap on open client connections (set once at start).
@@ -208,6 +210,11 @@ impl Default for Metrics {
             &mut registry,
             "llm_router_pending_expired",
             "Pending nodes removed after the pending TTL without a heartbeat",
+        );
+        let audit_dropped = counter(
+            &mut registry,
+            "llm_router_audit_dropped",
+            "Audit events dropped because the audit log's write queue was full",
         );
         let connections_evicted = counter(
             &mut registry,
@@ -283,6 +290,7 @@ impl Default for Metrics {
             registrations_rate_limited,
             registrations_too_many_pending,
             pending_expired,
+            audit_dropped,
             connections_open,
             connections_max,
             connections_evicted,
@@ -472,6 +480,7 @@ mod tests {
             ("llm_router_registrations_rate_limited", "counter"),
             ("llm_router_registrations_too_many_pending", "counter"),
             ("llm_router_pending_expired", "counter"),
+            ("llm_router_audit_dropped", "counter"),
             ("llm_router_http_connections_evicted", "counter"),
             ("llm_router_http_connections_refused", "counter"),
             ("llm_router_http_connections_open", "gauge"),

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::audit::AuditLog;
 use crate::auth::password::Hasher;
 use crate::auth::throttle::LoginThrottle;
 use crate::clock::Clock;
@@ -28,6 +29,8 @@ pub struct AppInner {
     pub login_throttle: LoginThrottle,
     /// Anonymous registrations by client address.
     pub registration_limiter: RegistrationLimiter,
+    /// Who did what: admin actions, sign-ins, throttling decisions.
+    pub audit: AuditLog,
 }
 
 /// Shared handle to the application.

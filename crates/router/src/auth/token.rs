@@ -1,4 +1,4 @@
-//! Secrets handed out by the router: node tokens, session tokens and API keys.
+//! Secrets handed out by the router: node tokens, session tokens, API keys and join tokens.
 //!
 //! Each secret is 32 random bytes (256 bits), hex-encoded behind a prefix that names its kind, so a leaked string is
 //! recognisable in logs and secret scanners. Only the SHA-256 of a secret is stored; random secrets of this size need
@@ -14,6 +14,7 @@ pub enum TokenKind {
     Node,
     Session,
     ApiKey,
+    Join,
 }
 
 impl TokenKind {
@@ -22,6 +23,7 @@ impl TokenKind {
             TokenKind::Node => "llmn_",
             TokenKind::Session => "llms_",
             TokenKind::ApiKey => "llmk_",
+            TokenKind::Join => "llmj_",
         }
     }
 }
@@ -69,6 +71,7 @@ mod tests {
         assert_eq!(TokenKind::Node.prefix(), "llmn_");
         assert_eq!(TokenKind::Session.prefix(), "llms_");
         assert_eq!(TokenKind::ApiKey.prefix(), "llmk_");
+        assert_eq!(TokenKind::Join.prefix(), "llmj_");
         let token = NewToken::generate(TokenKind::Node);
         assert!(token.plaintext().starts_with("llmn_"));
         assert_eq!(token.plaintext().len(), 5 + 64);

@@ -28,6 +28,8 @@ pub struct Node {
     pub registered_at: Millis,
     pub approved_at: Option<Millis>,
     pub approved_by: Option<String>,
+    /// The name of the join token the node registered with, if any.
+    pub join_token: Option<String>,
     pub last_seen_at: Option<Millis>,
 }
 

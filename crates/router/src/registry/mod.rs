@@ -29,6 +29,7 @@ use uuid::Uuid;
 use crate::clock::{Clock, Millis};
 use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
+use crate::model::enrollment::Unusable;
 use crate::model::node::Node;
 use crate::store::Store;
 use index::{Index, Slot};
@@ -57,9 +58,22 @@ pub enum RegistryError {
     NodeExists { machine_name: String, port: u16, id: Uuid },
     #[error("Node {id} is {status}, not pending; only pending nodes can be approved.")]
     NotPending { id: Uuid, status: NodeStatus },
+    /// The registration's join token stopped being usable before the node was stored.
+    #[error("{}", join_token_problem(*.0))]
+    JoinTokenInvalid(Unusable),
     /// The store failed; nothing was changed.
     #[error(transparent)]
     Store(#[from] anyhow::Error),
+}
+
+/// Why a join token cannot be used, as a sentence for the caller.
+pub fn join_token_problem(why: Unusable) -> &'static str {
+    match why {
+        Unusable::Unknown => "The join token is unknown; ask an administrator for a join token (POST /v0/join-tokens).",
+        Unusable::Expired => "The join token has expired; ask an administrator for a new one.",
+        Unusable::UsedUp => "The join token has been used up (its `max_uses` machines joined); ask for a new one.",
+        Unusable::Revoked => "The join token has been revoked; ask an administrator for a new one.",
+    }
 }
 
 /// The result of a registry operation.

@@ -7,9 +7,11 @@ use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
 use super::index::Slot;
-use super::{Registry, RegistryError, RegistryResult};
+use super::{Registry, RegistryError, RegistryResult, state};
 use crate::auth::token::{NewToken, TokenKind};
+use crate::clock::Millis;
 use crate::model::auth::TokenHash;
+use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::input::Registration;
 use crate::model::node::{Node, NodeEvent};
 use crate::store::InsertError;
@@ -54,17 +56,24 @@ impl Registry {
     }
 
     /// Carries out a planned registration; `loaded_models` already holds what the probe found when needed.
-    pub async fn register(&self, reg: Registration, plan: RegistrationPlan) -> RegistryResult<Registered> {
+    /// A usable `join` token (checked by the caller) adds its tags, records its name, approves the node when it
+    /// auto-approves, and has its use counted with the node; a token rotation does not use it.
+    pub async fn register(
+        &self,
+        reg: Registration,
+        plan: RegistrationPlan,
+        join: Option<&JoinToken>,
+    ) -> RegistryResult<Registered> {
         match plan {
-            RegistrationPlan::Create => self.create(reg).await,
-            RegistrationPlan::Rotate(id, presented) => self.reregister(id, reg, Some(presented)).await,
-            RegistrationPlan::TakeOver(id) => self.reregister(id, reg, None).await,
+            RegistrationPlan::Create => self.create(reg, join).await,
+            RegistrationPlan::Rotate(id, presented) => self.reregister(id, reg, Some(presented), None).await,
+            RegistrationPlan::TakeOver(id) => self.reregister(id, reg, None, join).await,
         }
     }
 
-    async fn create(&self, reg: Registration) -> RegistryResult<Registered> {
+    async fn create(&self, reg: Registration, join: Option<&JoinToken>) -> RegistryResult<Registered> {
         let now = self.clock.now_ms();
-        let node = Node {
+        let mut node = Node {
             id: Uuid::new_v4(),
             machine_name: reg.machine_name,
             ip_address: reg.ip_address,
@@ -82,28 +91,36 @@ impl Registry {
             registered_at: now,
             approved_at: None,
             approved_by: None,
+            join_token: None,
             last_seen_at: None,
         };
         let token = NewToken::generate(TokenKind::Node);
-        let event = NodeEvent::new(node.id, now, None, NodeStatus::Pending.as_str(), "registered");
-        match self.store.insert_node(node.clone(), token.hash(), event).await {
+        let mut events = vec![NodeEvent::new(node.id, now, None, NodeStatus::Pending.as_str(), "registered")];
+        events.extend(admit(&mut node, join, now));
+        let join_use = join.map(|join| JoinUse { token_id: join.id, name: join.name.clone(), at: now });
+        match self.store.insert_node(node.clone(), token.hash(), events, join_use).await {
             Ok(()) => {}
             Err(InsertError::Duplicate) => {
                 // Another registration of the same machine and port won the race.
                 let id = self.read().by_key.get(&(node.machine_name.clone(), node.runtime_port)).copied();
                 return Err(node_exists(&node.machine_name, node.runtime_port, id.unwrap_or(node.id)));
             }
+            Err(InsertError::JoinToken(why)) => return Err(RegistryError::JoinTokenInvalid(why)),
             Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
         }
         self.metrics.transition(NodeStatus::Pending);
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        let id = node.id;
+        if node.status == NodeStatus::Pending {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.transition(node.status);
+        }
+        let (id, status) = (node.id, node.status);
         let mut index = self.write();
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
         index.by_token.insert(token.hash(), id);
         index.nodes.insert(id, Slot::new(node, Some(token.hash()), now));
         drop(index);
-        Ok(Registered { node_id: id, token, status: NodeStatus::Pending, created: true })
+        Ok(Registered { node_id: id, token, status, created: true })
     }
 
     /// Token rotation (`presented` is the hash of the node's token the caller showed) or takeover of an imported
@@ -113,12 +130,13 @@ impl Registry {
         id: Uuid,
         reg: Registration,
         presented: Option<TokenHash>,
+        join: Option<&JoinToken>,
     ) -> RegistryResult<Registered> {
         let takeover = presented.is_none();
         let slot = self.slot(id)?;
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
-        let (updated, old_token, event) = {
+        let (updated, old_token, events) = {
             let state = slot.lock();
             if state.deleted {
                 return Err(RegistryError::DeletedMeanwhile(id));
@@ -138,30 +156,42 @@ impl Registry {
             if let Some(tags) = reg.tags {
                 node.tags = tags;
             }
-            let event = if takeover {
-                let event = NodeEvent::new(
+            let mut events = Vec::new();
+            if takeover {
+                events.push(NodeEvent::new(
                     id,
                     now,
                     Some(node.status),
                     NodeStatus::Pending.as_str(),
                     "imported node taken over by a new registration; approval needed",
-                );
+                ));
                 node.status = NodeStatus::Pending;
                 node.approved_at = None;
                 node.approved_by = None;
-                Some(event)
-            } else {
-                None
-            };
-            (node, state.token, event)
+                events.extend(admit(&mut node, join, now));
+            }
+            (node, state.token, events)
         };
         let token = NewToken::generate(TokenKind::Node);
-        self.store.reregister_node(&updated, token.hash(), now, event.as_ref()).await?;
-        if let Some(event) = &event {
-            self.metrics.transition(NodeStatus::Pending);
-            if event.from != Some(NodeStatus::Pending) {
+        let join_use = join.map(|join| JoinUse { token_id: join.id, name: join.name.clone(), at: now });
+        match self.store.reregister_node(&updated, token.hash(), now, &events, join_use.as_ref()).await {
+            Ok(()) => {}
+            Err(InsertError::JoinToken(why)) => return Err(RegistryError::JoinTokenInvalid(why)),
+            Err(InsertError::Duplicate) => return Err(node_exists(&updated.machine_name, updated.runtime_port, id)),
+            Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
+        }
+        let was_pending = events.first().is_some_and(|event| event.from == Some(NodeStatus::Pending));
+        for event in events.iter().filter_map(|event| event.to.parse::<NodeStatus>().ok()) {
+            self.metrics.transition(event);
+        }
+        match (was_pending, takeover && updated.status == NodeStatus::Pending) {
+            (false, true) => {
                 self.pending.fetch_add(1, Ordering::Relaxed);
             }
+            (true, false) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         let status = updated.status;
         {
@@ -198,6 +228,29 @@ impl Drop for PendingReservation<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Applies a join token to a node being registered `pending`: its tags are added, its name recorded, and when it
+/// auto-approves the node is approved by that rule. Returns the approval's event, if any.
+fn admit(node: &mut Node, join: Option<&JoinToken>, now: Millis) -> Option<NodeEvent> {
+    let join = join?;
+    for tag in &join.tags {
+        if !node.tags.contains(tag) {
+            node.tags.push(tag.clone());
+        }
+    }
+    node.join_token = Some(join.name.clone());
+    if !join.auto_approve {
+        return None;
+    }
+    let to = state::after_approval(node.status, &node.ready_models)?;
+    let actor = join.actor();
+    let reason = format!("approved by join token `{}`", join.name);
+    let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason).by(Some(&actor));
+    node.status = to;
+    node.approved_at = Some(now);
+    node.approved_by = Some(actor);
+    Some(event)
 }
 
 fn node_exists(machine_name: &str, port: u16, id: Uuid) -> RegistryError {

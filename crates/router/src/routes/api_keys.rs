@@ -6,7 +6,8 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::extract::AdminUser;
+use super::audit;
+use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::clock::rfc3339;
@@ -80,32 +81,40 @@ pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult
 pub async fn create(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<CreateApiKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
-    let name = body.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 128 {
-        return Err(bad_request("`name` must be 1 to 128 characters and not blank."));
+    let actor = admin.name.clone();
+    let target: String = body.name.clone();
+    let result: ApiResult<(StatusCode, Json<CreatedApiKey>)> = async {
+        let name = body.name.trim().to_owned();
+        if name.is_empty() || name.chars().count() > 128 {
+            return Err(bad_request("`name` must be 1 to 128 characters and not blank."));
+        }
+        validate::text("name", &name, Text::Line)?;
+        let key = NewToken::generate(TokenKind::ApiKey);
+        let row = ApiKeyRow {
+            id: Uuid::new_v4(),
+            name,
+            role: body.role.unwrap_or(Role::Admin),
+            created_by: admin.name,
+            created_at: state.clock.now_ms(),
+        };
+        state.store.insert_api_key(&row, key.hash()).await?;
+        Ok((
+            StatusCode::CREATED,
+            Json(CreatedApiKey {
+                id: row.id,
+                name: row.name,
+                role: row.role,
+                key: key.into_plaintext(),
+                created_at: rfc3339(row.created_at),
+            }),
+        ))
     }
-    validate::text("name", &name, Text::Line)?;
-    let key = NewToken::generate(TokenKind::ApiKey);
-    let row = ApiKeyRow {
-        id: Uuid::new_v4(),
-        name,
-        role: body.role.unwrap_or(Role::Admin),
-        created_by: admin.name,
-        created_at: state.clock.now_ms(),
-    };
-    state.store.insert_api_key(&row, key.hash()).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedApiKey {
-            id: row.id,
-            name: row.name,
-            role: row.role,
-            key: key.into_plaintext(),
-            created_at: rfc3339(row.created_at),
-        }),
-    ))
+    .await;
+    audit::record(&state, &actor, client, "api_key.create", &target, &result);
+    result
 }
 
 /// Revoke an API key (admin); it stops working at once
@@ -117,8 +126,20 @@ pub async fn create(
         (status = 403, description = "The credential's role may not do this", body = ErrorBody),
         (status = 404, description = "No such key", body = ErrorBody)
     ))]
-pub async fn delete(State(state): State<AppState>, _admin: AdminUser, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let missing = || not_found(format!("No API key with id `{id}`."));
-    let key_id = Uuid::parse_str(&id).map_err(|_| missing())?;
-    if state.store.delete_api_key(key_id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(missing()) }
+pub async fn delete(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let actor = admin.name.clone();
+    let target: String = id.clone();
+    let result: ApiResult<StatusCode> = async {
+        let missing = || not_found(format!("No API key with id `{id}`."));
+        let key_id = Uuid::parse_str(&id).map_err(|_| missing())?;
+        if state.store.delete_api_key(key_id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(missing()) }
+    }
+    .await;
+    audit::record(&state, &actor, client, "api_key.delete", &target, &result);
+    result
 }

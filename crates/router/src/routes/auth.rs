@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{SESSION_COOKIE, Viewer};
 use super::json::JsonBody;
+use crate::audit::Outcome;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
@@ -39,6 +40,9 @@ pub struct LoginResponse {
     user: UserView,
 }
 
+/// The audit log's name for a sign-in.
+const LOGIN: &str = "auth.login";
+
 /// Sign in
 ///
 /// Answers a session token and sets it as an HttpOnly, SameSite=Strict cookie for the dashboard. After 5 wrong
@@ -65,6 +69,7 @@ pub async fn login(
     // Refused before any lookup or hash: a locked pair costs the router nothing.
     let attempt = state.login_throttle.begin(&body.username, from, state.clock.now_ms()).map_err(|throttled| {
         Metrics::inc(&state.metrics.logins_throttled);
+        state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Throttled);
         ApiError::TooManyRequests {
             code: "login_throttled",
             message: format!(
@@ -85,6 +90,7 @@ pub async fn login(
         }
         _ => {
             attempt.failed(state.clock.now_ms());
+            state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Failure);
             return Err(ApiError::InvalidCredentials("Wrong username or password.".to_owned()));
         }
     };
@@ -93,6 +99,7 @@ pub async fn login(
     let ttl = state.settings.session_ttl;
     let expires = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
     state.store.insert_session(token.hash(), &user.username, now, expires).await?;
+    state.audit.record(&user.username, Some(from), LOGIN, None, Outcome::Success);
     let cookie = session_cookie(&state.settings, token.plaintext(), ttl.as_secs());
     let body =
         LoginResponse { token: token.into_plaintext(), user: UserView { username: user.username, role: user.role } };

@@ -6,13 +6,16 @@
 //! `X-Requested-With` header, which a cross-site form cannot set and a cross-site script cannot send without a CORS
 //! grant the router never gives. A node's agent presents its node token in `X-Node-Token`.
 
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{Method, header};
 use llm_router_protocol::NODE_TOKEN_HEADER;
 
 use crate::error::{ApiError, forbidden, unauthorized};
 use crate::model::auth::{Principal, Role, TokenHash};
+use crate::net::client_addr;
 use crate::registry::NodeHandle;
 use crate::state::AppState;
 
@@ -120,5 +123,21 @@ impl FromRequestParts<AppState> for NodeAuth {
             .filter(|v| !v.is_empty())
             .ok_or_else(|| unauthorized(format!("Send the node's token in the {NODE_TOKEN_HEADER} header.")))?;
         Ok(NodeAuth(state.registry.authenticate(token)?))
+    }
+}
+
+/// The client's address: the TCP peer, or the left-most untrusted `X-Forwarded-For` address behind a trusted proxy.
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| *peer)
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no peer address on the request")))?;
+        Ok(ClientAddr(client_addr(peer, &parts.headers, &state.settings.trusted_proxies)))
     }
 }

@@ -5,10 +5,12 @@
 //! against the generated OpenAPI document and fail when one lacks the other.
 
 pub mod api_keys;
+pub mod audit;
 pub mod auth;
 pub mod dashboard;
 pub mod extract;
 pub mod health;
+pub mod join_tokens;
 pub mod json;
 pub mod nodes;
 pub mod openapi;
@@ -74,6 +76,10 @@ fn api() -> Api {
         .add(Method::GET, "/v0/api-keys", api_keys::list)
         .add(Method::POST, "/v0/api-keys", api_keys::create)
         .add(Method::DELETE, "/v0/api-keys/{id}", api_keys::delete)
+        .add(Method::GET, "/v0/join-tokens", join_tokens::list)
+        .add(Method::POST, "/v0/join-tokens", join_tokens::create)
+        .add(Method::DELETE, "/v0/join-tokens/{id}", join_tokens::revoke)
+        .add(Method::GET, "/v0/audit", audit::list)
         .add(Method::GET, "/v0/openapi.json", openapi::document)
 }
 

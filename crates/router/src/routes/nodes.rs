@@ -7,17 +7,23 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use llm_router_protocol::{NODE_TOKEN_HEADER, NodeStatus, RegisterRequest, RegisterResponse};
+use llm_router_protocol::{JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER, NodeStatus, RegisterRequest, RegisterResponse};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::audit;
+use super::extract::ClientAddr;
 use super::extract::{AdminUser, Viewer};
 use super::json::JsonBody;
 use super::views::{NodeEventView, NodeView};
+use crate::audit::Outcome;
+use crate::config::RegistrationMode;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
+use crate::model::auth::TokenHash;
+use crate::model::enrollment::{JoinToken, Unusable};
 use crate::net::client_addr;
-use crate::registry::{PendingReservation, RegistrationPlan};
+use crate::registry::{PendingReservation, RegistrationPlan, join_token_problem};
 use crate::state::AppState;
 use crate::store::EVENTS_PER_NODE;
 use crate::validate::{self, Text};
@@ -26,15 +32,20 @@ use llm_router_protocol::ErrorBody;
 /// Register a node (an agent calls this)
 ///
 /// The checks run in this order: body (400), GPU (403), uniqueness (409 or a token rotation with the node's own
-/// `X-Node-Token`), the anonymous limits (429 `rate_limited` per client address, 429 `too_many_pending` at the
-/// pending cap; a token rotation is not anonymous and skips them), reachability of `GET http://ip:port/v1/models`
-/// (422); then the node is stored as pending (201).
+/// `X-Node-Token`), the join token (401; required in `--registration-mode token`), the anonymous limits (429
+/// `rate_limited` per client address, 429 `too_many_pending` at the pending cap; a token rotation or a valid join
+/// token is not anonymous and skips them), reachability of `GET http://ip:port/v1/models` (422); then the node is
+/// stored as pending, or approved at once by an auto-approving join token (201).
 #[utoipa::path(post, path = "/v0/nodes", tag = "node agent", request_body = RegisterRequest,
-    params(("X-Node-Token" = Option<String>, Header, description = "The node's own token, to rotate it")),
+    params(
+        ("X-Node-Token" = Option<String>, Header, description = "The node's own token, to rotate it"),
+        ("X-Join-Token" = Option<String>, Header, description = "A join token (`llmj_…`): its tags, no anonymous rate limit, approval by the token's rule")
+    ),
     responses(
         (status = 201, description = "Registered as pending; the token is shown only now", body = RegisterResponse),
         (status = 200, description = "The node's own token was presented: token rotated, id and status kept", body = RegisterResponse),
         (status = 400, description = "Malformed body, a field out of range or with a control character, or an address that can never be a node's; the message names the field", body = ErrorBody),
+        (status = 401, description = "No join token where the router requires one (`join_token_required`), or a join token that is unknown, expired, used up or revoked (`join_token_invalid`, the message says which)", body = ErrorBody),
         (status = 403, description = "No usable GPU (`gpu_required`)", body = ErrorBody),
         (status = 409, description = "A node with this machine name and runtime port exists", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
@@ -51,11 +62,17 @@ pub async fn register(
     let mut registration = validate::registration(body, peer.ip(), state.settings.allow_link_local_nodes)?;
     let presented = headers.get(NODE_TOKEN_HEADER).and_then(|v| v.to_str().ok());
     let plan = state.registry.plan_registration(&registration, presented)?;
-    // The anonymous limits come before the probe, the one costly step. Only the node's own valid token makes a
-    // registration not anonymous; held until the registration is settled, the reservation keeps the cap exact.
-    let _reservation = match plan {
+    // A token rotation needs no join token; anything else does in `token` mode, and may bring one in `open` mode.
+    let join = match plan {
         RegistrationPlan::Rotate(..) => None,
-        RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => Some(anonymous_limits(&state, peer, &headers)?),
+        RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => join_token(&state, &headers).await?,
+    };
+    // The anonymous limits come before the probe, the one costly step. The node's own valid token or a valid join
+    // token makes a registration not anonymous; held until the registration is settled, the reservation keeps the
+    // cap exact.
+    let _reservation = match (&plan, &join) {
+        (RegistrationPlan::Rotate(..), _) | (_, Some(_)) => None,
+        _ => Some(anonymous_limits(&state, peer, &headers)?),
     };
     if state.settings.reachability_check {
         let addr = registration
@@ -66,7 +83,7 @@ pub async fn register(
             registration.loaded_models = models;
         }
     }
-    let done = state.registry.register(registration, plan).await?;
+    let done = state.registry.register(registration, plan, join.as_ref()).await?;
     Metrics::inc(&state.metrics.registrations);
     let status = if done.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
@@ -78,6 +95,25 @@ pub async fn register(
             heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs(),
         }),
     ))
+}
+
+/// The registration's join token, checked now (its use is counted when the node is stored): `None` when the request
+/// carries none and the router is in `open` mode.
+async fn join_token(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<JoinToken>> {
+    let presented = headers.get(JOIN_TOKEN_HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+    let Some(presented) = presented else {
+        if state.settings.registration_mode == RegistrationMode::Token {
+            return Err(ApiError::JoinTokenRequired(format!(
+                "This router admits machines with a join token only: send it in the {JOIN_TOKEN_HEADER} header \
+                 (llm-node --join-token); an administrator creates one with POST /v0/join-tokens."
+            )));
+        }
+        return Ok(None);
+    };
+    let invalid = |why| ApiError::JoinTokenInvalid(join_token_problem(why).to_owned());
+    let token = state.store.join_token(TokenHash::of(presented)).await?.ok_or_else(|| invalid(Unusable::Unknown))?;
+    token.check(state.clock.now_ms()).map_err(invalid)?;
+    Ok(Some(token))
 }
 
 /// Seconds a registration refused at the pending cap is asked to wait: places free up only as an administrator
@@ -93,6 +129,13 @@ fn anonymous_limits<'a>(
     let from = client_addr(peer, headers, &state.settings.trusted_proxies);
     if let Err(limited) = state.registration_limiter.check(from, state.clock.now_ms()) {
         Metrics::inc(&state.metrics.registrations_rate_limited);
+        state.audit.record(
+            "anonymous",
+            Some(from),
+            "node.register",
+            Some("rate_limited".to_owned()),
+            Outcome::Throttled,
+        );
         return Err(ApiError::TooManyRequests {
             code: "rate_limited",
             message: format!(
@@ -105,6 +148,13 @@ fn anonymous_limits<'a>(
     let cap = state.settings.max_pending;
     state.registry.reserve_pending(cap).ok_or_else(|| {
         Metrics::inc(&state.metrics.registrations_too_many_pending);
+        state.audit.record(
+            "anonymous",
+            Some(from),
+            "node.register",
+            Some("too_many_pending".to_owned()),
+            Outcome::Throttled,
+        );
         ApiError::TooManyRequests {
             code: "too_many_pending",
             message: format!(
@@ -170,9 +220,12 @@ pub async fn get(State(state): State<AppState>, _viewer: Viewer, Path(id): Path<
 pub async fn approve(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
     Path(id): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
-    let node = state.registry.approve(node_id(&id)?, &admin.name).await?;
+    let approved = async { Ok(state.registry.approve(node_id(&id)?, &admin.name).await?) }.await;
+    audit::record(&state, &admin.name, client, "node.approve", &id, &approved);
+    let node = approved?;
     Metrics::inc(&state.metrics.approvals);
     Ok(Json(NodeView::from(&node)))
 }
@@ -209,18 +262,23 @@ fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option<Stri
     ))]
 pub async fn update(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
     Path(id): Path<String>,
     JsonBody(patch): JsonBody<NodePatch>,
 ) -> ApiResult<Json<NodeView>> {
-    let id = node_id(&id)?;
-    let display_name =
-        patch.display_name.map(|v| validate::optional_text("display_name", v, 255, Text::Line)).transpose()?;
-    // Notes are typed in a text area: line breaks and tabs are part of them.
-    let notes = patch.notes.map(|v| validate::optional_text("notes", v, 4096, Text::Lines)).transpose()?;
-    let tags = patch.tags.map(|tags| validate::list("tags", Some(tags))).transpose()?;
-    let node = state.registry.update(id, display_name, notes, tags).await?;
-    Ok(Json(NodeView::from(&node)))
+    let updated = async {
+        let node = node_id(&id)?;
+        let display_name =
+            patch.display_name.map(|v| validate::optional_text("display_name", v, 255, Text::Line)).transpose()?;
+        // Notes are typed in a text area: line breaks and tabs are part of them.
+        let notes = patch.notes.map(|v| validate::optional_text("notes", v, 4096, Text::Lines)).transpose()?;
+        let tags = patch.tags.map(|tags| validate::list("tags", Some(tags))).transpose()?;
+        Ok(state.registry.update(node, display_name, notes, tags).await?)
+    }
+    .await;
+    audit::record(&state, &admin.name, client, "node.update", &id, &updated);
+    Ok(Json(NodeView::from(&updated?)))
 }
 
 /// Delete a node (admin); its token stops working at once
@@ -235,9 +293,12 @@ pub async fn update(
 pub async fn delete(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.registry.delete(node_id(&id)?, &admin.name).await?;
+    let deleted = async { Ok(state.registry.delete(node_id(&id)?, &admin.name).await?) }.await;
+    audit::record(&state, &admin.name, client, "node.delete", &id, &deleted);
+    deleted?;
     Metrics::inc(&state.metrics.deletions);
     Ok(StatusCode::NO_CONTENT)
 }

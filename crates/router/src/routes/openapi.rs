@@ -12,7 +12,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use super::views::{NodeEventView, NodeView};
-use super::{api_keys, auth, health, nodes, users};
+use super::{api_keys, audit, auth, health, join_tokens, nodes, users};
 use crate::model::auth::Role;
 use crate::model::figures::NodeMetrics;
 
@@ -25,6 +25,8 @@ use crate::model::figures::NodeMetrics;
         auth::login, auth::logout, auth::me,
         users::list, users::create, users::delete,
         api_keys::list, api_keys::create, api_keys::delete,
+        join_tokens::list, join_tokens::create, join_tokens::revoke,
+        audit::list,
         document,
     ),
     components(schemas(

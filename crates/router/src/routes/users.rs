@@ -5,7 +5,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::extract::AdminUser;
+use super::audit;
+use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
 use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
@@ -60,28 +61,36 @@ pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult
     ))]
 pub async fn create(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<CreateUser>,
 ) -> ApiResult<(StatusCode, Json<UserListItem>)> {
-    let valid_name = !body.username.is_empty()
-        && body.username.len() <= 64
-        && body.username.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
-    if !valid_name {
-        return Err(bad_request("`username` must be 1 to 64 characters of letters, digits, `.`, `_`, `-` or `@`."));
+    let actor = admin.name.clone();
+    let target: String = body.username.clone();
+    let result: ApiResult<(StatusCode, Json<UserListItem>)> = async {
+        let valid_name = !body.username.is_empty()
+            && body.username.len() <= 64
+            && body.username.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
+        if !valid_name {
+            return Err(bad_request("`username` must be 1 to 64 characters of letters, digits, `.`, `_`, `-` or `@`."));
+        }
+        if let Some(problem) = validate::password_problem(&body.password) {
+            return Err(bad_request(format!("`password` {problem}.")));
+        }
+        let user = UserRow {
+            username: body.username,
+            password_hash: state.hasher.hash(body.password).await?,
+            role: body.role,
+            created_at: state.clock.now_ms(),
+        };
+        if !state.store.insert_user(&user).await? {
+            return Err(ApiError::Conflict(format!("A user named `{}` already exists.", user.username)));
+        }
+        Ok((StatusCode::CREATED, Json(user.into())))
     }
-    if let Some(problem) = validate::password_problem(&body.password) {
-        return Err(bad_request(format!("`password` {problem}.")));
-    }
-    let user = UserRow {
-        username: body.username,
-        password_hash: state.hasher.hash(body.password).await?,
-        role: body.role,
-        created_at: state.clock.now_ms(),
-    };
-    if !state.store.insert_user(&user).await? {
-        return Err(ApiError::Conflict(format!("A user named `{}` already exists.", user.username)));
-    }
-    Ok((StatusCode::CREATED, Json(user.into())))
+    .await;
+    audit::record(&state, &actor, client, "user.create", &target, &result);
+    result
 }
 
 /// Delete a user (admin); ends their sessions
@@ -96,15 +105,23 @@ pub async fn create(
     ))]
 pub async fn delete(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
     Path(username): Path<String>,
 ) -> ApiResult<StatusCode> {
-    match state.store.delete_user(&username).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(DeleteUserError::NotFound) => Err(not_found(format!("No user named `{username}`."))),
-        Err(DeleteUserError::LastAdmin) => Err(ApiError::Conflict(format!(
-            "`{username}` is the last administrator; create another admin before deleting this one."
-        ))),
-        Err(DeleteUserError::Other(err)) => Err(err.into()),
+    let actor = admin.name.clone();
+    let target: String = username.clone();
+    let result: ApiResult<StatusCode> = async {
+        match state.store.delete_user(&username).await {
+            Ok(()) => Ok(StatusCode::NO_CONTENT),
+            Err(DeleteUserError::NotFound) => Err(not_found(format!("No user named `{username}`."))),
+            Err(DeleteUserError::LastAdmin) => Err(ApiError::Conflict(format!(
+                "`{username}` is the last administrator; create another admin before deleting this one."
+            ))),
+            Err(DeleteUserError::Other(err)) => Err(err.into()),
+        }
     }
+    .await;
+    audit::record(&state, &actor, client, "user.delete", &target, &result);
+    result
 }

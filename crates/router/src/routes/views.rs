@@ -29,6 +29,8 @@ pub struct NodeView {
     pub registered_at: String,
     pub approved_at: Option<String>,
     pub approved_by: Option<String>,
+    /// The name of the join token the node registered with, if any.
+    pub joined_with: Option<String>,
     pub last_seen_at: Option<String>,
 }
 
@@ -52,6 +54,7 @@ impl From<&Node> for NodeView {
             registered_at: rfc3339(node.registered_at),
             approved_at: node.approved_at.map(rfc3339),
             approved_by: node.approved_by.clone(),
+            joined_with: node.join_token.clone(),
             last_seen_at: node.last_seen_at.map(rfc3339),
         }
     }

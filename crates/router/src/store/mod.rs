@@ -21,7 +21,9 @@ use futures_util::future::BoxFuture;
 use uuid::Uuid;
 
 use crate::clock::Millis;
+use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, Role, TokenHash};
+use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
 
@@ -58,11 +60,15 @@ pub struct Figures {
     pub lists: Option<NodeLists>,
 }
 
-/// Why a node was not inserted.
+/// Why a node was not stored.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError {
     #[error("a node with this machine name and runtime port already exists")]
     Duplicate,
+    /// The join token stopped being usable before its use could be counted (used up by a racing registration,
+    /// revoked, expired): nothing was stored.
+    #[error("the join token cannot be used: {0:?}")]
+    JoinToken(Unusable),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -97,6 +103,15 @@ pub enum DeleteUserError {
     Other(#[from] anyhow::Error),
 }
 
+/// Which page of the audit log to read.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditQuery<'a> {
+    pub limit: u32,
+    pub before: Option<i64>,
+    pub actor: Option<&'a str>,
+    pub action: Option<&'a str>,
+}
+
 /// A result of the store.
 pub type StoreResult<'a, T> = BoxFuture<'a, anyhow::Result<T>>;
 
@@ -106,19 +121,28 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Every node with its lists and token hash.
     fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>>;
-    /// Stores a newly registered node, its token and its first event; returns once they are committed.
-    fn insert_node(&self, node: Node, token: TokenHash, event: NodeEvent) -> BoxFuture<'_, Result<(), InsertError>>;
+    /// Stores a newly registered node, its token and its first events, counting the use of the join token it came
+    /// with; returns once they are committed.
+    fn insert_node(
+        &self,
+        node: Node,
+        token: TokenHash,
+        events: Vec<NodeEvent>,
+        join: Option<JoinUse>,
+    ) -> BoxFuture<'_, Result<(), InsertError>>;
     /// Adds nodes as they are, in one transaction. A node whose id, or machine name and port, is already stored is
     /// left out, so a repeated import adds nothing. Returns the ids added.
     fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>>;
-    /// Rewrites a re-registered node's descriptive fields, lists, status and token, with its event if any.
+    /// Rewrites a re-registered node's descriptive fields, lists, status and token, with its events, counting the
+    /// use of the join token it came with.
     fn reregister_node<'a>(
         &'a self,
         node: &'a Node,
         token: TokenHash,
         now: Millis,
-        event: Option<&'a NodeEvent>,
-    ) -> StoreResult<'a, ()>;
+        events: &'a [NodeEvent],
+        join: Option<&'a JoinUse>,
+    ) -> BoxFuture<'a, Result<(), InsertError>>;
     /// Persists a status change (and approval fields) together with its event.
     fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()>;
     /// Persists the fields an administrator edits (display name, notes, tags).
@@ -156,6 +180,22 @@ pub trait Storage: Send + Sync + 'static {
     fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>>;
     /// Revokes an API key; `false` when there was none with this id.
     fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool>;
+
+    // Join tokens and the audit log.
+
+    fn insert_join_token<'a>(&'a self, token: &'a JoinToken) -> StoreResult<'a, ()>;
+    /// Every join token, newest first.
+    fn join_tokens(&self) -> StoreResult<'_, Vec<JoinToken>>;
+    fn join_token(&self, hash: TokenHash) -> StoreResult<'_, Option<JoinToken>>;
+    /// Revokes a join token at `at`; `false` when there is none with this id. Nodes that joined with it stay.
+    fn revoke_join_token(&self, id: Uuid, at: Millis) -> StoreResult<'_, bool>;
+    /// Appends events to the audit log, in one transaction.
+    fn insert_audit<'a>(&'a self, events: &'a [AuditEvent]) -> StoreResult<'a, ()>;
+    /// A page of the audit log, newest first: at most `limit` events older than the event `before`, of one actor
+    /// or action when given.
+    fn audit_events<'a>(&'a self, page: AuditQuery<'a>) -> StoreResult<'a, Vec<RecordedAudit>>;
+    /// Removes audit events recorded before `cutoff`, in bounded batches; returns how many.
+    fn prune_audit(&self, cutoff: Millis) -> StoreResult<'_, u64>;
 
     // The storage itself.
 

@@ -3,14 +3,17 @@
 use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::enrollment::use_join_token;
 use super::lists::{self, Rows};
 use super::nodes::{insert_row, write_events, write_token};
 use super::writer::{Writer, WriterPool};
 use crate::model::auth::TokenHash;
+use crate::model::enrollment::JoinUse;
 use crate::model::node::{Node, NodeEvent, NodeLists};
 use crate::store::{InsertError, StorageFault};
 
-/// Stores a newly registered node, its token and its first event, and returns once they are committed.
+/// Stores a newly registered node, its token and its first events (and counts the use of its join token), and
+/// returns once they are committed.
 ///
 /// Registrations that arrive together are committed together (group commit): the node's writes run in a savepoint
 /// of a shared transaction, so one refused registration does not affect the others, and the batch pays one durable
@@ -19,10 +22,14 @@ pub(super) async fn insert_node(
     queue: &mpsc::Sender<InsertJob>,
     node: Node,
     token: TokenHash,
-    event: NodeEvent,
+    events: Vec<NodeEvent>,
+    join: Option<JoinUse>,
 ) -> Result<(), InsertError> {
     let (reply, answer) = oneshot::channel();
-    queue.send(InsertJob { node, token, event, reply }).await.map_err(|_| anyhow::anyhow!("the database is closed"))?;
+    queue
+        .send(InsertJob { node, token, events, join, reply })
+        .await
+        .map_err(|_| anyhow::anyhow!("the database is closed"))?;
     answer.await.map_err(|_| anyhow::anyhow!("the database is closed"))?
 }
 
@@ -30,7 +37,8 @@ pub(super) async fn insert_node(
 pub(super) struct InsertJob {
     node: Node,
     token: TokenHash,
-    event: NodeEvent,
+    events: Vec<NodeEvent>,
+    join: Option<JoinUse>,
     reply: oneshot::Sender<Result<(), InsertError>>,
 }
 
@@ -48,7 +56,8 @@ pub(super) async fn group_commits(writer: WriterPool, mut jobs: mpsc::Receiver<I
     }
 }
 
-/// One result per job. A registration refused as a duplicate is undone alone (its savepoint) and the others stay;
+/// One result per job. A registration refused (a duplicate, a join token used up meanwhile) is undone alone (its
+/// savepoint) and the others stay;
 /// any other failure (a full disk, an I/O error) may already have undone the whole transaction inside SQLite, so
 /// the group fails as one and every job gets the error: no answer of success for a row that was not committed.
 async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
@@ -64,9 +73,9 @@ async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), 
                         sqlx::query("RELEASE registration").execute(&mut *tx).await?;
                         results.push(Ok(()));
                     }
-                    Err(InsertError::Duplicate) => {
+                    Err(refused @ (InsertError::Duplicate | InsertError::JoinToken(_))) => {
                         sqlx::raw_sql("ROLLBACK TO registration; RELEASE registration").execute(&mut *tx).await?;
-                        results.push(Err(InsertError::Duplicate));
+                        results.push(Err(refused));
                     }
                     Err(InsertError::Other(err)) => return Err(err),
                 }
@@ -99,8 +108,11 @@ async fn insert_one(conn: &mut SqliteConnection, job: &InsertJob) -> Result<(), 
         let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
         return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
     }
+    if let Some(join) = &job.join {
+        use_join_token(conn, join).await?;
+    }
     lists::write(conn, &[(job.node.id, &NodeLists::of(&job.node))], Rows::New).await?;
     write_token(conn, job.node.id, job.token, job.node.registered_at).await?;
-    write_events(conn, [&job.event]).await?;
+    write_events(conn, &job.events).await?;
     Ok(())
 }

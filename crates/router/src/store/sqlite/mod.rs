@@ -11,12 +11,14 @@
 //!
 //! Files: `writer.rs` (the writer connection), `load.rs` (start-up), `commit.rs` (group commit of registrations),
 //! `nodes.rs` (node writes and events), `lists.rs` (the one writer of a node's lists), `auth.rs` (users, sessions,
-//! keys).
+//! keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log).
 //!
 //! [`StorageFault`]: crate::store::StorageFault
 
+mod audit;
 mod auth;
 mod commit;
+mod enrollment;
 mod lists;
 mod load;
 mod nodes;
@@ -35,10 +37,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use uuid::Uuid;
 
 use crate::clock::Millis;
+use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, TokenHash};
+use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{
-    ApiKeyRow, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult, StoredNode, UserRow,
+    ApiKeyRow, AuditQuery, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult, StoredNode, UserRow,
 };
 use writer::{Writer, WriterPool, classify, write_tx};
 
@@ -200,8 +204,14 @@ impl Storage for SqliteStore {
         classified!(load::load_nodes(&self.reader))
     }
 
-    fn insert_node(&self, node: Node, token: TokenHash, event: NodeEvent) -> BoxFuture<'_, Result<(), InsertError>> {
-        Box::pin(commit::insert_node(&self.inserts, node, token, event))
+    fn insert_node(
+        &self,
+        node: Node,
+        token: TokenHash,
+        events: Vec<NodeEvent>,
+        join: Option<JoinUse>,
+    ) -> BoxFuture<'_, Result<(), InsertError>> {
+        Box::pin(commit::insert_node(&self.inserts, node, token, events, join))
     }
 
     fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>> {
@@ -213,9 +223,15 @@ impl Storage for SqliteStore {
         node: &'a Node,
         token: TokenHash,
         now: Millis,
-        event: Option<&'a NodeEvent>,
-    ) -> StoreResult<'a, ()> {
-        classified!(self.reregister_node(node, token, now, event))
+        events: &'a [NodeEvent],
+        join: Option<&'a JoinUse>,
+    ) -> BoxFuture<'a, Result<(), InsertError>> {
+        Box::pin(async move {
+            self.reregister_node(node, token, now, events, join).await.map_err(|err| match err {
+                InsertError::Other(err) => InsertError::Other(classify(err)),
+                refused => refused,
+            })
+        })
     }
 
     fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
@@ -295,6 +311,34 @@ impl Storage for SqliteStore {
 
     fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool> {
         classified!(self.delete_api_key(id))
+    }
+
+    fn insert_join_token<'a>(&'a self, token: &'a JoinToken) -> StoreResult<'a, ()> {
+        classified!(self.insert_join_token(token))
+    }
+
+    fn join_tokens(&self) -> StoreResult<'_, Vec<JoinToken>> {
+        classified!(self.join_tokens())
+    }
+
+    fn join_token(&self, hash: TokenHash) -> StoreResult<'_, Option<JoinToken>> {
+        classified!(self.join_token(hash))
+    }
+
+    fn revoke_join_token(&self, id: Uuid, at: Millis) -> StoreResult<'_, bool> {
+        classified!(self.revoke_join_token(id, at))
+    }
+
+    fn insert_audit<'a>(&'a self, events: &'a [AuditEvent]) -> StoreResult<'a, ()> {
+        classified!(self.insert_audit(events))
+    }
+
+    fn audit_events<'a>(&'a self, page: AuditQuery<'a>) -> StoreResult<'a, Vec<RecordedAudit>> {
+        classified!(self.audit_events(page))
+    }
+
+    fn prune_audit(&self, cutoff: Millis) -> StoreResult<'_, u64> {
+        classified!(self.prune_audit(cutoff))
     }
 
     fn upkeep(&self) -> StoreResult<'_, ()> {

@@ -8,13 +8,15 @@ use sqlx::sqlite::Sqlite;
 use sqlx::{QueryBuilder, Row, SqliteConnection};
 use uuid::Uuid;
 
+use super::enrollment::use_join_token;
 use super::lists::{self, Rows};
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
+use crate::model::enrollment::JoinUse;
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
-use crate::store::{EVENTS_PER_NODE, Figures, NewNode};
+use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode};
 
 impl SqliteStore {
     /// Adds nodes as they are (an import, a seeded fleet), many per statement, in one transaction. A node whose id,
@@ -46,34 +48,55 @@ impl SqliteStore {
         })
     }
 
-    /// Rewrites a re-registered node's descriptive fields, status and token in one transaction.
+    /// Rewrites a re-registered node's descriptive fields, lists, status and token in one transaction, with its
+    /// events, counting the use of the join token it came with.
     pub(super) async fn reregister_node(
         &self,
         node: &Node,
         token: TokenHash,
         now: Millis,
-        event: Option<&NodeEvent>,
-    ) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query(
-                "UPDATE nodes SET ip_address = ?, runtime_version = ?, status = ?, approved_at = ?, approved_by = ? \
-                 WHERE id = ?",
-            )
-            .bind(&node.ip_address)
-            .bind(&node.runtime_version)
-            .bind(node.status.as_str())
-            .bind(node.approved_at)
-            .bind(&node.approved_by)
-            .bind(node.id.to_string())
-            .execute(&mut *tx)
-            .await?;
-            lists::write(tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await?;
-            write_token(tx, node.id, token, now).await?;
-            if let Some(event) = event {
-                write_events(tx, [event]).await?;
+        events: &[NodeEvent],
+        join: Option<&JoinUse>,
+    ) -> Result<(), InsertError> {
+        let mut writer = self.writer().await?;
+        let result = async {
+            let mut tx = writer.begin().await.map_err(anyhow::Error::from)?;
+            if let Some(join) = join {
+                use_join_token(&mut tx, join).await?;
             }
-            anyhow::Ok(())
-        })
+            let written: anyhow::Result<()> = async {
+                sqlx::query(
+                    "UPDATE nodes SET ip_address = ?, runtime_version = ?, status = ?, approved_at = ?, \
+                     approved_by = ?, join_token = ? WHERE id = ?",
+                )
+                .bind(&node.ip_address)
+                .bind(&node.runtime_version)
+                .bind(node.status.as_str())
+                .bind(node.approved_at)
+                .bind(&node.approved_by)
+                .bind(&node.join_token)
+                .bind(node.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                lists::write(&mut tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await?;
+                write_token(&mut tx, node.id, token, now).await?;
+                write_events(&mut tx, events).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            written.map_err(InsertError::Other)
+        }
+        .await;
+        match result {
+            Ok(()) => writer.finish(anyhow::Ok(())).await.map_err(InsertError::Other),
+            Err(InsertError::Other(err)) => writer.finish::<()>(Err(err)).await.map_err(InsertError::Other),
+            // A refused join token: the transaction was dropped, so undone, and the connection is sound.
+            Err(refused) => {
+                writer.finish(anyhow::Ok(())).await.map_err(InsertError::Other)?;
+                Err(refused)
+            }
+        }
     }
 
     /// Persists a status change (and approval fields) together with its event.
@@ -225,9 +248,9 @@ async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()>
 /// The columns of a node's row, the copy of its lists included ([`lists::encode_node`]); its child rows go through
 /// [`lists::write`], its token through [`write_token`].
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
-     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists) ";
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token) ";
 
-/// Nodes per statement of an import (14 values each, well under SQLite's limit of 32,766).
+/// Nodes per statement of an import (15 values each, well under SQLite's limit of 32,766).
 const NODES_PER_STATEMENT: usize = 500;
 
 /// Binds the values of a node's row, in the order of [`INSERT_NODE`].
@@ -245,7 +268,8 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(node.approved_at)
         .push_bind(node.approved_by.as_deref())
         .push_bind(node.last_seen_at)
-        .push_bind(lists::encode_node(node));
+        .push_bind(lists::encode_node(node))
+        .push_bind(node.join_token.as_deref());
 }
 
 /// Inserts one node's row; a duplicate comes back as the database's unique violation.
