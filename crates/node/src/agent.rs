@@ -296,9 +296,10 @@ impl Agent {
                 wait
             }
             Failure::Unauthorized(why) => {
-                // Only registration gets here (it sends no token); the router should not answer 401 to it.
+                // Only registration gets here (it sends no node token): the router wants a join token
+                // (`--join-token`), or the one given is unknown, expired, used up or revoked.
                 self.router_reached();
-                tracing::error!(cause = %why, "the router refused the registration as unauthorized");
+                tracing::error!(cause = %why, "the router refused the registration: check --join-token");
                 self.config.refused_retry
             }
         }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use llm_router_protocol::{
-    ErrorBody, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, NODE_TOKEN_HEADER, REGISTER_PATH, RegisterRequest,
-    RegisterResponse,
+    ErrorBody, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER,
+    REGISTER_PATH, RegisterRequest, RegisterResponse,
 };
 use reqwest::header::RETRY_AFTER;
 use reqwest::{Client, StatusCode, Url};
@@ -38,6 +38,8 @@ pub enum Failure {
 pub struct RouterClient {
     http: Client,
     base: Url,
+    /// Sent with every registration as `X-Join-Token`; the router ignores it on a token rotation.
+    join_token: Option<String>,
 }
 
 impl RouterClient {
@@ -48,7 +50,13 @@ impl RouterClient {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("llm-node/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(RouterClient { http, base })
+        Ok(RouterClient { http, base, join_token: None })
+    }
+
+    /// Registrations carry `token` as `X-Join-Token`.
+    pub fn with_join_token(mut self, token: Option<String>) -> Self {
+        self.join_token = token;
+        self
     }
 
     /// The router's base URL.
@@ -61,6 +69,9 @@ impl RouterClient {
         let mut call = self.http.post(endpoint(&self.base, REGISTER_PATH.trim_start_matches('/'))).json(request);
         if let Some(token) = token {
             call = call.header(NODE_TOKEN_HEADER, token);
+        }
+        if let Some(join) = &self.join_token {
+            call = call.header(JOIN_TOKEN_HEADER, join);
         }
         self.send(call).await
     }

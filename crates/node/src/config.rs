@@ -41,6 +41,11 @@ pub struct Cli {
     #[arg(long, env = "LLM_NODE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// A join token (`llmj_…`) from the router's administrator: the node joins with the token's tags and, when the
+    /// token auto-approves, approved at once. Required by a router in `--registration-mode token`.
+    #[arg(long, env = "LLM_NODE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+
     /// Tags announced to the router, comma separated, e.g. `rack-3,fast-disk`.
     #[arg(long, env = "LLM_NODE_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,
@@ -89,6 +94,8 @@ pub struct Config {
     pub machine_name: String,
     pub state_dir: PathBuf,
     pub tags: Vec<String>,
+    /// Sent with registrations as `X-Join-Token`.
+    pub join_token: Option<Secret>,
     pub gpu_detection: Detection,
     pub supported_runtimes: Vec<String>,
     pub runtime_version: Option<String>,
@@ -99,6 +106,16 @@ pub struct Config {
     pub router_timeout: Duration,
     /// Time limit of one call to the runtime.
     pub runtime_timeout: Duration,
+}
+
+/// A secret setting: `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
 }
 
 /// A setting that cannot be used, with a sentence saying which and why.
@@ -157,6 +174,7 @@ impl Cli {
             machine_name,
             state_dir,
             tags: clean_list(self.tags),
+            join_token: self.join_token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret),
             gpu_detection: self.gpu_detection,
             supported_runtimes: clean_list(self.supported_runtimes),
             runtime_version,

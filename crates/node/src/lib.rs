@@ -49,7 +49,8 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
     let config = cli.resolve(host_name, home)?;
 
     let runtime = runtime::Runtime::new(config.runtime_url.clone(), config.runtime_timeout)?;
-    let router = client::RouterClient::new(config.router_url.clone(), config.router_timeout)?;
+    let router = client::RouterClient::new(config.router_url.clone(), config.router_timeout)?
+        .with_join_token(config.join_token.as_ref().map(|secret| secret.0.clone()));
 
     let mut shutdown = std::pin::pin!(shutdown);
     let (probe, first_sample) = tokio::select! {

@@ -193,11 +193,17 @@ impl Router {
 
     /// Start a router on `port` (0: any free one) and wait for its "listening" line.
     pub fn start_on(data_dir: &Path, log: &Path, port: u16) -> Self {
+        Self::start_with(data_dir, log, port, &[])
+    }
+
+    /// Start a router with extra flags, on `port` (0: any free one), and wait for its "listening" line.
+    pub fn start_with(data_dir: &Path, log: &Path, port: u16, extra: &[&str]) -> Self {
         let log_file = fs::OpenOptions::new().create(true).append(true).open(log).expect("router log");
         let mut child = Command::new(router_bin())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)
             .args(["--heartbeat-interval-secs", "1", "--offline-after-secs", "2"])
+            .args(extra)
             .env("LLM_ROUTER_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env_remove("LLM_ROUTER_ADMIN_USERNAME")
             .env_remove("LLM_ROUTER_NO_REACHABILITY_CHECK")
@@ -266,6 +272,8 @@ pub struct NodeSettings {
     pub name: String,
     pub path_env: String,
     pub log: PathBuf,
+    /// `--join-token`, when the agent has one.
+    pub join_token: Option<String>,
 }
 
 impl Node {
@@ -331,6 +339,7 @@ pub fn node_command(settings: &NodeSettings) -> Command {
         .arg(&settings.state_dir)
         .args(["--name", &settings.name, "--gpu-detection", "nvidia-smi", "--tags", "e2e,rack-1"])
         .args(["--backoff-base-ms", "100", "--backoff-max-ms", "400", "--refused-retry-ms", "300"])
+        .args(settings.join_token.iter().flat_map(|token| ["--join-token", token.as_str()]))
         .env("PATH", &settings.path_env)
         .env("LLM_NODE_LOG", "info,llm_node=debug")
         .stdin(Stdio::null())
@@ -345,6 +354,7 @@ pub fn node_command(settings: &NodeSettings) -> Command {
         "LLM_NODE_GPU_DETECTION",
         "LLM_NODE_SUPPORTED_RUNTIMES",
         "LLM_NODE_RUNTIME_VERSION",
+        "LLM_NODE_JOIN_TOKEN",
     ] {
         command.env_remove(var);
     }
@@ -406,6 +416,20 @@ impl Admin {
             .expect("approve request");
         assert_eq!(response.status(), 200, "approve failed: {:?}", response.text().await);
         response.json().await.expect("approve answer")
+    }
+
+    /// Creates a join token; the answer, with the token itself.
+    pub async fn create_join_token(&self, body: Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/v0/join-tokens", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("join token request");
+        assert_eq!(response.status(), 201, "creating a join token failed: {:?}", response.text().await);
+        response.json().await.expect("join token answer")
     }
 
     pub async fn delete(&self, id: &str) {

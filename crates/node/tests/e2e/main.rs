@@ -44,6 +44,7 @@ impl Fleet {
             name: "gpu-box-1".into(),
             path_env: self.scratch.path_env(),
             log: self.scratch.path("node.log"),
+            join_token: None,
         }
     }
 
@@ -124,6 +125,7 @@ fn no_gpu_is_a_clear_non_zero_exit() {
             name: "no-gpu".into(),
             path_env: scratch.path_env(),
             log: scratch.path("node.log"),
+            join_token: None,
         };
         let mut node = Node::start(&settings);
         let exit = node.wait_exit(Duration::from_secs(10));
@@ -274,6 +276,7 @@ async fn an_agent_started_before_the_router_registers_once_it_is_up() {
         name: "early-bird".into(),
         path_env: scratch.path_env(),
         log: scratch.path("node.log"),
+        join_token: None,
     };
     let mut node = Node::start(&settings);
     let log = || tail(&settings.log);
@@ -305,6 +308,7 @@ async fn a_refused_registration_is_retried_without_crashing() {
         name: "runtime-late".into(),
         path_env: scratch.path_env(),
         log: scratch.path("node.log"),
+        join_token: None,
     };
     let mut node = Node::start(&settings);
     let log = || format!("{}\n--- router:\n{}", tail(&settings.log), tail(&scratch.path("router.log")));
@@ -321,4 +325,52 @@ async fn a_refused_registration_is_retried_without_crashing() {
     })
     .await;
     assert_eq!(registered["ready_models"], json!(["m"]));
+}
+
+#[tokio::test]
+async fn an_agent_with_an_auto_approving_join_token_comes_online_without_an_administrator() {
+    let scratch = Scratch::new();
+    scratch.fake_nvidia_smi_printing(THREE_GPUS_CSV);
+    let runtime = FakeRuntime::start(&["tiny-model"]);
+    let router = Router::start_with(
+        &scratch.path("router-data"),
+        &scratch.path("router.log"),
+        0,
+        &["--registration-mode", "token"],
+    );
+    let admin = Admin::login(&router.url()).await;
+    let created = admin.create_join_token(json!({"name": "e2e", "auto_approve": true, "tags": ["joined"]})).await;
+    let settings = |join_token: Option<String>, state: &str| NodeSettings {
+        router_url: router.url(),
+        runtime_url: runtime.url(),
+        state_dir: scratch.path(state),
+        name: "gpu-joined".into(),
+        path_env: scratch.path_env(),
+        log: scratch.path("node.log"),
+        join_token,
+    };
+    let logs = || {
+        format!("--- llm-node log:\n{}\n--- llm-router log:\n{}", tail(&scratch.path("node.log")), tail(&router.log))
+    };
+
+    // Without a token the router refuses, and the agent says what it lacks and keeps trying.
+    let mut refused = Node::start(&settings(None, "state-without"));
+    refused.wait_log("check --join-token", WAIT, logs).await;
+    assert!(refused.is_running(), "a refused agent keeps running");
+    assert_eq!(admin.nodes().await.map(|nodes| nodes.len()), Some(0));
+    refused.terminate(WAIT);
+
+    let token = created["token"].as_str().expect("token").to_owned();
+    let _node = Node::start(&settings(Some(token), "state-with"));
+    let node = wait_for("the node online without an approval", WAIT, logs, || async {
+        admin.only_node().await.filter(|node| status(node) == "online")
+    })
+    .await;
+    assert_eq!(node["approved_by"], "join-token:e2e");
+    assert_eq!(node["joined_with"], "e2e");
+    assert_eq!(node["tags"], json!(["e2e", "rack-1", "joined"]));
+    assert!(
+        !tail(&scratch.path("node.log")).contains(created["token"].as_str().expect("token")),
+        "the agent never logs its join token"
+    );
 }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod architecture;
+mod audit;
 mod binary;
 mod connections;
 mod durability;
@@ -10,6 +11,7 @@ mod exposition;
 mod heartbeat;
 mod helpers;
 mod hostile_input;
+mod join_tokens;
 mod legacy;
 mod observability;
 mod registration;
