@@ -118,7 +118,7 @@ impl RouterSpec {
         let mut lines = BufReader::new(stdout).lines();
         let waited = tokio::time::timeout(START_TIMEOUT, async {
             while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix(LISTENING_ON) {
+                if let Some(addr) = line.strip_prefix(LISTENING_ON).and_then(|url| url.strip_prefix("http://")) {
                     return Ok(Some(addr.trim().parse::<SocketAddr>()?));
                 }
             }

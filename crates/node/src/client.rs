@@ -43,13 +43,21 @@ pub struct RouterClient {
 }
 
 impl RouterClient {
-    /// A client for the router at `base`, every call bounded by `timeout`.
-    pub fn new(base: Url, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http = Client::builder()
+    /// A client for the router at `base`, every call bounded by `timeout`. For `https://`, the router's certificate
+    /// must chain to the system's roots or to `ca_pem` (a private CA's certificate, PEM).
+    pub fn new(base: Url, timeout: Duration, ca_pem: Option<&[u8]>) -> Result<Self, reqwest::Error> {
+        // rustls' ring provider; installing it twice (a second client) changes nothing.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("llm-node/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("llm-node/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build()?;
         Ok(RouterClient { http, base, join_token: None })
     }
 
@@ -246,7 +254,7 @@ mod tests {
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        let client = RouterClient::new(answering(answer), Duration::from_secs(5)).expect("client");
+        let client = RouterClient::new(answering(answer), Duration::from_secs(5), None).expect("client");
         let request = HeartbeatRequest {
             node_id: uuid::Uuid::nil(),
             cpu_usage: None,

@@ -19,7 +19,7 @@ use crate::gpu::Detection;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "llm-node", version, about, long_about)]
 pub struct Cli {
-    /// Base URL of the router, e.g. http://router.example:8080
+    /// Base URL of the router, e.g. https://router.example:8443 (or http:// on a trusted network)
     #[arg(long, env = "LLM_ROUTER_URL", required_unless_present = "check")]
     pub router_url: Option<String>,
 
@@ -40,6 +40,10 @@ pub struct Cli {
     /// Directory where the node id and token are kept (file `node.json`, mode 0600). Default: ~/.llm-node
     #[arg(long, env = "LLM_NODE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// A CA certificate (PEM) to trust for the router's HTTPS besides the system's roots: a private CA.
+    #[arg(long, env = "LLM_NODE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 
     /// A join token (`llmj_…`) from the router's administrator: the node joins with the token's tags and, when the
     /// token auto-approves, approved at once. Required by a router in `--registration-mode token`.
@@ -96,6 +100,8 @@ pub struct Config {
     pub tags: Vec<String>,
     /// Sent with registrations as `X-Join-Token`.
     pub join_token: Option<Secret>,
+    /// A CA (PEM) trusted for the router's certificate besides the system's roots.
+    pub ca_cert: Option<PathBuf>,
     pub gpu_detection: Detection,
     pub supported_runtimes: Vec<String>,
     pub runtime_version: Option<String>,
@@ -123,17 +129,23 @@ impl std::fmt::Debug for Secret {
 #[error("{0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    pub fn new(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
 impl Cli {
     /// Check the parsed flags and fill in defaults that need the machine (host name, home directory).
     ///
     /// `host_name` and `home` are passed in so the defaults can be tested without touching the machine.
     pub fn resolve(self, host_name: Option<String>, home: Option<PathBuf>) -> Result<Config, ConfigError> {
         let router_url = match self.router_url.as_deref() {
-            Some(raw) => parse_http_url("--router-url (LLM_ROUTER_URL)", raw)?,
+            Some(raw) => parse_url("--router-url (LLM_ROUTER_URL)", raw, Schemes::HttpOrHttps)?,
             // Only `--check` runs without a router; it never talks to it.
-            None => parse_http_url("--router-url", "http://127.0.0.1:8080")?,
+            None => parse_url("--router-url", "http://127.0.0.1:8080", Schemes::HttpOrHttps)?,
         };
-        let runtime_url = parse_http_url("--runtime-url (LLM_NODE_RUNTIME_URL)", &self.runtime_url)?;
+        let runtime_url = parse_url("--runtime-url (LLM_NODE_RUNTIME_URL)", &self.runtime_url, Schemes::Http)?;
         let runtime_port = runtime_url.port_or_known_default().ok_or_else(|| {
             ConfigError(format!("--runtime-url `{runtime_url}` has no port and no default port for its scheme"))
         })?;
@@ -175,6 +187,7 @@ impl Cli {
             state_dir,
             tags: clean_list(self.tags),
             join_token: self.join_token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret),
+            ca_cert: self.ca_cert,
             gpu_detection: self.gpu_detection,
             supported_runtimes: clean_list(self.supported_runtimes),
             runtime_version,
@@ -199,19 +212,30 @@ fn clean_list(items: Vec<String>) -> Vec<String> {
     out
 }
 
-/// Parse a base URL that this build can talk to (plain HTTP).
-fn parse_http_url(what: &str, raw: &str) -> Result<Url, ConfigError> {
+/// Which schemes a URL may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schemes {
+    /// The local runtime: plain HTTP.
+    Http,
+    /// The router: HTTPS, or plain HTTP on a trusted network.
+    HttpOrHttps,
+}
+
+/// Parse a base URL with one of the `allowed` schemes.
+fn parse_url(what: &str, raw: &str, allowed: Schemes) -> Result<Url, ConfigError> {
     let url = Url::parse(raw.trim()).map_err(|e| ConfigError(format!("{what}: `{raw}` is not a URL: {e}")))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
+    match (url.scheme(), allowed) {
+        ("http", _) | ("https", Schemes::HttpOrHttps) => {}
+        ("https", Schemes::Http) => {
             return Err(ConfigError(format!(
-                "{what}: `{raw}` uses https, which this build does not support; use http:// (behind a TLS proxy if \
-                 needed)"
+                "{what}: `{raw}` uses https; the runtime beside the agent is reached over plain http://"
             )));
         }
-        other => {
+        (other, Schemes::Http) => {
             return Err(ConfigError(format!("{what}: `{raw}` has scheme `{other}`; expected http://")));
+        }
+        (other, Schemes::HttpOrHttps) => {
+            return Err(ConfigError(format!("{what}: `{raw}` has scheme `{other}`; expected https:// or http://")));
         }
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -290,8 +314,13 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_setting_named() {
-        let err = resolve(&["--router-url", "https://r"]).expect_err("https refused");
-        assert!(err.to_string().contains("https"), "{err}");
+        let https = resolve(&["--router-url", "https://r:8443"]).expect("https to the router");
+        assert_eq!(https.router_url.as_str(), "https://r:8443/");
+        let err = resolve(&["--router-url", "http://r", "--runtime-url", "https://127.0.0.1:8000"])
+            .expect_err("https to the runtime refused");
+        assert!(err.to_string().contains("--runtime-url"), "{err}");
+        let err = resolve(&["--router-url", "ftp://r"]).expect_err("ftp refused");
+        assert!(err.to_string().contains("https://"), "{err}");
         let err = resolve(&["--router-url", "not a url"]).expect_err("refused");
         assert!(err.to_string().contains("--router-url"), "{err}");
         let err = resolve(&["--router-url", "http://r", "--name", "  "]).expect_err("blank name refused");

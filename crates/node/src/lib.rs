@@ -49,7 +49,13 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
     let config = cli.resolve(host_name, home)?;
 
     let runtime = runtime::Runtime::new(config.runtime_url.clone(), config.runtime_timeout)?;
-    let router = client::RouterClient::new(config.router_url.clone(), config.router_timeout)?
+    let ca_pem = match &config.ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|err| {
+            config::ConfigError::new(format!("--ca-cert (LLM_NODE_CA_CERT): cannot read {}: {err}", path.display()))
+        })?),
+        None => None,
+    };
+    let router = client::RouterClient::new(config.router_url.clone(), config.router_timeout, ca_pem.as_deref())?
         .with_join_token(config.join_token.as_ref().map(|secret| secret.0.clone()));
 
     let mut shutdown = std::pin::pin!(shutdown);

@@ -28,11 +28,12 @@ use crate::server;
 use crate::state::{AppInner, AppState};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{NewNode, Store, UserRow};
+use crate::tls::Tls;
 use crate::validate;
 
-/// The start of the line `llm-router serve` prints on stdout once it listens, followed by the address: what
-/// scripts, tests and benchmarks wait for.
-pub const LISTENING_ON: &str = "llm-router listening on http://";
+/// The start of the line `llm-router serve` prints on stdout once it listens, followed by its URL
+/// (`http://ADDR` or `https://ADDR`): what scripts, tests and benchmarks wait for.
+pub const LISTENING_ON: &str = "llm-router listening on ";
 
 /// A built application, ready to serve.
 pub struct App {
@@ -43,6 +44,11 @@ impl App {
     /// Creates the data directory and database, applies migrations, creates the first administrator when there
     /// is no user, and loads the registry.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        // The process's TLS provider (ring), for every rustls user in it; a second app in one process (tests) finds
+        // it installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // An unreadable certificate stops the start before anything is written.
+        let tls = settings.tls.as_ref().map(|files| Tls::load(&files.cert, &files.key)).transpose()?.map(Arc::new);
         ensure_writable_dir(&settings.data_dir)?;
         // A corrupt legacy file stops the start before the database is created.
         let legacy = legacy::read(&settings.data_dir, clock.now_ms())?;
@@ -82,6 +88,7 @@ impl App {
                 login_throttle: LoginThrottle::default(),
                 registration_limiter,
                 audit,
+                tls,
             }),
         })
     }
@@ -137,6 +144,7 @@ impl App {
             max_connections: server::connection_cap(state.settings.max_connections),
             header_timeout: state.settings.header_timeout,
             idle_timeout: state.settings.idle_timeout,
+            tls: state.tls.clone(),
         };
         let served =
             server::serve(listener, routes::router(state.clone()), limits, state.metrics.clone(), shutdown).await;
@@ -305,7 +313,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let app = App::build(settings, Arc::new(SystemClock)).await?;
     let shutdown = shutdown_signal()?;
     let addr = listener.local_addr()?;
-    println!("{LISTENING_ON}{addr}");
+    let scheme = match &app.state.tls {
+        Some(tls) => {
+            reload_on_hangup(tls.clone())?;
+            "https"
+        }
+        None => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "serving plain HTTP on a non-loopback address: node tokens, passwords and session cookies cross \
+                     the network in clear text; give --tls-cert and --tls-key to serve HTTPS"
+                );
+            }
+            "http"
+        }
+    };
+    println!("{LISTENING_ON}{scheme}://{addr}");
     app.serve(listener, shutdown).await
 }
 
@@ -331,6 +355,24 @@ fn log_open_file_limit(limit: &server::OpenFileLimit, configured: Option<usize>)
             "--max-connections exceeds what the open-file limit allows ({derived}); accepts may fail with too many open files"
         );
     }
+}
+
+/// Reads the certificate files again on every SIGHUP; a failed reload keeps the certificate in use.
+fn reload_on_hangup(tls: Arc<Tls>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded; new connections get it"),
+                Err(err) => tracing::error!(
+                    error = %format!("{err:#}"),
+                    "TLS certificate not reloaded; the one in use stays"
+                ),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the future is first

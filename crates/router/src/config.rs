@@ -68,6 +68,13 @@ pub struct ServeArgs {
     /// cookie `Secure`.
     #[arg(long, env = "LLM_ROUTER_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM), read again on SIGHUP; needs --tls-key.
+    #[arg(long, env = "LLM_ROUTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM), read again on SIGHUP.
+    #[arg(long, env = "LLM_ROUTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Days node events are kept (each node also keeps at most its newest 1,000).
     #[arg(long, env = "LLM_ROUTER_EVENT_RETENTION_DAYS", default_value_t = 30,
@@ -135,6 +142,13 @@ fn parse_public_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
+/// The files of the router's TLS certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Who may register (SPEC §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RegistrationMode {
@@ -160,6 +174,8 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// The router's public address; `https://` makes the session cookie `Secure`.
     pub public_url: Option<String>,
+    /// Certificate chain and private key of HTTPS; plain HTTP when absent.
+    pub tls: Option<TlsFiles>,
     /// How long node events are kept.
     pub event_retention: Duration,
     /// Anonymous registrations per minute and source address; 0 = no limit.
@@ -203,6 +219,7 @@ impl Settings {
             flush_interval: Duration::from_secs(1),
             session_ttl: Duration::from_secs(12 * 3600),
             public_url: None,
+            tls: None,
             event_retention: Duration::from_secs(30 * 86_400),
             registration_rate: 10,
             max_pending: 1000,
@@ -268,6 +285,7 @@ impl ServeArgs {
             admin_username: self.admin_username,
             admin_password: self.admin_password,
             public_url: self.public_url,
+            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
             event_retention: Duration::from_secs(self.event_retention_days * 86_400),
             registration_rate: self.registration_rate,
             max_pending: self.max_pending,

@@ -12,6 +12,7 @@ use crate::probe::Prober;
 use crate::rate_limit::RegistrationLimiter;
 use crate::registry::Registry;
 use crate::store::Store;
+use crate::tls::Tls;
 
 /// The application's parts.
 pub struct AppInner {
@@ -31,6 +32,8 @@ pub struct AppInner {
     pub registration_limiter: RegistrationLimiter,
     /// Who did what: admin actions, sign-ins, throttling decisions.
     pub audit: AuditLog,
+    /// The HTTPS certificate, when the router serves HTTPS; reloaded on SIGHUP.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Shared handle to the application.

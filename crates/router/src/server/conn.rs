@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 
 use super::tracked::{ConnService, TrackedIo};
 use super::{LINGER, LINGER_MAX_BYTES, Limits, MAX_LINGERING};
+use crate::tls::ClientStream;
 
 /// Milliseconds since the server started, advanced every [`CLOCK_TICK`] and on every accept, so the request path
 /// stamps phases with one relaxed load instead of reading the system clock.
@@ -199,6 +200,11 @@ impl Shared {
     /// Answers `503 overloaded` and closes, after letting the client read the answer for a moment.
     fn refuse(&self, stream: TcpStream) {
         Metrics::inc(&self.metrics.connections_refused);
+        if self.limits.tls.is_some() {
+            // A plain-text answer means nothing to a TLS client, and a handshake is work the router has no room
+            // for: the connection is closed.
+            return;
+        }
         let answer = self.overloaded.clone();
         if self.lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
             self.lingering.fetch_sub(1, Ordering::Relaxed);
@@ -327,11 +333,39 @@ async fn connection(
     peer: SocketAddr,
     mut closed: oneshot::Receiver<Close>,
 ) {
+    let (_, accepted_ms) = state.get();
+    let first_deadline = accepted_ms.saturating_add(millis(shared.limits.header_timeout));
+    let stream = match &shared.limits.tls {
+        None => ClientStream::Plain(stream),
+        // The handshake counts toward the first request's header timeout, and the connection can be evicted
+        // meanwhile like one still sending headers.
+        Some(tls) => {
+            let handshake =
+                tokio::time::timeout_at(shared.clock.instant(first_deadline).into(), tls.acceptor().accept(stream));
+            tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(stream)) => ClientStream::Tls(Box::new(stream)),
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        shared.remove(id);
+                        return;
+                    }
+                    Err(_) => {
+                        Metrics::inc(&shared.metrics.header_timeouts);
+                        shared.remove(id);
+                        return;
+                    }
+                },
+                _ = &mut closed => {
+                    shared.remove(id);
+                    return;
+                }
+            }
+        }
+    };
     let io = TokioIo::new(TrackedIo { stream, state: state.clone() });
     let service = ConnService { router: shared.router.clone(), state: state.clone(), peer };
     let mut conn = pin!(shared.builder.serve_connection(io, service));
-    let (_, accepted_ms) = state.get();
-    let first_deadline = accepted_ms.saturating_add(millis(shared.limits.header_timeout));
     let mut timer = pin!(tokio::time::sleep_until(shared.clock.instant(first_deadline).into()));
     let mut closing = false;
     loop {
@@ -385,6 +419,7 @@ mod tests {
             max_connections: 32,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            tls: None,
         };
         // Headers: 10 s from the accept or the request's first byte.
         assert_eq!(verdict(Phase::Headers, 1_000, 5_000, &limits), Verdict::RecheckAt(11_000));

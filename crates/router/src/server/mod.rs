@@ -39,6 +39,7 @@ use tokio::sync::Notify;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::tls::Tls;
 use conn::{CoarseClock, Shared, Table};
 
 /// Open files kept for everything that is not a client connection, whatever the limit: the listener, the runtime,
@@ -88,11 +89,13 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// The bounds of the accept loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Serve HTTPS with this certificate: the handshake counts toward the header timeout.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// The open-file limits of this process around [`raise_open_file_limit`]; `None` is unlimited.

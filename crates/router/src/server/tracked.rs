@@ -9,6 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use super::conn::{ConnState, Phase};
+use crate::tls::ClientStream;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
@@ -16,13 +18,10 @@ use axum::http::{Request, Response};
 use axum::routing::future::RouteFuture;
 use hyper::body::{Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-
-use super::conn::{ConnState, Phase};
 
 /// The client's socket; bytes read from it may start a request on an idle connection.
 pub(super) struct TrackedIo {
-    pub(super) stream: TcpStream,
+    pub(super) stream: ClientStream,
     pub(super) state: Arc<ConnState>,
 }
 

@@ -54,8 +54,8 @@ async fn start(data_dir: &Path, password: Option<&str>) -> Router {
     let mut banner = Vec::new();
     let base = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stdout.next_line().await.expect("read stdout") {
-            if let Some(addr) = line.strip_prefix(LISTENING_ON) {
-                return format!("http://{addr}");
+            if let Some(url) = line.strip_prefix(LISTENING_ON) {
+                return url.to_owned();
             }
             banner.push(line);
         }

@@ -18,3 +18,4 @@ mod registration;
 mod registration_limits;
 mod sign_in_limits;
 mod storage;
+mod tls;
