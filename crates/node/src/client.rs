@@ -33,6 +33,12 @@ pub enum Failure {
     RetryLater { status: u16, code: String, message: String, retry_after: Duration },
 }
 
+/// Makes rustls' ring provider the process's, as every HTTP client of the agent needs; installing it again (a
+/// second client) changes nothing.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Client of one router.
 #[derive(Debug, Clone)]
 pub struct RouterClient {
@@ -46,8 +52,7 @@ impl RouterClient {
     /// A client for the router at `base`, every call bounded by `timeout`. For `https://`, the router's certificate
     /// must chain to the system's roots or to `ca_pem` (a private CA's certificate, PEM).
     pub fn new(base: Url, timeout: Duration, ca_pem: Option<&[u8]>) -> Result<Self, reqwest::Error> {
-        // rustls' ring provider; installing it twice (a second client) changes nothing.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_tls_provider();
         let mut builder = Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))

@@ -43,6 +43,7 @@ pub struct Runtime {
 impl Runtime {
     /// A client for the runtime at `base`, every call bounded by `timeout`.
     pub fn new(base: Url, timeout: Duration) -> Result<Self, reqwest::Error> {
+        crate::client::install_tls_provider();
         let http = Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
         Ok(Runtime { http, base })
     }

@@ -183,6 +183,8 @@ pub struct Router {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// `http` or `https`, as the router's listening line says.
+    scheme: String,
 }
 
 impl Router {
@@ -222,13 +224,14 @@ impl Router {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
-        let port = loop {
+        let (scheme, port) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix(LISTENING_ON) {
+                        let scheme = rest.split("://").next().unwrap_or("http").to_owned();
                         let port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
-                        break port.unwrap_or_else(|| panic!("no port in the router's line `{line}`"));
+                        break (scheme, port.unwrap_or_else(|| panic!("no port in the router's line `{line}`")));
                     }
                 }
                 Err(_) => {
@@ -238,11 +241,17 @@ impl Router {
                 }
             }
         };
-        Router { child, port, log: log.to_owned() }
+        Router { child, port, log: log.to_owned(), scheme }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+
+    /// Send the router SIGHUP (it reads its certificate again).
+    pub fn hang_up(&self) {
+        let status = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().expect("kill -HUP");
+        assert!(status.success(), "kill -HUP failed");
     }
 
     /// Kill the router at once (SIGKILL), as a crash would.
@@ -274,6 +283,8 @@ pub struct NodeSettings {
     pub log: PathBuf,
     /// `--join-token`, when the agent has one.
     pub join_token: Option<String>,
+    /// `--ca-cert`, when the router's certificate comes from a private CA.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Node {
@@ -340,6 +351,7 @@ pub fn node_command(settings: &NodeSettings) -> Command {
         .args(["--name", &settings.name, "--gpu-detection", "nvidia-smi", "--tags", "e2e,rack-1"])
         .args(["--backoff-base-ms", "100", "--backoff-max-ms", "400", "--refused-retry-ms", "300"])
         .args(settings.join_token.iter().flat_map(|token| ["--join-token", token.as_str()]))
+        .args(settings.ca_cert.iter().flat_map(|path| [std::ffi::OsStr::new("--ca-cert"), path.as_os_str()]))
         .env("PATH", &settings.path_env)
         .env("LLM_NODE_LOG", "info,llm_node=debug")
         .stdin(Stdio::null())
@@ -355,6 +367,7 @@ pub fn node_command(settings: &NodeSettings) -> Command {
         "LLM_NODE_SUPPORTED_RUNTIMES",
         "LLM_NODE_RUNTIME_VERSION",
         "LLM_NODE_JOIN_TOKEN",
+        "LLM_NODE_CA_CERT",
     ] {
         command.env_remove(var);
     }
@@ -378,7 +391,17 @@ pub struct Admin {
 
 impl Admin {
     pub async fn login(router_url: &str) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+        Self::login_trusting(router_url, None).await
+    }
+
+    /// Sign in over HTTPS whose certificate chains to `ca_pem`.
+    pub async fn login_trusting(router_url: &str, ca_pem: Option<&str>) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(pem) = ca_pem {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).expect("CA"));
+        }
+        let http = builder.build().expect("http client");
         let response = http
             .post(format!("{router_url}/v0/auth/login"))
             .json(&json!({"username": "admin", "password": ADMIN_PASSWORD}))
@@ -449,4 +472,33 @@ pub fn stored_node_id(state_dir: &Path) -> Option<String> {
     let text = fs::read_to_string(state_dir.join("node.json")).ok()?;
     let value: Value = serde_json::from_str(&text).ok()?;
     value["node_id"].as_str().map(str::to_owned)
+}
+
+/// A private CA that signs the router's certificates for `127.0.0.1`.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "llm-node test CA");
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        TestCa { issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA certificate") }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Writes a certificate for 127.0.0.1 and its key to `cert` and `key`; returns the certificate's DER.
+    pub fn issue(&self, cert: &Path, key: &Path) -> Vec<u8> {
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        let pair = rcgen::KeyPair::generate().expect("key");
+        let signed = params.signed_by(&pair, &self.issuer).expect("certificate");
+        fs::write(cert, signed.pem()).expect("write certificate");
+        fs::write(key, pair.serialize_pem()).expect("write key");
+        signed.der().to_vec()
+    }
 }

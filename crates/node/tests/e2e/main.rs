@@ -45,6 +45,7 @@ impl Fleet {
             path_env: self.scratch.path_env(),
             log: self.scratch.path("node.log"),
             join_token: None,
+            ca_cert: None,
         }
     }
 
@@ -126,6 +127,7 @@ fn no_gpu_is_a_clear_non_zero_exit() {
             path_env: scratch.path_env(),
             log: scratch.path("node.log"),
             join_token: None,
+            ca_cert: None,
         };
         let mut node = Node::start(&settings);
         let exit = node.wait_exit(Duration::from_secs(10));
@@ -277,6 +279,7 @@ async fn an_agent_started_before_the_router_registers_once_it_is_up() {
         path_env: scratch.path_env(),
         log: scratch.path("node.log"),
         join_token: None,
+        ca_cert: None,
     };
     let mut node = Node::start(&settings);
     let log = || tail(&settings.log);
@@ -309,6 +312,7 @@ async fn a_refused_registration_is_retried_without_crashing() {
         path_env: scratch.path_env(),
         log: scratch.path("node.log"),
         join_token: None,
+        ca_cert: None,
     };
     let mut node = Node::start(&settings);
     let log = || format!("{}\n--- router:\n{}", tail(&settings.log), tail(&scratch.path("router.log")));
@@ -348,6 +352,7 @@ async fn an_agent_with_an_auto_approving_join_token_comes_online_without_an_admi
         path_env: scratch.path_env(),
         log: scratch.path("node.log"),
         join_token,
+        ca_cert: None,
     };
     let logs = || {
         format!("--- llm-node log:\n{}\n--- llm-router log:\n{}", tail(&scratch.path("node.log")), tail(&router.log))
@@ -373,4 +378,67 @@ async fn an_agent_with_an_auto_approving_join_token_comes_online_without_an_admi
         !tail(&scratch.path("node.log")).contains(created["token"].as_str().expect("token")),
         "the agent never logs its join token"
     );
+}
+
+#[tokio::test]
+async fn an_agent_heartbeats_over_https_through_a_certificate_rotation() {
+    let scratch = Scratch::new();
+    scratch.fake_nvidia_smi_printing(THREE_GPUS_CSV);
+    let runtime = FakeRuntime::start(&["tiny-model"]);
+    let ca = TestCa::new();
+    let ca_file = scratch.path("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let (cert, key) = (scratch.path("router.pem"), scratch.path("router.key"));
+    let first = ca.issue(&cert, &key);
+    let router = Router::start_with(
+        &scratch.path("router-data"),
+        &scratch.path("router.log"),
+        0,
+        &["--tls-cert", cert.to_str().expect("path"), "--tls-key", key.to_str().expect("path")],
+    );
+    assert!(router.url().starts_with("https://"), "{}", router.url());
+    let admin = Admin::login_trusting(&router.url(), Some(&ca.pem())).await;
+    let settings = NodeSettings {
+        router_url: router.url(),
+        runtime_url: runtime.url(),
+        state_dir: scratch.path("node-state"),
+        name: "gpu-https".into(),
+        path_env: scratch.path_env(),
+        log: scratch.path("node.log"),
+        join_token: None,
+        ca_cert: Some(ca_file),
+    };
+    let logs = || format!("--- llm-node log:\n{}\n--- llm-router log:\n{}", tail(&settings.log), tail(&router.log));
+    let _node = Node::start(&settings);
+    let pending = wait_for("the node pending over https", WAIT, logs, || async { admin.only_node().await }).await;
+    admin.approve(&id(&pending)).await;
+    let online = wait_for("the node online", WAIT, logs, || async {
+        admin.only_node().await.filter(|node| status(node) == "online")
+    })
+    .await;
+
+    // Rotate: a new certificate in the same files, then SIGHUP.
+    let second = ca.issue(&cert, &key);
+    assert_ne!(first, second);
+    router.hang_up();
+    wait_for("the router to reload its certificate", WAIT, logs, || async {
+        std::fs::read_to_string(&router.log).ok().filter(|log| log.contains("TLS certificate reloaded")).map(|_| ())
+    })
+    .await;
+    let seen = online["last_seen_at"].as_str().expect("last seen").to_owned();
+    wait_for("heartbeats after the rotation", WAIT, logs, || async {
+        admin.only_node().await.filter(|node| {
+            status(node) == "online" && node["last_seen_at"].as_str().is_some_and(|at| at > seen.as_str())
+        })
+    })
+    .await;
+    // A new connection is served the new certificate.
+    let fresh = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("CA")])
+        .tls_info(true)
+        .build()
+        .expect("client");
+    let answer = fresh.get(format!("{}/healthz", router.url())).send().await.expect("healthz over https");
+    let info = answer.extensions().get::<reqwest::tls::TlsInfo>().expect("TLS info");
+    assert_eq!(info.peer_certificate().map(<[u8]>::to_vec), Some(second));
 }
