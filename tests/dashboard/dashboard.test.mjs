@@ -519,6 +519,7 @@ describe('dashboard', { timeout: 120_000 }, () => {
       await viewer.locator('#readonly-note').waitFor();
       assert.equal(await viewer.locator('#node-rows tr').count(), 6);
       assert.equal(await viewer.locator('.act-approve, .act-delete').count(), 0);
+      assert.ok(await viewer.locator('nav.nav').isHidden(), 'no Join tokens or Audit page for a viewer');
       assert.equal(await viewer.locator('#node-rows button', { hasText: /Approve|Delete/ }).count(), 0);
 
       const scrolled = await viewer.evaluate(() => {
@@ -559,6 +560,87 @@ describe('dashboard', { timeout: 120_000 }, () => {
       return response.status;
     }, pending.id);
     assert.equal(withoutHeader, 403);
+  });
+
+  test('Join tokens: create one, see it once with the agent command, a machine joins with it, revoke it', async () => {
+    await page.goto(`${base}/dashboard#/join-tokens`);
+    await page.locator('#view-join-tokens').waitFor();
+    assert.equal(await page.locator('#nav-join-tokens').getAttribute('aria-current'), 'page');
+    assert.ok(await page.locator('#view-nodes').isHidden(), 'the fleet is not on this page');
+    await page.fill('#token-name', 'rack 9');
+    await page.selectOption('#token-expires', '3600');
+    await page.fill('#token-max-uses', '2');
+    await page.fill('#token-tags', 'rack-9, batch-2');
+    await page.check('#token-auto-approve');
+    await page.click('#token-create');
+    await page.locator('#token-created').waitFor();
+    const secret = (await page.textContent('#token-secret')).trim();
+    assert.match(secret, /^llmj_[0-9a-f]{64}$/);
+    const command = await page.textContent('#token-command');
+    assert.ok(command.includes(`LLM_NODE_JOIN_TOKEN=${secret}`) && command.includes(`LLM_ROUTER_URL=${base}`), command);
+    const listed = page.locator('#token-rows tr', { hasText: 'rack 9' });
+    await listed.locator('.col-uses', { hasText: '0 / 2' }).waitFor();
+    await listed.locator('.badge', { hasText: 'active' }).waitFor();
+    assert.ok(!(await page.textContent('#token-rows')).includes(secret), 'the list never shows the token');
+    await page.click('#token-dismiss');
+    assert.equal(await page.textContent('#token-secret'), '', 'gone from the page once dismissed');
+
+    // A machine joins with it: approved by the token's rule, and the node shows the token it joined with.
+    const joined = await expectStatus(fetch(`${base}/v0/nodes`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'X-Join-Token': secret },
+      body: JSON.stringify({
+        machine_name: 'gpu-joined-01', ip_address: '10.20.0.90', runtime_port: 8000, runtime_version: 'vLLM 0.6.3',
+        gpu_devices: [{ model: 'NVIDIA L4', count: 1 }], ready_models: ['tiny'],
+      }),
+    }).then(async (r) => ({ status: r.status, body: await r.json() })), 201);
+    assert.equal(joined.status, 'online');
+    await page.reload();
+    await listed.locator('.col-uses', { hasText: '1 / 2' }).waitFor();
+    await page.click('#nav-nodes');
+    await page.locator('#view-nodes').waitFor();
+    await row(page, { id: joined.node_id }).locator('.name-link').click();
+    await page.locator('#detail-overview', { hasText: 'join token “rack 9”' }).waitFor();
+    await page.locator('#detail-events .event', { hasText: 'by join-token:rack 9' }).waitFor();
+
+    await page.click('#nav-join-tokens');
+    await listed.locator('.act-revoke').click();
+    await page.locator('#confirm[open]').waitFor();
+    await page.click('#confirm-ok');
+    await listed.locator('.badge', { hasText: 'revoked' }).waitFor();
+    assert.equal(await listed.locator('.act-revoke').count(), 0);
+    const refused = await fetch(`${base}/v0/nodes`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'X-Join-Token': secret },
+      body: JSON.stringify({
+        machine_name: 'gpu-joined-02', ip_address: '10.20.0.91', runtime_port: 8000, runtime_version: 'vLLM 0.6.3',
+        gpu_devices: [{ model: 'NVIDIA L4', count: 1 }],
+      }),
+    });
+    assert.equal(refused.status, 401);
+    await screenshot(page, 'join-tokens.png');
+  });
+
+  test('Audit: sign-ins and admin actions are listed newest first and filtered by actor and action', async () => {
+    await expectStatus(call('POST', '/v0/auth/login', { body: { username: 'mallory', password: 'not the password' } }), 401);
+    await page.click('#nav-audit');
+    await page.locator('#view-audit').waitFor();
+    await page.locator('#audit-rows tr', { hasText: 'join_token.revoke' }).first().waitFor();
+    const first = await page.locator('#audit-rows tr').first().textContent();
+    assert.match(first, /mallory.*auth\.login.*failure/s, 'the newest event first');
+    await page.fill('#audit-actor', 'mallory');
+    await page.click('#audit-apply');
+    await page.locator('#audit-rows tr', { hasText: 'mallory' }).first().waitFor();
+    assert.equal(await page.locator('#audit-rows tr').count(), 1);
+    await page.fill('#audit-actor', '');
+    await page.selectOption('#audit-action', 'join_token.create');
+    await page.click('#audit-apply');
+    await page.locator('#audit-rows tr', { hasText: 'rack 9' }).waitFor();
+    const actions = await page.locator('#audit-rows tr td:nth-child(4)').allTextContents();
+    assert.ok(actions.length > 0 && actions.every((a) => a === 'join_token.create'), actions.join(','));
+    await screenshot(page, 'audit.png');
+    await page.click('#nav-nodes');
+    await page.locator('#view-nodes').waitFor();
   });
 
   test('a banner says when the router cannot be reached, and goes when it answers again', async () => {

@@ -279,6 +279,7 @@ function showApp(user) {
   setText($('empty-command'), `LLM_ROUTER_URL=${location.origin} \\\n  LLM_NODE_RUNTIME_URL=http://127.0.0.1:8000 \\\n  llm-node`);
   show('app');
   document.title = 'llm-router';
+  route();
   const session = state.session;
   refresh().then(() => {
     const match = NODE_HASH.exec(location.hash);
@@ -839,7 +840,7 @@ function closeDetail() {
   const id = state.detailId;
   state.detailId = null;
   $('detail').hidden = true;
-  if (location.hash) history.replaceState(null, '', location.pathname + location.search);
+  if (NODE_HASH.test(location.hash)) history.replaceState(null, '', location.pathname + location.search);
   const view = id && state.rows.get(id);
   if (view) toggleClass(view.tr, 'is-selected', false);
 }
@@ -857,6 +858,7 @@ document.addEventListener('keydown', (event) => {
 });
 
 window.addEventListener('hashchange', () => {
+  route();
   const match = NODE_HASH.exec(location.hash);
   if (match && state.nodes.has(match[1])) openDetail(match[1]);
   else if (!match && state.detailId) closeDetail();
@@ -891,6 +893,7 @@ function renderOverview(node) {
       ? `${formatPercent(node.metrics.cpu_usage)} · ${formatPercent(node.metrics.memory_usage)}`
       : '–'],
     ['Active requests', node.metrics?.active_requests ?? '–'],
+    ['Joined with', node.joined_with ? `join token “${node.joined_with}”` : '–'],
     ['Node id', node.id, 'mono'],
   ];
   renderKv($('detail-overview'), rows);
@@ -1059,5 +1062,149 @@ function renderEvents() {
       el('time', { className: 'event-time', dateTime: event.at, title: event.at }, formatTime(event.at))));
   });
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pages of administrators: join tokens and the audit log.
+
+const PAGES = { '#/join-tokens': 'join-tokens', '#/audit': 'audit' };
+
+/** Shows the page the address names; the fleet for anything else (and for a viewer). */
+function route() {
+  const page = isAdmin() ? (PAGES[location.hash] ?? 'nodes') : 'nodes';
+  $('view-nodes').hidden = page !== 'nodes';
+  $('view-join-tokens').hidden = page !== 'join-tokens';
+  $('view-audit').hidden = page !== 'audit';
+  for (const [id, name] of [['nav-nodes', 'nodes'], ['nav-join-tokens', 'join-tokens'], ['nav-audit', 'audit']]) {
+    if (page === name) $(id).setAttribute('aria-current', 'page');
+    else $(id).removeAttribute('aria-current');
+  }
+  if (page !== 'nodes' && state.detailId) closeDetail();
+  if (page === 'join-tokens') loadTokens();
+  if (page === 'audit') loadAudit(false);
+}
+
+const TOKEN_STATES = { active: 'online', expired: 'offline', used_up: 'registering', revoked: 'deleted' };
+
+async function loadTokens() {
+  try {
+    renderTokens(await api('GET', '/v0/join-tokens'));
+  } catch (err) {
+    actionFailed('Loading join tokens', err);
+  }
+}
+
+function renderTokens(tokens) {
+  $('tokens-empty').hidden = tokens.length > 0;
+  $('token-rows').replaceChildren(...tokens.map((token) => {
+    const revoke = token.state === 'active'
+      ? el('button', { type: 'button', className: 'btn btn-small btn-danger-ghost act-revoke' }, 'Revoke')
+      : null;
+    revoke?.addEventListener('click', () => revokeToken(token));
+    return el('tr', { dataset: { tokenId: token.id } },
+      el('td', { className: 'col-name' }, token.name),
+      el('td', {}, el('span', { className: `badge badge-${TOKEN_STATES[token.state] ?? 'deleted'}` },
+        el('span', { className: 'badge-dot' }), token.state.replace('_', ' '))),
+      el('td', { className: 'num col-uses' }, `${token.uses} / ${token.max_uses ?? '∞'}`),
+      el('td', {}, formatTime(token.expires_at)),
+      el('td', {}, token.auto_approve ? 'yes' : 'no'),
+      el('td', {}, token.tags.join(', ') || '–'),
+      el('td', {}, token.created_by),
+      el('td', { className: 'col-actions' }, revoke));
+  }));
+}
+
+$('token-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const error = $('token-error');
+  error.hidden = true;
+  const maxUses = $('token-max-uses').value.trim();
+  const body = {
+    name: $('token-name').value.trim(),
+    expires_in_secs: Number($('token-expires').value),
+    auto_approve: $('token-auto-approve').checked,
+    tags: $('token-tags').value.split(',').map((tag) => tag.trim()).filter(Boolean),
+  };
+  if (maxUses) body.max_uses = Number(maxUses);
+  const button = $('token-create');
+  button.disabled = true;
+  try {
+    const created = await api('POST', '/v0/join-tokens', body);
+    setText($('token-created-name'), `“${created.name}”`);
+    setText($('token-secret'), created.token);
+    setText($('token-command'), `LLM_ROUTER_URL=${location.origin} \\\n  LLM_NODE_JOIN_TOKEN=${created.token} \\\n  LLM_NODE_RUNTIME_URL=http://127.0.0.1:8000 \\\n  llm-node`);
+    $('token-created').hidden = false;
+    $('token-form').reset();
+    await loadTokens();
+  } catch (err) {
+    if (err instanceof ApiError && err.status !== 401) {
+      error.hidden = false;
+      setText(error, err.message);
+    } else {
+      actionFailed('Creating the join token', err);
+    }
+  } finally {
+    button.disabled = false;
+  }
+});
+
+$('token-dismiss').addEventListener('click', () => {
+  // The token is gone from the page for good: it was shown once.
+  setText($('token-secret'), '');
+  setText($('token-command'), '');
+  $('token-created').hidden = true;
+});
+
+async function revokeToken(token) {
+  const ok = await confirmDialog({
+    title: `Revoke join token “${token.name}”?`,
+    text: 'No machine can join with it any more. Machines that already joined stay in the fleet.',
+    confirm: 'Revoke token',
+  });
+  if (!ok) return;
+  try {
+    await api('DELETE', `/v0/join-tokens/${encodeURIComponent(token.id)}`);
+    toast(`Revoked “${token.name}”.`, 'success');
+  } catch (err) {
+    actionFailed('Revoking', err);
+  }
+  loadTokens();
+}
+
+const audit = { before: null, filter: '' };
+
+async function loadAudit(more) {
+  const params = new URLSearchParams({ limit: '50' });
+  const actor = $('audit-actor').value.trim();
+  const action = $('audit-action').value;
+  if (actor) params.set('actor', actor);
+  if (action) params.set('action', action);
+  const filter = params.toString();
+  if (!more || audit.filter !== filter) audit.before = null;
+  if (audit.before) params.set('before', String(audit.before));
+  try {
+    const events = await api('GET', `/v0/audit?${params}`);
+    const rows = events.map((event) => el('tr', { className: `audit-${event.outcome}` },
+      el('td', { title: event.at }, formatTime(event.at)),
+      el('td', { className: 'mono' }, event.actor),
+      el('td', { className: 'mono' }, event.client ?? '–'),
+      el('td', { className: 'mono' }, event.action),
+      el('td', { className: 'mono' }, event.target ?? '–'),
+      el('td', {}, el('span', { className: `outcome outcome-${event.outcome}` }, event.outcome))));
+    if (more && audit.filter === filter) $('audit-rows').append(...rows);
+    else $('audit-rows').replaceChildren(...rows);
+    audit.filter = filter;
+    audit.before = events.length === 50 ? events[events.length - 1].id : null;
+    $('audit-more').hidden = audit.before === null;
+    $('audit-empty').hidden = $('audit-rows').children.length > 0;
+  } catch (err) {
+    actionFailed('Loading the audit log', err);
+  }
+}
+
+$('audit-filter').addEventListener('submit', (event) => {
+  event.preventDefault();
+  loadAudit(false);
+});
+$('audit-more').addEventListener('click', () => loadAudit(true));
 
 boot();
