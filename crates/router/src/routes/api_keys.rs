@@ -11,11 +11,11 @@ use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::clock::rfc3339;
-use crate::error::{ApiResult, bad_request, not_found};
+use crate::error::{ApiResult, not_found};
 use crate::model::auth::Role;
 use crate::state::AppState;
 use crate::store::ApiKeyRow;
-use crate::validate::{self, Text};
+use crate::validate;
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -87,11 +87,7 @@ pub async fn create(
     let actor = admin.name.clone();
     let target: String = body.name.clone();
     let result: ApiResult<(StatusCode, Json<CreatedApiKey>)> = async {
-        let name = body.name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 128 {
-            return Err(bad_request("`name` must be 1 to 128 characters and not blank."));
-        }
-        validate::text("name", &name, Text::Line)?;
+        let name = validate::name(&body.name)?;
         let key = NewToken::generate(TokenKind::ApiKey);
         let row = ApiKeyRow {
             id: Uuid::new_v4(),

@@ -3,14 +3,14 @@
 
 use std::net::IpAddr;
 
-use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::extract::AdminUser;
+use super::paging;
 use crate::audit::Outcome;
 use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiResult, bad_request};
@@ -98,33 +98,27 @@ pub async fn list(
     params: Result<Query<AuditParams>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(bad_request(format!("`limit` must be 1 to {MAX_PAGE}.")));
-    }
-    if params.before.is_some_and(|before| before < 1) {
-        return Err(bad_request("`before` must be the id of an event (a positive integer)."));
-    }
+    let limit = paging::limit(params.limit, params.before, DEFAULT_PAGE, MAX_PAGE)?;
     // Every event recorded before this request is in the page.
     state.audit.flush().await;
     let page =
         AuditQuery { limit, before: params.before, actor: params.actor.as_deref(), action: params.action.as_deref() };
     let events: Vec<AuditEventView> =
         state.store.audit_events(page).await?.into_iter().map(AuditEventView::from).collect();
-    let next = (events.len() == limit as usize).then(|| events.last().map(|last| last.id)).flatten();
-    let mut response = Json(events).into_response();
-    if let Some(last) = next {
-        let mut link = format!("/v0/audit?limit={limit}&before={last}");
-        for (name, value) in [("actor", &params.actor), ("action", &params.action)] {
-            if let Some(value) = value {
-                link.push_str(&format!("&{name}={}", percent_encode(value)));
+    Ok(paging::answer(
+        events,
+        limit,
+        |event| event.id,
+        |last| {
+            let mut link = format!("/v0/audit?limit={limit}&before={last}");
+            for (name, value) in [("actor", &params.actor), ("action", &params.action)] {
+                if let Some(value) = value {
+                    link.push_str(&format!("&{name}={}", percent_encode(value)));
+                }
             }
-        }
-        if let Ok(value) = HeaderValue::from_str(&format!("<{link}>; rel=\"next\"")) {
-            response.headers_mut().insert(header::LINK, value);
-        }
-    }
-    Ok(response)
+            link
+        },
+    ))
 }
 
 /// Percent-encodes everything but unreserved characters, for a query value.

@@ -15,7 +15,7 @@ use crate::clock::rfc3339;
 use crate::error::{ApiResult, bad_request, not_found};
 use crate::model::enrollment::{JoinToken, Unusable};
 use crate::state::AppState;
-use crate::validate::{self, Text};
+use crate::validate;
 use llm_router_protocol::ErrorBody;
 
 /// How long a join token lives when the request does not say: a day.
@@ -126,11 +126,7 @@ pub async fn create(
     let actor = admin.name.clone();
     let target: String = body.name.clone();
     let result: ApiResult<(StatusCode, Json<CreatedJoinToken>)> = async {
-        let name = body.name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 128 {
-            return Err(bad_request("`name` must be 1 to 128 characters and not blank."));
-        }
-        validate::text("name", &name, Text::Line)?;
+        let name = validate::name(&body.name)?;
         let expires_in = body.expires_in_secs.unwrap_or(DEFAULT_EXPIRES_IN_SECS);
         if !(1..=MAX_EXPIRES_IN_SECS).contains(&expires_in) {
             return Err(bad_request(format!(

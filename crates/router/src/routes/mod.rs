@@ -14,6 +14,7 @@ pub mod join_tokens;
 pub mod json;
 pub mod nodes;
 pub mod openapi;
+pub mod paging;
 pub mod users;
 pub mod views;
 

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use llm_router_protocol::{JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER, NodeStatus, RegisterRequest, RegisterResponse};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -15,6 +15,7 @@ use super::audit;
 use super::extract::ClientAddr;
 use super::extract::{AdminUser, Viewer};
 use super::json::JsonBody;
+use super::paging;
 use super::views::{NodeEventView, NodeView};
 use crate::audit::Outcome;
 use crate::config::RegistrationMode;
@@ -339,26 +340,16 @@ pub async fn events(
 ) -> ApiResult<Response> {
     let id = node_id(&id)?;
     let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
-    let limit = params.limit.unwrap_or(DEFAULT_EVENTS_PAGE);
-    let max = EVENTS_PER_NODE as u32;
-    if !(1..=max).contains(&limit) {
-        return Err(bad_request(format!("`limit` must be 1 to {max}.")));
-    }
-    if params.before.is_some_and(|before| before < 1) {
-        return Err(bad_request("`before` must be the id of an event (a positive integer)."));
-    }
+    let limit = paging::limit(params.limit, params.before, DEFAULT_EVENTS_PAGE, EVENTS_PER_NODE as u32)?;
     state.registry.get(id, |_| ())?;
     let events: Vec<NodeEventView> =
         state.store.node_events(id, limit, params.before).await?.into_iter().map(NodeEventView::from).collect();
-    let next = (events.len() == limit as usize).then(|| events.last().map(|last| last.id)).flatten();
-    let mut response = Json(events).into_response();
-    if let Some(last) = next
-        && let Ok(link) =
-            HeaderValue::from_str(&format!("</v0/nodes/{id}/events?limit={limit}&before={last}>; rel=\"next\""))
-    {
-        response.headers_mut().insert(header::LINK, link);
-    }
-    Ok(response)
+    Ok(paging::answer(
+        events,
+        limit,
+        |event| event.id,
+        |last| format!("/v0/nodes/{id}/events?limit={limit}&before={last}"),
+    ))
 }
 
 /// A path segment that is not a UUID names no node.

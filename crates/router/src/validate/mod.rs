@@ -98,6 +98,19 @@ pub fn password_problem(password: &str) -> Option<String> {
         .map(|(_, c)| format!("must not contain control characters (it contains U+{:04X})", u32::from(c)))
 }
 
+/// A name an administrator gives (an API key's, a join token's): trimmed, 1 to 128 characters, one line.
+pub fn name(value: &str) -> Checked<String> {
+    let name = value.trim();
+    if name.is_empty() || name.chars().count() > MAX_LABEL_CHARS {
+        return Err(bad_request(format!("`name` must be 1 to {MAX_LABEL_CHARS} characters and not blank.")));
+    }
+    text("name", name, Text::Line)?;
+    Ok(name.to_owned())
+}
+
+/// Longest name an administrator gives to a key or token, in characters.
+pub const MAX_LABEL_CHARS: usize = 128;
+
 /// Validates the fields an administrator edits; `None` means "not given". `kind` says whether line breaks are
 /// allowed (notes) or not (names).
 pub fn optional_text(field: &str, value: Option<String>, max_chars: usize, kind: Text) -> Checked<Option<String>> {

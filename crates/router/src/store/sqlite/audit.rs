@@ -8,9 +8,6 @@ use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::store::AuditQuery;
 
-/// Audit events removed per transaction by [`SqliteStore::prune_audit`].
-const PRUNE_BATCH: i64 = 10_000;
-
 impl SqliteStore {
     pub(super) async fn insert_audit(&self, events: &[AuditEvent]) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
@@ -64,22 +61,6 @@ impl SqliteStore {
     }
 
     pub(super) async fn prune_audit(&self, cutoff: Millis) -> anyhow::Result<u64> {
-        let mut removed = 0;
-        loop {
-            let batch = write_tx!(self, |tx| async {
-                let done = sqlx::query(
-                    "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE at < ? LIMIT ?)",
-                )
-                .bind(cutoff)
-                .bind(PRUNE_BATCH)
-                .execute(&mut *tx)
-                .await?;
-                anyhow::Ok(done.rows_affected())
-            })?;
-            removed += batch;
-            if batch < PRUNE_BATCH as u64 {
-                return Ok(removed);
-            }
-        }
+        self.prune_before("audit_events", cutoff).await
     }
 }

@@ -204,19 +204,23 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Removes events recorded before `cutoff`, a bounded batch per transaction so that the writer is never held
-    /// for long. Returns how many were removed.
+    /// Removes events recorded before `cutoff`; returns how many.
     pub(super) async fn prune_events(&self, cutoff: Millis) -> anyhow::Result<u64> {
+        self.prune_before("node_events", cutoff).await
+    }
+
+    /// Removes the rows of `table` (with `id` and `at` columns) from before `cutoff`, a bounded batch per
+    /// transaction so that the writer is never held for long. Returns how many were removed.
+    pub(super) async fn prune_before(&self, table: &'static str, cutoff: Millis) -> anyhow::Result<u64> {
+        let sql = format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE at < ? LIMIT ?)");
         let mut removed = 0;
         loop {
             let batch = write_tx!(self, |tx| async {
-                let done = sqlx::query(
-                    "DELETE FROM node_events WHERE id IN (SELECT id FROM node_events WHERE at < ? LIMIT ?)",
-                )
-                .bind(cutoff)
-                .bind(PRUNE_BATCH)
-                .execute(&mut *tx)
-                .await?;
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(cutoff)
+                    .bind(PRUNE_BATCH)
+                    .execute(&mut *tx)
+                    .await?;
                 anyhow::Ok(done.rows_affected())
             })?;
             removed += batch;
@@ -227,7 +231,7 @@ impl SqliteStore {
     }
 }
 
-/// Events removed per transaction by [`SqliteStore::prune_events`].
+/// Rows removed per transaction by [`SqliteStore::prune_before`].
 const PRUNE_BATCH: i64 = 10_000;
 
 /// Keeps the newest [`EVENTS_PER_NODE`] events of a node. Two index probes when there is nothing to remove.
