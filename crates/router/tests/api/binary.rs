@@ -288,3 +288,19 @@ async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
         .expect("json");
     assert_eq!(node["metrics"]["cpu_usage"], 33.0, "figures written at shutdown: {node}");
 }
+
+#[tokio::test]
+async fn plain_http_on_a_non_loopback_listener_is_warned_about_and_loopback_is_not() {
+    for (listen, warned) in [("0.0.0.0:0", true), ("127.0.0.1:0", false)] {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut child = command_on(dir.path(), Some("first-admin-pw"), listen).spawn().expect("spawn");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.expect("started");
+        assert!(ready.expect("read").is_some_and(|l| l.starts_with(&format!("{LISTENING_ON}http://"))));
+        // The warning, if any, is written before the listening line; stop the router and read all it logged.
+        child.start_kill().expect("kill");
+        let output = child.wait_with_output().await.expect("output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.contains("plain HTTP on a non-loopback address"), warned, "{listen}: {stderr}");
+    }
+}
