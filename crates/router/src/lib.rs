@@ -19,6 +19,7 @@ pub mod probe;
 pub mod rate_limit;
 pub mod registry;
 pub mod routes;
+pub mod routing;
 pub mod server;
 pub mod state;
 pub mod store;
