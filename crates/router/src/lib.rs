@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod probe;
+pub mod proxy;
 pub mod rate_limit;
 pub mod registry;
 pub mod routes;
