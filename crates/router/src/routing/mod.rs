@@ -156,12 +156,16 @@ pub enum NoNode {
 
 #[derive(Default)]
 struct Index {
-    /// Every node routing has seen, routable or not (their figures outlive a trip offline).
-    targets: HashMap<Uuid, Arc<Target>>,
+    /// Every node that took traffic or can, with the models it is listed under (none when it cannot take traffic
+    /// now; its figures outlive a trip offline).
+    targets: HashMap<Uuid, Listed>,
     /// Routable nodes by ready model.
-    by_model: HashMap<String, Vec<Arc<Target>>>,
-    /// The models each routable node is listed under.
-    models_of: HashMap<Uuid, Vec<String>>,
+    by_model: HashMap<Arc<str>, Vec<Arc<Target>>>,
+}
+
+struct Listed {
+    target: Arc<Target>,
+    models: Box<[Arc<str>]>,
 }
 
 /// The routing index of the fleet.
@@ -185,28 +189,40 @@ impl Routing {
         let routable = node.status == NodeStatus::Online && addr.is_some();
         let mut index = self.write();
         let target = match (index.targets.get(&node.id), addr) {
-            (Some(target), Some(addr)) => {
-                *target.addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
-                target.clone()
+            (Some(listed), Some(addr)) => {
+                *listed.target.addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
+                listed.target.clone()
             }
-            (Some(target), None) => target.clone(),
+            (Some(listed), None) => listed.target.clone(),
+            // A node that cannot take traffic gets its counters only once it can.
+            (None, Some(_)) if !routable => return,
             (None, Some(addr)) => {
                 let target = Arc::new(Target::new(node.id, addr));
-                index.targets.insert(node.id, target.clone());
+                index.targets.insert(node.id, Listed { target: target.clone(), models: Box::new([]) });
                 target
             }
             (None, None) => return,
         };
-        let wanted: Vec<String> = if routable { node.ready_models.clone() } else { Vec::new() };
-        if index.models_of.get(&node.id).is_some_and(|listed| *listed == wanted) {
+        let wanted: &[String] = if routable { &node.ready_models } else { &[] };
+        let same = index.targets.get(&node.id).is_some_and(|listed| {
+            listed.models.len() == wanted.len() && listed.models.iter().zip(wanted).all(|(a, b)| **a == **b)
+        });
+        if same {
             return;
         }
         unlist(&mut index, node.id);
-        for model in &wanted {
-            index.by_model.entry(model.clone()).or_default().push(target.clone());
+        // Model names are shared by every node that has the model, not copied per node.
+        let mut interned = Vec::with_capacity(wanted.len());
+        for model in wanted {
+            let name = match index.by_model.get_key_value(model.as_str()) {
+                Some((name, _)) => name.clone(),
+                None => Arc::from(model.as_str()),
+            };
+            index.by_model.entry(name.clone()).or_default().push(target.clone());
+            interned.push(name);
         }
-        if !wanted.is_empty() {
-            index.models_of.insert(node.id, wanted);
+        if let Some(listed) = index.targets.get_mut(&node.id) {
+            listed.models = interned.into_boxed_slice();
         }
     }
 
@@ -219,12 +235,12 @@ impl Routing {
 
     /// The routing figures of a node, when routing has seen it.
     pub fn figures(&self, id: Uuid, now: Millis) -> Option<RouteFigures> {
-        self.read().targets.get(&id).map(|target| target.figures(now))
+        self.read().targets.get(&id).map(|listed| listed.target.figures(now))
     }
 
     /// Every model some routable node has ready, in name order.
     pub fn models(&self) -> Vec<String> {
-        let mut models: Vec<String> = self.read().by_model.keys().cloned().collect();
+        let mut models: Vec<String> = self.read().by_model.keys().map(|name| name.to_string()).collect();
         models.sort();
         models
     }
@@ -264,12 +280,13 @@ impl Routing {
 }
 
 fn unlist(index: &mut Index, id: Uuid) {
-    let Some(models) = index.models_of.remove(&id) else { return };
-    for model in models {
-        if let Some(targets) = index.by_model.get_mut(&model) {
+    let Some(listed) = index.targets.get_mut(&id) else { return };
+    let models = std::mem::take(&mut listed.models);
+    for model in models.iter() {
+        if let Some(targets) = index.by_model.get_mut(model) {
             targets.retain(|target| target.node_id != id);
             if targets.is_empty() {
-                index.by_model.remove(&model);
+                index.by_model.remove(model);
             }
         }
     }
