@@ -16,11 +16,12 @@ use crate::audit::AuditLog;
 use crate::auth::password::{self, Hasher};
 use crate::auth::throttle::LoginThrottle;
 use crate::clock::{Clock, Millis, SystemClock};
-use crate::config::{ServeArgs, Settings};
+use crate::config::{InferenceAuth, ServeArgs, Settings};
 use crate::legacy::{self, LegacyFile};
 use crate::metrics::Metrics;
 use crate::model::auth::Role;
 use crate::probe::Prober;
+use crate::proxy::Proxy;
 use crate::rate_limit::{self, RegistrationLimiter};
 use crate::registry::Registry;
 use crate::routes;
@@ -75,6 +76,10 @@ impl App {
         let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
+        let proxy = Proxy::new(settings.upstream_header_timeout, settings.max_retries);
+        if settings.inference_auth == InferenceAuth::None {
+            tracing::warn!("--inference-auth none: anyone who reaches the router may use /v1 without an API key");
+        }
         Ok(App {
             state: Arc::new(AppInner {
                 settings,
@@ -89,6 +94,7 @@ impl App {
                 registration_limiter,
                 audit,
                 tls,
+                proxy,
             }),
         })
     }

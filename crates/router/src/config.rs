@@ -91,6 +91,20 @@ pub struct ServeArgs {
     #[arg(long, env = "LLM_ROUTER_REGISTRATION_MODE", value_enum, default_value_t = RegistrationMode::Open)]
     pub registration_mode: RegistrationMode,
 
+    /// `key`: `/v1` needs an API key (`Authorization: Bearer`); `none`: `/v1` is open, for trusted networks.
+    #[arg(long, env = "LLM_ROUTER_INFERENCE_AUTH", value_enum, default_value_t = InferenceAuth::Key)]
+    pub inference_auth: InferenceAuth,
+
+    /// Seconds a node has to send an answer's headers before the request is retried on another node.
+    #[arg(long, env = "LLM_ROUTER_UPSTREAM_HEADER_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upstream_header_timeout_secs: u64,
+
+    /// Further nodes an inference request is tried on when one fails before its first byte.
+    #[arg(long, env = "LLM_ROUTER_MAX_RETRIES", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub max_retries: u32,
+
     /// Most pending nodes in all; 0 = no cap.
     #[arg(long, env = "LLM_ROUTER_MAX_PENDING", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -149,6 +163,15 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Who may call the inference API (`/v1`, SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InferenceAuth {
+    /// An API key (either scope) or a session.
+    Key,
+    /// Anyone who reaches the router: for trusted networks; a warning is logged at start.
+    None,
+}
+
 /// Who may register (SPEC §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RegistrationMode {
@@ -183,6 +206,9 @@ pub struct Settings {
     /// Most pending nodes in all; 0 = no cap.
     pub max_pending: u64,
     pub registration_mode: RegistrationMode,
+    pub inference_auth: InferenceAuth,
+    pub upstream_header_timeout: Duration,
+    pub max_retries: u32,
     /// Pending nodes silent this long are removed.
     pub pending_ttl: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -224,6 +250,9 @@ impl Settings {
             registration_rate: 10,
             max_pending: 1000,
             registration_mode: RegistrationMode::Open,
+            inference_auth: InferenceAuth::Key,
+            upstream_header_timeout: Duration::from_secs(300),
+            max_retries: 2,
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
             hash_workers: 0,
@@ -290,6 +319,9 @@ impl ServeArgs {
             registration_rate: self.registration_rate,
             max_pending: self.max_pending,
             registration_mode: self.registration_mode,
+            inference_auth: self.inference_auth,
+            upstream_header_timeout: Duration::from_secs(self.upstream_header_timeout_secs),
+            max_retries: self.max_retries,
             pending_ttl: Duration::from_secs(self.pending_ttl_hours * 3600),
             trusted_proxies: self.trusted_proxies,
             allow_link_local_nodes: self.allow_link_local_nodes,

@@ -9,6 +9,7 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
+use crate::proxy::Proxy;
 use crate::rate_limit::RegistrationLimiter;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -34,6 +35,8 @@ pub struct AppInner {
     pub audit: AuditLog,
     /// The HTTPS certificate, when the router serves HTTPS; reloaded on SIGHUP.
     pub tls: Option<Arc<Tls>>,
+    /// The pool of connections to the nodes' runtimes, for `/v1`.
+    pub proxy: Proxy,
 }
 
 /// Shared handle to the application.

@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::Unusable;
 use crate::model::node::Node;
+use crate::routing::Routing;
 use crate::store::Store;
 use index::{Index, Slot};
 
@@ -92,6 +93,8 @@ pub struct Registry {
     pending: AtomicUsize,
     /// Registrations admitted under the pending cap and not yet settled.
     reserved: AtomicUsize,
+    /// Where traffic may go: kept in step with every change of a node's status, ready models or address.
+    routing: Arc<Routing>,
 }
 
 impl Registry {
@@ -105,7 +108,9 @@ impl Registry {
         let now = clock.now_ms();
         let mut index = Index::default();
         let mut pending = 0;
+        let routing = Arc::new(Routing::default());
         for (node, token) in store.load_nodes().await? {
+            routing.update(&node);
             let id = node.id;
             pending += usize::from(node.status == NodeStatus::Pending);
             index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
@@ -123,6 +128,7 @@ impl Registry {
             metrics,
             pending: AtomicUsize::new(pending),
             reserved: AtomicUsize::new(0),
+            routing,
         })
     }
 
@@ -145,6 +151,11 @@ impl Registry {
         let id = *index.by_token.get(&token).ok_or(RegistryError::UnknownToken)?;
         let slot = index.nodes.get(&id).cloned().ok_or(RegistryError::UnknownToken)?;
         Ok(NodeHandle { id, token, slot })
+    }
+
+    /// The routing index of the fleet.
+    pub fn routing(&self) -> &Arc<Routing> {
+        &self.routing
     }
 
     /// Number of nodes known.

@@ -118,6 +118,7 @@ impl Registry {
         let mut index = self.write();
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
         index.by_token.insert(token.hash(), id);
+        self.routing.update(&node);
         index.nodes.insert(id, Slot::new(node, Some(token.hash()), now));
         drop(index);
         Ok(Registered { node_id: id, token, status, created: true })
@@ -196,6 +197,7 @@ impl Registry {
         let status = updated.status;
         {
             let mut state = slot.lock();
+            self.routing.update(&updated);
             state.node = updated;
             state.token = Some(token.hash());
             state.models_dirty = false;

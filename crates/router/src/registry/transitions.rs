@@ -41,6 +41,7 @@ impl Registry {
                 state.node.loaded_models = hb.loaded_models;
                 state.node.ready_models = hb.ready_models;
                 state.models_dirty = true;
+                self.routing.update(&state.node);
             }
             self.mark_figures_dirty(&mut state, now);
             let next = state::after_heartbeat(state.node.status, &state.node.ready_models);
@@ -90,6 +91,7 @@ impl Registry {
         state.node.approved_at = updated.approved_at;
         state.node.approved_by = updated.approved_by;
         state.alive_since = now;
+        self.routing.update(&state.node);
         Ok(state.node.clone())
     }
 
@@ -118,7 +120,10 @@ impl Registry {
         };
         self.store.record_transition(&updated, &event).await?;
         self.metrics.transition(updated.status);
-        slot.lock().node.status = updated.status;
+        let mut state = slot.lock();
+        state.node.status = updated.status;
+        self.routing.update(&state.node);
+        drop(state);
         Ok(Some(updated.status))
     }
 
@@ -269,6 +274,7 @@ impl Registry {
         slot.lock().deleted = true;
         let mut index = self.write();
         index.nodes.remove(&id);
+        self.routing.remove(id);
         if index.by_key.get(&key) == Some(&id) {
             index.by_key.remove(&key);
         }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod dashboard;
 pub mod extract;
 pub mod health;
+pub mod inference;
 pub mod join_tokens;
 pub mod json;
 pub mod nodes;
@@ -27,7 +28,7 @@ use axum::handler::Handler;
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, get, on};
+use axum::routing::{MethodFilter, get, on, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 
@@ -98,6 +99,11 @@ pub fn router(state: AppState) -> Router {
         .route("/dashboard/{file}", get(dashboard::asset))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(prometheus))
+        .route("/v1/chat/completions", post(inference::forward))
+        .route("/v1/completions", post(inference::forward))
+        .route("/v1/embeddings", post(inference::forward))
+        .route("/v1/models", get(inference::models))
+        .route("/v1/models/{id}", get(inference::model))
         .route_layer(middleware::from_fn_with_state(state.clone(), measure))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)

@@ -212,7 +212,12 @@ impl TestApp {
 
     /// Registers a valid node named `name` and returns its id and token.
     pub async fn register_node(&self, name: &str) -> TestNode {
-        let response = self.register(&registration(name, 8000)).await;
+        self.register_node_at(name, 8000).await
+    }
+
+    /// Registers a valid node named `name` whose runtime listens on 127.0.0.1:`port`.
+    pub async fn register_node_at(&self, name: &str, port: u16) -> TestNode {
+        let response = self.register(&registration(name, port)).await;
         assert_eq!(response.status(), 201, "registering {name}");
         let answer = body(response).await;
         TestNode {

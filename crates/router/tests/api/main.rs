@@ -11,6 +11,7 @@ mod exposition;
 mod heartbeat;
 mod helpers;
 mod hostile_input;
+mod inference;
 mod join_tokens;
 mod legacy;
 mod observability;

@@ -1,0 +1,191 @@
+//! The inference proxy (SPEC §8): forwards an OpenAI-compatible request to a node chosen by routing, over a
+//! keep-alive pool, byte for byte, and streams the answer back as it comes: each chunk of an event stream leaves
+//! the router as soon as it arrives. A failure before the answer's headers (refused or reset connection, no headers
+//! in time, 502/503/504) is retried on another node; after that, nothing is retried. The request stays counted in
+//! flight on its node until the answer's body has ended or the client has gone; a client that leaves drops the
+//! upstream connection, so the runtime stops generating.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::routing::{InFlight, NoNode, Routing, Target};
+
+/// Header naming the node that served a request.
+pub const NODE_HEADER: &str = "x-llm-router-node";
+
+/// How long a connection to a node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pool of connections to the nodes' runtimes.
+pub struct Proxy {
+    client: Client<HttpConnector, Body>,
+    header_timeout: Duration,
+    max_retries: u32,
+}
+
+/// A request to forward: the client's method, path, headers and body, and the model it names.
+pub struct Outbound<'a> {
+    pub method: Method,
+    pub path_and_query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub model: &'a str,
+    pub body: Bytes,
+}
+
+/// Why a request was not forwarded.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// No node that can take traffic has the model ready.
+    UnknownModel,
+    /// Nodes have the model, but none could take the request (ejected, or every try failed).
+    NoNode { tried: usize },
+}
+
+impl Proxy {
+    pub fn new(header_timeout: Duration, max_retries: u32) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        Proxy { client, header_timeout, max_retries }
+    }
+
+    /// Forwards `request` to a node that has its model ready.
+    pub async fn forward(
+        &self,
+        routing: &Routing,
+        clock: &Arc<dyn Clock>,
+        request: Outbound<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let Outbound { method, path_and_query, headers, model, body } = request;
+        let mut tried: Vec<Uuid> = Vec::new();
+        for _ in 0..=self.max_retries {
+            let flight = match routing.pick(model, &tried, clock.now_ms()) {
+                Ok(flight) => flight,
+                Err(NoNode::UnknownModel) if tried.is_empty() => return Err(ProxyError::UnknownModel),
+                Err(_) => break,
+            };
+            let target = flight.target().clone();
+            tried.push(target.node_id);
+            let request = upstream_request(&method, &target, path_and_query, headers, body.clone());
+            let answer = tokio::time::timeout(self.header_timeout, self.client.request(request)).await;
+            match answer {
+                Ok(Ok(response)) if !retryable(response.status()) => {
+                    target.succeeded();
+                    return Ok(downstream_response(response, flight, clock));
+                }
+                Ok(Ok(response)) => {
+                    tracing::debug!(node = %target.node_id, status = %response.status(), "node answered a retryable status");
+                    if target.failed(clock.now_ms()) {
+                        tracing::warn!(node = %target.node_id, "node ejected from routing after failures");
+                    }
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(node = %target.node_id, error = %err, "forwarding to the node failed");
+                    if target.failed(clock.now_ms()) {
+                        tracing::warn!(node = %target.node_id, "node ejected from routing after failures");
+                    }
+                }
+                Err(_) => {
+                    tracing::debug!(node = %target.node_id, "the node sent no headers in time");
+                    if target.failed(clock.now_ms()) {
+                        tracing::warn!(node = %target.node_id, "node ejected from routing after failures");
+                    }
+                }
+            }
+        }
+        Err(ProxyError::NoNode { tried: tried.len() })
+    }
+}
+
+/// Upstream answers worth a try on another node: the node (or a proxy before it) could not serve.
+fn retryable(status: StatusCode) -> bool {
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+/// Request headers passed on: what describes the body and what the client accepts; never the client's credential.
+const PASSED_ON: [HeaderName; 3] = [header::CONTENT_TYPE, header::ACCEPT, header::USER_AGENT];
+
+fn upstream_request(
+    method: &Method,
+    target: &Target,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Request<Body> {
+    let mut request = Request::new(Body::from(body));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = format!("http://{}{}", target.addr(), path_and_query).parse().unwrap_or_default();
+    for name in PASSED_ON {
+        if let Some(value) = headers.get(&name) {
+            request.headers_mut().insert(name, value.clone());
+        }
+    }
+    request
+}
+
+/// Response headers not passed back: they describe the upstream connection, not the answer.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(name.as_str(), "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade")
+}
+
+fn downstream_response(response: Response<Incoming>, flight: InFlight, clock: &Arc<dyn Clock>) -> Response<Body> {
+    let (parts, incoming) = response.into_parts();
+    let node = flight.target().node_id;
+    let body = Routed { incoming, flight, failed: false, clock: clock.clone() };
+    let mut answer = Response::new(Body::new(body));
+    *answer.status_mut() = parts.status;
+    for (name, value) in &parts.headers {
+        if !hop_by_hop(name) {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(value) = HeaderValue::from_str(&node.to_string()) {
+        answer.headers_mut().insert(NODE_HEADER, value);
+    }
+    answer
+}
+
+/// An answer's body on its way to the client, frame by frame: counted in flight on its node until it ends or is
+/// dropped (the client left); a body that breaks off counts as a failure of the node.
+struct Routed {
+    incoming: Incoming,
+    flight: InFlight,
+    failed: bool,
+    clock: Arc<dyn Clock>,
+}
+
+impl hyper::body::Body for Routed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.incoming).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled
+            && !self.failed
+        {
+            self.failed = true;
+            self.flight.target().failed(self.clock.now_ms());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}

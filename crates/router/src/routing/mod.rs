@@ -1,0 +1,296 @@
+//! Which node serves a request (SPEC §8): candidates by model, least in flight with two random choices, passive
+//! health with ejection.
+//!
+//! The registry tells this index of every change that matters (a node turning online or leaving it, its ready
+//! models, its address): [`Routing::update`], [`Routing::remove`]. A request finds its candidates through the index
+//! by model, so selection costs O(candidates), never a scan of the fleet; the counters of a node are atomics, shared
+//! by every request to it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use llm_router_protocol::NodeStatus;
+use uuid::Uuid;
+
+use crate::clock::Millis;
+use crate::model::node::Node;
+
+/// Consecutive failures that eject a node from routing.
+pub const EJECT_AFTER_FAILURES: u32 = 3;
+/// The first ejection's length; each further one while failures continue doubles it, up to [`MAX_EJECTION_MS`].
+pub const FIRST_EJECTION_MS: i64 = 5_000;
+pub const MAX_EJECTION_MS: i64 = 60_000;
+/// `ejected_until` while the one trial request after an ejection is under way.
+const TRIAL: i64 = i64::MAX;
+
+/// One node as routing sees it: where it is and how it is doing.
+#[derive(Debug)]
+pub struct Target {
+    pub node_id: Uuid,
+    addr: RwLock<SocketAddr>,
+    in_flight: AtomicU32,
+    requests_total: AtomicU64,
+    failures_total: AtomicU64,
+    /// Failures since the last success.
+    consecutive_failures: AtomicU32,
+    /// Until when it gets no request (ms since the epoch; 0: not ejected).
+    ejected_until: AtomicI64,
+    /// Ejections since the last success: the next one lasts `FIRST_EJECTION_MS << ejections`.
+    ejections: AtomicU32,
+}
+
+/// The figures of a node's routing, as the node JSON shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteFigures {
+    pub in_flight: u32,
+    pub requests_total: u64,
+    pub failures_total: u64,
+    /// `None` when not ejected at `now`.
+    pub ejected_until: Option<Millis>,
+}
+
+impl Target {
+    fn new(node_id: Uuid, addr: SocketAddr) -> Self {
+        Target {
+            node_id,
+            addr: RwLock::new(addr),
+            in_flight: AtomicU32::new(0),
+            requests_total: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicI64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    /// Where requests to this node go: `http://{ip}:{runtime_port}`.
+    pub fn addr(&self) -> SocketAddr {
+        *self.addr.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn ejected_at(&self, now: Millis) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// Claims the one trial request of a node whose ejection has ended (half-open): true for the one caller that
+    /// gets it. Until the trial's outcome the node counts as ejected for everyone else.
+    fn claim_trial(&self, now: Millis) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0
+            && until <= now
+            && self.ejected_until.compare_exchange(until, TRIAL, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+
+    /// An answer came back (the upstream answered with something other than 502/503/504): the node is healthy, and
+    /// an ejected one is restored.
+    pub fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.ejected_until.store(0, Ordering::Relaxed);
+    }
+
+    /// A failure (connection refused or reset, timeout, 502/503/504, a stream cut): ejects the node after
+    /// [`EJECT_AFTER_FAILURES`] in a row, and again at once when the trial after an ejection fails. Returns whether
+    /// this failure ejected it.
+    pub fn failed(&self, now: Millis) -> bool {
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let ejections = self.ejections.load(Ordering::Relaxed);
+        // After an ejection the next request is a trial (half-open): its failure ejects again, for longer.
+        if failures < EJECT_AFTER_FAILURES && ejections == 0 {
+            return false;
+        }
+        let length = (FIRST_EJECTION_MS << ejections.min(16)).min(MAX_EJECTION_MS);
+        self.ejected_until.store(now + length, Ordering::Relaxed);
+        self.ejections.store(ejections.saturating_add(1), Ordering::Relaxed);
+        true
+    }
+
+    pub fn figures(&self, now: Millis) -> RouteFigures {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        RouteFigures {
+            in_flight: self.in_flight(),
+            requests_total: self.requests_total.load(Ordering::Relaxed),
+            failures_total: self.failures_total.load(Ordering::Relaxed),
+            ejected_until: (until > now && until != TRIAL).then_some(until),
+        }
+    }
+}
+
+/// A request in flight on a node, counted until it is dropped: when the answer's body has ended or the client left.
+#[derive(Debug)]
+pub struct InFlight(Arc<Target>);
+
+impl InFlight {
+    fn start(target: Arc<Target>) -> Self {
+        target.in_flight.fetch_add(1, Ordering::Relaxed);
+        target.requests_total.fetch_add(1, Ordering::Relaxed);
+        InFlight(target)
+    }
+
+    pub fn target(&self) -> &Arc<Target> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why no node was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoNode {
+    /// No node that can take traffic has this model ready.
+    UnknownModel,
+    /// Nodes have it, but none can take this request now (all ejected, or all already tried).
+    Unavailable,
+}
+
+#[derive(Default)]
+struct Index {
+    /// Every node that took traffic or can, with the models it is listed under (none when it cannot take traffic
+    /// now; its figures outlive a trip offline).
+    targets: HashMap<Uuid, Listed>,
+    /// Routable nodes by ready model.
+    by_model: HashMap<Arc<str>, Vec<Arc<Target>>>,
+}
+
+struct Listed {
+    target: Arc<Target>,
+    models: Box<[Arc<str>]>,
+}
+
+/// The routing index of the fleet.
+#[derive(Default)]
+pub struct Routing {
+    index: RwLock<Index>,
+}
+
+impl Routing {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes in a node as it is now: routable (online, with its ready models) or not.
+    pub fn update(&self, node: &Node) {
+        let addr = node.ip_address.parse().ok().map(|ip| SocketAddr::new(ip, node.runtime_port));
+        let routable = node.status == NodeStatus::Online && addr.is_some();
+        let mut index = self.write();
+        let target = match (index.targets.get(&node.id), addr) {
+            (Some(listed), Some(addr)) => {
+                *listed.target.addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
+                listed.target.clone()
+            }
+            (Some(listed), None) => listed.target.clone(),
+            // A node that cannot take traffic gets its counters only once it can.
+            (None, Some(_)) if !routable => return,
+            (None, Some(addr)) => {
+                let target = Arc::new(Target::new(node.id, addr));
+                index.targets.insert(node.id, Listed { target: target.clone(), models: Box::new([]) });
+                target
+            }
+            (None, None) => return,
+        };
+        let wanted: &[String] = if routable { &node.ready_models } else { &[] };
+        let same = index.targets.get(&node.id).is_some_and(|listed| {
+            listed.models.len() == wanted.len() && listed.models.iter().zip(wanted).all(|(a, b)| **a == **b)
+        });
+        if same {
+            return;
+        }
+        unlist(&mut index, node.id);
+        // Model names are shared by every node that has the model, not copied per node.
+        let mut interned = Vec::with_capacity(wanted.len());
+        for model in wanted {
+            let name = match index.by_model.get_key_value(model.as_str()) {
+                Some((name, _)) => name.clone(),
+                None => Arc::from(model.as_str()),
+            };
+            index.by_model.entry(name.clone()).or_default().push(target.clone());
+            interned.push(name);
+        }
+        if let Some(listed) = index.targets.get_mut(&node.id) {
+            listed.models = interned.into_boxed_slice();
+        }
+    }
+
+    /// Forgets a deleted node.
+    pub fn remove(&self, id: Uuid) {
+        let mut index = self.write();
+        unlist(&mut index, id);
+        index.targets.remove(&id);
+    }
+
+    /// The routing figures of a node, when routing has seen it.
+    pub fn figures(&self, id: Uuid, now: Millis) -> Option<RouteFigures> {
+        self.read().targets.get(&id).map(|listed| listed.target.figures(now))
+    }
+
+    /// Every model some routable node has ready, in name order.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self.read().by_model.keys().map(|name| name.to_string()).collect();
+        models.sort();
+        models
+    }
+
+    /// Picks a node for `model` among those not ejected at `now` and not in `tried`: of two chosen at random, the
+    /// one with fewer requests in flight. The pick is counted in flight until the returned guard is dropped.
+    pub fn pick(&self, model: &str, tried: &[Uuid], now: Millis) -> Result<InFlight, NoNode> {
+        let index = self.read();
+        let all = index.by_model.get(model).ok_or(NoNode::UnknownModel)?;
+        // A node whose ejection has ended gets one trial request before any other traffic.
+        if let Some(trial) = all.iter().find(|t| !tried.contains(&t.node_id) && t.claim_trial(now)) {
+            return Ok(InFlight::start(trial.clone()));
+        }
+        let eligible = |target: &&Arc<Target>| !target.ejected_at(now) && !tried.contains(&target.node_id);
+        let count = all.iter().filter(eligible).count();
+        let chosen = match count {
+            0 => return Err(NoNode::Unavailable),
+            1 => all.iter().find(eligible),
+            _ => {
+                let a = rand::random_range(0..count);
+                let mut b = rand::random_range(0..count - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let mut candidates = all.iter().filter(eligible);
+                let (first, second) = if a < b { (a, b) } else { (b, a) };
+                let x = candidates.nth(first);
+                let y = candidates.nth(second - first - 1);
+                match (x, y) {
+                    (Some(x), Some(y)) => Some(if y.in_flight() < x.in_flight() { y } else { x }),
+                    (x, y) => x.or(y),
+                }
+            }
+        };
+        Ok(InFlight::start(chosen.ok_or(NoNode::Unavailable)?.clone()))
+    }
+}
+
+fn unlist(index: &mut Index, id: Uuid) {
+    let Some(listed) = index.targets.get_mut(&id) else { return };
+    let models = std::mem::take(&mut listed.models);
+    for model in models.iter() {
+        if let Some(targets) = index.by_model.get_mut(model) {
+            targets.retain(|target| target.node_id != id);
+            if targets.is_empty() {
+                index.by_model.remove(model);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

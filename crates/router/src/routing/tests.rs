@@ -1,0 +1,93 @@
+use super::*;
+
+fn node(id: u128, port: u16, status: NodeStatus, ready: &[&str]) -> Node {
+    Node {
+        id: Uuid::from_u128(id),
+        machine_name: format!("gpu-{id}"),
+        ip_address: "10.0.0.1".into(),
+        runtime_port: port,
+        runtime_version: "test".into(),
+        status,
+        display_name: None,
+        notes: None,
+        gpu_devices: Vec::new(),
+        supported_runtimes: Vec::new(),
+        loaded_models: Vec::new(),
+        ready_models: ready.iter().map(|m| (*m).to_owned()).collect(),
+        tags: Vec::new(),
+        metrics: None,
+        registered_at: 0,
+        approved_at: None,
+        approved_by: None,
+        join_token: None,
+        last_seen_at: None,
+    }
+}
+
+#[test]
+fn only_online_nodes_with_the_model_ready_are_candidates() {
+    let routing = Routing::default();
+    routing.update(&node(1, 8001, NodeStatus::Online, &["a", "b"]));
+    routing.update(&node(2, 8002, NodeStatus::Registering, &["a"]));
+    routing.update(&node(3, 8003, NodeStatus::Online, &["b"]));
+    assert_eq!(routing.models(), vec!["a".to_owned(), "b".to_owned()]);
+    for _ in 0..20 {
+        assert_eq!(routing.pick("a", &[], 0).expect("a").target().node_id, Uuid::from_u128(1));
+    }
+    assert_eq!(routing.pick("c", &[], 0).err(), Some(NoNode::UnknownModel));
+    assert_eq!(routing.pick("a", &[Uuid::from_u128(1)], 0).err(), Some(NoNode::Unavailable));
+    // Offline: no longer a candidate; its figures stay.
+    routing.update(&node(1, 8001, NodeStatus::Offline, &["a", "b"]));
+    assert_eq!(routing.pick("a", &[], 0).err(), Some(NoNode::UnknownModel));
+    assert!(routing.figures(Uuid::from_u128(1), 0).is_some());
+    routing.remove(Uuid::from_u128(1));
+    assert!(routing.figures(Uuid::from_u128(1), 0).is_none());
+}
+
+#[test]
+fn the_least_loaded_of_two_takes_the_request_and_is_counted_until_dropped() {
+    let routing = Routing::default();
+    routing.update(&node(1, 8001, NodeStatus::Online, &["m"]));
+    routing.update(&node(2, 8002, NodeStatus::Online, &["m"]));
+    let busy: Vec<InFlight> = (0..3).map(|_| routing.pick("m", &[Uuid::from_u128(2)], 0).expect("pick")).collect();
+    assert_eq!(routing.figures(Uuid::from_u128(1), 0).expect("figures").in_flight, 3);
+    // With two candidates both are chosen; the less loaded one wins.
+    for _ in 0..10 {
+        let pick = routing.pick("m", &[], 0).expect("pick");
+        assert_eq!(pick.target().node_id, Uuid::from_u128(2));
+    }
+    drop(busy);
+    assert_eq!(routing.figures(Uuid::from_u128(1), 0).expect("figures").in_flight, 0);
+    assert_eq!(routing.figures(Uuid::from_u128(1), 0).expect("figures").requests_total, 3);
+}
+
+#[test]
+fn three_failures_eject_with_doubling_back_off_and_one_trial_restores() {
+    let routing = Routing::default();
+    routing.update(&node(1, 8001, NodeStatus::Online, &["m"]));
+    let target = routing.pick("m", &[], 0).expect("pick").target().clone();
+    assert!(!target.failed(0) && !target.failed(0));
+    assert!(target.failed(1_000), "the third failure in a row ejects");
+    assert_eq!(routing.figures(target.node_id, 1_000).expect("figures").ejected_until, Some(6_000));
+    assert_eq!(routing.pick("m", &[], 5_999).err(), Some(NoNode::Unavailable));
+    // After the period: one trial, and nobody else meanwhile.
+    let trial = routing.pick("m", &[], 6_000).expect("the trial");
+    assert_eq!(routing.pick("m", &[], 6_001).err(), Some(NoNode::Unavailable));
+    assert!(trial.target().failed(6_500), "a failed trial ejects again at once");
+    assert_eq!(routing.figures(target.node_id, 6_500).expect("figures").ejected_until, Some(16_500), "doubled");
+    drop(trial);
+    let trial = routing.pick("m", &[], 16_500).expect("the next trial");
+    trial.target().succeeded();
+    assert!(routing.pick("m", &[], 16_501).is_ok(), "a successful trial restores the node");
+    assert_eq!(routing.figures(target.node_id, 16_501).expect("figures").ejected_until, None);
+}
+
+#[test]
+fn a_model_change_moves_the_node_between_lists() {
+    let routing = Routing::default();
+    routing.update(&node(1, 8001, NodeStatus::Online, &["old"]));
+    routing.update(&node(1, 8001, NodeStatus::Online, &["new"]));
+    assert_eq!(routing.models(), vec!["new".to_owned()]);
+    assert_eq!(routing.pick("old", &[], 0).err(), Some(NoNode::UnknownModel));
+    assert!(routing.pick("new", &[], 0).is_ok());
+}

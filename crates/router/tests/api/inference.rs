@@ -1,0 +1,326 @@
+//! The OpenAI-compatible front door (SPEC §8): requests go to an online node with the model ready, byte for byte,
+//! streams chunk by chunk; failures before the first byte are retried elsewhere, failing nodes are ejected, a client
+//! that leaves cancels the upstream request. The nodes are stand-in runtimes that can be told to fail, hang or stream
+//! on command.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+use crate::helpers::*;
+
+/// A stand-in inference runtime.
+struct Runtime {
+    addr: SocketAddr,
+    shared: Arc<RuntimeState>,
+}
+
+#[derive(Default)]
+struct RuntimeState {
+    /// Answer this status to completions (0: a normal answer).
+    status: AtomicU16,
+    /// Never answer a completion.
+    hang: AtomicBool,
+    /// Completions received.
+    received: AtomicUsize,
+    /// The last body received, as bytes.
+    last_body: std::sync::Mutex<Vec<u8>>,
+    /// The `Authorization` header of the last request, if any.
+    last_auth: std::sync::Mutex<Option<String>>,
+    /// A streamed answer sends its next chunk each time this is notified.
+    next_chunk: Notify,
+    /// Set when a streamed answer's receiver went away.
+    cancelled: AtomicBool,
+    cancelled_seen: Notify,
+    name: std::sync::Mutex<String>,
+}
+
+impl Runtime {
+    async fn start(name: &str, models: &[&str]) -> Runtime {
+        let shared = Arc::new(RuntimeState::default());
+        *shared.name.lock().expect("lock") = name.to_owned();
+        let models: Vec<Value> = models.iter().map(|m| json!({"id": m, "object": "model"})).collect();
+        let list = json!({"object": "list", "data": models});
+        let app = axum::Router::new()
+            .route("/v1/models", get(move || async move { axum::Json(list.clone()) }))
+            .route("/v1/chat/completions", post(completion))
+            .route("/v1/embeddings", post(completion))
+            .with_state(shared.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Runtime { addr, shared }
+    }
+}
+
+async fn completion(State(shared): State<Arc<RuntimeState>>, headers: HeaderMap, body: Bytes) -> Response {
+    shared.received.fetch_add(1, Ordering::SeqCst);
+    *shared.last_body.lock().expect("lock") = body.to_vec();
+    *shared.last_auth.lock().expect("lock") =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if shared.hang.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let status = shared.status.load(Ordering::SeqCst);
+    if status != 0 {
+        return (StatusCode::from_u16(status).expect("status"), "failing on purpose").into_response();
+    }
+    let request: Value = serde_json::from_slice(&body).expect("JSON");
+    let name = shared.name.lock().expect("lock").clone();
+    if request["stream"] == true {
+        let (chunks, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let state = shared.clone();
+        tokio::spawn(async move {
+            for i in 0..3 {
+                tokio::select! {
+                    () = state.next_chunk.notified() => {}
+                    () = chunks.closed() => {
+                        state.cancelled.store(true, Ordering::SeqCst);
+                        state.cancelled_seen.notify_one();
+                        return;
+                    }
+                }
+                let chunk = format!("data: {{\"node\":\"{name}\",\"chunk\":{i}}}\n\n");
+                if chunks.send(Ok(Bytes::from(chunk))).await.is_err() {
+                    state.cancelled.store(true, Ordering::SeqCst);
+                    state.cancelled_seen.notify_one();
+                    return;
+                }
+            }
+            state.next_chunk.notified().await;
+            let _ = chunks.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
+        });
+        let stream = tokio_stream_from(receiver);
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::from_stream(stream))
+            .expect("response");
+    }
+    axum::Json(json!({"object": "chat.completion", "model": request["model"], "node": name})).into_response()
+}
+
+fn tokio_stream_from(
+    mut receiver: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// Registers, approves and heartbeats a node whose runtime is `runtime`, with `models` ready.
+async fn online_node(app: &TestApp, name: &str, runtime: &Runtime, models: &[&str]) -> String {
+    let node = app.register_node_at(name, runtime.addr.port()).await;
+    let admin = app.admin_token().await;
+    assert_eq!(app.approve(&admin, &node.id).await.status(), 200);
+    assert_eq!(app.heartbeat(&node, models).await.status(), 200);
+    assert_eq!(app.status_of(&node.id).await, "online");
+    node.id
+}
+
+async fn chat(app: &TestApp, key: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut call = app.request(Method::POST, "/v1/chat/completions").json(body);
+    if let Some(key) = key {
+        call = call.bearer_auth(key);
+    }
+    call.send().await.expect("chat")
+}
+
+async fn openai_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    let body = body(response).await;
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string(), "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_request_goes_byte_for_byte_to_an_online_node_with_the_model_and_says_which() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    let b = Runtime::start("b", &["other"]).await;
+    let a_id = online_node(&app, "gpu-a", &a, &["m"]).await;
+    online_node(&app, "gpu-b", &b, &["other"]).await;
+    let key = app.admin_token().await;
+    // Odd spacing and an unknown field: the router reads `model` and passes the bytes on unchanged.
+    let raw = r#"{"model":"m",  "messages":[{"role":"user","content":"hi"}], "x_custom": {"kept": true}}"#;
+    let answer = app
+        .request(Method::POST, "/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-llm-router-node"], a_id.as_str());
+    assert_eq!(body(answer).await["node"], "a");
+    assert_eq!(a.shared.last_body.lock().expect("lock").as_slice(), raw.as_bytes());
+    assert_eq!(*a.shared.last_auth.lock().expect("lock"), None, "the client's credential is not passed on");
+    assert_eq!(b.shared.received.load(Ordering::SeqCst), 0);
+
+    let models = body(app.request(Method::GET, "/v1/models").bearer_auth(&key).send().await.expect("models")).await;
+    let ids: Vec<&str> =
+        models["data"].as_array().expect("data").iter().map(|m| m["id"].as_str().expect("id")).collect();
+    assert_eq!(ids, vec!["m", "other"]);
+    let one = app.request(Method::GET, "/v1/models/m").bearer_auth(&key).send().await.expect("model");
+    assert_eq!(body(one).await["object"], "model");
+}
+
+#[tokio::test]
+async fn errors_have_openai_shape_and_keys_are_required() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    online_node(&app, "gpu-a", &a, &["m"]).await;
+    openai_error(chat(&app, None, &json!({"model": "m"})).await, 401, "invalid_api_key").await;
+    openai_error(chat(&app, Some("llmk_wrong"), &json!({"model": "m"})).await, 401, "invalid_api_key").await;
+    let key = app.admin_token().await;
+    openai_error(chat(&app, Some(&key), &json!({"model": "nope"})).await, 404, "model_not_found").await;
+    openai_error(chat(&app, Some(&key), &json!({"messages": []})).await, 400, "invalid_request").await;
+    let missing = app.request(Method::GET, "/v1/models/nope").bearer_auth(&key).send().await.expect("model");
+    openai_error(missing, 404, "model_not_found").await;
+    assert_eq!(a.shared.received.load(Ordering::SeqCst), 0, "nothing reached the node");
+}
+
+#[tokio::test]
+async fn inference_auth_none_opens_v1_and_nothing_else() {
+    let app = TestApp::with_settings(Options::default(), |settings| {
+        settings.inference_auth = llm_router::config::InferenceAuth::None;
+    })
+    .await;
+    let a = Runtime::start("a", &["m"]).await;
+    online_node(&app, "gpu-a", &a, &["m"]).await;
+    assert_eq!(chat(&app, None, &json!({"model": "m"})).await.status(), 200);
+    assert_eq!(app.request(Method::GET, "/v0/nodes").send().await.expect("nodes").status(), 401);
+}
+
+#[tokio::test]
+async fn a_failing_node_is_retried_elsewhere_and_ejected_after_three_failures() {
+    let app = TestApp::spawn().await;
+    let bad = Runtime::start("bad", &["m"]).await;
+    let good = Runtime::start("good", &["m"]).await;
+    let bad_id = online_node(&app, "gpu-bad", &bad, &["m"]).await;
+    let good_id = online_node(&app, "gpu-good", &good, &["m"]).await;
+    bad.shared.status.store(503, Ordering::SeqCst);
+    let key = app.admin_token().await;
+    for _ in 0..12 {
+        let answer = chat(&app, Some(&key), &json!({"model": "m"})).await;
+        assert_eq!(answer.status(), 200, "a 503 before the first byte is retried on the other node");
+        assert_eq!(answer.headers()["x-llm-router-node"], good_id.as_str());
+    }
+    let routing = app.state.registry.routing();
+    let figures = routing.figures(bad_id.parse().expect("uuid"), app.clock_ms()).expect("figures");
+    assert_eq!(bad.shared.received.load(Ordering::SeqCst), 3, "ejected after three failures, then left alone");
+    assert_eq!(figures.failures_total, 3);
+    assert!(figures.ejected_until.is_some_and(|until| until == app.clock_ms() + 5_000), "{figures:?}");
+
+    // After the ejection, one trial: it succeeds, and the node takes traffic again.
+    bad.shared.status.store(0, Ordering::SeqCst);
+    app.clock.advance_ms(5_000);
+    let mut served_by_bad = 0;
+    for _ in 0..20 {
+        let answer = chat(&app, Some(&key), &json!({"model": "m"})).await;
+        assert_eq!(answer.status(), 200);
+        served_by_bad += usize::from(answer.headers()["x-llm-router-node"] == bad_id.as_str());
+    }
+    assert!(served_by_bad > 0, "restored after a successful trial");
+
+    // Every node failing: the client gets 503 no_available_node with Retry-After.
+    bad.shared.status.store(502, Ordering::SeqCst);
+    good.shared.status.store(502, Ordering::SeqCst);
+    let answer = chat(&app, Some(&key), &json!({"model": "m"})).await;
+    assert!(answer.headers().contains_key("retry-after"));
+    openai_error(answer, 503, "no_available_node").await;
+}
+
+#[tokio::test]
+async fn a_node_that_sends_no_headers_in_time_is_retried_elsewhere() {
+    let app = TestApp::with_settings(Options::default(), |settings| {
+        settings.upstream_header_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let slow = Runtime::start("slow", &["m"]).await;
+    let fine = Runtime::start("fine", &["m"]).await;
+    online_node(&app, "gpu-slow", &slow, &["m"]).await;
+    let fine_id = online_node(&app, "gpu-fine", &fine, &["m"]).await;
+    slow.shared.hang.store(true, Ordering::SeqCst);
+    let key = app.admin_token().await;
+    for _ in 0..4 {
+        let answer = chat(&app, Some(&key), &json!({"model": "m"})).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["x-llm-router-node"], fine_id.as_str());
+    }
+}
+
+#[tokio::test]
+async fn a_stream_passes_chunk_by_chunk_is_counted_in_flight_and_a_client_that_leaves_cancels_it() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    let id: uuid::Uuid = online_node(&app, "gpu-a", &a, &["m"]).await.parse().expect("uuid");
+    let key = app.admin_token().await;
+    let in_flight = || app.state.registry.routing().figures(id, app.clock_ms()).expect("figures").in_flight;
+
+    let answer = chat(&app, Some(&key), &json!({"model": "m", "stream": true})).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "text/event-stream");
+    let mut answer = answer;
+    // Each chunk reaches the client before the runtime has written the next one: nothing is held back.
+    for i in 0..3 {
+        a.shared.next_chunk.notify_one();
+        let chunk = tokio::time::timeout(Duration::from_secs(5), answer.chunk()).await.expect("in time");
+        let chunk = chunk.expect("bytes").expect("a chunk");
+        assert!(String::from_utf8_lossy(&chunk).contains(&format!("\"chunk\":{i}")), "{chunk:?}");
+        assert_eq!(in_flight(), 1, "in flight while the stream is open");
+    }
+    a.shared.next_chunk.notify_one();
+    let rest = answer.bytes().await.expect("the rest");
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    assert_eq!(in_flight(), 0, "no longer in flight once the body ended");
+
+    // A client that leaves mid-stream: the runtime sees its stream go away.
+    let mut answer = chat(&app, Some(&key), &json!({"model": "m", "stream": true})).await;
+    a.shared.next_chunk.notify_one();
+    let first = tokio::time::timeout(Duration::from_secs(5), answer.chunk()).await.expect("first chunk");
+    assert!(first.expect("ok").is_some());
+    drop(answer);
+    // The runtime learns of it when it writes next: keep it writing until it sees its stream closed.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !a.shared.cancelled.load(Ordering::SeqCst) {
+            a.shared.next_chunk.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(50), a.shared.cancelled_seen.notified()).await;
+        }
+    })
+    .await
+    .expect("the runtime saw the client leave");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while in_flight() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("not in flight once the client left");
+}
+
+#[tokio::test]
+async fn offline_and_deleted_nodes_leave_routing() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    let id = online_node(&app, "gpu-a", &a, &["m"]).await;
+    let key = app.admin_token().await;
+    assert_eq!(chat(&app, Some(&key), &json!({"model": "m"})).await.status(), 200);
+    app.advance_and_sweep(31_000).await;
+    assert_eq!(app.status_of(&id).await, "offline");
+    openai_error(chat(&app, Some(&key), &json!({"model": "m"})).await, 404, "model_not_found").await;
+    let models = body(app.request(Method::GET, "/v1/models").bearer_auth(&key).send().await.expect("models")).await;
+    assert_eq!(models["data"], json!([]));
+}
