@@ -159,6 +159,7 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         approved_at: Some(registered_at),
         approved_by: Some(IMPORT_ACTOR.to_owned()),
         join_token: None,
+        cordoned: false,
         last_seen_at: entry.last_seen.as_deref().and_then(parse_time),
     })
 }

@@ -30,6 +30,8 @@ pub struct Node {
     pub approved_by: Option<String>,
     /// The name of the join token the node registered with, if any.
     pub join_token: Option<String>,
+    /// Cordoned by an administrator: no new inference request goes to it (SPEC §8).
+    pub cordoned: bool,
     pub last_seen_at: Option<Millis>,
 }
 

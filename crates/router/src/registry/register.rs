@@ -92,6 +92,7 @@ impl Registry {
             approved_at: None,
             approved_by: None,
             join_token: None,
+            cordoned: false,
             last_seen_at: None,
         };
         let token = NewToken::generate(TokenKind::Node);

@@ -95,6 +95,33 @@ impl Registry {
         Ok(state.node.clone())
     }
 
+    /// Cordons a node (`cordoned`: no new inference request goes to it; requests in flight finish) or uncordons
+    /// it, by `by`, with an event. Returns the node after; cordoning a cordoned node changes nothing.
+    pub async fn cordon(&self, id: Uuid, cordoned: bool, by: &str) -> RegistryResult<Node> {
+        let slot = self.slot(id)?;
+        let _writing = slot.transition.lock().await;
+        let now = self.clock.now_ms();
+        let (updated, event) = {
+            let state = slot.lock();
+            if state.deleted {
+                return Err(RegistryError::NotFound(id));
+            }
+            if state.node.cordoned == cordoned {
+                return Ok(state.node.clone());
+            }
+            let mut node = state.node.clone();
+            let reason = if cordoned { "cordoned: no new requests" } else { "uncordoned: takes requests again" };
+            let event = NodeEvent::new(id, now, Some(node.status), node.status.as_str(), reason).by(Some(by));
+            node.cordoned = cordoned;
+            (node, event)
+        };
+        self.store.record_transition(&updated, &event).await?;
+        let mut state = slot.lock();
+        state.node.cordoned = cordoned;
+        self.routing.update(&state.node);
+        Ok(state.node.clone())
+    }
+
     /// Changes a node's status through `decide`, under the node's transition lock, persisting before applying.
     /// `decide` sees the node's state as it is under the lock, so a heartbeat that arrived meanwhile counts.
     /// Returns the node's status after, or `None` when the node was deleted meanwhile.

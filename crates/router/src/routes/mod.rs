@@ -67,6 +67,8 @@ fn api() -> Api {
         .add(Method::PATCH, "/v0/nodes/{id}", nodes::update)
         .add(Method::DELETE, "/v0/nodes/{id}", nodes::delete)
         .add(Method::POST, "/v0/nodes/{id}/approve", nodes::approve)
+        .add(Method::POST, "/v0/nodes/{id}/cordon", nodes::cordon)
+        .add(Method::POST, "/v0/nodes/{id}/uncordon", nodes::uncordon)
         .add(Method::GET, "/v0/nodes/{id}/events", nodes::events)
         .add(Method::POST, "/v0/health", health::heartbeat)
         .add(Method::POST, "/v0/auth/login", auth::login)

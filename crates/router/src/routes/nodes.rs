@@ -231,6 +231,55 @@ pub async fn approve(
     Ok(Json(NodeView::from(&node)))
 }
 
+/// Cordon a node (admin): it gets no new inference request; requests in flight finish
+#[utoipa::path(post, path = "/v0/nodes/{id}/cordon", tag = "nodes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 200, description = "Cordoned (`schedulable` false)", body = NodeView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody)
+    ))]
+pub async fn cordon(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    set_cordon(&state, &admin.name, client, &id, true).await
+}
+
+/// Uncordon a node (admin): it takes inference requests again
+#[utoipa::path(post, path = "/v0/nodes/{id}/uncordon", tag = "nodes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Node id (UUID)")),
+    responses(
+        (status = 200, description = "Uncordoned (`schedulable` true)", body = NodeView),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "The credential's role may not do this", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody)
+    ))]
+pub async fn uncordon(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    ClientAddr(client): ClientAddr,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    set_cordon(&state, &admin.name, client, &id, false).await
+}
+
+async fn set_cordon(
+    state: &AppState,
+    admin: &str,
+    client: std::net::IpAddr,
+    id: &str,
+    cordoned: bool,
+) -> ApiResult<Json<NodeView>> {
+    let changed = async { Ok(state.registry.cordon(node_id(id)?, cordoned, admin).await?) }.await;
+    let action = if cordoned { "node.cordon" } else { "node.uncordon" };
+    audit::record(state, admin, client, action, id, &changed);
+    Ok(Json(NodeView::from(&changed?)))
+}
+
 /// Body of `PATCH /v0/nodes/{id}`: absent fields stay as they are; `null` or "" clears a text field.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NodePatch {

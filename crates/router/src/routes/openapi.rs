@@ -20,7 +20,7 @@ use crate::model::figures::NodeMetrics;
 #[openapi(
     info(title = "llm-router", description = "Node self-registration, heartbeats and fleet administration. Every error is `{\"error\": {\"code\", \"message\"}}`."),
     paths(
-        nodes::register, nodes::list, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::events,
+        nodes::register, nodes::list, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
         health::heartbeat,
         auth::login, auth::logout, auth::me,
         users::list, users::create, users::delete,

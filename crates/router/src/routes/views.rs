@@ -31,6 +31,8 @@ pub struct NodeView {
     pub approved_by: Option<String>,
     /// The name of the join token the node registered with, if any.
     pub joined_with: Option<String>,
+    /// False while an administrator has cordoned the node: it gets no new inference request.
+    pub schedulable: bool,
     pub last_seen_at: Option<String>,
 }
 
@@ -55,6 +57,7 @@ impl From<&Node> for NodeView {
             approved_at: node.approved_at.map(rfc3339),
             approved_by: node.approved_by.clone(),
             joined_with: node.join_token.clone(),
+            schedulable: !node.cordoned,
             last_seen_at: node.last_seen_at.map(rfc3339),
         }
     }

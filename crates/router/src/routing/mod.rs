@@ -186,7 +186,7 @@ impl Routing {
     /// Takes in a node as it is now: routable (online, with its ready models) or not.
     pub fn update(&self, node: &Node) {
         let addr = node.ip_address.parse().ok().map(|ip| SocketAddr::new(ip, node.runtime_port));
-        let routable = node.status == NodeStatus::Online && addr.is_some();
+        let routable = node.status == NodeStatus::Online && !node.cordoned && addr.is_some();
         let mut index = self.write();
         let target = match (index.targets.get(&node.id), addr) {
             (Some(listed), Some(addr)) => {

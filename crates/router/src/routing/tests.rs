@@ -20,6 +20,7 @@ fn node(id: u128, port: u16, status: NodeStatus, ready: &[&str]) -> Node {
         approved_at: None,
         approved_by: None,
         join_token: None,
+        cordoned: false,
         last_seen_at: None,
     }
 }

@@ -143,7 +143,7 @@ pub trait Storage: Send + Sync + 'static {
         events: &'a [NodeEvent],
         join: Option<&'a JoinUse>,
     ) -> BoxFuture<'a, Result<(), InsertError>>;
-    /// Persists a status change (and approval fields) together with its event.
+    /// Persists a status change (and approval fields, and whether it is cordoned) together with its event.
     fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()>;
     /// Persists the fields an administrator edits (display name, notes, tags).
     fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()>;

@@ -324,3 +324,41 @@ async fn offline_and_deleted_nodes_leave_routing() {
     let models = body(app.request(Method::GET, "/v1/models").bearer_auth(&key).send().await.expect("models")).await;
     assert_eq!(models["data"], json!([]));
 }
+
+#[tokio::test]
+async fn a_cordoned_node_gets_no_new_request_and_uncordoning_restores_it() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    let b = Runtime::start("b", &["m"]).await;
+    let a_id = online_node(&app, "gpu-a", &a, &["m"]).await;
+    let b_id = online_node(&app, "gpu-b", &b, &["m"]).await;
+    let admin = app.admin_token().await;
+    let viewer = app.user_token("watcher", "viewer").await;
+    let refused = app.request(Method::POST, &format!("/v0/nodes/{a_id}/cordon")).bearer_auth(&viewer).send().await;
+    assert_error(refused.expect("cordon"), 403, "forbidden").await;
+
+    let cordoned = app.request(Method::POST, &format!("/v0/nodes/{a_id}/cordon")).bearer_auth(&admin).send().await;
+    let cordoned = body(cordoned.expect("cordon")).await;
+    assert_eq!(cordoned["schedulable"], false);
+    assert_eq!(cordoned["status"], "online", "cordoning changes routing, not the status");
+    for _ in 0..10 {
+        let answer = chat(&app, Some(&admin), &json!({"model": "m"})).await;
+        assert_eq!(answer.headers()["x-llm-router-node"], b_id.as_str());
+    }
+    assert_eq!(a.shared.received.load(Ordering::SeqCst), 0);
+    let events = app.events(&a_id).await;
+    assert_eq!(events[0]["reason"], "cordoned: no new requests");
+    assert_eq!(events[0]["actor"], "admin");
+
+    // Persisted: a restart keeps it cordoned.
+    let app = app.restart(0).await;
+    assert_eq!(app.node(&a_id).await["schedulable"], false);
+    let admin = app.admin_token().await;
+    let node = app.request(Method::POST, &format!("/v0/nodes/{a_id}/uncordon")).bearer_auth(&admin).send().await;
+    assert_eq!(body(node.expect("uncordon")).await["schedulable"], true);
+    // Its heartbeat brings it back online after the restart's grace; it is routable again.
+    let audit = app.request(Method::GET, "/v0/audit?action=node.cordon").bearer_auth(&admin).send().await;
+    let audit = body(audit.expect("audit")).await;
+    assert_eq!(audit[0]["target"], a_id.as_str());
+    assert!(app.state.registry.routing().figures(a_id.parse().expect("uuid"), app.clock_ms()).is_some());
+}

@@ -102,10 +102,11 @@ impl SqliteStore {
     /// Persists a status change (and approval fields) together with its event.
     pub(super) async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
-            sqlx::query("UPDATE nodes SET status = ?, approved_at = ?, approved_by = ? WHERE id = ?")
+            sqlx::query("UPDATE nodes SET status = ?, approved_at = ?, approved_by = ?, cordoned = ? WHERE id = ?")
                 .bind(node.status.as_str())
                 .bind(node.approved_at)
                 .bind(&node.approved_by)
+                .bind(node.cordoned)
                 .bind(node.id.to_string())
                 .execute(&mut *tx)
                 .await?;
@@ -252,9 +253,9 @@ async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()>
 /// The columns of a node's row, the copy of its lists included ([`lists::encode_node`]); its child rows go through
 /// [`lists::write`], its token through [`write_token`].
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
-     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token) ";
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned) ";
 
-/// Nodes per statement of an import (15 values each, well under SQLite's limit of 32,766).
+/// Nodes per statement of an import (16 values each, well under SQLite's limit of 32,766).
 const NODES_PER_STATEMENT: usize = 500;
 
 /// Binds the values of a node's row, in the order of [`INSERT_NODE`].
@@ -273,7 +274,8 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(node.approved_by.as_deref())
         .push_bind(node.last_seen_at)
         .push_bind(lists::encode_node(node))
-        .push_bind(node.join_token.as_deref());
+        .push_bind(node.join_token.as_deref())
+        .push_bind(node.cordoned);
 }
 
 /// Inserts one node's row; a duplicate comes back as the database's unique violation.
