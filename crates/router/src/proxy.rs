@@ -80,29 +80,18 @@ impl Proxy {
             tried.push(target.node_id);
             let request = upstream_request(&method, &target, path_and_query, headers, body.clone());
             let answer = tokio::time::timeout(self.header_timeout, self.client.request(request)).await;
-            match answer {
+            let failure = match answer {
                 Ok(Ok(response)) if !retryable(response.status()) => {
                     target.succeeded();
                     return Ok(downstream_response(response, flight, clock));
                 }
-                Ok(Ok(response)) => {
-                    tracing::debug!(node = %target.node_id, status = %response.status(), "node answered a retryable status");
-                    if target.failed(clock.now_ms()) {
-                        tracing::warn!(node = %target.node_id, "node ejected from routing after failures");
-                    }
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(node = %target.node_id, error = %err, "forwarding to the node failed");
-                    if target.failed(clock.now_ms()) {
-                        tracing::warn!(node = %target.node_id, "node ejected from routing after failures");
-                    }
-                }
-                Err(_) => {
-                    tracing::debug!(node = %target.node_id, "the node sent no headers in time");
-                    if target.failed(clock.now_ms()) {
-                        tracing::warn!(node = %target.node_id, "node ejected from routing after failures");
-                    }
-                }
+                Ok(Ok(response)) => format!("the node answered {}", response.status()),
+                Ok(Err(err)) => format!("forwarding to the node failed: {err}"),
+                Err(_) => "the node sent no headers in time".to_owned(),
+            };
+            tracing::debug!(node = %target.node_id, %failure, "retrying on another node");
+            if target.failed(clock.now_ms()) {
+                tracing::warn!(node = %target.node_id, %failure, "node ejected from routing after failures");
             }
         }
         Err(ProxyError::NoNode { tried: tried.len() })
