@@ -43,12 +43,44 @@ impl FromStr for Role {
     }
 }
 
+/// Where a credential may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// The admin API (as far as the role allows) and `/v1`: every session, and API keys unless made otherwise.
+    Admin,
+    /// `/v1` only: the key to hand to applications.
+    Inference,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Inference => "inference",
+        }
+    }
+}
+
+impl FromStr for Scope {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(Scope::Admin),
+            "inference" => Ok(Scope::Inference),
+            other => Err(anyhow::anyhow!("unknown scope `{other}`")),
+        }
+    }
+}
+
 /// Who is making a request.
 #[derive(Debug, Clone)]
 pub struct Principal {
     /// The username, or `api-key:<name>` for an API key.
     pub name: String,
     pub role: Role,
+    pub scope: Scope,
     /// The session's token hash when the credential is a session (so logout can end it).
     pub session: Option<TokenHash>,
 }

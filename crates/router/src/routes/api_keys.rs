@@ -11,8 +11,8 @@ use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::clock::rfc3339;
-use crate::error::{ApiResult, not_found};
-use crate::model::auth::Role;
+use crate::error::{ApiResult, bad_request, not_found};
+use crate::model::auth::{Role, Scope};
 use crate::state::AppState;
 use crate::store::ApiKeyRow;
 use crate::validate;
@@ -21,16 +21,23 @@ use llm_router_protocol::ErrorBody;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateApiKey {
     name: String,
-    /// Defaults to `admin`; a `viewer` key can only read.
+    /// What the key may do on the admin API. Defaults to `admin`; a `viewer` key can only read. Not for an
+    /// `inference` key, which has no access to the admin API.
     #[serde(default)]
     role: Option<Role>,
+    /// Where the key works. Defaults to `admin`: the admin API (as its role allows) and `/v1`. An `inference` key
+    /// works on `/v1` only: the key to hand to applications.
+    #[serde(default)]
+    scope: Option<Scope>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiKeyView {
     id: Uuid,
     name: String,
+    /// What the key may do on the admin API (`viewer`, unused, for an `inference` key).
     role: Role,
+    scope: Scope,
     created_by: String,
     created_at: String,
 }
@@ -40,6 +47,7 @@ pub struct CreatedApiKey {
     id: Uuid,
     name: String,
     role: Role,
+    scope: Scope,
     /// The key itself: shown in this answer only.
     key: String,
     created_at: String,
@@ -51,6 +59,7 @@ impl From<ApiKeyRow> for ApiKeyView {
             id: key.id,
             name: key.name,
             role: key.role,
+            scope: key.scope,
             created_by: key.created_by,
             created_at: rfc3339(key.created_at),
         }
@@ -88,11 +97,22 @@ pub async fn create(
     let target: String = body.name.clone();
     let result: ApiResult<(StatusCode, Json<CreatedApiKey>)> = async {
         let name = validate::name(&body.name)?;
+        let scope = body.scope.unwrap_or(Scope::Admin);
+        let role = match (scope, body.role) {
+            (Scope::Admin, role) => role.unwrap_or(Role::Admin),
+            (Scope::Inference, None) => Role::Viewer,
+            (Scope::Inference, Some(_)) => {
+                return Err(bad_request(
+                    "`role` is for keys of scope `admin`; an `inference` key has no access to the admin API.",
+                ));
+            }
+        };
         let key = NewToken::generate(TokenKind::ApiKey);
         let row = ApiKeyRow {
             id: Uuid::new_v4(),
             name,
-            role: body.role.unwrap_or(Role::Admin),
+            role,
+            scope,
             created_by: admin.name,
             created_at: state.clock.now_ms(),
         };
@@ -103,6 +123,7 @@ pub async fn create(
                 id: row.id,
                 name: row.name,
                 role: row.role,
+                scope: row.scope,
                 key: key.into_plaintext(),
                 created_at: rfc3339(row.created_at),
             }),

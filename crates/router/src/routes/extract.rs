@@ -14,7 +14,7 @@ use axum::http::{Method, header};
 use llm_router_protocol::NODE_TOKEN_HEADER;
 
 use crate::error::{ApiError, forbidden, unauthorized};
-use crate::model::auth::{Principal, Role, TokenHash};
+use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::net::client_addr;
 use crate::registry::NodeHandle;
 use crate::state::AppState;
@@ -85,11 +85,24 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
         .ok_or_else(|| unauthorized("The session has expired or the credential is unknown; sign in again."))
 }
 
+/// Resolves the request's credential to a principal allowed on the admin API: 403 for an `inference` key.
+async fn authenticate_admin_api(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let principal = authenticate(parts, state).await?;
+    if principal.scope != Scope::Admin {
+        return Err(forbidden(format!(
+            "`{}` is an API key of scope `{}`: it works on /v1 only.",
+            principal.name,
+            principal.scope.as_str()
+        )));
+    }
+    Ok(principal)
+}
+
 impl FromRequestParts<AppState> for Viewer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        authenticate(parts, state).await.map(Viewer)
+        authenticate_admin_api(parts, state).await.map(Viewer)
     }
 }
 
@@ -97,7 +110,7 @@ impl FromRequestParts<AppState> for AdminUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let principal = authenticate(parts, state).await?;
+        let principal = authenticate_admin_api(parts, state).await?;
         if principal.role != Role::Admin {
             return Err(forbidden(format!(
                 "`{}` is a {}; this action needs the admin role.",

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
-use crate::model::auth::{Principal, Role, TokenHash};
+use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
@@ -88,6 +88,7 @@ pub struct ApiKeyRow {
     pub id: Uuid,
     pub name: String,
     pub role: Role,
+    pub scope: Scope,
     pub created_by: String,
     pub created_at: Millis,
 }

@@ -362,3 +362,61 @@ async fn a_cordoned_node_gets_no_new_request_and_uncordoning_restores_it() {
     assert_eq!(audit[0]["target"], a_id.as_str());
     assert!(app.state.registry.routing().figures(a_id.parse().expect("uuid"), app.clock_ms()).is_some());
 }
+
+#[tokio::test]
+async fn an_inference_key_works_on_v1_only_and_keys_made_without_a_scope_reach_both() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    online_node(&app, "gpu-a", &a, &["m"]).await;
+    let admin = app.admin_token().await;
+    let create = |body: Value| app.request(Method::POST, "/v0/api-keys").bearer_auth(&admin).json(&body).send();
+
+    let made = create(json!({"name": "chat-app", "scope": "inference"})).await.expect("create");
+    assert_eq!(made.status(), 201);
+    let made = body(made).await;
+    assert_eq!(made["scope"], "inference");
+    let inference = made["key"].as_str().expect("key").to_owned();
+    assert_eq!(chat(&app, Some(&inference), &json!({"model": "m"})).await.status(), 200);
+    let models = app.request(Method::GET, "/v1/models").bearer_auth(&inference).send().await.expect("models");
+    assert_eq!(models.status(), 200);
+    for (method, path) in [(Method::GET, "/v0/nodes"), (Method::GET, "/v0/api-keys"), (Method::POST, "/v0/api-keys")] {
+        let refused = app.request(method, path).bearer_auth(&inference).json(&json!({"name": "x"})).send().await;
+        let message = assert_error(refused.expect("refused"), 403, "forbidden").await;
+        assert!(message.contains("/v1 only"), "{message}");
+    }
+
+    // Without a scope, a key is `admin`: the admin API and /v1.
+    let plain = body(create(json!({"name": "ops"})).await.expect("create")).await;
+    assert_eq!(plain["scope"], "admin");
+    let plain = plain["key"].as_str().expect("key").to_owned();
+    assert_eq!(chat(&app, Some(&plain), &json!({"model": "m"})).await.status(), 200);
+    assert_eq!(app.request(Method::GET, "/v0/nodes").bearer_auth(&plain).send().await.expect("nodes").status(), 200);
+
+    // A key stored before scopes existed (no `scope` written) is an admin key.
+    let old = "llmk_an-old-key-from-before-scopes";
+    sqlx::query(
+        "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, 'old', ?, 'admin', 'admin', 0)",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(llm_router::model::auth::TokenHash::of(old).to_hex())
+    .execute(&app.db().await)
+    .await
+    .expect("insert");
+    assert_eq!(app.request(Method::GET, "/v0/nodes").bearer_auth(old).send().await.expect("nodes").status(), 200);
+    let listed = body(app.request(Method::GET, "/v0/api-keys").bearer_auth(&admin).send().await.expect("list")).await;
+    let mut scopes: Vec<(&str, &str)> = listed
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| (k["name"].as_str().expect("name"), k["scope"].as_str().expect("scope")))
+        .collect();
+    scopes.sort_unstable();
+    assert_eq!(scopes, vec![("chat-app", "inference"), ("old", "admin"), ("ops", "admin")]);
+
+    // A role means nothing to an inference key: asking for one is an error, and so is an unknown scope.
+    for bad in [json!({"name": "x", "scope": "inference", "role": "admin"}), json!({"name": "x", "scope": "root"})] {
+        assert_error(create(bad).await.expect("create"), 400, "invalid_request").await;
+    }
+    let count = body(app.request(Method::GET, "/v0/api-keys").bearer_auth(&admin).send().await.expect("list")).await;
+    assert_eq!(count.as_array().expect("keys").len(), 3, "nothing was stored by the refused requests");
+}

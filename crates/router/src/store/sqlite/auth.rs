@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
-use crate::model::auth::{Principal, Role, TokenHash};
+use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::store::{ApiKeyRow, DeleteUserError, UserRow};
 
 impl SqliteStore {
@@ -112,10 +112,11 @@ impl SqliteStore {
             return Ok(Some(Principal {
                 name: row.try_get(0)?,
                 role: row.try_get::<String, _>(1)?.parse()?,
+                scope: Scope::Admin,
                 session: Some(hash),
             }));
         }
-        let key = sqlx::query("SELECT name, role FROM api_keys WHERE key_hash = ?")
+        let key = sqlx::query("SELECT name, role, scope FROM api_keys WHERE key_hash = ?")
             .bind(&hex)
             .fetch_optional(&self.reader)
             .await?;
@@ -123,6 +124,7 @@ impl SqliteStore {
             Ok(Principal {
                 name: format!("api-key:{}", row.try_get::<String, _>(0)?),
                 role: row.try_get::<String, _>(1)?.parse()?,
+                scope: row.try_get::<String, _>(2)?.parse()?,
                 session: None,
             })
         })
@@ -132,12 +134,14 @@ impl SqliteStore {
     pub(super) async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
             sqlx::query(
-                "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO api_keys (id, name, key_hash, role, scope, created_by, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(key.id.to_string())
             .bind(&key.name)
             .bind(hash.to_hex())
             .bind(key.role.as_str())
+            .bind(key.scope.as_str())
             .bind(&key.created_by)
             .bind(key.created_at)
             .execute(&mut *tx)
@@ -147,7 +151,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
-        let rows = sqlx::query("SELECT id, name, role, created_by, created_at FROM api_keys ORDER BY created_at, id")
+        let rows = sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
             .fetch_all(&self.reader)
             .await?;
         rows.iter()
@@ -156,8 +160,9 @@ impl SqliteStore {
                     id: Uuid::parse_str(&row.try_get::<String, _>(0)?)?,
                     name: row.try_get(1)?,
                     role: row.try_get::<String, _>(2)?.parse()?,
-                    created_by: row.try_get(3)?,
-                    created_at: row.try_get(4)?,
+                    scope: row.try_get::<String, _>(3)?.parse()?,
+                    created_by: row.try_get(4)?,
+                    created_at: row.try_get(5)?,
                 })
             })
             .collect()
