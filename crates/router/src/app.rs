@@ -21,7 +21,7 @@ use crate::legacy::{self, LegacyFile};
 use crate::metrics::Metrics;
 use crate::model::auth::Role;
 use crate::probe::Prober;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxySettings};
 use crate::rate_limit::{self, RegistrationLimiter};
 use crate::registry::Registry;
 use crate::routes;
@@ -76,7 +76,12 @@ impl App {
         let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
-        let proxy = Proxy::new(settings.upstream_header_timeout, settings.max_retries);
+        let proxy = Proxy::new(ProxySettings {
+            header_timeout: settings.upstream_header_timeout,
+            max_retries: settings.max_retries,
+            max_queued: settings.max_queued,
+            queue_timeout: settings.queue_timeout,
+        });
         if settings.inference_auth == InferenceAuth::None {
             tracing::warn!("--inference-auth none: anyone who reaches the router may use /v1 without an API key");
         }

@@ -105,6 +105,17 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=10))]
     pub max_retries: u32,
 
+    /// Inference requests that may wait, in all, while every node with their model is at its `max_concurrency`;
+    /// more are answered 429.
+    #[arg(long, env = "LLM_ROUTER_MAX_QUEUED", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_queued: u64,
+
+    /// Longest wait of a queued inference request before it is answered 429, in milliseconds.
+    #[arg(long, env = "LLM_ROUTER_QUEUE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub queue_timeout_ms: u64,
+
     /// Most pending nodes in all; 0 = no cap.
     #[arg(long, env = "LLM_ROUTER_MAX_PENDING", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -209,6 +220,10 @@ pub struct Settings {
     pub inference_auth: InferenceAuth,
     pub upstream_header_timeout: Duration,
     pub max_retries: u32,
+    /// Inference requests that may wait for a node below its `max_concurrency`; more are answered 429.
+    pub max_queued: usize,
+    /// Longest wait of a queued inference request.
+    pub queue_timeout: Duration,
     /// Pending nodes silent this long are removed.
     pub pending_ttl: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -253,6 +268,8 @@ impl Settings {
             inference_auth: InferenceAuth::Key,
             upstream_header_timeout: Duration::from_secs(300),
             max_retries: 2,
+            max_queued: 1024,
+            queue_timeout: Duration::from_secs(30),
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
             hash_workers: 0,
@@ -322,6 +339,8 @@ impl ServeArgs {
             inference_auth: self.inference_auth,
             upstream_header_timeout: Duration::from_secs(self.upstream_header_timeout_secs),
             max_retries: self.max_retries,
+            max_queued: usize::try_from(self.max_queued).unwrap_or(usize::MAX),
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             pending_ttl: Duration::from_secs(self.pending_ttl_hours * 3600),
             trusted_proxies: self.trusted_proxies,
             allow_link_local_nodes: self.allow_link_local_nodes,

@@ -160,6 +160,7 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         approved_by: Some(IMPORT_ACTOR.to_owned()),
         join_token: None,
         cordoned: false,
+        max_concurrency: None,
         last_seen_at: entry.last_seen.as_deref().and_then(parse_time),
     })
 }

@@ -4,6 +4,10 @@
 //! in time, 502/503/504) is retried on another node; after that, nothing is retried. The request stays counted in
 //! flight on its node until the answer's body has ended or the client has gone; a client that leaves drops the
 //! upstream connection, so the runtime stops generating.
+//!
+//! When every node with the model is at its `max_concurrency`, a request waits in the routing queue (at most
+//! `max_queued` of them, each for at most `queue_timeout`) until one has room; otherwise it is refused as over
+//! capacity.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,11 +31,27 @@ pub const NODE_HEADER: &str = "x-llm-router-node";
 /// How long a connection to a node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A queued request looks again this often even when nothing woke it: an ejection that ended frees a node without
+/// any request ending.
+const QUEUE_RECHECK: Duration = Duration::from_millis(250);
+
+/// How requests are forwarded: timeouts, retries, the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxySettings {
+    /// How long a node may take to send an answer's headers.
+    pub header_timeout: Duration,
+    /// Further nodes a request is tried on after a failure before its first byte.
+    pub max_retries: u32,
+    /// Requests that may wait for a node with room, in all.
+    pub max_queued: usize,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
+}
+
 /// The pool of connections to the nodes' runtimes.
 pub struct Proxy {
     client: Client<HttpConnector, Body>,
-    header_timeout: Duration,
-    max_retries: u32,
+    settings: ProxySettings,
 }
 
 /// A request to forward: the client's method, path, headers and body, and the model it names.
@@ -50,15 +70,53 @@ pub enum ProxyError {
     UnknownModel,
     /// Nodes have the model, but none could take the request (ejected, or every try failed).
     NoNode { tried: usize },
+    /// Every node with the model is at its `max_concurrency`, and the queue is full or the wait ran out.
+    OverCapacity,
 }
 
 impl Proxy {
-    pub fn new(header_timeout: Duration, max_retries: u32) -> Proxy {
+    pub fn new(settings: ProxySettings) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        Proxy { client, header_timeout, max_retries }
+        Proxy { client, settings }
+    }
+
+    /// A node for `model`, waiting in the queue while every one is at its `max_concurrency`.
+    async fn pick(
+        &self,
+        routing: &Routing,
+        clock: &Arc<dyn Clock>,
+        model: &str,
+        tried: &[Uuid],
+    ) -> Result<InFlight, Result<NoNode, ProxyError>> {
+        match routing.pick(model, tried, clock.now_ms()) {
+            Err(NoNode::AtCapacity) => {}
+            other => return other.map_err(Ok),
+        }
+        let queue = routing.queue();
+        let _place = queue.join(self.settings.max_queued).ok_or(Err(ProxyError::OverCapacity))?;
+        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
+        let waker = queue.waker(model);
+        // Registered before each look, so a request that ends in between still wakes this one; kept across the
+        // periodic looks, so waiters keep their order.
+        let mut woken = std::pin::pin!(waker.notified());
+        woken.as_mut().enable();
+        loop {
+            match routing.pick(model, tried, clock.now_ms()) {
+                Err(NoNode::AtCapacity) => {}
+                other => return other.map_err(Ok),
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Err(ProxyError::OverCapacity));
+            }
+            if tokio::time::timeout((deadline - now).min(QUEUE_RECHECK), woken.as_mut()).await.is_ok() {
+                woken.set(waker.notified());
+                woken.as_mut().enable();
+            }
+        }
     }
 
     /// Forwards `request` to a node that has its model ready.
@@ -70,16 +128,17 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let Outbound { method, path_and_query, headers, model, body } = request;
         let mut tried: Vec<Uuid> = Vec::new();
-        for _ in 0..=self.max_retries {
-            let flight = match routing.pick(model, &tried, clock.now_ms()) {
+        for _ in 0..=self.settings.max_retries {
+            let flight = match self.pick(routing, clock, model, &tried).await {
                 Ok(flight) => flight,
-                Err(NoNode::UnknownModel) if tried.is_empty() => return Err(ProxyError::UnknownModel),
-                Err(_) => break,
+                Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err(ProxyError::UnknownModel),
+                Err(Err(refused)) => return Err(refused),
+                Err(Ok(_)) => break,
             };
             let target = flight.target().clone();
             tried.push(target.node_id);
             let request = upstream_request(&method, &target, path_and_query, headers, body.clone());
-            let answer = tokio::time::timeout(self.header_timeout, self.client.request(request)).await;
+            let answer = tokio::time::timeout(self.settings.header_timeout, self.client.request(request)).await;
             let failure = match answer {
                 Ok(Ok(response)) if !retryable(response.status()) => {
                     target.succeeded();

@@ -32,6 +32,8 @@ pub struct Node {
     pub join_token: Option<String>,
     /// Cordoned by an administrator: no new inference request goes to it (SPEC §8).
     pub cordoned: bool,
+    /// Most inference requests in flight at once through this router, when an administrator set a limit.
+    pub max_concurrency: Option<u32>,
     pub last_seen_at: Option<Millis>,
 }
 

@@ -37,6 +37,7 @@ use index::{Index, Slot};
 
 pub use index::NodeHandle;
 pub use register::{PendingReservation, Registered, RegistrationPlan};
+pub use transitions::AdminEdit;
 
 /// Why the registry refused or could not carry out a request.
 #[derive(Debug, thiserror::Error)]

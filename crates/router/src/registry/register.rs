@@ -93,6 +93,7 @@ impl Registry {
             approved_by: None,
             join_token: None,
             cordoned: false,
+            max_concurrency: None,
             last_seen_at: None,
         };
         let token = NewToken::generate(TokenKind::Node);

@@ -188,14 +188,9 @@ impl Registry {
         Ok(changed)
     }
 
-    /// Updates the fields an administrator owns; `None` leaves a field as it is. Returns the node after the edit.
-    pub async fn update(
-        &self,
-        id: Uuid,
-        display_name: Option<Option<String>>,
-        notes: Option<Option<String>>,
-        tags: Option<Vec<String>>,
-    ) -> RegistryResult<Node> {
+    /// Updates the fields an administrator owns. Returns the node after the edit.
+    pub async fn update(&self, id: Uuid, edit: AdminEdit) -> RegistryResult<Node> {
+        let AdminEdit { display_name, notes, tags, max_concurrency } = edit;
         let slot = self.slot(id)?;
         let _writing = slot.transition.lock().await;
         let updated = {
@@ -213,6 +208,9 @@ impl Registry {
             if let Some(tags) = tags {
                 node.tags = tags;
             }
+            if let Some(max_concurrency) = max_concurrency {
+                node.max_concurrency = max_concurrency;
+            }
             node
         };
         self.store.update_admin_fields(&updated).await?;
@@ -220,6 +218,8 @@ impl Registry {
         state.node.display_name = updated.display_name;
         state.node.notes = updated.notes;
         state.node.tags = updated.tags;
+        state.node.max_concurrency = updated.max_concurrency;
+        self.routing.update(&state.node);
         Ok(state.node.clone())
     }
 
@@ -310,4 +310,14 @@ impl Registry {
         }
         Ok(true)
     }
+}
+
+/// The fields of a node an administrator owns (`PATCH /v0/nodes/{id}`); `None` leaves a field as it is, `Some(None)`
+/// clears it.
+#[derive(Debug, Default)]
+pub struct AdminEdit {
+    pub display_name: Option<Option<String>>,
+    pub notes: Option<Option<String>>,
+    pub tags: Option<Vec<String>>,
+    pub max_concurrency: Option<Option<u32>>,
 }

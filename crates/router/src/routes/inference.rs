@@ -21,6 +21,9 @@ pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Seconds a client is asked to wait when no node can take its request now.
 const NO_NODE_RETRY_AFTER_SECS: u64 = 2;
 
+/// Seconds a client is asked to wait when the nodes of its model are all at capacity.
+const OVER_CAPACITY_RETRY_AFTER_SECS: u64 = 1;
+
 /// An error in OpenAI's shape.
 pub struct OpenAiError {
     status: StatusCode,
@@ -144,6 +147,15 @@ async fn forward_inner(state: &AppState, request: Request) -> Result<Response, O
             let mut err =
                 OpenAiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no_available_node", message);
             err.retry_after = Some(NO_NODE_RETRY_AFTER_SECS);
+            Err(err)
+        }
+        Err(ProxyError::OverCapacity) => {
+            let message = format!(
+                "Every node serving `{model}` is at its concurrency limit and the queue is full or the wait ran out; \
+                 retry shortly."
+            );
+            let mut err = OpenAiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "over_capacity", message);
+            err.retry_after = Some(OVER_CAPACITY_RETRY_AFTER_SECS);
             Err(err)
         }
     }

@@ -23,8 +23,9 @@ use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::{JoinToken, Unusable};
+use crate::model::node::Node;
 use crate::net::client_addr;
-use crate::registry::{PendingReservation, RegistrationPlan, join_token_problem};
+use crate::registry::{AdminEdit, PendingReservation, RegistrationPlan, join_token_problem};
 use crate::state::AppState;
 use crate::store::EVENTS_PER_NODE;
 use crate::validate::{self, Text};
@@ -192,7 +193,8 @@ pub async fn list(
         .map(|s| s.parse::<NodeStatus>())
         .transpose()
         .map_err(|err| bad_request(format!("`status`: {err}.")))?;
-    Ok(Json(state.registry.list(status, |node| NodeView::from(node))))
+    let (routing, now) = (state.registry.routing(), state.clock.now_ms());
+    Ok(Json(state.registry.list(status, |node| NodeView::new(node, routing, now))))
 }
 
 /// One node
@@ -205,7 +207,8 @@ pub async fn list(
         (status = 404, description = "No such node", body = ErrorBody)
     ))]
 pub async fn get(State(state): State<AppState>, _viewer: Viewer, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
-    Ok(Json(state.registry.get(node_id(&id)?, |node| NodeView::from(node))?))
+    let (routing, now) = (state.registry.routing(), state.clock.now_ms());
+    Ok(Json(state.registry.get(node_id(&id)?, |node| NodeView::new(node, routing, now))?))
 }
 
 /// Approve a pending node (admin)
@@ -228,7 +231,7 @@ pub async fn approve(
     audit::record(&state, &admin.name, client, "node.approve", &id, &approved);
     let node = approved?;
     Metrics::inc(&state.metrics.approvals);
-    Ok(Json(NodeView::from(&node)))
+    Ok(Json(view(&state, &node)))
 }
 
 /// Cordon a node (admin): it gets no new inference request; requests in flight finish
@@ -277,7 +280,7 @@ async fn set_cordon(
     let changed = async { Ok(state.registry.cordon(node_id(id)?, cordoned, admin).await?) }.await;
     let action = if cordoned { "node.cordon" } else { "node.uncordon" };
     audit::record(state, admin, client, action, id, &changed);
-    Ok(Json(NodeView::from(&changed?)))
+    Ok(Json(view(state, &changed?)))
 }
 
 /// Body of `PATCH /v0/nodes/{id}`: absent fields stay as they are; `null` or "" clears a text field.
@@ -291,14 +294,22 @@ pub struct NodePatch {
     notes: Option<Option<String>>,
     #[serde(default)]
     tags: Option<Vec<String>>,
+    /// Most inference requests in flight at once on this node through this router (1 to 100,000); `null` removes
+    /// the limit. When every node with a model is at its limit, requests wait in the router's queue.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 100_000)]
+    max_concurrency: Option<Option<u32>>,
 }
+
+/// Most `max_concurrency` an administrator may set.
+pub const MAX_CONCURRENCY_LIMIT: u32 = 100_000;
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
-fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(de).map(Some)
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(de: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(de).map(Some)
 }
 
-/// Edit a node's display name, notes or tags (admin)
+/// Edit a node's display name, notes, tags or `max_concurrency` (admin)
 #[utoipa::path(patch, path = "/v0/nodes/{id}", tag = "nodes", security(("bearer" = [])), request_body = NodePatch,
     params(("id" = String, Path, description = "Node id (UUID)")),
     responses(
@@ -324,11 +335,20 @@ pub async fn update(
         // Notes are typed in a text area: line breaks and tabs are part of them.
         let notes = patch.notes.map(|v| validate::optional_text("notes", v, 4096, Text::Lines)).transpose()?;
         let tags = patch.tags.map(|tags| validate::list("tags", Some(tags))).transpose()?;
-        Ok(state.registry.update(node, display_name, notes, tags).await?)
+        let max_concurrency = match patch.max_concurrency {
+            Some(Some(limit)) if !(1..=MAX_CONCURRENCY_LIMIT).contains(&limit) => {
+                return Err(bad_request(format!(
+                    "`max_concurrency` must be between 1 and {MAX_CONCURRENCY_LIMIT}, or null for no limit."
+                )));
+            }
+            other => other,
+        };
+        let edit = AdminEdit { display_name, notes, tags, max_concurrency };
+        Ok(state.registry.update(node, edit).await?)
     }
     .await;
     audit::record(&state, &admin.name, client, "node.update", &id, &updated);
-    Ok(Json(NodeView::from(&updated?)))
+    Ok(Json(view(&state, &updated?)))
 }
 
 /// Delete a node (admin); its token stops working at once
@@ -404,4 +424,9 @@ pub async fn events(
 /// A path segment that is not a UUID names no node.
 fn node_id(text: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(text).map_err(|_| not_found(format!("No node with id `{text}` (node ids are UUIDs).")))
+}
+
+/// The node as the admin API shows it, with its routing figures now.
+fn view(state: &AppState, node: &Node) -> NodeView {
+    NodeView::new(node, state.registry.routing(), state.clock.now_ms())
 }

@@ -11,9 +11,9 @@ use llm_router_protocol::{
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::views::{NodeEventView, NodeView};
+use super::views::{NodeEventView, NodeView, RoutingView};
 use super::{api_keys, audit, auth, health, join_tokens, nodes, users};
-use crate::model::auth::Role;
+use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeMetrics;
 
 #[derive(OpenApi)]
@@ -31,7 +31,7 @@ use crate::model::figures::NodeMetrics;
     ),
     components(schemas(
         ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
-        RegisterRequest, RegisterResponse, NodeView, NodeMetrics, NodeEventView, Role,
+        RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeMetrics, NodeEventView, Role, Scope,
     )),
     modifiers(&Security),
 )]

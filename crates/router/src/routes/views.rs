@@ -5,9 +5,10 @@ use llm_router_protocol::{GpuDevice, NodeStatus};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::clock::rfc3339;
+use crate::clock::{Millis, rfc3339};
 use crate::model::figures::{NodeMetrics, PackedMetrics};
 use crate::model::node::{Node, RecordedEvent};
+use crate::routing::{RouteFigures, Routing};
 
 /// The node as the admin API shows it (SPEC §3): times as RFC 3339 UTC, never a token.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -33,11 +34,41 @@ pub struct NodeView {
     pub joined_with: Option<String>,
     /// False while an administrator has cordoned the node: it gets no new inference request.
     pub schedulable: bool,
+    /// Most inference requests in flight at once through this router; `null`: no limit.
+    pub max_concurrency: Option<u32>,
+    /// How inference traffic through this router is going on the node.
+    pub routing: RoutingView,
     pub last_seen_at: Option<String>,
 }
 
-impl From<&Node> for NodeView {
-    fn from(node: &Node) -> Self {
+/// A node's inference traffic through this router (SPEC §8). Counted since the router started.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RoutingView {
+    /// Requests whose answer has not ended yet (streams included). Draining a node: cordon it, wait for 0.
+    pub in_flight: u32,
+    /// Requests sent to the node, retries included.
+    pub requests_total: u64,
+    /// Tries that failed: no connection, no headers in time, 502/503/504, a stream cut short.
+    pub failures_total: u64,
+    /// Until when the node gets no request after failures (passive health); `null` when it is not ejected.
+    pub ejected_until: Option<String>,
+}
+
+impl RoutingView {
+    fn of(figures: Option<RouteFigures>) -> Self {
+        let figures = figures.unwrap_or_default();
+        RoutingView {
+            in_flight: figures.in_flight,
+            requests_total: figures.requests_total,
+            failures_total: figures.failures_total,
+            ejected_until: figures.ejected_until.map(rfc3339),
+        }
+    }
+}
+
+impl NodeView {
+    /// The node with its routing figures at `now`.
+    pub fn new(node: &Node, routing: &Routing, now: Millis) -> Self {
         NodeView {
             id: node.id,
             machine_name: node.machine_name.clone(),
@@ -58,6 +89,8 @@ impl From<&Node> for NodeView {
             approved_by: node.approved_by.clone(),
             joined_with: node.join_token.clone(),
             schedulable: !node.cordoned,
+            max_concurrency: node.max_concurrency,
+            routing: RoutingView::of(routing.figures(node.id, now)),
             last_seen_at: node.last_seen_at.map(rfc3339),
         }
     }

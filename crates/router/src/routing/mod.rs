@@ -5,11 +5,17 @@
 //! models, its address): [`Routing::update`], [`Routing::remove`]. A request finds its candidates through the index
 //! by model, so selection costs O(candidates), never a scan of the fleet; the counters of a node are atomics, shared
 //! by every request to it.
+//!
+//! Capacity: a node may have a `max_concurrency`. When every candidate for a model is at its limit, a request waits
+//! in a bounded queue ([`Queue`]) and is woken when a request on a node with that model ends; waiters of one model
+//! are woken in the order they came.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
 
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
@@ -39,10 +45,15 @@ pub struct Target {
     ejected_until: AtomicI64,
     /// Ejections since the last success: the next one lasts `FIRST_EJECTION_MS << ejections`.
     ejections: AtomicU32,
+    /// Most requests in flight at once (`max_concurrency`; 0: no limit).
+    limit: AtomicU32,
+    /// The models it is listed under, to wake the requests queued for them when it has room again.
+    models: RwLock<Box<[Arc<str>]>>,
+    queue: Arc<Queue>,
 }
 
 /// The figures of a node's routing, as the node JSON shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteFigures {
     pub in_flight: u32,
     pub requests_total: u64,
@@ -52,7 +63,7 @@ pub struct RouteFigures {
 }
 
 impl Target {
-    fn new(node_id: Uuid, addr: SocketAddr) -> Self {
+    fn new(node_id: Uuid, addr: SocketAddr, queue: Arc<Queue>) -> Self {
         Target {
             node_id,
             addr: RwLock::new(addr),
@@ -62,6 +73,40 @@ impl Target {
             consecutive_failures: AtomicU32::new(0),
             ejected_until: AtomicI64::new(0),
             ejections: AtomicU32::new(0),
+            limit: AtomicU32::new(0),
+            models: RwLock::new(Box::new([])),
+            queue,
+        }
+    }
+
+    /// Whether it can take one more request under its `max_concurrency`.
+    fn has_room(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        limit == 0 || self.in_flight() < limit
+    }
+
+    /// Counts a request in flight, unless that would exceed its `max_concurrency` (another request may have taken
+    /// the last place since [`Target::has_room`]).
+    fn try_start(self: &Arc<Self>) -> Option<InFlight> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return Some(InFlight::start(self.clone()));
+        }
+        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).ok()?;
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(self.clone()))
+    }
+
+    /// Wakes requests queued for its models: it has room again.
+    fn wake_queued(&self, everyone: bool) {
+        if self.queue.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        for model in models.iter() {
+            if let Some(waker) = self.queue.existing_waker(model) {
+                if everyone { waker.notify_waiters() } else { waker.notify_one() }
+            }
         }
     }
 
@@ -141,7 +186,65 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.limit.load(Ordering::Relaxed) != 0 {
+            self.0.wake_queued(false);
+        }
+    }
+}
+
+/// Requests waiting for a node with room, and how to wake them: one waker per model.
+#[derive(Default)]
+pub struct Queue {
+    waiting: AtomicUsize,
+    wakers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+}
+
+/// A request's place in the [`Queue`], given up when dropped.
+#[derive(Debug)]
+pub struct Place<'a>(&'a Queue);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("waiting", &self.len()).finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// Requests waiting now.
+    pub fn len(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes a place in the queue, unless `max` requests already wait.
+    pub fn join(&self, max: usize) -> Option<Place<'_>> {
+        self.waiting.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Place(self))
+    }
+
+    /// What a request queued for `model` waits on.
+    pub fn waker(&self, model: &str) -> Arc<Notify> {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(waker) = wakers.get(model) {
+            return waker.clone();
+        }
+        let waker = Arc::new(Notify::new());
+        wakers.insert(Arc::from(model), waker.clone());
+        waker
+    }
+
+    fn existing_waker(&self, model: &str) -> Option<Arc<Notify>> {
+        self.wakers.lock().unwrap_or_else(|p| p.into_inner()).get(model).cloned()
     }
 }
 
@@ -152,6 +255,8 @@ pub enum NoNode {
     UnknownModel,
     /// Nodes have it, but none can take this request now (all ejected, or all already tried).
     Unavailable,
+    /// Nodes that could take it are all at their `max_concurrency`: the request may wait in the queue.
+    AtCapacity,
 }
 
 #[derive(Default)]
@@ -172,6 +277,7 @@ struct Listed {
 #[derive(Default)]
 pub struct Routing {
     index: RwLock<Index>,
+    queue: Arc<Queue>,
 }
 
 impl Routing {
@@ -183,8 +289,21 @@ impl Routing {
         self.index.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The requests waiting for a node with room.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
     /// Takes in a node as it is now: routable (online, with its ready models) or not.
     pub fn update(&self, node: &Node) {
+        if let Some(target) = self.update_index(node) {
+            // It may have room for queued requests now (online again, uncordoned, a higher limit).
+            target.wake_queued(true);
+        }
+    }
+
+    /// Updates the index; returns the node's target when it is routable.
+    fn update_index(&self, node: &Node) -> Option<Arc<Target>> {
         let addr = node.ip_address.parse().ok().map(|ip| SocketAddr::new(ip, node.runtime_port));
         let routable = node.status == NodeStatus::Online && !node.cordoned && addr.is_some();
         let mut index = self.write();
@@ -195,20 +314,21 @@ impl Routing {
             }
             (Some(listed), None) => listed.target.clone(),
             // A node that cannot take traffic gets its counters only once it can.
-            (None, Some(_)) if !routable => return,
+            (None, Some(_)) if !routable => return None,
             (None, Some(addr)) => {
-                let target = Arc::new(Target::new(node.id, addr));
+                let target = Arc::new(Target::new(node.id, addr, self.queue.clone()));
                 index.targets.insert(node.id, Listed { target: target.clone(), models: Box::new([]) });
                 target
             }
-            (None, None) => return,
+            (None, None) => return None,
         };
+        target.limit.store(node.max_concurrency.unwrap_or(0), Ordering::Relaxed);
         let wanted: &[String] = if routable { &node.ready_models } else { &[] };
         let same = index.targets.get(&node.id).is_some_and(|listed| {
             listed.models.len() == wanted.len() && listed.models.iter().zip(wanted).all(|(a, b)| **a == **b)
         });
         if same {
-            return;
+            return routable.then_some(target);
         }
         unlist(&mut index, node.id);
         // Model names are shared by every node that has the model, not copied per node.
@@ -221,9 +341,11 @@ impl Routing {
             index.by_model.entry(name.clone()).or_default().push(target.clone());
             interned.push(name);
         }
+        *target.models.write().unwrap_or_else(|p| p.into_inner()) = interned.clone().into_boxed_slice();
         if let Some(listed) = index.targets.get_mut(&node.id) {
             listed.models = interned.into_boxed_slice();
         }
+        routable.then_some(target)
     }
 
     /// Forgets a deleted node.
@@ -245,38 +367,53 @@ impl Routing {
         models
     }
 
-    /// Picks a node for `model` among those not ejected at `now` and not in `tried`: of two chosen at random, the
-    /// one with fewer requests in flight. The pick is counted in flight until the returned guard is dropped.
+    /// Picks a node for `model` among those not ejected at `now`, not in `tried` and below their
+    /// `max_concurrency`: of two chosen at random, the one with fewer requests in flight. The pick is counted in
+    /// flight until the returned guard is dropped.
     pub fn pick(&self, model: &str, tried: &[Uuid], now: Millis) -> Result<InFlight, NoNode> {
         let index = self.read();
         let all = index.by_model.get(model).ok_or(NoNode::UnknownModel)?;
         // A node whose ejection has ended gets one trial request before any other traffic.
-        if let Some(trial) = all.iter().find(|t| !tried.contains(&t.node_id) && t.claim_trial(now)) {
+        if let Some(trial) = all.iter().find(|t| !tried.contains(&t.node_id) && t.has_room() && t.claim_trial(now)) {
             return Ok(InFlight::start(trial.clone()));
         }
-        let eligible = |target: &&Arc<Target>| !target.ejected_at(now) && !tried.contains(&target.node_id);
-        let count = all.iter().filter(eligible).count();
-        let chosen = match count {
-            0 => return Err(NoNode::Unavailable),
-            1 => all.iter().find(eligible),
-            _ => {
-                let a = rand::random_range(0..count);
-                let mut b = rand::random_range(0..count - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let mut candidates = all.iter().filter(eligible);
-                let (first, second) = if a < b { (a, b) } else { (b, a) };
-                let x = candidates.nth(first);
-                let y = candidates.nth(second - first - 1);
-                match (x, y) {
-                    (Some(x), Some(y)) => Some(if y.in_flight() < x.in_flight() { y } else { x }),
-                    (x, y) => x.or(y),
-                }
+        // Another request may take the last place of the chosen node first: then choose again.
+        for _ in 0..4 {
+            match choose(all, tried, now)?.try_start() {
+                Some(flight) => return Ok(flight),
+                None => continue,
             }
-        };
-        Ok(InFlight::start(chosen.ok_or(NoNode::Unavailable)?.clone()))
+        }
+        Err(NoNode::AtCapacity)
     }
+}
+
+/// Of two nodes chosen at random among those that can take a request now, the one with fewer in flight.
+fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a Arc<Target>, NoNode> {
+    let usable = |target: &&Arc<Target>| !target.ejected_at(now) && !tried.contains(&target.node_id);
+    let eligible = |target: &&Arc<Target>| usable(target) && target.has_room();
+    let count = all.iter().filter(eligible).count();
+    let chosen = match count {
+        0 if all.iter().any(|target| usable(&target)) => return Err(NoNode::AtCapacity),
+        0 => return Err(NoNode::Unavailable),
+        1 => all.iter().find(eligible),
+        _ => {
+            let a = rand::random_range(0..count);
+            let mut b = rand::random_range(0..count - 1);
+            if b >= a {
+                b += 1;
+            }
+            let mut candidates = all.iter().filter(eligible);
+            let (first, second) = if a < b { (a, b) } else { (b, a) };
+            let x = candidates.nth(first);
+            let y = candidates.nth(second - first - 1);
+            match (x, y) {
+                (Some(x), Some(y)) => Some(if y.in_flight() < x.in_flight() { y } else { x }),
+                (x, y) => x.or(y),
+            }
+        }
+    };
+    chosen.ok_or(NoNode::Unavailable)
 }
 
 fn unlist(index: &mut Index, id: Uuid) {

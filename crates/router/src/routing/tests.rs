@@ -21,6 +21,7 @@ fn node(id: u128, port: u16, status: NodeStatus, ready: &[&str]) -> Node {
         approved_by: None,
         join_token: None,
         cordoned: false,
+        max_concurrency: None,
         last_seen_at: None,
     }
 }
@@ -91,4 +92,58 @@ fn a_model_change_moves_the_node_between_lists() {
     assert_eq!(routing.models(), vec!["new".to_owned()]);
     assert_eq!(routing.pick("old", &[], 0).err(), Some(NoNode::UnknownModel));
     assert!(routing.pick("new", &[], 0).is_ok());
+}
+
+#[test]
+fn a_node_at_its_limit_takes_no_more_and_a_request_ending_wakes_one_queued_for_its_model() {
+    let routing = Routing::default();
+    let mut limited = node(1, 8001, NodeStatus::Online, &["m"]);
+    limited.max_concurrency = Some(2);
+    routing.update(&limited);
+    let first = routing.pick("m", &[], 0).expect("first");
+    let _second = routing.pick("m", &[], 0).expect("second");
+    assert_eq!(routing.pick("m", &[], 0).err(), Some(NoNode::AtCapacity), "at its limit: wait, not fail");
+    assert_eq!(routing.figures(Uuid::from_u128(1), 0).expect("figures").in_flight, 2);
+
+    // A queued request is woken when one ends, and then finds room.
+    let queue = routing.queue();
+    let place = queue.join(1).expect("a place");
+    assert!(queue.join(1).is_none(), "the queue holds at most `max`");
+    let waker = queue.waker("m");
+    let woken = waker.notified();
+    let mut woken = std::pin::pin!(woken);
+    woken.as_mut().enable();
+    drop(first);
+    let waker_fired = futures_util::FutureExt::now_or_never(woken.as_mut()).is_some();
+    assert!(waker_fired, "the request that ended woke the queued one");
+    assert!(routing.pick("m", &[], 0).is_ok());
+    drop(place);
+    assert!(queue.is_empty());
+
+    // Raising the limit gives room at once; no limit at all: never at capacity.
+    limited.max_concurrency = None;
+    routing.update(&limited);
+    let many: Vec<InFlight> = (0..50).map(|_| routing.pick("m", &[], 0).expect("no limit")).collect();
+    assert_eq!(many.len(), 50);
+}
+
+#[test]
+fn at_capacity_only_when_a_usable_node_is_full_otherwise_unavailable() {
+    let routing = Routing::default();
+    let mut limited = node(1, 8001, NodeStatus::Online, &["m"]);
+    limited.max_concurrency = Some(1);
+    routing.update(&limited);
+    routing.update(&node(2, 8002, NodeStatus::Online, &["m"]));
+    let held = routing.pick("m", &[Uuid::from_u128(2)], 0).expect("node 1");
+    // Node 2 has room: it takes every request while node 1 is full.
+    for _ in 0..10 {
+        assert_eq!(routing.pick("m", &[], 0).expect("pick").target().node_id, Uuid::from_u128(2));
+    }
+    assert_eq!(routing.pick("m", &[Uuid::from_u128(2)], 0).err(), Some(NoNode::AtCapacity));
+    // An ejected node is not capacity to wait for.
+    let target = held.target().clone();
+    for _ in 0..3 {
+        target.failed(0);
+    }
+    assert_eq!(routing.pick("m", &[Uuid::from_u128(2)], 1).err(), Some(NoNode::Unavailable));
 }

@@ -420,3 +420,117 @@ async fn an_inference_key_works_on_v1_only_and_keys_made_without_a_scope_reach_b
     let count = body(app.request(Method::GET, "/v0/api-keys").bearer_auth(&admin).send().await.expect("list")).await;
     assert_eq!(count.as_array().expect("keys").len(), 3, "nothing was stored by the refused requests");
 }
+
+async fn patch_node(app: &TestApp, id: &str, body: &Value) -> reqwest::Response {
+    let admin = app.admin_token().await;
+    app.request(Method::PATCH, &format!("/v0/nodes/{id}")).bearer_auth(&admin).json(body).send().await.expect("patch")
+}
+
+/// Holds a streamed answer open until its chunks are released.
+async fn open_stream(app: &TestApp, key: &str) -> reqwest::Response {
+    let answer = chat(app, Some(key), &json!({"model": "m", "stream": true})).await;
+    assert_eq!(answer.status(), 200);
+    answer
+}
+
+/// Lets the stand-in finish a stream opened by [`open_stream`] and reads it to the end.
+async fn finish_stream(runtime: &Runtime, mut answer: reqwest::Response) {
+    for _ in 0..3 {
+        runtime.shared.next_chunk.notify_one();
+        let chunk = tokio::time::timeout(Duration::from_secs(5), answer.chunk()).await.expect("in time");
+        assert!(chunk.expect("bytes").is_some());
+    }
+    runtime.shared.next_chunk.notify_one();
+    assert!(String::from_utf8_lossy(&answer.bytes().await.expect("the rest")).contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn max_concurrency_queues_requests_then_answers_429_when_the_queue_is_full_or_the_wait_runs_out() {
+    let app = TestApp::with_settings(Options::default(), |settings| {
+        settings.max_queued = 1;
+        settings.queue_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let a = Runtime::start("a", &["m"]).await;
+    let id = online_node(&app, "gpu-a", &a, &["m"]).await;
+    let key = app.admin_token().await;
+
+    for bad in [json!({"max_concurrency": 0}), json!({"max_concurrency": 100_001}), json!({"max_concurrency": -1})] {
+        let refused = patch_node(&app, &id, &bad).await;
+        let message = assert_error(refused, 400, "invalid_request").await;
+        assert!(message.contains("max_concurrency"), "{message}");
+    }
+    assert_eq!(app.node(&id).await["max_concurrency"], Value::Null, "refused edits changed nothing");
+    let limited = body(patch_node(&app, &id, &json!({"max_concurrency": 1})).await).await;
+    assert_eq!(limited["max_concurrency"], 1);
+
+    // The one place is taken by a stream; the next request waits in the queue.
+    let held = open_stream(&app, &key).await;
+    assert_eq!(app.node(&id).await["routing"]["in_flight"], 1);
+    let queued = {
+        let (url, key) = (app.url("/v1/chat/completions"), key.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new().post(url).bearer_auth(key).json(&json!({"model": "m"})).send().await
+        })
+    };
+    let routing = app.state.registry.routing().clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while routing.queue().len() != 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the request queued");
+    // The queue holds one: the next request is refused at once.
+    let refused = chat(&app, Some(&key), &json!({"model": "m"})).await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    openai_error(refused, 429, "over_capacity").await;
+
+    // The stream ends: the queued request takes the place and is answered.
+    finish_stream(&a, held).await;
+    let answered = queued.await.expect("task").expect("answer");
+    assert_eq!(answered.status(), 200);
+    assert_eq!(answered.headers()["x-llm-router-node"], id.as_str());
+    assert!(routing.queue().is_empty());
+
+    // A wait that runs out is refused too, after the queue's timeout.
+    let held = open_stream(&app, &key).await;
+    let started = std::time::Instant::now();
+    openai_error(chat(&app, Some(&key), &json!({"model": "m"})).await, 429, "over_capacity").await;
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+
+    let node = app.node(&id).await;
+    assert_eq!(
+        node["routing"],
+        json!({"in_flight": 1, "requests_total": 3, "failures_total": 0, "ejected_until": null}),
+        "refused requests never reached the node"
+    );
+    // No limit: requests go through at once while the stream is still open.
+    let unlimited = body(patch_node(&app, &id, &json!({"max_concurrency": null})).await).await;
+    assert_eq!(unlimited["max_concurrency"], Value::Null);
+    assert_eq!(chat(&app, Some(&key), &json!({"model": "m"})).await.status(), 200);
+    finish_stream(&a, held).await;
+
+    // The limit is kept across a restart.
+    assert_eq!(patch_node(&app, &id, &json!({"max_concurrency": 8})).await.status(), 200);
+    let app = app.restart(0).await;
+    assert_eq!(app.node(&id).await["max_concurrency"], 8);
+}
+
+#[tokio::test]
+async fn an_ejected_node_shows_until_when_in_its_json() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    let id = online_node(&app, "gpu-a", &a, &["m"]).await;
+    a.shared.status.store(502, Ordering::SeqCst);
+    let key = app.admin_token().await;
+    for _ in 0..3 {
+        openai_error(chat(&app, Some(&key), &json!({"model": "m"})).await, 503, "no_available_node").await;
+    }
+    let node = app.node(&id).await;
+    assert_eq!(node["routing"]["failures_total"], 3);
+    assert_eq!(node["routing"]["requests_total"], 3);
+    let until = node["routing"]["ejected_until"].as_str().expect("ejected");
+    assert_eq!(until, llm_router::clock::rfc3339(app.clock_ms() + 5_000));
+    assert_eq!(node["status"], "online", "ejection changes routing, not the status");
+}

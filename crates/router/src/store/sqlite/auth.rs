@@ -151,9 +151,10 @@ impl SqliteStore {
     }
 
     pub(super) async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
-        let rows = sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
-            .fetch_all(&self.reader)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
+                .fetch_all(&self.reader)
+                .await?;
         rows.iter()
             .map(|row| {
                 Ok(ApiKeyRow {

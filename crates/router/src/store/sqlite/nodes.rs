@@ -118,9 +118,10 @@ impl SqliteStore {
     /// Persists the fields an administrator edits.
     pub(super) async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
-            sqlx::query("UPDATE nodes SET display_name = ?, notes = ? WHERE id = ?")
+            sqlx::query("UPDATE nodes SET display_name = ?, notes = ?, max_concurrency = ? WHERE id = ?")
                 .bind(&node.display_name)
                 .bind(&node.notes)
+                .bind(node.max_concurrency)
                 .bind(node.id.to_string())
                 .execute(&mut *tx)
                 .await?;
@@ -253,9 +254,10 @@ async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()>
 /// The columns of a node's row, the copy of its lists included ([`lists::encode_node`]); its child rows go through
 /// [`lists::write`], its token through [`write_token`].
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
-     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned) ";
+     display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, \
+     max_concurrency) ";
 
-/// Nodes per statement of an import (16 values each, well under SQLite's limit of 32,766).
+/// Nodes per statement of an import (17 values each, well under SQLite's limit of 32,766).
 const NODES_PER_STATEMENT: usize = 500;
 
 /// Binds the values of a node's row, in the order of [`INSERT_NODE`].
@@ -275,7 +277,8 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(node.last_seen_at)
         .push_bind(lists::encode_node(node))
         .push_bind(node.join_token.as_deref())
-        .push_bind(node.cordoned);
+        .push_bind(node.cordoned)
+        .push_bind(node.max_concurrency);
 }
 
 /// Inserts one node's row; a duplicate comes back as the database's unique violation.
