@@ -72,6 +72,7 @@ fn new_node(i: usize, now: i64, with_metrics: bool) -> NewNode {
         approved_by: approved.then(|| "admin".to_owned()),
         join_token: None,
         cordoned: false,
+        max_concurrency: None,
         last_seen_at: Some(last_seen_at),
     };
     let registered = NodeEvent::new(node.id, registered_at, None, NodeStatus::Pending.as_str(), "registered");
