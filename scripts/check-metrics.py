@@ -40,6 +40,16 @@ FAMILIES = {
     "llm_router_http_connections_evicted": "counter",
     "llm_router_http_connections_refused": "counter",
     "llm_router_http_connection_timeouts": "counter",
+    "llm_router_inference_queued": "gauge",
+}
+
+# Families labelled by model: they appear with the first /v1 request for a model some node has ready.
+FAMILIES_BY_MODEL = {
+    "llm_router_inference_requests": "counter",
+    "llm_router_inference_upstream_headers_seconds": "histogram",
+    "llm_router_inference_first_byte_seconds": "histogram",
+    "llm_router_inference_retries": "counter",
+    "llm_router_inference_ejections": "counter",
 }
 
 NODE_STATUSES = {"registering", "pending", "online", "offline"}
@@ -63,6 +73,12 @@ def main(base):
             problems.append(f"no family {name}")
         elif families[name].type != kind:
             problems.append(f"{name} is a {families[name].type}, not a {kind}")
+    for name, kind in FAMILIES_BY_MODEL.items():
+        if name in families and families[name].type != kind:
+            problems.append(f"{name} is a {families[name].type}, not a {kind}")
+        for sample in families[name].samples if name in families else []:
+            if "model" not in sample.labels:
+                problems.append(f"{sample.name} without a model label")
 
     if "llm_router_http_requests" in families:
         samples = families["llm_router_http_requests"].samples

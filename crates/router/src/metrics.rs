@@ -23,6 +23,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
+mod inference;
+
+pub use inference::{InferenceMetrics, ModelMetrics};
+
 /// The content type of [`Metrics::render`]'s text: OpenMetrics 1.0, which Prometheus asks for and reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -153,6 +157,8 @@ pub struct Metrics {
     pub header_timeouts: Counter,
     /// Keep-alive connections closed for staying idle too long.
     pub idle_timeouts: Counter,
+    /// `/v1` traffic, by model.
+    pub inference: InferenceMetrics,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// The handles of `requests` and `durations`, by matched route, then by method.
@@ -275,7 +281,9 @@ impl Default for Metrics {
             Unit::Seconds,
             durations.clone(),
         );
+        let inference = InferenceMetrics::register(&mut registry);
         Metrics {
+            inference,
             registrations,
             heartbeats,
             approvals,
@@ -466,6 +474,8 @@ mod tests {
         Metrics::inc(&metrics.header_timeouts);
         metrics.transition(NodeStatus::Online);
         metrics.connections_max.set(64);
+        // Families labelled by model appear with the first request for a model.
+        metrics.inference.model("m").answered(200);
         let scraped = scrape(&metrics, &HashMap::new(), 3);
         let expected = [
             ("llm_router_nodes", "gauge"),
@@ -492,6 +502,12 @@ mod tests {
             ("llm_router_offline_sweep_seconds", "histogram"),
             ("llm_router_http_requests", "counter"),
             ("llm_router_http_request_duration_seconds", "histogram"),
+            ("llm_router_inference_requests", "counter"),
+            ("llm_router_inference_upstream_headers_seconds", "histogram"),
+            ("llm_router_inference_first_byte_seconds", "histogram"),
+            ("llm_router_inference_retries", "counter"),
+            ("llm_router_inference_ejections", "counter"),
+            ("llm_router_inference_queued", "gauge"),
         ];
         for (family, kind) in expected {
             assert_eq!(scraped.types.get(family).map(String::as_str), Some(kind), "{family}");
@@ -505,6 +521,11 @@ mod tests {
         assert_eq!(scraped.value("llm_router_http_connection_timeouts_total", &[("kind", "idle")]), Some(0.0));
         assert_eq!(scraped.value("llm_router_status_changes_total", &[("to", "online")]), Some(1.0));
         assert_eq!(scraped.samples("llm_router_status_changes_total").count(), NodeStatus::ALL.len());
+        assert_eq!(
+            scraped.value("llm_router_inference_requests_total", &[("model", "m"), ("class", "2xx")]),
+            Some(1.0)
+        );
+        assert_eq!(scraped.samples("llm_router_inference_requests_total").count(), 5, "every class, from the start");
     }
 
     #[test]

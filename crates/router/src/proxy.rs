@@ -12,7 +12,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -23,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use uuid::Uuid;
 
 use crate::clock::Clock;
+use crate::metrics::{InferenceMetrics, ModelMetrics};
 use crate::routing::{InFlight, NoNode, Routing, Target};
 
 /// Header naming the node that served a request.
@@ -120,29 +121,47 @@ impl Proxy {
     }
 
     /// Forwards `request` to a node that has its model ready.
+    /// Forwards `request` to a node that has its model ready, and counts it in the model's figures.
     pub async fn forward(
         &self,
         routing: &Routing,
         clock: &Arc<dyn Clock>,
+        metrics: &InferenceMetrics,
         request: Outbound<'_>,
     ) -> Result<Response<Body>, ProxyError> {
+        let arrived = Instant::now();
         let Outbound { method, path_and_query, headers, model, body } = request;
         let mut tried: Vec<Uuid> = Vec::new();
+        // Taken once the model is known to routing: an unknown name gets no series.
+        let mut figures: Option<Arc<ModelMetrics>> = None;
         for _ in 0..=self.settings.max_retries {
             let flight = match self.pick(routing, clock, model, &tried).await {
                 Ok(flight) => flight,
                 Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err(ProxyError::UnknownModel),
-                Err(Err(refused)) => return Err(refused),
+                Err(Err(refused)) => {
+                    metrics.model(model).answered(StatusCode::TOO_MANY_REQUESTS.as_u16());
+                    return Err(refused);
+                }
                 Err(Ok(_)) => break,
             };
+            let figures = figures.get_or_insert_with(|| metrics.model(model));
+            if !tried.is_empty() {
+                figures.retries.inc();
+            }
             let target = flight.target().clone();
             tried.push(target.node_id);
             let request = upstream_request(&method, &target, path_and_query, headers, body.clone());
+            let sent = Instant::now();
             let answer = tokio::time::timeout(self.settings.header_timeout, self.client.request(request)).await;
+            if let Ok(Ok(_)) = &answer {
+                figures.upstream_headers.observe(sent.elapsed().as_secs_f64());
+            }
             let failure = match answer {
                 Ok(Ok(response)) if !retryable(response.status()) => {
                     target.succeeded();
-                    return Ok(downstream_response(response, flight, clock));
+                    figures.answered(response.status().as_u16());
+                    let watch = Watch { figures: figures.clone(), arrived, clock: clock.clone() };
+                    return Ok(downstream_response(response, flight, watch));
                 }
                 Ok(Ok(response)) => format!("the node answered {}", response.status()),
                 Ok(Err(err)) => format!("forwarding to the node failed: {err}"),
@@ -150,9 +169,11 @@ impl Proxy {
             };
             tracing::debug!(node = %target.node_id, %failure, "retrying on another node");
             if target.failed(clock.now_ms()) {
+                figures.ejections.inc();
                 tracing::warn!(node = %target.node_id, %failure, "node ejected from routing after failures");
             }
         }
+        metrics.model(model).answered(StatusCode::SERVICE_UNAVAILABLE.as_u16());
         Err(ProxyError::NoNode { tried: tried.len() })
     }
 }
@@ -188,10 +209,18 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(name.as_str(), "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade")
 }
 
-fn downstream_response(response: Response<Incoming>, flight: InFlight, clock: &Arc<dyn Clock>) -> Response<Body> {
+/// What an answer's body reports to on its way: the model's figures, when its request arrived, the clock of
+/// ejections.
+struct Watch {
+    figures: Arc<ModelMetrics>,
+    arrived: Instant,
+    clock: Arc<dyn Clock>,
+}
+
+fn downstream_response(response: Response<Incoming>, flight: InFlight, watch: Watch) -> Response<Body> {
     let (parts, incoming) = response.into_parts();
     let node = flight.target().node_id;
-    let body = Routed { incoming, flight, failed: false, clock: clock.clone() };
+    let body = Routed { incoming, flight, failed: false, first_byte: false, watch };
     let mut answer = Response::new(Body::new(body));
     *answer.status_mut() = parts.status;
     for (name, value) in &parts.headers {
@@ -206,12 +235,13 @@ fn downstream_response(response: Response<Incoming>, flight: InFlight, clock: &A
 }
 
 /// An answer's body on its way to the client, frame by frame: counted in flight on its node until it ends or is
-/// dropped (the client left); a body that breaks off counts as a failure of the node.
+/// dropped (the client left); a body that breaks off counts as a failure of the node. Its first byte is timed.
 struct Routed {
     incoming: Incoming,
     flight: InFlight,
     failed: bool,
-    clock: Arc<dyn Clock>,
+    first_byte: bool,
+    watch: Watch,
 }
 
 impl hyper::body::Body for Routed {
@@ -220,11 +250,18 @@ impl hyper::body::Body for Routed {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.incoming).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled
-            && !self.failed
-        {
-            self.failed = true;
-            self.flight.target().failed(self.clock.now_ms());
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) if !self.first_byte && frame.data_ref().is_some_and(|d| !d.is_empty()) => {
+                self.first_byte = true;
+                self.watch.figures.first_byte.observe(self.watch.arrived.elapsed().as_secs_f64());
+            }
+            Poll::Ready(Some(Err(_))) if !self.failed => {
+                self.failed = true;
+                if self.flight.target().failed(self.watch.clock.now_ms()) {
+                    self.watch.figures.ejections.inc();
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -133,7 +133,7 @@ async fn forward_inner(state: &AppState, request: Request) -> Result<Response, O
     let routing = state.registry.routing();
     let outbound =
         Outbound { method: parts.method, path_and_query: path, headers: &parts.headers, model: &model, body: bytes };
-    match state.proxy.forward(routing, &state.clock, outbound).await {
+    match state.proxy.forward(routing, &state.clock, &state.metrics.inference, outbound).await {
         Ok(response) => Ok(response),
         Err(ProxyError::UnknownModel) => Err(OpenAiError::model_not_found(&model)),
         Err(ProxyError::NoNode { tried }) => {

@@ -481,6 +481,7 @@ async fn max_concurrency_queues_requests_then_answers_429_when_the_queue_is_full
     })
     .await
     .expect("the request queued");
+    assert_eq!(app.metric("llm_router_inference_queued").await, 1.0);
     // The queue holds one: the next request is refused at once.
     let refused = chat(&app, Some(&key), &json!({"model": "m"})).await;
     assert_eq!(refused.headers()["retry-after"], "1");
@@ -533,4 +534,49 @@ async fn an_ejected_node_shows_until_when_in_its_json() {
     let until = node["routing"]["ejected_until"].as_str().expect("ejected");
     assert_eq!(until, llm_router::clock::rfc3339(app.clock_ms() + 5_000));
     assert_eq!(node["status"], "online", "ejection changes routing, not the status");
+}
+
+#[tokio::test]
+async fn metrics_count_inference_per_model_never_per_node_nor_for_invented_models() {
+    let app = TestApp::with_settings(Options::default(), |settings| settings.max_queued = 0).await;
+    let bad = Runtime::start("bad", &["m"]).await;
+    let good = Runtime::start("good", &["m"]).await;
+    online_node(&app, "gpu-bad", &bad, &["m"]).await;
+    let good_id = online_node(&app, "gpu-good", &good, &["m"]).await;
+    let key = app.admin_token().await;
+    bad.shared.status.store(503, Ordering::SeqCst);
+    // Until `bad` is ejected some requests try it first and are retried on `good`.
+    for _ in 0..12 {
+        assert_eq!(chat(&app, Some(&key), &json!({"model": "m"})).await.status(), 200);
+    }
+    good.shared.status.store(400, Ordering::SeqCst);
+    assert_eq!(chat(&app, Some(&key), &json!({"model": "m"})).await.status(), 400, "a 400 is the answer");
+    good.shared.status.store(0, Ordering::SeqCst);
+    openai_error(chat(&app, Some(&key), &json!({"model": "invented"})).await, 404, "model_not_found").await;
+    // At capacity with no queue: the router's own 429.
+    assert_eq!(patch_node(&app, &good_id, &json!({"max_concurrency": 1})).await.status(), 200);
+    let held = open_stream(&app, &key).await;
+    openai_error(chat(&app, Some(&key), &json!({"model": "m"})).await, 429, "over_capacity").await;
+    finish_stream(&good, held).await;
+
+    let scraped = app.scrape().await;
+    let answers = |class: &str| {
+        scraped.value("llm_router_inference_requests_total", &[("model", "m"), ("class", class)]).unwrap_or(0.0)
+    };
+    assert_eq!(answers("2xx"), 13.0, "12 answers and one stream");
+    assert_eq!(answers("4xx"), 2.0, "the node's 400 and the router's 429");
+    assert_eq!(answers("5xx"), 0.0, "retried failures are not answers");
+    let retries = scraped.value("llm_router_inference_retries_total", &[("model", "m")]).expect("retries");
+    assert_eq!(retries, 3.0, "each of bad's three failures was retried on good");
+    assert_eq!(scraped.value("llm_router_inference_ejections_total", &[("model", "m")]), Some(1.0));
+    let headers = scraped.value("llm_router_inference_upstream_headers_seconds_count", &[("model", "m")]);
+    assert_eq!(headers, Some(17.0), "every answer that came: 14 from good, the three 503s of bad");
+    let first = scraped.value("llm_router_inference_first_byte_seconds_count", &[("model", "m")]);
+    assert_eq!(first, Some(14.0), "every answer with a body");
+    assert_eq!(scraped.value("llm_router_inference_queued", &[]), Some(0.0));
+    assert!(
+        scraped.samples.iter().all(|s| s.labels.get("model").is_none_or(|m| m == "m")),
+        "no series for an invented model"
+    );
+    assert!(scraped.samples.iter().all(|s| !s.labels.contains_key("node")), "no series per node");
 }

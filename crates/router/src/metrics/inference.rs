@@ -1,0 +1,145 @@
+//! Inference figures (SPEC §8), by model and never by node: answers by status class, time to the upstream's
+//! headers, time to the first byte of the answer, retries, ejections, and the queue's length. A node's own figures
+//! are in its JSON; a series per node would multiply with the fleet.
+//!
+//! Only models some node has ready get series: a request naming an unknown model is counted by the HTTP metrics of
+//! its route, so a client cannot create series by inventing names.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::{Histogram, Level};
+
+/// Buckets of inference latencies, in seconds: a non-streamed answer's headers come after the whole generation.
+const INFERENCE_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    model: String,
+    class: &'static str,
+}
+
+fn inference_histogram() -> Histogram {
+    Histogram::new(INFERENCE_BUCKETS)
+}
+
+/// The families of the inference figures, and the handles of each model taken from them once.
+pub struct InferenceMetrics {
+    answers: Family<ClassLabels, Counter>,
+    upstream_headers: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    first_byte: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    retries: Family<ModelLabel, Counter>,
+    ejections: Family<ModelLabel, Counter>,
+    /// Requests waiting for a node below its `max_concurrency` (set when scraped).
+    pub queued: Level,
+    by_model: RwLock<HashMap<Box<str>, Arc<ModelMetrics>>>,
+}
+
+/// The inference figures of one model.
+pub struct ModelMetrics {
+    answers: [Counter; 5],
+    /// From sending a request to a node to its answer's headers, for answers that came.
+    pub upstream_headers: Histogram,
+    /// From the request's arrival to the first byte of the answer's body leaving the router.
+    pub first_byte: Histogram,
+    /// Tries on another node after a failure before the first byte.
+    pub retries: Counter,
+    /// Nodes ejected from routing by a failure of a request for this model.
+    pub ejections: Counter,
+}
+
+impl ModelMetrics {
+    /// Counts an answer to the client, by its status class: the node's, or the router's own 429 or 503.
+    pub fn answered(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.answers[class].inc();
+    }
+}
+
+impl InferenceMetrics {
+    pub(super) fn register(registry: &mut Registry) -> Self {
+        let answers = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "llm_router_inference_requests",
+            "Inference requests answered, by model and status class (the node's answer, or the router's 429 or 503)",
+            answers.clone(),
+        );
+        let upstream_headers = Family::new_with_constructor(inference_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "llm_router_inference_upstream_headers",
+            "Time from sending an inference request to a node to its answer's headers, by model",
+            Unit::Seconds,
+            upstream_headers.clone(),
+        );
+        let first_byte = Family::new_with_constructor(inference_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "llm_router_inference_first_byte",
+            "Time from an inference request's arrival to the first byte of its answer's body leaving the router, \
+             by model",
+            Unit::Seconds,
+            first_byte.clone(),
+        );
+        let retries = Family::<ModelLabel, Counter>::default();
+        registry.register(
+            "llm_router_inference_retries",
+            "Inference requests tried again on another node after a failure before the first byte, by model",
+            retries.clone(),
+        );
+        let ejections = Family::<ModelLabel, Counter>::default();
+        registry.register(
+            "llm_router_inference_ejections",
+            "Nodes ejected from routing after failures, by the model of the request that failed",
+            ejections.clone(),
+        );
+        let queued = Level::default();
+        registry.register(
+            "llm_router_inference_queued",
+            "Inference requests waiting for a node below its max_concurrency",
+            queued.clone(),
+        );
+        InferenceMetrics {
+            answers,
+            upstream_headers,
+            first_byte,
+            retries,
+            ejections,
+            queued,
+            by_model: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The figures of `model`, created on its first request.
+    pub fn model(&self, model: &str) -> Arc<ModelMetrics> {
+        if let Some(found) = self.by_model.read().unwrap_or_else(|p| p.into_inner()).get(model) {
+            return found.clone();
+        }
+        let mut by_model = self.by_model.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = by_model.get(model) {
+            return found.clone();
+        }
+        let label = ModelLabel { model: model.to_owned() };
+        let created = Arc::new(ModelMetrics {
+            answers: CLASSES
+                .map(|class| self.answers.get_or_create_owned(&ClassLabels { model: model.to_owned(), class })),
+            upstream_headers: self.upstream_headers.get_or_create_owned(&label),
+            first_byte: self.first_byte.get_or_create_owned(&label),
+            retries: self.retries.get_or_create_owned(&label),
+            ejections: self.ejections.get_or_create_owned(&label),
+        });
+        by_model.insert(model.into(), created.clone());
+        created
+    }
+}
