@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
@@ -47,6 +47,8 @@ pub struct Target {
     ejections: AtomicU32,
     /// Most requests in flight at once (`max_concurrency`; 0: no limit).
     limit: AtomicU32,
+    /// Cordoned by an administrator: listed under its models (they are known, the node just takes no new request).
+    cordoned: AtomicBool,
     /// The models it is listed under, to wake the requests queued for them when it has room again.
     models: RwLock<Box<[Arc<str>]>>,
     queue: Arc<Queue>,
@@ -74,6 +76,7 @@ impl Target {
             ejected_until: AtomicI64::new(0),
             ejections: AtomicU32::new(0),
             limit: AtomicU32::new(0),
+            cordoned: AtomicBool::new(false),
             models: RwLock::new(Box::new([])),
             queue,
         }
@@ -121,6 +124,10 @@ impl Target {
 
     fn ejected_at(&self, now: Millis) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    fn is_cordoned(&self) -> bool {
+        self.cordoned.load(Ordering::Relaxed)
     }
 
     /// Claims the one trial request of a node whose ejection has ended (half-open): true for the one caller that
@@ -253,7 +260,7 @@ impl Queue {
 pub enum NoNode {
     /// No node that can take traffic has this model ready.
     UnknownModel,
-    /// Nodes have it, but none can take this request now (all ejected, or all already tried).
+    /// Nodes have it, but none can take this request now (cordoned, ejected, or all already tried).
     Unavailable,
     /// Nodes that could take it are all at their `max_concurrency`: the request may wait in the queue.
     AtCapacity,
@@ -305,7 +312,8 @@ impl Routing {
     /// Updates the index; returns the node's target when it is routable.
     fn update_index(&self, node: &Node) -> Option<Arc<Target>> {
         let addr = node.ip_address.parse().ok().map(|ip| SocketAddr::new(ip, node.runtime_port));
-        let routable = node.status == NodeStatus::Online && !node.cordoned && addr.is_some();
+        // A cordoned node stays listed under its models (a request for them is 503, not 404) but is never picked.
+        let routable = node.status == NodeStatus::Online && addr.is_some();
         let mut index = self.write();
         let target = match (index.targets.get(&node.id), addr) {
             (Some(listed), Some(addr)) => {
@@ -323,12 +331,13 @@ impl Routing {
             (None, None) => return None,
         };
         target.limit.store(node.max_concurrency.unwrap_or(0), Ordering::Relaxed);
+        target.cordoned.store(node.cordoned, Ordering::Relaxed);
         let wanted: &[String] = if routable { &node.ready_models } else { &[] };
         let same = index.targets.get(&node.id).is_some_and(|listed| {
             listed.models.len() == wanted.len() && listed.models.iter().zip(wanted).all(|(a, b)| **a == **b)
         });
         if same {
-            return routable.then_some(target);
+            return (routable && !node.cordoned).then_some(target);
         }
         unlist(&mut index, node.id);
         // Model names are shared by every node that has the model, not copied per node.
@@ -345,7 +354,7 @@ impl Routing {
         if let Some(listed) = index.targets.get_mut(&node.id) {
             listed.models = interned.into_boxed_slice();
         }
-        routable.then_some(target)
+        (routable && !node.cordoned).then_some(target)
     }
 
     /// Forgets a deleted node.
@@ -360,21 +369,29 @@ impl Routing {
         self.read().targets.get(&id).map(|listed| listed.target.figures(now))
     }
 
-    /// Every model some routable node has ready, in name order.
+    /// Every model some routable, uncordoned node has ready, in name order.
     pub fn models(&self) -> Vec<String> {
-        let mut models: Vec<String> = self.read().by_model.keys().map(|name| name.to_string()).collect();
+        let index = self.read();
+        let mut models: Vec<String> = index
+            .by_model
+            .iter()
+            .filter(|(_, targets)| targets.iter().any(|target| !target.is_cordoned()))
+            .map(|(name, _)| name.to_string())
+            .collect();
         models.sort();
         models
     }
 
-    /// Picks a node for `model` among those not ejected at `now`, not in `tried` and below their
+    /// Picks a node for `model` among those not cordoned, not ejected at `now`, not in `tried` and below their
     /// `max_concurrency`: of two chosen at random, the one with fewer requests in flight. The pick is counted in
     /// flight until the returned guard is dropped.
     pub fn pick(&self, model: &str, tried: &[Uuid], now: Millis) -> Result<InFlight, NoNode> {
         let index = self.read();
         let all = index.by_model.get(model).ok_or(NoNode::UnknownModel)?;
         // A node whose ejection has ended gets one trial request before any other traffic.
-        if let Some(trial) = all.iter().find(|t| !tried.contains(&t.node_id) && t.has_room() && t.claim_trial(now)) {
+        let trial =
+            |t: &&Arc<Target>| !tried.contains(&t.node_id) && !t.is_cordoned() && t.has_room() && t.claim_trial(now);
+        if let Some(trial) = all.iter().find(trial) {
             return Ok(InFlight::start(trial.clone()));
         }
         // Another request may take the last place of the chosen node first: then choose again.
@@ -390,7 +407,8 @@ impl Routing {
 
 /// Of two nodes chosen at random among those that can take a request now, the one with fewer in flight.
 fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a Arc<Target>, NoNode> {
-    let usable = |target: &&Arc<Target>| !target.ejected_at(now) && !tried.contains(&target.node_id);
+    let usable =
+        |target: &&Arc<Target>| !target.is_cordoned() && !target.ejected_at(now) && !tried.contains(&target.node_id);
     let eligible = |target: &&Arc<Target>| usable(target) && target.has_room();
     let count = all.iter().filter(eligible).count();
     let chosen = match count {

@@ -350,6 +350,19 @@ async fn a_cordoned_node_gets_no_new_request_and_uncordoning_restores_it() {
     assert_eq!(events[0]["reason"], "cordoned: no new requests");
     assert_eq!(events[0]["actor"], "admin");
 
+    // Every node with the model cordoned: the model is known, no node takes it now (503, not 404), and it leaves
+    // the model list.
+    let b_cordon = app.request(Method::POST, &format!("/v0/nodes/{b_id}/cordon")).bearer_auth(&admin).send().await;
+    assert_eq!(b_cordon.expect("cordon").status(), 200);
+    let refused = chat(&app, Some(&admin), &json!({"model": "m"})).await;
+    assert!(refused.headers().contains_key("retry-after"));
+    openai_error(refused, 503, "no_available_node").await;
+    let models = app.request(Method::GET, "/v1/models").bearer_auth(&admin).send().await.expect("models");
+    assert_eq!(body(models).await["data"], json!([]));
+    let b_back = app.request(Method::POST, &format!("/v0/nodes/{b_id}/uncordon")).bearer_auth(&admin).send().await;
+    assert_eq!(b_back.expect("uncordon").status(), 200);
+    assert_eq!(chat(&app, Some(&admin), &json!({"model": "m"})).await.headers()["x-llm-router-node"], b_id.as_str());
+
     // Persisted: a restart keeps it cordoned.
     let app = app.restart(0).await;
     assert_eq!(app.node(&a_id).await["schedulable"], false);
@@ -359,7 +372,9 @@ async fn a_cordoned_node_gets_no_new_request_and_uncordoning_restores_it() {
     // Its heartbeat brings it back online after the restart's grace; it is routable again.
     let audit = app.request(Method::GET, "/v0/audit?action=node.cordon").bearer_auth(&admin).send().await;
     let audit = body(audit.expect("audit")).await;
-    assert_eq!(audit[0]["target"], a_id.as_str());
+    let targets: Vec<&str> =
+        audit.as_array().expect("audit").iter().map(|e| e["target"].as_str().expect("target")).collect();
+    assert_eq!(targets, vec![b_id.as_str(), a_id.as_str()], "newest first");
     assert!(app.state.registry.routing().figures(a_id.parse().expect("uuid"), app.clock_ms()).is_some());
 }
 
