@@ -48,6 +48,9 @@ pub enum Mode {
     /// Hold many half-open connections against a router under a low open-file limit and time `GET /healthz` on
     /// fresh connections meanwhile.
     Connections(ConnectionsArgs),
+    /// Measure what the router's /v1 proxy adds, against stand-in runtimes called directly in the same run:
+    /// non-streaming latency, streamed events, and a runtime killed under load.
+    Proxy(ProxyArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -157,6 +160,83 @@ pub struct ConnectionsArgs {
     pub reopen: bool,
 }
 
+/// A scenario of `bench proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Non-streaming 1 KiB requests at `--rate`, direct and routed.
+    Completions,
+    /// Streams of `--chunks` events at `--stream-rate`, direct and routed.
+    Streams,
+    /// `--failover-rate` through the router while one stand-in is killed.
+    Failover,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Stand-in runtimes, each registered as a node.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=1000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// Scenarios to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Scenario::Completions, Scenario::Streams, Scenario::Failover])]
+    pub scenarios: Vec<Scenario>,
+
+    /// Non-streaming requests per second offered (open loop: sent on schedule, whatever the answers do).
+    #[arg(long, default_value_t = 5000.0, value_parser = positive_rate)]
+    pub rate: f64,
+
+    /// Measured seconds of non-streaming requests, for each of direct and routed.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Streams started per second (open loop).
+    #[arg(long, default_value_t = 100.0, value_parser = positive_rate)]
+    pub stream_rate: f64,
+
+    /// Measured seconds of streams, for each of direct and routed.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub stream_secs: f64,
+
+    /// Events of a stream, before `[DONE]`.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub chunks: usize,
+
+    /// Milliseconds between two events of a stream.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_ms)]
+    pub chunk_gap_ms: f64,
+
+    /// An event that takes longer than this from the stand-in's write to the client's read counts as late, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 0.5, value_parser = positive_ms)]
+    pub late_ms: f64,
+
+    /// Requests per second through the router in the failover scenario.
+    #[arg(long, default_value_t = 1000.0, value_parser = positive_rate)]
+    pub failover_rate: f64,
+
+    /// Seconds the failover scenario lasts.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub failover_secs: f64,
+
+    /// Second of the failover scenario at which one stand-in is killed.
+    #[arg(long, default_value_t = 2.0, value_parser = non_negative_secs)]
+    pub kill_at_secs: f64,
+
+    /// Share of the failover scenario's requests that are streams (0 to 1).
+    #[arg(long, default_value_t = 0.1, value_parser = share)]
+    pub stream_share: f64,
+
+    /// Direct and routed traffic alternate in slices of this many seconds, so that both see the same machine;
+    /// the first pair of slices is a warm-up.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_secs)]
+    pub slice_secs: f64,
+
+    /// Requests in flight at most, each on its own keep-alive connection (one to the router and one to each
+    /// stand-in per worker).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
+    pub connections: usize,
+}
+
 fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if !value.is_finite() || value < 0.0 || (value == 0.0 && !allow_zero) || value > 86_400.0 {
@@ -177,6 +257,22 @@ fn positive_rate(text: &str) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a rate in Hz"))?;
     if !value.is_finite() || value <= 0.0 || value > 1e6 {
         return Err(format!("`{text}` is out of range"));
+    }
+    Ok(value)
+}
+
+fn positive_ms(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of milliseconds"))?;
+    if !value.is_finite() || value <= 0.0 || value > 60_000.0 {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(value)
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a share"))?;
+    if !(0.0..=1.0).contains(&value) {
+        return Err(format!("`{text}` is not between 0 and 1"));
     }
     Ok(value)
 }
@@ -214,6 +310,17 @@ mod tests {
         ));
         let cli = parse("connections --half-open 5000 --open-file-limit 4096 --reopen").expect("parse");
         assert!(matches!(cli.mode, Mode::Connections(ConnectionsArgs { half_open: 5000, reopen: true, .. })));
+        let cli = parse("proxy").expect("parse");
+        let Mode::Proxy(args) = cli.mode else { panic!("proxy expected") };
+        assert_eq!(
+            (args.nodes, args.rate, args.stream_rate, args.chunks, args.failover_rate),
+            (10, 5000.0, 100.0, 100, 1000.0)
+        );
+        assert_eq!(args.scenarios, [Scenario::Completions, Scenario::Streams, Scenario::Failover]);
+        let cli = parse("proxy --scenarios failover,completions --chunk-gap-ms 2.5").expect("parse");
+        let Mode::Proxy(args) = cli.mode else { panic!("proxy expected") };
+        assert_eq!(args.scenarios, [Scenario::Failover, Scenario::Completions]);
+        assert_eq!(args.chunk_gap_ms, 2.5);
     }
 
     #[test]
@@ -228,5 +335,9 @@ mod tests {
         assert!(parse("logins --attackers 0").is_err());
         assert!(parse("connections --half-open 0").is_err());
         assert!(parse("connections --open-file-limit 10").is_err());
+        assert!(parse("proxy --nodes 2").is_err());
+        assert!(parse("proxy --stream-share 1.5").is_err());
+        assert!(parse("proxy --chunk-gap-ms 0").is_err());
+        assert!(parse("proxy --scenarios nonsense").is_err());
     }
 }

@@ -9,9 +9,12 @@ mod http;
 mod logins;
 mod probe;
 mod procfs;
+mod proxy;
 mod register;
 mod router;
 mod seed;
+mod sse;
+mod standin;
 mod startup;
 mod stats;
 
@@ -40,6 +43,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let connections = match &cli.mode {
         Mode::Heartbeat(args) => Some(if args.connection_per_node { args.nodes } else { args.connections }),
         Mode::Connections(args) => Some(args.half_open),
+        // Each worker holds a connection to the router and one to every stand-in.
+        Mode::Proxy(args) => Some(args.connections * (args.nodes + 1) * 2),
         _ => None,
     };
     if let Some(connections) = connections {
@@ -71,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Probe(args) => output(cli.json, &probe::run(&spec, args).await?, probe::print),
             Mode::Logins(args) => output(cli.json, &logins::run(&spec, args).await?, logins::print),
             Mode::Connections(args) => output(cli.json, &connections::run(&spec, args).await?, connections::print),
+            Mode::Proxy(args) => output(cli.json, &proxy::run(&spec, args).await?, proxy::print),
         }
     });
     if cli.keep_data {

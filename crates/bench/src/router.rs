@@ -48,6 +48,8 @@ pub struct RouterSpec {
     pub reachability_check: bool,
     /// Run the router under this open-file limit, soft and hard (so it cannot raise it); `None`: the bench's own.
     pub open_file_limit: Option<u64>,
+    /// Further arguments of `llm-router serve`.
+    pub extra_args: Vec<String>,
 }
 
 impl RouterSpec {
@@ -65,6 +67,7 @@ impl RouterSpec {
             admin_password,
             reachability_check: false,
             open_file_limit: None,
+            extra_args: Vec::new(),
         })
     }
 
@@ -83,6 +86,7 @@ impl RouterSpec {
         if !self.reachability_check {
             command.arg("--no-reachability-check");
         }
+        command.args(&self.extra_args);
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         // Defaults for everything the bench does not set; a stray LLM_ROUTER_* in the shell must not change them.
         for (name, _) in std::env::vars_os() {

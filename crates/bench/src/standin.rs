@@ -1,0 +1,586 @@
+//! Stand-in inference runtimes for `bench proxy`: HTTP/1.1 keep-alive servers on 127.0.0.1 that answer
+//! `POST /v1/chat/completions` as fast as a socket allows, so that what a measurement sees is the router, not the
+//! runtime.
+//!
+//! A non-streaming request gets a chat completion of about 1 KiB, written with one call. A request with
+//! `"stream": true` gets an event stream: `--chunks` events `data: {...}\n\n`, the first at once and the next ones
+//! `--chunk-gap-ms` apart, then `data: [DONE]\n\n`; each event carries the instant it was written
+//! (`"sent_ns"`, on the process-wide clock of [`monotonic_ns`]), so a client in the same process can tell how long
+//! each event took to reach it. `GET /v1/models` lists the one model every stand-in serves.
+//!
+//! The stand-ins run on a thread of their own (one single-threaded async runtime for all of them), as a runtime is
+//! a process of its own: the client's scheduling does not delay them, nor theirs the client. Any one of them can be
+//! killed: its listener and every open connection are closed abruptly (a reset, not an orderly close), as when the
+//! runtime process dies.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+/// A request head larger than this closes the connection.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// A request body larger than this closes the connection.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Target size of a non-streaming answer's body.
+pub const ANSWER_BYTES: usize = 1024;
+
+/// Nanoseconds since the first call in this process, on the monotonic clock: the one clock stand-ins and clients
+/// share to time each event of a stream from its write to its read.
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(origin().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The [`Instant`] of a [`monotonic_ns`] reading.
+pub fn instant_at(ns: u64) -> Instant {
+    origin() + Duration::from_nanos(ns)
+}
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// How the stand-ins answer.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    /// The model named in answers and listed by `GET /v1/models`.
+    pub model: String,
+    /// Events of a streamed answer, before `[DONE]`.
+    pub chunks: usize,
+    /// Time between two events of a streamed answer.
+    pub gap: Duration,
+}
+
+/// Requests the stand-ins answered, over all of them.
+#[derive(Debug, Default)]
+pub struct Served {
+    pub completions: AtomicU64,
+    pub streams: AtomicU64,
+}
+
+/// A set of running stand-ins; dropping it stops them all.
+pub struct StandIns {
+    addrs: Vec<SocketAddr>,
+    kills: Vec<watch::Sender<bool>>,
+    served: Arc<Served>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandIns {
+    /// Binds `count` stand-ins on 127.0.0.1, each on a port of its own, and starts serving.
+    pub fn start(count: usize, behaviour: Behaviour) -> anyhow::Result<StandIns> {
+        monotonic_ns();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the stand-ins' runtime")?;
+        let behaviour = Arc::new(Prepared::new(behaviour));
+        let served = Arc::new(Served::default());
+        let mut addrs = Vec::with_capacity(count);
+        let mut kills = Vec::with_capacity(count);
+        for _ in 0..count {
+            let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a stand-in")?;
+            listener.set_nonblocking(true)?;
+            addrs.push(listener.local_addr()?);
+            let listener = {
+                let _entered = runtime.enter();
+                TcpListener::from_std(listener)?
+            };
+            let (kill, killed) = watch::channel(false);
+            kills.push(kill);
+            runtime.spawn(accept(listener, behaviour.clone(), served.clone(), killed));
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("stand-ins".to_owned())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .context("starting the stand-ins' thread")?;
+        Ok(StandIns { addrs, kills, served, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Where each stand-in listens.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Requests answered so far.
+    pub fn served(&self) -> &Served {
+        &self.served
+    }
+
+    /// Kills stand-in `i`: its listener closes (connections are refused from now on) and every connection it has
+    /// open is reset, mid-answer or idle.
+    pub fn kill(&self, i: usize) {
+        if let Some(kill) = self.kills.get(i) {
+            let _ = kill.send(true);
+        }
+    }
+}
+
+impl Drop for StandIns {
+    fn drop(&mut self) {
+        for kill in &self.kills {
+            let _ = kill.send(true);
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What every answer shares, serialized once.
+struct Prepared {
+    behaviour: Behaviour,
+    /// The whole non-streaming answer: head and body.
+    completion: Vec<u8>,
+    /// The whole `GET /v1/models` answer.
+    models: Vec<u8>,
+}
+
+impl Prepared {
+    fn new(behaviour: Behaviour) -> Self {
+        let body = completion_body(&behaviour.model);
+        let completion = response(200, "application/json", &body);
+        let list = serde_json::json!({"object": "list", "data": [{"id": behaviour.model, "object": "model"}]});
+        let models = response(200, "application/json", list.to_string().as_bytes());
+        Prepared { behaviour, completion, models }
+    }
+}
+
+fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Error",
+    };
+    let mut out =
+        format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len())
+            .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A chat completion of about [`ANSWER_BYTES`] bytes.
+pub fn completion_body(model: &str) -> Vec<u8> {
+    let answer = |content: &str| {
+        serde_json::json!({
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 256, "completion_tokens": 200, "total_tokens": 456},
+        })
+        .to_string()
+    };
+    let bare = answer("").len();
+    answer(&"lorem ipsum ".repeat(ANSWER_BYTES.saturating_sub(bare) / 12)).into_bytes()
+}
+
+/// One event of a stream, without its `data: ` prefix: a chat completion chunk that says when it was written.
+pub fn chunk_json(model: &str, index: usize, sent_ns: u64) -> String {
+    format!(
+        "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":{model:?},\
+         \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {index} \"}},\"finish_reason\":null}}],\
+         \"sent_ns\":{sent_ns}}}"
+    )
+}
+
+/// Appends `payload` as one chunk of a chunked body.
+fn push_chunk(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", payload.len()).as_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one server-sent event `data: {chunk}\n\n` as one chunk of a chunked body.
+pub fn push_event(out: &mut Vec<u8>, model: &str, index: usize, sent_ns: u64) {
+    let event = format!("data: {}\n\n", chunk_json(model, index, sent_ns));
+    push_chunk(out, event.as_bytes());
+}
+
+/// The end of a stream: `data: [DONE]\n\n`, then the chunked body's last chunk.
+pub fn push_done(out: &mut Vec<u8>) {
+    push_chunk(out, b"data: [DONE]\n\n");
+    out.extend_from_slice(b"0\r\n\r\n");
+}
+
+/// The head of a streamed answer.
+pub const STREAM_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+async fn accept(
+    listener: TcpListener,
+    behaviour: Arc<Prepared>,
+    served: Arc<Served>,
+    mut killed: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = killed.wait_for(|k| *k) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        // Closing with a zero linger resets the connection: how a dead process's sockets end.
+        if stream.set_nodelay(true).is_err() || stream.set_zero_linger().is_err() {
+            continue;
+        }
+        let (behaviour, served, mut killed) = (behaviour.clone(), served.clone(), killed.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = killed.wait_for(|k| *k) => {}
+                _ = serve(stream, &behaviour, &served) => {}
+            }
+        });
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    Completion,
+    Stream,
+    Models,
+    NotFound,
+}
+
+/// A parsed request head: what it asks for, and the length of its head and body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHead {
+    pub post_completions: bool,
+    pub get_models: bool,
+    pub head_len: usize,
+    pub body_len: usize,
+}
+
+/// Parses a request's head from the start of `buf`: `Ok(None)` while incomplete, `Err` for what this server does
+/// not take (no `Content-Length` on a body, a chunked body, an oversized head).
+pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, &'static str> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > MAX_HEAD_BYTES { Err("head too large") } else { Ok(None) };
+    };
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let (method, target) = (request_line.next().unwrap_or_default(), request_line.next().unwrap_or_default());
+    let path = target.split('?').next().unwrap_or_default();
+    let mut body_len = 0;
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or("malformed header")?;
+        if name.eq_ignore_ascii_case("content-length") {
+            body_len = value.trim().parse().map_err(|_| "bad Content-Length")?;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("chunked request bodies are not taken");
+        }
+    }
+    if body_len > MAX_BODY_BYTES {
+        return Err("body too large");
+    }
+    Ok(Some(RequestHead {
+        post_completions: method == "POST" && path == "/v1/chat/completions",
+        get_models: method == "GET" && path == "/v1/models",
+        head_len: end + 4,
+        body_len,
+    }))
+}
+
+/// Whether a JSON request body asks for a stream: `"stream"` followed by `true`, spaces allowed.
+pub fn wants_stream(body: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"stream\"";
+    let Some(at) = body.windows(KEY.len()).position(|w| w == KEY) else { return false };
+    let rest = &body[at + KEY.len()..];
+    let mut rest = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+    if rest.next() != Some(&b':') {
+        return false;
+    }
+    let rest: Vec<u8> = rest.skip_while(|b| b.is_ascii_whitespace()).take(4).copied().collect();
+    rest == b"true"
+}
+
+/// Serves one connection until the peer closes it or breaks the protocol.
+async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served) {
+    let mut buf = vec![0u8; 8192];
+    let mut filled = 0;
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let head = loop {
+            match parse_request_head(&buf[..filled]) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(_) => return,
+            }
+            if !read_more(&mut stream, &mut buf, &mut filled).await {
+                return;
+            }
+        };
+        let total = head.head_len + head.body_len;
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        while filled < total {
+            if !read_more(&mut stream, &mut buf, &mut filled).await {
+                return;
+            }
+        }
+        let ask = if head.post_completions {
+            if wants_stream(&buf[head.head_len..total]) { Ask::Stream } else { Ask::Completion }
+        } else if head.get_models {
+            Ask::Models
+        } else {
+            Ask::NotFound
+        };
+        buf.copy_within(total..filled, 0);
+        filled -= total;
+        let written = match ask {
+            Ask::Completion => {
+                served.completions.fetch_add(1, Ordering::Relaxed);
+                stream.write_all(&prepared.completion).await
+            }
+            Ask::Models => stream.write_all(&prepared.models).await,
+            Ask::NotFound => stream.write_all(&response(404, "application/json", b"{\"error\":\"not found\"}")).await,
+            Ask::Stream => {
+                served.streams.fetch_add(1, Ordering::Relaxed);
+                write_stream(&mut stream, &prepared.behaviour, &mut out).await
+            }
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads more of a request; `false` at the end of the connection or on an error.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, filled: &mut usize) -> bool {
+    if *filled == buf.len() {
+        if buf.len() >= MAX_HEAD_BYTES + MAX_BODY_BYTES {
+            return false;
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+    match stream.read(&mut buf[*filled..]).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            *filled += n;
+            true
+        }
+    }
+}
+
+/// Writes a streamed answer: the head with the first event at once, then one event per gap, each written with one
+/// call and stamped just before it, then `[DONE]` and the end of the body.
+async fn write_stream(stream: &mut TcpStream, behaviour: &Behaviour, out: &mut Vec<u8>) -> std::io::Result<()> {
+    // An interval of zero would panic; the timer's resolution (a millisecond) is the shortest real gap anyway.
+    let gap = behaviour.gap.max(Duration::from_micros(1));
+    // The first event goes with the head, without waiting for a timer: a timer due now fires at its next tick.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + gap, gap);
+    // A late tick must not be made up with events back to back: that would be the stand-in coalescing them.
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    out.clear();
+    out.extend_from_slice(STREAM_HEAD);
+    for index in 0..behaviour.chunks {
+        if index > 0 {
+            ticks.tick().await;
+        }
+        push_event(out, &behaviour.model, index, monotonic_ns());
+        stream.write_all(out).await?;
+        out.clear();
+    }
+    push_done(out);
+    stream.write_all(out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::encode_request;
+    use crate::sse::{Parsed, Step, StreamClient, chunk_step, parse_event};
+
+    fn standins(count: usize, chunks: usize) -> StandIns {
+        let behaviour = Behaviour { model: "m".to_owned(), chunks, gap: Duration::from_millis(1) };
+        StandIns::start(count, behaviour).expect("stand-ins start")
+    }
+
+    fn chat(addr: SocketAddr, body: &str) -> Vec<u8> {
+        encode_request(
+            "POST",
+            "/v1/chat/completions",
+            &addr.to_string(),
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn reads_request_heads_and_the_stream_flag() {
+        let head = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\ncontent-length: 12\r\n\r\n{\"a\":1}";
+        let parsed = parse_request_head(head).expect("valid").expect("complete");
+        assert!(parsed.post_completions && !parsed.get_models);
+        assert_eq!((parsed.head_len, parsed.body_len), (head.len() - 7, 12));
+        assert_eq!(parse_request_head(b"GET /v1/models HTTP/1.1\r\n"), Ok(None));
+        assert!(parse_request_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(parse_request_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
+        assert!(wants_stream(br#"{"model":"m","stream":true}"#));
+        assert!(wants_stream(b"{\"stream\" :\n true}"));
+        assert!(!wants_stream(br#"{"model":"m","stream":false}"#));
+        assert!(!wants_stream(br#"{"model":"m","content":"stream"}"#));
+        assert!(!wants_stream(br#"{"model":"m"}"#));
+    }
+
+    #[test]
+    fn each_event_is_one_chunk_of_one_event_that_says_when_it_was_sent() {
+        let mut wire = Vec::new();
+        push_event(&mut wire, "org/model", 7, 123_456_789);
+        let Some(Step::Data { start, len, next }) = chunk_step(&wire).expect("valid") else { panic!("one chunk") };
+        assert_eq!(next, wire.len(), "exactly one chunk");
+        let event = &wire[start..start + len];
+        assert!(event.starts_with(b"data: {") && event.ends_with(b"}\n\n"));
+        assert_eq!(event.windows(2).filter(|w| w == b"\n\n").count(), 1, "exactly one event");
+        let json: serde_json::Value = serde_json::from_slice(&event[6..len - 2]).expect("JSON");
+        assert_eq!(json["object"], "chat.completion.chunk");
+        assert_eq!(json["model"], "org/model");
+        assert_eq!(json["choices"][0]["delta"]["content"], "token 7 ");
+        assert_eq!(parse_event(&event[..len - 2]), Parsed::Data(Some(123_456_789)));
+
+        let mut end = Vec::new();
+        push_done(&mut end);
+        let Some(Step::Data { start, len, next }) = chunk_step(&end).expect("valid") else { panic!("[DONE]") };
+        assert_eq!(parse_event(&end[start..start + len - 2]), Parsed::Done);
+        assert_eq!(chunk_step(&end[next..]).expect("valid"), Some(Step::End { next: 5 }));
+    }
+
+    #[test]
+    fn a_completion_is_json_of_about_a_kibibyte() {
+        let body = completion_body("meta-llama/Llama-3.1-8B-Instruct");
+        assert!((ANSWER_BYTES - 16..=ANSWER_BYTES).contains(&body.len()), "{}", body.len());
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(json["choices"][0]["message"]["role"], "assistant");
+    }
+
+    /// The stream on the wire: the head, one chunk per event in order, `[DONE]`, the end of the body; the
+    /// connection stays open for the next request.
+    #[tokio::test]
+    async fn streams_every_event_in_its_own_chunk_then_done_on_a_keep_alive_connection() {
+        let standins = standins(1, 5);
+        let addr = standins.addrs()[0];
+        let mut raw = TcpStream::connect(addr).await.expect("connect");
+        raw.write_all(&chat(addr, r#"{"model":"m","stream":true}"#)).await.expect("write");
+        let mut wire = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !wire.ends_with(b"data: [DONE]\n\n\r\n0\r\n\r\n") {
+            let n = raw.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the end of the stream");
+            wire.extend_from_slice(&buf[..n]);
+        }
+        assert!(wire.starts_with(STREAM_HEAD));
+        let mut rest = &wire[STREAM_HEAD.len()..];
+        let mut sent = Vec::new();
+        let mut done = false;
+        while let Some(step) = chunk_step(rest).expect("valid chunked body") {
+            match step {
+                Step::Data { start, len, next } => {
+                    assert!(!done, "nothing after [DONE]");
+                    let event = &rest[start..start + len];
+                    assert!(event.ends_with(b"\n\n"));
+                    match parse_event(&event[..len - 2]) {
+                        Parsed::Data(Some(ns)) => sent.push(ns),
+                        Parsed::Done => done = true,
+                        other => panic!("unexpected event {other:?}"),
+                    }
+                    rest = &rest[next..];
+                }
+                Step::End { next } => {
+                    assert_eq!(next, rest.len());
+                    rest = &[];
+                    break;
+                }
+            }
+        }
+        assert!(rest.is_empty() && done);
+        assert_eq!(sent.len(), 5);
+        assert!(sent.windows(2).all(|w| w[0] < w[1]), "stamped in order: {sent:?}");
+
+        // The same connection takes a non-streaming request next.
+        raw.write_all(&chat(addr, r#"{"model":"m"}"#)).await.expect("write");
+        let mut answer = Vec::new();
+        while crate::http::parse_head(&answer)
+            .expect("head")
+            .is_none_or(|h| answer.len() < h.len + completion_body("m").len())
+        {
+            let n = raw.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.ends_with(&completion_body("m")));
+        assert_eq!(standins.served().streams.load(Ordering::Relaxed), 1);
+        assert_eq!(standins.served().completions.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_stream_client_times_every_event() {
+        let standins = standins(2, 20);
+        let addr = standins.addrs()[1];
+        let mut client = StreamClient::new(addr);
+        let before = monotonic_ns();
+        let exchange = client.send(&chat(addr, r#"{"model":"m","stream": true}"#), true).await.expect("stream");
+        assert_eq!(exchange.status, 200);
+        assert!(exchange.done);
+        assert_eq!(exchange.events.len(), 20);
+        for event in &exchange.events {
+            let sent = event.sent_ns.expect("stamped");
+            assert!(before <= sent && sent <= event.recv_ns && event.recv_ns <= exchange.end_ns);
+        }
+        assert!(exchange.events.windows(2).all(|w| w[0].read <= w[1].read && w[0].sent_ns < w[1].sent_ns));
+        let plain = client.send(&chat(addr, r#"{"model":"m"}"#), false).await.expect("completion");
+        assert_eq!((plain.status, plain.body_len, plain.events.len()), (200, completion_body("m").len(), 0));
+        let missing = encode_request("GET", "/nope", "h", &[], b"");
+        assert_eq!(client.send(&missing, false).await.expect("404").status, 404);
+    }
+
+    /// A killed stand-in resets the connections it had open and refuses new ones, as a dead process does.
+    #[tokio::test]
+    async fn a_killed_stand_in_resets_its_connections_and_refuses_new_ones() {
+        let standins = standins(2, 3);
+        let (dead, alive) = (standins.addrs()[0], standins.addrs()[1]);
+        let mut client = StreamClient::new(dead);
+        assert_eq!(client.send(&chat(dead, r#"{"model":"m"}"#), false).await.expect("before").status, 200);
+        let mut idle = TcpStream::connect(dead).await.expect("connect");
+        idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: h\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 4096];
+        assert!(idle.read(&mut buf).await.expect("answer") > 0);
+
+        standins.kill(0);
+        let err = idle.read(&mut buf).await.expect_err("the connection is reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        // The listener closes on the stand-ins' thread; wait for that, not for a fixed time.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match TcpStream::connect(dead).await {
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                _ if Instant::now() > deadline => panic!("the killed stand-in still accepts connections"),
+                _ => tokio::task::yield_now().await,
+            }
+        }
+        assert!(client.send(&chat(dead, r#"{"model":"m"}"#), false).await.is_err());
+        let mut other = StreamClient::new(alive);
+        assert_eq!(other.send(&chat(alive, r#"{"model":"m"}"#), false).await.expect("alive").status, 200);
+    }
+}
