@@ -11,6 +11,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import http from 'node:http';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -646,6 +647,82 @@ describe('dashboard', { timeout: 120_000 }, () => {
     await screenshot(page, 'audit.png');
     await page.click('#nav-nodes');
     await page.locator('#view-nodes').waitFor();
+  });
+
+  test('Cordon and Uncordon from the table; a stream in flight through the router is shown on its node', async () => {
+    // A runtime that holds a streamed answer open until told to finish it.
+    let finish;
+    const finished = new Promise((resolve) => {
+      finish = resolve;
+    });
+    const runtime = http.createServer(async (request, response) => {
+      for await (const _ of request);
+      response.writeHead(200, { 'Content-Type': 'text/event-stream' });
+      response.write('data: {"choices":[{"delta":{"content":"hi"}}]}\n\n');
+      await finished;
+      response.end('data: [DONE]\n\n');
+    });
+    await new Promise((resolve) => runtime.listen(0, '127.0.0.1', resolve));
+    const model = 'stand-in/streaming-model';
+    const node = await registerNode({
+      machine_name: 'gpu-stream-01', ip_address: '127.0.0.1', runtime_port: runtime.address().port,
+      gpu_devices: [H100], ready_models: [model],
+    });
+    try {
+      await expectStatus(call('POST', `/v0/nodes/${node.id}/approve`, { token: adminToken }), 200);
+      await heartbeat(node);
+      const line = row(page, node);
+      await line.locator('.badge', { hasText: 'online' }).waitFor();
+      const flight = () => line.locator('.col-flight').textContent();
+      assert.equal(await flight(), '0');
+
+      const stream = await fetch(`${base}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${adminToken}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model, stream: true, messages: [{ role: 'user', content: 'hello' }] }),
+      });
+      assert.equal(stream.status, 200);
+      assert.equal(stream.headers.get('x-llm-router-node'), node.id);
+      const reader = stream.body.getReader();
+      const first = await reader.read();
+      assert.match(new TextDecoder().decode(first.value), /"content":"hi"/);
+      await page.waitForFunction((id) =>
+        document.querySelector(`#node-rows tr[data-node-id="${id}"] .col-flight`)?.textContent === '1', node.id);
+
+      // Cordon: the badge appears, new requests are refused, the stream in flight goes on.
+      await line.locator('.act-cordon').click();
+      await line.locator('.badge-cordoned', { hasText: 'cordoned' }).waitFor();
+      await line.locator('.act-uncordon').waitFor();
+      await screenshot(page, 'cordoned.png');
+      const cordoned = await expectStatus(call('GET', `/v0/nodes/${node.id}`, { token: adminToken }), 200);
+      assert.equal(cordoned.schedulable, false);
+      assert.equal(cordoned.routing.in_flight, 1);
+      const refused = await call('POST', '/v1/chat/completions', { token: adminToken, body: { model } });
+      assert.equal(refused.status, 503);
+      assert.equal(refused.body.error.code, 'no_available_node');
+      await line.locator('.name-link').click();
+      await page.locator('#detail-overview', { hasText: 'Cordoned: no new requests' }).waitFor();
+      await page.click('#detail-close');
+
+      await line.locator('.act-uncordon').click();
+      await line.locator('.badge-cordoned').waitFor({ state: 'detached' });
+      const back = await expectStatus(call('GET', `/v0/nodes/${node.id}`, { token: adminToken }), 200);
+      assert.equal(back.schedulable, true);
+
+      finish();
+      let rest = '';
+      for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) {
+        rest += new TextDecoder().decode(chunk.value);
+      }
+      assert.match(rest, /\[DONE\]/);
+      await page.waitForFunction((id) =>
+        document.querySelector(`#node-rows tr[data-node-id="${id}"] .col-flight`)?.textContent === '0', node.id);
+      assert.match(await line.locator('.col-flight span').getAttribute('title'), /^1 request through this router, 0 failed$/);
+    } finally {
+      finish();
+      runtime.close();
+      await expectStatus(call('DELETE', `/v0/nodes/${node.id}`, { token: adminToken }), 204);
+    }
   });
 
   test('a banner says when the router cannot be reached, and goes when it answers again', async () => {

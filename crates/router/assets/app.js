@@ -615,6 +615,7 @@ function setBadge(node, status) {
 function createRow(id) {
   const view = { id };
   view.status = el('span', { className: 'badge' });
+  view.flags = el('div', { className: 'flags' });
   view.name = el('button', { type: 'button', className: 'name-link', onclick: () => openDetail(id) });
   view.nameSub = el('div', { className: 'sub' });
   view.address = el('span', { className: 'mono' });
@@ -627,10 +628,11 @@ function createRow(id) {
   view.mem = meter();
   view.gpu = meter();
   view.gpuSub = el('div', { className: 'sub' });
+  view.flight = el('span', { className: 'flight' });
   view.seen = el('span', { className: 'seen' });
   view.actions = el('div', { className: 'row-actions' });
   view.tr = el('tr', { className: 'node-row', dataset: { nodeId: id } },
-    el('td', { className: 'col-status' }, view.status),
+    el('td', { className: 'col-status' }, view.status, view.flags),
     el('td', { className: 'col-name' }, view.name, view.nameSub),
     el('td', { className: 'col-addr' }, view.address),
     el('td', { className: 'col-gpus' }, view.gpus, view.gpusSub),
@@ -639,6 +641,7 @@ function createRow(id) {
     el('td', { className: 'col-num col-cpu' }, view.cpu.root),
     el('td', { className: 'col-num col-mem' }, view.mem.root),
     el('td', { className: 'col-num col-gpu' }, view.gpu.root, view.gpuSub),
+    el('td', { className: 'col-num col-flight' }, view.flight),
     el('td', { className: 'col-seen' }, view.seen),
     isAdmin() ? el('td', { className: 'col-actions' }, view.actions) : null);
   view.tr.addEventListener('click', (event) => {
@@ -654,6 +657,8 @@ function updateRow(view, node) {
   toggleClass(view.tr, 'is-offline', node.status === 'offline');
   toggleClass(view.tr, 'is-selected', state.detailId === node.id);
   setBadge(view.status, node.status);
+  const ejected = ejectedUntil(node);
+  rebuild(view.flags, JSON.stringify([node.schedulable, ejected]), () => routingFlags(node, ejected));
 
   setText(view.name, nodeName(node));
   setTitle(view.name, `Show details of ${nodeName(node)}`);
@@ -695,8 +700,39 @@ function updateRow(view, node) {
   setMeter(view.gpu, gpu.util);
   setText(view.gpuSub, gpu.memory);
 
+  setText(view.flight, flightText(node));
+  setTitle(view.flight, `${plural(node.routing.requests_total, 'request', 'requests')} through this router, ` +
+    `${node.routing.failures_total} failed`);
+
   updateSeen(view);
   if (isAdmin()) updateActions(view.actions, node, 'row');
+}
+
+/** The end of a running ejection from routing, or null. */
+function ejectedUntil(node) {
+  const until = node.routing?.ejected_until;
+  return until && Date.parse(until) > serverNow() ? until : null;
+}
+
+/** Badges beside the status for what keeps a node from inference traffic: cordoned by an administrator, ejected
+ * after failures. */
+function routingFlags(node, ejected) {
+  return [
+    node.schedulable ? null : el('span', {
+      className: 'badge badge-cordoned',
+      title: 'Cordoned: gets no new inference request; requests in flight finish',
+    }, 'cordoned'),
+    ejected ? el('span', {
+      className: 'badge badge-ejected',
+      title: `Ejected from routing after failures until ${formatTime(ejected)}`,
+    }, 'ejected') : null,
+  ];
+}
+
+/** Requests in flight, out of the node's limit when it has one. */
+function flightText(node) {
+  const limit = node.max_concurrency;
+  return limit ? `${node.routing.in_flight} / ${limit}` : String(node.routing.in_flight);
 }
 
 function updateSeen(view) {
@@ -706,16 +742,24 @@ function updateSeen(view) {
   setTitle(view.seen, node.last_seen_at ? formatTime(node.last_seen_at) : 'No heartbeat received yet');
 }
 
-/** Approve (pending only) and Delete buttons; rebuilt only when the node's status changes, so focus stays. */
+/** Approve (pending only), Cordon or Uncordon (approved nodes) and Delete buttons; rebuilt only when the node's
+ * status or cordon changes, so focus stays. */
 function updateActions(container, node, where) {
-  rebuild(container, `${node.id}:${node.status}`, () => [
+  rebuild(container, `${node.id}:${node.status}:${node.schedulable}`, () => [
     node.status === 'pending'
       ? el('button', {
           type: 'button',
           className: 'btn btn-primary btn-small act-approve',
           onclick: (event) => approve(node.id, event.currentTarget),
         }, 'Approve')
-      : null,
+      : el('button', {
+          type: 'button',
+          className: `btn btn-small ${node.schedulable ? 'act-cordon' : 'act-uncordon'}`,
+          title: node.schedulable
+            ? 'Stop sending new inference requests to this node; requests in flight finish'
+            : 'Send inference requests to this node again',
+          onclick: (event) => cordon(node.id, node.schedulable, event.currentTarget),
+        }, node.schedulable ? 'Cordon' : 'Uncordon'),
     el('button', {
       type: 'button',
       className: `btn btn-small btn-danger-ghost act-delete`,
@@ -744,6 +788,30 @@ async function approve(id, button) {
     if (button?.isConnected) {
       button.disabled = false;
       setText(button, 'Approve');
+    }
+  }
+  refresh();
+}
+
+async function cordon(id, on, button) {
+  const node = state.nodes.get(id);
+  if (!node) return;
+  const label = on ? 'Cordon' : 'Uncordon';
+  if (button) {
+    button.disabled = true;
+    setText(button, on ? 'Cordoning…' : 'Uncordoning…');
+  }
+  try {
+    const updated = await api('POST', `/v0/nodes/${encodeURIComponent(id)}/${on ? 'cordon' : 'uncordon'}`);
+    applyNode(updated);
+    toast(on
+      ? `Cordoned ${nodeName(updated)}: no new requests; ${updated.routing.in_flight} still in flight.`
+      : `Uncordoned ${nodeName(updated)}: it takes requests again.`, 'success');
+  } catch (err) {
+    actionFailed(label, err);
+    if (button?.isConnected) {
+      button.disabled = false;
+      setText(button, label);
     }
   }
   refresh();
@@ -893,10 +961,22 @@ function renderOverview(node) {
       ? `${formatPercent(node.metrics.cpu_usage)} · ${formatPercent(node.metrics.memory_usage)}`
       : '–'],
     ['Active requests', node.metrics?.active_requests ?? '–'],
+    ['Routing', routingText(node)],
+    ['In flight here', `${flightText(node)}${node.max_concurrency ? '' : ' (no limit)'}`],
+    ['Requests here', `${node.routing.requests_total} (${node.routing.failures_total} failed)`],
     ['Joined with', node.joined_with ? `join token “${node.joined_with}”` : '–'],
     ['Node id', node.id, 'mono'],
   ];
   renderKv($('detail-overview'), rows);
+}
+
+/** Whether inference traffic goes to the node, and if not, why. */
+function routingText(node) {
+  const ejected = ejectedUntil(node);
+  if (!node.schedulable) return 'Cordoned: no new requests';
+  if (ejected) return `Ejected after failures until ${formatTime(ejected)}`;
+  if (node.status !== 'online') return `Not routed while ${node.status}`;
+  return node.ready_models.length ? 'Takes requests' : 'No model ready';
 }
 
 /** A definition list whose values are updated in place (a selection in it survives the once-a-second tick). */
