@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditLog;
+use crate::auth::cache::CredentialCache;
 use crate::auth::password::{self, Hasher};
 use crate::auth::throttle::LoginThrottle;
 use crate::clock::{Clock, Millis, SystemClock};
@@ -100,6 +101,7 @@ impl App {
                 audit,
                 tls,
                 proxy,
+                inference_credentials: CredentialCache::default(),
             }),
         })
     }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::audit::AuditLog;
+use crate::auth::cache::CredentialCache;
 use crate::auth::password::Hasher;
 use crate::auth::throttle::LoginThrottle;
 use crate::clock::Clock;
@@ -37,6 +38,8 @@ pub struct AppInner {
     pub tls: Option<Arc<Tls>>,
     /// The pool of connections to the nodes' runtimes, for `/v1`.
     pub proxy: Proxy,
+    /// Credentials `/v1` accepted lately; emptied whenever one is revoked.
+    pub inference_credentials: CredentialCache,
 }
 
 /// Shared handle to the application.

@@ -154,7 +154,11 @@ pub async fn delete(
     let result: ApiResult<StatusCode> = async {
         let missing = || not_found(format!("No API key with id `{id}`."));
         let key_id = Uuid::parse_str(&id).map_err(|_| missing())?;
-        if state.store.delete_api_key(key_id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(missing()) }
+        if !state.store.delete_api_key(key_id).await? {
+            return Err(missing());
+        }
+        state.inference_credentials.clear();
+        Ok(StatusCode::NO_CONTENT)
     }
     .await;
     audit::record(&state, &actor, client, "api_key.delete", &target, &result);

@@ -125,6 +125,7 @@ pub async fn login(
 pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) -> ApiResult<Response> {
     if let Some(session) = principal.session {
         state.store.delete_session(session).await?;
+        state.inference_credentials.clear();
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Ok(value) = HeaderValue::from_str(&session_cookie(&state.settings, "", 0)) {

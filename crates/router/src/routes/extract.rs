@@ -62,6 +62,18 @@ fn credential(parts: &Parts) -> Result<Option<Credential>, ApiError> {
 
 /// Resolves the request's credential to a principal, or answers 401.
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let hash = credential_hash(parts)?;
+    let now = state.clock.now_ms();
+    state
+        .store
+        .principal(hash, now)
+        .await?
+        .ok_or_else(|| unauthorized("The session has expired or the credential is unknown; sign in again."))
+}
+
+/// The hash of the credential the request presents (401 when none; 403 for a cookie on an unsafe method without
+/// `X-Requested-With`).
+pub fn credential_hash(parts: &Parts) -> Result<TokenHash, ApiError> {
     let credential = credential(parts)?.ok_or_else(|| {
         unauthorized("Sign in first: send `Authorization: Bearer <token>` (POST /v0/auth/login gives one).")
     })?;
@@ -77,12 +89,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
             secret
         }
     };
-    let now = state.clock.now_ms();
-    state
-        .store
-        .principal(TokenHash::of(&secret), now)
-        .await?
-        .ok_or_else(|| unauthorized("The session has expired or the credential is unknown; sign in again."))
+    Ok(TokenHash::of(&secret))
 }
 
 /// Resolves the request's credential to a principal allowed on the admin API: 403 for an `inference` key.

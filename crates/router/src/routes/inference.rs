@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::extract::authenticate;
+use super::extract::{authenticate, credential_hash};
 use crate::config::InferenceAuth;
 use crate::proxy::{Outbound, ProxyError};
 use crate::state::AppState;
@@ -73,23 +73,35 @@ impl FromRequestParts<AppState> for InferenceCaller {
         if state.settings.inference_auth == InferenceAuth::None {
             return Ok(InferenceCaller);
         }
+        // Accepted credentials are remembered briefly: an inference request does not read the database for its key.
+        let hash = credential_hash(parts).map_err(|_| invalid_api_key())?;
+        if state.inference_credentials.get(hash).is_some() {
+            return Ok(InferenceCaller);
+        }
         match authenticate(parts, state).await {
-            Ok(_) => Ok(InferenceCaller),
+            Ok(principal) => {
+                state.inference_credentials.put(hash, principal);
+                Ok(InferenceCaller)
+            }
             Err(err) => {
                 let (status, _) = err.status_and_code();
                 if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                    Err(OpenAiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "authentication_error",
-                        "invalid_api_key",
-                        "Send an API key of this router: `Authorization: Bearer llmk_…` (POST /v0/api-keys).",
-                    ))
+                    Err(invalid_api_key())
                 } else {
                     Err(OpenAiError::new(status, "server_error", "unavailable", err.to_string()))
                 }
             }
         }
     }
+}
+
+fn invalid_api_key() -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "invalid_api_key",
+        "Send an API key of this router: `Authorization: Bearer llmk_…` (POST /v0/api-keys).",
+    )
 }
 
 /// What the router reads of a request body: the model, and nothing else is interpreted.

@@ -113,7 +113,11 @@ pub async fn delete(
     let target: String = username.clone();
     let result: ApiResult<StatusCode> = async {
         match state.store.delete_user(&username).await {
-            Ok(()) => Ok(StatusCode::NO_CONTENT),
+            Ok(()) => {
+                // Their sessions ended: /v1 forgets what it accepted.
+                state.inference_credentials.clear();
+                Ok(StatusCode::NO_CONTENT)
+            }
             Err(DeleteUserError::NotFound) => Err(not_found(format!("No user named `{username}`."))),
             Err(DeleteUserError::LastAdmin) => Err(ApiError::Conflict(format!(
                 "`{username}` is the last administrator; create another admin before deleting this one."

@@ -434,6 +434,19 @@ async fn an_inference_key_works_on_v1_only_and_keys_made_without_a_scope_reach_b
     }
     let count = body(app.request(Method::GET, "/v0/api-keys").bearer_auth(&admin).send().await.expect("list")).await;
     assert_eq!(count.as_array().expect("keys").len(), 3, "nothing was stored by the refused requests");
+
+    // A revoked key stops working on /v1 at once, though /v1 had just accepted it.
+    assert_eq!(chat(&app, Some(&inference), &json!({"model": "m"})).await.status(), 200);
+    let id = made["id"].as_str().expect("id");
+    let revoked = app.request(Method::DELETE, &format!("/v0/api-keys/{id}")).bearer_auth(&admin).send().await;
+    assert_eq!(revoked.expect("revoke").status(), 204);
+    openai_error(chat(&app, Some(&inference), &json!({"model": "m"})).await, 401, "invalid_api_key").await;
+    // So does a session that signed out.
+    let session = app.user_token("caller", "viewer").await;
+    assert_eq!(chat(&app, Some(&session), &json!({"model": "m"})).await.status(), 200);
+    let out = app.request(Method::POST, "/v0/auth/logout").bearer_auth(&session).send().await.expect("logout");
+    assert_eq!(out.status(), 204);
+    openai_error(chat(&app, Some(&session), &json!({"model": "m"})).await, 401, "invalid_api_key").await;
 }
 
 async fn patch_node(app: &TestApp, id: &str, body: &Value) -> reqwest::Response {
