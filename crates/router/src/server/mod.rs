@@ -177,6 +177,11 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
+                    // Every write goes out at once: a streamed answer's events must not wait for the client's
+                    // acknowledgement of the previous one (Nagle's algorithm).
+                    if let Err(err) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, %err, "cannot disable Nagle's algorithm on a client connection");
+                    }
                     shared.clock.tick();
                     if !Shared::admit(&shared, stream, peer) && refusals.due() {
                         tracing::warn!(

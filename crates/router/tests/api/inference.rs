@@ -32,6 +32,8 @@ struct RuntimeState {
     status: AtomicU16,
     /// Never answer a completion.
     hang: AtomicBool,
+    /// Break a streamed answer off after its first chunk, as a crashing runtime does.
+    reset_mid_stream: AtomicBool,
     /// Completions received.
     received: AtomicUsize,
     /// The last body received, as bytes.
@@ -92,6 +94,10 @@ async fn completion(State(shared): State<Arc<RuntimeState>>, headers: HeaderMap,
                         state.cancelled_seen.notify_one();
                         return;
                     }
+                }
+                if i == 1 && state.reset_mid_stream.load(Ordering::SeqCst) {
+                    let _ = chunks.send(Err(std::io::Error::other("the runtime crashed"))).await;
+                    return;
                 }
                 let chunk = format!("data: {{\"node\":\"{name}\",\"chunk\":{i}}}\n\n");
                 if chunks.send(Ok(Bytes::from(chunk))).await.is_err() {
@@ -607,4 +613,25 @@ async fn metrics_count_inference_per_model_never_per_node_nor_for_invented_model
         "no series for an invented model"
     );
     assert!(scraped.samples.iter().all(|s| !s.labels.contains_key("node")), "no series per node");
+}
+
+#[tokio::test]
+async fn a_stream_cut_off_by_its_node_ends_for_the_client_and_counts_as_a_failure_without_a_retry() {
+    let app = TestApp::spawn().await;
+    let a = Runtime::start("a", &["m"]).await;
+    let id = online_node(&app, "gpu-a", &a, &["m"]).await;
+    let key = app.admin_token().await;
+    a.shared.reset_mid_stream.store(true, Ordering::SeqCst);
+    let mut answer = open_stream(&app, &key).await;
+    a.shared.next_chunk.notify_one();
+    let first = tokio::time::timeout(Duration::from_secs(5), answer.chunk()).await.expect("in time");
+    assert!(String::from_utf8_lossy(&first.expect("first chunk").expect("bytes")).contains("\"chunk\":0"));
+    a.shared.next_chunk.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(5), answer.chunk()).await.expect("in time");
+    assert!(rest.is_err(), "the client sees the stream break, not a clean end: {rest:?}");
+    let node = app.node(&id).await;
+    assert_eq!(node["routing"]["failures_total"], 1, "{node}");
+    assert_eq!(node["routing"]["requests_total"], 1, "after the first byte nothing is retried");
+    assert_eq!(node["routing"]["in_flight"], 0);
+    assert_eq!(a.shared.received.load(Ordering::SeqCst), 1);
 }
