@@ -334,7 +334,7 @@ impl Agent {
                     "runtime identified"
                 ),
                 None => {
-                    tracing::info!(url = %self.runtime.url(), "runtime not identified (not Ollama, vLLM or llama.cpp)")
+                    tracing::info!(url = %self.runtime.url(), "runtime not identified (not Ollama, vLLM, llama.cpp or llama-cpp-python)")
                 }
             }
             self.detected_runtime = Some(detected.clone());

@@ -1,5 +1,6 @@
 //! The local inference runtime, as the agent sees it: which models it serves (`GET /v1/models`, OpenAI shape) and
-//! which runtime it is (llama.cpp server, vLLM or Ollama, told apart by the endpoints each one answers).
+//! which runtime it is (llama.cpp server, llama-cpp-python's server, vLLM or Ollama, told apart by the endpoints each
+//! one answers).
 
 use std::time::Duration;
 
@@ -13,11 +14,17 @@ pub const OLLAMA: &str = "ollama";
 pub const VLLM: &str = "vllm";
 /// Wire name of llama.cpp's `llama-server` in `supported_runtimes`.
 pub const LLAMA_CPP: &str = "llama_cpp";
+/// Wire name of llama-cpp-python's server (`python -m llama_cpp.server`) in `supported_runtimes`.
+pub const LLAMA_CPP_PYTHON: &str = "llama_cpp_python";
+
+/// The title of llama-cpp-python's OpenAPI document, after its leading emoji: what tells its server apart, since
+/// it answers none of the other runtimes' version endpoints.
+const LLAMA_CPP_PYTHON_TITLE: &str = "llama.cpp Python API";
 
 /// What a runtime revealed about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DetectedRuntime {
-    /// One of [`OLLAMA`], [`VLLM`], [`LLAMA_CPP`].
+    /// One of [`OLLAMA`], [`VLLM`], [`LLAMA_CPP`], [`LLAMA_CPP_PYTHON`].
     pub kind: &'static str,
     pub version: Option<String>,
 }
@@ -85,7 +92,10 @@ impl Runtime {
     /// Tell which runtime answers at the base URL, or `None` when none of the known ones does.
     ///
     /// Ollama answers `GET /api/version`, vLLM `GET /version` (both `{"version": "..."}`), and llama.cpp's server
-    /// `GET /props` (a JSON object, with `build_info` in recent builds). The most specific path is asked first.
+    /// `GET /props` (a JSON object, with `build_info` in recent builds). llama-cpp-python's server answers none of
+    /// these; its FastAPI OpenAPI document (`GET /openapi.json`) carries the title "🦙 llama.cpp Python API" and the
+    /// package's version. It is asked last, since other FastAPI servers (vLLM) serve such a document too: the most
+    /// specific path is asked first.
     pub async fn detect(&self) -> Option<DetectedRuntime> {
         #[derive(Deserialize)]
         struct Version {
@@ -96,6 +106,16 @@ impl Runtime {
             #[serde(default)]
             build_info: Option<String>,
         }
+        #[derive(Deserialize)]
+        struct OpenApi {
+            info: OpenApiInfo,
+        }
+        #[derive(Deserialize)]
+        struct OpenApiInfo {
+            title: String,
+            #[serde(default)]
+            version: Option<String>,
+        }
 
         if let Some(v) = self.get_json::<Version>("api/version").await {
             return Some(DetectedRuntime { kind: OLLAMA, version: non_blank(v.version) });
@@ -105,6 +125,11 @@ impl Runtime {
         }
         if let Some(p) = self.get_json::<Props>("props").await {
             return Some(DetectedRuntime { kind: LLAMA_CPP, version: p.build_info.and_then(non_blank) });
+        }
+        if let Some(doc) = self.get_json::<OpenApi>("openapi.json").await
+            && doc.info.title.trim_end().ends_with(LLAMA_CPP_PYTHON_TITLE)
+        {
+            return Some(DetectedRuntime { kind: LLAMA_CPP_PYTHON, version: doc.info.version.and_then(non_blank) });
         }
         None
     }
@@ -232,6 +257,34 @@ mod tests {
         assert_eq!(runtime(old_llama).detect().await, Some(DetectedRuntime { kind: LLAMA_CPP, version: None }));
         let unknown = serve(HashMap::new()).await;
         assert_eq!(runtime(unknown).detect().await, None);
+    }
+
+    #[tokio::test]
+    async fn llama_cpp_python_is_told_apart_by_its_openapi_document() {
+        // What `python -m llama_cpp.server` answers (cut short): no /props, /version or /api/version.
+        let llama_python = serve(HashMap::from([(
+            "/openapi.json",
+            r#"{"openapi":"3.1.0","info":{"title":"🦙 llama.cpp Python API","version":"0.3.36"},"paths":{}}"#,
+        )]))
+        .await;
+        assert_eq!(
+            runtime(llama_python).detect().await,
+            Some(DetectedRuntime { kind: LLAMA_CPP_PYTHON, version: Some("0.3.36".into()) })
+        );
+        // Another FastAPI server's document is not taken for it.
+        let other = serve(HashMap::from([(
+            "/openapi.json",
+            r#"{"openapi":"3.1.0","info":{"title":"FastAPI","version":"0.1.0"},"paths":{}}"#,
+        )]))
+        .await;
+        assert_eq!(runtime(other).detect().await, None);
+        // vLLM serves an OpenAPI document too, but answers /version first.
+        let vllm = serve(HashMap::from([
+            ("/version", r#"{"version":"0.6.3"}"#),
+            ("/openapi.json", r#"{"openapi":"3.1.0","info":{"title":"vLLM","version":"0.6.3"},"paths":{}}"#),
+        ]))
+        .await;
+        assert_eq!(runtime(vllm).detect().await.map(|d| d.kind), Some(VLLM));
     }
 
     #[test]
