@@ -1,0 +1,6 @@
+"""The llama.cpp suite shares the router harness of tests/openai/."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "openai"))
