@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import select
 import socket
 import struct
 import threading
@@ -41,7 +42,7 @@ class StandIn:
         self.name = name
         self.models = models
         # What an inference request gets: "ok", "status" (answer `fail_status`), "hang" (no answer until released,
-        # then the connection is closed).
+        # then the connection is closed; `reader_gone` is set if the router closes it first).
         self.mode = "ok"
         self.fail_status = 502
         # How a stream goes: "whole" (every piece, then [DONE]), "reset" (one piece, then a TCP reset), "hold" (one
@@ -90,8 +91,7 @@ def _handler(runtime: StandIn) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self._record(body)
             if runtime.mode == "hang":
-                runtime.released.wait(HOLD_LIMIT_S)
-                self.close_connection = True
+                self._hang()
                 return
             if runtime.mode == "status":
                 error = {"message": f"{runtime.name} fails on purpose", "type": "server_error", "code": "stand_in"}
@@ -112,6 +112,21 @@ def _handler(runtime: StandIn) -> type[BaseHTTPRequestHandler]:
                 self._json(200, _answer("text_completion", model, choice))
             else:
                 self._json(404, {"error": {"message": "no such path", "type": "not_found"}})
+
+        def _hang(self) -> None:
+            """Answer nothing until released, noting when the other end closes the connection meanwhile."""
+            self.close_connection = True
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while not runtime.released.wait(0.02) and time.monotonic() < deadline:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable:
+                    try:
+                        gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                    except ConnectionError:
+                        gone = True
+                    if gone:
+                        runtime.reader_gone.set()
+                        return
 
         def _record(self, body: bytes) -> None:
             headers = {name.lower(): value for name, value in self.headers.items()}

@@ -111,3 +111,18 @@ def test_a_client_that_closes_its_stream_stops_the_node(router: Router, client: 
     wait_for("the request to leave the node's in-flight count",
              lambda: router.node(node_id)["routing"]["in_flight"] == 0)
     assert len(runtime.inference_requests()) == 1
+
+
+def test_a_client_that_gives_up_waiting_stops_the_node(router: Router, standin) -> None:
+    runtime = standin("a", [MODEL])
+    node_id = router.online_node("gpu-a", runtime.port, [MODEL])
+    runtime.mode = "hang"
+    client = sdk(router, router.api_key(), timeout=0.5)
+
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model=MODEL, messages=HELLO)
+    # The router drops the request to the node as soon as its client has gone, long before its own header timeout.
+    wait_for("the stand-in to see the router close the request", runtime.reader_gone.is_set)
+    wait_for("the request to leave the node's in-flight count",
+             lambda: router.node(node_id)["routing"]["in_flight"] == 0)
+    assert len(runtime.inference_requests()) == 1
