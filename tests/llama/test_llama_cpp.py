@@ -17,11 +17,10 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-import openai
 import pytest
 
 import tiny_model
-from harness import Router, binary, wait_for
+from harness import Router, binary, sdk, wait_for
 
 MODEL = "tiny-llama"
 MAX_TOKENS = 8
@@ -150,8 +149,7 @@ def test_openai_client_chats_with_llama_cpp_through_the_router(fleet: dict) -> N
     assert node["runtime_version"] == runtime_version()
     assert node["gpu_devices"] == [{"model": "NVIDIA L4", "count": 1, "memory_bytes": 23034 * 1024 * 1024}]
 
-    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=router.api_key("inference"), max_retries=0,
-                           timeout=60)
+    client = sdk(router, router.api_key("inference"), timeout=60)
     assert [m.id for m in client.models.list()] == [MODEL]
 
     stream = client.chat.completions.create(

@@ -9,13 +9,8 @@ from typing import Callable, Iterator
 import openai
 import pytest
 
-from harness import Router
+from harness import Router, sdk
 from standin import StandIn
-
-# Every call of these tests ends well within this; a request the router should have answered and did not fails
-# the test instead of hanging it.
-CLIENT_TIMEOUT_S = 20
-
 
 @pytest.fixture
 def start_router(tmp_path: Path) -> Iterator[Callable[..., Router]]:
@@ -52,13 +47,6 @@ def standin() -> Iterator[Callable[..., StandIn]]:
     yield start
     for runtime in runtimes:
         runtime.stop()
-
-
-def sdk(router: Router, key: str, **options: object) -> openai.OpenAI:
-    """The official client at the router's /v1, without the SDK's own retries (the router's are under test)."""
-    options.setdefault("max_retries", 0)
-    options.setdefault("timeout", CLIENT_TIMEOUT_S)
-    return openai.OpenAI(base_url=f"{router.url}/v1", api_key=key, **options)
 
 
 @pytest.fixture

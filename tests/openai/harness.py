@@ -1,5 +1,6 @@
-"""The real router binary, started on 127.0.0.1:0 with a data directory of its own, and the admin calls the Python
-suites make on it (sign in, API keys, registering, approving and heartbeating nodes).
+"""The real router binary, started on 127.0.0.1:0 with a data directory of its own, the admin calls the Python
+suites make on it (sign in, API keys, registering, approving and heartbeating nodes), and the official client
+pointed at its /v1.
 
 Nothing here sleeps hoping something happened: every wait polls with a deadline (`wait_for`) and fails saying what
 it waited for.
@@ -17,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import openai
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -25,6 +28,10 @@ LISTENING_ON = "llm-router listening on "
 
 # What a registration announces about the machine: the router refuses a machine without a GPU.
 ONE_GPU = [{"model": "NVIDIA H100 80GB HBM3", "count": 1, "memory_bytes": 85899345920}]
+
+# Every call of these tests ends well within this; a request the router should have answered and did not fails
+# the test instead of hanging it.
+CLIENT_TIMEOUT_S = 20
 
 
 def binary(name: str, env_var: str) -> Path:
@@ -151,3 +158,10 @@ class Router:
 
     def node(self, node_id: str) -> dict[str, Any]:
         return self.expect(200, "GET", f"/v0/nodes/{node_id}", token=self.admin)
+
+
+def sdk(router: Router, key: str, **options: Any) -> openai.OpenAI:
+    """The official client at the router's /v1, without the SDK's own retries (the router's are under test)."""
+    options.setdefault("max_retries", 0)
+    options.setdefault("timeout", CLIENT_TIMEOUT_S)
+    return openai.OpenAI(base_url=f"{router.url}/v1", api_key=key, **options)

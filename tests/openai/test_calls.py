@@ -8,8 +8,7 @@ import json
 import httpx2 as httpx
 import openai
 
-from conftest import sdk
-from harness import Router
+from harness import Router, sdk
 from standin import EMBEDDING, REPLY, REPLY_PIECES
 
 MODEL = "llama-3-8b"

@@ -8,8 +8,7 @@ import time
 import openai
 import pytest
 
-from conftest import sdk
-from harness import wait_for
+from harness import sdk, wait_for
 from standin import REPLY, REPLY_PIECES
 
 MODEL = "llama-3-8b"

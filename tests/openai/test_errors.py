@@ -8,8 +8,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import sdk
-from harness import Router
+from harness import Router, sdk
 
 MODEL = "llama-3-8b"
 HELLO = [{"role": "user", "content": "Hello"}]

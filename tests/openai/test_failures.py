@@ -10,8 +10,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import sdk
-from harness import Router, wait_for
+from harness import Router, sdk, wait_for
 from standin import REPLY, REPLY_PIECES
 
 MODEL = "llama-3-8b"
