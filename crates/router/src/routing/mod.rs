@@ -268,16 +268,11 @@ pub enum NoNode {
 
 #[derive(Default)]
 struct Index {
-    /// Every node that took traffic or can, with the models it is listed under (none when it cannot take traffic
-    /// now; its figures outlive a trip offline).
-    targets: HashMap<Uuid, Listed>,
+    /// Every node that took traffic or can; each knows the models it is listed under (none when it cannot take
+    /// traffic now: its figures outlive a trip offline).
+    targets: HashMap<Uuid, Arc<Target>>,
     /// Routable nodes by ready model.
     by_model: HashMap<Arc<str>, Vec<Arc<Target>>>,
-}
-
-struct Listed {
-    target: Arc<Target>,
-    models: Box<[Arc<str>]>,
 }
 
 /// The routing index of the fleet.
@@ -316,16 +311,16 @@ impl Routing {
         let routable = node.status == NodeStatus::Online && addr.is_some();
         let mut index = self.write();
         let target = match (index.targets.get(&node.id), addr) {
-            (Some(listed), Some(addr)) => {
-                *listed.target.addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
-                listed.target.clone()
+            (Some(target), Some(addr)) => {
+                *target.addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
+                target.clone()
             }
-            (Some(listed), None) => listed.target.clone(),
+            (Some(target), None) => target.clone(),
             // A node that cannot take traffic gets its counters only once it can.
             (None, Some(_)) if !routable => return None,
             (None, Some(addr)) => {
                 let target = Arc::new(Target::new(node.id, addr, self.queue.clone()));
-                index.targets.insert(node.id, Listed { target: target.clone(), models: Box::new([]) });
+                index.targets.insert(node.id, target.clone());
                 target
             }
             (None, None) => return None,
@@ -333,9 +328,10 @@ impl Routing {
         target.limit.store(node.max_concurrency.unwrap_or(0), Ordering::Relaxed);
         target.cordoned.store(node.cordoned, Ordering::Relaxed);
         let wanted: &[String] = if routable { &node.ready_models } else { &[] };
-        let same = index.targets.get(&node.id).is_some_and(|listed| {
-            listed.models.len() == wanted.len() && listed.models.iter().zip(wanted).all(|(a, b)| **a == **b)
-        });
+        let same = {
+            let listed = target.models.read().unwrap_or_else(|p| p.into_inner());
+            listed.len() == wanted.len() && listed.iter().zip(wanted).all(|(a, b)| **a == **b)
+        };
         if same {
             return (routable && !node.cordoned).then_some(target);
         }
@@ -350,10 +346,7 @@ impl Routing {
             index.by_model.entry(name.clone()).or_default().push(target.clone());
             interned.push(name);
         }
-        *target.models.write().unwrap_or_else(|p| p.into_inner()) = interned.clone().into_boxed_slice();
-        if let Some(listed) = index.targets.get_mut(&node.id) {
-            listed.models = interned.into_boxed_slice();
-        }
+        *target.models.write().unwrap_or_else(|p| p.into_inner()) = interned.into_boxed_slice();
         (routable && !node.cordoned).then_some(target)
     }
 
@@ -366,7 +359,7 @@ impl Routing {
 
     /// The routing figures of a node, when routing has seen it.
     pub fn figures(&self, id: Uuid, now: Millis) -> Option<RouteFigures> {
-        self.read().targets.get(&id).map(|listed| listed.target.figures(now))
+        self.read().targets.get(&id).map(|target| target.figures(now))
     }
 
     /// Every model some routable, uncordoned node has ready, in name order.
@@ -435,8 +428,8 @@ fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a
 }
 
 fn unlist(index: &mut Index, id: Uuid) {
-    let Some(listed) = index.targets.get_mut(&id) else { return };
-    let models = std::mem::take(&mut listed.models);
+    let Some(target) = index.targets.get(&id) else { return };
+    let models = std::mem::take(&mut *target.models.write().unwrap_or_else(|p| p.into_inner()));
     for model in models.iter() {
         if let Some(targets) = index.by_model.get_mut(model) {
             targets.retain(|target| target.node_id != id);
