@@ -147,7 +147,12 @@ pub fn group_devices(samples: &[GpuSample]) -> Vec<GpuDevice> {
     for gpu in samples {
         match groups.iter_mut().find(|g| g.model == gpu.model && g.memory_bytes == gpu.memory_total_bytes) {
             Some(group) => group.count += 1,
-            None => groups.push(GpuDevice { model: gpu.model.clone(), count: 1, memory_bytes: gpu.memory_total_bytes }),
+            None => groups.push(GpuDevice {
+                model: gpu.model.clone(),
+                count: 1,
+                memory_bytes: gpu.memory_total_bytes,
+                uuids: None,
+            }),
         }
     }
     groups
@@ -164,6 +169,7 @@ pub fn to_metrics(samples: &[GpuSample]) -> Vec<GpuMetrics> {
             memory_used_bytes: gpu.memory_used_bytes,
             memory_total_bytes: gpu.memory_total_bytes,
             temperature_c: gpu.temperature_c,
+            ..GpuMetrics::default()
         })
         .collect()
 }
@@ -195,9 +201,9 @@ mod tests {
         assert_eq!(
             groups,
             vec![
-                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 2, memory_bytes: Some(80) },
-                GpuDevice { model: "NVIDIA H100 80GB HBM3".into(), count: 1, memory_bytes: Some(81) },
-                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 1, memory_bytes: Some(40) },
+                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 2, memory_bytes: Some(80), uuids: None },
+                GpuDevice { model: "NVIDIA H100 80GB HBM3".into(), count: 1, memory_bytes: Some(81), uuids: None },
+                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 1, memory_bytes: Some(40), uuids: None },
             ]
         );
     }
@@ -214,6 +220,7 @@ mod tests {
                 memory_used_bytes: Some(1),
                 memory_total_bytes: Some(80),
                 temperature_c: Some(40.0),
+                ..GpuMetrics::default()
             }]
         );
     }

@@ -47,12 +47,18 @@ impl PackedMetrics {
     /// The figures, or `None` when the stored text is neither the packed form nor a [`NodeMetrics`] object.
     pub fn unpack(&self) -> Option<NodeMetrics> {
         if let Ok((cpu_usage, memory_usage, active_requests, gpus)) = serde_json::from_str::<Packed<String>>(&self.0) {
-            let gpus =
-                gpus.into_iter()
-                    .map(|(index, model, utilization, memory_used_bytes, memory_total_bytes, temperature_c)| {
-                        GpuMetrics { index, model, utilization, memory_used_bytes, memory_total_bytes, temperature_c }
-                    })
-                    .collect();
+            let gpus = gpus
+                .into_iter()
+                .map(|(index, model, utilization, memory_used_bytes, memory_total_bytes, temperature_c)| GpuMetrics {
+                    index,
+                    model,
+                    utilization,
+                    memory_used_bytes,
+                    memory_total_bytes,
+                    temperature_c,
+                    ..GpuMetrics::default()
+                })
+                .collect();
             return Some(NodeMetrics { cpu_usage, memory_usage, gpus, active_requests });
         }
         serde_json::from_str(&self.0).ok()
@@ -75,6 +81,7 @@ mod tests {
                     memory_used_bytes: Some(1 << 30),
                     memory_total_bytes: Some(80 << 30),
                     temperature_c: Some(71.5),
+                    ..GpuMetrics::default()
                 },
                 GpuMetrics {
                     index: 1,
@@ -83,6 +90,7 @@ mod tests {
                     memory_used_bytes: None,
                     memory_total_bytes: None,
                     temperature_c: None,
+                    ..GpuMetrics::default()
                 },
             ],
             active_requests: Some(3),

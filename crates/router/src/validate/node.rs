@@ -182,7 +182,7 @@ mod tests {
             ip_address: None,
             runtime_port: 8000,
             runtime_version: "b4000".into(),
-            gpu_devices: Some(vec![GpuDevice { model: "NVIDIA L4".into(), count: 2, memory_bytes: None }]),
+            gpu_devices: Some(vec![GpuDevice { model: "NVIDIA L4".into(), count: 2, memory_bytes: None, uuids: None }]),
             supported_runtimes: None,
             loaded_models: None,
             ready_models: None,
@@ -241,10 +241,10 @@ mod tests {
         r.gpu_devices = Some(vec![]);
         assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
-        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: 0, memory_bytes: None }]);
+        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: 0, memory_bytes: None, uuids: None }]);
         assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
-        r.gpu_devices = Some(vec![GpuDevice { model: " ".into(), count: 1, memory_bytes: None }]);
+        r.gpu_devices = Some(vec![GpuDevice { model: " ".into(), count: 1, memory_bytes: None, uuids: None }]);
         assert_eq!(code(registration(r, peer(), false)), "gpu_required");
     }
 
@@ -339,15 +339,24 @@ mod tests {
     #[test]
     fn gpu_numbers_are_bounded() {
         let mut r = request();
-        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT + 1, memory_bytes: None }]);
+        r.gpu_devices =
+            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT + 1, memory_bytes: None, uuids: None }]);
         assert!(registration(r, peer(), false).expect_err("count").to_string().contains("gpu_devices[0].count"));
         let mut r = request();
-        r.gpu_devices =
-            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT, memory_bytes: Some(MAX_MEMORY_BYTES + 1) }]);
+        r.gpu_devices = Some(vec![GpuDevice {
+            model: "A".into(),
+            count: MAX_GPU_COUNT,
+            memory_bytes: Some(MAX_MEMORY_BYTES + 1),
+            uuids: None,
+        }]);
         assert!(registration(r, peer(), false).expect_err("memory").to_string().contains("memory_bytes"));
         let mut r = request();
-        r.gpu_devices =
-            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT, memory_bytes: Some(MAX_MEMORY_BYTES) }]);
+        r.gpu_devices = Some(vec![GpuDevice {
+            model: "A".into(),
+            count: MAX_GPU_COUNT,
+            memory_bytes: Some(MAX_MEMORY_BYTES),
+            uuids: None,
+        }]);
         assert!(registration(r, peer(), false).is_ok());
     }
 }

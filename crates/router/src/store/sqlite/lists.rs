@@ -79,7 +79,12 @@ pub(super) fn decode(text: &str) -> Option<NodeLists> {
         gpu_devices: copy
             .gpu_devices
             .into_iter()
-            .map(|(model, count, memory_bytes)| GpuDevice { model: model.into_owned(), count, memory_bytes })
+            .map(|(model, count, memory_bytes)| GpuDevice {
+                model: model.into_owned(),
+                count,
+                memory_bytes,
+                uuids: None,
+            })
             .collect(),
         supported_runtimes: copy.supported_runtimes.into_owned(),
         loaded_models: copy.loaded_models.into_owned(),
@@ -206,7 +211,12 @@ mod tests {
     #[test]
     fn the_copy_round_trips() {
         let lists = NodeLists {
-            gpu_devices: vec![GpuDevice { model: "NVIDIA H100".into(), count: 8, memory_bytes: Some(80 << 30) }],
+            gpu_devices: vec![GpuDevice {
+                model: "NVIDIA H100".into(),
+                count: 8,
+                memory_bytes: Some(80 << 30),
+                uuids: None,
+            }],
             supported_runtimes: vec!["vllm".into()],
             loaded_models: vec!["a".into(), "b".into()],
             ready_models: vec!["a".into()],

@@ -99,6 +99,7 @@ async fn load_lists_from_child_tables(conn: &mut SqliteConnection, nodes: &mut [
             model: row.try_get(1)?,
             count: row.try_get(2)?,
             memory_bytes: memory.and_then(|m| u64::try_from(m).ok()),
+            uuids: None,
         });
         Ok(())
     })
