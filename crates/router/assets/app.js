@@ -235,6 +235,8 @@ const state = {
   timer: null,
   lastOk: 0,
   unreachable: false,
+  /** The mass silence that lasts (GET /v0/fleet/events), or null. */
+  silence: null,
 };
 
 const isAdmin = () => state.user?.role === 'admin';
@@ -297,6 +299,7 @@ function resetFleet() {
   state.eventsFor = null;
   state.lastOk = 0;
   state.unreachable = false;
+  showSilence(null);
   $('node-rows').replaceChildren();
   $('detail').hidden = true;
   $('pending-callout').hidden = true;
@@ -399,7 +402,14 @@ async function load() {
   const session = state.session;
   const mutations = state.mutations;
   try {
-    const nodes = await api('GET', '/v0/nodes');
+    const [nodes, fleetEvents] = await Promise.all([
+      api('GET', '/v0/nodes'),
+      // A router without fleet events (or a failure here) must not keep the fleet from showing.
+      api('GET', '/v0/fleet/events?limit=1').catch((err) => {
+        if (err instanceof ApiError && err.status !== 401) return [];
+        throw err;
+      }),
+    ]);
     const detailId = state.detailId;
     const events = detailId && nodes.some((n) => n.id === detailId)
       ? await api('GET', `/v0/nodes/${encodeURIComponent(detailId)}/events`).catch((err) => {
@@ -412,6 +422,7 @@ async function load() {
     setUnreachable(false);
     state.nodes = new Map(nodes.map((n) => [n.id, n]));
     state.loaded = true;
+    showSilence(fleetEvents[0]);
     if (events && detailId === state.detailId) {
       state.events = events;
       state.eventsFor = detailId;
@@ -440,6 +451,34 @@ function setUnreachable(on) {
   }
   tick();
 }
+
+/** The banner of a mass silence (SPEC §10) while the latest fleet event is one that lasts. */
+function showSilence(event) {
+  const lasting = event && event.kind === 'mass_silence' && !event.resolved_at ? event : null;
+  state.silence = lasting;
+  $('fleet-banner').hidden = !lasting;
+  if (lasting) {
+    const at = new Date(lasting.at).toLocaleTimeString();
+    setText($('fleet-banner-text'), `Mass silence: ${lasting.nodes_affected} of ${lasting.nodes_live} nodes went `
+      + `offline at once at ${at}. A network or router problem is likelier than ${lasting.nodes_affected} broken machines.`);
+  }
+}
+
+$('fleet-banner-dismiss').addEventListener('click', async () => {
+  const silence = state.silence;
+  if (!silence) return;
+  try {
+    await api('POST', `/v0/fleet/events/${encodeURIComponent(silence.id)}/dismiss`);
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) {
+      toast(`Dismissing failed: ${err.message}`, 'error');
+      return;
+    }
+  }
+  state.mutations += 1;
+  showSilence(null);
+  refresh();
+});
 
 function setBanner(text) {
   const banner = $('banner');

@@ -6,5 +6,6 @@ pub mod audit;
 pub mod auth;
 pub mod enrollment;
 pub mod figures;
+pub mod fleet;
 pub mod input;
 pub mod node;

@@ -21,9 +21,14 @@ pub fn after_approval(current: NodeStatus, ready_models: &[String]) -> Option<No
     (current == NodeStatus::Pending).then(|| by_readiness(ready_models))
 }
 
+/// Whether a node of this status is live: approved and heard from, so silence makes it offline.
+pub fn is_live(current: NodeStatus) -> bool {
+    matches!(current, NodeStatus::Registering | NodeStatus::Online)
+}
+
 /// Whether silence of `silent_ms` makes a node of this status offline.
 pub fn goes_offline(current: NodeStatus, silent_ms: i64, offline_after_ms: i64) -> bool {
-    matches!(current, NodeStatus::Registering | NodeStatus::Online) && silent_ms >= offline_after_ms
+    is_live(current) && silent_ms >= offline_after_ms
 }
 
 #[cfg(test)]

@@ -154,24 +154,34 @@ impl Registry {
         Ok(Some(updated.status))
     }
 
-    /// Marks offline every approved node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
+    /// Marks offline every live node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
+    ///
+    /// A sweep that ran more than `offline_after / 2` late marks none: every live node gets a fresh grace period
+    /// (SPEC §10). One that marks more than half of the live nodes (at least ten) records a mass silence.
     ///
     /// Cost: one pass over the in-memory map with a short per-node lock, no database read; only nodes that change
     /// are written.
     pub async fn sweep(&self) -> anyhow::Result<usize> {
+        let _sweeping = self.sweeping.lock().await;
         let now = self.clock.now_ms();
+        if self.grace_after_stall(now) {
+            return Ok(0);
+        }
+        self.settle_silence().await?;
         let limit = self.offline_after_ms;
+        let mut live = 0;
         let candidates: Vec<Arc<Slot>> = self
             .read()
             .nodes
             .values()
             .filter(|slot| {
                 let state = slot.lock();
+                live += usize::from(state::is_live(state.node.status));
                 state::goes_offline(state.node.status, now - state.alive_since, limit)
             })
             .cloned()
             .collect();
-        let mut changed = 0;
+        let mut offline = Vec::new();
         let reason = format!("no heartbeat for {} s", limit / 1000);
         for slot in candidates {
             let status = self
@@ -182,9 +192,11 @@ impl Registry {
                 .await?;
             // `None`: deleted meanwhile.
             if status == Some(NodeStatus::Offline) {
-                changed += 1;
+                offline.push(slot.lock().node.id);
             }
         }
+        let changed = offline.len();
+        self.report_silence(offline, live).await?;
         Ok(changed)
     }
 

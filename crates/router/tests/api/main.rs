@@ -8,6 +8,7 @@ mod connections;
 mod durability;
 mod errors;
 mod exposition;
+mod fleet;
 mod heartbeat;
 mod helpers;
 mod hostile_input;

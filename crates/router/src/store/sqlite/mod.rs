@@ -11,7 +11,7 @@
 //!
 //! Files: `writer.rs` (the writer connection), `load.rs` (start-up), `commit.rs` (group commit of registrations),
 //! `nodes.rs` (node writes and events), `lists.rs` (the one writer of a node's lists), `auth.rs` (users, sessions,
-//! keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log).
+//! keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log), `fleet.rs` (fleet events).
 //!
 //! [`StorageFault`]: crate::store::StorageFault
 
@@ -19,6 +19,7 @@ mod audit;
 mod auth;
 mod commit;
 mod enrollment;
+mod fleet;
 mod lists;
 mod load;
 mod nodes;
@@ -40,6 +41,7 @@ use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse};
+use crate::model::fleet::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{
     ApiKeyRow, AuditQuery, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult, StoredNode, UserRow,
@@ -256,6 +258,24 @@ impl Storage for SqliteStore {
 
     fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64> {
         classified!(self.prune_events(cutoff))
+    }
+
+    fn insert_fleet_event<'a>(&'a self, event: &'a FleetEvent) -> StoreResult<'a, i64> {
+        classified!(self.insert_fleet_event(event))
+    }
+
+    fn resolve_fleet_event<'a>(
+        &'a self,
+        id: i64,
+        at: Millis,
+        by: Option<&'a str>,
+        resolution: &'a str,
+    ) -> StoreResult<'a, bool> {
+        classified!(self.resolve_fleet_event(id, at, by, resolution))
+    }
+
+    fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>> {
+        classified!(self.fleet_events(limit))
     }
 
     fn count_users(&self) -> StoreResult<'_, i64> {
