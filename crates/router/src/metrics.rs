@@ -145,7 +145,7 @@ pub struct Metrics {
     pub pending_expired: Counter,
     /// Audit events dropped because the audit log's queue was full (a flood of failed sign-ins).
     pub audit_dropped: Counter,
-    /// Mass silences recorded (SPEC §10: more than half of the live nodes went offline in one sweep).
+    /// Mass silences recorded (SPEC §10: more than half of the live nodes went offline within `offline_after / 2`).
     pub mass_silences: Counter,
     /// 1 while the latest mass silence is unresolved (its nodes have not come back and no one dismissed it), else 0.
     pub mass_silence: Level,
@@ -229,7 +229,7 @@ impl Default for Metrics {
         let mass_silences = counter(
             &mut registry,
             "llm_router_mass_silences",
-            "Mass silences: sweeps in which more than half of the live nodes (at least 10) went offline together",
+            "Mass silences: more than half of the live nodes (at least 10) went offline within half of offline_after",
         );
         let mass_silence = Level::default();
         registry.register(

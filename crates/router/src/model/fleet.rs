@@ -2,8 +2,8 @@
 
 use crate::clock::Millis;
 
-/// The kind of a mass silence: more than half of the live nodes (and at least
-/// [`MASS_SILENCE_MIN_NODES`]) went offline in one sweep.
+/// The kind of a mass silence: more than half of the live nodes (and at least [`MASS_SILENCE_MIN_NODES`]) went
+/// offline together.
 pub const MASS_SILENCE: &str = "mass_silence";
 
 /// The fewest nodes going offline together that make a mass silence.
@@ -29,7 +29,7 @@ pub struct FleetEvent {
     pub resolution: Option<String>,
 }
 
-/// Whether `silent` of `live` nodes going offline in one sweep is a mass silence: more than half, and at least
+/// Whether `silent` of `live` nodes going offline together is a mass silence: more than half, and at least
 /// [`MASS_SILENCE_MIN_NODES`].
 pub fn is_mass_silence(silent: usize, live: usize) -> bool {
     silent >= MASS_SILENCE_MIN_NODES && silent * 2 > live

@@ -103,8 +103,8 @@ pub struct Registry {
     last_sweep_at: AtomicI64,
     /// Held for a whole sweep, so two sweeps never decide on the same silence.
     sweeping: tokio::sync::Mutex<()>,
-    /// The mass silence not yet resolved, if any.
-    mass_silence: Mutex<Option<fleet::MassSilence>>,
+    /// The mass silence not yet resolved, if any, and the nodes the latest sweeps marked offline.
+    mass_silence: Mutex<fleet::Silences>,
 }
 
 impl Registry {
@@ -130,7 +130,7 @@ impl Registry {
             index.nodes.insert(id, Slot::new(node, token, now));
         }
         let mass_silence = fleet::unresolved(&store, &index).await?;
-        metrics.mass_silence.set(u64::from(mass_silence.is_some()));
+        metrics.mass_silence.set(u64::from(mass_silence.lasting.is_some()));
         Ok(Registry {
             store,
             clock,

@@ -157,7 +157,8 @@ impl Registry {
     /// Marks offline every live node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
     ///
     /// A sweep that ran more than `offline_after / 2` late marks none: every live node gets a fresh grace period
-    /// (SPEC §10). One that marks more than half of the live nodes (at least ten) records a mass silence.
+    /// (SPEC §10). One that brings the nodes marked offline within `offline_after / 2` to more than half of the live
+    /// nodes (at least ten) records a mass silence.
     ///
     /// Cost: one pass over the in-memory map with a short per-node lock, no database read; only nodes that change
     /// are written.
@@ -196,7 +197,7 @@ impl Registry {
             }
         }
         let changed = offline.len();
-        self.report_silence(offline, live).await?;
+        self.report_silence(now, &offline, live - changed).await?;
         Ok(changed)
     }
 

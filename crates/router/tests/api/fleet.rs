@@ -136,3 +136,22 @@ async fn half_of_the_fleet_going_silent_is_no_mass_silence() {
     assert_eq!(app.metric("llm_router_mass_silence").await, 0.0);
     assert_eq!(app.metric("llm_router_mass_silences_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn silences_that_pass_offline_after_a_few_sweeps_apart_are_one_mass_silence() {
+    let app = TestApp::spawn().await;
+    let nodes = online_fleet(&app, 20).await;
+    // Agents heartbeat at their own phase: the partition silences them all, but eight had heartbeated 5 s before
+    // the others.
+    assert_eq!(app.advance_and_sweep(5_000).await, 0);
+    heartbeat_all(&app, &nodes[8..]).await;
+    assert_eq!(app.advance_and_sweep(25_000).await, 8, "eight of twenty: not yet more than half");
+    assert!(fleet_events(&app).await.is_empty());
+    heartbeat_all(&app, &nodes[15..]).await;
+    assert_eq!(app.advance_and_sweep(5_000).await, 7, "seven more, 5 s later");
+
+    let events = fleet_events(&app).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["message"], "mass silence: 15 of 20 nodes");
+    assert_eq!(app.metric("llm_router_mass_silences_total").await, 1.0);
+}
