@@ -120,7 +120,7 @@ async function registerNode(spec) {
 }
 
 /** Sends a heartbeat with plausible figures for every GPU of the node. */
-async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [] } = {}) {
+async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [], firstGpu = {} } = {}) {
   const gpus = [];
   for (const device of node.gpu_devices) {
     for (let i = 0; i < device.count; i += 1) {
@@ -132,6 +132,7 @@ async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.
         memory_used_bytes: Math.round(total * Math.min(0.95, util / 100 + 0.1)),
         memory_total_bytes: total,
         temperature_c: 40 + util / 3,
+        ...(gpus.length === 0 ? firstGpu : {}),
       });
     }
   }
@@ -723,6 +724,27 @@ describe('dashboard', { timeout: 120_000 }, () => {
       runtime.close();
       await expectStatus(call('DELETE', `/v0/nodes/${node.id}`, { token: adminToken }), 204);
     }
+  });
+
+  test('a GPU fault shows the node degraded with its condition, counted and filtered, until it clears', async () => {
+    const line = row(page, nodes.a100b);
+    await heartbeat(nodes.a100b, { cpu: 44, memory: 63, util: 97, firstGpu: { xid: 79 } });
+    await line.locator('.badge-degraded', { hasText: 'degraded' }).waitFor();
+    await line.locator('.badge-condition', { hasText: 'gpu fault' }).waitFor();
+    assert.match(await page.textContent('#fleet-summary'), /· 1 degraded$/);
+    await page.click('#status-filter [data-status="degraded"]');
+    await page.waitForFunction(() => document.querySelectorAll('#node-rows tr').length === 1);
+    assert.equal(await line.count(), 1);
+    await line.locator('.name-link').click();
+    await page.locator('#detail-events .event', { hasText: 'gpu_fault: GPU 0: XID 79' }).waitFor();
+    assert.match(await page.textContent('#detail-overview'), /Degraded \(gpu_fault\): no requests/);
+    await page.click('#detail-close');
+    await page.click('#status-filter [data-status="all"]');
+
+    await heartbeat(nodes.a100b, { cpu: 44, memory: 63, util: 97 });
+    await line.locator('.badge-online', { hasText: 'online' }).waitFor();
+    assert.equal(await line.locator('.badge-condition').count(), 0);
+    assert.doesNotMatch(await page.textContent('#fleet-summary'), /degraded/);
   });
 
   test('a banner says when the router cannot be reached, and goes when it answers again', async () => {

@@ -33,14 +33,17 @@ pub enum NodeStatus {
     Registering,
     /// Approved and serving at least one ready model.
     Online,
+    /// Approved and heartbeating, but a GPU is missing, faulty or too hot (SPEC §10): no inference traffic until the
+    /// conditions clear.
+    Degraded,
     /// Approved, but silent for longer than the router's `offline_after`.
     Offline,
 }
 
 impl NodeStatus {
     /// Every status, in the order the dashboard lists them.
-    pub const ALL: [NodeStatus; 4] =
-        [NodeStatus::Pending, NodeStatus::Registering, NodeStatus::Online, NodeStatus::Offline];
+    pub const ALL: [NodeStatus; 5] =
+        [NodeStatus::Pending, NodeStatus::Registering, NodeStatus::Online, NodeStatus::Degraded, NodeStatus::Offline];
 
     /// The snake_case name used on the wire and in the database.
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl NodeStatus {
             NodeStatus::Pending => "pending",
             NodeStatus::Registering => "registering",
             NodeStatus::Online => "online",
+            NodeStatus::Degraded => "degraded",
             NodeStatus::Offline => "offline",
         }
     }
@@ -64,13 +68,13 @@ impl fmt::Display for NodeStatus {
     }
 }
 
-/// The name given is not one of the four statuses.
+/// The name given is not one of the statuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownStatus(pub String);
 
 impl fmt::Display for UnknownStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown node status `{}` (expected pending, registering, online or offline)", self.0)
+        write!(f, "unknown node status `{}` (expected pending, registering, online, degraded or offline)", self.0)
     }
 }
 

@@ -10,8 +10,8 @@
 const REFRESH_MS = 2000;
 const REQUESTED_WITH = 'llm-router-dashboard';
 /** Pending first (they wait for a person), then the nodes that need a look, then the healthy ones. */
-const STATUS_ORDER = { pending: 0, offline: 1, registering: 2, online: 3 };
-const STATUSES = ['pending', 'online', 'registering', 'offline'];
+const STATUS_ORDER = { pending: 0, degraded: 1, offline: 2, registering: 3, online: 4 };
+const STATUSES = ['pending', 'online', 'registering', 'degraded', 'offline'];
 const NODE_HASH = /^#\/nodes\/([0-9a-fA-F-]{36})$/;
 
 const $ = (id) => document.getElementById(id);
@@ -572,7 +572,7 @@ function render() {
 }
 
 function renderSummary(all) {
-  const counts = { all: all.length, pending: 0, registering: 0, online: 0, offline: 0 };
+  const counts = { all: all.length, pending: 0, registering: 0, online: 0, degraded: 0, offline: 0 };
   for (const node of all) counts[node.status] = (counts[node.status] ?? 0) + 1;
 
   const pending = counts.pending;
@@ -599,7 +599,8 @@ function renderSummary(all) {
   const gpus = all.reduce((sum, n) => sum + gpuCount(n), 0);
   const serving = all.filter((n) => n.status === 'online').reduce((sum, n) => sum + gpuCount(n), 0);
   setText($('fleet-summary'), state.loaded
-    ? `${plural(all.length, 'node', 'nodes')} · ${serving} of ${plural(gpus, 'GPU', 'GPUs')} online`
+    ? `${plural(all.length, 'node', 'nodes')} · ${serving} of ${plural(gpus, 'GPU', 'GPUs')} online` +
+      (counts.degraded ? ` · ${counts.degraded} degraded` : '')
     : '');
 }
 
@@ -697,7 +698,7 @@ function updateRow(view, node) {
   toggleClass(view.tr, 'is-selected', state.detailId === node.id);
   setBadge(view.status, node.status);
   const ejected = ejectedUntil(node);
-  rebuild(view.flags, JSON.stringify([node.schedulable, ejected]), () => routingFlags(node, ejected));
+  rebuild(view.flags, JSON.stringify([node.schedulable, ejected, node.conditions]), () => routingFlags(node, ejected));
 
   setText(view.name, nodeName(node));
   setTitle(view.name, `Show details of ${nodeName(node)}`);
@@ -747,6 +748,13 @@ function updateRow(view, node) {
   if (isAdmin()) updateActions(view.actions, node, 'row');
 }
 
+/** What each GPU condition means (SPEC §10); the node's history names the GPUs. */
+const CONDITION_TITLES = {
+  gpu_missing: 'A GPU the node registered is missing from its heartbeats (fallen off the bus, or removed)',
+  gpu_fault: 'A GPU reports uncorrectable ECC errors or a critical XID error',
+  gpu_overheat: 'A GPU is at or above the temperature limit',
+};
+
 /** The end of a running ejection from routing, or null. */
 function ejectedUntil(node) {
   const until = node.routing?.ejected_until;
@@ -757,6 +765,10 @@ function ejectedUntil(node) {
  * after failures. */
 function routingFlags(node, ejected) {
   return [
+    ...(node.conditions ?? []).map((condition) => el('span', {
+      className: 'badge badge-condition',
+      title: CONDITION_TITLES[condition] ?? condition,
+    }, condition.replace('_', ' '))),
     node.schedulable ? null : el('span', {
       className: 'badge badge-cordoned',
       title: 'Cordoned: gets no new inference request; requests in flight finish',
@@ -1012,6 +1024,7 @@ function renderOverview(node) {
 /** Whether inference traffic goes to the node, and if not, why. */
 function routingText(node) {
   const ejected = ejectedUntil(node);
+  if (node.status === 'degraded') return `Degraded (${(node.conditions ?? []).join(', ')}): no requests`;
   if (!node.schedulable) return 'Cordoned: no new requests';
   if (ejected) return `Ejected after failures until ${formatTime(ejected)}`;
   if (node.status !== 'online') return `Not routed while ${node.status}`;

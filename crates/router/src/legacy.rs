@@ -166,6 +166,7 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         join_token: None,
         cordoned: false,
         max_concurrency: None,
+        conditions: Default::default(),
         last_seen_at: entry.last_seen.as_deref().and_then(parse_time),
     })
 }

@@ -128,7 +128,7 @@ pub struct Metrics {
     pub approvals: Counter,
     pub deletions: Counter,
     /// Status changes, by the status reached, in the order of [`NodeStatus::ALL`].
-    transitions: [Counter; 4],
+    transitions: [Counter; NodeStatus::ALL.len()],
     pub flush_batch_size: Histogram,
     pub flush_lag_seconds: Histogram,
     pub flush_errors: Counter,

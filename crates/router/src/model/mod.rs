@@ -7,5 +7,6 @@ pub mod auth;
 pub mod enrollment;
 pub mod figures;
 pub mod fleet;
+pub mod health;
 pub mod input;
 pub mod node;

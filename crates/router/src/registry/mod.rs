@@ -32,6 +32,7 @@ use crate::clock::{Clock, Millis};
 use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::Unusable;
+use crate::model::health;
 use crate::model::node::Node;
 use crate::routing::Routing;
 use crate::store::Store;
@@ -105,6 +106,8 @@ pub struct Registry {
     sweeping: tokio::sync::Mutex<()>,
     /// The mass silence not yet resolved, if any, and the nodes the latest sweeps marked offline.
     mass_silence: Mutex<fleet::Silences>,
+    /// A GPU at or above this temperature is `gpu_overheat` (`--gpu-max-temp-c`).
+    gpu_max_temp_c: f64,
 }
 
 impl Registry {
@@ -144,7 +147,14 @@ impl Registry {
             last_sweep_at: AtomicI64::new(now),
             sweeping: tokio::sync::Mutex::new(()),
             mass_silence: Mutex::new(mass_silence),
+            gpu_max_temp_c: health::DEFAULT_GPU_MAX_TEMP_C,
         })
+    }
+
+    /// Sets the temperature at which a GPU is `gpu_overheat` (SPEC §10).
+    pub fn with_gpu_max_temp_c(mut self, celsius: f64) -> Self {
+        self.gpu_max_temp_c = celsius;
+        self
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {

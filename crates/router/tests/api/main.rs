@@ -9,6 +9,7 @@ mod durability;
 mod errors;
 mod exposition;
 mod fleet;
+mod health;
 mod heartbeat;
 mod helpers;
 mod hostile_input;
