@@ -35,6 +35,8 @@ FAMILIES = {
     "llm_router_registrations_too_many_pending": "counter",
     "llm_router_pending_expired": "counter",
     "llm_router_audit_dropped": "counter",
+    "llm_router_mass_silences": "counter",
+    "llm_router_mass_silence": "gauge",
     "llm_router_http_connections_open": "gauge",
     "llm_router_http_connections_max": "gauge",
     "llm_router_http_connections_evicted": "counter",

@@ -37,11 +37,11 @@ let base;
 let dataDir;
 let adminToken;
 
-async function startRouter() {
+async function startRouter(extraArgs = []) {
   dataDir = await mkdtemp(path.join(os.tmpdir(), 'llm-router-dashboard-'));
   const child = spawn(
     ROUTER_BIN,
-    ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, '--no-reachability-check'],
+    ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, '--no-reachability-check', ...extraArgs],
     {
       env: {
         ...process.env,
@@ -120,7 +120,7 @@ async function registerNode(spec) {
 }
 
 /** Sends a heartbeat with plausible figures for every GPU of the node. */
-async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [] } = {}) {
+async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [], firstGpu = {} } = {}) {
   const gpus = [];
   for (const device of node.gpu_devices) {
     for (let i = 0; i < device.count; i += 1) {
@@ -132,6 +132,7 @@ async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.
         memory_used_bytes: Math.round(total * Math.min(0.95, util / 100 + 0.1)),
         memory_total_bytes: total,
         temperature_c: 40 + util / 3,
+        ...(gpus.length === 0 ? firstGpu : {}),
       });
     }
   }
@@ -725,6 +726,27 @@ describe('dashboard', { timeout: 120_000 }, () => {
     }
   });
 
+  test('a GPU fault shows the node degraded with its condition, counted and filtered, until it clears', async () => {
+    const line = row(page, nodes.a100b);
+    await heartbeat(nodes.a100b, { cpu: 44, memory: 63, util: 97, firstGpu: { xid: 79 } });
+    await line.locator('.badge-degraded', { hasText: 'degraded' }).waitFor();
+    await line.locator('.badge-condition', { hasText: 'gpu fault' }).waitFor();
+    assert.match(await page.textContent('#fleet-summary'), /· 1 degraded$/);
+    await page.click('#status-filter [data-status="degraded"]');
+    await page.waitForFunction(() => document.querySelectorAll('#node-rows tr').length === 1);
+    assert.equal(await line.count(), 1);
+    await line.locator('.name-link').click();
+    await page.locator('#detail-events .event', { hasText: 'gpu_fault: GPU 0: XID 79' }).waitFor();
+    assert.match(await page.textContent('#detail-overview'), /Degraded \(gpu_fault\): no requests/);
+    await page.click('#detail-close');
+    await page.click('#status-filter [data-status="all"]');
+
+    await heartbeat(nodes.a100b, { cpu: 44, memory: 63, util: 97 });
+    await line.locator('.badge-online', { hasText: 'online' }).waitFor();
+    assert.equal(await line.locator('.badge-condition').count(), 0);
+    assert.doesNotMatch(await page.textContent('#fleet-summary'), /degraded/);
+  });
+
   test('a banner says when the router cannot be reached, and goes when it answers again', async () => {
     const isList = (url) => new URL(url).pathname === '/v0/nodes';
     await page.route(isList, (route) => route.abort('connectionrefused'));
@@ -749,5 +771,90 @@ describe('dashboard', { timeout: 120_000 }, () => {
   test('no page error and no CSP violation happened', () => {
     assert.deepEqual(problems, []);
     assert.deepEqual(dialogs, []);
+  });
+});
+
+// A mass silence needs nodes to go quiet, which with the router's real clock takes `offline_after`: this router
+// marks a node offline after 1 s, and has a fleet of its own.
+describe('dashboard: a mass silence', { timeout: 60_000 }, () => {
+  const quiet = [];
+  let silenceBrowser;
+  let p;
+
+  before(async () => {
+    const started = await startRouter(['--offline-after-secs', '1', '--registration-rate', '0']);
+    router = started.child;
+    base = `http://127.0.0.1:${started.port}`;
+    const login = await expectStatus(call('POST', '/v0/auth/login', { body: { username: 'admin', password: ADMIN_PASSWORD } }), 200);
+    adminToken = login.token;
+    for (let i = 0; i < 12; i += 1) {
+      const node = await registerNode({
+        machine_name: `rack-c-${String(i).padStart(2, '0')}`, ip_address: `10.30.0.${i + 1}`,
+        gpu_devices: [{ model: 'NVIDIA L4', count: 1, memory_bytes: 24 * GiB }], ready_models: ['m'],
+      });
+      await expectStatus(call('POST', `/v0/nodes/${node.id}/approve`, { token: adminToken }), 200);
+      quiet.push(node);
+    }
+    silenceBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    p = await newPage(await silenceBrowser.newContext({ viewport: { width: 1440, height: 860 } }));
+    await signIn(p, 'admin', ADMIN_PASSWORD);
+  });
+
+  after(async () => {
+    await silenceBrowser?.close().catch(() => {});
+    if (router && router.exitCode === null) {
+      const exited = new Promise((resolve) => router.once('exit', resolve));
+      router.kill('SIGTERM');
+      await exited;
+    }
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  /** Heartbeats every node of this fleet together. */
+  const heartbeatAll = () => Promise.all(quiet.map((node) => heartbeat(node, { ready: ['m'] })));
+
+  /** Every node of this fleet online, then silent until the router marks them all offline at once. */
+  async function silenceAll() {
+    for (const answer of await heartbeatAll()) assert.equal(answer.status, 'online');
+    for (;;) {
+      const listed = await expectStatus(call('GET', '/v0/nodes', { token: adminToken }), 200);
+      if (listed.every((node) => node.status === 'offline')) return;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+
+  test('a banner says that most of the fleet went silent at once, until the nodes come back', async () => {
+    await silenceAll();
+    await p.locator('#fleet-banner', { hasText: 'Mass silence: 12 of 12 nodes' }).waitFor();
+    assert.match(await p.textContent('#fleet-banner'), /network or router problem/);
+    // The nodes come back and stay: they heartbeat more often than the router's 1 s offline_after.
+    let back = true;
+    const keepAlive = (async () => {
+      while (back) {
+        await heartbeatAll();
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+    })();
+    await p.locator('#fleet-banner').waitFor({ state: 'hidden' });
+    back = false;
+    await keepAlive;
+    const [event] = await expectStatus(call('GET', '/v0/fleet/events', { token: adminToken }), 200);
+    assert.equal(event.resolution, 'nodes returned');
+  });
+
+  test('an administrator dismisses the banner', async () => {
+    await silenceAll();
+    await p.locator('#fleet-banner', { hasText: 'Mass silence: 12 of 12 nodes' }).waitFor();
+    await p.click('#fleet-banner-dismiss');
+    await p.locator('#fleet-banner').waitFor({ state: 'hidden' });
+    const [event] = await expectStatus(call('GET', '/v0/fleet/events', { token: adminToken }), 200);
+    assert.equal(event.resolution, 'dismissed');
+    assert.equal(event.resolved_by, 'admin');
+    // Still gone after the next refreshes, though the nodes are still offline.
+    await p.reload();
+    await p.locator('#app').waitFor();
+    await p.locator('#node-rows tr').first().waitFor();
+    assert.equal(await p.locator('#fleet-banner').isHidden(), true);
+    assert.deepEqual(problems, []);
   });
 });

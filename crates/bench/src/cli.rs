@@ -35,6 +35,9 @@ pub struct Cli {
 pub enum Mode {
     /// Register and approve a fleet, then drive heartbeats at it and report throughput and latency.
     Heartbeat(HeartbeatArgs),
+    /// Every node of a fleet changes status together (registering -> online -> offline -> online) while it
+    /// heartbeats: heartbeat latency during the storms and the time until every change is durable.
+    Storm(StormArgs),
     /// Build a database with a large fleet, then time router start-ups on it.
     Startup(StartupArgs),
     /// Time registrations (reachability check off).
@@ -81,6 +84,25 @@ pub struct HeartbeatArgs {
     pub rate_per_node_hz: Option<f64>,
 
     /// Registrations and approvals in flight at once while setting up the fleet.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
+    pub setup_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StormArgs {
+    /// Nodes to register and approve; all of them change status in each storm.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// Seconds of heartbeats measured from the start of each storm.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Persistent connections, each sending heartbeats back-to-back for its share of the nodes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub connections: usize,
+
+    /// Registrations, approvals and setup heartbeats in flight at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
     pub setup_concurrency: usize,
 }

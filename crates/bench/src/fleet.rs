@@ -51,6 +51,7 @@ pub fn gpu_devices() -> Vec<GpuDevice> {
             model: (*model).to_owned(),
             count: i64::from(GPUS_PER_GROUP),
             memory_bytes: Some(*memory),
+            uuids: None,
         })
         .collect()
 }
@@ -86,6 +87,7 @@ pub fn gpu_metrics(i: usize) -> Vec<GpuMetrics> {
                 memory_used_bytes: Some(memory / 100 * (20 + load as u64 * 3 / 4)),
                 memory_total_bytes: Some(*memory),
                 temperature_c: Some(35.0 + load / 2.5),
+                ..GpuMetrics::default()
             });
         }
     }

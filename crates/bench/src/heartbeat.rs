@@ -148,7 +148,7 @@ async fn drive(spec: &RouterSpec, router: &Router, args: &HeartbeatArgs) -> anyh
 }
 
 /// Opens `count` keep-alive connections, a bounded number at a time so the listen backlog never overflows.
-async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<Client>> {
+pub(crate) async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<Client>> {
     let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut pending = JoinSet::new();
     for k in 0..count {
@@ -169,22 +169,22 @@ async fn connect_all(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<Clien
 
 /// When requests count: started at or after `measure_from` and before `until`.
 #[derive(Debug, Clone, Copy)]
-struct Window {
-    start: Instant,
-    measure_from: Instant,
-    until: Instant,
+pub(crate) struct Window {
+    pub(crate) start: Instant,
+    pub(crate) measure_from: Instant,
+    pub(crate) until: Instant,
 }
 
 /// What one connection saw in the measured window.
-struct WorkerResult {
-    latencies: Vec<u64>,
-    ok: u64,
-    errors: ErrorCounts,
+pub(crate) struct WorkerResult {
+    pub(crate) latencies: Vec<u64>,
+    pub(crate) ok: u64,
+    pub(crate) errors: ErrorCounts,
 }
 
 /// Sends the heartbeats of `share` in turn on one connection until the window ends. `pace`: (period, offset of the
 /// first tick); `None`: back-to-back.
-async fn worker(
+pub(crate) async fn worker(
     mut client: Client,
     requests: Arc<Vec<Vec<u8>>>,
     share: Vec<usize>,

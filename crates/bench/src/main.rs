@@ -17,6 +17,7 @@ mod sse;
 mod standin;
 mod startup;
 mod stats;
+mod storm;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let open_files = procfs::raise_open_file_limit()?;
     let connections = match &cli.mode {
         Mode::Heartbeat(args) => Some(if args.connection_per_node { args.nodes } else { args.connections }),
+        Mode::Storm(args) => Some(args.connections),
         Mode::Connections(args) => Some(args.half_open),
         // Each worker holds a connection to the router and one to every stand-in.
         Mode::Proxy(args) => Some(args.connections * (args.nodes + 1) * 2),
@@ -71,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         match &cli.mode {
             Mode::Heartbeat(args) => output(cli.json, &heartbeat::run(&spec, args).await?, heartbeat::print),
+            Mode::Storm(args) => output(cli.json, &storm::run(&spec, args).await?, storm::print),
             Mode::Startup(args) => output(cli.json, &startup::run(&spec, args).await?, startup::print),
             Mode::Register(args) => output(cli.json, &register::run(&spec, args).await?, register::print),
             Mode::Probe(args) => output(cli.json, &probe::run(&spec, args).await?, probe::print),

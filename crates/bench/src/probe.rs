@@ -170,7 +170,7 @@ fn register_body(name: &str, port: u16) -> anyhow::Result<Vec<u8>> {
         ip_address: Some(Ipv4Addr::LOCALHOST.to_string()),
         runtime_port: i64::from(port),
         runtime_version: "stand-in".to_owned(),
-        gpu_devices: Some(vec![GpuDevice { model: "NVIDIA L4".to_owned(), count: 1, memory_bytes: None }]),
+        gpu_devices: Some(vec![GpuDevice { model: "NVIDIA L4".to_owned(), count: 1, memory_bytes: None, uuids: None }]),
         supported_runtimes: None,
         loaded_models: None,
         ready_models: None,

@@ -73,6 +73,7 @@ fn new_node(i: usize, now: i64, with_metrics: bool) -> NewNode {
         join_token: None,
         cordoned: false,
         max_concurrency: None,
+        conditions: Default::default(),
         last_seen_at: Some(last_seen_at),
     };
     let registered = NodeEvent::new(node.id, registered_at, None, NodeStatus::Pending.as_str(), "registered");

@@ -546,6 +546,7 @@ mod tests {
                 memory_used_bytes: None,
                 utilization: None,
                 temperature_c: None,
+                ..GpuSample::default()
             })
             .collect()
     }

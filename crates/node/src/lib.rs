@@ -41,7 +41,8 @@ impl Error {
 
 /// Run the agent until `shutdown` completes (then `Ok`) or a fatal error.
 ///
-/// With `--check`, print what would be announced to the router and return instead of running.
+/// With `--check`, print what would be announced to the router (the registration, and the GPU figures of a
+/// heartbeat) and return instead of running.
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let check = cli.check;
     let host_name = sysinfo::System::host_name().ok().filter(|h| !h.trim().is_empty());
@@ -77,7 +78,8 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
         });
         let detected = runtime.detect().await;
         let request = agent::build_registration(&config, &first_sample, models, detected);
-        let json = serde_json::to_string_pretty(&request).unwrap_or_else(|e| format!("cannot encode: {e}"));
+        let announced = serde_json::json!({"registration": request, "heartbeat_gpus": gpu::to_metrics(&first_sample)});
+        let json = serde_json::to_string_pretty(&announced).unwrap_or_else(|e| format!("cannot encode: {e}"));
         println!("{json}");
         return Ok(());
     }

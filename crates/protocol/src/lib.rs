@@ -33,14 +33,17 @@ pub enum NodeStatus {
     Registering,
     /// Approved and serving at least one ready model.
     Online,
+    /// Approved and heartbeating, but a GPU is missing, faulty or too hot (SPEC §10): no inference traffic until the
+    /// conditions clear.
+    Degraded,
     /// Approved, but silent for longer than the router's `offline_after`.
     Offline,
 }
 
 impl NodeStatus {
     /// Every status, in the order the dashboard lists them.
-    pub const ALL: [NodeStatus; 4] =
-        [NodeStatus::Pending, NodeStatus::Registering, NodeStatus::Online, NodeStatus::Offline];
+    pub const ALL: [NodeStatus; 5] =
+        [NodeStatus::Pending, NodeStatus::Registering, NodeStatus::Online, NodeStatus::Degraded, NodeStatus::Offline];
 
     /// The snake_case name used on the wire and in the database.
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl NodeStatus {
             NodeStatus::Pending => "pending",
             NodeStatus::Registering => "registering",
             NodeStatus::Online => "online",
+            NodeStatus::Degraded => "degraded",
             NodeStatus::Offline => "offline",
         }
     }
@@ -64,13 +68,13 @@ impl fmt::Display for NodeStatus {
     }
 }
 
-/// The name given is not one of the four statuses.
+/// The name given is not one of the statuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownStatus(pub String);
 
 impl fmt::Display for UnknownStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown node status `{}` (expected pending, registering, online or offline)", self.0)
+        write!(f, "unknown node status `{}` (expected pending, registering, online, degraded or offline)", self.0)
     }
 }
 
@@ -85,7 +89,7 @@ impl FromStr for NodeStatus {
 }
 
 /// One group of identical GPUs in a machine, as announced at registration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuDevice {
     /// Marketing name as the driver reports it, e.g. `NVIDIA H100 80GB HBM3`.
@@ -95,6 +99,9 @@ pub struct GpuDevice {
     /// Memory of one GPU of this group, in bytes, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// The driver's UUIDs of the GPUs of this group (e.g. `GPU-5d2c…`), as many as `count`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuids: Option<Vec<String>>,
 }
 
 /// Body of `POST /v0/nodes` (SPEC §2.1).
@@ -133,7 +140,9 @@ pub struct RegisterResponse {
 }
 
 /// Live figures of one GPU, sent with every heartbeat.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// A figure the driver cannot give is left out, never sent as zero.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuMetrics {
     pub index: u32,
@@ -148,6 +157,23 @@ pub struct GpuMetrics {
     pub memory_total_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_c: Option<f64>,
+    /// The driver's UUID of this GPU, e.g. `GPU-5d2c…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Uncorrectable ECC errors since the driver last loaded (the volatile count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_uncorrected: Option<u64>,
+    /// The most recent critical XID error seen since the agent started; absent when none was seen or the agent
+    /// cannot watch for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u32>,
+    /// Power draw in watts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_watts: Option<f64>,
+    /// The clock throttle reasons active now, as short snake_case names (`hw_slowdown`, `sw_thermal_slowdown`,
+    /// `hw_power_brake`, `sw_power_cap`…); empty when the clocks run free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_reasons: Option<Vec<String>>,
 }
 
 /// Body of `POST /v0/health` (SPEC §2.2).
@@ -237,7 +263,10 @@ mod tests {
             r#"{"machine_name":"a","runtime_port":8000,"runtime_version":"1","gpu_devices":[{"model":"X","count":1}]}"#;
         let req: RegisterRequest = serde_json::from_str(body).expect("parse");
         assert_eq!(req.ip_address, None);
-        assert_eq!(req.gpu_devices, Some(vec![GpuDevice { model: "X".into(), count: 1, memory_bytes: None }]));
+        assert_eq!(
+            req.gpu_devices,
+            Some(vec![GpuDevice { model: "X".into(), count: 1, memory_bytes: None, uuids: None }])
+        );
     }
 
     #[test]

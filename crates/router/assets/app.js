@@ -10,8 +10,8 @@
 const REFRESH_MS = 2000;
 const REQUESTED_WITH = 'llm-router-dashboard';
 /** Pending first (they wait for a person), then the nodes that need a look, then the healthy ones. */
-const STATUS_ORDER = { pending: 0, offline: 1, registering: 2, online: 3 };
-const STATUSES = ['pending', 'online', 'registering', 'offline'];
+const STATUS_ORDER = { pending: 0, degraded: 1, offline: 2, registering: 3, online: 4 };
+const STATUSES = ['pending', 'online', 'registering', 'degraded', 'offline'];
 const NODE_HASH = /^#\/nodes\/([0-9a-fA-F-]{36})$/;
 
 const $ = (id) => document.getElementById(id);
@@ -235,6 +235,8 @@ const state = {
   timer: null,
   lastOk: 0,
   unreachable: false,
+  /** The mass silence that lasts (GET /v0/fleet/events), or null. */
+  silence: null,
 };
 
 const isAdmin = () => state.user?.role === 'admin';
@@ -297,6 +299,7 @@ function resetFleet() {
   state.eventsFor = null;
   state.lastOk = 0;
   state.unreachable = false;
+  showSilence(null);
   $('node-rows').replaceChildren();
   $('detail').hidden = true;
   $('pending-callout').hidden = true;
@@ -399,7 +402,14 @@ async function load() {
   const session = state.session;
   const mutations = state.mutations;
   try {
-    const nodes = await api('GET', '/v0/nodes');
+    const [nodes, fleetEvents] = await Promise.all([
+      api('GET', '/v0/nodes'),
+      // A router without fleet events (or a failure here) must not keep the fleet from showing.
+      api('GET', '/v0/fleet/events?limit=1').catch((err) => {
+        if (err instanceof ApiError && err.status !== 401) return [];
+        throw err;
+      }),
+    ]);
     const detailId = state.detailId;
     const events = detailId && nodes.some((n) => n.id === detailId)
       ? await api('GET', `/v0/nodes/${encodeURIComponent(detailId)}/events`).catch((err) => {
@@ -412,6 +422,7 @@ async function load() {
     setUnreachable(false);
     state.nodes = new Map(nodes.map((n) => [n.id, n]));
     state.loaded = true;
+    showSilence(fleetEvents[0]);
     if (events && detailId === state.detailId) {
       state.events = events;
       state.eventsFor = detailId;
@@ -440,6 +451,34 @@ function setUnreachable(on) {
   }
   tick();
 }
+
+/** The banner of a mass silence (SPEC §10) while the latest fleet event is one that lasts. */
+function showSilence(event) {
+  const lasting = event && event.kind === 'mass_silence' && !event.resolved_at ? event : null;
+  state.silence = lasting;
+  $('fleet-banner').hidden = !lasting;
+  if (lasting) {
+    const at = new Date(lasting.at).toLocaleTimeString();
+    setText($('fleet-banner-text'), `Mass silence: ${lasting.nodes_affected} of ${lasting.nodes_live} nodes went `
+      + `offline at once at ${at}. A network or router problem is likelier than ${lasting.nodes_affected} broken machines.`);
+  }
+}
+
+$('fleet-banner-dismiss').addEventListener('click', async () => {
+  const silence = state.silence;
+  if (!silence) return;
+  try {
+    await api('POST', `/v0/fleet/events/${encodeURIComponent(silence.id)}/dismiss`);
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) {
+      toast(`Dismissing failed: ${err.message}`, 'error');
+      return;
+    }
+  }
+  state.mutations += 1;
+  showSilence(null);
+  refresh();
+});
 
 function setBanner(text) {
   const banner = $('banner');
@@ -533,7 +572,7 @@ function render() {
 }
 
 function renderSummary(all) {
-  const counts = { all: all.length, pending: 0, registering: 0, online: 0, offline: 0 };
+  const counts = { all: all.length, pending: 0, registering: 0, online: 0, degraded: 0, offline: 0 };
   for (const node of all) counts[node.status] = (counts[node.status] ?? 0) + 1;
 
   const pending = counts.pending;
@@ -560,7 +599,8 @@ function renderSummary(all) {
   const gpus = all.reduce((sum, n) => sum + gpuCount(n), 0);
   const serving = all.filter((n) => n.status === 'online').reduce((sum, n) => sum + gpuCount(n), 0);
   setText($('fleet-summary'), state.loaded
-    ? `${plural(all.length, 'node', 'nodes')} · ${serving} of ${plural(gpus, 'GPU', 'GPUs')} online`
+    ? `${plural(all.length, 'node', 'nodes')} · ${serving} of ${plural(gpus, 'GPU', 'GPUs')} online` +
+      (counts.degraded ? ` · ${counts.degraded} degraded` : '')
     : '');
 }
 
@@ -658,7 +698,7 @@ function updateRow(view, node) {
   toggleClass(view.tr, 'is-selected', state.detailId === node.id);
   setBadge(view.status, node.status);
   const ejected = ejectedUntil(node);
-  rebuild(view.flags, JSON.stringify([node.schedulable, ejected]), () => routingFlags(node, ejected));
+  rebuild(view.flags, JSON.stringify([node.schedulable, ejected, node.conditions]), () => routingFlags(node, ejected));
 
   setText(view.name, nodeName(node));
   setTitle(view.name, `Show details of ${nodeName(node)}`);
@@ -708,6 +748,13 @@ function updateRow(view, node) {
   if (isAdmin()) updateActions(view.actions, node, 'row');
 }
 
+/** What each GPU condition means (SPEC §10); the node's history names the GPUs. */
+const CONDITION_TITLES = {
+  gpu_missing: 'A GPU the node registered is missing from its heartbeats (fallen off the bus, or removed)',
+  gpu_fault: 'A GPU reports uncorrectable ECC errors or a critical XID error',
+  gpu_overheat: 'A GPU is at or above the temperature limit',
+};
+
 /** The end of a running ejection from routing, or null. */
 function ejectedUntil(node) {
   const until = node.routing?.ejected_until;
@@ -718,6 +765,10 @@ function ejectedUntil(node) {
  * after failures. */
 function routingFlags(node, ejected) {
   return [
+    ...(node.conditions ?? []).map((condition) => el('span', {
+      className: 'badge badge-condition',
+      title: CONDITION_TITLES[condition] ?? condition,
+    }, condition.replace('_', ' '))),
     node.schedulable ? null : el('span', {
       className: 'badge badge-cordoned',
       title: 'Cordoned: gets no new inference request; requests in flight finish',
@@ -973,6 +1024,7 @@ function renderOverview(node) {
 /** Whether inference traffic goes to the node, and if not, why. */
 function routingText(node) {
   const ejected = ejectedUntil(node);
+  if (node.status === 'degraded') return `Degraded (${(node.conditions ?? []).join(', ')}): no requests`;
   if (!node.schedulable) return 'Cordoned: no new requests';
   if (ejected) return `Ejected after failures until ${formatTime(ejected)}`;
   if (node.status !== 'online') return `Not routed while ${node.status}`;

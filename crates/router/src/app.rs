@@ -66,7 +66,9 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let hasher = Hasher::new(settings.hash_workers, settings.hash_queue, settings.hash_wait, metrics.clone())?;
         create_first_admin(&store, &settings, clock.as_ref(), &hasher).await?;
-        let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone()).await?;
+        let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone())
+            .await?
+            .with_gpu_max_temp_c(settings.gpu_max_temp_c);
         let prober = Prober::new(settings.reachability_timeout)?;
         if !settings.reachability_check {
             tracing::warn!(

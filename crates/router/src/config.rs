@@ -116,6 +116,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub queue_timeout_ms: u64,
 
+    /// A GPU at or above this temperature (°C) makes its node `degraded` (`gpu_overheat`).
+    #[arg(long, env = "LLM_ROUTER_GPU_MAX_TEMP_C", default_value_t = 90,
+          value_parser = clap::value_parser!(u16).range(30..=150))]
+    pub gpu_max_temp_c: u16,
+
     /// Most pending nodes in all; 0 = no cap.
     #[arg(long, env = "LLM_ROUTER_MAX_PENDING", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
@@ -224,6 +229,8 @@ pub struct Settings {
     pub max_queued: usize,
     /// Longest wait of a queued inference request.
     pub queue_timeout: Duration,
+    /// A GPU at or above this temperature (°C) is `gpu_overheat`.
+    pub gpu_max_temp_c: f64,
     /// Pending nodes silent this long are removed.
     pub pending_ttl: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -269,6 +276,7 @@ impl Settings {
             upstream_header_timeout: Duration::from_secs(300),
             max_retries: 2,
             max_queued: 1024,
+            gpu_max_temp_c: crate::model::health::DEFAULT_GPU_MAX_TEMP_C,
             queue_timeout: Duration::from_secs(30),
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
@@ -340,6 +348,7 @@ impl ServeArgs {
             upstream_header_timeout: Duration::from_secs(self.upstream_header_timeout_secs),
             max_retries: self.max_retries,
             max_queued: usize::try_from(self.max_queued).unwrap_or(usize::MAX),
+            gpu_max_temp_c: f64::from(self.gpu_max_temp_c),
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             pending_ttl: Duration::from_secs(self.pending_ttl_hours * 3600),
             trusted_proxies: self.trusted_proxies,

@@ -128,10 +128,15 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         (Some(devices), _) if !devices.is_empty() => devices
             .into_iter()
             .filter(|gpu| !gpu.model.trim().is_empty() && gpu.count >= 1)
-            .map(|gpu| GpuDevice { model: gpu.model, count: gpu.count, memory_bytes: gpu.memory })
+            .map(|gpu| GpuDevice { model: gpu.model, count: gpu.count, memory_bytes: gpu.memory, uuids: None })
             .collect(),
         (_, Some(model)) if !model.trim().is_empty() => {
-            vec![GpuDevice { model, count: entry.gpu_count.filter(|c| *c >= 1).unwrap_or(1), memory_bytes: None }]
+            vec![GpuDevice {
+                model,
+                count: entry.gpu_count.filter(|c| *c >= 1).unwrap_or(1),
+                memory_bytes: None,
+                uuids: None,
+            }]
         }
         _ => Vec::new(),
     };
@@ -161,6 +166,7 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         join_token: None,
         cordoned: false,
         max_concurrency: None,
+        conditions: Default::default(),
         last_seen_at: entry.last_seen.as_deref().and_then(parse_time),
     })
 }
@@ -189,7 +195,10 @@ mod tests {
         }))
         .expect("entry");
         let node = convert(entry, 0).expect("node");
-        assert_eq!(node.gpu_devices, vec![GpuDevice { model: "Apple M2 Ultra".into(), count: 1, memory_bytes: None }]);
+        assert_eq!(
+            node.gpu_devices,
+            vec![GpuDevice { model: "Apple M2 Ultra".into(), count: 1, memory_bytes: None, uuids: None }]
+        );
         assert_eq!(node.runtime_version, "unknown");
     }
 }

@@ -128,7 +128,7 @@ pub struct Metrics {
     pub approvals: Counter,
     pub deletions: Counter,
     /// Status changes, by the status reached, in the order of [`NodeStatus::ALL`].
-    transitions: [Counter; 4],
+    transitions: [Counter; NodeStatus::ALL.len()],
     pub flush_batch_size: Histogram,
     pub flush_lag_seconds: Histogram,
     pub flush_errors: Counter,
@@ -145,6 +145,10 @@ pub struct Metrics {
     pub pending_expired: Counter,
     /// Audit events dropped because the audit log's queue was full (a flood of failed sign-ins).
     pub audit_dropped: Counter,
+    /// Mass silences recorded (SPEC §10: more than half of the live nodes went offline within `offline_after / 2`).
+    pub mass_silences: Counter,
+    /// 1 while the latest mass silence is unresolved (its nodes have not come back and no one dismissed it), else 0.
+    pub mass_silence: Level,
     /// Client connections open now (kept by the accept loop).
     pub connections_open: Level,
     /// The cap on open client connections (set once at start).
@@ -221,6 +225,17 @@ impl Default for Metrics {
             &mut registry,
             "llm_router_audit_dropped",
             "Audit events dropped because the audit log's write queue was full",
+        );
+        let mass_silences = counter(
+            &mut registry,
+            "llm_router_mass_silences",
+            "Mass silences: more than half of the live nodes (at least 10) went offline within half of offline_after",
+        );
+        let mass_silence = Level::default();
+        registry.register(
+            "llm_router_mass_silence",
+            "1 while the latest mass silence is unresolved (its nodes not back, not dismissed), else 0",
+            mass_silence.clone(),
         );
         let connections_evicted = counter(
             &mut registry,
@@ -299,6 +314,8 @@ impl Default for Metrics {
             registrations_too_many_pending,
             pending_expired,
             audit_dropped,
+            mass_silences,
+            mass_silence,
             connections_open,
             connections_max,
             connections_evicted,
@@ -491,6 +508,8 @@ mod tests {
             ("llm_router_registrations_too_many_pending", "counter"),
             ("llm_router_pending_expired", "counter"),
             ("llm_router_audit_dropped", "counter"),
+            ("llm_router_mass_silences", "counter"),
+            ("llm_router_mass_silence", "gauge"),
             ("llm_router_http_connections_evicted", "counter"),
             ("llm_router_http_connections_refused", "counter"),
             ("llm_router_http_connections_open", "gauge"),

@@ -5,6 +5,10 @@
 //! returns a [`GpuProbe`] that is sampled again for every heartbeat. Both produce the same [`GpuSample`] per GPU,
 //! which is turned into the registration's GPU groups ([`group_devices`]) and the heartbeat's figures
 //! ([`to_metrics`]).
+//!
+//! Besides load and memory, each sample carries the GPU's health where the source can tell (SPEC §10): its uuid,
+//! the volatile count of uncorrectable ECC errors, the power draw, the active clock throttle reasons and, from NVML
+//! only, the most recent critical XID error seen since the agent started ([`CRITICAL_XIDS`]).
 
 pub mod nvidia_smi;
 pub mod nvml;
@@ -27,7 +31,7 @@ pub enum Detection {
 }
 
 /// The figures of one GPU at one moment. Every figure a driver may not report is optional.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuSample {
     pub index: u32,
     pub model: String,
@@ -36,6 +40,52 @@ pub struct GpuSample {
     /// Percent, 0..=100.
     pub utilization: Option<f64>,
     pub temperature_c: Option<f64>,
+    /// The driver's UUID, e.g. `GPU-5d2c…`.
+    pub uuid: Option<String>,
+    /// Uncorrectable ECC errors since the driver loaded (volatile count); absent when ECC is off or unsupported.
+    pub ecc_uncorrected: Option<u64>,
+    /// The most recent critical XID error seen since the agent started (NVML only).
+    pub xid: Option<u32>,
+    pub power_watts: Option<f64>,
+    /// Names of the active clock throttle reasons ([`throttle_reason_names`]).
+    pub throttle_reasons: Option<Vec<String>>,
+}
+
+/// XID errors that mean the GPU itself is in trouble, as opposed to XIDs an application's own fault causes (13, 31,
+/// 43…): 48 double-bit ECC error, 61/62 internal micro-controller breakpoint/halt, 63/64 ECC page retirement or row
+/// remapping event/failure, 74 NVLink error, 79 fallen off the bus, 92 high single-bit ECC error rate, 94/95
+/// contained/uncontained ECC error, 119/120 GSP timeout/error, 140 unrecovered ECC error, 154 the driver asks for a
+/// GPU reset or a reboot.
+pub const CRITICAL_XIDS: [u32; 14] = [48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 119, 120, 140, 154];
+
+/// Whether `xid` is one of [`CRITICAL_XIDS`].
+pub fn is_critical_xid(xid: u32) -> bool {
+    CRITICAL_XIDS.contains(&xid)
+}
+
+/// The clock throttle reasons of the driver's bitmask (NVML's `nvmlClocksThrottleReason*`, which `nvidia-smi`
+/// prints as `clocks_throttle_reasons.active`), with the names the heartbeat uses.
+const THROTTLE_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake"),
+    (0x100, "display_clock_setting"),
+];
+
+/// The names of the reasons set in `mask`, in bit order; bits this agent does not know read as one `other`.
+pub fn throttle_reason_names(mask: u64) -> Vec<String> {
+    let mut names: Vec<String> =
+        THROTTLE_REASONS.iter().filter(|(bit, _)| mask & bit != 0).map(|(_, name)| (*name).to_owned()).collect();
+    let known = THROTTLE_REASONS.iter().fold(0, |all, (bit, _)| all | bit);
+    if mask & !known != 0 {
+        names.push("other".to_owned());
+    }
+    names
 }
 
 /// Why one detection path found no GPU.
@@ -126,7 +176,10 @@ pub async fn detect(mode: Detection) -> Result<(GpuProbe, Vec<GpuSample>), NoGpu
         .unwrap_or_else(|e| Err(SourceError::Invalid(format!("NVML start-up did not finish: {e}"))));
         match found {
             Ok((_, sample)) if sample.is_empty() => attempts.push((nvml::NAME, SourceError::NoDevices)),
-            Ok((source, sample)) => return Ok((GpuProbe::Nvml(Arc::new(source)), sample)),
+            Ok((source, sample)) => {
+                source.watch_xids();
+                return Ok((GpuProbe::Nvml(Arc::new(source)), sample));
+            }
             Err(e) => attempts.push((nvml::NAME, e)),
         }
     }
@@ -141,16 +194,23 @@ pub async fn detect(mode: Detection) -> Result<(GpuProbe, Vec<GpuSample>), NoGpu
     Err(NoGpuFound { attempts })
 }
 
-/// Group identical GPUs (same model and memory) for the registration, in the order they were first seen.
+/// Group identical GPUs (same model and memory) for the registration, in the order they were first seen. A group
+/// carries its GPUs' uuids when every one of them has one.
 pub fn group_devices(samples: &[GpuSample]) -> Vec<GpuDevice> {
-    let mut groups: Vec<GpuDevice> = Vec::new();
+    let mut groups: Vec<(GpuDevice, Vec<Option<String>>)> = Vec::new();
     for gpu in samples {
-        match groups.iter_mut().find(|g| g.model == gpu.model && g.memory_bytes == gpu.memory_total_bytes) {
-            Some(group) => group.count += 1,
-            None => groups.push(GpuDevice { model: gpu.model.clone(), count: 1, memory_bytes: gpu.memory_total_bytes }),
+        match groups.iter_mut().find(|(g, _)| g.model == gpu.model && g.memory_bytes == gpu.memory_total_bytes) {
+            Some((group, uuids)) => {
+                group.count += 1;
+                uuids.push(gpu.uuid.clone());
+            }
+            None => groups.push((
+                GpuDevice { model: gpu.model.clone(), count: 1, memory_bytes: gpu.memory_total_bytes, uuids: None },
+                vec![gpu.uuid.clone()],
+            )),
         }
     }
-    groups
+    groups.into_iter().map(|(group, uuids)| GpuDevice { uuids: uuids.into_iter().collect(), ..group }).collect()
 }
 
 /// The heartbeat's per-GPU figures.
@@ -164,6 +224,11 @@ pub fn to_metrics(samples: &[GpuSample]) -> Vec<GpuMetrics> {
             memory_used_bytes: gpu.memory_used_bytes,
             memory_total_bytes: gpu.memory_total_bytes,
             temperature_c: gpu.temperature_c,
+            uuid: gpu.uuid.clone(),
+            ecc_uncorrected: gpu.ecc_uncorrected,
+            xid: gpu.xid,
+            power_watts: gpu.power_watts,
+            throttle_reasons: gpu.throttle_reasons.clone(),
         })
         .collect()
 }
@@ -180,6 +245,7 @@ mod tests {
             memory_used_bytes: Some(1),
             utilization: Some(50.0),
             temperature_c: Some(40.0),
+            ..GpuSample::default()
         }
     }
 
@@ -195,18 +261,36 @@ mod tests {
         assert_eq!(
             groups,
             vec![
-                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 2, memory_bytes: Some(80) },
-                GpuDevice { model: "NVIDIA H100 80GB HBM3".into(), count: 1, memory_bytes: Some(81) },
-                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 1, memory_bytes: Some(40) },
+                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 2, memory_bytes: Some(80), uuids: None },
+                GpuDevice { model: "NVIDIA H100 80GB HBM3".into(), count: 1, memory_bytes: Some(81), uuids: None },
+                GpuDevice { model: "NVIDIA A100-SXM4-80GB".into(), count: 1, memory_bytes: Some(40), uuids: None },
             ]
         );
     }
 
     #[test]
+    fn a_group_carries_uuids_only_when_every_gpu_has_one() {
+        let with = |index, uuid: &str| GpuSample { uuid: Some(uuid.into()), ..gpu(index, "A", Some(80)) };
+        let groups = group_devices(&[with(0, "GPU-a"), with(1, "GPU-b"), gpu(2, "B", None), with(3, "GPU-c")]);
+        assert_eq!(groups[0].uuids, Some(vec!["GPU-a".into(), "GPU-b".into(), "GPU-c".into()]));
+        assert_eq!(groups[0].count, 3);
+        assert_eq!(groups[1].uuids, None);
+        let groups = group_devices(&[with(0, "GPU-a"), gpu(1, "A", Some(80))]);
+        assert_eq!(groups[0].uuids, None, "one GPU without a uuid leaves the group's out");
+    }
+
+    #[test]
     fn metrics_carry_every_figure() {
-        let metrics = to_metrics(&[gpu(3, "X", Some(80))]);
+        let sample = GpuSample {
+            uuid: Some("GPU-1".into()),
+            ecc_uncorrected: Some(0),
+            xid: Some(79),
+            power_watts: Some(301.5),
+            throttle_reasons: Some(vec!["sw_power_cap".into()]),
+            ..gpu(3, "X", Some(80))
+        };
         assert_eq!(
-            metrics,
+            to_metrics(&[sample]),
             vec![GpuMetrics {
                 index: 3,
                 model: Some("X".into()),
@@ -214,8 +298,34 @@ mod tests {
                 memory_used_bytes: Some(1),
                 memory_total_bytes: Some(80),
                 temperature_c: Some(40.0),
+                uuid: Some("GPU-1".into()),
+                ecc_uncorrected: Some(0),
+                xid: Some(79),
+                power_watts: Some(301.5),
+                throttle_reasons: Some(vec!["sw_power_cap".into()]),
             }]
         );
+    }
+
+    #[test]
+    fn throttle_reasons_are_named_by_bit() {
+        assert_eq!(throttle_reason_names(0), Vec::<String>::new());
+        assert_eq!(throttle_reason_names(0x4 | 0x8), vec!["sw_power_cap", "hw_slowdown"]);
+        assert_eq!(
+            throttle_reason_names(0x20 | 0x40 | 0x80),
+            vec!["sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake"]
+        );
+        assert_eq!(throttle_reason_names(0x1 | 0x1000), vec!["gpu_idle", "other"]);
+    }
+
+    #[test]
+    fn critical_xids_are_the_hardware_ones() {
+        for xid in [48, 62, 63, 64, 74, 79, 92, 94, 95] {
+            assert!(is_critical_xid(xid), "{xid}");
+        }
+        for xid in [13, 31, 43, 0] {
+            assert!(!is_critical_xid(xid), "{xid}");
+        }
     }
 
     #[test]

@@ -21,12 +21,19 @@ use serde_json::{Value, json};
 /// Password of the administrator every test router starts with.
 pub const ADMIN_PASSWORD: &str = "secret-pass-123";
 
-/// Output of the stand-in `nvidia-smi`: two H100 and one A100, with figures the tests look for.
+/// Output of the stand-in `nvidia-smi`: two H100 and one A100, with figures the tests look for. Columns: index,
+/// name, memory total and used (MiB), utilization, temperature, uuid, uncorrectable ECC count, power (W), throttle
+/// reasons (bitmask). The A100 has neither ECC count nor power figure nor throttle reasons.
 pub const THREE_GPUS_CSV: &str = "\
-0, NVIDIA H100 80GB HBM3, 81559, 1024, 35, 41
-1, NVIDIA H100 80GB HBM3, 81559, 2048, 70, 52
-2, NVIDIA A100-SXM4-40GB, 40960, [N/A], [Not Supported], 38
+0, NVIDIA H100 80GB HBM3, 81559, 1024, 35, 41, GPU-e2e00000-0000-0000-0000-000000000000, 0, 312.45, 0x0000000000000004
+1, NVIDIA H100 80GB HBM3, 81559, 2048, 70, 52, GPU-e2e00000-0000-0000-0000-000000000001, 0, 698.1, 0x0000000000000028
+2, NVIDIA A100-SXM4-40GB, 40960, [N/A], [Not Supported], 38, GPU-e2e00000-0000-0000-0000-000000000002, [N/A], \
+[Not Supported], [N/A]
 ";
+
+/// The query the agent asks `nvidia-smi`, as the stand-in expects it.
+const NVIDIA_SMI_QUERY: &str = "--query-gpu=index,name,memory.total,memory.used,utilization.gpu,temperature.gpu,uuid,\
+                                ecc.errors.uncorrected.volatile.total,power.draw,clocks_throttle_reasons.active";
 
 /// Version the stand-in runtime reports at `GET /version`, as vLLM does.
 pub const RUNTIME_VERSION: &str = "0.6.3-e2e";
@@ -102,7 +109,7 @@ impl Scratch {
     /// Stand-in `nvidia-smi` printing `csv` when asked the agent's query (and failing otherwise).
     pub fn fake_nvidia_smi_printing(&self, csv: &str) {
         self.fake_nvidia_smi(&format!(
-            "case \"$1\" in --query-gpu=index,name,memory.total,memory.used,utilization.gpu,temperature.gpu) ;; \
+            "case \"$1\" in {NVIDIA_SMI_QUERY}) ;; \
              *) echo \"unexpected arguments: $*\" >&2; exit 2 ;; esac\ncat <<'CSV'\n{csv}CSV"
         ));
     }

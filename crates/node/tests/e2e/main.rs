@@ -160,8 +160,10 @@ async fn node_lifecycle_from_registration_to_restart() {
     assert_eq!(
         registered["gpu_devices"],
         json!([
-            {"model": "NVIDIA H100 80GB HBM3", "count": 2, "memory_bytes": 81559 * MIB},
-            {"model": "NVIDIA A100-SXM4-40GB", "count": 1, "memory_bytes": 40960 * MIB},
+            {"model": "NVIDIA H100 80GB HBM3", "count": 2, "memory_bytes": 81559 * MIB,
+             "uuids": ["GPU-e2e00000-0000-0000-0000-000000000000", "GPU-e2e00000-0000-0000-0000-000000000001"]},
+            {"model": "NVIDIA A100-SXM4-40GB", "count": 1, "memory_bytes": 40960 * MIB,
+             "uuids": ["GPU-e2e00000-0000-0000-0000-000000000002"]},
         ])
     );
 
@@ -189,6 +191,17 @@ async fn node_lifecycle_from_registration_to_restart() {
     assert_eq!(gpus[1]["utilization"].as_f64(), Some(70.0));
     assert!(gpus[2]["utilization"].is_null(), "[Not Supported] is absent, not zero: {}", gpus[2]);
     assert!(gpus[2]["memory_used_bytes"].is_null(), "[N/A] is absent, not zero: {}", gpus[2]);
+    // GPU health, as far as nvidia-smi can tell (no XID from it).
+    assert_eq!(gpus[0]["uuid"], "GPU-e2e00000-0000-0000-0000-000000000000");
+    assert_eq!(gpus[0]["ecc_uncorrected"], 0);
+    assert_eq!(gpus[0]["power_watts"].as_f64(), Some(312.45));
+    assert_eq!(gpus[0]["throttle_reasons"], json!(["sw_power_cap"]));
+    assert_eq!(gpus[1]["throttle_reasons"], json!(["hw_slowdown", "sw_thermal_slowdown"]));
+    assert_eq!(gpus[2]["uuid"], "GPU-e2e00000-0000-0000-0000-000000000002");
+    for field in ["ecc_uncorrected", "power_watts", "throttle_reasons", "xid"] {
+        assert!(gpus[2].get(field).is_none(), "[N/A] and [Not Supported] are left out: {}", gpus[2]);
+    }
+    assert!(gpus.iter().all(|g| g.get("xid").is_none()), "nvidia-smi cannot tell XID errors");
     assert_eq!(pending["ready_models"], json!(["llama-3-8b"]));
 
     // Approval: the runtime has a model, so the node goes online.
@@ -441,4 +454,30 @@ async fn an_agent_heartbeats_over_https_through_a_certificate_rotation() {
     let answer = fresh.get(format!("{}/healthz", router.url())).send().await.expect("healthz over https");
     let info = answer.extensions().get::<reqwest::tls::TlsInfo>().expect("TLS info");
     assert_eq!(info.peer_certificate().map(<[u8]>::to_vec), Some(second));
+}
+
+/// `--check` prints the registration and a heartbeat's GPU figures, health included, and talks to no router.
+#[test]
+fn check_prints_the_gpu_health_it_would_report() {
+    let scratch = Scratch::new();
+    scratch.fake_nvidia_smi_printing(THREE_GPUS_CSV);
+    let settings = NodeSettings {
+        router_url: format!("http://127.0.0.1:{}", free_port()),
+        runtime_url: format!("http://127.0.0.1:{}", free_port()),
+        state_dir: scratch.path("state"),
+        name: "check".into(),
+        path_env: scratch.path_env(),
+        log: scratch.path("node.log"),
+        join_token: None,
+        ca_cert: None,
+    };
+    let output = node_command(&settings).arg("--check").stdout(std::process::Stdio::piped()).output().expect("run");
+    assert!(output.status.success(), "{output:?}");
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    let groups = &printed["registration"]["gpu_devices"];
+    assert_eq!(groups[0]["uuids"].as_array().map(Vec::len), Some(2), "{printed}");
+    let gpus = &printed["heartbeat_gpus"];
+    assert_eq!(gpus[1]["power_watts"].as_f64(), Some(698.1), "{printed}");
+    assert_eq!(gpus[1]["throttle_reasons"], json!(["hw_slowdown", "sw_thermal_slowdown"]));
+    assert!(gpus[2].get("ecc_uncorrected").is_none(), "{printed}");
 }

@@ -4,6 +4,7 @@ use llm_router_protocol::{GpuDevice, NodeStatus};
 use uuid::Uuid;
 
 use super::figures::PackedMetrics;
+use super::health::Conditions;
 use crate::clock::Millis;
 
 /// Everything the router keeps about one node, token excepted.
@@ -34,6 +35,8 @@ pub struct Node {
     pub cordoned: bool,
     /// Most inference requests in flight at once through this router, when an administrator set a limit.
     pub max_concurrency: Option<u32>,
+    /// What its latest heartbeat revealed about its GPUs (SPEC §10); any makes a live node `degraded`.
+    pub conditions: Conditions,
     pub last_seen_at: Option<Millis>,
 }
 

@@ -10,17 +10,19 @@
 //! ever held across a database write.
 //!
 //! Files: `index.rs` (the maps and a node's slot), `register.rs` (registration), `transitions.rs` (heartbeats,
-//! approval, the offline sweep, edits, deletion, pending expiry), `figures.rs` (the write-behind of figures),
-//! `state.rs` (the state machine as pure functions). The registry answers [`RegistryError`], never an HTTP status.
+//! approval, the offline sweep, edits, deletion, pending expiry), `fleet.rs` (the router's own stalls and mass
+//! silences, SPEC §10), `figures.rs` (the write-behind of figures), `state.rs` (the state machine as pure
+//! functions). The registry answers [`RegistryError`], never an HTTP status.
 
 mod figures;
+mod fleet;
 mod index;
 mod register;
 pub mod state;
 mod transitions;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use llm_router_protocol::NodeStatus;
@@ -30,6 +32,7 @@ use crate::clock::{Clock, Millis};
 use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::Unusable;
+use crate::model::health;
 use crate::model::node::Node;
 use crate::routing::Routing;
 use crate::store::Store;
@@ -96,6 +99,15 @@ pub struct Registry {
     reserved: AtomicUsize,
     /// Where traffic may go: kept in step with every change of a node's status, ready models or address.
     routing: Arc<Routing>,
+    /// When the offline sweep last ran, by the router's clock: a sweep that finds it ran late gives every live
+    /// node a fresh grace period (SPEC §10).
+    last_sweep_at: AtomicI64,
+    /// Held for a whole sweep, so two sweeps never decide on the same silence.
+    sweeping: tokio::sync::Mutex<()>,
+    /// The mass silence not yet resolved, if any, and the nodes the latest sweeps marked offline.
+    mass_silence: Mutex<fleet::Silences>,
+    /// A GPU at or above this temperature is `gpu_overheat` (`--gpu-max-temp-c`).
+    gpu_max_temp_c: f64,
 }
 
 impl Registry {
@@ -120,6 +132,8 @@ impl Registry {
             }
             index.nodes.insert(id, Slot::new(node, token, now));
         }
+        let mass_silence = fleet::unresolved(&store, &index).await?;
+        metrics.mass_silence.set(u64::from(mass_silence.lasting.is_some()));
         Ok(Registry {
             store,
             clock,
@@ -130,7 +144,17 @@ impl Registry {
             pending: AtomicUsize::new(pending),
             reserved: AtomicUsize::new(0),
             routing,
+            last_sweep_at: AtomicI64::new(now),
+            sweeping: tokio::sync::Mutex::new(()),
+            mass_silence: Mutex::new(mass_silence),
+            gpu_max_temp_c: health::DEFAULT_GPU_MAX_TEMP_C,
         })
+    }
+
+    /// Sets the temperature at which a GPU is `gpu_overheat` (SPEC §10).
+    pub fn with_gpu_max_temp_c(mut self, celsius: f64) -> Self {
+        self.gpu_max_temp_c = celsius;
+        self
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {

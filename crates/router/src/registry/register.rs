@@ -94,6 +94,7 @@ impl Registry {
             join_token: None,
             cordoned: false,
             max_concurrency: None,
+            conditions: Default::default(),
             last_seen_at: None,
         };
         let token = NewToken::generate(TokenKind::Node);
@@ -247,7 +248,7 @@ fn admit(node: &mut Node, join: Option<&JoinToken>, now: Millis) -> Option<NodeE
     if !join.auto_approve {
         return None;
     }
-    let to = state::after_approval(node.status, &node.ready_models)?;
+    let to = state::after_approval(node.status, &node.ready_models, node.conditions)?;
     let actor = join.actor();
     let reason = format!("approved by join token `{}`", join.name);
     let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason).by(Some(&actor));

@@ -3,27 +3,42 @@
 
 use llm_router_protocol::NodeStatus;
 
+use crate::model::health::Conditions;
+
 /// The status an approved node should have, by whether its runtime serves a model.
 pub fn by_readiness(ready_models: &[String]) -> NodeStatus {
     if ready_models.is_empty() { NodeStatus::Registering } else { NodeStatus::Online }
 }
 
+/// The status of an approved, heartbeating node: `degraded` while it has a condition (SPEC §10), otherwise by
+/// whether its runtime serves a model.
+pub fn by_health(ready_models: &[String], conditions: Conditions) -> NodeStatus {
+    if conditions.is_empty() { by_readiness(ready_models) } else { NodeStatus::Degraded }
+}
+
 /// Status after a heartbeat. A pending node stays pending: only an administrator approves.
-pub fn after_heartbeat(current: NodeStatus, ready_models: &[String]) -> NodeStatus {
+pub fn after_heartbeat(current: NodeStatus, ready_models: &[String], conditions: Conditions) -> NodeStatus {
     match current {
         NodeStatus::Pending => NodeStatus::Pending,
-        NodeStatus::Registering | NodeStatus::Online | NodeStatus::Offline => by_readiness(ready_models),
+        NodeStatus::Registering | NodeStatus::Online | NodeStatus::Degraded | NodeStatus::Offline => {
+            by_health(ready_models, conditions)
+        }
     }
 }
 
 /// Status after an administrator's approval, or `None` when the node is not pending.
-pub fn after_approval(current: NodeStatus, ready_models: &[String]) -> Option<NodeStatus> {
-    (current == NodeStatus::Pending).then(|| by_readiness(ready_models))
+pub fn after_approval(current: NodeStatus, ready_models: &[String], conditions: Conditions) -> Option<NodeStatus> {
+    (current == NodeStatus::Pending).then(|| by_health(ready_models, conditions))
+}
+
+/// Whether a node of this status is live: approved and heard from, so silence makes it offline.
+pub fn is_live(current: NodeStatus) -> bool {
+    matches!(current, NodeStatus::Registering | NodeStatus::Online | NodeStatus::Degraded)
 }
 
 /// Whether silence of `silent_ms` makes a node of this status offline.
 pub fn goes_offline(current: NodeStatus, silent_ms: i64, offline_after_ms: i64) -> bool {
-    matches!(current, NodeStatus::Registering | NodeStatus::Online) && silent_ms >= offline_after_ms
+    is_live(current) && silent_ms >= offline_after_ms
 }
 
 #[cfg(test)]
@@ -35,24 +50,44 @@ mod tests {
         (0..n).map(|i| format!("m{i}")).collect()
     }
 
+    fn healthy() -> Conditions {
+        Conditions::default()
+    }
+
+    fn faulty() -> Conditions {
+        Conditions::decode("gpu_fault")
+    }
+
     #[test]
     fn heartbeat_rows_of_the_table() {
-        assert_eq!(after_heartbeat(Pending, &models(1)), Pending);
-        assert_eq!(after_heartbeat(Pending, &models(0)), Pending);
-        assert_eq!(after_heartbeat(Registering, &models(1)), Online);
-        assert_eq!(after_heartbeat(Registering, &models(0)), Registering);
-        assert_eq!(after_heartbeat(Online, &models(0)), Registering);
-        assert_eq!(after_heartbeat(Online, &models(2)), Online);
-        assert_eq!(after_heartbeat(Offline, &models(1)), Online);
-        assert_eq!(after_heartbeat(Offline, &models(0)), Registering);
+        assert_eq!(after_heartbeat(Pending, &models(1), healthy()), Pending);
+        assert_eq!(after_heartbeat(Pending, &models(0), healthy()), Pending);
+        assert_eq!(after_heartbeat(Registering, &models(1), healthy()), Online);
+        assert_eq!(after_heartbeat(Registering, &models(0), healthy()), Registering);
+        assert_eq!(after_heartbeat(Online, &models(0), healthy()), Registering);
+        assert_eq!(after_heartbeat(Online, &models(2), healthy()), Online);
+        assert_eq!(after_heartbeat(Offline, &models(1), healthy()), Online);
+        assert_eq!(after_heartbeat(Offline, &models(0), healthy()), Registering);
+    }
+
+    #[test]
+    fn a_condition_makes_every_approved_node_degraded_until_it_clears() {
+        for from in [Registering, Online, Degraded, Offline] {
+            assert_eq!(after_heartbeat(from, &models(1), faulty()), Degraded, "from {from}");
+            assert_eq!(after_heartbeat(from, &models(0), faulty()), Degraded, "from {from}");
+        }
+        assert_eq!(after_heartbeat(Pending, &models(1), faulty()), Pending, "only an administrator approves");
+        assert_eq!(after_heartbeat(Degraded, &models(1), healthy()), Online);
+        assert_eq!(after_heartbeat(Degraded, &models(0), healthy()), Registering);
     }
 
     #[test]
     fn approval_only_from_pending() {
-        assert_eq!(after_approval(Pending, &models(1)), Some(Online));
-        assert_eq!(after_approval(Pending, &models(0)), Some(Registering));
-        for status in [Registering, Online, Offline] {
-            assert_eq!(after_approval(status, &models(1)), None);
+        assert_eq!(after_approval(Pending, &models(1), healthy()), Some(Online));
+        assert_eq!(after_approval(Pending, &models(0), healthy()), Some(Registering));
+        assert_eq!(after_approval(Pending, &models(1), faulty()), Some(Degraded));
+        for status in [Registering, Online, Degraded, Offline] {
+            assert_eq!(after_approval(status, &models(1), healthy()), None);
         }
     }
 
@@ -60,6 +95,7 @@ mod tests {
     fn only_approved_live_nodes_go_offline() {
         assert!(goes_offline(Online, 30_000, 30_000));
         assert!(goes_offline(Registering, 31_000, 30_000));
+        assert!(goes_offline(Degraded, 30_000, 30_000));
         assert!(!goes_offline(Online, 29_999, 30_000));
         assert!(!goes_offline(Pending, 99_000, 30_000));
         assert!(!goes_offline(Offline, 99_000, 30_000));

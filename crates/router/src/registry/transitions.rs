@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures_util::StreamExt;
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
@@ -13,8 +14,12 @@ use super::{Registry, RegistryError, RegistryResult, state};
 use crate::clock::Millis;
 use crate::metrics::Metrics;
 use crate::model::figures::PackedMetrics;
+use crate::model::health::{self, Condition, Conditions};
 use crate::model::input::Heartbeat;
 use crate::model::node::{Node, NodeEvent};
+
+/// Transitions the offline sweep has in flight at once: enough to fill a group commit of the store.
+const SWEEP_CONCURRENCY: usize = 512;
 
 impl Registry {
     /// Applies a heartbeat of the node whose token the caller presented (SPEC §2.2): `TokenOfAnotherNode` when the
@@ -27,11 +32,13 @@ impl Registry {
         // Packed once here, kept and stored as it is, unpacked only when shown.
         let metrics = PackedMetrics::pack(&hb.metrics);
         let now = self.clock.now_ms();
+        let findings;
         {
             let mut state = slot.lock();
             if state.deleted || state.token != Some(node.token) {
                 return Err(RegistryError::UnknownToken);
             }
+            findings = health::assess(&state.node.gpu_devices, &hb.metrics.gpus, self.gpu_max_temp_c);
             let models_changed =
                 state.node.loaded_models != hb.loaded_models || state.node.ready_models != hb.ready_models;
             state.node.metrics = Some(metrics);
@@ -44,20 +51,35 @@ impl Registry {
                 self.routing.update(&state.node);
             }
             self.mark_figures_dirty(&mut state, now);
-            let next = state::after_heartbeat(state.node.status, &state.node.ready_models);
+            let next = state::after_heartbeat(state.node.status, &state.node.ready_models, findings.conditions);
             if next == state.node.status {
+                // Which conditions keep a degraded node degraded may change; it stays degraded either way.
+                if next == NodeStatus::Degraded {
+                    state.node.conditions = findings.conditions;
+                }
                 return Ok(next);
             }
         }
         let status = self
-            .transition(slot, |state| {
+            .transition_with(slot, Some(findings.conditions), |state| {
                 let node = &state.node;
-                let to = state::after_heartbeat(node.status, &node.ready_models);
+                let to = state::after_heartbeat(node.status, &node.ready_models, findings.conditions);
+                if to == node.status {
+                    return None;
+                }
+                let names: Vec<&str> = findings.conditions.iter().map(Condition::as_str).collect();
                 let reason = match to {
-                    NodeStatus::Online => "heartbeat reports ready models",
-                    _ => "heartbeat reports no ready model",
+                    NodeStatus::Degraded => format!("{}: {}", names.join(", "), findings.detail),
+                    NodeStatus::Online if node.status == NodeStatus::Degraded => {
+                        "GPU conditions cleared; heartbeat reports ready models".to_owned()
+                    }
+                    NodeStatus::Online => "heartbeat reports ready models".to_owned(),
+                    _ if node.status == NodeStatus::Degraded => {
+                        "GPU conditions cleared; heartbeat reports no ready model".to_owned()
+                    }
+                    _ => "heartbeat reports no ready model".to_owned(),
                 };
-                (to != node.status).then(|| (to, reason.to_owned()))
+                Some((to, reason))
             })
             .await?;
         status.ok_or(RegistryError::UnknownToken)
@@ -73,7 +95,8 @@ impl Registry {
             if state.deleted {
                 return Err(RegistryError::NotFound(id));
             }
-            let Some(to) = state::after_approval(state.node.status, &state.node.ready_models) else {
+            let Some(to) = state::after_approval(state.node.status, &state.node.ready_models, state.node.conditions)
+            else {
                 return Err(RegistryError::NotPending { id, status: state.node.status });
             };
             let mut node = state.node.clone();
@@ -130,6 +153,16 @@ impl Registry {
         slot: &Slot,
         decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
     ) -> anyhow::Result<Option<NodeStatus>> {
+        self.transition_with(slot, None, decide).await
+    }
+
+    /// [`Registry::transition`], which also sets the node's GPU conditions (when given) with the new status.
+    async fn transition_with(
+        &self,
+        slot: &Slot,
+        conditions: Option<Conditions>,
+        decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
+    ) -> anyhow::Result<Option<NodeStatus>> {
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
         let (updated, event) = {
@@ -143,48 +176,81 @@ impl Registry {
             let mut node = state.node.clone();
             let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason);
             node.status = to;
+            if let Some(conditions) = conditions {
+                node.conditions = conditions;
+            }
             (node, event)
         };
         self.store.record_transition(&updated, &event).await?;
         self.metrics.transition(updated.status);
         let mut state = slot.lock();
         state.node.status = updated.status;
+        state.node.conditions = updated.conditions;
         self.routing.update(&state.node);
         drop(state);
         Ok(Some(updated.status))
     }
 
-    /// Marks offline every approved node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
+    /// Marks offline every live node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
+    ///
+    /// A sweep that ran more than `offline_after / 2` late marks none: every live node gets a fresh grace period
+    /// (SPEC §10). One that brings the nodes marked offline within `offline_after / 2` to more than half of the live
+    /// nodes (at least ten) records a mass silence.
     ///
     /// Cost: one pass over the in-memory map with a short per-node lock, no database read; only nodes that change
     /// are written.
     pub async fn sweep(&self) -> anyhow::Result<usize> {
+        let _sweeping = self.sweeping.lock().await;
         let now = self.clock.now_ms();
+        if self.grace_after_stall(now) {
+            return Ok(0);
+        }
+        self.settle_silence().await?;
         let limit = self.offline_after_ms;
+        let mut live = 0;
         let candidates: Vec<Arc<Slot>> = self
             .read()
             .nodes
             .values()
             .filter(|slot| {
                 let state = slot.lock();
+                live += usize::from(state::is_live(state.node.status));
                 state::goes_offline(state.node.status, now - state.alive_since, limit)
             })
             .cloned()
             .collect();
-        let mut changed = 0;
+        let mut offline = Vec::new();
         let reason = format!("no heartbeat for {} s", limit / 1000);
-        for slot in candidates {
-            let status = self
-                .transition(&slot, |state| {
-                    let silent = self.clock.now_ms() - state.alive_since;
-                    state::goes_offline(state.node.status, silent, limit).then(|| (NodeStatus::Offline, reason.clone()))
-                })
-                .await?;
-            // `None`: deleted meanwhile.
-            if status == Some(NodeStatus::Offline) {
-                changed += 1;
+        // Many at a time, so that the store commits them in groups rather than one durable commit each.
+        let mut changes = futures_util::stream::iter(candidates)
+            .map(|slot| async {
+                let status = self
+                    .transition(&slot, |state| {
+                        let silent = self.clock.now_ms() - state.alive_since;
+                        state::goes_offline(state.node.status, silent, limit)
+                            .then(|| (NodeStatus::Offline, reason.clone()))
+                    })
+                    .await;
+                (slot, status)
+            })
+            .buffer_unordered(SWEEP_CONCURRENCY);
+        let mut failed = None;
+        while let Some((slot, status)) = changes.next().await {
+            match status {
+                // `None`: deleted meanwhile.
+                Ok(Some(NodeStatus::Offline)) => offline.push(slot.lock().node.id),
+                Ok(_) => {}
+                Err(err) => failed = Some(err),
             }
         }
+        drop(changes);
+        if let Some(err) = failed {
+            // Those marked are reported with the error: the next sweep retries the others.
+            self.report_silence(now, &offline, live - offline.len()).await?;
+            return Err(err);
+        }
+        let changed = offline.len();
+        self.report_silence(now, &offline, live - changed).await?;
         Ok(changed)
     }
 

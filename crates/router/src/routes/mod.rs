@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod dashboard;
 pub mod extract;
+pub mod fleet;
 pub mod health;
 pub mod inference;
 pub mod join_tokens;
@@ -84,6 +85,8 @@ fn api() -> Api {
         .add(Method::POST, "/v0/join-tokens", join_tokens::create)
         .add(Method::DELETE, "/v0/join-tokens/{id}", join_tokens::revoke)
         .add(Method::GET, "/v0/audit", audit::list)
+        .add(Method::GET, "/v0/fleet/events", fleet::list)
+        .add(Method::POST, "/v0/fleet/events/{id}/dismiss", fleet::dismiss)
         .add(Method::GET, "/v0/openapi.json", openapi::document)
 }
 

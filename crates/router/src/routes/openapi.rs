@@ -11,8 +11,9 @@ use llm_router_protocol::{
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::fleet::FleetEventView;
 use super::views::{NodeEventView, NodeView, RoutingView};
-use super::{api_keys, audit, auth, health, join_tokens, nodes, users};
+use super::{api_keys, audit, auth, fleet, health, join_tokens, nodes, users};
 use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeMetrics;
 
@@ -27,11 +28,13 @@ use crate::model::figures::NodeMetrics;
         api_keys::list, api_keys::create, api_keys::delete,
         join_tokens::list, join_tokens::create, join_tokens::revoke,
         audit::list,
+        fleet::list, fleet::dismiss,
         document,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
         RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeMetrics, NodeEventView, Role, Scope,
+        FleetEventView,
     )),
     modifiers(&Security),
 )]

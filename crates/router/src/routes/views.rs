@@ -19,6 +19,9 @@ pub struct NodeView {
     pub runtime_port: u16,
     pub runtime_version: String,
     pub status: NodeStatus,
+    /// What the latest heartbeat revealed about the GPUs (`gpu_missing`, `gpu_fault`, `gpu_overheat`); any makes a
+    /// live node `degraded`. Empty when healthy.
+    pub conditions: Vec<String>,
     pub display_name: Option<String>,
     pub notes: Option<String>,
     pub gpu_devices: Vec<GpuDevice>,
@@ -76,6 +79,7 @@ impl NodeView {
             runtime_port: node.runtime_port,
             runtime_version: node.runtime_version.clone(),
             status: node.status,
+            conditions: node.conditions.iter().map(|condition| condition.as_str().to_owned()).collect(),
             display_name: node.display_name.clone(),
             notes: node.notes.clone(),
             gpu_devices: node.gpu_devices.clone(),

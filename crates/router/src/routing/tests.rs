@@ -22,6 +22,7 @@ fn node(id: u128, port: u16, status: NodeStatus, ready: &[&str]) -> Node {
         join_token: None,
         cordoned: false,
         max_concurrency: None,
+        conditions: Default::default(),
         last_seen_at: None,
     }
 }

@@ -25,6 +25,7 @@ use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
 use crate::model::figures::PackedMetrics;
+use crate::model::fleet::FleetEvent;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
 
 /// The storage the application holds.
@@ -156,6 +157,22 @@ pub trait Storage: Send + Sync + 'static {
     fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> StoreResult<'_, Vec<RecordedEvent>>;
     /// Removes events recorded before `cutoff`, in bounded batches; returns how many.
     fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64>;
+
+    // Fleet events (SPEC §10).
+
+    /// Records a fleet-level event; returns its id.
+    fn insert_fleet_event<'a>(&'a self, event: &'a FleetEvent) -> StoreResult<'a, i64>;
+    /// Marks a fleet event resolved at `at`, by `by` when a person did; `false` when there is no such event or it
+    /// was resolved already.
+    fn resolve_fleet_event<'a>(
+        &'a self,
+        id: i64,
+        at: Millis,
+        by: Option<&'a str>,
+        resolution: &'a str,
+    ) -> StoreResult<'a, bool>;
+    /// The latest `limit` fleet events, newest first.
+    fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>>;
 
     // Users, sessions and API keys.
 

@@ -46,6 +46,16 @@ pub const MAX_GPU_COUNT: i64 = 1024;
 pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
 /// Largest `active_requests` figure a heartbeat may carry.
 pub const MAX_ACTIVE_REQUESTS: u64 = 1_000_000;
+/// Longest accepted GPU uuid, in characters (the driver's are 40).
+pub const MAX_UUID_CHARS: usize = 96;
+/// Most clock throttle reasons one GPU may report.
+pub const MAX_THROTTLE_REASONS: usize = 16;
+/// Longest accepted throttle reason name, in characters.
+pub const MAX_THROTTLE_REASON_CHARS: usize = 64;
+/// Largest error count (ECC) accepted: 2^53, so it stays exact in JSON everywhere, browsers included.
+pub const MAX_ERROR_COUNT: u64 = 1 << 53;
+/// Largest power draw accepted, in watts (no GPU comes near it).
+pub const MAX_POWER_WATTS: f64 = 100_000.0;
 /// Shortest accepted password, for new users and the first administrator.
 pub const MIN_PASSWORD_CHARS: usize = 12;
 /// Longest accepted password, in bytes (hashing cost grows with it).
@@ -151,6 +161,17 @@ fn item(field: impl fmt::Display, value: String) -> Checked<String> {
     }
     text(field, &value, Text::Line)?;
     Ok(value)
+}
+
+/// A GPU uuid: not blank, at most [`MAX_UUID_CHARS`] characters, one printable line.
+fn gpu_uuid(field: impl fmt::Display, value: &str) -> Checked<()> {
+    if value.trim().is_empty() {
+        return Err(bad_request(format!("`{field}` must not be blank.")));
+    }
+    if value.chars().count() > MAX_UUID_CHARS {
+        return Err(bad_request(format!("`{field}` must be at most {MAX_UUID_CHARS} characters.")));
+    }
+    text(field, value, Text::Line)
 }
 
 fn percent(field: impl fmt::Display, value: Option<f64>) -> Checked<()> {

@@ -3,11 +3,12 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use llm_router_protocol::{HeartbeatRequest, RegisterRequest};
+use llm_router_protocol::{GpuMetrics, HeartbeatRequest, RegisterRequest};
 
 use super::{
-    Checked, Invalid, MAX_ACTIVE_REQUESTS, MAX_GPU_COUNT, MAX_ITEM_CHARS, MAX_LIST_LEN, MAX_NAME_CHARS, Text,
-    bad_request, item, list, memory, percent, text,
+    Checked, Invalid, MAX_ACTIVE_REQUESTS, MAX_ERROR_COUNT, MAX_GPU_COUNT, MAX_ITEM_CHARS, MAX_LIST_LEN,
+    MAX_NAME_CHARS, MAX_POWER_WATTS, MAX_THROTTLE_REASON_CHARS, MAX_THROTTLE_REASONS, Text, bad_request, gpu_uuid,
+    item, list, memory, percent, text,
 };
 use crate::model::figures::NodeMetrics;
 use crate::model::input::{Heartbeat, Registration};
@@ -63,6 +64,18 @@ pub fn registration(req: RegisterRequest, peer: IpAddr, allow_link_local: bool) 
             )));
         }
         memory(format_args!("gpu_devices[{i}].memory_bytes"), gpu.memory_bytes)?;
+        if let Some(uuids) = &gpu.uuids {
+            if i64::try_from(uuids.len()).ok() != Some(gpu.count) {
+                return Err(bad_request(format!(
+                    "`gpu_devices[{i}].uuids` has {} entries but `count` is {}; send one uuid per GPU, or none.",
+                    uuids.len(),
+                    gpu.count
+                )));
+            }
+            for (j, uuid) in uuids.iter().enumerate() {
+                gpu_uuid(format_args!("gpu_devices[{i}].uuids[{j}]"), uuid)?;
+            }
+        }
     }
     // Step 2: only machines with at least one usable GPU may join the fleet.
     if gpu_devices.is_empty() {
@@ -119,6 +132,7 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
             }
             text(format_args!("gpus[{i}].model"), model, Text::Line)?;
         }
+        gpu_health(i, gpu)?;
     }
     let metrics = NodeMetrics {
         cpu_usage: req.cpu_usage,
@@ -132,6 +146,43 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
         ready_models: list("ready_models", req.ready_models)?,
         metrics,
     })
+}
+
+/// The health figures of heartbeat GPU `i` (SPEC §10): uuid, error counts, power, throttle reasons.
+fn gpu_health(i: usize, gpu: &GpuMetrics) -> Checked<()> {
+    if let Some(uuid) = &gpu.uuid {
+        gpu_uuid(format_args!("gpus[{i}].uuid"), uuid)?;
+    }
+    if let Some(count) = gpu.ecc_uncorrected.filter(|n| *n > MAX_ERROR_COUNT) {
+        return Err(bad_request(format!(
+            "`gpus[{i}].ecc_uncorrected` must be at most {MAX_ERROR_COUNT}, not {count}."
+        )));
+    }
+    if gpu.xid == Some(0) {
+        return Err(bad_request(format!("`gpus[{i}].xid` must be an XID error number (1 or more), not 0.")));
+    }
+    if let Some(watts) = gpu.power_watts.filter(|w| !w.is_finite() || !(0.0..=MAX_POWER_WATTS).contains(w)) {
+        return Err(bad_request(format!(
+            "`gpus[{i}].power_watts` must be a power in watts between 0 and {MAX_POWER_WATTS}, not {watts}."
+        )));
+    }
+    if let Some(reasons) = &gpu.throttle_reasons {
+        if reasons.len() > MAX_THROTTLE_REASONS {
+            return Err(bad_request(format!(
+                "`gpus[{i}].throttle_reasons` has more than {MAX_THROTTLE_REASONS} entries."
+            )));
+        }
+        for (j, reason) in reasons.iter().enumerate() {
+            if reason.trim().is_empty() || reason.chars().count() > MAX_THROTTLE_REASON_CHARS {
+                return Err(bad_request(format!(
+                    "`gpus[{i}].throttle_reasons[{j}]` must be 1 to {MAX_THROTTLE_REASON_CHARS} characters and not \
+                     blank."
+                )));
+            }
+            text(format_args!("gpus[{i}].throttle_reasons[{j}]"), reason, Text::Line)?;
+        }
+    }
+    Ok(())
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are checked, stored, shown and probed as plain IPv4.
@@ -182,7 +233,7 @@ mod tests {
             ip_address: None,
             runtime_port: 8000,
             runtime_version: "b4000".into(),
-            gpu_devices: Some(vec![GpuDevice { model: "NVIDIA L4".into(), count: 2, memory_bytes: None }]),
+            gpu_devices: Some(vec![GpuDevice { model: "NVIDIA L4".into(), count: 2, memory_bytes: None, uuids: None }]),
             supported_runtimes: None,
             loaded_models: None,
             ready_models: None,
@@ -241,10 +292,10 @@ mod tests {
         r.gpu_devices = Some(vec![]);
         assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
-        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: 0, memory_bytes: None }]);
+        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: 0, memory_bytes: None, uuids: None }]);
         assert_eq!(code(registration(r, peer(), false)), "gpu_required");
         let mut r = request();
-        r.gpu_devices = Some(vec![GpuDevice { model: " ".into(), count: 1, memory_bytes: None }]);
+        r.gpu_devices = Some(vec![GpuDevice { model: " ".into(), count: 1, memory_bytes: None, uuids: None }]);
         assert_eq!(code(registration(r, peer(), false)), "gpu_required");
     }
 
@@ -339,15 +390,24 @@ mod tests {
     #[test]
     fn gpu_numbers_are_bounded() {
         let mut r = request();
-        r.gpu_devices = Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT + 1, memory_bytes: None }]);
+        r.gpu_devices =
+            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT + 1, memory_bytes: None, uuids: None }]);
         assert!(registration(r, peer(), false).expect_err("count").to_string().contains("gpu_devices[0].count"));
         let mut r = request();
-        r.gpu_devices =
-            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT, memory_bytes: Some(MAX_MEMORY_BYTES + 1) }]);
+        r.gpu_devices = Some(vec![GpuDevice {
+            model: "A".into(),
+            count: MAX_GPU_COUNT,
+            memory_bytes: Some(MAX_MEMORY_BYTES + 1),
+            uuids: None,
+        }]);
         assert!(registration(r, peer(), false).expect_err("memory").to_string().contains("memory_bytes"));
         let mut r = request();
-        r.gpu_devices =
-            Some(vec![GpuDevice { model: "A".into(), count: MAX_GPU_COUNT, memory_bytes: Some(MAX_MEMORY_BYTES) }]);
+        r.gpu_devices = Some(vec![GpuDevice {
+            model: "A".into(),
+            count: MAX_GPU_COUNT,
+            memory_bytes: Some(MAX_MEMORY_BYTES),
+            uuids: None,
+        }]);
         assert!(registration(r, peer(), false).is_ok());
     }
 }

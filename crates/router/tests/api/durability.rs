@@ -346,3 +346,75 @@ async fn an_empty_database_in_an_initialised_directory_stops_the_start() {
     let built = llm_router::app::App::build(fresh_settings, clock).await.expect("a fresh install starts");
     built.state.store.close().await;
 }
+
+/// Approved nodes, each `registering` (approved without a ready model).
+async fn registering_fleet(app: &TestApp, prefix: &str, n: usize) -> Vec<TestNode> {
+    let admin = app.admin_token().await;
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let node = app.register_node(&format!("{prefix}-{i}")).await;
+        assert_eq!(body(app.approve(&admin, &node.id).await).await["status"], "registering");
+        nodes.push(node);
+    }
+    nodes
+}
+
+#[tokio::test]
+async fn status_changes_that_arrive_together_are_all_durable_when_answered() {
+    let app = TestApp::spawn().await;
+    let nodes = registering_fleet(&app, "together", 40).await;
+    let answers = join_all(nodes.iter().map(|node| app.heartbeat(node, &["m"]))).await;
+    for response in answers {
+        assert_eq!(body(response).await["status"], "online");
+    }
+    // Read back from the database, not from memory.
+    let db = app.db().await;
+    let (online,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM nodes WHERE status = 'online'").fetch_one(&db).await.expect("count");
+    assert_eq!(online, 40);
+    let (events,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_events WHERE to_status = 'online'")
+        .fetch_one(&db)
+        .await
+        .expect("events");
+    assert_eq!(events, 40);
+}
+
+#[tokio::test]
+async fn status_changes_that_meet_a_full_database_are_refused_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let nodes = registering_fleet(&app, "full", 200).await;
+    // Signed in before: a sign-in needs a write too.
+    let admin = app.admin_token().await;
+    fill_up(&app, 0).await;
+    let answers = join_all(nodes.iter().map(|node| app.heartbeat(node, &["m"]))).await;
+    let mut refused = Vec::new();
+    let mut online = Vec::new();
+    for (node, response) in nodes.iter().zip(answers) {
+        match response.status().as_u16() {
+            200 => {
+                assert_eq!(body(response).await["status"], "online");
+                online.push(node.clone());
+            }
+            503 => {
+                assert_error(response, 503, "storage_unavailable").await;
+                refused.push(node.clone());
+            }
+            other => panic!("heartbeat on a full database: unexpected {other}"),
+        }
+    }
+    assert!(!refused.is_empty(), "no status change met the full database");
+    for node in &refused {
+        let shown = body(app.get_node(&admin, &node.id).await).await;
+        assert_eq!(shown["status"], "registering", "a refused change reached memory");
+    }
+    make_room(&app).await;
+    let app = app.restart(0).await;
+    // What was answered is what was kept.
+    for node in &online {
+        assert_eq!(app.status_of(&node.id).await, "online");
+    }
+    for node in &refused {
+        assert_eq!(app.status_of(&node.id).await, "registering");
+        assert_eq!(body(app.heartbeat(node, &["m"]).await).await["status"], "online");
+    }
+}

@@ -178,3 +178,52 @@ async fn a_deleted_node_token_stops_working_at_once() {
     assert_eq!(again.status(), 201);
     assert_eq!(body(again).await["status"], "pending");
 }
+
+#[tokio::test]
+async fn gpu_health_figures_are_shown_and_survive_a_restart() {
+    let app = TestApp::spawn().await;
+    let node = app.register_node("gpu-health").await;
+    let gpus = json!([
+        {"index": 0, "model": "NVIDIA H100 80GB HBM3", "temperature_c": 64.0,
+         "uuid": "GPU-5d2c0e8a-6f35-4b6e-9a0c-3f1e2d4c5b6a", "ecc_uncorrected": 3, "xid": 79, "power_watts": 512.25,
+         "throttle_reasons": ["sw_power_cap", "hw_slowdown"]},
+        {"index": 1, "uuid": "GPU-00000000-0000-0000-0000-000000000001", "ecc_uncorrected": 0,
+         "throttle_reasons": []},
+        {"index": 2}
+    ]);
+    let heartbeat = json!({"node_id": node.id, "gpus": gpus});
+    assert_eq!(app.heartbeat_body(&node.token, &heartbeat).await.status(), 200);
+    assert_eq!(app.node(&node.id).await["metrics"]["gpus"], gpus);
+    let app = app.restart(1_000).await;
+    assert_eq!(app.node(&node.id).await["metrics"]["gpus"], gpus, "the stored figures keep the health fields");
+}
+
+#[tokio::test]
+async fn bad_gpu_health_figures_are_400_naming_the_field_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let node = app.register_node("gpu-health-bad").await;
+    let gpu = |figures: serde_json::Value| {
+        let mut gpu = json!({"index": 0});
+        gpu.as_object_mut().expect("object").extend(figures.as_object().expect("object").clone());
+        json!({"node_id": node.id, "gpus": [gpu]})
+    };
+    for (field, heartbeat) in [
+        ("gpus[0].uuid", gpu(json!({"uuid": "x".repeat(97)}))),
+        ("gpus[0].uuid", gpu(json!({"uuid": " "}))),
+        ("gpus[0].uuid", gpu(json!({"uuid": "GPU-\u{7}"}))),
+        ("gpus[0].ecc_uncorrected", gpu(json!({"ecc_uncorrected": -1}))),
+        ("gpus[0].ecc_uncorrected", gpu(json!({"ecc_uncorrected": 1u64 << 60}))),
+        ("gpus[0].xid", gpu(json!({"xid": 0}))),
+        ("gpus[0].xid", gpu(json!({"xid": 1u64 << 33}))),
+        ("gpus[0].power_watts", gpu(json!({"power_watts": -0.5}))),
+        ("gpus[0].power_watts", gpu(json!({"power_watts": 1e9}))),
+        ("gpus[0].throttle_reasons", gpu(json!({"throttle_reasons": vec!["hw_slowdown"; 17]}))),
+        ("gpus[0].throttle_reasons[1]", gpu(json!({"throttle_reasons": ["hw_slowdown", "r".repeat(65)]}))),
+        ("gpus[0].throttle_reasons[0]", gpu(json!({"throttle_reasons": [""]}))),
+        ("gpus[0].throttle_reasons", gpu(json!({"throttle_reasons": "hw_slowdown"}))),
+    ] {
+        let message = assert_error(app.heartbeat_body(&node.token, &heartbeat).await, 400, "invalid_request").await;
+        assert!(message.contains(field), "{field}: {message}");
+    }
+    assert!(app.node(&node.id).await["metrics"].is_null());
+}

@@ -292,8 +292,27 @@ impl TestApp {
         scraped.value(name, &[]).unwrap_or_else(|| panic!("no {name} in {:#?}", scraped.samples))
     }
 
-    /// Moves the router's clock and runs the offline sweep, as the background task would.
+    /// Moves the router's clock by `ms` and runs the offline sweep as the background task would: at least every
+    /// half of `offline_after`, so the sweep never takes the advance for a stall of the router. Returns how many
+    /// nodes went offline.
     pub async fn advance_and_sweep(&self, ms: i64) -> usize {
+        let step = (self.settings.offline_after.as_millis() as i64 / 2).max(1);
+        let mut left = ms;
+        let mut offline = 0;
+        loop {
+            let now = left.min(step);
+            self.clock.advance_ms(now);
+            left -= now;
+            offline += self.state.registry.sweep().await.expect("sweep");
+            if left == 0 {
+                return offline;
+            }
+        }
+    }
+
+    /// Moves the router's clock by `ms` with no sweep in between, as when the router's process was paused, then
+    /// runs the sweep once. Returns how many nodes went offline.
+    pub async fn pause_and_sweep(&self, ms: i64) -> usize {
         self.clock.advance_ms(ms);
         self.state.registry.sweep().await.expect("sweep")
     }

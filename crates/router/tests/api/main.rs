@@ -8,6 +8,8 @@ mod connections;
 mod durability;
 mod errors;
 mod exposition;
+mod fleet;
+mod health;
 mod heartbeat;
 mod helpers;
 mod hostile_input;

@@ -228,3 +228,39 @@ async fn concurrent_registrations_of_one_machine_create_exactly_one_node() {
     assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 19, "{statuses:?}");
     assert_eq!(app.nodes().await.len(), 1);
 }
+
+#[tokio::test]
+async fn gpu_uuids_are_kept_and_survive_a_restart() {
+    let app = TestApp::spawn().await;
+    let mut request = registration("gpu-uuids", 8000);
+    let devices = json!([
+        {"model": "NVIDIA L4", "count": 2, "memory_bytes": 24_000_000_000u64,
+         "uuids": ["GPU-00000000-0000-0000-0000-000000000001", "GPU-00000000-0000-0000-0000-000000000002"]},
+        {"model": "NVIDIA T4", "count": 1}
+    ]);
+    request["gpu_devices"] = devices.clone();
+    let response = app.register(&request).await;
+    assert_eq!(response.status(), 201);
+    let id = body(response).await["node_id"].as_str().expect("id").to_owned();
+    assert_eq!(app.node(&id).await["gpu_devices"], devices);
+    let app = app.restart(1_000).await;
+    assert_eq!(app.node(&id).await["gpu_devices"], devices, "the stored GPU groups keep their uuids");
+}
+
+#[tokio::test]
+async fn bad_gpu_uuids_are_400_naming_the_field() {
+    let app = TestApp::spawn().await;
+    for (field, uuids) in [
+        ("gpu_devices[0].uuids", json!(["GPU-1"])),
+        ("gpu_devices[0].uuids", json!(["GPU-1", "GPU-2", "GPU-3"])),
+        ("gpu_devices[0].uuids[1]", json!(["GPU-1", "u".repeat(97)])),
+        ("gpu_devices[0].uuids[0]", json!(["", "GPU-2"])),
+        ("gpu_devices[0].uuids[0]", json!(["GPU-\n", "GPU-2"])),
+    ] {
+        let mut request = registration("gpu-bad-uuids", 8000);
+        request["gpu_devices"][0]["uuids"] = uuids;
+        let message = assert_error(app.register(&request).await, 400, "invalid_request").await;
+        assert!(message.contains(field), "{field}: {message}");
+    }
+    assert!(app.nodes().await.is_empty(), "nothing was stored");
+}

@@ -248,3 +248,61 @@ async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step(
     let app = app.restart(0).await;
     assert_eq!(app.nodes().await, before, "from the child rows");
 }
+
+/// The migration that adds `degraded` rebuilds the nodes table (SQLite cannot change a CHECK constraint in place):
+/// every node keeps its row, its lists and its token, and foreign keys are on again afterwards.
+#[tokio::test]
+async fn the_rebuild_of_the_nodes_table_for_degraded_keeps_every_node_with_its_lists_and_token() {
+    use sqlx::migrate::Migrator;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let options =
+        SqliteConnectOptions::new().filename(dir.path().join("router.db")).create_if_missing(true).foreign_keys(true);
+    let db = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.expect("open");
+    let all = Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")).await.expect("read");
+    let rebuild = all.migrations.iter().find(|m| m.description.contains("degraded")).expect("the migration").version;
+    let before = Migrator {
+        migrations: std::borrow::Cow::Owned(all.migrations.iter().filter(|m| m.version < rebuild).cloned().collect()),
+        ..Migrator::DEFAULT
+    };
+    before.run(&db).await.expect("the schema before");
+    for statement in [
+        "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, registered_at, \
+         cordoned, max_concurrency) VALUES ('n1', 'gpu-a', '10.0.0.1', 8000, 'vLLM', 'online', 1, 1, 4)",
+        "INSERT INTO node_gpu_devices (node_id, position, model, count) VALUES ('n1', 0, 'NVIDIA L4', 2)",
+        "INSERT INTO node_tags (node_id, position, tag) VALUES ('n1', 0, 'rack-a')",
+        "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ('n1', 'abc', 1)",
+    ] {
+        sqlx::query(statement).execute(&db).await.expect(statement);
+    }
+
+    all.run(&db).await.expect("the rebuild");
+    let (name, status, cordoned, limit, conditions): (String, String, bool, i64, Option<String>) =
+        sqlx::query_as("SELECT machine_name, status, cordoned, max_concurrency, conditions FROM nodes WHERE id = 'n1'")
+            .fetch_one(&db)
+            .await
+            .expect("the node");
+    assert_eq!((name.as_str(), status.as_str(), cordoned, limit, conditions), ("gpu-a", "online", true, 4, None));
+    for (table, count) in [
+        ("node_gpu_devices", "SELECT COUNT(*) FROM node_gpu_devices WHERE node_id = 'n1'"),
+        ("node_tags", "SELECT COUNT(*) FROM node_tags WHERE node_id = 'n1'"),
+        ("node_tokens", "SELECT COUNT(*) FROM node_tokens WHERE node_id = 'n1'"),
+    ] {
+        let (rows,): (i64,) = sqlx::query_as(count).fetch_one(&db).await.expect("count");
+        assert_eq!(rows, 1, "{table} kept its row");
+    }
+    let (on,): (i64,) = sqlx::query_as("PRAGMA foreign_keys").fetch_one(&db).await.expect("pragma");
+    assert_eq!(on, 1, "foreign keys are on again");
+    let broken: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check").fetch_all(&db).await.expect("check");
+    assert!(broken.is_empty(), "{broken:?}");
+    sqlx::query("UPDATE nodes SET status = 'degraded', conditions = 'gpu_fault' WHERE id = 'n1'")
+        .execute(&db)
+        .await
+        .expect("degraded is a status now");
+    assert!(sqlx::query("UPDATE nodes SET status = 'broken' WHERE id = 'n1'").execute(&db).await.is_err());
+    // The cascade still works: deleting the node deletes its lists.
+    sqlx::query("DELETE FROM nodes WHERE id = 'n1'").execute(&db).await.expect("delete");
+    let (left,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_tags").fetch_one(&db).await.expect("count");
+    assert_eq!(left, 0);
+}

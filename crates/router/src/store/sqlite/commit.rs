@@ -1,11 +1,13 @@
-//! Group commit of registrations: those that arrive together share one durable commit, each in its own savepoint.
+//! Group commits: registrations that arrive together share one durable commit, each in its own savepoint; status
+//! transitions that arrive together share another (SPEC §10: a storm of 10,000 nodes changing status at once is a
+//! few hundred commits, not 10,000).
 
 use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::enrollment::use_join_token;
 use super::lists::{self, Rows};
-use super::nodes::{insert_row, write_events, write_token};
+use super::nodes::{insert_row, write_events, write_token, write_transition};
 use super::writer::{Writer, WriterPool};
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
@@ -115,4 +117,69 @@ async fn insert_one(conn: &mut SqliteConnection, job: &InsertJob) -> Result<(), 
     write_token(conn, job.node.id, job.token, job.node.registered_at).await?;
     write_events(conn, &job.events).await?;
     Ok(())
+}
+
+/// Persists a status change with its event and returns once it is committed.
+///
+/// Transitions that arrive together (heartbeats of many nodes coming back, a sweep marking many offline) are
+/// committed together: the batch pays one durable commit instead of one each. A transition cannot be refused the
+/// way a registration can, so there are no savepoints: when the commit fails, every transition of the group gets
+/// the error and none is kept.
+pub(super) async fn record_transition(
+    queue: &mpsc::Sender<TransitionJob>,
+    node: &Node,
+    event: &NodeEvent,
+) -> anyhow::Result<()> {
+    let (reply, answer) = oneshot::channel();
+    queue
+        .send(TransitionJob { node: node.clone(), event: event.clone(), reply })
+        .await
+        .map_err(|_| anyhow::anyhow!("the database is closed"))?;
+    answer.await.map_err(|_| anyhow::anyhow!("the database is closed"))?
+}
+
+/// A transition waiting for the next group commit.
+pub(super) struct TransitionJob {
+    node: Node,
+    event: NodeEvent,
+    reply: oneshot::Sender<anyhow::Result<()>>,
+}
+
+/// Most transitions in one group commit.
+const TRANSITIONS_PER_COMMIT: usize = 512;
+
+/// Commits waiting transitions in groups until every sender is gone.
+pub(super) async fn transition_commits(writer: WriterPool, mut jobs: mpsc::Receiver<TransitionJob>) {
+    let mut batch = Vec::with_capacity(TRANSITIONS_PER_COMMIT);
+    while jobs.recv_many(&mut batch, TRANSITIONS_PER_COMMIT).await > 0 {
+        let outcome = async {
+            let mut writer = Writer::acquire(&writer).await?;
+            let result = async {
+                let mut tx = writer.begin().await?;
+                for job in &batch {
+                    write_transition(&mut tx, &job.node, &job.event).await?;
+                }
+                tx.commit().await?;
+                anyhow::Ok(())
+            }
+            .await;
+            writer.finish(result).await
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Ok(()));
+                }
+            }
+            Err(err) => {
+                let fault = err.downcast_ref::<StorageFault>().is_some();
+                let message = format!("{err:#}");
+                for job in batch.drain(..) {
+                    let err = anyhow::anyhow!("status change not stored: {message}");
+                    let _ = job.reply.send(Err(if fault { err.context(StorageFault) } else { err }));
+                }
+            }
+        }
+    }
 }

@@ -33,10 +33,13 @@ pub(super) enum Rows {
 }
 
 /// The copy's stored form: `{"gpu_devices": [[model, count, memory_bytes], …], "supported_runtimes": […],
-/// "loaded_models": […], "ready_models": […], "tags": […]}`. Borrowed when written, owned when read.
+/// "loaded_models": […], "ready_models": […], "tags": […]}`, and `"gpu_uuids": [[uuid, …] or null, …]` (one entry per
+/// GPU group) only when some group has uuids. Borrowed when written, owned when read.
 #[derive(Serialize, Deserialize)]
 struct Copy<'a> {
     gpu_devices: Vec<(Cow<'a, str>, i64, Option<u64>)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gpu_uuids: Option<Vec<Option<Cow<'a, [String]>>>>,
     supported_runtimes: Cow<'a, [String]>,
     loaded_models: Cow<'a, [String]>,
     ready_models: Cow<'a, [String]>,
@@ -63,6 +66,10 @@ fn encode_parts(
 ) -> String {
     let copy = Copy {
         gpu_devices: gpu_devices.iter().map(|g| (Cow::Borrowed(g.model.as_str()), g.count, g.memory_bytes)).collect(),
+        gpu_uuids: gpu_devices
+            .iter()
+            .any(|g| g.uuids.is_some())
+            .then(|| gpu_devices.iter().map(|g| g.uuids.as_deref().map(Cow::Borrowed)).collect()),
         supported_runtimes: Cow::Borrowed(supported_runtimes),
         loaded_models: Cow::Borrowed(loaded_models),
         ready_models: Cow::Borrowed(ready_models),
@@ -75,11 +82,17 @@ fn encode_parts(
 /// The lists of a stored copy; `None` when the text is not one.
 pub(super) fn decode(text: &str) -> Option<NodeLists> {
     let copy: Copy = serde_json::from_str(text).ok()?;
+    let mut uuids = copy.gpu_uuids.unwrap_or_default().into_iter();
     Some(NodeLists {
         gpu_devices: copy
             .gpu_devices
             .into_iter()
-            .map(|(model, count, memory_bytes)| GpuDevice { model: model.into_owned(), count, memory_bytes })
+            .map(|(model, count, memory_bytes)| GpuDevice {
+                model: model.into_owned(),
+                count,
+                memory_bytes,
+                uuids: uuids.next().flatten().map(Cow::into_owned),
+            })
             .collect(),
         supported_runtimes: copy.supported_runtimes.into_owned(),
         loaded_models: copy.loaded_models.into_owned(),
@@ -206,7 +219,12 @@ mod tests {
     #[test]
     fn the_copy_round_trips() {
         let lists = NodeLists {
-            gpu_devices: vec![GpuDevice { model: "NVIDIA H100".into(), count: 8, memory_bytes: Some(80 << 30) }],
+            gpu_devices: vec![GpuDevice {
+                model: "NVIDIA H100".into(),
+                count: 8,
+                memory_bytes: Some(80 << 30),
+                uuids: None,
+            }],
             supported_runtimes: vec!["vllm".into()],
             loaded_models: vec!["a".into(), "b".into()],
             ready_models: vec!["a".into()],
@@ -216,5 +234,24 @@ mod tests {
         assert!(text.starts_with(r#"{"gpu_devices":[["NVIDIA H100",8,85899345920]]"#), "{text}");
         assert_eq!(decode(&text), Some(lists));
         assert_eq!(decode("not json"), None);
+    }
+
+    #[test]
+    fn gpu_uuids_are_kept_when_known() {
+        let lists = NodeLists {
+            gpu_devices: vec![
+                GpuDevice { model: "A".into(), count: 1, memory_bytes: None, uuids: None },
+                GpuDevice {
+                    model: "B".into(),
+                    count: 2,
+                    memory_bytes: None,
+                    uuids: Some(vec!["GPU-1".into(), "GPU-2".into()]),
+                },
+            ],
+            ..NodeLists::default()
+        };
+        let text = encode(&lists);
+        assert!(text.contains(r#""gpu_uuids":[null,["GPU-1","GPU-2"]]"#), "{text}");
+        assert_eq!(decode(&text), Some(lists));
     }
 }

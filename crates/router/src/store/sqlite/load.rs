@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::lists;
 use crate::model::auth::TokenHash;
 use crate::model::figures::PackedMetrics;
+use crate::model::health::Conditions;
 use crate::model::node::{Node, NodeLists};
 use crate::store::StoredNode;
 
@@ -37,7 +38,7 @@ pub(super) async fn load_nodes(reader: &SqlitePool) -> anyhow::Result<Vec<Stored
 
 const LOAD_NODES: &str = "SELECT n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, n.status, \
      n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, n.lists, \
-     t.token_hash, n.join_token, n.cordoned, n.max_concurrency FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id";
+     t.token_hash, n.join_token, n.cordoned, n.max_concurrency, n.conditions FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id";
 const LOAD_GPUS: &str = "SELECT node_id, model, count, memory_bytes FROM node_gpu_devices ORDER BY node_id, position";
 const LOAD_RUNTIMES: &str = "SELECT node_id, runtime FROM node_supported_runtimes ORDER BY node_id, position";
 const LOAD_MODELS: &str = "SELECT node_id, kind, model FROM node_loaded_models ORDER BY node_id, kind, position";
@@ -74,6 +75,7 @@ fn node_from_row(row: &SqliteRow) -> anyhow::Result<(StoredNode, bool)> {
         join_token: row.try_get(15)?,
         cordoned: row.try_get(16)?,
         max_concurrency: row.try_get(17)?,
+        conditions: row.try_get::<Option<&str>, _>(18)?.map(Conditions::decode).unwrap_or_default(),
         last_seen_at: row.try_get(12)?,
     };
     let has_lists = match lists.and_then(lists::decode) {
@@ -99,6 +101,7 @@ async fn load_lists_from_child_tables(conn: &mut SqliteConnection, nodes: &mut [
             model: row.try_get(1)?,
             count: row.try_get(2)?,
             memory_bytes: memory.and_then(|m| u64::try_from(m).ok()),
+            uuids: None,
         });
         Ok(())
     })

@@ -4,14 +4,14 @@
 //! queues in order instead of failing with `SQLITE_BUSY`; reads use a small pool of their own (WAL lets them run
 //! beside the writer).
 //!
-//! Every write is one transaction on the writer connection (`Writer`, through `write_tx!` or the group commit of
-//! registrations). A write that fails (full disk, I/O error) is undone whole and reported as a [`StorageFault`]; the
+//! Every write is one transaction on the writer connection (`Writer`, through `write_tx!` or a group commit). A write that fails (full disk, I/O error) is undone whole and reported as a [`StorageFault`]; the
 //! writer connection is then closed and a fresh one opened for the next write, so a connection whose transaction
 //! SQLite already rolled back on its own can never make a later write join a transaction that is never committed.
 //!
-//! Files: `writer.rs` (the writer connection), `load.rs` (start-up), `commit.rs` (group commit of registrations),
-//! `nodes.rs` (node writes and events), `lists.rs` (the one writer of a node's lists), `auth.rs` (users, sessions,
-//! keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log).
+//! Files: `writer.rs` (the writer connection), `load.rs` (start-up), `commit.rs` (group commits of registrations
+//! and of status transitions), `nodes.rs` (node writes and events), `lists.rs` (the one writer of a node's lists),
+//! `auth.rs` (users, sessions, keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log), `fleet.rs` (fleet
+//! events).
 //!
 //! [`StorageFault`]: crate::store::StorageFault
 
@@ -19,6 +19,7 @@ mod audit;
 mod auth;
 mod commit;
 mod enrollment;
+mod fleet;
 mod lists;
 mod load;
 mod nodes;
@@ -40,6 +41,7 @@ use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse};
+use crate::model::fleet::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{
     ApiKeyRow, AuditQuery, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult, StoredNode, UserRow,
@@ -66,6 +68,8 @@ pub struct SqliteStore {
     checkpointer: SqlitePool,
     /// Registrations waiting for the next group commit.
     inserts: tokio::sync::mpsc::Sender<commit::InsertJob>,
+    /// Status transitions waiting for the next group commit.
+    transitions: tokio::sync::mpsc::Sender<commit::TransitionJob>,
     /// Largest database size in pages the writer may reach (0: SQLite's own limit). Set by tests to make the
     /// database "full" without filling a disk; applied to every writer connection, including reopened ones.
     page_limit: Arc<AtomicU64>,
@@ -134,7 +138,9 @@ impl SqliteStore {
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(commit::group_commits(writer.clone(), jobs));
-        Ok(SqliteStore { writer, reader, checkpointer, inserts, page_limit })
+        let (transitions, jobs) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(commit::transition_commits(writer.clone(), jobs));
+        Ok(SqliteStore { writer, reader, checkpointer, inserts, transitions, page_limit })
     }
 
     /// The writer connection, for one write transaction (see [`write_tx!`], which wraps this).
@@ -235,7 +241,7 @@ impl Storage for SqliteStore {
     }
 
     fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
-        classified!(self.record_transition(node, event))
+        classified!(commit::record_transition(&self.transitions, node, event))
     }
 
     fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()> {
@@ -256,6 +262,24 @@ impl Storage for SqliteStore {
 
     fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64> {
         classified!(self.prune_events(cutoff))
+    }
+
+    fn insert_fleet_event<'a>(&'a self, event: &'a FleetEvent) -> StoreResult<'a, i64> {
+        classified!(self.insert_fleet_event(event))
+    }
+
+    fn resolve_fleet_event<'a>(
+        &'a self,
+        id: i64,
+        at: Millis,
+        by: Option<&'a str>,
+        resolution: &'a str,
+    ) -> StoreResult<'a, bool> {
+        classified!(self.resolve_fleet_event(id, at, by, resolution))
+    }
+
+    fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>> {
+        classified!(self.fleet_events(limit))
     }
 
     fn count_users(&self) -> StoreResult<'_, i64> {

@@ -99,22 +99,6 @@ impl SqliteStore {
         }
     }
 
-    /// Persists a status change (and approval fields) together with its event.
-    pub(super) async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query("UPDATE nodes SET status = ?, approved_at = ?, approved_by = ?, cordoned = ? WHERE id = ?")
-                .bind(node.status.as_str())
-                .bind(node.approved_at)
-                .bind(&node.approved_by)
-                .bind(node.cordoned)
-                .bind(node.id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            write_events(tx, [event]).await?;
-            cap_events(tx, node.id).await
-        })
-    }
-
     /// Persists the fields an administrator edits.
     pub(super) async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
         write_tx!(self, |tx| async {
@@ -255,9 +239,9 @@ async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()>
 /// [`lists::write`], its token through [`write_token`].
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
      display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, \
-     max_concurrency) ";
+     max_concurrency, conditions) ";
 
-/// Nodes per statement of an import (17 values each, well under SQLite's limit of 32,766).
+/// Nodes per statement of an import (18 values each, well under SQLite's limit of 32,766).
 const NODES_PER_STATEMENT: usize = 500;
 
 /// Binds the values of a node's row, in the order of [`INSERT_NODE`].
@@ -278,7 +262,8 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(lists::encode_node(node))
         .push_bind(node.join_token.as_deref())
         .push_bind(node.cordoned)
-        .push_bind(node.max_concurrency);
+        .push_bind(node.max_concurrency)
+        .push_bind(node.conditions.encode());
 }
 
 /// Inserts one node's row; a duplicate comes back as the database's unique violation.
@@ -336,4 +321,23 @@ pub(super) async fn write_events<'a>(
         insert.build().execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Persists a status change (and approval fields, whether it is cordoned, its conditions) with its event, in the
+/// caller's transaction: a group commit of transitions (`commit.rs`) runs many in one.
+pub(super) async fn write_transition(tx: &mut SqliteConnection, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE nodes SET status = ?, approved_at = ?, approved_by = ?, cordoned = ?, conditions = ? \
+         WHERE id = ?",
+    )
+    .bind(node.status.as_str())
+    .bind(node.approved_at)
+    .bind(&node.approved_by)
+    .bind(node.cordoned)
+    .bind(node.conditions.encode())
+    .bind(node.id.to_string())
+    .execute(&mut *tx)
+    .await?;
+    write_events(tx, [event]).await?;
+    cap_events(tx, node.id).await
 }
