@@ -24,8 +24,13 @@ from harness import Router, binary, sdk, wait_for
 
 MODEL = "tiny-llama"
 MAX_TOKENS = 8
+# Answers the columns it is asked for, as the real one does: the health columns (uuid, uncorrectable ECC count,
+# power, throttle reasons) when the query names them, the six basic ones otherwise.
 STAND_IN_NVIDIA_SMI = """#!/bin/sh
-echo "0, NVIDIA L4, 23034, 512, 3, 40"
+case "$*" in
+  *uuid*) echo "0, NVIDIA L4, 23034, 512, 3, 40, GPU-11a4e000-0000-0000-0000-000000000000, 0, 16.52, 0x0000000000000000" ;;
+  *) echo "0, NVIDIA L4, 23034, 512, 3, 40" ;;
+esac
 """
 
 
@@ -147,7 +152,13 @@ def test_openai_client_chats_with_llama_cpp_through_the_router(fleet: dict) -> N
     # What the agent found out about the runtime by itself.
     assert node["supported_runtimes"] == ["llama_cpp_python"]
     assert node["runtime_version"] == runtime_version()
-    assert node["gpu_devices"] == [{"model": "NVIDIA L4", "count": 1, "memory_bytes": 23034 * 1024 * 1024}]
+    uuid = "GPU-11a4e000-0000-0000-0000-000000000000"
+    assert node["gpu_devices"] == [
+        {"model": "NVIDIA L4", "count": 1, "memory_bytes": 23034 * 1024 * 1024, "uuids": [uuid]}]
+    # Its GPU's health reached the router too, and it is healthy: no condition.
+    [gpu] = node["metrics"]["gpus"]
+    assert (gpu["uuid"], gpu["ecc_uncorrected"], gpu["power_watts"]) == (uuid, 0, 16.52)
+    assert node["conditions"] == []
 
     client = sdk(router, router.api_key("inference"), timeout=60)
     assert [m.id for m in client.models.list()] == [MODEL]
