@@ -99,16 +99,19 @@ pub async fn dismiss(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     ClientAddr(client): ClientAddr,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> ApiResult<axum::http::StatusCode> {
     let result = async {
-        if state.registry.dismiss_fleet_event(id, &admin.name).await? {
+        // An id that is no number is no event: 404 like any other unknown id.
+        let missing = || ApiError::NotFound(format!("No fleet event {id} that still lasts."));
+        let event = id.parse::<i64>().map_err(|_| missing())?;
+        if state.registry.dismiss_fleet_event(event, &admin.name).await? {
             Ok(axum::http::StatusCode::NO_CONTENT)
         } else {
-            Err(ApiError::NotFound(format!("No fleet event {id} that still lasts.")))
+            Err(missing())
         }
     }
     .await;
-    audit::record(&state, &admin.name, client, "fleet_event.dismiss", &id.to_string(), &result);
+    audit::record(&state, &admin.name, client, "fleet_event.dismiss", &id, &result);
     result
 }

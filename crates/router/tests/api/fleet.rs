@@ -122,6 +122,11 @@ async fn a_mass_silence_is_reported_once_and_ends_when_the_nodes_come_back_or_an
     assert_eq!(events[0]["resolved_by"], "admin");
     let again = app.request(Method::POST, &dismiss).bearer_auth(&admin).send().await.expect("dismiss");
     assert_eq!(again.status(), 404);
+    // An id that is no event's, or no number at all, is 404 with the API's error body.
+    for path in ["/v0/fleet/events/9223372036854775808/dismiss", "/v0/fleet/events/abc/dismiss"] {
+        let unknown = app.request(Method::POST, path).bearer_auth(&admin).send().await.expect("dismiss");
+        crate::helpers::assert_error(unknown, 404, "not_found").await;
+    }
     assert_eq!(app.metric("llm_router_mass_silences_total").await, 2.0);
 }
 
