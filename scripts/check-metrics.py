@@ -54,7 +54,7 @@ FAMILIES_BY_MODEL = {
     "llm_router_inference_ejections": "counter",
 }
 
-NODE_STATUSES = {"registering", "pending", "online", "offline"}
+NODE_STATUSES = {"registering", "pending", "online", "degraded", "offline"}
 
 
 def main(base):
