@@ -28,6 +28,7 @@ use crate::registry::Registry;
 use crate::routes;
 use crate::server;
 use crate::state::{AppInner, AppState};
+use crate::store::postgres;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{NewNode, Store, UserRow};
 use crate::tls::Tls;
@@ -54,11 +55,17 @@ impl App {
         ensure_writable_dir(&settings.data_dir)?;
         // A corrupt legacy file stops the start before the database is created.
         let legacy = legacy::read(&settings.data_dir, clock.now_ms())?;
-        let initialised = check_database_file(&settings)?;
-        let store: Store = Arc::new(SqliteStore::open(&settings.database_path()).await?);
-        if !initialised {
-            mark_initialised(&settings, clock.now_ms())?;
-        }
+        let store: Store = match &settings.database_url {
+            Some(url) => postgres::open(url).await?,
+            None => {
+                let initialised = check_database_file(&settings)?;
+                let store = Arc::new(SqliteStore::open(&settings.database_path()).await?);
+                if !initialised {
+                    mark_initialised(&settings, clock.now_ms())?;
+                }
+                store
+            }
+        };
         if let Some(legacy) = legacy {
             import_legacy(&store, &legacy, clock.now_ms()).await?;
         }
@@ -75,7 +82,7 @@ impl App {
                 "the registration reachability check is OFF: nodes are accepted without probing their runtime"
             );
         }
-        tracing::info!(nodes = registry.len(), db = %settings.database_path().display(), "registry loaded");
+        tracing::info!(nodes = registry.len(), db = %store.describe(), "registry loaded");
         let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
@@ -305,7 +312,10 @@ async fn create_first_admin(
         role: Role::Admin,
         created_at: clock.now_ms(),
     };
-    store.insert_user(&user).await?;
+    if !store.insert_user(&user).await? {
+        // Another router sharing the database created it first (SPEC §11).
+        return Ok(());
+    }
     if generated {
         // Printed once, on the console, and never again: it is not stored anywhere in clear.
         println!(

@@ -21,7 +21,21 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server: node API, admin API, dashboard.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Copy everything from a SQLite database to a PostgreSQL one (SPEC §11): nodes, lists, tokens, users, keys,
+    /// sessions, events, join tokens and the audit log; verified by counts; running it again adds nothing.
+    Migrate(MigrateArgs),
+}
+
+/// Settings of `llm-router migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The SQLite database file to copy from (`router.db` in a data directory). It is only read.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The PostgreSQL database to copy into (`postgres://…`); its migrations are applied first.
+    #[arg(long)]
+    pub to: String,
 }
 
 /// Settings of `llm-router serve`.
@@ -34,6 +48,11 @@ pub struct ServeArgs {
     /// Directory of the database (`router.db`); created if missing. Default: ~/.llm-router
     #[arg(long, env = "LLM_ROUTER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// The database: absent, SQLite in the data directory; `postgres://user:password@host/db`, a PostgreSQL
+    /// database that any number of routers may share (SPEC §11).
+    #[arg(long, env = "LLM_ROUTER_DATABASE_URL")]
+    pub database_url: Option<String>,
 
     /// Interval the router asks agents to heartbeat at, in seconds.
     #[arg(long, env = "LLM_ROUTER_HEARTBEAT_INTERVAL_SECS", default_value_t = 10,
@@ -201,6 +220,8 @@ pub enum RegistrationMode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
+    /// A `postgres://` URL: PostgreSQL, shared with other routers. `None`: SQLite in `data_dir`.
+    pub database_url: Option<String>,
     pub heartbeat_interval: Duration,
     pub offline_after: Duration,
     pub reachability_timeout: Duration,
@@ -258,6 +279,7 @@ impl Settings {
     pub fn new(data_dir: PathBuf) -> Self {
         Settings {
             data_dir,
+            database_url: None,
             heartbeat_interval: Duration::from_secs(10),
             offline_after: Duration::from_secs(30),
             reachability_timeout: Duration::from_millis(3000),
@@ -331,7 +353,15 @@ impl ServeArgs {
                  have one generated"
             );
         }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            anyhow::bail!(
+                "LLM_ROUTER_DATABASE_URL (--database-url) must be a postgres:// URL; leave it unset for SQLite"
+            );
+        }
         Ok(Settings {
+            database_url: self.database_url,
             heartbeat_interval: Duration::from_secs(self.heartbeat_interval_secs),
             offline_after: Duration::from_secs(self.offline_after_secs),
             reachability_timeout: Duration::from_millis(self.reachability_timeout_ms),
@@ -370,9 +400,16 @@ mod tests {
         Cli::try_parse_from(std::iter::once("llm-router").chain(args.iter().copied()))
     }
 
+    fn serve(args: &[&str]) -> ServeArgs {
+        match parse(args).expect("parse").command {
+            Command::Serve(args) => *args,
+            Command::Migrate(_) => panic!("not serve"),
+        }
+    }
+
     #[test]
     fn defaults_match_the_spec() {
-        let Command::Serve(args) = parse(&["serve", "--data-dir", "/tmp/x"]).expect("parse").command;
+        let args = serve(&["serve", "--data-dir", "/tmp/x"]);
         assert_eq!(args.listen, "0.0.0.0:8080".parse().expect("addr"));
         let settings = args.into_settings().expect("settings");
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(10));
@@ -380,6 +417,22 @@ mod tests {
         assert_eq!(settings.reachability_timeout, Duration::from_millis(3000));
         assert!(settings.reachability_check);
         assert_eq!(settings.database_path(), PathBuf::from("/tmp/x/router.db"));
+        assert_eq!(settings.database_url, None, "SQLite unless a database URL is given");
+    }
+
+    #[test]
+    fn a_database_url_must_be_postgres() {
+        let url = "postgres://router:secret@db.example/fleet";
+        let settings = serve(&["serve", "--data-dir", "/tmp/x", "--database-url", url]).into_settings();
+        assert_eq!(settings.expect("postgres").database_url.as_deref(), Some(url));
+        let err = serve(&["serve", "--data-dir", "/tmp/x", "--database-url", "mysql://x/y"]).into_settings();
+        assert!(err.expect_err("mysql").to_string().contains("postgres://"));
+        let Command::Migrate(args) =
+            parse(&["migrate", "--from", "/tmp/x/router.db", "--to", url]).expect("parse").command
+        else {
+            panic!("not migrate")
+        };
+        assert_eq!((args.from.as_path(), args.to.as_str()), (std::path::Path::new("/tmp/x/router.db"), url));
     }
 
     #[test]
@@ -391,7 +444,7 @@ mod tests {
 
     #[test]
     fn parses_the_hardening_settings() {
-        let Command::Serve(args) = parse(&[
+        let args = serve(&[
             "serve",
             "--data-dir",
             "/tmp/x",
@@ -401,9 +454,7 @@ mod tests {
             "https://router.example/",
             "--registration-rate",
             "0",
-        ])
-        .expect("parse")
-        .command;
+        ]);
         let settings = args.into_settings().expect("settings");
         assert_eq!(settings.trusted_proxies.len(), 2);
         assert_eq!(settings.public_url.as_deref(), Some("https://router.example"));
@@ -416,11 +467,8 @@ mod tests {
 
     #[test]
     fn a_short_admin_password_is_a_configuration_error() {
-        let settings = |password: &str| {
-            let Command::Serve(args) =
-                parse(&["serve", "--data-dir", "/tmp/x", "--admin-password", password]).expect("parse").command;
-            args.into_settings()
-        };
+        let settings =
+            |password: &str| serve(&["serve", "--data-dir", "/tmp/x", "--admin-password", password]).into_settings();
         let err = settings("12345678").expect_err("short").to_string();
         assert!(err.contains("LLM_ROUTER_ADMIN_PASSWORD") && err.contains("at least 12"), "{err}");
         assert!(settings("twelve-chars").is_ok());

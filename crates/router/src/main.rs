@@ -35,8 +35,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Command::Serve(args) = cli.command;
-    match runtime.block_on(llm_router::app::run(args)) {
+    let outcome = match cli.command {
+        Command::Serve(args) => runtime.block_on(llm_router::app::run(*args)),
+        Command::Migrate(args) => runtime.block_on(llm_router::store::migrate::run(&args.from, &args.to)),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the context and its causes.

@@ -11,7 +11,12 @@
 //!
 //! Methods return boxed futures so that the store can be held as `Arc<dyn Storage>`; none is on the heartbeat path,
 //! whose figures are written behind in batches ([`Storage::flush_figures`]).
+//!
+//! A backend that several routers may share ([`postgres`]) also implements [`SharedStorage`]: what a router needs
+//! to follow the changes the others make (SPEC §11).
 
+pub mod migrate;
+pub mod postgres;
 pub mod sqlite;
 
 use std::any::Any;
@@ -225,6 +230,70 @@ pub trait Storage: Send + Sync + 'static {
     fn storage_faults(&self) -> u64;
     /// The backend itself, for its own test seams.
     fn as_any(&self) -> &dyn Any;
+    /// The shared side of a backend other routers may use too; `None` for SQLite, which one router owns.
+    fn shared(&self) -> Option<&dyn SharedStorage> {
+        None
+    }
+    /// Where the data is, for the start-up log (a path, or a URL without its password).
+    fn describe(&self) -> String;
+}
+
+/// A node as read back for another router: with its token and the revision of its row, which grows by one with
+/// every change of the node other than its heartbeat figures.
+#[derive(Debug, Clone)]
+pub struct SharedNode {
+    pub node: Node,
+    pub token: Option<TokenHash>,
+    pub revision: i64,
+}
+
+/// The nodes changed or deleted since a cursor, and the cursor to read the next changes from.
+#[derive(Debug, Clone, Default)]
+pub struct NodeChanges {
+    pub nodes: Vec<SharedNode>,
+    pub deleted: Vec<Uuid>,
+    pub cursor: i64,
+}
+
+/// A node's latest heartbeat as another router wrote it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub node_id: Uuid,
+    pub last_seen_at: Millis,
+    pub metrics: Option<PackedMetrics>,
+}
+
+/// The heartbeat figures other routers wrote since a cursor, and the cursor to read the next from.
+#[derive(Debug, Clone, Default)]
+pub struct SeenChanges {
+    pub seen: Vec<Seen>,
+    pub cursor: i64,
+}
+
+/// What woke a router: another router (or this one) committed a change.
+#[derive(Debug, Default)]
+pub struct ChangeSignals {
+    /// A node was added, changed (status, approval, cordon, fields, lists, token) or deleted.
+    pub nodes: tokio::sync::Notify,
+    /// A credential stopped being valid: an API key revoked, a session ended, a user deleted.
+    pub credentials: tokio::sync::Notify,
+}
+
+/// A storage any number of routers share (SPEC §11). Cursors are opaque to the caller: start from 0, then pass
+/// back what the last call returned. A change is never missed between two calls; one may come back twice.
+pub trait SharedStorage: Send + Sync + 'static {
+    /// Nodes changed or deleted (by any router, this one included) since `cursor`.
+    fn node_changes(&self, cursor: i64) -> StoreResult<'_, NodeChanges>;
+    /// Heartbeat figures written by *other* routers since `cursor`.
+    fn seen_changes(&self, cursor: i64) -> StoreResult<'_, SeenChanges>;
+    /// The node this token belongs to, as stored now: for a node registered through another router.
+    fn node_by_token(&self, hash: TokenHash) -> StoreResult<'_, Option<SharedNode>>;
+    /// Takes the lease on offline decisions, or checks it is still held: `true` while this router holds it. One
+    /// router holds it at a time; it passes to another when its holder stops or loses its connection.
+    fn hold_sweep_lease(&self) -> StoreResult<'_, bool>;
+    /// Notified whenever a router commits a change (PostgreSQL `LISTEN/NOTIFY`); a lost notification is healed by
+    /// the periodic reads of the changes.
+    fn signals(&self) -> &ChangeSignals;
 }
 
 /// True when a [`StorageFault`] is among the causes of `err`.

@@ -73,6 +73,8 @@ pub struct SqliteStore {
     /// Largest database size in pages the writer may reach (0: SQLite's own limit). Set by tests to make the
     /// database "full" without filling a disk; applied to every writer connection, including reopened ones.
     page_limit: Arc<AtomicU64>,
+    /// The database file.
+    path: Arc<PathBuf>,
 }
 
 impl SqliteStore {
@@ -140,7 +142,15 @@ impl SqliteStore {
         tokio::spawn(commit::group_commits(writer.clone(), jobs));
         let (transitions, jobs) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(commit::transition_commits(writer.clone(), jobs));
-        Ok(SqliteStore { writer, reader, checkpointer, inserts, transitions, page_limit })
+        Ok(SqliteStore {
+            writer,
+            reader,
+            checkpointer,
+            inserts,
+            transitions,
+            page_limit,
+            path: Arc::new(path.to_owned()),
+        })
     }
 
     /// The writer connection, for one write transaction (see [`write_tx!`], which wraps this).
@@ -379,5 +389,9 @@ impl Storage for SqliteStore {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }
