@@ -37,6 +37,7 @@ FAMILIES = {
     "llm_router_audit_dropped": "counter",
     "llm_router_mass_silences": "counter",
     "llm_router_mass_silence": "gauge",
+    "llm_router_sweep_lease": "gauge",
     "llm_router_http_connections_open": "gauge",
     "llm_router_http_connections_max": "gauge",
     "llm_router_http_connections_evicted": "counter",

@@ -86,6 +86,17 @@ pub struct HeartbeatArgs {
     /// Registrations and approvals in flight at once while setting up the fleet.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
     pub setup_concurrency: usize,
+
+    /// Routers sharing one PostgreSQL database (SPEC §11); the connections are spread over them in turn. More
+    /// than one needs --postgres.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
+    pub routers: usize,
+
+    /// A PostgreSQL server to run the routers on (`postgres://user@host:port/db` of a user that may create
+    /// databases, e.g. what `scripts/postgres.sh start DIR` prints): the bench creates a fresh database on it and
+    /// drops it at the end. Default: SQLite in the data directory.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,6 +4,10 @@
 //! Requests are serialized once, before the clock starts. Each connection sends its next request as soon as the
 //! previous answer is in (closed loop), or on a fixed schedule with `--rate-per-node-hz`. The first second is a
 //! warm-up whose requests are not counted.
+//!
+//! With `--routers N --postgres URL`, N routers share one fresh PostgreSQL database (SPEC §11: two routers, at
+//! least 20,000 heartbeats/s in total at 10,000 nodes, p99 under 20 ms): the fleet registers and is approved on the
+//! first, and connection k heartbeats to router k mod N, so every router serves nodes registered on another.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use tokio::time::MissedTickBehavior;
 use crate::cli::HeartbeatArgs;
 use crate::fleet;
 use crate::http::Client;
+use crate::postgres;
 use crate::procfs;
 use crate::router::{Router, RouterSpec};
 use crate::stats::{ErrorCounts, LatencySummary};
@@ -32,6 +37,10 @@ const CONNECT_CONCURRENCY: usize = 256;
 #[derive(Debug, Serialize)]
 pub struct HeartbeatReport {
     pub mode: &'static str,
+    /// Routers heartbeated to, sharing one database when more than one.
+    pub routers: usize,
+    /// `sqlite` or `postgres`.
+    pub database: &'static str,
     pub nodes: usize,
     pub connections: usize,
     /// Heartbeats per second each node aims at; absent: back-to-back.
@@ -46,27 +55,63 @@ pub struct HeartbeatReport {
     pub latency: LatencySummary,
     pub error_total: u64,
     pub errors: ErrorCounts,
+    /// Of the first router.
     pub router_rss_mb: f64,
     pub router_peak_rss_mb: f64,
-    /// CPU the router and the bench used during the measured window, in cores (1.0 = one core busy).
+    /// CPU the routers (all together) and the bench used during the measured window, in cores (1.0 = one core busy).
     pub router_cpu_cores: f64,
     pub bench_cpu_cores: f64,
     pub register_secs: f64,
     pub approve_secs: f64,
 }
 
-/// Runs the whole mode against a router started from `spec`.
+/// Runs the whole mode against the routers started from `spec` (one, or `--routers` on one PostgreSQL database).
 pub async fn run(spec: &RouterSpec, args: &HeartbeatArgs) -> anyhow::Result<HeartbeatReport> {
-    let router = spec.start().await?;
-    let report = drive(spec, &router, args).await;
-    let stopped = router.stop().await;
+    if args.routers > 1 && args.postgres.is_none() {
+        anyhow::bail!("--routers {} needs --postgres: routers share a PostgreSQL database, not SQLite", args.routers);
+    }
+    let database = match &args.postgres {
+        Some(server) => Some(postgres::Database::create(server).await?),
+        None => None,
+    };
+    let started = start_routers(spec, args.routers, database.as_ref().map(|db| db.url.as_str())).await;
+    let report = match &started {
+        Ok(routers) => drive(spec, routers, args).await,
+        Err(_) => Err(anyhow::anyhow!("the routers did not start")),
+    };
+    let mut stopped = Ok(());
+    for router in started? {
+        stopped = stopped.and(router.stop().await);
+    }
+    if let Some(database) = database {
+        database.remove().await?;
+    }
     let report = report?;
     stopped?;
     Ok(report)
 }
 
-async fn drive(spec: &RouterSpec, router: &Router, args: &HeartbeatArgs) -> anyhow::Result<HeartbeatReport> {
-    router.wait_ready().await?;
+/// Starts `count` routers from `spec`, each with a data directory of its own, on `database_url` when given; the
+/// first applies the migrations before the others start.
+async fn start_routers(spec: &RouterSpec, count: usize, database_url: Option<&str>) -> anyhow::Result<Vec<Router>> {
+    let mut routers = Vec::with_capacity(count);
+    for k in 0..count {
+        let mut spec = spec.clone();
+        if count > 1 {
+            spec.data_dir = spec.data_dir.join(format!("router-{k}"));
+        }
+        if let Some(url) = database_url {
+            spec.extra_args.extend(["--database-url".to_owned(), url.to_owned()]);
+        }
+        let router = spec.start().await?;
+        router.wait_ready().await?;
+        routers.push(router);
+    }
+    Ok(routers)
+}
+
+async fn drive(spec: &RouterSpec, routers: &[Router], args: &HeartbeatArgs) -> anyhow::Result<HeartbeatReport> {
+    let router = &routers[0];
     let host = router.host();
     let started = Instant::now();
     eprintln!("registering {} nodes ({} at a time)...", args.nodes, args.setup_concurrency);
@@ -86,8 +131,14 @@ async fn drive(spec: &RouterSpec, router: &Router, args: &HeartbeatArgs) -> anyh
             .collect::<anyhow::Result<Vec<_>>>()?,
     );
     let connections = if args.connection_per_node { nodes.len() } else { args.connections.min(nodes.len()) };
-    eprintln!("opening {connections} connections...");
-    let clients = connect_all(router.addr, connections).await?;
+    eprintln!("opening {connections} connections to {} router(s)...", routers.len());
+    // Connection k goes to router k mod N.
+    let mut to_each = Vec::with_capacity(routers.len());
+    for (r, router) in routers.iter().enumerate() {
+        let count = (r..connections).step_by(routers.len()).count();
+        to_each.push(connect_all(router.addr, count).await?.into_iter());
+    }
+    let clients: Vec<Client> = (0..connections).filter_map(|k| to_each[k % routers.len()].next()).collect();
 
     let warmup = Duration::from_secs_f64(args.warmup_secs);
     let measured = Duration::from_secs_f64(args.secs);
@@ -109,10 +160,11 @@ async fn drive(spec: &RouterSpec, router: &Router, args: &HeartbeatArgs) -> anyh
         args.warmup_secs, args.secs
     );
 
+    let routers_cpu = || routers.iter().map(Router::cpu_seconds).sum::<anyhow::Result<f64>>();
     tokio::time::sleep_until(window.measure_from.into()).await;
-    let cpu_from = (router.cpu_seconds()?, procfs::cpu_seconds(None)?);
+    let cpu_from = (routers_cpu()?, procfs::cpu_seconds(None)?);
     tokio::time::sleep_until(window.until.into()).await;
-    let cpu_to = (router.cpu_seconds()?, procfs::cpu_seconds(None)?);
+    let cpu_to = (routers_cpu()?, procfs::cpu_seconds(None)?);
 
     let mut latencies = Vec::new();
     let mut ok = 0;
@@ -127,6 +179,8 @@ async fn drive(spec: &RouterSpec, router: &Router, args: &HeartbeatArgs) -> anyh
     let secs = measured.as_secs_f64();
     Ok(HeartbeatReport {
         mode: if args.connection_per_node { "connection-per-node" } else { "shared-connections" },
+        routers: routers.len(),
+        database: if args.postgres.is_some() { "postgres" } else { "sqlite" },
         nodes: nodes.len(),
         connections,
         rate_per_node_hz: args.rate_per_node_hz,
@@ -250,8 +304,15 @@ pub(crate) async fn worker(
 pub fn print(report: &HeartbeatReport) {
     let pace = report.rate_per_node_hz.map_or_else(|| "back-to-back".to_owned(), |hz| format!("{hz} Hz per node"));
     println!(
-        "heartbeat ({}): {} nodes over {} connections, {pace}, {:.1} s measured after {:.1} s warm-up",
-        report.mode, report.nodes, report.connections, report.measured_secs, report.warmup_secs
+        "heartbeat ({}): {} nodes over {} connections to {} router(s) on {}, {pace}, {:.1} s measured after {:.1} s \
+         warm-up",
+        report.mode,
+        report.nodes,
+        report.connections,
+        report.routers,
+        report.database,
+        report.measured_secs,
+        report.warmup_secs
     );
     println!("  requests     {} ({} ok, {} errors)", report.requests, report.ok, report.error_total);
     println!("  throughput   {:.0} heartbeats/s", report.throughput_rps);

@@ -7,6 +7,7 @@ mod fleet;
 mod heartbeat;
 mod http;
 mod logins;
+mod postgres;
 mod probe;
 mod procfs;
 mod proxy;

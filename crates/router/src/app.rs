@@ -24,7 +24,7 @@ use crate::model::auth::Role;
 use crate::probe::Prober;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::rate_limit::{self, RegistrationLimiter};
-use crate::registry::Registry;
+use crate::registry::{FOLLOW_INTERVAL, Registry};
 use crate::routes;
 use crate::server;
 use crate::state::{AppInner, AppState};
@@ -126,7 +126,7 @@ impl App {
         let state = self.state;
         let (stop_tx, stop_rx) = watch::channel(false);
         // The background work, each on its own period until the stop.
-        let background = [
+        let mut background = vec![
             spawn_every(&state, state.settings.sweep_interval(), &stop_rx, |state| async move {
                 let started = std::time::Instant::now();
                 if let Err(err) = state.registry.sweep().await {
@@ -162,6 +162,9 @@ impl App {
                 }
             }),
         ];
+        if state.store.shared().is_some() {
+            background.extend(follow_other_routers(&state, &stop_rx));
+        }
         let limits = server::Limits {
             max_connections: server::connection_cap(state.settings.max_connections),
             header_timeout: state.settings.header_timeout,
@@ -189,6 +192,48 @@ pub async fn prune_events(state: &AppInner) -> anyhow::Result<u64> {
     let retention = i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
     let cutoff = state.clock.now_ms().saturating_sub(retention);
     Ok(state.store.prune_events(cutoff).await? + state.store.prune_audit(cutoff).await?)
+}
+
+/// The tasks that keep this router in step with the others sharing its database (SPEC §11): node changes, read
+/// when the database signals one and at least every [`FOLLOW_INTERVAL`]; heartbeat figures other routers received,
+/// every [`FOLLOW_INTERVAL`]; and revoked credentials, forgotten from the `/v1` cache as soon as signalled.
+fn follow_other_routers(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let nodes = {
+        let state = state.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let Some(shared) = state.store.shared() else { return };
+            loop {
+                if let Err(err) = state.registry.follow_nodes().await {
+                    tracing::warn!(error = %format!("{err:#}"), "reading other routers' node changes failed; will retry");
+                }
+                tokio::select! {
+                    _ = shared.signals().nodes.notified() => {}
+                    _ = tokio::time::sleep(FOLLOW_INTERVAL) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
+    let seen = spawn_every(state, FOLLOW_INTERVAL, stop, |state| async move {
+        if let Err(err) = state.registry.follow_seen().await {
+            tracing::warn!(error = %format!("{err:#}"), "reading other routers' heartbeats failed; will retry");
+        }
+    });
+    let credentials = {
+        let state = state.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let Some(shared) = state.store.shared() else { return };
+            loop {
+                tokio::select! {
+                    _ = shared.signals().credentials.notified() => state.inference_credentials.clear(),
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
+    vec![nodes, seen, credentials]
 }
 
 /// Spawns `tick(state)` every `period` until `stop` turns true.

@@ -149,6 +149,9 @@ pub struct Metrics {
     pub mass_silences: Counter,
     /// 1 while the latest mass silence is unresolved (its nodes have not come back and no one dismissed it), else 0.
     pub mass_silence: Level,
+    /// 1 while this router decides offline transitions: always with SQLite; with a shared database, while it holds
+    /// the sweep lease (SPEC §11).
+    pub sweep_lease: Level,
     /// Client connections open now (kept by the accept loop).
     pub connections_open: Level,
     /// The cap on open client connections (set once at start).
@@ -237,6 +240,13 @@ impl Default for Metrics {
             "1 while the latest mass silence is unresolved (its nodes not back, not dismissed), else 0",
             mass_silence.clone(),
         );
+        let sweep_lease = Level::default();
+        registry.register(
+            "llm_router_sweep_lease",
+            "1 while this router decides offline transitions (SQLite: always; a shared database: while it holds the \
+             sweep lease), else 0",
+            sweep_lease.clone(),
+        );
         let connections_evicted = counter(
             &mut registry,
             "llm_router_http_connections_evicted",
@@ -316,6 +326,7 @@ impl Default for Metrics {
             audit_dropped,
             mass_silences,
             mass_silence,
+            sweep_lease,
             connections_open,
             connections_max,
             connections_evicted,
@@ -510,6 +521,7 @@ mod tests {
             ("llm_router_audit_dropped", "counter"),
             ("llm_router_mass_silences", "counter"),
             ("llm_router_mass_silence", "gauge"),
+            ("llm_router_sweep_lease", "gauge"),
             ("llm_router_http_connections_evicted", "counter"),
             ("llm_router_http_connections_refused", "counter"),
             ("llm_router_http_connections_open", "gauge"),

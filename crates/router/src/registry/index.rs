@@ -31,6 +31,9 @@ pub(super) struct SlotState {
     pub(super) figures_dirty: bool,
     pub(super) models_dirty: bool,
     pub(super) deleted: bool,
+    /// The revision of the node's row this state was last read from, when the database is shared (SPEC §11): a
+    /// row read back is applied only when newer. 0 for a node loaded at start-up or written by this router.
+    pub(super) revision: i64,
 }
 
 impl Slot {
@@ -45,6 +48,7 @@ impl Slot {
                 figures_dirty: false,
                 models_dirty: false,
                 deleted: false,
+                revision: 0,
             }),
             transition: tokio::sync::Mutex::new(()),
         })

@@ -18,11 +18,12 @@ mod figures;
 mod fleet;
 mod index;
 mod register;
+mod shared;
 pub mod state;
 mod transitions;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use llm_router_protocol::NodeStatus;
@@ -40,6 +41,7 @@ use index::{Index, Slot};
 
 pub use index::NodeHandle;
 pub use register::{PendingReservation, Registered, RegistrationPlan};
+pub use shared::FOLLOW_INTERVAL;
 pub use transitions::AdminEdit;
 
 /// Why the registry refused or could not carry out a request.
@@ -108,6 +110,11 @@ pub struct Registry {
     mass_silence: Mutex<fleet::Silences>,
     /// A GPU at or above this temperature is `gpu_overheat` (`--gpu-max-temp-c`).
     gpu_max_temp_c: f64,
+    /// Whether this router decides offline transitions and pending expiry: always with SQLite; with a shared
+    /// database, while it holds the sweep lease (SPEC §11).
+    leads: AtomicBool,
+    /// Where the reads of other routers' changes stand.
+    follow_cursors: shared::FollowCursors,
 }
 
 impl Registry {
@@ -122,7 +129,18 @@ impl Registry {
         let mut index = Index::default();
         let mut pending = 0;
         let routing = Arc::new(Routing::default());
-        for (node, token) in store.load_nodes().await? {
+        // With a shared database, the first read of the changes is the load: every node with its revision, and the
+        // cursor the follower goes on from.
+        let follow_cursors = shared::FollowCursors::default();
+        let stored: Vec<(Node, Option<TokenHash>, i64)> = match store.shared() {
+            Some(shared) => {
+                let changes = shared.node_changes(0).await?;
+                follow_cursors.start_at(changes.cursor);
+                changes.nodes.into_iter().map(|row| (row.node, row.token, row.revision)).collect()
+            }
+            None => store.load_nodes().await?.into_iter().map(|(node, token)| (node, token, 0)).collect(),
+        };
+        for (node, token, revision) in stored {
             routing.update(&node);
             let id = node.id;
             pending += usize::from(node.status == NodeStatus::Pending);
@@ -130,10 +148,14 @@ impl Registry {
             if let Some(token) = token {
                 index.by_token.insert(token, id);
             }
-            index.nodes.insert(id, Slot::new(node, token, now));
+            let slot = Slot::new(node, token, now);
+            slot.lock().revision = revision;
+            index.nodes.insert(id, slot);
         }
         let mass_silence = fleet::unresolved(&store, &index).await?;
         metrics.mass_silence.set(u64::from(mass_silence.lasting.is_some()));
+        let leads = store.shared().is_none();
+        metrics.sweep_lease.set(u64::from(leads));
         Ok(Registry {
             store,
             clock,
@@ -148,6 +170,8 @@ impl Registry {
             sweeping: tokio::sync::Mutex::new(()),
             mass_silence: Mutex::new(mass_silence),
             gpu_max_temp_c: health::DEFAULT_GPU_MAX_TEMP_C,
+            leads: AtomicBool::new(leads),
+            follow_cursors,
         })
     }
 
@@ -169,8 +193,8 @@ impl Registry {
         self.read().nodes.get(&id).cloned().ok_or(RegistryError::NotFound(id))
     }
 
-    /// The node whose token this is: what a node's own requests are checked with.
-    pub fn authenticate(&self, token: &str) -> RegistryResult<NodeHandle> {
+    /// The node whose token this is, by memory alone (see [`Registry::authenticate`]).
+    fn authenticate_known(&self, token: &str) -> RegistryResult<NodeHandle> {
         let token = TokenHash::of(token);
         let index = self.read();
         let id = *index.by_token.get(&token).ok_or(RegistryError::UnknownToken)?;

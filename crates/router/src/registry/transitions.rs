@@ -202,7 +202,7 @@ impl Registry {
     pub async fn sweep(&self) -> anyhow::Result<usize> {
         let _sweeping = self.sweeping.lock().await;
         let now = self.clock.now_ms();
-        if self.grace_after_stall(now) {
+        if self.grace_after_stall(now) || !self.lead().await {
             return Ok(0);
         }
         self.settle_silence().await?;
@@ -312,6 +312,10 @@ impl Registry {
     ///
     /// Cost: one pass over the in-memory map with a short per-node lock; only expired nodes are written.
     pub async fn expire_pending(&self, ttl_ms: i64) -> anyhow::Result<usize> {
+        // One router decides, as for offline transitions.
+        if !self.leads() {
+            return Ok(0);
+        }
         let now = self.clock.now_ms();
         let expired = |state: &SlotState, now: Millis| {
             state.node.status == NodeStatus::Pending && now - state.alive_since >= ttl_ms

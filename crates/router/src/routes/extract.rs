@@ -142,7 +142,7 @@ impl FromRequestParts<AppState> for NodeAuth {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
             .ok_or_else(|| unauthorized(format!("Send the node's token in the {NODE_TOKEN_HEADER} header.")))?;
-        Ok(NodeAuth(state.registry.authenticate(token)?))
+        Ok(NodeAuth(state.registry.authenticate(token).await?))
     }
 }
 

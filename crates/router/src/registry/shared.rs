@@ -1,0 +1,230 @@
+//! Following the other routers of a shared database (SPEC §11): the nodes they add, change and delete, the
+//! heartbeats they receive, and the tokens they issue.
+//!
+//! Every router keeps the whole fleet in memory and answers from it, as with SQLite; what another router commits
+//! reaches this one through [`SharedStorage::node_changes`] and [`SharedStorage::seen_changes`], read when the
+//! database signals a change and at least every [`FOLLOW_INTERVAL`]. A row is applied only when its revision is
+//! newer than the one memory was last read from, so a late read never undoes a later change; this router's own
+//! writes come back too and change nothing.
+//!
+//! Heartbeat figures other routers received move a node's last-seen time and its silence forward, so the one
+//! router that decides offline transitions (the holder of the sweep lease) decides from the latest time any router
+//! saw. Their clocks are assumed to agree (NTP).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use llm_router_protocol::NodeStatus;
+use uuid::Uuid;
+
+use super::index::{NodeHandle, Slot};
+use super::{Registry, RegistryError, RegistryResult};
+use crate::model::auth::TokenHash;
+use crate::store::{NodeChanges, SeenChanges, SharedNode};
+
+/// Where the reads of other routers' changes stand (cursors of [`SharedStorage`]).
+#[derive(Debug, Default)]
+pub(super) struct FollowCursors {
+    nodes: AtomicI64,
+    seen: AtomicI64,
+}
+
+impl FollowCursors {
+    /// Node changes are read from `cursor` on (the load read the rest); figures from the start, so none of those
+    /// written since the load is missed.
+    pub(super) fn start_at(&self, cursor: i64) {
+        self.nodes.store(cursor, Ordering::SeqCst);
+    }
+}
+
+/// Longest time between two reads of the changes, whatever the signals: what heals a lost notification.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Registry {
+    /// The node whose token this is, looked up in the database when memory does not know it (a node registered
+    /// through another router, or a token rotated there) before it is called unknown.
+    pub async fn authenticate(&self, token: &str) -> RegistryResult<NodeHandle> {
+        let known = self.authenticate_known(token);
+        let (Err(RegistryError::UnknownToken), Some(shared)) = (&known, self.store.shared()) else {
+            return known;
+        };
+        match shared.node_by_token(TokenHash::of(token)).await? {
+            Some(row) => {
+                self.apply_node(row);
+                self.authenticate_known(token)
+            }
+            None => known,
+        }
+    }
+
+    /// Whether this router decides offline transitions now: takes the sweep lease, or checks it still holds it,
+    /// when the database is shared; always with SQLite. A lease that cannot be checked is not held.
+    pub(super) async fn lead(&self) -> bool {
+        let Some(shared) = self.store.shared() else { return true };
+        let leads = match shared.hold_sweep_lease().await {
+            Ok(leads) => leads,
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot check the sweep lease; deciding nothing");
+                false
+            }
+        };
+        if self.leads.swap(leads, Ordering::SeqCst) != leads {
+            if leads {
+                tracing::info!("this router holds the sweep lease: it decides offline transitions");
+            } else {
+                tracing::warn!("this router lost the sweep lease: another router decides offline transitions");
+            }
+        }
+        self.metrics.sweep_lease.set(u64::from(leads));
+        leads
+    }
+
+    /// Whether this router decided offline transitions at its latest sweep.
+    pub fn leads(&self) -> bool {
+        self.leads.load(Ordering::SeqCst)
+    }
+
+    /// Reads and applies the node changes since the previous read (at start: every node). Returns how many rows
+    /// were read. One caller at a time (the follower task).
+    pub async fn follow_nodes(&self) -> anyhow::Result<usize> {
+        let Some(shared) = self.store.shared() else { return Ok(0) };
+        let NodeChanges { nodes, deleted, cursor } =
+            shared.node_changes(self.follow_cursors.nodes.load(Ordering::SeqCst)).await?;
+        let read = nodes.len() + deleted.len();
+        for row in nodes {
+            self.apply_node(row);
+        }
+        for id in deleted {
+            self.forget(id);
+        }
+        self.follow_cursors.nodes.store(cursor, Ordering::SeqCst);
+        Ok(read)
+    }
+
+    /// Reads and applies the heartbeat figures other routers wrote since the previous read. Returns how many.
+    pub async fn follow_seen(&self) -> anyhow::Result<usize> {
+        let Some(shared) = self.store.shared() else { return Ok(0) };
+        let SeenChanges { seen, cursor } = shared.seen_changes(self.follow_cursors.seen.load(Ordering::SeqCst)).await?;
+        let read = seen.len();
+        self.follow_cursors.seen.store(cursor, Ordering::SeqCst);
+        let index = self.read();
+        for seen in seen {
+            let Some(slot) = index.nodes.get(&seen.node_id) else { continue };
+            let mut state = slot.lock();
+            if state.node.last_seen_at.is_none_or(|at| at < seen.last_seen_at) {
+                state.node.last_seen_at = Some(seen.last_seen_at);
+                state.node.metrics = seen.metrics;
+            }
+            state.alive_since = state.alive_since.max(seen.last_seen_at);
+        }
+        Ok(read)
+    }
+
+    /// Puts a node as another router stored it into memory, unless memory holds a newer revision.
+    fn apply_node(&self, row: SharedNode) {
+        let SharedNode { mut node, token, revision } = row;
+        let id = node.id;
+        let existing = self.read().nodes.get(&id).cloned();
+        let Some(slot) = existing else {
+            let pending = node.status == NodeStatus::Pending;
+            let slot = Slot::new(node, token, self.clock.now_ms());
+            let mut index = self.write();
+            if index.nodes.contains_key(&id) {
+                // Added meanwhile (by a registration here, or another read): the next read settles it.
+                return;
+            }
+            {
+                let mut state = slot.lock();
+                state.revision = revision;
+                index.by_key.insert((state.node.machine_name.clone(), state.node.runtime_port), id);
+                if let Some(token) = token {
+                    index.by_token.insert(token, id);
+                }
+                self.routing.update(&state.node);
+            }
+            index.nodes.insert(id, slot);
+            if pending {
+                self.pending.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        };
+        let (old_token, was_pending, pending) = {
+            let mut state = slot.lock();
+            if state.deleted || revision <= state.revision {
+                return;
+            }
+            // Figures and models this router received and has not written yet are newer than the row.
+            if state.node.last_seen_at > node.last_seen_at {
+                node.last_seen_at = state.node.last_seen_at;
+                node.metrics = state.node.metrics.take();
+            }
+            if state.models_dirty {
+                node.loaded_models = std::mem::take(&mut state.node.loaded_models);
+                node.ready_models = std::mem::take(&mut state.node.ready_models);
+            }
+            let since = node.last_seen_at.into_iter().chain(node.approved_at).max().unwrap_or(state.alive_since);
+            state.alive_since = state.alive_since.max(since);
+            let was_pending = state.node.status == NodeStatus::Pending;
+            let pending = node.status == NodeStatus::Pending;
+            let old_token = std::mem::replace(&mut state.token, token);
+            state.node = node;
+            state.revision = revision;
+            self.routing.update(&state.node);
+            (old_token, was_pending, pending)
+        };
+        match (was_pending, pending) {
+            (true, false) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            (false, true) => {
+                self.pending.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if old_token != token {
+            let mut index = self.write();
+            if let Some(old) = old_token
+                && index.by_token.get(&old) == Some(&id)
+            {
+                index.by_token.remove(&old);
+            }
+            if let Some(token) = token {
+                index.by_token.insert(token, id);
+            }
+        }
+    }
+
+    /// Drops a node another router deleted: its token stops working here too.
+    fn forget(&self, id: Uuid) {
+        let Some(slot) = self.read().nodes.get(&id).cloned() else { return };
+        let (key, token, pending) = {
+            let mut state = slot.lock();
+            if state.deleted {
+                return;
+            }
+            state.deleted = true;
+            (
+                (state.node.machine_name.clone(), state.node.runtime_port),
+                state.token,
+                state.node.status == NodeStatus::Pending,
+            )
+        };
+        if pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut index = self.write();
+        if index.nodes.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            index.nodes.remove(&id);
+        }
+        self.routing.remove(id);
+        if index.by_key.get(&key) == Some(&id) {
+            index.by_key.remove(&key);
+        }
+        if let Some(token) = token
+            && index.by_token.get(&token) == Some(&id)
+        {
+            index.by_token.remove(&token);
+        }
+    }
+}
