@@ -54,6 +54,44 @@ pub enum Mode {
     /// Measure what the router's /v1 proxy adds, against stand-in runtimes called directly in the same run:
     /// non-streaming latency, streamed events, and a runtime killed under load.
     Proxy(ProxyArgs),
+    /// Several routers on one PostgreSQL database in front of stand-in runtimes: how streams spread over the
+    /// nodes, and how many each node answers at once, when every router counts only its own requests.
+    Balance(BalanceArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BalanceArgs {
+    /// A PostgreSQL server (what `scripts/postgres.sh start DIR` prints); the bench makes a fresh database on it.
+    #[arg(long)]
+    pub postgres: String,
+
+    /// Routers sharing the database.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
+    pub routers: usize,
+
+    /// Stand-in runtimes, each registered as a node.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// `max_concurrency` of every node; absent: no limit.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrency: Option<u32>,
+
+    /// Clients streaming back to back; client k uses router k mod --routers.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000).map(|n| n as usize))]
+    pub clients: usize,
+
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Events of a stream, before `[DONE]`.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub chunks: usize,
+
+    /// Milliseconds between two events of a stream.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_ms)]
+    pub chunk_gap_ms: f64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -93,7 +93,11 @@ pub async fn run(spec: &RouterSpec, args: &HeartbeatArgs) -> anyhow::Result<Hear
 
 /// Starts `count` routers from `spec`, each with a data directory of its own, on `database_url` when given; the
 /// first applies the migrations before the others start.
-async fn start_routers(spec: &RouterSpec, count: usize, database_url: Option<&str>) -> anyhow::Result<Vec<Router>> {
+pub(crate) async fn start_routers(
+    spec: &RouterSpec,
+    count: usize,
+    database_url: Option<&str>,
+) -> anyhow::Result<Vec<Router>> {
     let mut routers = Vec::with_capacity(count);
     for k in 0..count {
         let mut spec = spec.clone();

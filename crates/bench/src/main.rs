@@ -1,6 +1,7 @@
 //! `bench`: load and start-up benchmarks of llm-router (SPEC §7), run against the real router binary. See
 //! `docs/performance.md` for the commands and what each mode measures.
 
+mod balance;
 mod cli;
 mod connections;
 mod fleet;
@@ -48,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Mode::Connections(args) => Some(args.half_open),
         // Each worker holds a connection to the router and one to every stand-in.
         Mode::Proxy(args) => Some(args.connections * (args.nodes + 1) * 2),
+        Mode::Balance(args) => Some(args.clients * 2),
         _ => None,
     };
     if let Some(connections) = connections {
@@ -81,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Logins(args) => output(cli.json, &logins::run(&spec, args).await?, logins::print),
             Mode::Connections(args) => output(cli.json, &connections::run(&spec, args).await?, connections::print),
             Mode::Proxy(args) => output(cli.json, &proxy::run(&spec, args).await?, proxy::print),
+            Mode::Balance(args) => output(cli.json, &balance::run(&spec, args).await?, balance::print),
         }
     });
     if cli.keep_data {

@@ -46,7 +46,7 @@ const REQUEST_BYTES: usize = 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often every node heartbeats during the run.
-const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
+pub(crate) const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 
 /// Time from setting up a run's schedule to its first due request.
 const LEAD: Duration = Duration::from_millis(50);
@@ -244,7 +244,11 @@ pub async fn measure(at: &RouterAt, standins: &StandIns, args: &ProxyArgs) -> an
 }
 
 /// Registers one node per stand-in: at 127.0.0.1, its runtime port the stand-in's, the fleet's models ready.
-async fn register(addr: SocketAddr, host: &str, standins: &[SocketAddr]) -> anyhow::Result<Vec<NodeCredentials>> {
+pub(crate) async fn register(
+    addr: SocketAddr,
+    host: &str,
+    standins: &[SocketAddr],
+) -> anyhow::Result<Vec<NodeCredentials>> {
     let requests = standins
         .iter()
         .enumerate()
@@ -283,7 +287,7 @@ async fn register(addr: SocketAddr, host: &str, standins: &[SocketAddr]) -> anyh
 }
 
 /// Sends every node's heartbeat (its models ready) every second until aborted; counts the ones not answered 200.
-fn keep_heartbeating(
+pub(crate) fn keep_heartbeating(
     addr: SocketAddr,
     host: &str,
     nodes: &[NodeCredentials],

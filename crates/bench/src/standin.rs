@@ -61,11 +61,38 @@ pub struct Behaviour {
     pub gap: Duration,
 }
 
-/// Requests the stand-ins answered, over all of them.
+/// Requests the stand-ins answered, over all of them, and the load of each.
 #[derive(Debug, Default)]
 pub struct Served {
     pub completions: AtomicU64,
     pub streams: AtomicU64,
+    /// Stand-in by stand-in, in the order of [`StandIns::addrs`].
+    pub each: Vec<Load>,
+}
+
+/// The chat completions one stand-in answered and is answering.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub answered: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// Most answers under way at once.
+    pub peak: AtomicU64,
+}
+
+impl Load {
+    /// Counts an answer as under way until the guard drops.
+    fn begin(&self) -> impl Drop + '_ {
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        struct Ends<'a>(&'a Load);
+        impl Drop for Ends<'_> {
+            fn drop(&mut self) {
+                self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.0.answered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ends(self)
+    }
 }
 
 /// A set of running stand-ins; dropping it stops them all.
@@ -86,10 +113,10 @@ impl StandIns {
             .build()
             .context("starting the stand-ins' runtime")?;
         let behaviour = Arc::new(Prepared::new(behaviour));
-        let served = Arc::new(Served::default());
+        let served = Arc::new(Served { each: (0..count).map(|_| Load::default()).collect(), ..Served::default() });
         let mut addrs = Vec::with_capacity(count);
         let mut kills = Vec::with_capacity(count);
-        for _ in 0..count {
+        for i in 0..count {
             let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a stand-in")?;
             listener.set_nonblocking(true)?;
             addrs.push(listener.local_addr()?);
@@ -99,7 +126,7 @@ impl StandIns {
             };
             let (kill, killed) = watch::channel(false);
             kills.push(kill);
-            runtime.spawn(accept(listener, behaviour.clone(), served.clone(), killed));
+            runtime.spawn(accept(listener, behaviour.clone(), served.clone(), i, killed));
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -232,6 +259,7 @@ async fn accept(
     listener: TcpListener,
     behaviour: Arc<Prepared>,
     served: Arc<Served>,
+    i: usize,
     mut killed: watch::Receiver<bool>,
 ) {
     loop {
@@ -248,7 +276,7 @@ async fn accept(
         tokio::spawn(async move {
             tokio::select! {
                 _ = killed.wait_for(|k| *k) => {}
-                _ = serve(stream, &behaviour, &served) => {}
+                _ = serve(stream, &behaviour, &served, i) => {}
             }
         });
     }
@@ -317,7 +345,7 @@ pub fn wants_stream(body: &[u8]) -> bool {
 }
 
 /// Serves one connection until the peer closes it or breaks the protocol.
-async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served) {
+async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served, i: usize) {
     let mut buf = vec![0u8; 8192];
     let mut filled = 0;
     let mut out = Vec::with_capacity(4096);
@@ -353,12 +381,14 @@ async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served) {
         let written = match ask {
             Ask::Completion => {
                 served.completions.fetch_add(1, Ordering::Relaxed);
+                let _load = served.each.get(i).map(Load::begin);
                 stream.write_all(&prepared.completion).await
             }
             Ask::Models => stream.write_all(&prepared.models).await,
             Ask::NotFound => stream.write_all(&response(404, "application/json", b"{\"error\":\"not found\"}")).await,
             Ask::Stream => {
                 served.streams.fetch_add(1, Ordering::Relaxed);
+                let _load = served.each.get(i).map(Load::begin);
                 write_stream(&mut stream, &prepared.behaviour, &mut out).await
             }
         };
