@@ -216,6 +216,21 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Keeps the count of pending nodes in step with a node's change of status from `from` to `to`; called under
+    /// the node's lock, with the status memory held, so a change applied twice (by this router and by the reading
+    /// of its own write back from a shared database) counts once.
+    fn count_pending(&self, from: NodeStatus, to: NodeStatus) {
+        match (from == NodeStatus::Pending, to == NodeStatus::Pending) {
+            (true, false) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            (false, true) => {
+                self.pending.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
     /// Pending nodes now.
     pub fn pending_count(&self) -> usize {
         self.pending.load(Ordering::Relaxed)

@@ -112,13 +112,16 @@ impl Registry {
             Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
         }
         self.metrics.transition(NodeStatus::Pending);
-        if node.status == NodeStatus::Pending {
-            self.pending.fetch_add(1, Ordering::Relaxed);
-        } else {
+        if node.status != NodeStatus::Pending {
             self.metrics.transition(node.status);
         }
         let (id, status) = (node.id, node.status);
         let mut index = self.write();
+        // With a shared database, the follower of other routers' changes may have read this node back and added it
+        // already (and counted it as pending): it is replaced by the same node, and counted once.
+        if status == NodeStatus::Pending && !index.nodes.contains_key(&id) {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
         index.by_token.insert(token.hash(), id);
         self.routing.update(&node);
@@ -184,23 +187,14 @@ impl Registry {
             Err(InsertError::Duplicate) => return Err(node_exists(&updated.machine_name, updated.runtime_port, id)),
             Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
         }
-        let was_pending = events.first().is_some_and(|event| event.from == Some(NodeStatus::Pending));
         for event in events.iter().filter_map(|event| event.to.parse::<NodeStatus>().ok()) {
             self.metrics.transition(event);
-        }
-        match (was_pending, takeover && updated.status == NodeStatus::Pending) {
-            (false, true) => {
-                self.pending.fetch_add(1, Ordering::Relaxed);
-            }
-            (true, false) => {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
-            }
-            _ => {}
         }
         let status = updated.status;
         {
             let mut state = slot.lock();
             self.routing.update(&updated);
+            self.count_pending(state.node.status, updated.status);
             state.node = updated;
             state.token = Some(token.hash());
             state.models_dirty = false;

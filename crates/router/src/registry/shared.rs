@@ -130,8 +130,9 @@ impl Registry {
             let pending = node.status == NodeStatus::Pending;
             let slot = Slot::new(node, token, self.clock.now_ms());
             let mut index = self.write();
-            if index.nodes.contains_key(&id) {
-                // Added meanwhile (by a registration here, or another read): the next read settles it.
+            let own = self.store.shared().is_some_and(|shared| shared.written_revision(id) >= revision);
+            if own || index.nodes.contains_key(&id) {
+                // This router's own registration, which adds the node itself, or added meanwhile.
                 return;
             }
             {
@@ -149,9 +150,12 @@ impl Registry {
             }
             return;
         };
-        let (old_token, was_pending, pending) = {
+        let old_token = {
             let mut state = slot.lock();
-            if state.deleted || revision <= state.revision {
+            // Under the node's lock, where this router applies its own writes after recording their revision: a
+            // row no newer than this router's own latest write is that write or older, and memory holds it.
+            let written = self.store.shared().map_or(0, |shared| shared.written_revision(id));
+            if state.deleted || revision <= state.revision.max(written) {
                 return;
             }
             // Figures and models this router received and has not written yet are newer than the row.
@@ -165,23 +169,13 @@ impl Registry {
             }
             let since = node.last_seen_at.into_iter().chain(node.approved_at).max().unwrap_or(state.alive_since);
             state.alive_since = state.alive_since.max(since);
-            let was_pending = state.node.status == NodeStatus::Pending;
-            let pending = node.status == NodeStatus::Pending;
+            self.count_pending(state.node.status, node.status);
             let old_token = std::mem::replace(&mut state.token, token);
             state.node = node;
             state.revision = revision;
             self.routing.update(&state.node);
-            (old_token, was_pending, pending)
+            old_token
         };
-        match (was_pending, pending) {
-            (true, false) => {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
-            }
-            (false, true) => {
-                self.pending.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
         if old_token != token {
             let mut index = self.write();
             if let Some(old) = old_token
@@ -198,21 +192,15 @@ impl Registry {
     /// Drops a node another router deleted: its token stops working here too.
     fn forget(&self, id: Uuid) {
         let Some(slot) = self.read().nodes.get(&id).cloned() else { return };
-        let (key, token, pending) = {
+        let (key, token) = {
             let mut state = slot.lock();
             if state.deleted {
                 return;
             }
             state.deleted = true;
-            (
-                (state.node.machine_name.clone(), state.node.runtime_port),
-                state.token,
-                state.node.status == NodeStatus::Pending,
-            )
+            self.count_pending(state.node.status, NodeStatus::Offline);
+            ((state.node.machine_name.clone(), state.node.runtime_port), state.token)
         };
-        if pending {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-        }
         let mut index = self.write();
         if index.nodes.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
             index.nodes.remove(&id);

@@ -3,7 +3,6 @@
 //! and committed to the store before memory changes.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use llm_router_protocol::NodeStatus;
@@ -108,8 +107,8 @@ impl Registry {
         };
         self.store.record_transition(&updated, &event).await?;
         self.metrics.transition(updated.status);
-        self.pending.fetch_sub(1, Ordering::Relaxed);
         let mut state = slot.lock();
+        self.count_pending(state.node.status, updated.status);
         state.node.status = updated.status;
         state.node.approved_at = updated.approved_at;
         state.node.approved_by = updated.approved_by;
@@ -354,7 +353,7 @@ impl Registry {
     ) -> anyhow::Result<bool> {
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
-        let (key, token, from, event) = {
+        let (key, token, event) = {
             let state = slot.lock();
             if state.deleted {
                 return Ok(false);
@@ -362,13 +361,16 @@ impl Registry {
             let Some(event) = decide(&state, now) else {
                 return Ok(false);
             };
-            ((state.node.machine_name.clone(), state.node.runtime_port), state.token, state.node.status, event)
+            ((state.node.machine_name.clone(), state.node.runtime_port), state.token, event)
         };
         self.store.delete_node(id, &event).await?;
-        if from == NodeStatus::Pending {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut state = slot.lock();
+            if !state.deleted {
+                state.deleted = true;
+                self.count_pending(state.node.status, NodeStatus::Offline);
+            }
         }
-        slot.lock().deleted = true;
         let mut index = self.write();
         index.nodes.remove(&id);
         self.routing.remove(id);

@@ -28,6 +28,38 @@ pub const ADMIN_PASSWORD: &str = "admin-password-1";
 /// 2026-01-01T00:00:00Z
 pub const START_MS: i64 = 1_767_225_600_000;
 
+/// Whether the suite runs on PostgreSQL (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its
+/// second pass of the suite) rather than SQLite. Tests of SQLite itself (its file, its write-ahead log, a full disk
+/// made with its page limit) return early on PostgreSQL: they run in the SQLite pass.
+pub fn on_postgres() -> bool {
+    std::env::var("LLM_ROUTER_TEST_BACKEND").is_ok_and(|backend| backend == "postgres")
+}
+
+/// The test PostgreSQL server's URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`).
+pub fn postgres_server() -> String {
+    std::env::var("LLM_ROUTER_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "LLM_ROUTER_TEST_POSTGRES is not set: run scripts/test.sh, or start a server with `scripts/postgres.sh \
+             start DIR` and set LLM_ROUTER_TEST_POSTGRES to the URL it prints"
+        )
+    })
+}
+
+/// A fresh, empty database on the test PostgreSQL server; returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    let server = postgres_server();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&server).await.expect("connect to the test PostgreSQL server");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create a test database");
+    let _ = conn.close().await;
+    let (base, _) = server.rsplit_once('/').expect("a database URL");
+    format!("{base}/{name}")
+}
+
 /// The router under test.
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -116,6 +148,9 @@ impl TestApp {
         if let Some(bytes) = options.legacy_nodes_json {
             std::fs::create_dir_all(&settings.data_dir).expect("data dir");
             std::fs::write(settings.data_dir.join("nodes.json"), bytes).expect("write nodes.json");
+        }
+        if on_postgres() {
+            settings.database_url = Some(fresh_postgres_database().await);
         }
         configure(&mut settings);
         TestApp::start(dir, settings, ManualClock::new(START_MS)).await

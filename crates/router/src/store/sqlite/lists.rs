@@ -47,13 +47,13 @@ struct Copy<'a> {
 }
 
 /// The copy of `lists` as stored on the node's row.
-pub(super) fn encode(lists: &NodeLists) -> String {
+pub(in crate::store) fn encode(lists: &NodeLists) -> String {
     let NodeLists { gpu_devices, supported_runtimes, loaded_models, ready_models, tags } = lists;
     encode_parts(gpu_devices, supported_runtimes, loaded_models, ready_models, tags)
 }
 
 /// The copy of `node`'s lists, as the `lists` column of its new row (see [`Rows::New`]).
-pub(super) fn encode_node(node: &Node) -> String {
+pub(in crate::store) fn encode_node(node: &Node) -> String {
     encode_parts(&node.gpu_devices, &node.supported_runtimes, &node.loaded_models, &node.ready_models, &node.tags)
 }
 
@@ -80,7 +80,7 @@ fn encode_parts(
 }
 
 /// The lists of a stored copy; `None` when the text is not one.
-pub(super) fn decode(text: &str) -> Option<NodeLists> {
+pub(in crate::store) fn decode(text: &str) -> Option<NodeLists> {
     let copy: Copy = serde_json::from_str(text).ok()?;
     let mut uuids = copy.gpu_uuids.unwrap_or_default().into_iter();
     Some(NodeLists {

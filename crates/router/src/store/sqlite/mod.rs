@@ -20,7 +20,7 @@ mod auth;
 mod commit;
 mod enrollment;
 mod fleet;
-mod lists;
+pub(in crate::store) mod lists;
 mod load;
 mod nodes;
 mod writer;

@@ -1,0 +1,484 @@
+//! Nodes, their tokens and events, and the heartbeat figures written behind.
+//!
+//! Every write that changes a node other than its figures raises the row's `revision`, stamps `changed_xid` with
+//! its transaction and notifies `llm_router_nodes`, in the same transaction: how the other routers learn of it
+//! (`shared.rs`).
+
+use anyhow::Context;
+use futures_util::TryStreamExt;
+use llm_router_protocol::NodeStatus;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::clock::Millis;
+use crate::model::auth::TokenHash;
+use crate::model::enrollment::JoinUse;
+use crate::model::figures::PackedMetrics;
+use crate::model::health::Conditions;
+use crate::model::node::{Node, NodeEvent, RecordedEvent};
+use crate::store::sqlite::lists;
+use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode, SharedNode, StoredNode};
+
+/// The channel a node change is announced on; its payload is the node's id.
+pub(super) const NODES_CHANNEL: &str = "llm_router_nodes";
+
+/// The columns [`node_from_row`] reads, from `nodes n LEFT JOIN node_tokens t`.
+pub(super) const NODE_COLUMNS: &str = "n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, \
+     n.status, n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, \
+     n.lists, t.token_hash, n.join_token, n.cordoned, n.max_concurrency, n.conditions, n.revision";
+
+/// Rows removed per statement when pruning.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// A node row with its token hash and revision, read with [`NODE_COLUMNS`].
+pub(super) fn node_from_row(row: &PgRow) -> anyhow::Result<SharedNode> {
+    let id_text: &str = row.try_get(0)?;
+    let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
+    let port: i64 = row.try_get(3)?;
+    let status: &str = row.try_get(5)?;
+    let metrics: Option<String> = row.try_get(8)?;
+    let copy: &str = row.try_get(13)?;
+    let token: Option<&str> = row.try_get(14)?;
+    let token = token.map(|hash| TokenHash::from_hex(hash).context("malformed token hash")).transpose()?;
+    let max_concurrency: Option<i64> = row.try_get(17)?;
+    let mut node = Node {
+        id,
+        machine_name: row.try_get(1)?,
+        ip_address: row.try_get(2)?,
+        runtime_port: u16::try_from(port).with_context(|| format!("bad port {port} for node {id}"))?,
+        runtime_version: row.try_get(4)?,
+        status: status.parse()?,
+        display_name: row.try_get(6)?,
+        notes: row.try_get(7)?,
+        gpu_devices: Vec::new(),
+        supported_runtimes: Vec::new(),
+        loaded_models: Vec::new(),
+        ready_models: Vec::new(),
+        tags: Vec::new(),
+        metrics: metrics.map(PackedMetrics::from_stored),
+        registered_at: row.try_get(9)?,
+        approved_at: row.try_get(10)?,
+        approved_by: row.try_get(11)?,
+        join_token: row.try_get(15)?,
+        cordoned: row.try_get(16)?,
+        max_concurrency: max_concurrency.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        conditions: row.try_get::<Option<&str>, _>(18)?.map(Conditions::decode).unwrap_or_default(),
+        last_seen_at: row.try_get(12)?,
+    };
+    lists::decode(copy).with_context(|| format!("malformed lists of node {id}"))?.apply_to(&mut node);
+    Ok(SharedNode { node, token, revision: row.try_get(19)? })
+}
+
+impl PgStore {
+    /// Records the revision a committed write of this router gave node `id` (see
+    /// [`SharedStorage::written_revision`](crate::store::SharedStorage::written_revision)).
+    fn wrote(&self, id: Uuid, revision: i64) {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = written.entry(id).or_insert(0);
+        *entry = (*entry).max(revision);
+    }
+
+    pub(super) async fn load_nodes(&self) -> anyhow::Result<Vec<StoredNode>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id");
+        let mut conn = self.pool.acquire().await?;
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
+        let mut nodes = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            let SharedNode { node, token, .. } = node_from_row(&row)?;
+            nodes.push((node, token));
+        }
+        Ok(nodes)
+    }
+
+    pub(super) async fn insert_node(
+        &self,
+        node: &Node,
+        token: TokenHash,
+        events: &[NodeEvent],
+        join: Option<&JoinUse>,
+    ) -> Result<(), InsertError> {
+        let mut tx = self.pool.begin().await.map_err(anyhow::Error::from)?;
+        if let Err(err) = insert_row(&mut tx, node).await {
+            let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
+            return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
+        }
+        if let Some(join) = join {
+            use_join_token(&mut tx, join).await?;
+        }
+        let written: anyhow::Result<()> = async {
+            write_token(&mut tx, node.id, token, node.registered_at).await?;
+            write_events(&mut tx, events).await?;
+            notify_node(&mut tx, node.id).await?;
+            tx.commit().await?;
+            self.wrote(node.id, 1);
+            Ok(())
+        }
+        .await;
+        written.map_err(InsertError::Other)
+    }
+
+    pub(super) async fn import_nodes(&self, nodes: &[NewNode]) -> anyhow::Result<Vec<Uuid>> {
+        let mut tx = self.pool.begin().await?;
+        let mut added = Vec::new();
+        for new in nodes {
+            let node = &new.node;
+            let inserted = sqlx::query(
+                "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, \
+                 notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, \
+                 max_concurrency, conditions) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+                 ON CONFLICT DO NOTHING",
+            );
+            let done = bind_node(inserted, node).execute(&mut *tx).await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            if let Some(token) = new.token {
+                write_token(&mut tx, node.id, token, node.registered_at).await?;
+            }
+            write_events(&mut tx, &new.events).await?;
+            added.push(node.id);
+        }
+        if !added.is_empty() {
+            notify_node(&mut tx, Uuid::nil()).await?;
+        }
+        tx.commit().await?;
+        for id in &added {
+            self.wrote(*id, 1);
+        }
+        Ok(added)
+    }
+
+    pub(super) async fn reregister_node(
+        &self,
+        node: &Node,
+        token: TokenHash,
+        now: Millis,
+        events: &[NodeEvent],
+        join: Option<&JoinUse>,
+    ) -> Result<(), InsertError> {
+        let mut tx = self.pool.begin().await.map_err(anyhow::Error::from)?;
+        if let Some(join) = join {
+            use_join_token(&mut tx, join).await?;
+        }
+        let written: anyhow::Result<()> = async {
+            let revision: Option<i64> = sqlx::query_scalar(
+                "UPDATE nodes SET ip_address = $1, runtime_version = $2, status = $3, approved_at = $4, \
+                 approved_by = $5, join_token = $6, lists = $7, revision = revision + 1, \
+                 changed_xid = pg_current_xact_id() WHERE id = $8 RETURNING revision",
+            )
+            .bind(&node.ip_address)
+            .bind(&node.runtime_version)
+            .bind(node.status.as_str())
+            .bind(node.approved_at)
+            .bind(&node.approved_by)
+            .bind(&node.join_token)
+            .bind(lists::encode_node(node))
+            .bind(node.id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            write_token(&mut tx, node.id, token, now).await?;
+            write_events(&mut tx, events).await?;
+            notify_node(&mut tx, node.id).await?;
+            tx.commit().await?;
+            self.wrote(node.id, revision.unwrap_or(0));
+            Ok(())
+        }
+        .await;
+        written.map_err(InsertError::Other)
+    }
+
+    pub(super) async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let revision: Option<i64> = sqlx::query_scalar(
+            "UPDATE nodes SET status = $1, approved_at = $2, approved_by = $3, cordoned = $4, conditions = $5, \
+             revision = revision + 1, changed_xid = pg_current_xact_id() WHERE id = $6 RETURNING revision",
+        )
+        .bind(node.status.as_str())
+        .bind(node.approved_at)
+        .bind(&node.approved_by)
+        .bind(node.cordoned)
+        .bind(node.conditions.encode())
+        .bind(node.id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        write_events(&mut tx, [event]).await?;
+        cap_events(&mut tx, node.id).await?;
+        notify_node(&mut tx, node.id).await?;
+        tx.commit().await?;
+        self.wrote(node.id, revision.unwrap_or(0));
+        Ok(())
+    }
+
+    pub(super) async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let revision: Option<i64> = sqlx::query_scalar(
+            "UPDATE nodes SET display_name = $1, notes = $2, max_concurrency = $3, lists = $4, \
+             revision = revision + 1, changed_xid = pg_current_xact_id() WHERE id = $5 RETURNING revision",
+        )
+        .bind(&node.display_name)
+        .bind(&node.notes)
+        .bind(node.max_concurrency.map(i64::from))
+        .bind(lists::encode_node(node))
+        .bind(node.id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        notify_node(&mut tx, node.id).await?;
+        tx.commit().await?;
+        self.wrote(node.id, revision.unwrap_or(0));
+        Ok(())
+    }
+
+    pub(super) async fn delete_node(&self, id: Uuid, event: &NodeEvent) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO node_deletions (id, deleted_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET deleted_at = excluded.deleted_at, deleted_xid = pg_current_xact_id()",
+        )
+        .bind(id.to_string())
+        .bind(event.at)
+        .execute(&mut *tx)
+        .await?;
+        write_events(&mut tx, [event]).await?;
+        notify_node(&mut tx, id).await?;
+        tx.commit().await?;
+        self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        Ok(())
+    }
+
+    /// Writes a batch of figures with one statement. Rows are locked in id order first, so two routers flushing
+    /// the same nodes (a node whose heartbeats a load balancer spreads) wait for each other instead of deadlocking.
+    pub(super) async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = batch.iter().map(|f| f.node_id.to_string()).collect();
+        let seen: Vec<i64> = batch.iter().map(|f| f.last_seen_at).collect();
+        let metrics: Vec<Option<&str>> = batch.iter().map(|f| f.metrics.as_ref().map(PackedMetrics::as_str)).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM nodes WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics, seen_xid = pg_current_xact_id(), \
+             seen_by = $4 FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS v (id, last_seen_at, metrics) \
+             WHERE nodes.id = v.id",
+        )
+        .bind(&ids)
+        .bind(&seen)
+        .bind(&metrics)
+        .bind(&self.me)
+        .execute(&mut *tx)
+        .await?;
+        // Models changed: the node's lists are written anew (nodes deleted meanwhile match no row).
+        let mut revisions = Vec::new();
+        for figures in batch {
+            let Some(node_lists) = &figures.lists else { continue };
+            let revision: Option<i64> = sqlx::query_scalar(
+                "UPDATE nodes SET lists = $1, revision = revision + 1, changed_xid = pg_current_xact_id() \
+                 WHERE id = $2 RETURNING revision",
+            )
+            .bind(lists::encode(node_lists))
+            .bind(figures.node_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(revision) = revision {
+                notify_node(&mut tx, figures.node_id).await?;
+                revisions.push((figures.node_id, revision));
+            }
+        }
+        tx.commit().await?;
+        for (id, revision) in revisions {
+            self.wrote(id, revision);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn node_events(
+        &self,
+        id: Uuid,
+        limit: u32,
+        before: Option<i64>,
+    ) -> anyhow::Result<Vec<RecordedEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, node_id, at, from_status, to_status, reason, actor FROM node_events \
+             WHERE node_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+        )
+        .bind(id.to_string())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let node_id: &str = row.try_get(1)?;
+                let from: Option<&str> = row.try_get(3)?;
+                Ok(RecordedEvent {
+                    id: row.try_get(0)?,
+                    event: NodeEvent {
+                        node_id: Uuid::parse_str(node_id)?,
+                        at: row.try_get(2)?,
+                        from: from.map(str::parse).transpose()?,
+                        to: row.try_get(4)?,
+                        reason: row.try_get(5)?,
+                        actor: row.try_get(6)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Removes old node events, and the records of deletions as old (every router has long read them).
+    pub(super) async fn prune_events(&self, cutoff: Millis) -> anyhow::Result<u64> {
+        let removed = self.prune_before("node_events", cutoff).await?;
+        sqlx::query("DELETE FROM node_deletions WHERE deleted_at < $1").bind(cutoff).execute(&self.pool).await?;
+        Ok(removed)
+    }
+
+    /// Removes the rows of `table` (with `id` and `at` columns) from before `cutoff`, in bounded batches.
+    pub(super) async fn prune_before(&self, table: &'static str, cutoff: Millis) -> anyhow::Result<u64> {
+        let sql = format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE at < $1 LIMIT $2)");
+        let mut removed = 0;
+        loop {
+            let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(cutoff)
+                .bind(PRUNE_BATCH)
+                .execute(&self.pool)
+                .await?;
+            removed += done.rows_affected();
+            if done.rows_affected() < PRUNE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds a node's columns in the order of the inserts' column lists.
+fn bind_node<'q>(query: Query<'q>, node: &'q Node) -> Query<'q> {
+    query
+        .bind(node.id.to_string())
+        .bind(node.machine_name.as_str())
+        .bind(node.ip_address.as_str())
+        .bind(i64::from(node.runtime_port))
+        .bind(node.runtime_version.as_str())
+        .bind(node.status.as_str())
+        .bind(node.display_name.as_deref())
+        .bind(node.notes.as_deref())
+        .bind(node.metrics.as_ref().map(PackedMetrics::as_str))
+        .bind(node.registered_at)
+        .bind(node.approved_at)
+        .bind(node.approved_by.as_deref())
+        .bind(node.last_seen_at)
+        .bind(lists::encode_node(node))
+        .bind(node.join_token.as_deref())
+        .bind(node.cordoned)
+        .bind(node.max_concurrency.map(i64::from))
+        .bind(node.conditions.encode())
+}
+
+/// Inserts one node's row; a duplicate comes back as the database's unique violation.
+pub(super) async fn insert_row(conn: &mut PgConnection, node: &Node) -> Result<(), sqlx::Error> {
+    let insert = sqlx::query(
+        "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, notes, \
+         metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, max_concurrency, \
+         conditions) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+    );
+    bind_node(insert, node).execute(&mut *conn).await?;
+    Ok(())
+}
+
+pub(super) async fn write_token(
+    conn: &mut PgConnection,
+    id: Uuid,
+    token: TokenHash,
+    now: Millis,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
+    )
+    .bind(id.to_string())
+    .bind(token.to_hex())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends events to their nodes' histories, with one statement.
+pub(super) async fn write_events<'a>(
+    conn: &mut PgConnection,
+    events: impl IntoIterator<Item = &'a NodeEvent>,
+) -> anyhow::Result<()> {
+    let events: Vec<&NodeEvent> = events.into_iter().collect();
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.node_id.to_string()).collect();
+    let at: Vec<i64> = events.iter().map(|e| e.at).collect();
+    let from: Vec<Option<&str>> = events.iter().map(|e| e.from.map(NodeStatus::as_str)).collect();
+    let to: Vec<&str> = events.iter().map(|e| e.to.as_str()).collect();
+    let reason: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
+    let actor: Vec<Option<&str>> = events.iter().map(|e| e.actor.as_deref()).collect();
+    sqlx::query(
+        "INSERT INTO node_events (node_id, at, from_status, to_status, reason, actor) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])",
+    )
+    .bind(&ids)
+    .bind(&at)
+    .bind(&from)
+    .bind(&to)
+    .bind(&reason)
+    .bind(&actor)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Keeps the newest [`EVENTS_PER_NODE`] events of a node.
+async fn cap_events(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<()> {
+    let id = id.to_string();
+    sqlx::query(
+        "DELETE FROM node_events WHERE node_id = $1 AND id <= \
+         (SELECT id FROM node_events WHERE node_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+    )
+    .bind(&id)
+    .bind(EVENTS_PER_NODE)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Announces a change of node `id` to every router, when the transaction commits.
+pub(super) async fn notify_node(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(NODES_CHANNEL).bind(id.to_string()).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Counts the use of a join token in the caller's transaction, atomically however many routers register at once.
+pub(super) async fn use_join_token(conn: &mut PgConnection, join: &JoinUse) -> Result<(), InsertError> {
+    let used = sqlx::query(
+        "UPDATE join_tokens SET uses = uses + 1 WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2 \
+         AND (max_uses IS NULL OR uses < max_uses)",
+    )
+    .bind(join.token_id.to_string())
+    .bind(join.at)
+    .execute(&mut *conn)
+    .await
+    .map_err(anyhow::Error::from)?;
+    if used.rows_affected() == 1 {
+        return Ok(());
+    }
+    let token = super::records::join_token_by_id(conn, join.token_id).await?;
+    let why = match token {
+        Some(token) => token.check(join.at).err().unwrap_or(crate::model::enrollment::Unusable::UsedUp),
+        None => crate::model::enrollment::Unusable::Unknown,
+    };
+    Err(InsertError::JoinToken(why))
+}
