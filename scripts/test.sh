@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust workspace (unit, API, agent end-to-end), the official `openai` Python client against the
+# Runs every test: the Rust workspace (unit, API, agent end-to-end; the API suite a second time on PostgreSQL, and
+# the tests of several routers sharing one PostgreSQL database), the official `openai` Python client against the
 # router's /v1 (tests/openai/, stand-in runtimes), the router and agent beside a real llama.cpp runtime
 # (tests/llama/), the dashboard in headless Chromium, and the contract fuzzing of the API against its own OpenAPI
 # document.
 #
-# On a fresh machine it first installs what it lacks: Debian's chromium (with apt-get, when run as root; otherwise
-# it says what to install), schemathesis, prometheus_client, pytest, openai and gguf in a virtualenv of the
+# On a fresh machine it first installs what it lacks: Debian's chromium and postgresql (with apt-get, when run as
+# root; otherwise it says what to install; the PostgreSQL server is a throw-away cluster in a temporary directory,
+# started by scripts/postgres.sh and removed at the end), schemathesis, prometheus_client, pytest, openai and gguf in a virtualenv of the
 # project's own (.venv-test/), llama-cpp-python built from source for the CPU in a virtualenv cached under
 # ${XDG_CACHE_HOME:-~/.cache}/llm-router/ (a few minutes, once per version), and the dashboard tests' npm packages
 # (pinned in tests/dashboard/package-lock.json). Needs cargo, python3 and node with npm.
@@ -73,7 +75,17 @@ if [ ! -d tests/dashboard/node_modules ] || [ tests/dashboard/package-lock.json 
   npm --prefix tests/dashboard ci --no-audit --no-fund
 fi
 
+# A throw-away PostgreSQL server for the whole run: the PostgreSQL tests make a database of their own on it.
+pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/llm-router-pg.XXXXXX")
+# Readable by the server's own user when run as root (the cluster then belongs to `postgres`).
+chmod 755 "$pg_dir"
+trap 'scripts/postgres.sh stop "$pg_dir/cluster"; rm -rf "$pg_dir"' EXIT
+LLM_ROUTER_TEST_POSTGRES=$(POSTGRES_NO_FSYNC=1 scripts/postgres.sh start "$pg_dir/cluster")
+export LLM_ROUTER_TEST_POSTGRES
+
 cargo test --workspace
+# The API suite again, every router of it on PostgreSQL.
+LLM_ROUTER_TEST_BACKEND=postgres cargo test -p llm-router --test api
 
 # The binaries the Python suites start (cargo test builds llm-node, and llm-router for the agent's end-to-end tests;
 # this makes sure both are current).

@@ -19,6 +19,7 @@ mod legacy;
 mod observability;
 mod registration;
 mod registration_limits;
+mod several_routers;
 mod sign_in_limits;
 mod storage;
 mod tls;
