@@ -30,7 +30,8 @@ pub enum Command {
 /// Settings of `llm-router migrate`.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
-    /// The SQLite database file to copy from (`router.db` in a data directory). It is only read.
+    /// The SQLite database file to copy from (`router.db` in a data directory; stop its router first). It is
+    /// brought to the current schema, as a start of the router would, and otherwise only read.
     #[arg(long)]
     pub from: PathBuf,
     /// The PostgreSQL database to copy into (`postgres://…`); its migrations are applied first.

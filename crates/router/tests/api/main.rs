@@ -16,6 +16,7 @@ mod hostile_input;
 mod inference;
 mod join_tokens;
 mod legacy;
+mod migrate;
 mod observability;
 mod registration;
 mod registration_limits;

@@ -54,6 +54,22 @@ pub async fn open(url: &str) -> anyhow::Result<Store> {
     Ok(Arc::new(PgStore::open(url).await?))
 }
 
+/// A pool on the database at `url` with the migrations applied: for `llm-router migrate`.
+pub(in crate::store) async fn migrated_pool(url: &str) -> anyhow::Result<PgPool> {
+    let redacted = redact(url);
+    let options = PgConnectOptions::from_str(url).with_context(|| format!("reading the database URL {redacted}"))?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to {redacted}"))?;
+    MIGRATOR.run(&pool).await.with_context(|| format!("applying migrations to {redacted}"))?;
+    Ok(pool)
+}
+
+pub(in crate::store) use nodes::copy_node;
+
 /// Handle to the database.
 #[derive(Debug)]
 pub struct PgStore {

@@ -124,15 +124,7 @@ impl PgStore {
         let mut added = Vec::new();
         for new in nodes {
             let node = &new.node;
-            let inserted = sqlx::query(
-                "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, \
-                 notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, \
-                 max_concurrency, conditions) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-                 ON CONFLICT DO NOTHING",
-            );
-            let done = bind_node(inserted, node).execute(&mut *tx).await?;
-            if done.rows_affected() == 0 {
+            if !copy_node(&mut tx, node).await? {
                 continue;
             }
             if let Some(token) = new.token {
@@ -380,6 +372,18 @@ fn bind_node<'q>(query: Query<'q>, node: &'q Node) -> Query<'q> {
         .bind(node.cordoned)
         .bind(node.max_concurrency.map(i64::from))
         .bind(node.conditions.encode())
+}
+
+/// Adds a node copied from another database, unless its id (or its machine name and port) is there already;
+/// returns whether it was added.
+pub(in crate::store) async fn copy_node(conn: &mut PgConnection, node: &Node) -> anyhow::Result<bool> {
+    let insert = sqlx::query(
+        "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, notes, \
+         metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, max_concurrency, \
+         conditions) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         ON CONFLICT DO NOTHING",
+    );
+    Ok(bind_node(insert, node).execute(&mut *conn).await?.rows_affected() == 1)
 }
 
 /// Inserts one node's row; a duplicate comes back as the database's unique violation.
