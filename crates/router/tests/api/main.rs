@@ -20,6 +20,7 @@ mod migrate;
 mod observability;
 mod registration;
 mod registration_limits;
+mod several_processes;
 mod several_routers;
 mod sign_in_limits;
 mod storage;
