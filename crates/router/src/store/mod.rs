@@ -17,6 +17,7 @@
 
 pub mod migrate;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::any::Any;

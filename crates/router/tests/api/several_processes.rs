@@ -70,6 +70,14 @@ impl Client {
         answer.json::<Value>().await.expect("json")["token"].as_str().expect("token").to_owned()
     }
 
+    /// Registers a node named `name` on `router`; returns its id and token.
+    async fn register(&self, router: &Router, name: &str) -> (String, String) {
+        let answer = self.http.post(format!("{}/v0/nodes", router.base)).json(&registration(name, 8000)).send();
+        let answer: Value = answer.await.expect("register").json().await.expect("json");
+        let field = |name: &str| answer[name].as_str().expect("registration field").to_owned();
+        (field("node_id"), field("node_token"))
+    }
+
     async fn node(&self, router: &Router, session: &str, id: &str) -> Option<Value> {
         let answer = self.http.get(format!("{}/v0/nodes/{id}", router.base)).bearer_auth(session).send().await.ok()?;
         if answer.status() != 200 {
@@ -120,9 +128,8 @@ async fn two_router_processes_share_the_fleet_and_survive_the_loss_of_the_lease_
     let (session_a, session_b) = (client.session(&a).await, client.session(&b).await);
 
     // Register on A, approve on B, heartbeat to B: A's view follows within a second.
-    let registered = client.http.post(format!("{}/v0/nodes", a.base)).json(&registration("gpu-e2e", 8000)).send();
-    let registered: Value = registered.await.expect("register").json().await.expect("json");
-    let (id, token) = (registered["node_id"].as_str().expect("id"), registered["node_token"].as_str().expect("token"));
+    let (id, token) = client.register(&a, "gpu-e2e").await;
+    let (id, token) = (id.as_str(), token.as_str());
     let known = poll_until(Instant::now() + Duration::from_secs(1), || async {
         client.node(&b, &session_b, id).await.is_some()
     });
@@ -136,17 +143,8 @@ async fn two_router_processes_share_the_fleet_and_survive_the_loss_of_the_lease_
     assert!(online.await.is_some(), "A shows the node online within 1 s of B's heartbeat");
 
     // A node deleted on A: its token is refused on B within a second.
-    let other: Value = client
-        .http
-        .post(format!("{}/v0/nodes", a.base))
-        .json(&registration("gpu-doomed", 8000))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("json");
-    let (other_id, other_token) = (other["node_id"].as_str().expect("id"), other["node_token"].as_str().expect("t"));
+    let (other_id, other_token) = client.register(&a, "gpu-doomed").await;
+    let (other_id, other_token) = (other_id.as_str(), other_token.as_str());
     assert_eq!(client.heartbeat(&b, other_id, other_token).await, 200);
     let deleted = client.http.delete(format!("{}/v0/nodes/{other_id}", a.base)).bearer_auth(&session_a).send();
     assert_eq!(deleted.await.expect("delete").status(), 204);

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::PgStore;
 use crate::clock::Millis;
 use crate::model::auth::{Principal, Role, Scope, TokenHash};
-use crate::store::{ApiKeyRow, DeleteUserError, UserRow};
+use crate::store::{ApiKeyRow, DeleteUserError, UserRow, rows};
 
 /// The channel a credential's end is announced on.
 pub(super) const CREDENTIALS_CHANNEL: &str = "llm_router_credentials";
@@ -41,14 +41,14 @@ impl PgStore {
             .bind(username)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|row| user_from_row(&row)).transpose()
+        row.map(|row| rows::user(&row)).transpose()
     }
 
     pub(super) async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
         let rows = sqlx::query("SELECT username, password_hash, role, created_at FROM users ORDER BY username")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(user_from_row).collect()
+        rows.iter().map(rows::user).collect()
     }
 
     /// Deletes a user and their sessions. The administrators are locked first, so two routers deleting the last
@@ -163,18 +163,7 @@ impl PgStore {
             sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
                 .fetch_all(&self.pool)
                 .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ApiKeyRow {
-                    id: Uuid::parse_str(&row.try_get::<String, _>(0)?)?,
-                    name: row.try_get(1)?,
-                    role: row.try_get::<String, _>(2)?.parse()?,
-                    scope: row.try_get::<String, _>(3)?.parse()?,
-                    created_by: row.try_get(4)?,
-                    created_at: row.try_get(5)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::api_key).collect()
     }
 
     pub(super) async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
@@ -184,13 +173,4 @@ impl PgStore {
         tx.commit().await?;
         Ok(result.rows_affected() == 1)
     }
-}
-
-fn user_from_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<UserRow> {
-    Ok(UserRow {
-        username: row.try_get(0)?,
-        password_hash: row.try_get(1)?,
-        role: row.try_get::<String, _>(2)?.parse()?,
-        created_at: row.try_get(3)?,
-    })
 }

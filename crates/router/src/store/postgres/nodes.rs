@@ -16,58 +16,27 @@ use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
 use crate::model::figures::PackedMetrics;
-use crate::model::health::Conditions;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::sqlite::lists;
-use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode, SharedNode, StoredNode};
+use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode, SharedNode, StoredNode, rows};
 
 /// The channel a node change is announced on; its payload is the node's id.
 pub(super) const NODES_CHANNEL: &str = "llm_router_nodes";
 
-/// The columns [`node_from_row`] reads, from `nodes n LEFT JOIN node_tokens t`.
-pub(super) const NODE_COLUMNS: &str = "n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, \
-     n.status, n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, \
-     n.lists, t.token_hash, n.join_token, n.cordoned, n.max_concurrency, n.conditions, n.revision";
+/// The columns [`node_from_row`] reads, from `nodes n LEFT JOIN node_tokens t`: a node's, and its revision.
+pub(super) fn node_columns() -> String {
+    format!("{}, n.revision", rows::NODE_COLUMNS)
+}
 
 /// Rows removed per statement when pruning.
 const PRUNE_BATCH: i64 = 10_000;
 
-/// A node row with its token hash and revision, read with [`NODE_COLUMNS`].
+/// A node row with its token hash and revision, read with [`node_columns`].
 pub(super) fn node_from_row(row: &PgRow) -> anyhow::Result<SharedNode> {
-    let id_text: &str = row.try_get(0)?;
-    let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
-    let port: i64 = row.try_get(3)?;
-    let status: &str = row.try_get(5)?;
-    let metrics: Option<String> = row.try_get(8)?;
-    let copy: &str = row.try_get(13)?;
-    let token: Option<&str> = row.try_get(14)?;
-    let token = token.map(|hash| TokenHash::from_hex(hash).context("malformed token hash")).transpose()?;
-    let max_concurrency: Option<i64> = row.try_get(17)?;
-    let mut node = Node {
-        id,
-        machine_name: row.try_get(1)?,
-        ip_address: row.try_get(2)?,
-        runtime_port: u16::try_from(port).with_context(|| format!("bad port {port} for node {id}"))?,
-        runtime_version: row.try_get(4)?,
-        status: status.parse()?,
-        display_name: row.try_get(6)?,
-        notes: row.try_get(7)?,
-        gpu_devices: Vec::new(),
-        supported_runtimes: Vec::new(),
-        loaded_models: Vec::new(),
-        ready_models: Vec::new(),
-        tags: Vec::new(),
-        metrics: metrics.map(PackedMetrics::from_stored),
-        registered_at: row.try_get(9)?,
-        approved_at: row.try_get(10)?,
-        approved_by: row.try_get(11)?,
-        join_token: row.try_get(15)?,
-        cordoned: row.try_get(16)?,
-        max_concurrency: max_concurrency.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-        conditions: row.try_get::<Option<&str>, _>(18)?.map(Conditions::decode).unwrap_or_default(),
-        last_seen_at: row.try_get(12)?,
-    };
-    lists::decode(copy).with_context(|| format!("malformed lists of node {id}"))?.apply_to(&mut node);
+    let (mut node, copy, token) = rows::node(row)?;
+    let id = node.id;
+    let copy = copy.with_context(|| format!("node {id} has no lists"))?;
+    lists::decode(&copy).with_context(|| format!("malformed lists of node {id}"))?.apply_to(&mut node);
     Ok(SharedNode { node, token, revision: row.try_get(19)? })
 }
 
@@ -81,7 +50,7 @@ impl PgStore {
     }
 
     pub(super) async fn load_nodes(&self) -> anyhow::Result<Vec<StoredNode>> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id");
+        let sql = format!("SELECT {} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id", node_columns());
         let mut conn = self.pool.acquire().await?;
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
         let mut nodes = Vec::new();
@@ -305,23 +274,7 @@ impl PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                let node_id: &str = row.try_get(1)?;
-                let from: Option<&str> = row.try_get(3)?;
-                Ok(RecordedEvent {
-                    id: row.try_get(0)?,
-                    event: NodeEvent {
-                        node_id: Uuid::parse_str(node_id)?,
-                        at: row.try_get(2)?,
-                        from: from.map(str::parse).transpose()?,
-                        to: row.try_get(4)?,
-                        reason: row.try_get(5)?,
-                        actor: row.try_get(6)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::node_event).collect()
     }
 
     /// Removes old node events, and the records of deletions as old (every router has long read them).

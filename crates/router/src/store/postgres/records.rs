@@ -1,7 +1,6 @@
 //! Join tokens, the audit log and fleet events.
 
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::PgStore;
@@ -10,10 +9,9 @@ use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinToken;
 use crate::model::fleet::FleetEvent;
-use crate::store::AuditQuery;
+use crate::store::{AuditQuery, rows};
 
-const JOIN_COLUMNS: &str =
-    "id, name, token_hash, created_by, created_at, expires_at, max_uses, uses, auto_approve, tags, revoked_at";
+const JOIN_COLUMNS: &str = rows::JOIN_TOKEN_COLUMNS;
 
 impl PgStore {
     pub(super) async fn insert_join_token(&self, token: &JoinToken) -> anyhow::Result<()> {
@@ -41,13 +39,13 @@ impl PgStore {
     pub(super) async fn join_tokens(&self) -> anyhow::Result<Vec<JoinToken>> {
         let sql = format!("SELECT {JOIN_COLUMNS} FROM join_tokens ORDER BY created_at DESC, id");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
-        rows.iter().map(join_token_from_row).collect()
+        rows.iter().map(rows::join_token).collect()
     }
 
     pub(super) async fn join_token(&self, hash: TokenHash) -> anyhow::Result<Option<JoinToken>> {
         let sql = format!("SELECT {JOIN_COLUMNS} FROM join_tokens WHERE token_hash = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(hash.to_hex()).fetch_optional(&self.pool).await?;
-        row.as_ref().map(join_token_from_row).transpose()
+        row.as_ref().map(rows::join_token).transpose()
     }
 
     pub(super) async fn revoke_join_token(&self, id: Uuid, at: Millis) -> anyhow::Result<bool> {
@@ -97,21 +95,7 @@ impl PgStore {
         }
         query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
         let rows = query.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RecordedAudit {
-                    id: row.try_get(0)?,
-                    event: AuditEvent {
-                        at: row.try_get(1)?,
-                        actor: row.try_get(2)?,
-                        client: row.try_get(3)?,
-                        action: row.try_get(4)?,
-                        target: row.try_get(5)?,
-                        outcome: row.try_get(6)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::audit_event).collect()
     }
 
     pub(super) async fn insert_fleet_event(&self, event: &FleetEvent) -> anyhow::Result<i64> {
@@ -160,21 +144,7 @@ impl PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(FleetEvent {
-                    id: row.try_get("id")?,
-                    at: row.try_get("at")?,
-                    kind: row.try_get("kind")?,
-                    message: row.try_get("message")?,
-                    nodes_affected: u64::try_from(row.try_get::<i64, _>("nodes_affected")?).unwrap_or(0),
-                    nodes_live: u64::try_from(row.try_get::<i64, _>("nodes_live")?).unwrap_or(0),
-                    resolved_at: row.try_get("resolved_at")?,
-                    resolved_by: row.try_get("resolved_by")?,
-                    resolution: row.try_get("resolution")?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::fleet_event).collect()
     }
 }
 
@@ -182,25 +152,5 @@ impl PgStore {
 pub(super) async fn join_token_by_id(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<Option<JoinToken>> {
     let sql = format!("SELECT {JOIN_COLUMNS} FROM join_tokens WHERE id = $1");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_optional(&mut *conn).await?;
-    row.as_ref().map(join_token_from_row).transpose()
-}
-
-fn join_token_from_row(row: &PgRow) -> anyhow::Result<JoinToken> {
-    let hash: &str = row.try_get(2)?;
-    let max_uses: Option<i64> = row.try_get(6)?;
-    let uses: i64 = row.try_get(7)?;
-    let tags: &str = row.try_get(9)?;
-    Ok(JoinToken {
-        id: Uuid::parse_str(row.try_get(0)?)?,
-        name: row.try_get(1)?,
-        hash: TokenHash::from_hex(hash).ok_or_else(|| anyhow::anyhow!("malformed join token hash"))?,
-        created_by: row.try_get(3)?,
-        created_at: row.try_get(4)?,
-        expires_at: row.try_get(5)?,
-        max_uses: max_uses.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-        uses: u32::try_from(uses).unwrap_or(u32::MAX),
-        auto_approve: row.try_get(8)?,
-        tags: serde_json::from_str(tags)?,
-        revoked_at: row.try_get(10)?,
-    })
+    row.as_ref().map(rows::join_token).transpose()
 }

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::PgStore;
 use super::auth::CREDENTIALS_CHANNEL;
-use super::nodes::{NODE_COLUMNS, NODES_CHANNEL, node_from_row};
+use super::nodes::{NODES_CHANNEL, node_columns, node_from_row};
 use crate::model::auth::TokenHash;
 use crate::model::figures::PackedMetrics;
 use crate::store::{ChangeSignals, NodeChanges, Seen, SeenChanges, SharedNode, SharedStorage, StoreResult};
@@ -56,8 +56,8 @@ impl PgStore {
         let mut tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
         let next: i64 = sqlx::query_scalar(SNAPSHOT_XMIN).fetch_one(&mut *tx).await?;
         let sql = format!(
-            "SELECT {NODE_COLUMNS} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id \
-             WHERE n.changed_xid >= $1::text::xid8"
+            "SELECT {} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id WHERE n.changed_xid >= $1::text::xid8",
+            node_columns()
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(cursor.to_string()).fetch_all(&mut *tx).await?;
         let nodes = rows.iter().map(node_from_row).collect::<anyhow::Result<Vec<_>>>()?;
@@ -100,7 +100,8 @@ impl PgStore {
 
     async fn node_by_token(&self, hash: TokenHash) -> anyhow::Result<Option<SharedNode>> {
         let sql = format!(
-            "SELECT {NODE_COLUMNS} FROM node_tokens t JOIN nodes n ON n.id = t.node_id WHERE t.token_hash = $1"
+            "SELECT {} FROM node_tokens t JOIN nodes n ON n.id = t.node_id WHERE t.token_hash = $1",
+            node_columns()
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(hash.to_hex()).fetch_optional(&self.pool).await?;
         row.as_ref().map(node_from_row).transpose()

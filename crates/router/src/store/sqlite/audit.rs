@@ -1,12 +1,12 @@
 //! Rows of `audit_events`: appended in batches, read in pages, pruned by age.
 
+use sqlx::QueryBuilder;
 use sqlx::sqlite::Sqlite;
-use sqlx::{QueryBuilder, Row};
 
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
-use crate::store::AuditQuery;
+use crate::store::{AuditQuery, rows};
 
 impl SqliteStore {
     pub(super) async fn insert_audit(&self, events: &[AuditEvent]) -> anyhow::Result<()> {
@@ -43,21 +43,7 @@ impl SqliteStore {
         }
         query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
         let rows = query.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RecordedAudit {
-                    id: row.try_get(0)?,
-                    event: AuditEvent {
-                        at: row.try_get(1)?,
-                        actor: row.try_get(2)?,
-                        client: row.try_get(3)?,
-                        action: row.try_get(4)?,
-                        target: row.try_get(5)?,
-                        outcome: row.try_get(6)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::audit_event).collect()
     }
 
     pub(super) async fn prune_audit(&self, cutoff: Millis) -> anyhow::Result<u64> {

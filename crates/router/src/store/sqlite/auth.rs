@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::{Principal, Role, Scope, TokenHash};
-use crate::store::{ApiKeyRow, DeleteUserError, UserRow};
+use crate::store::{ApiKeyRow, DeleteUserError, UserRow, rows};
 
 impl SqliteStore {
     pub(super) async fn count_users(&self) -> anyhow::Result<i64> {
@@ -35,14 +35,14 @@ impl SqliteStore {
             .bind(username)
             .fetch_optional(&self.reader)
             .await?;
-        row.map(|row| user_from_row(&row)).transpose()
+        row.map(|row| rows::user(&row)).transpose()
     }
 
     pub(super) async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
         let rows = sqlx::query("SELECT username, password_hash, role, created_at FROM users ORDER BY username")
             .fetch_all(&self.reader)
             .await?;
-        rows.iter().map(user_from_row).collect()
+        rows.iter().map(rows::user).collect()
     }
 
     /// Deletes a user and their sessions, refusing to remove the last administrator.
@@ -155,18 +155,7 @@ impl SqliteStore {
             sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
                 .fetch_all(&self.reader)
                 .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ApiKeyRow {
-                    id: Uuid::parse_str(&row.try_get::<String, _>(0)?)?,
-                    name: row.try_get(1)?,
-                    role: row.try_get::<String, _>(2)?.parse()?,
-                    scope: row.try_get::<String, _>(3)?.parse()?,
-                    created_by: row.try_get(4)?,
-                    created_at: row.try_get(5)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::api_key).collect()
     }
 
     /// Revokes an API key; `Ok(false)` when there was none with this id.
@@ -177,13 +166,4 @@ impl SqliteStore {
             anyhow::Ok(result.rows_affected() == 1)
         })
     }
-}
-
-fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> anyhow::Result<UserRow> {
-    Ok(UserRow {
-        username: row.try_get(0)?,
-        password_hash: row.try_get(1)?,
-        role: row.try_get::<String, _>(2)?.parse()?,
-        created_at: row.try_get(3)?,
-    })
 }

@@ -1,17 +1,14 @@
 //! Rows of `join_tokens`: created, listed, revoked, and each use counted in the transaction that stores the node.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 use uuid::Uuid;
 
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
-use crate::store::InsertError;
-
-const COLUMNS: &str =
-    "id, name, token_hash, created_by, created_at, expires_at, max_uses, uses, auto_approve, tags, revoked_at";
+use crate::store::{InsertError, rows};
+const COLUMNS: &str = rows::JOIN_TOKEN_COLUMNS;
 
 impl SqliteStore {
     pub(super) async fn insert_join_token(&self, token: &JoinToken) -> anyhow::Result<()> {
@@ -41,13 +38,13 @@ impl SqliteStore {
     pub(super) async fn join_tokens(&self) -> anyhow::Result<Vec<JoinToken>> {
         let sql = format!("SELECT {COLUMNS} FROM join_tokens ORDER BY created_at DESC, id");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await?;
-        rows.iter().map(join_token_from_row).collect()
+        rows.iter().map(rows::join_token).collect()
     }
 
     pub(super) async fn join_token(&self, hash: TokenHash) -> anyhow::Result<Option<JoinToken>> {
         let sql = format!("SELECT {COLUMNS} FROM join_tokens WHERE token_hash = ?");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(hash.to_hex()).fetch_optional(&self.reader).await?;
-        row.as_ref().map(join_token_from_row).transpose()
+        row.as_ref().map(rows::join_token).transpose()
     }
 
     pub(super) async fn revoke_join_token(&self, id: Uuid, at: Millis) -> anyhow::Result<bool> {
@@ -84,29 +81,9 @@ pub(super) async fn use_join_token(conn: &mut SqliteConnection, join: &JoinUse) 
         .fetch_optional(&mut *conn)
         .await
         .map_err(anyhow::Error::from)?;
-    let why = match row.as_ref().map(join_token_from_row).transpose()? {
+    let why = match row.as_ref().map(rows::join_token).transpose()? {
         Some(token) => token.check(join.at).err().unwrap_or(Unusable::UsedUp),
         None => Unusable::Unknown,
     };
     Err(InsertError::JoinToken(why))
-}
-
-fn join_token_from_row(row: &SqliteRow) -> anyhow::Result<JoinToken> {
-    let hash: &str = row.try_get(2)?;
-    let max_uses: Option<i64> = row.try_get(6)?;
-    let uses: i64 = row.try_get(7)?;
-    let tags: &str = row.try_get(9)?;
-    Ok(JoinToken {
-        id: Uuid::parse_str(row.try_get(0)?)?,
-        name: row.try_get(1)?,
-        hash: TokenHash::from_hex(hash).ok_or_else(|| anyhow::anyhow!("malformed join token hash"))?,
-        created_by: row.try_get(3)?,
-        created_at: row.try_get(4)?,
-        expires_at: row.try_get(5)?,
-        max_uses: max_uses.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-        uses: u32::try_from(uses).unwrap_or(u32::MAX),
-        auto_approve: row.try_get(8)?,
-        tags: serde_json::from_str(tags)?,
-        revoked_at: row.try_get(10)?,
-    })
 }

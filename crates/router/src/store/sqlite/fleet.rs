@@ -5,6 +5,7 @@ use sqlx::Row;
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::fleet::FleetEvent;
+use crate::store::rows;
 
 impl SqliteStore {
     pub(super) async fn insert_fleet_event(&self, event: &FleetEvent) -> anyhow::Result<i64> {
@@ -57,20 +58,6 @@ impl SqliteStore {
         .bind(limit)
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(FleetEvent {
-                    id: row.try_get("id")?,
-                    at: row.try_get("at")?,
-                    kind: row.try_get("kind")?,
-                    message: row.try_get("message")?,
-                    nodes_affected: u64::try_from(row.try_get::<i64, _>("nodes_affected")?).unwrap_or(0),
-                    nodes_live: u64::try_from(row.try_get::<i64, _>("nodes_live")?).unwrap_or(0),
-                    resolved_at: row.try_get("resolved_at")?,
-                    resolved_by: row.try_get("resolved_by")?,
-                    resolution: row.try_get("resolution")?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::fleet_event).collect()
     }
 }

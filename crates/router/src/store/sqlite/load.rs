@@ -8,11 +8,8 @@ use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::lists;
-use crate::model::auth::TokenHash;
-use crate::model::figures::PackedMetrics;
-use crate::model::health::Conditions;
-use crate::model::node::{Node, NodeLists};
-use crate::store::StoredNode;
+use crate::model::node::NodeLists;
+use crate::store::{StoredNode, rows};
 
 /// Every node with its lists and token hash, one row per node: the lists come from the copy on the node's
 /// row, so start-up does not read the fleet's million child rows. A database whose rows lack that copy
@@ -22,7 +19,8 @@ pub(super) async fn load_nodes(reader: &SqlitePool) -> anyhow::Result<Vec<Stored
     let mut nodes: Vec<StoredNode> = Vec::new();
     let mut complete = true;
     {
-        let mut rows = sqlx::query(LOAD_NODES).fetch(&mut *conn);
+        let sql = load_nodes_sql();
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
         while let Some(row) = rows.try_next().await? {
             let (node, has_lists) = node_from_row(&row)?;
             complete &= has_lists;
@@ -36,9 +34,10 @@ pub(super) async fn load_nodes(reader: &SqlitePool) -> anyhow::Result<Vec<Stored
     Ok(nodes)
 }
 
-const LOAD_NODES: &str = "SELECT n.id, n.machine_name, n.ip_address, n.runtime_port, n.runtime_version, n.status, \
-     n.display_name, n.notes, n.metrics, n.registered_at, n.approved_at, n.approved_by, n.last_seen_at, n.lists, \
-     t.token_hash, n.join_token, n.cordoned, n.max_concurrency, n.conditions FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id";
+/// Every node with its token hash.
+fn load_nodes_sql() -> String {
+    format!("SELECT {} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id", rows::NODE_COLUMNS)
+}
 const LOAD_GPUS: &str = "SELECT node_id, model, count, memory_bytes FROM node_gpu_devices ORDER BY node_id, position";
 const LOAD_RUNTIMES: &str = "SELECT node_id, runtime FROM node_supported_runtimes ORDER BY node_id, position";
 const LOAD_MODELS: &str = "SELECT node_id, kind, model FROM node_loaded_models ORDER BY node_id, kind, position";
@@ -46,39 +45,8 @@ const LOAD_TAGS: &str = "SELECT node_id, tag FROM node_tags ORDER BY node_id, po
 
 /// A node row with its token hash; the flag tells whether the row carried the copy of its lists.
 fn node_from_row(row: &SqliteRow) -> anyhow::Result<(StoredNode, bool)> {
-    let id_text: &str = row.try_get(0)?;
-    let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
-    let port: i64 = row.try_get(3)?;
-    let status: &str = row.try_get(5)?;
-    let metrics: Option<String> = row.try_get(8)?;
-    let lists: Option<&str> = row.try_get(13)?;
-    let token: Option<&str> = row.try_get(14)?;
-    let token = token.map(|hash| TokenHash::from_hex(hash).context("malformed token hash")).transpose()?;
-    let mut node = Node {
-        id,
-        machine_name: row.try_get(1)?,
-        ip_address: row.try_get(2)?,
-        runtime_port: u16::try_from(port).with_context(|| format!("bad port {port} for node {id}"))?,
-        runtime_version: row.try_get(4)?,
-        status: status.parse()?,
-        display_name: row.try_get(6)?,
-        notes: row.try_get(7)?,
-        gpu_devices: Vec::new(),
-        supported_runtimes: Vec::new(),
-        loaded_models: Vec::new(),
-        ready_models: Vec::new(),
-        tags: Vec::new(),
-        metrics: metrics.map(PackedMetrics::from_stored),
-        registered_at: row.try_get(9)?,
-        approved_at: row.try_get(10)?,
-        approved_by: row.try_get(11)?,
-        join_token: row.try_get(15)?,
-        cordoned: row.try_get(16)?,
-        max_concurrency: row.try_get(17)?,
-        conditions: row.try_get::<Option<&str>, _>(18)?.map(Conditions::decode).unwrap_or_default(),
-        last_seen_at: row.try_get(12)?,
-    };
-    let has_lists = match lists.and_then(lists::decode) {
+    let (mut node, copy, token) = rows::node(row)?;
+    let has_lists = match copy.as_deref().and_then(lists::decode) {
         Some(lists) => {
             lists.apply_to(&mut node);
             true

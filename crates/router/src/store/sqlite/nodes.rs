@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use llm_router_protocol::NodeStatus;
 use sqlx::query_builder::Separated;
 use sqlx::sqlite::Sqlite;
-use sqlx::{QueryBuilder, Row, SqliteConnection};
+use sqlx::{QueryBuilder, SqliteConnection};
 use uuid::Uuid;
 
 use super::enrollment::use_join_token;
@@ -16,7 +16,7 @@ use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
-use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode};
+use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode, rows};
 
 impl SqliteStore {
     /// Adds nodes as they are (an import, a seeded fleet), many per statement, in one transaction. A node whose id,
@@ -171,23 +171,7 @@ impl SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                let node_id: &str = row.try_get(1)?;
-                let from: Option<&str> = row.try_get(3)?;
-                Ok(RecordedEvent {
-                    id: row.try_get(0)?,
-                    event: NodeEvent {
-                        node_id: Uuid::parse_str(node_id)?,
-                        at: row.try_get(2)?,
-                        from: from.map(str::parse).transpose()?,
-                        to: row.try_get(4)?,
-                        reason: row.try_get(5)?,
-                        actor: row.try_get(6)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::node_event).collect()
     }
 
     /// Removes events recorded before `cutoff`; returns how many.
