@@ -475,17 +475,18 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
         NewNode { node: node(2), token: None, events: events(&node(2)) },
     ];
     sqlite.import_nodes(&fleet).await.expect("nodes");
-    sqlite
-        .insert_audit(&[AuditEvent {
-            at: 11,
+    // More than a page of the copy.
+    let audit: Vec<AuditEvent> = (0..2_500)
+        .map(|n| AuditEvent {
+            at: 11 + n,
             actor: "admin".into(),
             client: Some("127.0.0.1".into()),
             action: "node.approve".into(),
             target: Some(approved.id.to_string()),
             outcome: "success".into(),
-        }])
-        .await
-        .expect("audit");
+        })
+        .collect();
+    sqlite.insert_audit(&audit).await.expect("audit");
     sqlite
         .insert_fleet_event(&FleetEvent {
             id: 0,
@@ -526,6 +527,8 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     }
     let count = |name: &str| first.iter().find(|t| t.table == name).map(|t| t.rows);
     assert_eq!((count("nodes"), count("node_tokens"), count("node_events")), (Some(2), Some(1), Some(2)));
+    assert_eq!((count("users"), count("sessions"), count("api_keys")), (Some(1), Some(1), Some(1)));
+    assert_eq!((count("join_tokens"), count("audit_events"), count("fleet_events")), (Some(1), Some(2_500), Some(1)));
     let second = migrate::copy(&path, &url).await.expect("migrate again");
     for (table, again) in first.iter().zip(&second) {
         assert_eq!((again.table, again.rows, again.added), (table.table, table.rows, 0), "a second run adds nothing");
@@ -554,6 +557,10 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     assert!(next > 1);
     let history = pg.node_events(approved.id, 10, None).await.expect("events");
     assert_eq!(history.len(), 1);
+    let page = crate::store::AuditQuery { limit: 3_000, before: None, actor: None, action: None };
+    let copied_audit = pg.audit_events(page).await.expect("audit");
+    assert_eq!(copied_audit.len(), 2_500);
+    assert_eq!(copied_audit.last().map(|a| (a.id, a.event.at)), Some((1, 11)), "ids and times as they were");
 }
 
 /// How long `flush_figures` takes for a batch of 10,000 nodes (the write-behind of one router at 10,000 nodes).
@@ -593,4 +600,34 @@ async fn flush_figures_of_ten_thousand_nodes() {
     }
     times.sort();
     println!("two routers flushing 10,000 nodes each at once: median {:?}", times[times.len() / 2]);
+}
+
+#[tokio::test]
+async fn migrate_fails_naming_the_table_whose_rows_did_not_all_arrive_and_keeps_nothing() {
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{ApiKeyRow, migrate};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("router.db");
+    let sqlite: Store = Arc::new(SqliteStore::open(&path).await.expect("sqlite"));
+    let user = UserRow { username: "admin".into(), password_hash: "$argon2".into(), role: Role::Admin, created_at: 7 };
+    sqlite.insert_user(&user).await.expect("user");
+    let key = ApiKeyRow {
+        id: Uuid::new_v4(),
+        name: "ci".into(),
+        role: Role::Viewer,
+        scope: crate::model::auth::Scope::Admin,
+        created_by: "admin".into(),
+        created_at: 9,
+    };
+    sqlite.insert_api_key(&key, TokenHash::of("key")).await.expect("key");
+    sqlite.close().await;
+
+    // PostgreSQL already has another key with the same secret: the copy's row is left out as a conflict.
+    let url = fresh_database().await;
+    let pg = router(&url).await;
+    pg.insert_api_key(&ApiKeyRow { id: Uuid::new_v4(), ..key.clone() }, TokenHash::of("key")).await.expect("key");
+    let err = migrate::copy(&path, &url).await.expect_err("a row did not arrive");
+    assert!(format!("{err:#}").contains("api_keys"), "{err:#}");
+    assert_eq!(pg.count_users().await.expect("users"), 0, "the copy was undone whole");
 }
