@@ -411,4 +411,19 @@ mod tests {
         assert!(parse("proxy --chunk-gap-ms 0").is_err());
         assert!(parse("proxy --scenarios nonsense").is_err());
     }
+
+    #[test]
+    fn several_routers_on_postgres() {
+        let cli = Cli::try_parse_from(["bench", "heartbeat", "--routers", "2", "--postgres", "postgres://u@h/db"])
+            .expect("parse");
+        let Mode::Heartbeat(args) = cli.mode else { panic!("not heartbeat") };
+        assert_eq!((args.routers, args.postgres.as_deref()), (2, Some("postgres://u@h/db")));
+        assert!(Cli::try_parse_from(["bench", "heartbeat", "--routers", "0"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "balance"]).is_err(), "balance needs a PostgreSQL server");
+        let cli =
+            Cli::try_parse_from(["bench", "balance", "--postgres", "postgres://u@h/db", "--max-concurrency", "2"])
+                .expect("parse");
+        let Mode::Balance(args) = cli.mode else { panic!("not balance") };
+        assert_eq!((args.routers, args.nodes, args.max_concurrency), (2, 4, Some(2)));
+    }
 }

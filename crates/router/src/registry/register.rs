@@ -104,7 +104,13 @@ impl Registry {
         match self.store.insert_node(node.clone(), token.hash(), events, join_use).await {
             Ok(()) => {}
             Err(InsertError::Duplicate) => {
-                // Another registration of the same machine and port won the race.
+                // Another registration of the same machine and port won the race, perhaps through another router
+                // sharing the database: read its changes now, to name the node that is there.
+                if self.store.shared().is_some()
+                    && let Err(err) = self.follow_nodes().await
+                {
+                    tracing::warn!(error = %format!("{err:#}"), "reading other routers' node changes failed");
+                }
                 let id = self.read().by_key.get(&(node.machine_name.clone(), node.runtime_port)).copied();
                 return Err(node_exists(&node.machine_name, node.runtime_port, id.unwrap_or(node.id)));
             }

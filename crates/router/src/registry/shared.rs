@@ -86,7 +86,8 @@ impl Registry {
     }
 
     /// Reads and applies the node changes since the previous read (at start: every node). Returns how many rows
-    /// were read. One caller at a time (the follower task).
+    /// were read. Called by the follower task, and by a registration refused as a duplicate; two reads at once at
+    /// worst move the cursor back, so that some changes are read again.
     pub async fn follow_nodes(&self) -> anyhow::Result<usize> {
         let Some(shared) = self.store.shared() else { return Ok(0) };
         let NodeChanges { nodes, deleted, cursor } =

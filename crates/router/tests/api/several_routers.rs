@@ -273,3 +273,14 @@ async fn a_restarted_router_rejoins_and_sees_what_changed_meanwhile() {
     assert_eq!(a.approve(&admin_a, &during.id).await.status(), 200);
     within("the restarted B follows A", || async { b.status_of(&during.id).await == "registering" }).await;
 }
+
+#[tokio::test]
+async fn the_same_machine_registering_on_both_routers_is_one_node() {
+    let (a, b) = two_routers().await;
+    let node = a.register_node("gpu-twice").await;
+    // At once on B, whether or not B has read A's registration yet: refused, naming the node that is there.
+    let again = b.register(&registration("gpu-twice", 8000)).await;
+    let message = assert_error(again, 409, "node_exists").await;
+    assert!(message.contains(&node.id), "{message}");
+    assert_eq!(a.nodes().await.len(), 1);
+}
