@@ -237,7 +237,9 @@ impl PgStore {
         write_events(&mut tx, [event]).await?;
         notify_node(&mut tx, id).await?;
         tx.commit().await?;
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        // Every row of the node still to be read back (a read whose snapshot predates the deletion) is older than
+        // the deletion: marked as this router's own, so that it does not bring the node back into memory.
+        self.written.lock().unwrap_or_else(|p| p.into_inner()).insert(id, i64::MAX);
         Ok(())
     }
 

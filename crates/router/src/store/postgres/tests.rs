@@ -144,9 +144,13 @@ async fn a_change_after_a_cursor_comes_back_with_the_next_read() {
     assert_eq!(row.revision, 3, "one revision for the lists, none for the plain figures");
     assert_eq!(row.node.ready_models, lists.ready_models);
 
-    // A deletion.
+    // A deletion. A row of the node read before it (a read whose snapshot predates the deletion, applied after
+    // it) counts as older than the deleting router's own write, so it does not bring the node back.
+    let before = shared(&a).node_changes(0).await.expect("changes");
     let gone = NodeEvent::new(n1.id, n1.registered_at + 4, Some(NodeStatus::Registering), "deleted", "deleted");
     a.delete_node(n1.id, &gone).await.expect("delete");
+    let stale = before.nodes.iter().find(|row| row.node.id == n1.id).expect("the node before its deletion");
+    assert!(shared(&a).written_revision(n1.id) >= stale.revision);
     let next = shared(&b).node_changes(next.cursor).await.expect("changes");
     assert_eq!(next.deleted, vec![n1.id]);
     assert!(next.nodes.iter().all(|row| row.node.id != n1.id));
