@@ -1,5 +1,7 @@
 //! `llm-router migrate --from <sqlite file> --to postgres://…` (SPEC §11): copies everything a router keeps from
-//! its SQLite database into a PostgreSQL one, in one transaction, then checks by counting that every row arrived.
+//! its SQLite database into a PostgreSQL one, in one transaction, and checks in it, by counting keys, that every row
+//! is there before it commits. Tables are read a page at a time in one SQLite read transaction, so a long history
+//! is never held in memory whole.
 //!
 //! Rows keep their ids (event ids included, and the sequences behind them move past them), so a second run finds
 //! every row already there and adds nothing; an interrupted run left nothing behind. Nodes are read through the
@@ -12,7 +14,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row, SqliteConnection};
 
 use super::postgres;
 use super::sqlite::SqliteStore;
@@ -184,89 +186,97 @@ async fn copy_all(sqlite: &SqlitePool, pg: &PgPool, nodes: &[StoredNode]) -> any
     for (node, _) in nodes {
         added += u64::from(postgres::copy_node(&mut tx, node).await?);
     }
-    report.push(Copied { table: "nodes", rows: nodes.len() as u64, added });
-    let mut keys = Vec::new();
-    for table in TABLES {
-        let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
-        let sql = format!("SELECT {} FROM {}", columns.join(", "), table.name);
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(sqlite)
-            .await
-            .with_context(|| format!("reading {} from SQLite", table.name))?;
-        let mut added = 0;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut insert =
-                QueryBuilder::<Postgres>::new(format!("INSERT INTO {} ({}) ", table.name, columns.join(", ")));
-            let mut failed = None;
-            insert.push_values(chunk, |mut values, row| {
-                for (i, (_, kind)) in table.columns.iter().enumerate() {
-                    if let Err(err) = bind(&mut values, row, i, *kind) {
-                        failed.get_or_insert(err);
-                    }
-                }
-            });
-            if let Some(err) = failed {
-                return Err(err.context(format!("reading a row of {}", table.name)));
-            }
-            insert.push(" ON CONFLICT DO NOTHING");
-            added += insert
-                .build()
-                .execute(&mut *tx)
-                .await
-                .with_context(|| format!("copying {} into PostgreSQL", table.name))?
-                .rows_affected();
-        }
-        if table.identity {
-            let sql = format!(
-                "SELECT setval(pg_get_serial_sequence('{0}', 'id'), GREATEST((SELECT MAX(id) FROM {0}), 1))",
-                table.name
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await?;
-        }
-        keys.push((table, rows.iter().map(|row| key_of(row, table.columns[0].1)).collect::<anyhow::Result<Vec<_>>>()?));
-        report.push(Copied { table: table.name, rows: rows.len() as u64, added });
-    }
-    tx.commit().await.context("committing the copy")?;
-
-    // Every SQLite row is now in PostgreSQL: counted by key.
     let ids: Vec<String> = nodes.iter().map(|(node, _)| node.id.to_string()).collect();
-    verify(pg, "nodes", "id", Key::Texts(ids)).await?;
-    for (table, keys) in keys {
-        let key = table.columns[0].0;
-        let keys = match table.columns[0].1 {
-            Int => Key::Ints(keys.into_iter().filter_map(|k| k.parse().ok()).collect()),
-            _ => Key::Texts(keys),
-        };
-        verify(pg, table.name, key, keys).await?;
+    let present: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM nodes WHERE id = ANY($1)").bind(&ids).fetch_one(&mut *tx).await?;
+    check("nodes", nodes.len() as u64, present)?;
+    report.push(Copied { table: "nodes", rows: nodes.len() as u64, added });
+    // One read transaction: every page of every table from the same state of the file.
+    let mut read = sqlite.begin().await.context("reading SQLite")?;
+    for table in TABLES {
+        report.push(copy_table(&mut read, &mut tx, table).await?);
     }
+    read.commit().await?;
+    tx.commit().await.context("committing the copy")?;
     Ok(report)
 }
 
-/// The keys of one table's SQLite rows.
-enum Key {
-    Texts(Vec<String>),
-    Ints(Vec<i64>),
+/// Copies one table a page at a time (a fleet's history may be millions of rows), and checks in the same
+/// transaction that every row read is in PostgreSQL: counted by key, so rows that were there already count too.
+async fn copy_table(read: &mut SqliteConnection, tx: &mut PgConnection, table: &Table) -> anyhow::Result<Copied> {
+    let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+    let (key, key_kind) = table.columns[0];
+    let select =
+        format!("SELECT rowid, {} FROM {} WHERE rowid > ? ORDER BY rowid LIMIT ?", columns.join(", "), table.name);
+    let count = format!("SELECT COUNT(*) FROM {} WHERE {key} = ANY($1)", table.name);
+    let (mut rows_read, mut added, mut present) = (0u64, 0u64, 0i64);
+    let mut after = 0i64;
+    loop {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(select.clone()))
+            .bind(after)
+            .bind(ROWS_PER_STATEMENT as i64)
+            .fetch_all(&mut *read)
+            .await
+            .with_context(|| format!("reading {} from SQLite", table.name))?;
+        let Some(last) = rows.last() else { break };
+        after = last.try_get(0)?;
+        let mut insert = QueryBuilder::<Postgres>::new(format!("INSERT INTO {} ({}) ", table.name, columns.join(", ")));
+        let mut failed = None;
+        insert.push_values(&rows, |mut values, row| {
+            for (i, (_, kind)) in table.columns.iter().enumerate() {
+                if let Err(err) = bind(&mut values, row, i + 1, *kind) {
+                    failed.get_or_insert(err);
+                }
+            }
+        });
+        if let Some(err) = failed {
+            return Err(err.context(format!("reading a row of {}", table.name)));
+        }
+        insert.push(" ON CONFLICT DO NOTHING");
+        added += insert
+            .build()
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("copying {} into PostgreSQL", table.name))?
+            .rows_affected();
+        let counted = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(count.clone()));
+        let counted = match key_kind {
+            Int => {
+                let keys = rows.iter().map(|row| row.try_get::<i64, _>(1)).collect::<Result<Vec<_>, _>>()?;
+                counted.bind(keys)
+            }
+            _ => {
+                let keys = rows.iter().map(|row| row.try_get::<String, _>(1)).collect::<Result<Vec<_>, _>>()?;
+                counted.bind(keys)
+            }
+        };
+        present +=
+            counted.fetch_one(&mut *tx).await.with_context(|| format!("counting {} in PostgreSQL", table.name))?;
+        rows_read += rows.len() as u64;
+        if rows.len() < ROWS_PER_STATEMENT {
+            break;
+        }
+    }
+    check(table.name, rows_read, present)?;
+    if table.identity {
+        let sql = format!(
+            "SELECT setval(pg_get_serial_sequence('{0}', 'id'), GREATEST((SELECT MAX(id) FROM {0}), 1))",
+            table.name
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await?;
+    }
+    Ok(Copied { table: table.name, rows: rows_read, added })
 }
 
-async fn verify(pg: &PgPool, table: &str, key: &str, keys: Key) -> anyhow::Result<()> {
-    let sql = format!("SELECT COUNT(*) FROM {table} WHERE {key} = ANY($1)");
-    let (expected, found): (usize, i64) = match keys {
-        Key::Texts(keys) => (keys.len(), sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(&keys).fetch_one(pg).await?),
-        Key::Ints(keys) => (keys.len(), sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(&keys).fetch_one(pg).await?),
-    };
-    if usize::try_from(found).ok() != Some(expected) {
-        bail!("{table}: {expected} rows in SQLite, but {found} of them in PostgreSQL after the copy");
+/// Fails, naming the table, unless every one of its `rows` SQLite rows was found in PostgreSQL.
+fn check(table: &str, rows: u64, present: i64) -> anyhow::Result<()> {
+    if u64::try_from(present).ok() != Some(rows) {
+        bail!("{table}: {rows} rows in SQLite, but {present} of them in PostgreSQL after the copy; nothing was kept");
     }
     Ok(())
 }
 
-fn key_of(row: &SqliteRow, kind: Kind) -> anyhow::Result<String> {
-    Ok(match kind {
-        Int => row.try_get::<i64, _>(0)?.to_string(),
-        _ => row.try_get::<String, _>(0)?,
-    })
-}
-
+/// Binds column `i` of `row` as `kind`.
 fn bind(
     values: &mut sqlx::query_builder::Separated<'_, Postgres, &'static str>,
     row: &SqliteRow,

@@ -292,8 +292,9 @@ pub trait SharedStorage: Send + Sync + 'static {
     /// Takes the lease on offline decisions, or checks it is still held: `true` while this router holds it. One
     /// router holds it at a time; it passes to another when its holder stops or loses its connection.
     fn hold_sweep_lease(&self) -> StoreResult<'_, bool>;
-    /// The revision this router's own latest write of node `id` gave its row (0: none). A row read back with a
-    /// revision no newer is this router's own write, or older: memory already holds it or something newer.
+    /// The revision this router's own latest write of node `id` gave its row (0: none; `i64::MAX` once this router
+    /// deleted it). A row read back with a revision no newer is this router's own write, or older: memory already
+    /// holds it or something newer.
     fn written_revision(&self, id: Uuid) -> i64;
     /// Notified whenever a router commits a change (PostgreSQL `LISTEN/NOTIFY`); a lost notification is healed by
     /// the periodic reads of the changes.

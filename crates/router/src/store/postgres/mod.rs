@@ -8,7 +8,7 @@
 //!
 //! Files: `nodes.rs` (nodes, tokens, events, heartbeat figures), `shared.rs` (reading other routers' changes, the
 //! sweep lease, notifications), `auth.rs` (users, sessions, keys), `records.rs` (join tokens, the audit log, fleet
-//! events).
+//! events); `tests.rs` (what only this backend does, on a real server: `LLM_ROUTER_TEST_POSTGRES`).
 //!
 //! [`StorageFault`]: crate::store::StorageFault
 
@@ -377,12 +377,4 @@ impl Storage for PgStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_password_never_shows() {
-        assert_eq!(redact("postgres://router:s3cret@db.example:5432/fleet"), "postgres://router@db.example:5432/fleet");
-        assert_eq!(redact("postgres://db.example/fleet"), "postgres://db.example/fleet");
-    }
-}
+mod tests;

@@ -206,12 +206,17 @@ impl PgStore {
         write_events(&mut tx, [event]).await?;
         notify_node(&mut tx, id).await?;
         tx.commit().await?;
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        // Every row of the node still to be read back (a read whose snapshot predates the deletion) is older than
+        // the deletion: marked as this router's own, so that it does not bring the node back into memory.
+        self.written.lock().unwrap_or_else(|p| p.into_inner()).insert(id, i64::MAX);
         Ok(())
     }
 
     /// Writes a batch of figures with one statement. Rows are locked in id order first, so two routers flushing
     /// the same nodes (a node whose heartbeats a load balancer spreads) wait for each other instead of deadlocking.
+    /// The lock joins the batch's ids rather than testing `id = ANY($1)`: a flush that waited for another re-checks
+    /// each row the other updated, and against the array that re-check is a scan of the whole batch per row
+    /// (10,000 × 10,000 comparisons, seconds), against the join it is one comparison.
     pub(super) async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
@@ -220,7 +225,9 @@ impl PgStore {
         let seen: Vec<i64> = batch.iter().map(|f| f.last_seen_at).collect();
         let metrics: Vec<Option<&str>> = batch.iter().map(|f| f.metrics.as_ref().map(PackedMetrics::as_str)).collect();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT 1 FROM nodes WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        sqlx::query(
+            "SELECT 1 FROM nodes n JOIN UNNEST($1::text[]) AS v (id) ON n.id = v.id ORDER BY n.id FOR NO KEY UPDATE OF n",
+        )
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
