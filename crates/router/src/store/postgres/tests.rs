@@ -567,45 +567,6 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     assert_eq!(copied_audit.last().map(|a| (a.id, a.event.at)), Some((1, 11)), "ids and times as they were");
 }
 
-/// How long `flush_figures` takes for a batch of 10,000 nodes (the write-behind of one router at 10,000 nodes).
-/// Run by hand: `cargo test -p llm-router --lib flush_figures_of_ten_thousand -- --ignored --nocapture`.
-#[tokio::test]
-#[ignore = "a measurement, not a check"]
-async fn flush_figures_of_ten_thousand_nodes() {
-    let url = fresh_database().await;
-    let a = router(&url).await;
-    let b = router(&url).await;
-    let fleet: Vec<_> = (0..10_000u128)
-        .map(|n| crate::store::NewNode { node: node(1_000_000 + n), token: Some(token(n)), events: Vec::new() })
-        .collect();
-    a.import_nodes(&fleet).await.expect("seed");
-    let metrics = "[0.25,0.5,1,[[0,\"NVIDIA H100\",0.9,70000000000,85899345920,61.0]]]";
-    for store in [&a, &b] {
-        let mut times = Vec::new();
-        for round in 0..11 {
-            let batch: Vec<Figures> = fleet.iter().map(|new| figures(new.node.id, 10_000 + round, metrics)).collect();
-            let started = Instant::now();
-            store.flush_figures(&batch).await.expect("flush");
-            times.push(started.elapsed());
-        }
-        times.sort();
-        println!("flush_figures, 10,000 nodes: median {:?}, max {:?}", times[times.len() / 2], times[times.len() - 1]);
-    }
-    // Both routers at once, as two routers behind one load balancer do every second.
-    let mut times = Vec::new();
-    for round in 0..11 {
-        let batch: Arc<Vec<Figures>> =
-            Arc::new(fleet.iter().map(|new| figures(new.node.id, 20_000 + round, metrics)).collect());
-        let started = Instant::now();
-        let (x, y) = tokio::join!(a.flush_figures(&batch), b.flush_figures(&batch));
-        x.expect("flush");
-        y.expect("flush");
-        times.push(started.elapsed());
-    }
-    times.sort();
-    println!("two routers flushing 10,000 nodes each at once: median {:?}", times[times.len() / 2]);
-}
-
 #[tokio::test]
 async fn migrate_fails_naming_the_table_whose_rows_did_not_all_arrive_and_keeps_nothing() {
     use crate::store::sqlite::SqliteStore;
