@@ -16,6 +16,7 @@ mod hostile_input;
 mod inference;
 mod join_tokens;
 mod legacy;
+mod multi_router;
 mod observability;
 mod postgres;
 mod registration;
