@@ -556,4 +556,10 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
     assert_eq!(second.status(), 201, "the join token");
     let listed = get_json(&router, &admin, "/v0/join-tokens").await;
     assert_eq!(listed[0]["uses"], 2, "its uses went on from where SQLite left them");
+    // New rows go on after the copied ones: an approval's event comes after every copied event.
+    assert_eq!(body(router.approve(&admin, &pending.id).await).await["status"], "online");
+    let history = router.events(&pending.id).await;
+    assert_eq!(history.len(), events[&pending.id].len() + 1, "{history:?}");
+    let newest_copied = events.values().flatten().filter_map(|event| event["id"].as_i64()).max().expect("event ids");
+    assert!(history[0]["id"].as_i64().is_some_and(|id| id > newest_copied), "{history:?}");
 }
