@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust workspace (unit, API, agent end-to-end; the API suite a second time on PostgreSQL, and
-# the tests of several routers sharing one PostgreSQL database), the official `openai` Python client against the
-# router's /v1 (tests/openai/, stand-in runtimes), the router and agent beside a real llama.cpp runtime
-# (tests/llama/), the dashboard in headless Chromium, and the contract fuzzing of the API against its own OpenAPI
-# document.
+# Runs every test: the Rust workspace (unit, API, agent end-to-end, and several routers sharing one PostgreSQL
+# database, in process and as real processes), the API suite a second time with every router of it on PostgreSQL,
+# the official `openai` Python client against the router's /v1 (tests/openai/, stand-in runtimes), the router and
+# agent beside a real llama.cpp runtime (tests/llama/), the dashboard in headless Chromium, and the contract fuzzing
+# of the API against its own OpenAPI document.
 #
 # On a fresh machine it first installs what it lacks: Debian's chromium and postgresql (with apt-get, when run as
-# root; otherwise it says what to install; the PostgreSQL server is a throw-away cluster in a temporary directory,
-# started by scripts/postgres.sh and removed at the end), schemathesis, prometheus_client, pytest, openai and gguf in a virtualenv of the
-# project's own (.venv-test/), llama-cpp-python built from source for the CPU in a virtualenv cached under
+# root; otherwise it says what to install), schemathesis, prometheus_client, pytest, openai and gguf in a virtualenv
+# of the project's own (.venv-test/), llama-cpp-python built from source for the CPU in a virtualenv cached under
 # ${XDG_CACHE_HOME:-~/.cache}/llm-router/ (a few minutes, once per version), and the dashboard tests' npm packages
-# (pinned in tests/dashboard/package-lock.json). Needs cargo, python3 and node with npm.
+# (pinned in tests/dashboard/package-lock.json). Needs cargo, python3 and node with npm. The PostgreSQL server is a
+# throw-away cluster (scripts/postgres.sh) in a temporary directory, stopped and removed when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,8 +84,9 @@ LLM_ROUTER_TEST_POSTGRES=$(POSTGRES_NO_FSYNC=1 scripts/postgres.sh start "$pg_di
 export LLM_ROUTER_TEST_POSTGRES
 
 cargo test --workspace
-# The API suite again, every router of it on PostgreSQL.
-LLM_ROUTER_TEST_BACKEND=postgres cargo test -p llm-router --test api
+# The API suite again, every router of it on PostgreSQL (each test on a database of its own). The tests of several
+# routers on PostgreSQL ran in the first pass already: they use PostgreSQL whatever the suite's backend.
+LLM_ROUTER_TEST_BACKEND=postgres cargo test -p llm-router --test api -- --skip postgres:: --skip multi_router::
 
 # The binaries the Python suites start (cargo test builds llm-node, and llm-router for the agent's end-to-end tests;
 # this makes sure both are current).

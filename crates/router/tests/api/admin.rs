@@ -128,9 +128,6 @@ async fn patch_edits_the_admin_fields_only() {
 
 #[tokio::test]
 async fn users_are_created_listed_and_deleted_with_argon2id_hashes() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let admin = app.admin_token().await;
     let create =
@@ -147,9 +144,8 @@ async fn users_are_created_listed_and_deleted_with_argon2id_hashes() {
     assert!(assert_error(role.expect("role"), 400, "invalid_request").await.contains("role"));
 
     assert_eq!(app.login("ops", "long-enough-pw").await.status(), 200);
-    let db = app.db().await;
     let (hash,): (String,) =
-        sqlx::query_as("SELECT password_hash FROM users WHERE username = 'ops'").fetch_one(&db).await.expect("row");
+        app.sql().await.fetch_one("SELECT password_hash FROM users WHERE username = 'ops'", &[]).await;
     assert!(hash.starts_with("$argon2id$"), "{hash}");
 
     let listed = body(app.request(Method::GET, "/v0/users").bearer_auth(&admin).send().await.expect("list")).await;
@@ -223,20 +219,15 @@ async fn the_session_cookie_needs_a_custom_header_for_changes() {
 
 #[tokio::test]
 async fn deletion_is_recorded_with_its_actor() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let admin = app.admin_token().await;
     let node = app.register_node("gpu-audit").await;
     let deleted = app.request(Method::DELETE, &format!("/v0/nodes/{}", node.id)).bearer_auth(&admin).send().await;
     assert_eq!(deleted.expect("delete").status(), 204);
-    let db = app.db().await;
-    let (to, actor): (String, String) =
-        sqlx::query_as("SELECT to_status, actor FROM node_events WHERE node_id = ? ORDER BY id DESC LIMIT 1")
-            .bind(&node.id)
-            .fetch_one(&db)
-            .await
-            .expect("event");
+    let (to, actor): (String, String) = app
+        .sql()
+        .await
+        .fetch_one("SELECT to_status, actor FROM node_events WHERE node_id = $1 ORDER BY id DESC LIMIT 1", &[&node.id])
+        .await;
     assert_eq!((to.as_str(), actor.as_str()), ("deleted", "admin"));
 }

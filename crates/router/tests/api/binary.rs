@@ -1,4 +1,5 @@
-//! The real `llm-router` binary: configuration errors, the first administrator, and durability under SIGKILL.
+//! The real `llm-router` binary: configuration errors, the first administrator, and durability under SIGKILL; on
+//! the suite's backend (on its PostgreSQL pass, each test's routers share a database of the test's own).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -11,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::helpers::registration;
+use crate::helpers::{PgDatabase, on_sqlite, registration};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llm-router");
 
@@ -23,15 +24,28 @@ struct Router {
     _stdout: Lines<BufReader<ChildStdout>>,
 }
 
-fn command(data_dir: &Path, password: Option<&str>) -> Command {
-    command_on(data_dir, password, "127.0.0.1:0")
+/// Where a test's routers keep their data: SQLite in their data directory or, on the PostgreSQL pass of the suite, a
+/// database of the test's own (`--database-url`), which the routers it starts one after the other share.
+struct Store(Option<PgDatabase>);
+
+impl Store {
+    async fn new() -> Store {
+        Store(if on_sqlite() { None } else { Some(PgDatabase::create().await) })
+    }
 }
 
-fn command_on(data_dir: &Path, password: Option<&str>, listen: &str) -> Command {
+fn command(store: &Store, data_dir: &Path, password: Option<&str>) -> Command {
+    command_on(store, data_dir, password, "127.0.0.1:0")
+}
+
+fn command_on(store: &Store, data_dir: &Path, password: Option<&str>, listen: &str) -> Command {
     let mut command = Command::new(BIN);
+    command.args(["serve", "--listen", listen, "--no-reachability-check", "--data-dir"]).arg(data_dir);
+    if let Some(database) = &store.0 {
+        command.args(["--database-url", database.url()]);
+    }
     command
-        .args(["serve", "--listen", listen, "--no-reachability-check", "--data-dir"])
-        .arg(data_dir)
+        .env_remove("LLM_ROUTER_DATABASE_URL")
         .env_remove("LLM_ROUTER_ADMIN_PASSWORD")
         .env_remove("LLM_ROUTER_LISTEN")
         .env("LLM_ROUTER_LOG", "warn")
@@ -48,8 +62,8 @@ fn command_on(data_dir: &Path, password: Option<&str>, listen: &str) -> Command 
     command
 }
 
-async fn start(data_dir: &Path, password: Option<&str>) -> Router {
-    let mut child = command(data_dir, password).spawn().expect("spawn llm-router");
+async fn start(store: &Store, data_dir: &Path, password: Option<&str>) -> Router {
+    let mut child = command(store, data_dir, password).spawn().expect("spawn llm-router");
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut banner = Vec::new();
     let base = tokio::time::timeout(Duration::from_secs(20), async {
@@ -83,15 +97,16 @@ async fn run_to_exit(mut command: Command) -> (i32, String) {
 
 #[tokio::test]
 async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
+    let store = Store::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
 
-    let (code, stderr) = run_to_exit(command_on(&data, Some("first-admin-pw"), "nowhere")).await;
+    let (code, stderr) = run_to_exit(command_on(&store, &data, Some("first-admin-pw"), "nowhere")).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--listen"), "{stderr}");
 
-    let mut bad_number = command(&data, Some("first-admin-pw"));
+    let mut bad_number = command(&store, &data, Some("first-admin-pw"));
     bad_number.env("LLM_ROUTER_OFFLINE_AFTER_SECS", "soon");
     let (code, stderr) = run_to_exit(bad_number).await;
     assert_ne!(code, 0);
@@ -99,7 +114,7 @@ async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let in_use = taken.local_addr().expect("addr").to_string();
-    let (code, stderr) = run_to_exit(command_on(&data, Some("first-admin-pw"), &in_use)).await;
+    let (code, stderr) = run_to_exit(command_on(&store, &data, Some("first-admin-pw"), &in_use)).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot listen"), "{stderr}");
@@ -107,7 +122,7 @@ async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");
-    let (code, stderr) = run_to_exit(command(&file.join("data"), Some("first-admin-pw"))).await;
+    let (code, stderr) = run_to_exit(command(&store, &file.join("data"), Some("first-admin-pw"))).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("data directory"), "{stderr}");
@@ -115,9 +130,10 @@ async fn bad_configuration_ends_the_start_with_one_line_and_writes_nothing() {
 
 #[tokio::test]
 async fn a_short_first_admin_password_stops_the_start_before_anything_is_written() {
+    let store = Store::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
-    let (code, stderr) = run_to_exit(command(&data, Some("12345678"))).await;
+    let (code, stderr) = run_to_exit(command(&store, &data, Some("12345678"))).await;
     assert_ne!(code, 0);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("LLM_ROUTER_ADMIN_PASSWORD") && stderr.contains("at least 12"), "{stderr}");
@@ -126,16 +142,17 @@ async fn a_short_first_admin_password_stops_the_start_before_anything_is_written
 
 #[tokio::test]
 async fn the_first_start_prints_a_generated_admin_password_once() {
+    let store = Store::new().await;
     let dir = tempfile::tempdir().expect("dir");
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
-    let mut router = start(dir.path(), None).await;
+    let client = crate::helpers::http_client().build().expect("client");
+    let mut router = start(&store, dir.path(), None).await;
     let line = router.banner.iter().find(|l| l.contains("with password: ")).expect("password printed").clone();
     let password = line.rsplit("with password: ").next().expect("password").trim().to_owned();
     assert!(password.len() >= 24, "{password}");
     assert_eq!(login(&client, &router.base, &password).await.status(), 200);
     router.child.kill().await.expect("kill");
 
-    let mut again = start(dir.path(), None).await;
+    let mut again = start(&store, dir.path(), None).await;
     assert!(again.banner.iter().all(|l| !l.contains("password")), "{:?}", again.banner);
     assert_eq!(login(&client, &again.base, &password).await.status(), 200);
     again.child.kill().await.expect("kill");
@@ -143,9 +160,10 @@ async fn the_first_start_prints_a_generated_admin_password_once() {
 
 #[tokio::test]
 async fn registrations_survive_sigkill_mid_burst() {
+    let store = Store::new().await;
     let dir = tempfile::tempdir().expect("dir");
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
-    let mut router = start(dir.path(), Some("first-admin-pw")).await;
+    let client = crate::helpers::http_client().build().expect("client");
+    let mut router = start(&store, dir.path(), Some("first-admin-pw")).await;
 
     async fn register(client: reqwest::Client, base: String, name: String) -> Option<(String, String)> {
         let response = client.post(format!("{base}/v0/nodes")).json(&registration(&name, 8000)).send().await.ok()?;
@@ -195,7 +213,7 @@ async fn registrations_survive_sigkill_mid_burst() {
     }
     assert!(acknowledged.len() >= 320);
 
-    let router = start(dir.path(), Some("first-admin-pw")).await;
+    let router = start(&store, dir.path(), Some("first-admin-pw")).await;
     let token: Value = login(&client, &router.base, "first-admin-pw").await.json().await.expect("json");
     let token = token["token"].as_str().expect("token");
     let nodes: Vec<Value> = client
@@ -222,9 +240,10 @@ async fn registrations_survive_sigkill_mid_burst() {
 
 #[tokio::test]
 async fn the_start_up_log_names_legacy_entries_left_out() {
+    let store = Store::new().await;
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("nodes.json"), crate::helpers::legacy_fixture()).expect("write");
-    let mut child = command(dir.path(), Some("first-admin-pw")).spawn().expect("spawn");
+    let mut child = command(&store, dir.path(), Some("first-admin-pw")).spawn().expect("spawn");
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.expect("started");
@@ -246,9 +265,10 @@ async fn the_start_up_log_names_legacy_entries_left_out() {
 
 #[tokio::test]
 async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
+    let store = Store::new().await;
     let dir = tempfile::tempdir().expect("dir");
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
-    let mut router = start(dir.path(), Some("first-admin-pw")).await;
+    let client = crate::helpers::http_client().build().expect("client");
+    let mut router = start(&store, dir.path(), Some("first-admin-pw")).await;
     let answer: Value = client
         .post(format!("{}/v0/nodes", router.base))
         .json(&registration("gpu-term", 8000))
@@ -275,7 +295,7 @@ async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
         tokio::time::timeout(Duration::from_secs(10), router.child.wait()).await.expect("exits").expect("wait");
     assert!(status.success(), "{status:?}");
 
-    let router = start(dir.path(), Some("first-admin-pw")).await;
+    let router = start(&store, dir.path(), Some("first-admin-pw")).await;
     let token: Value = login(&client, &router.base, "first-admin-pw").await.json().await.expect("json");
     let node: Value = client
         .get(format!("{}/v0/nodes/{id}", router.base))
@@ -291,9 +311,10 @@ async fn sigterm_stops_cleanly_and_writes_the_last_figures() {
 
 #[tokio::test]
 async fn plain_http_on_a_non_loopback_listener_is_warned_about_and_loopback_is_not() {
+    let store = Store::new().await;
     for (listen, warned) in [("0.0.0.0:0", true), ("127.0.0.1:0", false)] {
         let dir = tempfile::tempdir().expect("dir");
-        let mut child = command_on(dir.path(), Some("first-admin-pw"), listen).spawn().expect("spawn");
+        let mut child = command_on(&store, dir.path(), Some("first-admin-pw"), listen).spawn().expect("spawn");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let ready = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await.expect("started");
         assert!(ready.expect("read").is_some_and(|l| l.starts_with(&format!("{LISTENING_ON}http://"))));

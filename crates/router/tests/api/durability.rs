@@ -12,9 +12,9 @@ use llm_router::store::sqlite::SqliteStore;
 
 use crate::helpers::*;
 
-/// The SQLite store under the app, for its fault-injection seams.
+/// The SQLite store under the app, for its fault-injection seams (the tests that use them run on SQLite only).
 fn sqlite(app: &TestApp) -> &SqliteStore {
-    app.state.store.as_any().downcast_ref::<SqliteStore>().expect("the tests run on SQLite")
+    app.state.store.as_any().downcast_ref::<SqliteStore>().expect("the router runs on SQLite")
 }
 
 /// Lets the database grow by `extra` pages from its current size.
@@ -53,8 +53,8 @@ async fn register_together(app: &TestApp, names: &[String]) -> (Vec<String>, Vec
 
 #[tokio::test]
 async fn a_full_database_refuses_writes_with_503_and_loses_no_acknowledged_node() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // A full disk is made with SQLite's page limit; this runs in the SQLite pass.
     }
     let app = TestApp::spawn().await;
     let mut acknowledged = BTreeSet::new();
@@ -123,8 +123,8 @@ async fn a_full_database_refuses_writes_with_503_and_loses_no_acknowledged_node(
 
 #[tokio::test]
 async fn a_failed_approval_changes_nothing_and_succeeds_once_space_returns() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // A full disk is made with SQLite's page limit; this runs in the SQLite pass.
     }
     let app = TestApp::spawn().await;
     let admin = app.admin_token().await;
@@ -233,9 +233,6 @@ async fn events_are_paged_newest_first() {
 
 #[tokio::test]
 async fn a_flapping_node_keeps_only_its_newest_thousand_events() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let admin = app.admin_token().await;
     let node = app.register_node("flapping").await;
@@ -244,23 +241,19 @@ async fn a_flapping_node_keeps_only_its_newest_thousand_events() {
         let ready: &[&str] = if i % 2 == 0 { &["m"] } else { &[] };
         assert_eq!(app.heartbeat(&node, ready).await.status(), 200);
     }
-    let db = app.db().await;
-    let (kept, newest_reason): (i64, String) = sqlx::query_as(
-        "SELECT COUNT(*), (SELECT reason FROM node_events WHERE node_id = ?1 ORDER BY id DESC LIMIT 1) \
-         FROM node_events WHERE node_id = ?1",
-    )
-    .bind(&node.id)
-    .fetch_one(&db)
-    .await
-    .expect("count");
+    let db = app.sql().await;
+    let (kept, newest_reason): (i64, String) = db
+        .fetch_one(
+            "SELECT COUNT(*), (SELECT reason FROM node_events WHERE node_id = $1 ORDER BY id DESC LIMIT 1) \
+             FROM node_events WHERE node_id = $1",
+            &[&node.id],
+        )
+        .await;
     assert_eq!(kept, 1000);
     assert_eq!(newest_reason, "heartbeat reports no ready model", "the newest event is kept");
-    let registered: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM node_events WHERE node_id = ? AND reason = 'registered'")
-            .bind(&node.id)
-            .fetch_one(&db)
-            .await
-            .expect("count");
+    let (registered,): (i64,) = db
+        .fetch_one("SELECT COUNT(*) FROM node_events WHERE node_id = $1 AND reason = 'registered'", &[&node.id])
+        .await;
     assert_eq!(registered, 0, "the oldest events went first");
 }
 
@@ -282,8 +275,8 @@ async fn events_past_the_retention_period_are_removed() {
 
 #[tokio::test]
 async fn writes_keep_the_write_ahead_log_bounded() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // SQLite's write-ahead log; this runs in the SQLite pass.
     }
     // 1,280 pending nodes: over the default cap on pending nodes.
     let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
@@ -307,8 +300,8 @@ async fn writes_keep_the_write_ahead_log_bounded() {
 
 #[tokio::test]
 async fn a_reader_that_stays_does_not_stall_writes() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // A reader holding SQLite's write-ahead log; this runs in the SQLite pass.
     }
     let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
     sqlite(&app).limit_log(256 * 1024).await.expect("limit the log");
@@ -334,8 +327,8 @@ async fn a_reader_that_stays_does_not_stall_writes() {
 
 #[tokio::test]
 async fn an_empty_database_in_an_initialised_directory_stops_the_start() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // The database file in the data directory, and its marker; this runs in the SQLite pass.
     }
     let mut app = TestApp::spawn().await;
     app.register_node("precious").await;
@@ -379,9 +372,6 @@ async fn registering_fleet(app: &TestApp, prefix: &str, n: usize) -> Vec<TestNod
 
 #[tokio::test]
 async fn status_changes_that_arrive_together_are_all_durable_when_answered() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let nodes = registering_fleet(&app, "together", 40).await;
     let answers = join_all(nodes.iter().map(|node| app.heartbeat(node, &["m"]))).await;
@@ -389,21 +379,17 @@ async fn status_changes_that_arrive_together_are_all_durable_when_answered() {
         assert_eq!(body(response).await["status"], "online");
     }
     // Read back from the database, not from memory.
-    let db = app.db().await;
-    let (online,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM nodes WHERE status = 'online'").fetch_one(&db).await.expect("count");
+    let db = app.sql().await;
+    let (online,): (i64,) = db.fetch_one("SELECT COUNT(*) FROM nodes WHERE status = 'online'", &[]).await;
     assert_eq!(online, 40);
-    let (events,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_events WHERE to_status = 'online'")
-        .fetch_one(&db)
-        .await
-        .expect("events");
+    let (events,): (i64,) = db.fetch_one("SELECT COUNT(*) FROM node_events WHERE to_status = 'online'", &[]).await;
     assert_eq!(events, 40);
 }
 
 #[tokio::test]
 async fn status_changes_that_meet_a_full_database_are_refused_and_change_nothing() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // A full disk is made with SQLite's page limit; this runs in the SQLite pass.
     }
     let app = TestApp::spawn().await;
     let nodes = registering_fleet(&app, "full", 200).await;

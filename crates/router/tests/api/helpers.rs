@@ -28,36 +28,213 @@ pub const ADMIN_PASSWORD: &str = "admin-password-1";
 /// 2026-01-01T00:00:00Z
 pub const START_MS: i64 = 1_767_225_600_000;
 
-/// Whether the suite runs on PostgreSQL (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its
-/// second pass of the suite) rather than SQLite. Tests of SQLite itself (its file, its write-ahead log, a full disk
-/// made with its page limit) return early on PostgreSQL: they run in the SQLite pass.
-pub fn on_postgres() -> bool {
-    std::env::var("LLM_ROUTER_TEST_BACKEND").is_ok_and(|backend| backend == "postgres")
+/// Whether the suite's routers keep their data in SQLite, the embedded default, rather than PostgreSQL
+/// (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its second pass of the suite). Tests of
+/// SQLite itself (its file, its write-ahead log, a full disk made with its page limit, its migrations) return early
+/// on PostgreSQL: they run in the SQLite pass.
+pub fn on_sqlite() -> bool {
+    match std::env::var("LLM_ROUTER_TEST_BACKEND") {
+        Ok(backend) if backend == "postgres" => false,
+        Ok(backend) if backend == "sqlite" || backend.is_empty() => true,
+        Ok(other) => panic!("LLM_ROUTER_TEST_BACKEND={other}: expected `sqlite` (the default) or `postgres`"),
+        Err(_) => true,
+    }
 }
 
-/// The test PostgreSQL server's URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`).
+/// The test PostgreSQL server's admin URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`).
 pub fn postgres_server() -> String {
-    std::env::var("LLM_ROUTER_TEST_POSTGRES").unwrap_or_else(|_| {
+    std::env::var("LLM_ROUTER_TEST_POSTGRES").ok().filter(|url| !url.is_empty()).unwrap_or_else(|| {
         panic!(
-            "LLM_ROUTER_TEST_POSTGRES is not set: run scripts/test.sh, or start a server with `scripts/postgres.sh \
-             start DIR` and set LLM_ROUTER_TEST_POSTGRES to the URL it prints"
+            "LLM_ROUTER_TEST_POSTGRES is not set, and this test needs a PostgreSQL server: run scripts/test.sh, or \
+             start one with `POSTGRES_NO_FSYNC=1 scripts/postgres.sh start DIR` and set LLM_ROUTER_TEST_POSTGRES to \
+             the URL it prints"
         )
     })
 }
 
-/// A fresh, empty database on the test PostgreSQL server; returns its URL.
-pub async fn fresh_postgres_database() -> String {
-    use sqlx::Connection;
-    let server = postgres_server();
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&server).await.expect("connect to the test PostgreSQL server");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create a test database");
-    let _ = conn.close().await;
-    let (base, _) = server.rsplit_once('/').expect("a database URL");
-    format!("{base}/{name}")
+/// A database of its own on the test PostgreSQL server, created empty; dropped with its last clone (every router
+/// on it is then stopped, or its connections are ended).
+#[derive(Clone)]
+pub struct PgDatabase(Arc<PgDatabaseInner>);
+
+struct PgDatabaseInner {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        use sqlx::Connection;
+        let server = postgres_server();
+        let name = format!("llm_router_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|err| panic!("cannot reach the test PostgreSQL server at {server}: {err}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|err| panic!("cannot create a test database on {server}: {err}"));
+        let _ = conn.close().await;
+        let url = database_url(&server, &name);
+        PgDatabase(Arc::new(PgDatabaseInner { server, name, url }))
+    }
+
+    /// Its `postgres://` URL, as `--database-url` takes it.
+    pub fn url(&self) -> &str {
+        &self.0.url
+    }
+
+    /// A connection pool of the test's own, to look at what the routers stored.
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(self.url())
+            .await
+            .unwrap_or_else(|err| panic!("cannot open the test database {}: {err}", self.url()))
+    }
+}
+
+impl std::fmt::Debug for PgDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PgDatabase").field(&self.0.url).finish()
+    }
+}
+
+impl Drop for PgDatabaseInner {
+    /// Drops the database, so that a run of the suite does not leave hundreds of them on the server. Done on a
+    /// thread of its own (a `Drop` cannot wait on the test's runtime); `WITH (FORCE)` ends the connections of
+    /// routers that were not stopped. A failure leaves the database behind, which the throw-away server does not
+    /// mind.
+    fn drop(&mut self) {
+        use sqlx::Connection;
+        let (server, name) = (self.server.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&server).await.ok()?;
+                let statement = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await.ok()?;
+                conn.close().await.ok()
+            })
+        });
+        let _ = dropped.join();
+    }
+}
+
+/// `server` (a `postgres://` URL) with its database name replaced by `name`, its parameters kept.
+fn database_url(server: &str, name: &str) -> String {
+    let (address, parameters) = match server.split_once('?') {
+        Some((address, parameters)) => (address, Some(parameters)),
+        None => (server, None),
+    };
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let base = if rest.contains('/') { address.rsplit_once('/').map_or(address, |(base, _)| base) } else { address };
+    match parameters {
+        Some(parameters) => format!("{base}/{name}?{parameters}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// Which database a [`TestApp`] keeps its data in.
+#[derive(Debug, Clone, Default)]
+pub enum Database {
+    /// The suite's backend: SQLite, or a fresh PostgreSQL database of its own on the PostgreSQL pass.
+    #[default]
+    Suite,
+    /// SQLite in the data directory, on either pass.
+    Sqlite,
+    /// This PostgreSQL database, on either pass (several routers on one database).
+    Postgres(PgDatabase),
+}
+
+/// A connection of the test's own to a router's database, SQLite or PostgreSQL, for the tests that look at what
+/// was stored. Statements (the tests' own text, never input) are written once for both: `$1`, `$2`… for parameters (SQLite takes them too), and
+/// columns whose types both read the same way (text, 64-bit integers, `COUNT(*)`).
+pub enum TestDb {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl TestDb {
+    /// The row `sql` selects with text parameters `binds`; fails the test when there is none or it cannot be read.
+    pub async fn fetch_one<T>(&self, sql: &str, binds: &[&str]) -> T
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
+        let row = match self {
+            TestDb::Sqlite(pool) => {
+                let mut query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql));
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_one(pool).await
+            }
+            TestDb::Postgres(pool) => {
+                let mut query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql));
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.fetch_one(pool).await
+            }
+        };
+        row.unwrap_or_else(|err| panic!("{sql} with {binds:?}: {err}"))
+    }
+
+    /// Runs a statement with text parameters `binds`; returns the rows it changed.
+    pub async fn execute(&self, sql: &str, binds: &[&str]) -> u64 {
+        let done = match self {
+            TestDb::Sqlite(pool) => {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.execute(pool).await.map(|done| done.rows_affected())
+            }
+            TestDb::Postgres(pool) => {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query.execute(pool).await.map(|done| done.rows_affected())
+            }
+        };
+        done.unwrap_or_else(|err| panic!("{sql} with {binds:?}: {err}"))
+    }
+}
+
+/// How often [`within`] looks again.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `check` every [`POLL`] until it holds, failing the test with `what` when it does not within `limit` (a
+/// check begun before the limit counts); returns how long it took. For what another router, or a background task,
+/// does within a bound the contract sets: never a fixed sleep.
+pub async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        let begun = started.elapsed();
+        if check().await {
+            return begun;
+        }
+        let left = limit.saturating_sub(started.elapsed());
+        assert!(!left.is_zero(), "{what}: not within {limit:?}");
+        // The last look is at the limit itself.
+        tokio::time::sleep(left.min(POLL)).await;
+    }
+}
+
+/// An HTTP client for the tests, without a proxy. The tests' reqwest has no TLS provider of its own: this installs
+/// ring as rustls' default, as the router does at start, for the tests that start no router in this process.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy()
 }
 
 /// The router under test.
@@ -67,6 +244,8 @@ pub struct TestApp {
     pub clock: ManualClock,
     pub state: AppState,
     pub settings: Settings,
+    /// The PostgreSQL database the router keeps its data in; `None`: SQLite in the data directory.
+    pub postgres: Option<PgDatabase>,
     dir: Arc<TempDir>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -91,6 +270,10 @@ pub struct Options {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
+    /// SQLite or PostgreSQL: by default the suite's backend ([`on_sqlite`]).
+    pub database: Database,
+    /// Where the router's manual clock starts, in ms since the epoch.
+    pub start_ms: i64,
 }
 
 impl Default for Options {
@@ -107,6 +290,8 @@ impl Default for Options {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
+            database: Database::Suite,
+            start_ms: START_MS,
         }
     }
 }
@@ -149,14 +334,18 @@ impl TestApp {
             std::fs::create_dir_all(&settings.data_dir).expect("data dir");
             std::fs::write(settings.data_dir.join("nodes.json"), bytes).expect("write nodes.json");
         }
-        if on_postgres() {
-            settings.database_url = Some(fresh_postgres_database().await);
-        }
+        let postgres = match options.database {
+            Database::Suite if on_sqlite() => None,
+            Database::Suite => Some(PgDatabase::create().await),
+            Database::Sqlite => None,
+            Database::Postgres(database) => Some(database),
+        };
+        settings.database_url = postgres.as_ref().map(|database| database.url().to_owned());
         configure(&mut settings);
-        TestApp::start(dir, settings, ManualClock::new(START_MS)).await
+        TestApp::start(dir, settings, postgres, ManualClock::new(options.start_ms)).await
     }
 
-    async fn start(dir: Arc<TempDir>, settings: Settings, clock: ManualClock) -> TestApp {
+    async fn start(dir: Arc<TempDir>, settings: Settings, postgres: Option<PgDatabase>, clock: ManualClock) -> TestApp {
         let app = App::build(settings.clone(), Arc::new(clock.clone())).await.expect("build app");
         let state = app.state.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -166,7 +355,7 @@ impl TestApp {
             let _ = stopped.await;
         }));
         let client = reqwest::Client::builder().no_proxy().build().expect("client");
-        TestApp { addr, client, clock, state, settings, dir, stop: Some(stop), server: Some(server) }
+        TestApp { addr, client, clock, state, settings, postgres, dir, stop: Some(stop), server: Some(server) }
     }
 
     /// Stops the server gracefully (flushing figures) and starts a new one on the same database, with a clock
@@ -175,7 +364,7 @@ impl TestApp {
         self.shutdown().await;
         let clock = ManualClock::new(START_MS);
         clock.advance_ms(self.clock_ms() - START_MS + later_ms);
-        TestApp::start(self.dir.clone(), self.settings.clone(), clock).await
+        TestApp::start(self.dir.clone(), self.settings.clone(), self.postgres.clone(), clock).await
     }
 
     pub async fn shutdown(&mut self) {
@@ -196,10 +385,20 @@ impl TestApp {
         self.settings.data_dir.clone()
     }
 
-    /// A connection of the test's own to the router's database, to look at what was stored.
+    /// A connection of the test's own to the router's SQLite database, for the tests of SQLite itself (see
+    /// [`TestApp::sql`] for the others).
     pub async fn db(&self) -> sqlx::SqlitePool {
+        assert!(self.postgres.is_none(), "this router keeps its data in PostgreSQL, not in SQLite");
         let url = format!("sqlite://{}", self.data_dir().join("router.db").display());
         sqlx::SqlitePool::connect(&url).await.expect("open the router's database")
+    }
+
+    /// A connection of the test's own to the router's database, whichever it is, to look at what was stored.
+    pub async fn sql(&self) -> TestDb {
+        match &self.postgres {
+            Some(database) => TestDb::Postgres(database.pool().await),
+            None => TestDb::Sqlite(self.db().await),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

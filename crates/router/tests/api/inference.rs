@@ -386,9 +386,6 @@ async fn a_cordoned_node_gets_no_new_request_and_uncordoning_restores_it() {
 
 #[tokio::test]
 async fn an_inference_key_works_on_v1_only_and_keys_made_without_a_scope_reach_both() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let a = Runtime::start("a", &["m"]).await;
     online_node(&app, "gpu-a", &a, &["m"]).await;
@@ -418,14 +415,15 @@ async fn an_inference_key_works_on_v1_only_and_keys_made_without_a_scope_reach_b
 
     // A key stored before scopes existed (no `scope` written) is an admin key.
     let old = "llmk_an-old-key-from-before-scopes";
-    sqlx::query(
-        "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) VALUES (?, 'old', ?, 'admin', 'admin', 0)",
-    )
-    .bind(uuid::Uuid::new_v4().to_string())
-    .bind(llm_router::model::auth::TokenHash::of(old).to_hex())
-    .execute(&app.db().await)
-    .await
-    .expect("insert");
+    let (id, hash) = (uuid::Uuid::new_v4().to_string(), llm_router::model::auth::TokenHash::of(old).to_hex());
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO api_keys (id, name, key_hash, role, created_by, created_at) \
+             VALUES ($1, 'old', $2, 'admin', 'admin', 0)",
+            &[&id, &hash],
+        )
+        .await;
     assert_eq!(app.request(Method::GET, "/v0/nodes").bearer_auth(old).send().await.expect("nodes").status(), 200);
     let listed = body(app.request(Method::GET, "/v0/api-keys").bearer_auth(&admin).send().await.expect("list")).await;
     let mut scopes: Vec<(&str, &str)> = listed

@@ -86,18 +86,29 @@ async fn a_corrupt_file_stops_the_start_and_is_left_untouched() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
+    let postgres = if on_sqlite() { None } else { Some(PgDatabase::create().await) };
+    let mut settings = Settings::new(data.clone());
+    settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
+    settings.database_url = postgres.as_ref().map(|database| database.url().to_owned());
     for corrupt in
         [&b"[{\"id\": \"3f1c2a4e"[..], b"{\"nodes\": []}", b"[{\"machine_name\": \"a\", \"runtime_port\": \"x\"}]"]
     {
         std::fs::write(data.join("nodes.json"), corrupt).expect("write");
-        let mut settings = Settings::new(data.clone());
-        settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
-        let err = App::build(settings, Arc::new(ManualClock::new(START_MS))).await.err().expect("start refused");
+        let err =
+            App::build(settings.clone(), Arc::new(ManualClock::new(START_MS))).await.err().expect("start refused");
         let message = format!("{err:#}");
         assert!(message.contains("nodes.json") && message.contains("corrupt"), "{message}");
         assert_eq!(std::fs::read(data.join("nodes.json")).expect("still there"), corrupt);
         assert!(!data.join("nodes.json.migrated").exists());
         assert!(!data.join("router.db").exists(), "nothing written");
+    }
+    if postgres.is_some() {
+        // Nothing of the file reached the shared database either: without it, the router starts with no node.
+        std::fs::remove_file(data.join("nodes.json")).expect("remove");
+        let app = App::build(settings, Arc::new(ManualClock::new(START_MS))).await.expect("start without the file");
+        let nodes = app.state.registry.len();
+        app.state.store.close().await;
+        assert_eq!(nodes, 0, "a refused import left nodes behind");
     }
 }
 

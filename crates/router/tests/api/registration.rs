@@ -10,9 +10,6 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn a_new_node_is_pending_and_its_token_is_shown_once() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let response = app.register(&registration("gpu-a", 8000)).await;
     assert_eq!(response.status(), 201);
@@ -35,12 +32,8 @@ async fn a_new_node_is_pending_and_its_token_is_shown_once() {
     assert!(!listed.contains(token) && !listed.contains("token"), "node JSON must never carry a token");
 
     // Only the SHA-256 of the token is stored.
-    let db = app.db().await;
-    let stored: (String,) = sqlx::query_as("SELECT token_hash FROM node_tokens WHERE node_id = ?")
-        .bind(id)
-        .fetch_one(&db)
-        .await
-        .expect("row");
+    let stored: (String,) =
+        app.sql().await.fetch_one("SELECT token_hash FROM node_tokens WHERE node_id = $1", &[id]).await;
     assert_eq!(stored.0, hex::encode(Sha256::digest(token.as_bytes())));
 }
 

@@ -129,9 +129,6 @@ async fn the_pending_cap_refuses_more_until_places_free_up() {
 
 #[tokio::test]
 async fn pending_nodes_silent_for_the_ttl_are_removed_with_an_event() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 2).await;
     let ttl_ms = 72 * HOUR_MS;
     let admin = app.admin_token().await;
@@ -154,14 +151,14 @@ async fn pending_nodes_silent_for_the_ttl_are_removed_with_an_event() {
     app.get_node(&admin, &approved.id).await.error_for_status().expect("an approved node never expires");
     assert_eq!(app.metric("llm_router_pending_expired_total").await, 1.0);
 
-    let db = app.db().await;
-    let (from, to, reason, actor): (Option<String>, String, String, Option<String>) = sqlx::query_as(
-        "SELECT from_status, to_status, reason, actor FROM node_events WHERE node_id = ? ORDER BY id DESC LIMIT 1",
-    )
-    .bind(&silent.id)
-    .fetch_one(&db)
-    .await
-    .expect("the removal's event");
+    let (from, to, reason, actor): (Option<String>, String, String, Option<String>) = app
+        .sql()
+        .await
+        .fetch_one(
+            "SELECT from_status, to_status, reason, actor FROM node_events WHERE node_id = $1 ORDER BY id DESC LIMIT 1",
+            &[&silent.id],
+        )
+        .await;
     assert_eq!((from.as_deref(), to.as_str(), actor), (Some("pending"), "deleted", None));
     assert!(reason.contains("pending for 72 h without a heartbeat"), "{reason}");
 

@@ -1,4 +1,5 @@
-//! SQLite storage (SPEC §4): the schema, restarts, write-behind figures and the restart grace period.
+//! Storage (SPEC §4, §11): restarts, write-behind figures and the restart grace period, on either backend; SQLite's
+//! own schema, journal and migrations on SQLite only.
 
 use serde_json::json;
 
@@ -6,8 +7,8 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn the_database_has_the_spec_tables_in_wal_mode() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // SQLite's own schema and journal mode; this runs in the SQLite pass.
     }
     let app = TestApp::spawn().await;
     let db = app.db().await;
@@ -68,26 +69,24 @@ async fn a_restart_keeps_nodes_tokens_statuses_figures_and_history() {
 
 #[tokio::test]
 async fn heartbeat_figures_are_written_behind_in_batches() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let node = app.register_node("gpu-batch").await;
-    let db = app.db().await;
+    let db = app.sql().await;
     let heartbeat = json!({"node_id": node.id, "cpu_usage": 77.0, "ready_models": ["x"]});
     assert_eq!(app.heartbeat_body(&node.token, &heartbeat).await.status(), 200);
-    let read = || sqlx::query_as::<_, (Option<String>,)>("SELECT metrics FROM nodes WHERE id = ?").bind(&node.id);
-    assert_eq!(read().fetch_one(&db).await.expect("row").0, None, "not yet written");
+    let read =
+        || async { db.fetch_one::<(Option<String>,)>("SELECT metrics FROM nodes WHERE id = $1", &[&node.id]).await.0 };
+    assert_eq!(read().await, None, "not yet written");
     assert_eq!(app.state.registry.flush().await.expect("flush"), 1);
-    let metrics = read().fetch_one(&db).await.expect("row").0.expect("written");
+    let metrics = read().await.expect("written");
     assert!(metrics.contains("77"), "{metrics}");
-    let (ready,): (String,) =
-        sqlx::query_as("SELECT model FROM node_loaded_models WHERE node_id = ? AND kind = 'ready'")
-            .bind(&node.id)
-            .fetch_one(&db)
-            .await
-            .expect("model row");
-    assert_eq!(ready, "x");
+    if on_sqlite() {
+        // SQLite also keeps the models in a child table (PostgreSQL keeps the lists on the row only).
+        let (ready,): (String,) = db
+            .fetch_one("SELECT model FROM node_loaded_models WHERE node_id = $1 AND kind = 'ready'", &[&node.id])
+            .await;
+        assert_eq!(ready, "x");
+    }
     assert_eq!(app.state.registry.flush().await.expect("flush"), 0, "nothing new to write");
 }
 
@@ -164,8 +163,8 @@ async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn rows_without_the_copy_of_their_lists_are_read_from_the_child_tables() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // SQLite keeps a node's lists twice (a copy on the row, child tables); this runs in the SQLite pass.
     }
     let app = TestApp::spawn().await;
     let before = fleet_with_lists(&app).await;
@@ -178,8 +177,8 @@ async fn rows_without_the_copy_of_their_lists_are_read_from_the_child_tables() {
 
 #[tokio::test]
 async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
+    if !on_sqlite() {
+        return; // One of SQLite's own migrations; this runs in the SQLite pass.
     }
     let app = TestApp::spawn().await;
     let before = fleet_with_lists(&app).await;
@@ -205,9 +204,6 @@ async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
 
 #[tokio::test]
 async fn a_batch_with_a_node_deleted_meanwhile_still_writes_the_others() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     let admin = app.admin_token().await;
     let kept = app.register_node("gpu-kept").await;
@@ -217,22 +213,24 @@ async fn a_batch_with_a_node_deleted_meanwhile_still_writes_the_others() {
     let deleted = app.request(reqwest::Method::DELETE, &format!("/v0/nodes/{}", gone.id)).bearer_auth(&admin).send();
     assert_eq!(deleted.await.expect("delete").status(), 204);
     assert_eq!(app.state.registry.flush().await.expect("flush"), 1);
-    let db = app.db().await;
-    let (ready,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_loaded_models WHERE model = 'new-model'")
-        .fetch_one(&db)
-        .await
-        .expect("count");
-    assert_eq!(ready, 1, "only the kept node's models are written");
-    let (metrics,): (Option<String>,) =
-        sqlx::query_as("SELECT metrics FROM nodes WHERE id = ?").bind(&kept.id).fetch_one(&db).await.expect("row");
+    let db = app.sql().await;
+    if on_sqlite() {
+        // SQLite also keeps the models in a child table (PostgreSQL keeps the lists on the row only).
+        let (ready,): (i64,) =
+            db.fetch_one("SELECT COUNT(*) FROM node_loaded_models WHERE model = 'new-model'", &[]).await;
+        assert_eq!(ready, 1, "only the kept node's models are written");
+    }
+    let (metrics,): (Option<String>,) = db.fetch_one("SELECT metrics FROM nodes WHERE id = $1", &[&kept.id]).await;
     assert!(metrics.is_some_and(|m| m.contains("12.5")));
+    // Read back by a router: the kept node with its models, the deleted one not at all.
+    let app = app.restart(0).await;
+    let nodes = app.nodes().await;
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!((&nodes[0]["id"], &nodes[0]["ready_models"]), (&json!(kept.id), &json!(["new-model"])));
 }
 
 #[tokio::test]
 async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step() {
-    if on_postgres() {
-        return; // It reads SQLite itself; it runs in the SQLite pass of the suite.
-    }
     let app = TestApp::spawn().await;
     // Registration and token rotation.
     fleet_with_lists(&app).await;
@@ -256,9 +254,12 @@ async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step(
     assert_eq!(edited["tags"], json!(["edited", "twice"]));
     assert_eq!(edited["ready_models"], json!(["m-ready"]));
 
-    // Read back from the copies on the rows...
+    // Read back from the copies on the rows (PostgreSQL: the lists on the row, its only copy)...
     let app = app.restart(0).await;
     assert_eq!(app.nodes().await, before, "from the copies of the lists");
+    if !on_sqlite() {
+        return; // The child rows are SQLite's alone.
+    }
     // ...and from the child rows alone.
     let db = app.db().await;
     sqlx::query("UPDATE nodes SET lists = NULL").execute(&db).await.expect("clear the copies");
@@ -271,6 +272,9 @@ async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step(
 /// every node keeps its row, its lists and its token, and foreign keys are on again afterwards.
 #[tokio::test]
 async fn the_rebuild_of_the_nodes_table_for_degraded_keeps_every_node_with_its_lists_and_token() {
+    if !on_sqlite() {
+        return; // One of SQLite's own migrations, on a database of its own; this runs in the SQLite pass.
+    }
     use sqlx::migrate::Migrator;
     use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
