@@ -57,6 +57,10 @@ pub(super) async fn unresolved(store: &Store, index: &Index) -> anyhow::Result<S
     Ok(Silences { lasting: Some(MassSilence { id: event.id, nodes }), recent: VecDeque::new() })
 }
 
+/// How many of the latest fleet events a router with a shared database looks through for the dismissal, made
+/// through another router, of the mass silence it holds.
+const FLEET_EVENTS_LOOKED_AT: u32 = 50;
+
 impl Registry {
     /// The sweep's interval, as the router schedules it: a tenth of `offline_after`, between 100 ms and 1 s.
     fn sweep_interval_ms(&self) -> i64 {
@@ -151,10 +155,23 @@ impl Registry {
                 .nodes
                 .iter()
                 .any(|id| index.nodes.get(id).is_some_and(|slot| slot.lock().node.status == NodeStatus::Offline));
-            if still_offline {
+            if !still_offline {
+                Some(silence.id)
+            } else if self.store.shared().is_some() {
+                None
+            } else {
                 return Ok(());
             }
-            silence.id
+        };
+        let Some(id) = id else {
+            // An administrator may have dismissed it through another router sharing the database.
+            let lasting = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner()).lasting.as_ref().map(|s| s.id);
+            let Some(id) = lasting else { return Ok(()) };
+            let events = self.store.fleet_events(FLEET_EVENTS_LOOKED_AT).await?;
+            if events.iter().any(|event| event.id == id && event.resolved_at.is_some()) {
+                self.clear_silence(id);
+            }
+            return Ok(());
         };
         self.store.resolve_fleet_event(id, self.clock.now_ms(), None, "nodes returned").await?;
         self.clear_silence(id);

@@ -574,3 +574,27 @@ async fn the_same_machine_registering_on_both_routers_is_one_node() {
     assert!(message.contains(&node.id), "{message}");
     assert_eq!(a.nodes().await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_mass_silence_dismissed_through_the_other_router_ends_on_the_lease_holder() {
+    let (a, b) = two_routers().await;
+    let (holder, other) = lease_holder(&a, &b).await;
+    let admin = holder.admin_token().await;
+    for i in 0..12 {
+        let node = holder.register_node(&format!("gpu-{i:02}")).await;
+        assert_eq!(holder.approve(&admin, &node.id).await.status(), 200);
+        assert_eq!(body(holder.heartbeat(&node, &["m"]).await).await["status"], "online");
+    }
+    assert_eq!(holder.advance_and_sweep(31_000).await, 12);
+    assert_eq!(holder.metric("llm_router_mass_silence").await, 1.0, "the whole fleet went silent at once");
+
+    let admin_other = other.admin_token().await;
+    let events =
+        body(other.request(Method::GET, "/v0/fleet/events").bearer_auth(&admin_other).send().await.expect("events"));
+    let id = events.await[0]["id"].as_i64().expect("the mass silence, listed on the other router");
+    let dismissed = other.request(Method::POST, &format!("/v0/fleet/events/{id}/dismiss")).bearer_auth(&admin_other);
+    assert_eq!(dismissed.send().await.expect("dismiss").status(), 204);
+    // The holder's next sweep finds the dismissal in the database.
+    holder.state.registry.sweep().await.expect("sweep");
+    assert_eq!(holder.metric("llm_router_mass_silence").await, 0.0);
+}
