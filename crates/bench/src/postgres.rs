@@ -17,7 +17,7 @@ impl Database {
     /// Creates a database with a fresh name on the server at `server`.
     pub async fn create(server: &str) -> anyhow::Result<Database> {
         let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        let url = with_database(server, &name)?;
+        let url = llm_router::store::postgres::with_database(server, &name)?;
         let mut conn = PgConnection::connect(server).await.with_context(|| format!("connecting to {server}"))?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
@@ -36,37 +36,5 @@ impl Database {
             .with_context(|| format!("dropping database {}", self.name))?;
         conn.close().await?;
         Ok(())
-    }
-}
-
-/// `server` with its database name replaced by `name`, query string kept.
-fn with_database(server: &str, name: &str) -> anyhow::Result<String> {
-    let (base, query) = server.split_once('?').map_or((server, None), |(base, query)| (base, Some(query)));
-    let authority_at = base.find("://").context("not a postgres:// URL")? + 3;
-    let path_at = base[authority_at..].find('/').map_or(base.len(), |i| authority_at + i);
-    let mut url = format!("{}/{name}", &base[..path_at]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    Ok(url)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_database_name_replaces_the_servers() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432/postgres", "b1").expect("url"),
-            "postgres://postgres@127.0.0.1:5432/b1"
-        );
-        assert_eq!(with_database("postgres://u:p@h:1", "b2").expect("url"), "postgres://u:p@h:1/b2");
-        assert_eq!(
-            with_database("postgres://u@h/db?sslmode=disable", "b3").expect("url"),
-            "postgres://u@h/b3?sslmode=disable"
-        );
-        assert!(with_database("h/db", "b4").is_err());
     }
 }

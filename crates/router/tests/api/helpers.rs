@@ -76,7 +76,7 @@ impl PgDatabase {
             .await
             .unwrap_or_else(|err| panic!("cannot create a test database on {server}: {err}"));
         let _ = conn.close().await;
-        let url = database_url(&server, &name);
+        let url = llm_router::store::postgres::with_database(&server, &name).expect("a postgres:// server URL");
         PgDatabase(Arc::new(PgDatabaseInner { server, name, url }))
     }
 
@@ -119,20 +119,6 @@ impl Drop for PgDatabaseInner {
             })
         });
         let _ = dropped.join();
-    }
-}
-
-/// `server` (a `postgres://` URL) with its database name replaced by `name`, its parameters kept.
-fn database_url(server: &str, name: &str) -> String {
-    let (address, parameters) = match server.split_once('?') {
-        Some((address, parameters)) => (address, Some(parameters)),
-        None => (server, None),
-    };
-    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
-    let base = if rest.contains('/') { address.rsplit_once('/').map_or(address, |(base, _)| base) } else { address };
-    match parameters {
-        Some(parameters) => format!("{base}/{name}?{parameters}"),
-        None => format!("{base}/{name}"),
     }
 }
 

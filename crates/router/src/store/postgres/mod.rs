@@ -174,6 +174,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// `url` naming database `name` instead of its own, query string kept: for the tools that make a database of their
+/// own on a server (the benchmarks, the tests).
+pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = url.split_once('?').map_or((url, None), |(base, query)| (base, Some(query)));
+    let authority_at = base.find("://").context("not a postgres:// URL")? + 3;
+    let path_at = base[authority_at..].find('/').map_or(base.len(), |i| authority_at + i);
+    let mut named = format!("{}/{name}", &base[..path_at]);
+    if let Some(query) = query {
+        named.push('?');
+        named.push_str(query);
+    }
+    Ok(named)
+}
+
 /// Every answer of the store has its storage errors marked [`StorageFault`] and counted, reads included.
 macro_rules! settled {
     ($self:ident, $body:expr) => {

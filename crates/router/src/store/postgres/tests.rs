@@ -102,6 +102,21 @@ fn the_password_never_shows() {
     assert_eq!(redact("postgres://db.example/fleet"), "postgres://db.example/fleet");
 }
 
+#[test]
+fn the_database_name_replaces_the_urls() {
+    use super::with_database;
+    assert_eq!(
+        with_database("postgres://postgres@127.0.0.1:5432/postgres", "b1").expect("url"),
+        "postgres://postgres@127.0.0.1:5432/b1"
+    );
+    assert_eq!(with_database("postgres://u:p@h:1", "b2").expect("url"), "postgres://u:p@h:1/b2");
+    assert_eq!(
+        with_database("postgres://u@h/db?sslmode=disable", "b3").expect("url"),
+        "postgres://u@h/b3?sslmode=disable"
+    );
+    assert!(with_database("h/db", "b4").is_err());
+}
+
 #[tokio::test]
 async fn a_change_after_a_cursor_comes_back_with_the_next_read() {
     let url = fresh_database().await;
