@@ -46,6 +46,12 @@ impl JoinToken {
         }
     }
 
+    /// Why a use of `token` (as it reads now; `None`: it is gone) could not be counted at `at`: what made it
+    /// unusable, or used up by a registration that counted the last use first.
+    pub fn refusal(token: Option<&JoinToken>, at: Millis) -> Unusable {
+        token.map_or(Unusable::Unknown, |token| token.check(at).err().unwrap_or(Unusable::UsedUp))
+    }
+
     /// Who approves the nodes this token admits: `join-token:<name>`.
     pub fn actor(&self) -> String {
         format!("join-token:{}", self.name)

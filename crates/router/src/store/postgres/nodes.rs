@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::PgStore;
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
-use crate::model::enrollment::JoinUse;
+use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::sqlite::lists;
@@ -440,9 +440,5 @@ pub(super) async fn use_join_token(conn: &mut PgConnection, join: &JoinUse) -> R
         return Ok(());
     }
     let token = super::records::join_token_by_id(conn, join.token_id).await?;
-    let why = match token {
-        Some(token) => token.check(join.at).err().unwrap_or(crate::model::enrollment::Unusable::UsedUp),
-        None => crate::model::enrollment::Unusable::Unknown,
-    };
-    Err(InsertError::JoinToken(why))
+    Err(InsertError::JoinToken(JoinToken::refusal(token.as_ref(), join.at)))
 }

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
-use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
+use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::store::{InsertError, rows};
 const COLUMNS: &str = rows::JOIN_TOKEN_COLUMNS;
 
@@ -81,9 +81,6 @@ pub(super) async fn use_join_token(conn: &mut SqliteConnection, join: &JoinUse) 
         .fetch_optional(&mut *conn)
         .await
         .map_err(anyhow::Error::from)?;
-    let why = match row.as_ref().map(rows::join_token).transpose()? {
-        Some(token) => token.check(join.at).err().unwrap_or(Unusable::UsedUp),
-        None => Unusable::Unknown,
-    };
-    Err(InsertError::JoinToken(why))
+    let token = row.as_ref().map(rows::join_token).transpose()?;
+    Err(InsertError::JoinToken(JoinToken::refusal(token.as_ref(), join.at)))
 }
