@@ -5,7 +5,7 @@ use anyhow::Context;
 use uuid::Uuid;
 
 use crate::model::audit::{AuditEvent, RecordedAudit};
-use crate::model::auth::TokenHash;
+use crate::model::auth::{Principal, Scope, TokenHash};
 use crate::model::enrollment::JoinToken;
 use crate::model::figures::PackedMetrics;
 use crate::model::fleet::FleetEvent;
@@ -54,6 +54,21 @@ pub(super) fn user(row: &impl Columns) -> anyhow::Result<UserRow> {
         password_hash: row.text(1)?,
         role: row.text(2)?.parse()?,
         created_at: row.int(3)?,
+    })
+}
+
+/// `username, role` of the user behind session `hash`.
+pub(super) fn session_principal(row: &impl Columns, hash: TokenHash) -> anyhow::Result<Principal> {
+    Ok(Principal { name: row.text(0)?, role: row.text(1)?.parse()?, scope: Scope::Admin, session: Some(hash) })
+}
+
+/// `name, role, scope` of an API key.
+pub(super) fn key_principal(row: &impl Columns) -> anyhow::Result<Principal> {
+    Ok(Principal {
+        name: format!("api-key:{}", row.text(0)?),
+        role: row.text(1)?.parse()?,
+        scope: row.text(2)?.parse()?,
+        session: None,
     })
 }
 

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
-use crate::model::auth::{Principal, Role, Scope, TokenHash};
+use crate::model::auth::{Principal, Role, TokenHash};
 use crate::store::{ApiKeyRow, DeleteUserError, UserRow, rows};
 
 impl SqliteStore {
@@ -109,26 +109,13 @@ impl SqliteStore {
         .fetch_optional(&self.reader)
         .await?;
         if let Some(row) = session {
-            return Ok(Some(Principal {
-                name: row.try_get(0)?,
-                role: row.try_get::<String, _>(1)?.parse()?,
-                scope: Scope::Admin,
-                session: Some(hash),
-            }));
+            return Ok(Some(rows::session_principal(&row, hash)?));
         }
         let key = sqlx::query("SELECT name, role, scope FROM api_keys WHERE key_hash = ?")
             .bind(&hex)
             .fetch_optional(&self.reader)
             .await?;
-        key.map(|row| -> anyhow::Result<Principal> {
-            Ok(Principal {
-                name: format!("api-key:{}", row.try_get::<String, _>(0)?),
-                role: row.try_get::<String, _>(1)?.parse()?,
-                scope: row.try_get::<String, _>(2)?.parse()?,
-                session: None,
-            })
-        })
-        .transpose()
+        key.as_ref().map(rows::key_principal).transpose()
     }
 
     pub(super) async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
