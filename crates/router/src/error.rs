@@ -43,6 +43,9 @@ pub enum ApiError {
     JoinTokenInvalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// A `changed_since` the router cannot answer from: list again.
+    #[error("{0}")]
+    RevisionExpired(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -82,6 +85,7 @@ impl ApiError {
             ApiError::JoinTokenRequired(_) => (StatusCode::UNAUTHORIZED, "join_token_required"),
             ApiError::JoinTokenInvalid(_) => (StatusCode::UNAUTHORIZED, "join_token_invalid"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::RevisionExpired(_) => (StatusCode::GONE, "revision_expired"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             ApiError::NodeUnreachable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "node_unreachable"),
@@ -187,6 +191,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::NodeExists { .. } => ApiError::NodeExists(message),
             RegistryError::NotPending { .. } => ApiError::NotPending(message),
             RegistryError::JoinTokenInvalid(_) => ApiError::JoinTokenInvalid(message),
+            RegistryError::RevisionExpired { .. } => ApiError::RevisionExpired(message),
             RegistryError::Store(err) => err.into(),
         }
     }

@@ -19,6 +19,7 @@ pub mod probe;
 pub mod proxy;
 pub mod rate_limit;
 pub mod registry;
+pub mod revision;
 pub mod routes;
 pub mod routing;
 pub mod server;

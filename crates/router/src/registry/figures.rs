@@ -35,7 +35,7 @@ impl Registry {
         };
         let mut batch = Vec::with_capacity(slots.len());
         for (id, slot) in &slots {
-            let mut state = slot.lock();
+            let mut state = slot.bookkeeping();
             state.figures_dirty = false;
             if state.deleted {
                 continue;
@@ -51,7 +51,7 @@ impl Registry {
         if let Err(err) = self.store.flush_figures(&batch).await {
             // Keep the figures for the next flush rather than lose them.
             for (id, slot) in &slots {
-                let mut state = slot.lock();
+                let mut state = slot.bookkeeping();
                 if batch.iter().any(|f| f.node_id == *id && f.lists.is_some()) {
                     state.models_dirty = true;
                 }

@@ -77,7 +77,7 @@ impl Registry {
         }
         let mut live = 0;
         for slot in self.read().nodes.values() {
-            let mut state = slot.lock();
+            let mut state = slot.bookkeeping();
             if state::is_live(state.node.status) {
                 state.alive_since = state.alive_since.max(now);
                 live += 1;

@@ -2,6 +2,7 @@
 //! slot with its own locks.
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use uuid::Uuid;
@@ -9,6 +10,7 @@ use uuid::Uuid;
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::node::Node;
+use crate::revision::Revisions;
 
 #[derive(Default)]
 pub(super) struct Index {
@@ -34,11 +36,15 @@ pub(super) struct SlotState {
     /// The revision of the node's row this state was last read from, when the database is shared (SPEC §11): a
     /// row read back is applied only when newer. 0 for a node loaded at start-up or written by this router.
     pub(super) revision: i64,
+    /// The fleet revision (SPEC §12) of the latest change of what the node's JSON shows: stamped by every
+    /// [`Slot::edit`], so `changed_since` finds it.
+    pub(super) changed: i64,
 }
 
 impl Slot {
-    /// A slot for a node loaded or just stored; its silence counts from `now` at the earliest.
-    pub(super) fn new(node: Node, token: Option<TokenHash>, now: Millis) -> Arc<Slot> {
+    /// A slot for a node loaded or just stored, changed at revision `changed`; its silence counts from `now` at the
+    /// earliest.
+    pub(super) fn new(node: Node, token: Option<TokenHash>, now: Millis, changed: i64) -> Arc<Slot> {
         let alive_since = node.last_seen_at.unwrap_or(now).max(now);
         Arc::new(Slot {
             state: Mutex::new(SlotState {
@@ -49,15 +55,69 @@ impl Slot {
                 models_dirty: false,
                 deleted: false,
                 revision: 0,
+                changed,
             }),
             transition: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// The node's state, under its lock; never held across an await.
-    pub(super) fn lock(&self) -> MutexGuard<'_, SlotState> {
+    /// The node's state, under its lock, to read; never held across an await.
+    pub(super) fn lock(&self) -> SlotRead<'_> {
+        SlotRead(self.guard())
+    }
+
+    /// The node's state, under its lock, to change what its JSON shows: the change is stamped with a new revision
+    /// when the guard drops, before the lock is released.
+    pub(super) fn edit<'a>(&'a self, revisions: &'a Revisions) -> SlotEdit<'a> {
+        SlotEdit { state: self.guard(), revisions }
+    }
+
+    /// The node's state, under its lock, to change the registry's own bookkeeping of it (what is dirty, when its
+    /// silence began, which row revision it was read from): nothing its JSON shows, so no new revision.
+    pub(super) fn bookkeeping(&self) -> MutexGuard<'_, SlotState> {
+        self.guard()
+    }
+
+    fn guard(&self) -> MutexGuard<'_, SlotState> {
         // A poisoned node lock means a panic mid-update of plain data; the data is still consistent enough to serve.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A node's state, locked to read.
+pub(super) struct SlotRead<'a>(MutexGuard<'a, SlotState>);
+
+impl Deref for SlotRead<'_> {
+    type Target = SlotState;
+
+    fn deref(&self) -> &SlotState {
+        &self.0
+    }
+}
+
+/// A node's state, locked to change; stamps the change's revision on drop.
+pub(super) struct SlotEdit<'a> {
+    state: MutexGuard<'a, SlotState>,
+    revisions: &'a Revisions,
+}
+
+impl Deref for SlotEdit<'_> {
+    type Target = SlotState;
+
+    fn deref(&self) -> &SlotState {
+        &self.state
+    }
+}
+
+impl DerefMut for SlotEdit<'_> {
+    fn deref_mut(&mut self) -> &mut SlotState {
+        &mut self.state
+    }
+}
+
+impl Drop for SlotEdit<'_> {
+    fn drop(&mut self) {
+        self.state.changed = self.revisions.next();
     }
 }
 

@@ -17,6 +17,7 @@
 mod figures;
 mod fleet;
 mod index;
+pub mod query;
 mod register;
 mod shared;
 pub mod state;
@@ -35,6 +36,7 @@ use crate::model::auth::TokenHash;
 use crate::model::enrollment::Unusable;
 use crate::model::health;
 use crate::model::node::Node;
+use crate::revision::Revisions;
 use crate::routing::Routing;
 use crate::store::Store;
 use index::{Index, Slot};
@@ -68,6 +70,13 @@ pub enum RegistryError {
     /// The registration's join token stopped being usable before the node was stored.
     #[error("{}", join_token_problem(*.0))]
     JoinTokenInvalid(Unusable),
+    /// `changed_since` names a revision this router cannot answer from: older than its memory of deletions (it
+    /// restarted, or many nodes were deleted since) or newer than its own revisions.
+    #[error(
+        "Revision {since} cannot be answered by this router (it answers from {oldest} to {newest}): list the nodes \
+         again without `changed_since`."
+    )]
+    RevisionExpired { since: i64, oldest: i64, newest: i64 },
     /// The store failed; nothing was changed.
     #[error(transparent)]
     Store(#[from] anyhow::Error),
@@ -115,6 +124,10 @@ pub struct Registry {
     leads: AtomicBool,
     /// Where the reads of other routers' changes stand.
     follow_cursors: shared::FollowCursors,
+    /// Stamps every change of what a node's JSON shows (SPEC §12).
+    revisions: Arc<Revisions>,
+    /// The nodes deleted lately, for `changed_since`.
+    deletions: Mutex<query::Deletions>,
 }
 
 impl Registry {
@@ -128,7 +141,8 @@ impl Registry {
         let now = clock.now_ms();
         let mut index = Index::default();
         let mut pending = 0;
-        let routing = Arc::new(Routing::default());
+        let revisions = Arc::new(Revisions::starting_at(now));
+        let routing = Arc::new(Routing::new(revisions.clone()));
         // With a shared database, the first read of the changes is the load: every node with its revision, and the
         // cursor the follower goes on from.
         let follow_cursors = shared::FollowCursors::default();
@@ -148,8 +162,8 @@ impl Registry {
             if let Some(token) = token {
                 index.by_token.insert(token, id);
             }
-            let slot = Slot::new(node, token, now);
-            slot.lock().revision = revision;
+            let slot = Slot::new(node, token, now, revisions.now());
+            slot.bookkeeping().revision = revision;
             index.nodes.insert(id, slot);
         }
         let mass_silence = fleet::unresolved(&store, &index).await?;
@@ -172,6 +186,8 @@ impl Registry {
             gpu_max_temp_c: health::DEFAULT_GPU_MAX_TEMP_C,
             leads: AtomicBool::new(leads),
             follow_cursors,
+            deletions: Mutex::new(query::Deletions::since(revisions.now())),
+            revisions,
         })
     }
 
@@ -241,21 +257,6 @@ impl Registry {
         let slot = self.slot(id)?;
         let state = slot.lock();
         Ok(view(&state.node))
-    }
-
-    /// All nodes, optionally of one status, oldest registration first, as `view` shows them.
-    pub fn list<T>(&self, status: Option<NodeStatus>, view: impl Fn(&Node) -> T) -> Vec<T> {
-        let slots: Vec<Arc<Slot>> = self.read().nodes.values().cloned().collect();
-        let mut views: Vec<(Millis, Uuid, T)> = slots
-            .iter()
-            .filter_map(|slot| {
-                let state = slot.lock();
-                let wanted = status.is_none_or(|s| s == state.node.status);
-                wanted.then(|| (state.node.registered_at, state.node.id, view(&state.node)))
-            })
-            .collect();
-        views.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        views.into_iter().map(|(_, _, view)| view).collect()
     }
 
     /// Counts of nodes by status.

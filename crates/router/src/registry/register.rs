@@ -131,7 +131,7 @@ impl Registry {
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
         index.by_token.insert(token.hash(), id);
         self.routing.update(&node);
-        index.nodes.insert(id, Slot::new(node, Some(token.hash()), now));
+        index.nodes.insert(id, Slot::new(node, Some(token.hash()), now, self.revisions.next()));
         drop(index);
         Ok(Registered { node_id: id, token, status, created: true })
     }
@@ -198,7 +198,7 @@ impl Registry {
         }
         let status = updated.status;
         {
-            let mut state = slot.lock();
+            let mut state = slot.edit(&self.revisions);
             self.routing.update(&updated);
             self.count_pending(state.node.status, updated.status);
             state.node = updated;

@@ -112,8 +112,9 @@ impl Registry {
         let index = self.read();
         for seen in seen {
             let Some(slot) = index.nodes.get(&seen.node_id) else { continue };
-            let mut state = slot.lock();
+            let mut state = slot.bookkeeping();
             if state.node.last_seen_at.is_none_or(|at| at < seen.last_seen_at) {
+                state.changed = self.revisions.next();
                 state.node.last_seen_at = Some(seen.last_seen_at);
                 state.node.metrics = seen.metrics;
             }
@@ -129,7 +130,7 @@ impl Registry {
         let existing = self.read().nodes.get(&id).cloned();
         let Some(slot) = existing else {
             let pending = node.status == NodeStatus::Pending;
-            let slot = Slot::new(node, token, self.clock.now_ms());
+            let slot = Slot::new(node, token, self.clock.now_ms(), self.revisions.next());
             let mut index = self.write();
             let own = self.store.shared().is_some_and(|shared| shared.written_revision(id) >= revision);
             if own || index.nodes.contains_key(&id) {
@@ -137,7 +138,7 @@ impl Registry {
                 return;
             }
             {
-                let mut state = slot.lock();
+                let mut state = slot.bookkeeping();
                 state.revision = revision;
                 index.by_key.insert((state.node.machine_name.clone(), state.node.runtime_port), id);
                 if let Some(token) = token {
@@ -152,7 +153,7 @@ impl Registry {
             return;
         };
         let old_token = {
-            let mut state = slot.lock();
+            let mut state = slot.bookkeeping();
             // Under the node's lock, where this router applies its own writes after recording their revision: a
             // row no newer than this router's own latest write is that write or older, and memory holds it.
             let written = self.store.shared().map_or(0, |shared| shared.written_revision(id));
@@ -174,6 +175,7 @@ impl Registry {
             let old_token = std::mem::replace(&mut state.token, token);
             state.node = node;
             state.revision = revision;
+            state.changed = self.revisions.next();
             self.routing.update(&state.node);
             old_token
         };
@@ -194,11 +196,12 @@ impl Registry {
     fn forget(&self, id: Uuid) {
         let Some(slot) = self.read().nodes.get(&id).cloned() else { return };
         let (key, token) = {
-            let mut state = slot.lock();
+            let mut state = slot.bookkeeping();
             if state.deleted {
                 return;
             }
             state.deleted = true;
+            self.note_deletion(id);
             self.count_pending(state.node.status, NodeStatus::Offline);
             ((state.node.machine_name.clone(), state.node.runtime_port), state.token)
         };

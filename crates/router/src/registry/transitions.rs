@@ -33,7 +33,7 @@ impl Registry {
         let now = self.clock.now_ms();
         let findings;
         {
-            let mut state = slot.lock();
+            let mut state = slot.edit(&self.revisions);
             if state.deleted || state.token != Some(node.token) {
                 return Err(RegistryError::UnknownToken);
             }
@@ -107,7 +107,7 @@ impl Registry {
         };
         self.store.record_transition(&updated, &event).await?;
         self.metrics.transition(updated.status);
-        let mut state = slot.lock();
+        let mut state = slot.edit(&self.revisions);
         self.count_pending(state.node.status, updated.status);
         state.node.status = updated.status;
         state.node.approved_at = updated.approved_at;
@@ -138,7 +138,7 @@ impl Registry {
             (node, event)
         };
         self.store.record_transition(&updated, &event).await?;
-        let mut state = slot.lock();
+        let mut state = slot.edit(&self.revisions);
         state.node.cordoned = cordoned;
         self.routing.update(&state.node);
         Ok(state.node.clone())
@@ -182,7 +182,7 @@ impl Registry {
         };
         self.store.record_transition(&updated, &event).await?;
         self.metrics.transition(updated.status);
-        let mut state = slot.lock();
+        let mut state = slot.edit(&self.revisions);
         state.node.status = updated.status;
         state.node.conditions = updated.conditions;
         self.routing.update(&state.node);
@@ -201,6 +201,7 @@ impl Registry {
     pub async fn sweep(&self) -> anyhow::Result<usize> {
         let _sweeping = self.sweeping.lock().await;
         let now = self.clock.now_ms();
+        self.revisions.align(now);
         if self.grace_after_stall(now) || !self.lead().await {
             return Ok(0);
         }
@@ -279,7 +280,7 @@ impl Registry {
             node
         };
         self.store.update_admin_fields(&updated).await?;
-        let mut state = slot.lock();
+        let mut state = slot.edit(&self.revisions);
         state.node.display_name = updated.display_name;
         state.node.notes = updated.notes;
         state.node.tags = updated.tags;
@@ -365,10 +366,11 @@ impl Registry {
         };
         self.store.delete_node(id, &event).await?;
         {
-            let mut state = slot.lock();
+            let mut state = slot.bookkeeping();
             if !state.deleted {
                 state.deleted = true;
                 self.count_pending(state.node.status, NodeStatus::Offline);
+                self.note_deletion(id);
             }
         }
         let mut index = self.write();

@@ -14,6 +14,7 @@ pub mod health;
 pub mod inference;
 pub mod join_tokens;
 pub mod json;
+pub mod node_list;
 pub mod nodes;
 pub mod openapi;
 pub mod paging;
@@ -31,6 +32,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on, post};
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::error::{ApiError, error_response};
@@ -63,7 +66,8 @@ impl Api {
 fn api() -> Api {
     Api::new()
         .add(Method::POST, "/v0/nodes", nodes::register)
-        .add(Method::GET, "/v0/nodes", nodes::list)
+        .add(Method::GET, "/v0/nodes", node_list::list)
+        .add(Method::GET, "/v0/nodes/summary", node_list::summary)
         .add(Method::GET, "/v0/nodes/{id}", nodes::get)
         .add(Method::PATCH, "/v0/nodes/{id}", nodes::update)
         .add(Method::DELETE, "/v0/nodes/{id}", nodes::delete)
@@ -97,13 +101,17 @@ pub fn endpoints() -> Vec<(Method, &'static str)> {
 
 /// The whole HTTP surface of the router.
 pub fn router(state: AppState) -> Router {
-    api()
+    // The API, the dashboard and /metrics are compressed for a client that accepts it (SPEC §12); /v1 is not: the
+    // runtime's bytes pass as they came, and a stream is never held back to fill a compressor's block.
+    let compressed = api()
         .router
         .route("/", get(dashboard::home))
         .route("/dashboard", get(dashboard::index))
         .route("/dashboard/{file}", get(dashboard::asset))
-        .route("/healthz", get(health::healthz))
         .route("/metrics", get(prometheus))
+        .layer(compression());
+    compressed
+        .route("/healthz", get(health::healthz))
         .route("/v1/chat/completions", post(inference::forward))
         .route("/v1/completions", post(inference::forward))
         .route("/v1/embeddings", post(inference::forward))
@@ -118,6 +126,19 @@ pub fn router(state: AppState) -> Router {
         .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .with_state(state)
 }
+
+/// gzip or brotli (quality 4, as on-the-fly web servers use) for answers over [`COMPRESS_ABOVE_BYTES`]: a page of
+/// nodes shrinks about tenfold, while a heartbeat's short answer is sent as it is, at no cost to the hot path.
+fn compression() -> CompressionLayer<impl Predicate> {
+    let worth_it = SizeAbove::new(COMPRESS_ABOVE_BYTES)
+        .and(NotForContentType::GRPC)
+        .and(NotForContentType::IMAGES)
+        .and(NotForContentType::SSE);
+    CompressionLayer::new().compress_when(worth_it)
+}
+
+/// Answers at most this long are not compressed.
+pub const COMPRESS_ABOVE_BYTES: u64 = 512;
 
 /// Records the latency and status of every request to a matched route.
 async fn measure(State(state): State<AppState>, request: Request, next: Next) -> Response {

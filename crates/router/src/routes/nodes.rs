@@ -7,7 +7,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use llm_router_protocol::{JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER, NodeStatus, RegisterRequest, RegisterResponse};
+use llm_router_protocol::{JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER, RegisterRequest, RegisterResponse};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -168,35 +168,6 @@ fn anonymous_limits<'a>(
     })
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ListParams {
-    status: Option<String>,
-}
-
-/// List nodes, optionally of one status
-#[utoipa::path(get, path = "/v0/nodes", tag = "nodes", security(("bearer" = [])),
-    params(("status" = Option<NodeStatus>, Query, description = "Only nodes of this status")),
-    responses(
-        (status = 200, description = "All nodes, oldest registration first", body = Vec<NodeView>),
-        (status = 400, description = "Unknown status", body = ErrorBody),
-        (status = 401, description = "No valid credential", body = ErrorBody),
-        (status = 403, description = "The credential's role may not do this", body = ErrorBody)
-    ))]
-pub async fn list(
-    State(state): State<AppState>,
-    _viewer: Viewer,
-    params: Result<Query<ListParams>, QueryRejection>,
-) -> ApiResult<Json<Vec<NodeView>>> {
-    let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
-    let status = params
-        .status
-        .map(|s| s.parse::<NodeStatus>())
-        .transpose()
-        .map_err(|err| bad_request(format!("`status`: {err}.")))?;
-    let (routing, now) = (state.registry.routing(), state.clock.now_ms());
-    Ok(Json(state.registry.list(status, |node| NodeView::new(node, routing, now))))
-}
-
 /// One node
 #[utoipa::path(get, path = "/v0/nodes/{id}", tag = "nodes", security(("bearer" = [])),
     params(("id" = String, Path, description = "Node id (UUID)")),
@@ -208,7 +179,7 @@ pub async fn list(
     ))]
 pub async fn get(State(state): State<AppState>, _viewer: Viewer, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
     let (routing, now) = (state.registry.routing(), state.clock.now_ms());
-    Ok(Json(state.registry.get(node_id(&id)?, |node| NodeView::new(node, routing, now))?))
+    Ok(Json(state.registry.view(node_id(&id)?, |node, revision| NodeView::new(node, revision, routing, now))?))
 }
 
 /// Approve a pending node (admin)
@@ -426,7 +397,7 @@ fn node_id(text: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(text).map_err(|_| not_found(format!("No node with id `{text}` (node ids are UUIDs).")))
 }
 
-/// The node as the admin API shows it, with its routing figures now.
+/// The node as the admin API shows it after a change, with its revision and routing figures now.
 fn view(state: &AppState, node: &Node) -> NodeView {
-    NodeView::new(node, state.registry.routing(), state.clock.now_ms())
+    NodeView::new(node, state.registry.revision_of(node.id), state.registry.routing(), state.clock.now_ms())
 }

@@ -12,8 +12,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use super::fleet::FleetEventView;
+use super::node_list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCounts};
 use super::views::{NodeEventView, NodeView, RoutingView};
-use super::{api_keys, audit, auth, fleet, health, join_tokens, nodes, users};
+use super::{api_keys, audit, auth, fleet, health, join_tokens, node_list, nodes, users};
 use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeMetrics;
 
@@ -21,7 +22,7 @@ use crate::model::figures::NodeMetrics;
 #[openapi(
     info(title = "llm-router", description = "Node self-registration, heartbeats and fleet administration. Every error is `{\"error\": {\"code\", \"message\"}}`."),
     paths(
-        nodes::register, nodes::list, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
+        nodes::register, node_list::list, node_list::summary, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
         health::heartbeat,
         auth::login, auth::logout, auth::me,
         users::list, users::create, users::delete,
@@ -34,7 +35,7 @@ use crate::model::figures::NodeMetrics;
     components(schemas(
         ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
         RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeMetrics, NodeEventView, Role, Scope,
-        FleetEventView,
+        FleetEventView, NodeList, NodePage, FleetSummaryView, StatusCounts, GpuCounts,
     )),
     modifiers(&Security),
 )]

@@ -42,6 +42,9 @@ pub struct NodeView {
     /// How inference traffic through this router is going on the node.
     pub routing: RoutingView,
     pub last_seen_at: Option<String>,
+    /// Rises whenever anything this object shows changes (a heartbeat, the status, an edit, the routing figures):
+    /// `GET /v0/nodes?changed_since=` sends the nodes whose revision is above the one given (SPEC §12).
+    pub revision: i64,
 }
 
 /// A node's inference traffic through this router (SPEC §8). Counted since the router started.
@@ -70,8 +73,8 @@ impl RoutingView {
 }
 
 impl NodeView {
-    /// The node with its routing figures at `now`.
-    pub fn new(node: &Node, routing: &Routing, now: Millis) -> Self {
+    /// The node at `revision`, with its routing figures at `now`.
+    pub fn new(node: &Node, revision: i64, routing: &Routing, now: Millis) -> Self {
         NodeView {
             id: node.id,
             machine_name: node.machine_name.clone(),
@@ -96,6 +99,7 @@ impl NodeView {
             max_concurrency: node.max_concurrency,
             routing: RoutingView::of(routing.figures(node.id, now)),
             last_seen_at: node.last_seen_at.map(rfc3339),
+            revision,
         }
     }
 }

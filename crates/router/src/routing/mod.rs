@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::model::node::Node;
+use crate::revision::Revisions;
 
 /// Consecutive failures that eject a node from routing.
 pub const EJECT_AFTER_FAILURES: u32 = 3;
@@ -52,6 +53,10 @@ pub struct Target {
     /// The models it is listed under, to wake the requests queued for them when it has room again.
     models: RwLock<Box<[Arc<str>]>>,
     queue: Arc<Queue>,
+    /// The fleet revision of the latest change of its figures (SPEC §12), so that a client asking what changed
+    /// learns of a request starting or ending.
+    changed: AtomicI64,
+    revisions: Arc<Revisions>,
 }
 
 /// The figures of a node's routing, as the node JSON shows them.
@@ -62,10 +67,12 @@ pub struct RouteFigures {
     pub failures_total: u64,
     /// `None` when not ejected at `now`.
     pub ejected_until: Option<Millis>,
+    /// The fleet revision of their latest change.
+    pub changed: i64,
 }
 
 impl Target {
-    fn new(node_id: Uuid, addr: SocketAddr, queue: Arc<Queue>) -> Self {
+    fn new(node_id: Uuid, addr: SocketAddr, queue: Arc<Queue>, revisions: Arc<Revisions>) -> Self {
         Target {
             node_id,
             addr: RwLock::new(addr),
@@ -79,7 +86,14 @@ impl Target {
             cordoned: AtomicBool::new(false),
             models: RwLock::new(Box::new([])),
             queue,
+            changed: AtomicI64::new(revisions.next()),
+            revisions,
         }
+    }
+
+    /// Notes that its figures changed.
+    fn stamp(&self) {
+        self.changed.store(self.revisions.next(), Ordering::Release);
     }
 
     /// Whether it can take one more request under its `max_concurrency`.
@@ -97,6 +111,7 @@ impl Target {
         }
         self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).ok()?;
         self.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.stamp();
         Some(InFlight(self.clone()))
     }
 
@@ -144,7 +159,9 @@ impl Target {
     pub fn succeeded(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
-        self.ejected_until.store(0, Ordering::Relaxed);
+        if self.ejected_until.swap(0, Ordering::Relaxed) != 0 {
+            self.stamp();
+        }
     }
 
     /// A failure (connection refused or reset, timeout, 502/503/504, a stream cut): ejects the node after
@@ -152,6 +169,7 @@ impl Target {
     /// this failure ejected it.
     pub fn failed(&self, now: Millis) -> bool {
         self.failures_total.fetch_add(1, Ordering::Relaxed);
+        self.stamp();
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let ejections = self.ejections.load(Ordering::Relaxed);
         // After an ejection the next request is a trial (half-open): its failure ejects again, for longer.
@@ -161,6 +179,7 @@ impl Target {
         let length = (FIRST_EJECTION_MS << ejections.min(16)).min(MAX_EJECTION_MS);
         self.ejected_until.store(now + length, Ordering::Relaxed);
         self.ejections.store(ejections.saturating_add(1), Ordering::Relaxed);
+        self.stamp();
         true
     }
 
@@ -171,6 +190,7 @@ impl Target {
             requests_total: self.requests_total.load(Ordering::Relaxed),
             failures_total: self.failures_total.load(Ordering::Relaxed),
             ejected_until: (until > now && until != TRIAL).then_some(until),
+            changed: self.changed.load(Ordering::Acquire),
         }
     }
 }
@@ -183,6 +203,7 @@ impl InFlight {
     fn start(target: Arc<Target>) -> Self {
         target.in_flight.fetch_add(1, Ordering::Relaxed);
         target.requests_total.fetch_add(1, Ordering::Relaxed);
+        target.stamp();
         InFlight(target)
     }
 
@@ -194,6 +215,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.stamp();
         if self.0.limit.load(Ordering::Relaxed) != 0 {
             self.0.wake_queued(false);
         }
@@ -280,9 +302,16 @@ struct Index {
 pub struct Routing {
     index: RwLock<Index>,
     queue: Arc<Queue>,
+    /// Stamps the changes of the nodes' figures.
+    revisions: Arc<Revisions>,
 }
 
 impl Routing {
+    /// An empty index whose figure changes are stamped by `revisions`.
+    pub fn new(revisions: Arc<Revisions>) -> Self {
+        Routing { index: RwLock::default(), queue: Arc::default(), revisions }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         self.index.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -319,7 +348,7 @@ impl Routing {
             // A node that cannot take traffic gets its counters only once it can.
             (None, Some(_)) if !routable => return None,
             (None, Some(addr)) => {
-                let target = Arc::new(Target::new(node.id, addr, self.queue.clone()));
+                let target = Arc::new(Target::new(node.id, addr, self.queue.clone(), self.revisions.clone()));
                 index.targets.insert(node.id, target.clone());
                 target
             }

@@ -564,6 +564,19 @@ pub fn registration(name: &str, port: u16) -> Value {
     })
 }
 
+/// A node's JSON (or an array of them) without what lives only in a router's memory: its `revision`, which a
+/// restart gives anew. What is left is what the database keeps.
+pub fn stored<T: Into<Value>>(node: T) -> Value {
+    match node.into() {
+        Value::Array(nodes) => Value::Array(nodes.into_iter().map(stored).collect()),
+        Value::Object(mut fields) => {
+            fields.remove("revision");
+            Value::Object(fields)
+        }
+        other => other,
+    }
+}
+
 pub async fn body(response: Response) -> Value {
     let text = response.text().await.expect("body");
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
