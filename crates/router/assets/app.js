@@ -9,6 +9,11 @@
 
 const REFRESH_MS = 2000;
 const REQUESTED_WITH = 'llm-router-dashboard';
+/** The table is windowed (SPEC §12): only the rows on screen, and a few around them, are in the page. */
+const ROW_HEIGHT = 49;
+const OVERSCAN_ROWS = 6;
+/** Most rows in one request (the router's limit). */
+const MAX_PAGE = 1000;
 /** Pending first (they wait for a person), then the nodes that need a look, then the healthy ones. */
 const STATUS_ORDER = { pending: 0, degraded: 1, offline: 2, registering: 3, online: 4 };
 const STATUSES = ['pending', 'online', 'registering', 'degraded', 'offline'];
@@ -220,24 +225,43 @@ const state = {
   user: null,
   /** Bumped on sign-in and sign-out: a refresh loop of an earlier session stops. */
   session: 0,
+  /** The rows the router sent for the current filter, search and sort: `ids` in order from position `offset`
+   * (`limit` asked), `total` matching, and the `revision` to ask what changed since. */
+  page: emptyPage(),
+  /** id -> node, for the ids of `page` only. */
   nodes: new Map(),
+  /** GET /v0/nodes/summary: the whole fleet's counts. */
+  summary: null,
   loaded: false,
   filter: 'all',
   search: '',
-  /** id -> row view (see createRow); rows outlive a filter that hides them. */
+  sort: 'status',
+  /** id -> row view (see createRow), for the rows in the page now. */
   rows: new Map(),
+  rowHeight: ROW_HEIGHT,
   detailId: null,
+  /** The open node as GET /v0/nodes/{id} last answered. */
+  detail: null,
   events: [],
   eventsFor: null,
   /** Bumped by every change made here: a list fetched before it is stale and dropped. */
   mutations: 0,
+  /** Loads of the table are numbered; an answer older than one already shown is dropped. */
+  loads: 0,
+  shown: 0,
   inflight: null,
   timer: null,
+  fetchTimer: null,
+  scrollFrame: 0,
   lastOk: 0,
   unreachable: false,
   /** The mass silence that lasts (GET /v0/fleet/events), or null. */
   silence: null,
 };
+
+function emptyPage() {
+  return { key: null, offset: 0, limit: 0, ids: [], total: 0, revision: null };
+}
 
 const isAdmin = () => state.user?.role === 'admin';
 
@@ -283,24 +307,28 @@ function showApp(user) {
   document.title = 'llm-router';
   route();
   const session = state.session;
-  refresh().then(() => {
-    const match = NODE_HASH.exec(location.hash);
-    if (session === state.session && match && state.nodes.has(match[1])) openDetail(match[1]);
-  });
+  const match = NODE_HASH.exec(location.hash);
+  if (match) openDetail(match[1]);
+  else refresh();
   schedule(session);
 }
 
 function resetFleet() {
+  state.page = emptyPage();
   state.nodes = new Map();
+  state.summary = null;
   state.rows = new Map();
   state.loaded = false;
   state.detailId = null;
+  state.detail = null;
   state.events = [];
   state.eventsFor = null;
   state.lastOk = 0;
   state.unreachable = false;
   showSilence(null);
   $('node-rows').replaceChildren();
+  setSpacer($('pad-top'), 0);
+  setSpacer($('pad-bottom'), 0);
   $('detail').hidden = true;
   $('pending-callout').hidden = true;
   $('empty').hidden = true;
@@ -387,9 +415,10 @@ document.addEventListener('visibilitychange', () => {
   if (!document.hidden && state.user) refresh();
 });
 
-/** Fetches the fleet (and the open node's history) and updates the page in place. Calls are serialised. */
+/** The timer's refresh: the rows on screen, the summary and the open node. One at a time; a refresh asked for by
+ * the operator (a search, a scroll) does not wait for it. */
 async function refresh() {
-  while (state.inflight) await state.inflight;
+  if (state.inflight) return state.inflight;
   state.inflight = load();
   try {
     await state.inflight;
@@ -398,34 +427,117 @@ async function refresh() {
   }
 }
 
+/** What the table shows: a change of any of these is another list. */
+function queryKey() {
+  return JSON.stringify([state.filter, state.search.trim(), state.sort]);
+}
+
+function pageUrl(offset, limit, since) {
+  const params = new URLSearchParams({ sort: state.sort, offset: String(offset), limit: String(limit) });
+  if (state.filter !== 'all') params.set('status', state.filter);
+  const search = state.search.trim();
+  if (search) params.set('q', search);
+  if (since !== null) params.set('changed_since', String(since));
+  return `/v0/nodes?${params}`;
+}
+
+/** The rows on screen now: `first` to `last` (excluded), by the table's scroll position. */
+function visibleRange() {
+  const wrap = $('table-wrap');
+  const head = $('nodes').tHead?.offsetHeight ?? 0;
+  const top = Math.max(0, wrap.scrollTop - head);
+  const height = wrap.clientHeight || window.innerHeight;
+  const first = Math.floor(top / state.rowHeight);
+  return { first, last: first + Math.ceil(height / state.rowHeight) + 1 };
+}
+
+/** What to ask the router for: the rows on screen and a screenful either side. */
+function wantedRange() {
+  const { first, last } = visibleRange();
+  const span = last - first;
+  const from = Math.max(0, first - span);
+  return { from, limit: Math.min(MAX_PAGE, span * 3) };
+}
+
+/** One page of rows: only what changed since the page shown, when the same page is asked again; the whole page
+ * when something on it is not known here (a node that moved into it) or the router cannot answer the changes. */
+async function fetchPage(from, limit, since) {
+  if (since !== null) {
+    try {
+      const page = await api('GET', pageUrl(from, limit, since));
+      const sent = new Set(page.nodes.map((node) => node.id));
+      if (page.ids.every((id) => sent.has(id) || state.nodes.has(id))) return { ...page, delta: true };
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 410)) throw err;
+    }
+  }
+  return { ...(await api('GET', pageUrl(from, limit, null))), delta: false };
+}
+
+/** The open node and, when it changed, its history; `node` null when it is gone. */
+async function fetchDetail() {
+  const id = state.detailId;
+  if (!id) return null;
+  const node = await api('GET', `/v0/nodes/${encodeURIComponent(id)}`).catch((err) => {
+    if (err instanceof ApiError && err.status === 404) return null;
+    throw err;
+  });
+  const known = state.detail?.id === id && state.eventsFor === id ? state.detail.revision : null;
+  const events = node && node.revision !== known
+    ? await api('GET', `/v0/nodes/${encodeURIComponent(id)}/events`).catch((err) => {
+        if (err instanceof ApiError && err.status === 404) return [];
+        throw err;
+      })
+    : null;
+  return { id, node, events };
+}
+
 async function load() {
   const session = state.session;
   const mutations = state.mutations;
+  const key = queryKey();
+  const order = ++state.loads;
+  const { from, limit } = wantedRange();
+  const same = state.page.key === key && state.page.offset === from && state.page.limit === limit;
   try {
-    const [nodes, fleetEvents] = await Promise.all([
-      api('GET', '/v0/nodes'),
+    const [page, summary, fleetEvents, detail] = await Promise.all([
+      fetchPage(from, limit, same ? state.page.revision : null),
+      api('GET', '/v0/nodes/summary'),
       // A router without fleet events (or a failure here) must not keep the fleet from showing.
       api('GET', '/v0/fleet/events?limit=1').catch((err) => {
         if (err instanceof ApiError && err.status !== 401) return [];
         throw err;
       }),
+      fetchDetail(),
     ]);
-    const detailId = state.detailId;
-    const events = detailId && nodes.some((n) => n.id === detailId)
-      ? await api('GET', `/v0/nodes/${encodeURIComponent(detailId)}/events`).catch((err) => {
-          if (err instanceof ApiError && err.status === 404) return [];
-          throw err;
-        })
-      : null;
-    if (session !== state.session || mutations !== state.mutations) return;
+    // Dropped: another session, a change made here since, a newer answer shown, or another filter asked since.
+    if (session !== state.session || mutations !== state.mutations || order < state.shown || key !== queryKey()) {
+      return;
+    }
+    state.shown = order;
     state.lastOk = Date.now();
     setUnreachable(false);
-    state.nodes = new Map(nodes.map((n) => [n.id, n]));
+    const nodes = new Map();
+    for (const node of page.nodes) nodes.set(node.id, node);
+    for (const id of page.ids) {
+      if (!nodes.has(id) && page.delta) nodes.set(id, state.nodes.get(id));
+    }
+    state.nodes = nodes;
+    state.page = { key, offset: from, limit, ids: page.ids, total: page.total, revision: page.revision };
+    state.summary = summary;
     state.loaded = true;
     showSilence(fleetEvents[0]);
-    if (events && detailId === state.detailId) {
-      state.events = events;
-      state.eventsFor = detailId;
+    if (detail && detail.id === state.detailId) {
+      if (!detail.node) {
+        toast('The node you were looking at has been deleted.', 'info');
+        closeDetail();
+      } else {
+        state.detail = detail.node;
+        if (detail.events) {
+          state.events = detail.events;
+          state.eventsFor = detail.id;
+        }
+      }
     }
     render();
   } catch (err) {
@@ -438,6 +550,16 @@ async function load() {
       setBanner(`The router answered with an error: ${err.message}`);
     }
   }
+}
+
+/** Loads the rows on screen soon, unless what is on screen is loaded already; scrolling loads once it pauses. */
+function ensureRows() {
+  const { first, last } = visibleRange();
+  const { offset, ids, total, key } = state.page;
+  const end = Math.min(last, total);
+  if (key === queryKey() && first >= offset && end <= offset + ids.length) return;
+  clearTimeout(state.fetchTimer);
+  state.fetchTimer = setTimeout(() => load(), 60);
 }
 
 function setUnreachable(on) {
@@ -477,7 +599,7 @@ $('fleet-banner-dismiss').addEventListener('click', async () => {
   }
   state.mutations += 1;
   showSilence(null);
-  refresh();
+  load();
 });
 
 function setBanner(text) {
@@ -491,10 +613,8 @@ function setBanner(text) {
 function tick() {
   if (!state.user) return;
   for (const view of state.rows.values()) updateSeen(view);
-  if (state.detailId) {
-    const node = state.nodes.get(state.detailId);
-    if (node) renderOverview(node);
-  }
+  const node = detailNode();
+  if (node) renderOverview(node);
   const live = $('live-text');
   if (state.unreachable) {
     setText(live, state.lastOk ? `Offline · data from ${formatAgo(new Date(state.lastOk + clockSkew).toISOString())}` : 'Offline');
@@ -509,41 +629,59 @@ setInterval(tick, 1000);
 // ---------------------------------------------------------------------------------------------------------------
 // The fleet table.
 
-function matches(node) {
-  if (state.filter !== 'all' && node.status !== state.filter) return false;
-  const query = state.search.trim().toLowerCase();
-  if (!query) return true;
-  const haystack = [node.display_name, node.machine_name, node.ip_address, ...node.tags]
-    .filter(Boolean)
-    .join('\n')
-    .toLowerCase();
-  return query.split(/\s+/).every((word) => haystack.includes(word));
-}
-
-function compareNodes(a, b) {
-  return (STATUS_ORDER[a.status] ?? 9) - (STATUS_ORDER[b.status] ?? 9)
-    || nodeName(a).localeCompare(nodeName(b), undefined, { numeric: true, sensitivity: 'base' })
-    || a.id.localeCompare(b.id);
-}
-
 function render() {
-  const all = [...state.nodes.values()];
-  renderSummary(all);
+  renderSummary();
+  renderWindow();
+  const node = detailNode();
+  $('detail').hidden = !node;
+  if (node) renderDetail(node);
+}
 
-  const visible = all.filter(matches).sort(compareNodes);
+/** The rows on screen and a few around them; spacers above and below stand for the others, so the scroll bar is
+ * the fleet's. A row not loaded yet shows as loading until its page arrives. */
+function renderWindow() {
+  const { offset, ids, total } = state.page;
+  const { first, last } = visibleRange();
+  const from = Math.max(0, Math.min(first - OVERSCAN_ROWS, total));
+  const to = Math.max(from, Math.min(last + OVERSCAN_ROWS, total));
   const tbody = $('node-rows');
-  let cursor = tbody.firstElementChild;
-  for (const node of visible) {
-    let view = state.rows.get(node.id);
-    if (!view) {
-      view = createRow(node.id);
-      state.rows.set(node.id, view);
+  const wanted = [];
+  let missing = false;
+  for (let i = from; i < to; i += 1) {
+    const id = i >= offset && i < offset + ids.length ? ids[i - offset] : null;
+    const node = id && state.nodes.get(id);
+    if (node) {
+      wanted.push(node);
+    } else {
+      wanted.push(null);
+      missing = true;
     }
-    updateRow(view, node);
-    if (view.tr === cursor) {
+  }
+  const keep = new Set(wanted.filter(Boolean).map((node) => node.id));
+  for (const [id, view] of state.rows) {
+    if (!keep.has(id)) {
+      view.tr.remove();
+      state.rows.delete(id);
+    }
+  }
+  let cursor = tbody.firstElementChild;
+  for (const node of wanted) {
+    let tr;
+    if (node) {
+      let view = state.rows.get(node.id);
+      if (!view) {
+        view = createRow(node.id);
+        state.rows.set(node.id, view);
+      }
+      if (view.node !== node) updateRow(view, node);
+      tr = view.tr;
+    } else {
+      tr = cursor?.classList.contains('loading-row') ? cursor : loadingRow();
+    }
+    if (tr === cursor) {
       cursor = cursor.nextElementSibling;
     } else {
-      tbody.insertBefore(view.tr, cursor);
+      tbody.insertBefore(tr, cursor);
     }
   }
   while (cursor) {
@@ -551,31 +689,59 @@ function render() {
     cursor.remove();
     cursor = next;
   }
-  for (const id of state.rows.keys()) {
-    if (!state.nodes.has(id)) state.rows.delete(id);
-  }
+  setSpacer($('pad-top'), from * state.rowHeight);
+  setSpacer($('pad-bottom'), (total - to) * state.rowHeight);
+  measureRows();
 
-  const empty = state.loaded && all.length === 0;
+  const empty = state.loaded && state.summary?.total === 0;
   $('empty').hidden = !empty;
   $('table-wrap').hidden = empty;
-  $('no-match').hidden = empty || visible.length > 0 || !state.loaded;
+  $('no-match').hidden = empty || !state.loaded || total > 0 || state.page.key !== queryKey();
+  if (missing) ensureRows();
+}
 
-  if (state.detailId) {
-    const node = state.nodes.get(state.detailId);
-    if (node) {
-      renderDetail(node);
-    } else {
-      toast('The node you were looking at has been deleted.', 'info');
-      closeDetail();
-    }
+function loadingRow() {
+  return el('tr', { className: 'loading-row', 'aria-hidden': 'true' }, el('td', { colSpan: 12 }, el('span', { className: 'loading-bar' })));
+}
+
+function setSpacer(tbody, height) {
+  let cell = tbody.firstElementChild?.firstElementChild;
+  if (!cell) {
+    cell = el('td', { colSpan: 12 });
+    tbody.replaceChildren(el('tr', {}, cell));
+  }
+  const value = `${Math.max(0, Math.round(height))}px`;
+  if (cell.style.height !== value) cell.style.height = value;
+}
+
+/** Takes the height rows really have (fonts differ) for the spacers, once it settles. */
+function measureRows() {
+  const row = $('node-rows').querySelector('tr.node-row');
+  if (!row) return;
+  const height = row.getBoundingClientRect().height;
+  if (height > 0 && Math.abs(height - state.rowHeight) > 0.5) {
+    state.rowHeight = height;
+    requestAnimationFrame(renderWindow);
   }
 }
 
-function renderSummary(all) {
-  const counts = { all: all.length, pending: 0, registering: 0, online: 0, degraded: 0, offline: 0 };
-  for (const node of all) counts[node.status] = (counts[node.status] ?? 0) + 1;
+$('table-wrap').addEventListener('scroll', () => {
+  if (state.scrollFrame) return;
+  state.scrollFrame = requestAnimationFrame(() => {
+    state.scrollFrame = 0;
+    renderWindow();
+    ensureRows();
+  });
+}, { passive: true });
 
-  const pending = counts.pending;
+window.addEventListener('resize', () => {
+  if (state.user) renderWindow();
+});
+
+function renderSummary() {
+  const summary = state.summary;
+  const counts = summary ? { all: summary.total, ...summary.by_status } : {};
+  const pending = summary?.pending ?? 0;
   $('pending-callout').hidden = pending === 0;
   setText($('pending-count'), String(pending));
   setText($('pending-label'), pending === 1 ? 'node is' : 'nodes are');
@@ -596,29 +762,39 @@ function renderSummary(all) {
     button.setAttribute('aria-pressed', String(state.filter === status));
   }
 
-  const gpus = all.reduce((sum, n) => sum + gpuCount(n), 0);
-  const serving = all.filter((n) => n.status === 'online').reduce((sum, n) => sum + gpuCount(n), 0);
-  setText($('fleet-summary'), state.loaded
-    ? `${plural(all.length, 'node', 'nodes')} · ${serving} of ${plural(gpus, 'GPU', 'GPUs')} online` +
-      (counts.degraded ? ` · ${counts.degraded} degraded` : '')
+  setText($('fleet-summary'), summary
+    ? `${plural(summary.total, 'node', 'nodes')} · ${summary.gpus.online} of ${plural(summary.gpus.total, 'GPU', 'GPUs')} online` +
+      (summary.by_status.degraded ? ` · ${summary.by_status.degraded} degraded` : '')
     : '');
+}
+
+/** Another filter, search or sort: the table starts at its top, and the router is asked at once. */
+function requery() {
+  $('table-wrap').scrollTop = 0;
+  renderSummary();
+  load();
 }
 
 function setFilter(status) {
   state.filter = status;
-  render();
+  requery();
 }
 
 $('search').addEventListener('input', (event) => {
   state.search = event.target.value;
-  render();
+  requery();
+});
+
+$('sort').addEventListener('change', (event) => {
+  state.sort = event.target.value;
+  requery();
 });
 
 $('clear-filter').addEventListener('click', () => {
   state.filter = 'all';
   state.search = '';
   $('search').value = '';
-  render();
+  requery();
 });
 
 $('show-pending').addEventListener('click', () => setFilter('pending'));
@@ -823,8 +999,23 @@ function updateActions(container, node, where) {
 // ---------------------------------------------------------------------------------------------------------------
 // Actions.
 
+/** A node shown here: on a row of the table or in the detail view. */
+function nodeById(id) {
+  return state.nodes.get(id) ?? (state.detail?.id === id ? state.detail : null);
+}
+
+/** The open node as last heard of: from its own request or from the table's, whichever is newer. */
+function detailNode() {
+  const id = state.detailId;
+  if (!id) return null;
+  const own = state.detail?.id === id ? state.detail : null;
+  const row = state.nodes.get(id);
+  if (!own) return row ?? null;
+  return row && row.revision > own.revision ? row : own;
+}
+
 async function approve(id, button) {
-  const node = state.nodes.get(id);
+  const node = nodeById(id);
   if (!node) return;
   if (button) {
     button.disabled = true;
@@ -841,11 +1032,11 @@ async function approve(id, button) {
       setText(button, 'Approve');
     }
   }
-  refresh();
+  load();
 }
 
 async function cordon(id, on, button) {
-  const node = state.nodes.get(id);
+  const node = nodeById(id);
   if (!node) return;
   const label = on ? 'Cordon' : 'Uncordon';
   if (button) {
@@ -865,11 +1056,11 @@ async function cordon(id, on, button) {
       setText(button, label);
     }
   }
-  refresh();
+  load();
 }
 
 async function remove(id) {
-  const node = state.nodes.get(id);
+  const node = nodeById(id);
   if (!node) return;
   const ok = await confirmDialog({
     title: `Delete ${nodeName(node)}?`,
@@ -882,20 +1073,24 @@ async function remove(id) {
     await api('DELETE', `/v0/nodes/${encodeURIComponent(id)}`);
     state.mutations += 1;
     state.nodes.delete(id);
+    state.page = { ...state.page, ids: state.page.ids.filter((other) => other !== id), total: Math.max(0, state.page.total - 1) };
     if (state.detailId === id) closeDetail();
     render();
     toast(`Deleted ${nodeName(node)}.`, 'success');
   } catch (err) {
     actionFailed('Deletion', err);
   }
-  refresh();
+  load();
 }
 
 /** Puts a node the router just answered with into the page, ahead of the next refresh. */
 function applyNode(node) {
   state.mutations += 1;
-  state.nodes.set(node.id, node);
-  if (state.detailId === node.id) state.eventsFor = null;
+  if (state.nodes.has(node.id)) state.nodes.set(node.id, node);
+  if (state.detailId === node.id) {
+    state.detail = node;
+    state.eventsFor = null;
+  }
   render();
 }
 
@@ -933,11 +1128,13 @@ function toast(message, kind = 'info') {
 // ---------------------------------------------------------------------------------------------------------------
 // The detail view.
 
+/** Opens a node's detail view: at once from the table's row, or once the router answered for a node off screen
+ * (a link to `#/nodes/{id}`). */
 function openDetail(id) {
-  if (!state.nodes.has(id)) return;
   const changed = state.detailId !== id;
   state.detailId = id;
   if (changed) {
+    state.detail = null;
     state.events = [];
     state.eventsFor = null;
     $('detail-events').replaceChildren();
@@ -946,18 +1143,18 @@ function openDetail(id) {
     setText(editStatus, '');
   }
   if (location.hash !== `#/nodes/${id}`) history.replaceState(null, '', `#/nodes/${id}`);
-  $('detail').hidden = false;
   render();
   if (changed) {
     $('detail-body').scrollTop = 0;
     $('detail-close').focus();
-    refresh();
+    load();
   }
 }
 
 function closeDetail() {
   const id = state.detailId;
   state.detailId = null;
+  state.detail = null;
   $('detail').hidden = true;
   if (NODE_HASH.test(location.hash)) history.replaceState(null, '', location.pathname + location.search);
   const view = id && state.rows.get(id);
@@ -979,8 +1176,8 @@ document.addEventListener('keydown', (event) => {
 window.addEventListener('hashchange', () => {
   route();
   const match = NODE_HASH.exec(location.hash);
-  if (match && state.nodes.has(match[1])) openDetail(match[1]);
-  else if (!match && state.detailId) closeDetail();
+  if (match) openDetail(match[1]);
+  else if (state.detailId) closeDetail();
 });
 
 function renderDetail(node) {
@@ -1141,7 +1338,7 @@ editForm.addEventListener('input', () => {
 });
 
 editReset.addEventListener('click', () => {
-  const node = state.nodes.get(state.detailId);
+  const node = detailNode();
   if (node) fillForm(node);
 });
 
