@@ -858,3 +858,141 @@ describe('dashboard: a mass silence', { timeout: 60_000 }, () => {
     assert.deepEqual(problems, []);
   });
 });
+
+describe('dashboard: a fleet larger than the screen', { timeout: 120_000 }, () => {
+  const FLEET = 400;
+  const names = [];
+  const ids = new Map();
+  let bigBrowser;
+  let p;
+  /** Every answer of GET /v0/nodes the page received: its query and how many nodes and ids it carried. */
+  const lists = [];
+
+  before(async () => {
+    const started = await startRouter(['--registration-rate', '0', '--max-pending', '0']);
+    router = started.child;
+    base = `http://127.0.0.1:${started.port}`;
+    const login = await expectStatus(call('POST', '/v0/auth/login', { body: { username: 'admin', password: ADMIN_PASSWORD } }), 200);
+    adminToken = login.token;
+    // Registered in a shuffled order, so that the table's order (by name, digits as numbers) is the router's doing.
+    const order = [...Array(FLEET).keys()].sort((a, b) => ((a * 7919) % FLEET) - ((b * 7919) % FLEET));
+    for (let start = 0; start < order.length; start += 50) {
+      await Promise.all(order.slice(start, start + 50).map(async (i) => {
+        const node = await registerNode({
+          machine_name: `fleet-${i}`, ip_address: `10.40.${Math.floor(i / 250)}.${(i % 250) + 1}`,
+          gpu_devices: [{ model: 'NVIDIA L4', count: 1 + (i % 4), memory_bytes: 24 * GiB }], ready_models: ['m'],
+          tags: i % 2 ? ['odd'] : ['even'],
+        });
+        ids.set(i, node);
+      }));
+    }
+    for (let i = 0; i < FLEET; i += 1) names.push(`fleet-${i}`);
+    bigBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    p = await newPage(await bigBrowser.newContext({ viewport: { width: 1440, height: 860 } }));
+    p.on('response', async (response) => {
+      const url = new URL(response.url());
+      if (url.pathname !== '/v0/nodes' || response.status() !== 200) return;
+      const body = await response.json().catch(() => null);
+      if (body) lists.push({ params: url.searchParams, nodes: body.nodes?.length, ids: body.ids?.length, encoding: response.headers()['content-encoding'] });
+    });
+    await signIn(p, 'admin', ADMIN_PASSWORD);
+  });
+
+  after(async () => {
+    await bigBrowser?.close().catch(() => {});
+    if (router && router.exitCode === null) {
+      const exited = new Promise((resolve) => router.once('exit', resolve));
+      router.kill('SIGTERM');
+      await exited;
+    }
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  const rowCount = () => p.locator('#node-rows tr.node-row').count();
+
+  test('only the rows on screen are in the page; the counts are the whole fleet\'s', async () => {
+    await p.locator('#node-rows tr.node-row').first().waitFor();
+    await p.locator('#status-filter [data-status="all"] .seg-count', { hasText: String(FLEET) }).waitFor();
+    assert.equal(await p.textContent('#status-filter [data-status="pending"] .seg-count'), String(FLEET));
+    assert.equal(await p.textContent('#pending-count'), String(FLEET));
+    assert.match(await p.textContent('#fleet-summary'), new RegExp(`^${FLEET} nodes · 0 of 1000 GPUs online`));
+    const rows = await rowCount();
+    assert.ok(rows > 5 && rows < 60, `a screenful of rows, not the fleet: ${rows}`);
+    // The table's scroll height stands for the whole fleet.
+    const { scroll, client } = await p.$eval('#table-wrap', (wrap) => ({ scroll: wrap.scrollHeight, client: wrap.clientHeight }));
+    assert.ok(scroll > (FLEET - 5) * 40, `scroll height ${scroll} for ${FLEET} rows`);
+    assert.ok(client < scroll / 5);
+    // Asked for a page, compressed.
+    const first = lists.find((list) => list.params.has('limit'));
+    assert.ok(first, 'the page asked for a page of nodes');
+    assert.ok(Number(first.params.get('limit')) < 200, `limit ${first.params.get('limit')}`);
+    assert.match(first.encoding ?? '', /^(br|gzip)$/);
+  });
+
+  test('scrolling reaches the last node, in the router\'s order', async () => {
+    await p.selectOption('#sort', 'name');
+    await row(p, ids.get(0)).waitFor();
+    await row(p, ids.get(1)).waitFor();
+    assert.equal(await row(p, ids.get(FLEET - 1)).count(), 0, 'the last node is off screen');
+    await p.$eval('#table-wrap', (wrap) => { wrap.scrollTop = wrap.scrollHeight; });
+    await row(p, ids.get(FLEET - 1)).waitFor();
+    await p.waitForFunction(() => document.querySelectorAll('#node-rows tr.loading-row').length === 0);
+    const shown = await p.$$eval('#node-rows tr.node-row .name-link', (links) => links.map((link) => link.textContent));
+    assert.equal(shown.at(-1), names.at(-1));
+    // Digits as numbers: fleet-398 before fleet-399, and nothing between.
+    assert.deepEqual(shown.slice(-2), names.slice(-2));
+    assert.equal(await row(p, ids.get(0)).count(), 0, 'the first rows left the page');
+    assert.ok(await rowCount() < 60);
+    // The last row is inside the scrolled box, not under its edge.
+    const visible = await p.$eval(`#node-rows tr[data-node-id="${ids.get(FLEET - 1).id}"]`, (tr) => {
+      const box = document.getElementById('table-wrap').getBoundingClientRect();
+      const rect = tr.getBoundingClientRect();
+      return { ok: rect.bottom <= box.bottom + 1 && rect.top >= box.top, rect: [rect.top, rect.bottom], box: [box.top, box.bottom], client: document.getElementById("table-wrap").clientHeight, h: rect.height };
+    });
+    assert.ok(visible.ok, JSON.stringify(visible));
+  });
+
+  test('a search finds a node that was off screen, and the live refresh sends only what changed', async () => {
+    await p.$eval('#table-wrap', (wrap) => { wrap.scrollTop = 0; });
+    await row(p, ids.get(0)).waitFor();
+    const far = ids.get(277);
+    assert.equal(await row(p, far).count(), 0, 'off screen');
+    await p.keyboard.press('/');
+    await p.keyboard.type('fleet-277');
+    await row(p, far).waitFor();
+    await p.waitForFunction(() => document.querySelectorAll('#node-rows tr.node-row').length === 1);
+
+    // Live: a heartbeat of the node on screen shows without a reload; the refresh asks for the changes only.
+    const asked = lists.length;
+    await heartbeat(far, { cpu: 73, ready: ['m'] });
+    await row(p, far).locator('.col-cpu .meter-value', { hasText: '73%' }).waitFor();
+    const changes = () => lists.slice(asked).filter((list) => list.params.has('changed_since'));
+    for (let tries = 0; changes().length < 2 && tries < 100; tries += 1) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    const since = changes();
+    assert.ok(since.length >= 2, 'the refresh asks what changed since');
+    assert.ok(since.every((list) => list.ids <= 1 && list.nodes <= 1), JSON.stringify(since.map((l) => [l.ids, l.nodes])));
+
+    await p.fill('#search', '');
+    await p.locator('#node-rows tr.node-row').nth(5).waitFor();
+  });
+
+  test('filter and sort come from the router: odd tags, most GPUs first', async () => {
+    await p.fill('#search', 'odd');
+    await p.selectOption('#sort', '-gpus');
+    await p.waitForFunction(() => {
+      const rows = [...document.querySelectorAll('#node-rows tr.node-row')];
+      return rows.length > 5 && rows.every((row) => /4 × L4/.test(row.querySelector('.gpus').textContent));
+    });
+    // i % 4 === 3 are the odd nodes with 4 GPUs: 100 of them, then those with 2.
+    await p.$eval('#table-wrap', (wrap) => { wrap.scrollTop = wrap.scrollHeight; });
+    await p.waitForFunction(() => {
+      const rows = [...document.querySelectorAll('#node-rows tr.node-row')];
+      return rows.length > 0 && /2 × L4/.test(rows.at(-1).querySelector('.gpus').textContent);
+    });
+    await p.fill('#search', '');
+    await p.selectOption('#sort', 'status');
+    assert.deepEqual(problems, []);
+  });
+});

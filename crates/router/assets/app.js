@@ -701,7 +701,9 @@ function renderWindow() {
 }
 
 function loadingRow() {
-  return el('tr', { className: 'loading-row', 'aria-hidden': 'true' }, el('td', { colSpan: 12 }, el('span', { className: 'loading-bar' })));
+  const cell = el('td', { colSpan: 12 }, el('span', { className: 'loading-bar' }));
+  cell.style.height = `${state.rowHeight}px`;
+  return el('tr', { className: 'loading-row', 'aria-hidden': 'true' }, cell);
 }
 
 function setSpacer(tbody, height) {
