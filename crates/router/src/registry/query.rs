@@ -306,7 +306,8 @@ impl Registry {
             .values()
             .filter_map(|slot| {
                 let state = slot.lock();
-                query.matches(&state.node).then(|| (Position::of(query.sort.key, &state.node), slot.clone()))
+                (!state.deleted && query.matches(&state.node))
+                    .then(|| (Position::of(query.sort.key, &state.node), slot.clone()))
             })
             .collect();
         let total = matches.len();
