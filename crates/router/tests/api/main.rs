@@ -16,6 +16,7 @@ mod hostile_input;
 mod inference;
 mod join_tokens;
 mod legacy;
+mod listing;
 mod migrate;
 mod multi_router;
 mod observability;
