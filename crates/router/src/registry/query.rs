@@ -6,7 +6,7 @@
 //! milliseconds, and nothing here holds a lock shared by all nodes while a view is built.
 
 use std::cmp::Ordering;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use llm_router_protocol::NodeStatus;
@@ -20,22 +20,39 @@ use crate::model::node::Node;
 /// Deletions remembered for `changed_since`; a client asking from before the oldest one forgotten lists again.
 const DELETIONS_KEPT: usize = 10_000;
 
-/// How far behind its newest revision a router that shares its database answers: a change another router made is
-/// applied here within a second or two (SPEC §11) and stamped on arrival, so a client that asks the routers in
-/// turn is sent such changes again rather than never.
+/// How much earlier than asked a router that shares its database answers a `changed_since` it did not give itself
+/// (three seconds of revisions): a change another router made reaches this one within a second or two (SPEC §11)
+/// and is stamped on arrival, so a client whose requests go to the routers in turn is sent such a change twice
+/// rather than never.
 const SHARED_LAG_REVISIONS: i64 = 3_000_000;
 
-/// The nodes deleted lately, with their revisions.
+/// Revisions this router answered with lately, remembered to tell its own from another router's.
+const ISSUED_KEPT: usize = 16_384;
+
+/// The nodes deleted lately, with their revisions, and the revisions this router gave out.
 #[derive(Debug)]
 pub(crate) struct Deletions {
     recent: VecDeque<(i64, Uuid)>,
     /// The oldest revision `changed_since` may name: the router's start, or the latest deletion forgotten.
     horizon: i64,
+    issued: HashSet<i64>,
+    issued_order: VecDeque<i64>,
 }
 
 impl Deletions {
     pub(crate) fn since(horizon: i64) -> Self {
-        Deletions { recent: VecDeque::new(), horizon }
+        Deletions { recent: VecDeque::new(), horizon, issued: HashSet::new(), issued_order: VecDeque::new() }
+    }
+
+    fn issue(&mut self, revision: i64) {
+        if self.issued.insert(revision) {
+            self.issued_order.push_back(revision);
+            if self.issued_order.len() > ISSUED_KEPT
+                && let Some(old) = self.issued_order.pop_front()
+            {
+                self.issued.remove(&old);
+            }
+        }
     }
 }
 
@@ -296,10 +313,8 @@ impl Registry {
     pub fn query<T>(&self, query: &NodeQuery, view: impl Fn(&Node, i64) -> T) -> RegistryResult<NodePage<T>> {
         // Read before the pass: a change stamped during it is above and is sent again next time, never lost.
         let revision = self.answer_revision();
-        let deleted = match query.changed_since {
-            Some(since) => self.deleted_since(since)?,
-            None => Vec::new(),
-        };
+        let since = query.changed_since.map(|since| self.changes_after(since)).transpose()?;
+        let deleted = since.map(|since| self.deleted_after(since)).unwrap_or_default();
         let mut matches: Vec<(Position, Arc<Slot>)> = self
             .read()
             .nodes
@@ -343,7 +358,7 @@ impl Registry {
             .filter_map(|(_, slot)| {
                 let state = slot.lock();
                 let changed = self.changed(&state);
-                let wanted = !state.deleted && query.changed_since.is_none_or(|since| changed > since);
+                let wanted = !state.deleted && since.is_none_or(|since| changed > since);
                 wanted.then(|| view(&state.node, changed))
             })
             .collect();
@@ -392,24 +407,38 @@ impl Registry {
         state.changed.max(routed)
     }
 
-    /// The revision an answer gives the client to ask `changed_since` with next time.
+    /// The revision an answer gives the client to ask `changed_since` with next time: the newest, remembered as
+    /// this router's own when the database is shared.
     fn answer_revision(&self) -> i64 {
         let now = self.revisions.now();
-        if self.store.shared().is_none() {
-            return now;
+        if self.store.shared().is_some() {
+            self.deletions.lock().unwrap_or_else(|p| p.into_inner()).issue(now);
         }
-        let horizon = self.deletions.lock().unwrap_or_else(|p| p.into_inner()).horizon;
-        (now - SHARED_LAG_REVISIONS).max(horizon)
+        now
     }
 
-    /// The nodes deleted after revision `since`; `RevisionExpired` when this router cannot tell.
-    fn deleted_since(&self, since: i64) -> RegistryResult<Vec<Uuid>> {
+    /// The revision after which changes are sent to a client asking `changed_since=since`: `since` itself, or,
+    /// with a shared database, [`SHARED_LAG_REVISIONS`] earlier when another router gave it. `RevisionExpired`
+    /// when this router cannot tell what changed since.
+    fn changes_after(&self, since: i64) -> RegistryResult<i64> {
         let newest = self.revisions.now();
         let deletions = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
-        if since < deletions.horizon || since > newest {
+        let shared = self.store.shared().is_some();
+        // Another router's revision may be a little ahead of this one's: their counters meet the clock once a second.
+        let ahead = if shared { SHARED_LAG_REVISIONS } else { 0 };
+        if since < deletions.horizon || since > newest.saturating_add(ahead) {
             return Err(RegistryError::RevisionExpired { since, oldest: deletions.horizon, newest });
         }
-        Ok(deletions.recent.iter().filter(|(at, _)| *at > since).map(|(_, id)| *id).collect())
+        if !shared || deletions.issued.contains(&since) {
+            return Ok(since);
+        }
+        Ok((since.min(newest) - SHARED_LAG_REVISIONS).max(deletions.horizon))
+    }
+
+    /// The nodes deleted after revision `after`.
+    fn deleted_after(&self, after: i64) -> Vec<Uuid> {
+        let deletions = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        deletions.recent.iter().filter(|(at, _)| *at > after).map(|(_, id)| *id).collect()
     }
 
     /// Notes that node `id` was deleted, for `changed_since`.

@@ -598,3 +598,47 @@ async fn a_mass_silence_dismissed_through_the_other_router_ends_on_the_lease_hol
     holder.state.registry.sweep().await.expect("sweep");
     assert_eq!(holder.metric("llm_router_mass_silence").await, 0.0);
 }
+
+/// The nodes of `GET path` on `app` (a page), with the answer's revision.
+async fn changed(app: &TestApp, session: &str, path: &str) -> (Vec<Value>, i64) {
+    let response = app.request(Method::GET, path).bearer_auth(session).send().await.expect(path);
+    assert_eq!(response.status(), 200, "GET {path}");
+    let page = body(response).await;
+    (page["nodes"].as_array().expect("nodes").clone(), page["revision"].as_i64().expect("revision"))
+}
+
+/// A dashboard behind a load balancer asks the routers in turn: a `changed_since` one router gave is answered by
+/// the other too, and a change made on either reaches the client, from either (SPEC §11, §12).
+#[tokio::test]
+async fn a_revision_from_one_router_is_answered_by_the_other_without_losing_a_change() {
+    let (a, b) = two_routers().await;
+    let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
+    let node = a.register_node("gpu-watched").await;
+    assert_eq!(a.approve(&admin_a, &node.id).await.status(), 200);
+    within(WITHIN, "B knows of the node approved on A", || async {
+        node_on(&b, &admin_b, &node.id).await.is_some_and(|n| n["status"] != "pending")
+    })
+    .await;
+    let (_, from_a) = changed(&a, &admin_a, "/v0/nodes?limit=10").await;
+
+    // Cordoned through B; A learns it from the database and sends it to a client of its own.
+    post(&b, &admin_b, &format!("/v0/nodes/{}/cordon", node.id), json!({})).await;
+    within(WITHIN, "A shows the cordon made on B", || async {
+        node_on(&a, &admin_a, &node.id).await.is_some_and(|n| n["schedulable"] == false)
+    })
+    .await;
+    let (nodes, again_a) = changed(&a, &admin_a, &format!("/v0/nodes?limit=10&changed_since={from_a}")).await;
+    assert_eq!(nodes.len(), 1, "A sends the node changed since its own revision");
+    assert_eq!(nodes[0]["schedulable"], false);
+    let (nodes, _) = changed(&a, &admin_a, &format!("/v0/nodes?limit=10&changed_since={again_a}")).await;
+    assert!(nodes.is_empty(), "nothing changed since A's latest answer: {nodes:?}");
+
+    // The client's next request goes to B with A's revision: B stamped the cordon by its own count, so it answers
+    // from a little earlier and the cordon comes again rather than never.
+    let (nodes, from_b) = changed(&b, &admin_b, &format!("/v0/nodes?limit=10&changed_since={again_a}")).await;
+    assert_eq!(nodes.len(), 1, "B sends what it changed lately to a client of A");
+    assert_eq!(nodes[0]["schedulable"], false);
+    // Its own revision B answers exactly.
+    let (nodes, _) = changed(&b, &admin_b, &format!("/v0/nodes?limit=10&changed_since={from_b}")).await;
+    assert!(nodes.is_empty(), "nothing changed since B's latest answer: {nodes:?}");
+}
