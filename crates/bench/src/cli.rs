@@ -57,6 +57,55 @@ pub enum Mode {
     /// Several routers on one PostgreSQL database in front of stand-in runtimes: how streams spread over the
     /// nodes, and how many each node answers at once, when every router counts only its own requests.
     Balance(BalanceArgs),
+    /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a
+    /// router to be started on later. Node i's id and token are derived from i, for `bench pulse`.
+    Seed(SeedArgs),
+    /// Heartbeat as every node of a fleet written by `bench seed`, to a router already running on it: one heartbeat
+    /// per node per interval, spread evenly, with figures that change from one to the next.
+    Pulse(PulseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    /// The router's data directory (created if missing); the nodes go into its `router.db`. No router may be
+    /// running on it.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+
+    /// Nodes to write.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
+    pub nodes: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PulseArgs {
+    /// The router, as `http://IP:PORT` (what it prints after "llm-router listening on").
+    #[arg(long)]
+    pub url: String,
+
+    /// Nodes of the seeded fleet to heartbeat as: 0 to N - 1 (`--nodes` of `bench seed`, or fewer).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// Seconds between two heartbeats of one node (the router asks for 10).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub interval_secs: f64,
+
+    /// Seconds to run; it also stops, and reports, on SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Stop once every node has sent this many heartbeats (or earlier, at `--secs`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub rounds: Option<usize>,
+
+    /// Persistent connections, each heartbeating for its share of the nodes in turn.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub connections: usize,
+
+    /// Seconds between two progress lines on stderr.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub progress_secs: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -392,6 +441,17 @@ mod tests {
         let Mode::Proxy(args) = cli.mode else { panic!("proxy expected") };
         assert_eq!(args.scenarios, [Scenario::Failover, Scenario::Completions]);
         assert_eq!(args.chunk_gap_ms, 2.5);
+        let cli = parse("seed --data-dir /tmp/fleet --nodes 100000").expect("parse");
+        let Mode::Seed(args) = cli.mode else { panic!("seed expected") };
+        assert_eq!((args.data_dir, args.nodes), (PathBuf::from("/tmp/fleet"), 100_000));
+        let cli =
+            parse("pulse --url http://127.0.0.1:8080 --nodes 100000 --interval-secs 10 --secs 600").expect("parse");
+        let Mode::Pulse(args) = cli.mode else { panic!("pulse expected") };
+        assert_eq!(
+            (args.url.as_str(), args.nodes, args.interval_secs, args.secs),
+            ("http://127.0.0.1:8080", 100_000, 10.0, 600.0)
+        );
+        assert_eq!((args.connections, args.progress_secs, args.rounds), (64, 10.0, None));
     }
 
     #[test]
@@ -410,6 +470,10 @@ mod tests {
         assert!(parse("proxy --stream-share 1.5").is_err());
         assert!(parse("proxy --chunk-gap-ms 0").is_err());
         assert!(parse("proxy --scenarios nonsense").is_err());
+        assert!(parse("seed --nodes 10").is_err(), "seed needs a data directory");
+        assert!(parse("seed --data-dir d --nodes 0").is_err());
+        assert!(parse("pulse --nodes 10").is_err(), "pulse needs the router's address");
+        assert!(parse("pulse --url http://127.0.0.1:1 --interval-secs 0").is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod postgres;
 mod probe;
 mod procfs;
 mod proxy;
+mod pulse;
 mod register;
 mod router;
 mod seed;
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Each worker holds a connection to the router and one to every stand-in.
         Mode::Proxy(args) => Some(args.connections * (args.nodes + 1) * 2),
         Mode::Balance(args) => Some(args.clients * 2),
+        Mode::Pulse(args) => Some(args.connections),
         _ => None,
     };
     if let Some(connections) = connections {
@@ -61,6 +63,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    // The two modes that work on a data directory or a router of the caller's, without starting one.
+    match &cli.mode {
+        Mode::Seed(args) => {
+            return runtime(&cli)?.block_on(async { output(cli.json, &seed::run(args).await?, seed::print) });
+        }
+        Mode::Pulse(args) => {
+            return runtime(&cli)?
+                .block_on(async { output(cli.json, &pulse::run(args, stop_signal()).await?, pulse::print) });
+        }
+        _ => {}
+    }
     let binary = match cli.router_bin.clone() {
         Some(path) => path,
         None => router::default_binary()?,
@@ -68,11 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let data = tempfile::Builder::new().prefix("llm-router-bench-").tempdir().context("creating a data directory")?;
     let password = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let spec = RouterSpec::new(binary, data.path(), password)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(cli.client_threads))
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime(&cli)?;
     let result = runtime.block_on(async {
         match &cli.mode {
             Mode::Heartbeat(args) => output(cli.json, &heartbeat::run(&spec, args).await?, heartbeat::print),
@@ -84,12 +93,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Connections(args) => output(cli.json, &connections::run(&spec, args).await?, connections::print),
             Mode::Proxy(args) => output(cli.json, &proxy::run(&spec, args).await?, proxy::print),
             Mode::Balance(args) => output(cli.json, &balance::run(&spec, args).await?, balance::print),
+            Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
         }
     });
     if cli.keep_data {
         eprintln!("data directory kept: {}", data.keep().display());
     }
     result
+}
+
+fn runtime(cli: &Cli) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(cli.client_threads))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Completes on SIGTERM or Ctrl-C (SIGINT), so that a mode stopped by its caller still reports.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 fn output<T: Serialize>(json: bool, report: &T, print: fn(&T)) -> anyhow::Result<()> {

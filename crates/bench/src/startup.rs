@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::cli::StartupArgs;
 use crate::fleet;
 use crate::router::RouterSpec;
-use crate::seed::{self, StatusMix};
+use crate::seed::{self, FleetKind, StatusMix};
 use crate::stats::median;
 
 /// One start of the router.
@@ -57,7 +57,8 @@ pub async fn run(spec: &RouterSpec, args: &StartupArgs) -> anyhow::Result<Startu
     let db_path = spec.data_dir.join("router.db");
     eprintln!("writing {} nodes into {}...", args.nodes, db_path.display());
     let started = Instant::now();
-    let StatusMix { online, offline, pending } = seed::seed(&db_path, args.nodes, !args.no_metrics).await?;
+    let StatusMix { online, offline, pending } =
+        seed::seed(&db_path, FleetKind::Mixed, args.nodes, !args.no_metrics).await?;
     let seed_secs = started.elapsed().as_secs_f64();
     let database_mb = database_size(&spec.data_dir)? as f64 / 1e6;
 
