@@ -253,6 +253,9 @@ const state = {
   timer: null,
   fetchTimer: null,
   scrollFrame: 0,
+  /** A load for another filter, search or order is under way; `requeryAgain`: another was asked for meanwhile. */
+  requerying: false,
+  requeryAgain: false,
   lastOk: 0,
   unreachable: false,
   /** The mass silence that lasts (GET /v0/fleet/events), or null. */
@@ -492,7 +495,9 @@ async function fetchDetail() {
   return { id, node, events };
 }
 
-async function load() {
+/** Loads the rows on screen and, unless `rowsOnly` (a keystroke, a scroll), the summary, the fleet's banner and
+ * the open node. */
+async function load({ rowsOnly = false } = {}) {
   const session = state.session;
   const mutations = state.mutations;
   const key = queryKey();
@@ -502,13 +507,13 @@ async function load() {
   try {
     const [page, summary, fleetEvents, detail] = await Promise.all([
       fetchPage(from, limit, same ? state.page.revision : null),
-      api('GET', '/v0/nodes/summary'),
+      rowsOnly ? state.summary : api('GET', '/v0/nodes/summary'),
       // A router without fleet events (or a failure here) must not keep the fleet from showing.
-      api('GET', '/v0/fleet/events?limit=1').catch((err) => {
+      rowsOnly ? null : api('GET', '/v0/fleet/events?limit=1').catch((err) => {
         if (err instanceof ApiError && err.status !== 401) return [];
         throw err;
       }),
-      fetchDetail(),
+      rowsOnly ? null : fetchDetail(),
     ]);
     // Dropped: another session, a change made here since, a newer answer shown, or another filter asked since.
     if (session !== state.session || mutations !== state.mutations || order < state.shown || key !== queryKey()) {
@@ -526,7 +531,7 @@ async function load() {
     state.page = { key, offset: from, limit, ids: page.ids, total: page.total, revision: page.revision };
     state.summary = summary;
     state.loaded = true;
-    showSilence(fleetEvents[0]);
+    if (fleetEvents) showSilence(fleetEvents[0]);
     if (detail && detail.id === state.detailId) {
       if (!detail.node) {
         toast('The node you were looking at has been deleted.', 'info');
@@ -559,7 +564,7 @@ function ensureRows() {
   const end = Math.min(last, total);
   if (key === queryKey() && first >= offset && end <= offset + ids.length) return;
   clearTimeout(state.fetchTimer);
-  state.fetchTimer = setTimeout(() => load(), 60);
+  state.fetchTimer = setTimeout(() => load({ rowsOnly: true }), 60);
 }
 
 function setUnreachable(on) {
@@ -770,11 +775,27 @@ function renderSummary() {
     : '');
 }
 
-/** Another filter, search or sort: the table starts at its top, and the router is asked at once. */
+/** Another filter, search or order: the table starts at its top, and the router is asked at once; while it is
+ * asked, further keystrokes wait and go together in one request when the answer comes, so fast typing never
+ * queues a request per key. */
 function requery() {
   $('table-wrap').scrollTop = 0;
   renderSummary();
-  load();
+  if (state.requerying) {
+    state.requeryAgain = true;
+    return;
+  }
+  state.requerying = true;
+  (async () => {
+    try {
+      do {
+        state.requeryAgain = false;
+        await load({ rowsOnly: true });
+      } while (state.requeryAgain);
+    } finally {
+      state.requerying = false;
+    }
+  })();
 }
 
 function setFilter(status) {

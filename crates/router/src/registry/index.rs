@@ -39,6 +39,18 @@ pub(super) struct SlotState {
     /// The fleet revision (SPEC §12) of the latest change of what the node's JSON shows: stamped by every
     /// [`Slot::edit`], so `changed_since` finds it.
     pub(super) changed: i64,
+    /// The name lists sort it by and the text a search looks through ([`super::query`]), kept ready: made with the
+    /// node and again by [`SlotState::searchable`] wherever a name, the address, tags or models may change.
+    pub(super) sort_name: super::query::NameKey,
+    pub(super) search_text: Box<str>,
+}
+
+impl SlotState {
+    /// Makes the node's sort name and search text again, after a change of its names, tags or models.
+    pub(super) fn searchable(&mut self) {
+        self.sort_name = super::query::sort_name(&self.node);
+        self.search_text = super::query::search_text(&self.node);
+    }
 }
 
 impl Slot {
@@ -46,6 +58,8 @@ impl Slot {
     /// earliest.
     pub(super) fn new(node: Node, token: Option<TokenHash>, now: Millis, changed: i64) -> Arc<Slot> {
         let alive_since = node.last_seen_at.unwrap_or(now).max(now);
+        let sort_name = super::query::sort_name(&node);
+        let search_text = super::query::search_text(&node);
         Arc::new(Slot {
             state: Mutex::new(SlotState {
                 node,
@@ -56,6 +70,8 @@ impl Slot {
                 deleted: false,
                 revision: 0,
                 changed,
+                sort_name,
+                search_text,
             }),
             transition: tokio::sync::Mutex::new(()),
         })

@@ -5,7 +5,6 @@
 //! then selected in linear time (`select_nth_unstable`) and only its nodes are sorted and shown. 100,000 nodes take
 //! milliseconds, and nothing here holds a lock shared by all nodes while a view is built.
 
-use std::cmp::Ordering;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -161,8 +160,9 @@ impl Position {
         }
     }
 
-    fn of(key: SortKey, node: &Node) -> Position {
-        let name = || NameKey(node.display_name.as_deref().unwrap_or(&node.machine_name).to_lowercase());
+    fn of(key: SortKey, state: &SlotState) -> Position {
+        let node = &state.node;
+        let name = || state.sort_name.clone();
         match key {
             SortKey::Registered => Position::Registered(node.registered_at, node.id),
             SortKey::Name => Position::Name(name(), node.id),
@@ -173,59 +173,52 @@ impl Position {
     }
 }
 
-/// A name in lower case, ordered with its runs of digits as numbers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct NameKey(String);
+/// A name as it sorts: in lower case, with its runs of digits as numbers, so that plain byte order is the natural
+/// order (`gpu-2` before `gpu-10`). Shared with the node's slot, which keeps it ready (see [`sort_name`]): a pass over
+/// the fleet copies no name, and compares names as bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NameKey(Arc<str>);
 
-impl Ord for NameKey {
-    fn cmp(&self, other: &Self) -> Ordering {
-        natural_cmp(&self.0, &other.0).then_with(|| self.0.cmp(&other.0))
+impl Serialize for NameKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
-impl PartialOrd for NameKey {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+impl<'de> Deserialize<'de> for NameKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|name| NameKey(name.into()))
     }
 }
 
-/// Compares two strings with their runs of ASCII digits as numbers: `gpu-2` < `gpu-10`, `a01` = `a1`.
-fn natural_cmp(a: &str, b: &str) -> Ordering {
-    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
-    loop {
-        match (a.first(), b.first()) {
-            (None, None) => return Ordering::Equal,
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
-                let (da, ra) = split_digits(a);
-                let (db, rb) = split_digits(b);
-                let (na, nb) = (trim_zeros(da), trim_zeros(db));
-                let order = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
-                if order != Ordering::Equal {
-                    return order;
-                }
-                (a, b) = (ra, rb);
+/// The name a node is sorted by: its display name, or its machine name, in lower case, each run of digits written
+/// as its count of significant digits, then those digits. A count below 9 is one character, `0` to `8`; from 9 on
+/// it is `9` and one more character (`0` + count, at most 79), so a longer number sorts after a shorter one, and
+/// numbers of one length by their digits. The counts are ASCII digits, as the digits they stand for, so a number
+/// sorts against other characters as its first digit did. Leading zeros do not count: `node-007` sorts with
+/// `node-7`, and the node id decides between them.
+pub(super) fn sort_name(node: &Node) -> NameKey {
+    let name = node.display_name.as_deref().unwrap_or(&node.machine_name).to_lowercase();
+    let bytes = name.as_bytes();
+    let mut key = String::with_capacity(name.len() + 4);
+    let mut at = 0;
+    while at < bytes.len() {
+        let digit = bytes[at].is_ascii_digit();
+        let end = bytes[at..].iter().position(|b| b.is_ascii_digit() != digit).map_or(bytes.len(), |n| at + n);
+        if digit {
+            let digits = name[at..end].trim_start_matches('0');
+            let count = digits.len().min(79) as u8;
+            if count >= 9 {
+                key.push('9');
             }
-            (Some(x), Some(y)) => {
-                if x != y {
-                    return x.cmp(y);
-                }
-                (a, b) = (&a[1..], &b[1..]);
-            }
+            key.push(char::from(b'0' + count));
+            key.push_str(digits);
+        } else {
+            key.push_str(&name[at..end]);
         }
+        at = end;
     }
-}
-
-fn split_digits(s: &[u8]) -> (&[u8], &[u8]) {
-    let end = s.iter().position(|c| !c.is_ascii_digit()).unwrap_or(s.len());
-    s.split_at(end)
-}
-
-fn trim_zeros(digits: &[u8]) -> &[u8] {
-    let start = digits.iter().position(|&c| c != b'0').unwrap_or(digits.len());
-    &digits[start..]
+    NameKey(key.into())
 }
 
 /// Where a status stands in the `status` order: what needs a person first.
@@ -244,17 +237,28 @@ pub fn gpu_count(node: &Node) -> i64 {
     node.gpu_devices.iter().map(|device| device.count).sum()
 }
 
-/// Whether `haystack` contains `needle` (lower case), ignoring case.
-fn contains_folded(haystack: &str, needle: &str) -> bool {
-    if haystack.is_ascii() && needle.is_ascii() {
-        let (hay, needle) = (haystack.as_bytes(), needle.as_bytes());
-        return needle.is_empty() || hay.windows(needle.len()).any(|window| window.eq_ignore_ascii_case(needle));
+/// What a search looks through for a node, in lower case, one field a line: machine and display name, address,
+/// tags, ready and loaded models. Kept ready in the node's slot, so a search over the fleet is a substring search per
+/// node and allocates nothing.
+pub(super) fn search_text(node: &Node) -> Box<str> {
+    let mut text = String::with_capacity(128);
+    let fields = [node.machine_name.as_str(), node.display_name.as_deref().unwrap_or(""), node.ip_address.as_str()];
+    let lists = [&node.tags, &node.ready_models, &node.loaded_models].into_iter().flatten().map(String::as_str);
+    for field in fields.into_iter().chain(lists) {
+        text.push_str(&field.to_lowercase());
+        text.push('\n');
     }
-    haystack.to_lowercase().contains(needle)
+    text.into_boxed_str()
+}
+
+/// Whether `word` could be part of a node id: hexadecimal digits and hyphens only.
+fn may_be_in_an_id(word: &str) -> bool {
+    word.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 impl NodeQuery {
-    fn matches(&self, node: &Node) -> bool {
+    fn matches(&self, state: &SlotState) -> bool {
+        let node = &state.node;
         if self.status.is_some_and(|status| status != node.status) {
             return false;
         }
@@ -263,13 +267,8 @@ impl NodeQuery {
         }
         self.words.iter().all(|word| {
             let mut id = uuid::Uuid::encode_buffer();
-            let texts =
-                [node.machine_name.as_str(), node.ip_address.as_str(), &*node.id.hyphenated().encode_lower(&mut id)];
-            texts.into_iter().chain(node.display_name.as_deref()).any(|text| contains_folded(text, word))
-                || [&node.tags, &node.ready_models, &node.loaded_models]
-                    .into_iter()
-                    .flatten()
-                    .any(|text| contains_folded(text, word))
+            state.search_text.contains(word.as_str())
+                || may_be_in_an_id(word) && node.id.hyphenated().encode_lower(&mut id).contains(word.as_str())
         })
     }
 }
@@ -321,8 +320,7 @@ impl Registry {
             .values()
             .filter_map(|slot| {
                 let state = slot.lock();
-                (!state.deleted && query.matches(&state.node))
-                    .then(|| (Position::of(query.sort.key, &state.node), slot.clone()))
+                (!state.deleted && query.matches(&state)).then(|| (Position::of(query.sort.key, &state), slot.clone()))
             })
             .collect();
         let total = matches.len();
@@ -467,12 +465,51 @@ fn position_id(position: &Position) -> Uuid {
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Node {
+        Node { machine_name: name.to_owned(), ..test_node() }
+    }
+
     #[test]
-    fn names_order_digits_as_numbers() {
-        let mut names = vec!["gpu-10", "gpu-2", "gpu-1", "gpu-02b", "a", "gpu-", "gpu-100"];
-        names.sort_by(|a, b| natural_cmp(a, b).then_with(|| a.cmp(b)));
-        assert_eq!(names, ["a", "gpu-", "gpu-1", "gpu-2", "gpu-02b", "gpu-10", "gpu-100"]);
-        assert_eq!(natural_cmp("node-007", "node-7"), Ordering::Equal);
+    fn names_sort_with_digits_as_numbers() {
+        let mut names = vec![
+            "gpu-10",
+            "GPU-2",
+            "gpu-1",
+            "gpu-02b",
+            "a",
+            "gpu-",
+            "gpu-100",
+            "gpu-a",
+            "gpu-9",
+            "x12345678901",
+            "x9999999999",
+            "x0",
+            "x",
+            "gpu-1-2",
+            "gpu-1-10",
+        ];
+        names.sort_by_key(|name| sort_name(&named(name)));
+        let expected = [
+            "a",
+            "gpu-",
+            "gpu-1",
+            "gpu-1-2",
+            "gpu-1-10",
+            "GPU-2",
+            "gpu-02b",
+            "gpu-9",
+            "gpu-10",
+            "gpu-100",
+            "gpu-a",
+            "x",
+            "x0",
+            "x9999999999",
+            "x12345678901",
+        ];
+        assert_eq!(names, expected);
+        assert_eq!(sort_name(&named("node-007")), sort_name(&named("node-7")));
+        let display = Node { display_name: Some("Über 3".to_owned()), ..named("z") };
+        assert_eq!(&*sort_name(&display).0, "über 13");
     }
 
     #[test]
@@ -484,9 +521,46 @@ mod tests {
     }
 
     #[test]
-    fn search_ignores_case_in_any_script() {
-        assert!(contains_folded("GPU-H100-07", "h100"));
-        assert!(contains_folded("Rechenknoten Über", "über"));
-        assert!(!contains_folded("gpu-a100", "h100"));
+    fn a_search_looks_through_names_address_tags_and_models_in_lower_case() {
+        let node = Node {
+            machine_name: "GPU-H100-07".to_owned(),
+            display_name: Some("Rechenknoten Über".to_owned()),
+            loaded_models: vec!["Qwen/Qwen2.5-72B".to_owned()],
+            tags: vec!["Rack-B".to_owned()],
+            ..test_node()
+        };
+        let text = search_text(&node);
+        for word in ["h100-07", "über", "rack-b", "qwen2.5", "10.0.0.1"] {
+            assert!(text.contains(word), "{word} in {text:?}");
+        }
+        assert!(!text.contains("a100"));
+        assert!(may_be_in_an_id("0f3c-9a") && !may_be_in_an_id("gpu"));
+    }
+
+    fn test_node() -> Node {
+        Node {
+            id: Uuid::nil(),
+            machine_name: "gpu".to_owned(),
+            ip_address: "10.0.0.1".to_owned(),
+            runtime_port: 8000,
+            runtime_version: "vllm".to_owned(),
+            status: NodeStatus::Online,
+            display_name: None,
+            notes: None,
+            gpu_devices: Vec::new(),
+            supported_runtimes: Vec::new(),
+            loaded_models: Vec::new(),
+            ready_models: Vec::new(),
+            tags: Vec::new(),
+            metrics: None,
+            registered_at: 0,
+            approved_at: None,
+            approved_by: None,
+            join_token: None,
+            cordoned: false,
+            max_concurrency: None,
+            conditions: Default::default(),
+            last_seen_at: None,
+        }
     }
 }

@@ -202,6 +202,7 @@ impl Registry {
             self.routing.update(&updated);
             self.count_pending(state.node.status, updated.status);
             state.node = updated;
+            state.searchable();
             state.token = Some(token.hash());
             state.models_dirty = false;
         }

@@ -174,6 +174,7 @@ impl Registry {
             self.count_pending(state.node.status, node.status);
             let old_token = std::mem::replace(&mut state.token, token);
             state.node = node;
+            state.searchable();
             state.revision = revision;
             state.changed = self.revisions.next();
             self.routing.update(&state.node);

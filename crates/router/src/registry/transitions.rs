@@ -46,6 +46,7 @@ impl Registry {
             if models_changed {
                 state.node.loaded_models = hb.loaded_models;
                 state.node.ready_models = hb.ready_models;
+                state.searchable();
                 state.models_dirty = true;
                 self.routing.update(&state.node);
             }
@@ -284,6 +285,7 @@ impl Registry {
         state.node.display_name = updated.display_name;
         state.node.notes = updated.notes;
         state.node.tags = updated.tags;
+        state.searchable();
         state.node.max_concurrency = updated.max_concurrency;
         self.routing.update(&state.node);
         Ok(state.node.clone())
