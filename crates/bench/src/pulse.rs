@@ -316,7 +316,12 @@ mod tests {
         assert_eq!(report.error_total, 0, "{:?}", report.errors);
         assert_eq!(report.ok, 2 * count as u64, "two rounds of heartbeats");
 
-        let nodes = state.registry.list(None, |node| (node.status, node.last_seen_at.unwrap_or_default()));
+        let everyone = llm_router::registry::query::NodeQuery::default();
+        let nodes = state
+            .registry
+            .query(&everyone, |node, _| (node.status, node.last_seen_at.unwrap_or_default()))
+            .expect("the fleet")
+            .nodes;
         assert_eq!(nodes.len(), count);
         assert!(nodes.iter().all(|(_, seen)| *seen >= pulse_started), "every node was heard from");
         let statuses: Vec<NodeStatus> = nodes.iter().map(|(status, _)| *status).collect();

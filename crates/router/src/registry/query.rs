@@ -310,9 +310,10 @@ impl Registry {
     /// The nodes `query` asks for, as `view` shows each (with its revision). `RevisionExpired` when
     /// `changed_since` is older than this router remembers or newer than its revisions.
     pub fn query<T>(&self, query: &NodeQuery, view: impl Fn(&Node, i64) -> T) -> RegistryResult<NodePage<T>> {
-        // Read before the pass: a change stamped during it is above and is sent again next time, never lost.
-        let revision = self.answer_revision();
+        // Told before this answer's revision is remembered as given here; read before the pass: a change stamped
+        // during it is above and is sent again next time, never lost.
         let since = query.changed_since.map(|since| self.changes_after(since)).transpose()?;
+        let revision = self.answer_revision();
         let deleted = since.map(|since| self.deleted_after(since)).unwrap_or_default();
         let mut matches: Vec<(Position, Arc<Slot>)> = self
             .read()
