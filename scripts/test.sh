@@ -90,10 +90,18 @@ LLM_ROUTER_TEST_BACKEND=postgres cargo test -p llm-router --test api -- --skip p
 
 # The binaries the Python suites start (cargo test builds llm-node, and llm-router for the agent's end-to-end tests;
 # this makes sure both are current).
-cargo build -p llm-router -p llm-node
+cargo build -p llm-router -p llm-node -p bench
 "$venv/bin/python" -m pytest -p no:cacheprovider tests/openai
 LLAMA_CPP_PYTHON="$llama_venv/bin/python" "$venv/bin/python" -m pytest -p no:cacheprovider tests/llama
 
 SCHEMATHESIS_PYTHON="$venv/bin/python" scripts/contract-test.sh
 
 npm --prefix tests/dashboard test
+
+# The dashboard benchmark (SPEC §12), small and on debug builds: it runs end to end against this dashboard, and
+# what does not depend on the machine's speed holds (a windowed table, bytes of live updates, the heap).
+bench_json=$(mktemp)
+LLM_ROUTER_BIN="$PWD/target/debug/llm-router" BENCH_BIN="$PWD/target/debug/bench" \
+  node tests/dashboard/bench.mjs --nodes 2000 --live-secs 5 --timeout-secs 60 --json "$bench_json"
+python3 scripts/check-dashboard-bench.py "$bench_json"
+rm -f "$bench_json"
