@@ -102,3 +102,34 @@ impl NodeLists {
         node.tags = self.tags;
     }
 }
+
+#[cfg(test)]
+impl Node {
+    /// An online node with plain values and empty lists, for a test to change what it is about.
+    pub fn example() -> Node {
+        Node {
+            id: Uuid::nil(),
+            machine_name: "gpu".into(),
+            ip_address: "10.0.0.1".into(),
+            runtime_port: 8000,
+            runtime_version: "test".into(),
+            status: NodeStatus::Online,
+            display_name: None,
+            notes: None,
+            gpu_devices: Vec::new(),
+            supported_runtimes: Vec::new(),
+            loaded_models: Vec::new(),
+            ready_models: Vec::new(),
+            tags: Vec::new(),
+            metrics: None,
+            registered_at: 0,
+            approved_at: None,
+            approved_by: None,
+            join_token: None,
+            cordoned: false,
+            max_concurrency: None,
+            conditions: Default::default(),
+            last_seen_at: None,
+        }
+    }
+}

@@ -467,7 +467,7 @@ mod tests {
     use super::*;
 
     fn named(name: &str) -> Node {
-        Node { machine_name: name.to_owned(), ..test_node() }
+        Node { machine_name: name.to_owned(), ..Node::example() }
     }
 
     #[test]
@@ -528,7 +528,7 @@ mod tests {
             display_name: Some("Rechenknoten Über".to_owned()),
             loaded_models: vec!["Qwen/Qwen2.5-72B".to_owned()],
             tags: vec!["Rack-B".to_owned()],
-            ..test_node()
+            ..Node::example()
         };
         let text = search_text(&node);
         for word in ["h100-07", "über", "rack-b", "qwen2.5", "10.0.0.1"] {
@@ -536,32 +536,5 @@ mod tests {
         }
         assert!(!text.contains("a100"));
         assert!(may_be_in_an_id("0f3c-9a") && !may_be_in_an_id("gpu"));
-    }
-
-    fn test_node() -> Node {
-        Node {
-            id: Uuid::nil(),
-            machine_name: "gpu".to_owned(),
-            ip_address: "10.0.0.1".to_owned(),
-            runtime_port: 8000,
-            runtime_version: "vllm".to_owned(),
-            status: NodeStatus::Online,
-            display_name: None,
-            notes: None,
-            gpu_devices: Vec::new(),
-            supported_runtimes: Vec::new(),
-            loaded_models: Vec::new(),
-            ready_models: Vec::new(),
-            tags: Vec::new(),
-            metrics: None,
-            registered_at: 0,
-            approved_at: None,
-            approved_by: None,
-            join_token: None,
-            cordoned: false,
-            max_concurrency: None,
-            conditions: Default::default(),
-            last_seen_at: None,
-        }
     }
 }

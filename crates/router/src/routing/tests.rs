@@ -4,26 +4,10 @@ fn node(id: u128, port: u16, status: NodeStatus, ready: &[&str]) -> Node {
     Node {
         id: Uuid::from_u128(id),
         machine_name: format!("gpu-{id}"),
-        ip_address: "10.0.0.1".into(),
         runtime_port: port,
-        runtime_version: "test".into(),
         status,
-        display_name: None,
-        notes: None,
-        gpu_devices: Vec::new(),
-        supported_runtimes: Vec::new(),
-        loaded_models: Vec::new(),
         ready_models: ready.iter().map(|m| (*m).to_owned()).collect(),
-        tags: Vec::new(),
-        metrics: None,
-        registered_at: 0,
-        approved_at: None,
-        approved_by: None,
-        join_token: None,
-        cordoned: false,
-        max_concurrency: None,
-        conditions: Default::default(),
-        last_seen_at: None,
+        ..Node::example()
     }
 }
 
