@@ -10,7 +10,7 @@
 const REFRESH_MS = 2000;
 const REQUESTED_WITH = 'llm-router-dashboard';
 /** The table is windowed (SPEC §12): only the rows on screen, and a few around them, are in the page. */
-const ROW_HEIGHT = 49;
+const ROW_HEIGHT = 58;
 const OVERSCAN_ROWS = 6;
 /** Most rows in one request (the router's limit). */
 const MAX_PAGE = 1000;
