@@ -374,8 +374,11 @@ describe('dashboard', { timeout: 120_000 }, () => {
 
     await page.click('#status-filter [data-status="all"]');
     await page.fill('#search', 'a100');
+    // The pending filter also showed two rows: wait for the search's own.
+    await row(page, nodes.a100b).waitFor();
     await page.waitForFunction(() => document.querySelectorAll('#node-rows tr').length === 2);
-    assert.equal(await row(page, nodes.a100b).count(), 1);
+    assert.equal(await row(page, nodes.a100a).count(), 1);
+    assert.equal(await row(page, nodes.h100).count(), 0);
 
     await page.fill('#search', 'no-such-node');
     await page.locator('#no-match').waitFor();
