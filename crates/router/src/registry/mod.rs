@@ -252,13 +252,6 @@ impl Registry {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// One node, as `view` shows it.
-    pub fn get<T>(&self, id: Uuid, view: impl FnOnce(&Node) -> T) -> RegistryResult<T> {
-        let slot = self.slot(id)?;
-        let state = slot.lock();
-        Ok(view(&state.node))
-    }
-
     /// Counts of nodes by status.
     pub fn counts(&self) -> HashMap<NodeStatus, usize> {
         let mut counts = HashMap::new();

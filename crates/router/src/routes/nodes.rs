@@ -381,7 +381,7 @@ pub async fn events(
     let id = node_id(&id)?;
     let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
     let limit = paging::limit(params.limit, params.before, DEFAULT_EVENTS_PAGE, EVENTS_PER_NODE as u32)?;
-    state.registry.get(id, |_| ())?;
+    state.registry.view(id, |_, _| ())?;
     let events: Vec<NodeEventView> =
         state.store.node_events(id, limit, params.before).await?.into_iter().map(NodeEventView::from).collect();
     Ok(paging::answer(
