@@ -9,7 +9,8 @@
 //! phase, so when a network partition silences them all at once, their silences pass `offline_after` spread over a
 //! heartbeat interval, a sweep or ten apart. The sweep that completes one records one fleet event, raises
 //! `llm_router_mass_silence` and lets the dashboard show a banner, until the nodes come back or an administrator
-//! dismisses it.
+//! dismisses it. The event completes when more than half have gone; the rest of the same silence (nodes going
+//! offline within `offline_after` of its first) join it, so that the event counts the whole of it.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -29,6 +30,19 @@ use crate::store::Store;
 pub(super) struct MassSilence {
     id: i64,
     nodes: HashSet<Uuid>,
+    /// When its first node went offline: nodes going offline up to `offline_after` later join it.
+    started: Millis,
+    /// As in its fleet event: the nodes it took offline, and the live nodes before it.
+    affected: u64,
+    live: u64,
+}
+
+/// What a sweep's silences amount to.
+enum Silence {
+    /// A mass silence, made of these nodes, with `live` nodes left; it started at `started`.
+    New { nodes: Vec<Uuid>, live: usize, started: Millis },
+    /// The lasting mass silence `id` now counts `affected` of `live` nodes.
+    Grown { id: i64, affected: u64, live: u64 },
 }
 
 /// What the sweeps know of silences across the fleet.
@@ -54,7 +68,9 @@ pub(super) async fn unresolved(store: &Store, index: &Index) -> anyhow::Result<S
         .filter(|(_, slot)| slot.lock().node.status == NodeStatus::Offline)
         .map(|(id, _)| *id)
         .collect();
-    Ok(Silences { lasting: Some(MassSilence { id: event.id, nodes }), recent: VecDeque::new() })
+    let lasting =
+        MassSilence { id: event.id, nodes, started: event.at, affected: event.nodes_affected, live: event.nodes_live };
+    Ok(Silences { lasting: Some(lasting), recent: VecDeque::new() })
 }
 
 /// How many of the latest fleet events a router with a shared database looks through for the dismissal, made
@@ -93,11 +109,13 @@ impl Registry {
     }
 
     /// Records a mass silence when the nodes this sweep marked offline (`offline`, at `now`), with those marked
-    /// within `offline_after / 2` before and still offline, are one; `live` nodes are left.
+    /// within `offline_after / 2` before and still offline, are one; `live` nodes are left. While one lasts, nodes
+    /// going offline within `offline_after` of its start join it instead.
     pub(super) async fn report_silence(&self, now: Millis, offline: &[Uuid], live: usize) -> anyhow::Result<()> {
         let window = self.offline_after_ms / 2;
-        let silent: Vec<Uuid> = {
-            let mut silences = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner());
+        let silence = {
+            let mut guard = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner());
+            let silences = &mut *guard;
             let recent = &mut silences.recent;
             while recent.front().is_some_and(|(at, _)| now - at > window) {
                 recent.pop_front();
@@ -110,10 +128,32 @@ impl Registry {
             recent.retain(|(_, id)| {
                 index.nodes.get(id).is_some_and(|slot| slot.lock().node.status == NodeStatus::Offline)
             });
-            if !crate::model::fleet::is_mass_silence(recent.len(), live + recent.len()) {
+            let burst = self.offline_after_ms;
+            if let Some(lasting) = silences.lasting.as_mut().filter(|lasting| now - lasting.started <= burst) {
+                if recent.is_empty() {
+                    return Ok(());
+                }
+                let joined = recent.len();
+                lasting.nodes.extend(recent.drain(..).map(|(_, id)| id));
+                lasting.affected += joined as u64;
+                lasting.live = lasting.live.max(lasting.affected);
+                Silence::Grown { id: lasting.id, affected: lasting.affected, live: lasting.live }
+            } else {
+                if !crate::model::fleet::is_mass_silence(recent.len(), live + recent.len()) {
+                    return Ok(());
+                }
+                let started = recent.front().map_or(now, |(at, _)| *at);
+                Silence::New { nodes: recent.drain(..).map(|(_, id)| id).collect(), live, started }
+            }
+        };
+        let (silent, live, started) = match silence {
+            Silence::Grown { id, affected, live } => {
+                let message = format!("mass silence: {affected} of {live} nodes");
+                self.store.grow_fleet_event(id, affected, live, &message).await?;
+                tracing::warn!(offline = affected, live, "{message}: more nodes of the same silence went offline");
                 return Ok(());
             }
-            recent.drain(..).map(|(_, id)| id).collect()
+            Silence::New { nodes, live, started } => (nodes, live, started),
         };
         let message = format!("mass silence: {} of {} nodes", silent.len(), live + silent.len());
         let mut event = FleetEvent {
@@ -138,8 +178,13 @@ impl Registry {
             live = live + silent.len(),
             "{message}: a network or router problem rather than that many broken machines"
         );
-        self.mass_silence.lock().unwrap_or_else(|p| p.into_inner()).lasting =
-            Some(MassSilence { id: event.id, nodes: silent.into_iter().collect() });
+        self.mass_silence.lock().unwrap_or_else(|p| p.into_inner()).lasting = Some(MassSilence {
+            id: event.id,
+            nodes: silent.into_iter().collect(),
+            started,
+            affected: event.nodes_affected,
+            live: event.nodes_live,
+        });
         Metrics::inc(&self.metrics.mass_silences);
         self.metrics.mass_silence.set(1);
         Ok(())

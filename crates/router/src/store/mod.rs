@@ -177,6 +177,15 @@ pub trait Storage: Send + Sync + 'static {
         by: Option<&'a str>,
         resolution: &'a str,
     ) -> StoreResult<'a, bool>;
+    /// Counts `nodes_affected` of `nodes_live` nodes, with its `message`, in a fleet event that lasts (a mass
+    /// silence that grew); `false` when there is no such event or it was resolved already.
+    fn grow_fleet_event<'a>(
+        &'a self,
+        id: i64,
+        nodes_affected: u64,
+        nodes_live: u64,
+        message: &'a str,
+    ) -> StoreResult<'a, bool>;
     /// The latest `limit` fleet events, newest first.
     fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>>;
 

@@ -160,3 +160,46 @@ async fn silences_that_pass_offline_after_a_few_sweeps_apart_are_one_mass_silenc
     assert_eq!(events[0]["message"], "mass silence: 15 of 20 nodes");
     assert_eq!(app.metric("llm_router_mass_silences_total").await, 1.0);
 }
+
+#[tokio::test]
+async fn the_rest_of_a_mass_silence_joins_its_event_until_offline_after_from_its_start() {
+    let app = TestApp::spawn().await;
+    let nodes = online_fleet(&app, 20).await;
+    // The partition silences them all; twelve had last heartbeated 4 s before the others, two of which later still.
+    assert_eq!(app.advance_and_sweep(4_000).await, 0);
+    heartbeat_all(&app, &nodes[12..]).await;
+    assert_eq!(app.advance_and_sweep(26_000).await, 12, "twelve of twenty: a mass silence");
+    let events = fleet_events(&app).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["message"], "mass silence: 12 of 20 nodes");
+    let started = events[0]["at"].clone();
+
+    // Six more, 4 s after the first: the same silence, counted in the same event.
+    heartbeat_all(&app, &nodes[18..]).await;
+    assert_eq!(app.advance_and_sweep(4_000).await, 6);
+    let events = fleet_events(&app).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["message"], "mass silence: 18 of 20 nodes");
+    assert_eq!(events[0]["nodes_affected"], 18);
+    assert_eq!(events[0]["nodes_live"], 20);
+    assert_eq!(events[0]["at"], started, "it started when it started");
+    assert!(events[0]["resolved_at"].is_null());
+    assert_eq!(app.metric("llm_router_mass_silences_total").await, 1.0);
+
+    // The last two go silent more than offline_after after its start: theirs is a silence of their own.
+    assert_eq!(app.advance_and_sweep(27_000).await, 2);
+    let events = fleet_events(&app).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["message"], "mass silence: 18 of 20 nodes");
+
+    // The twelve back: it lasts, for the six that joined are not.
+    heartbeat_all(&app, &nodes[..12]).await;
+    assert_eq!(app.advance_and_sweep(1_000).await, 0);
+    assert!(fleet_events(&app).await[0]["resolved_at"].is_null());
+    assert_eq!(app.metric("llm_router_mass_silence").await, 1.0);
+    heartbeat_all(&app, &nodes[12..18]).await;
+    assert_eq!(app.advance_and_sweep(1_000).await, 0);
+    let events = fleet_events(&app).await;
+    assert_eq!(events[0]["resolution"], "nodes returned", "the last two were never part of it");
+    assert_eq!(app.metric("llm_router_mass_silence").await, 0.0);
+}

@@ -136,6 +136,26 @@ impl PgStore {
         Ok(done.rows_affected() > 0)
     }
 
+    pub(super) async fn grow_fleet_event(
+        &self,
+        id: i64,
+        nodes_affected: u64,
+        nodes_live: u64,
+        message: &str,
+    ) -> anyhow::Result<bool> {
+        let done = sqlx::query(
+            "UPDATE fleet_events SET nodes_affected = $1, nodes_live = $2, message = $3 \
+             WHERE id = $4 AND resolved_at IS NULL",
+        )
+        .bind(i64::try_from(nodes_affected).unwrap_or(i64::MAX))
+        .bind(i64::try_from(nodes_live).unwrap_or(i64::MAX))
+        .bind(message)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     pub(super) async fn fleet_events(&self, limit: u32) -> anyhow::Result<Vec<FleetEvent>> {
         let rows = sqlx::query(
             "SELECT id, at, kind, message, nodes_affected, nodes_live, resolved_at, resolved_by, resolution \

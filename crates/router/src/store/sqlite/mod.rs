@@ -288,6 +288,16 @@ impl Storage for SqliteStore {
         classified!(self.resolve_fleet_event(id, at, by, resolution))
     }
 
+    fn grow_fleet_event<'a>(
+        &'a self,
+        id: i64,
+        nodes_affected: u64,
+        nodes_live: u64,
+        message: &'a str,
+    ) -> StoreResult<'a, bool> {
+        classified!(self.grow_fleet_event(id, nodes_affected, nodes_live, message))
+    }
+
     fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>> {
         classified!(self.fleet_events(limit))
     }
