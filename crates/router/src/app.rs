@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::model::auth::Role;
 use crate::probe::Prober;
 use crate::proxy::{Proxy, ProxySettings};
+use crate::rate_limit::bodies::BodyBudget;
 use crate::rate_limit::{self, RegistrationLimiter};
 use crate::registry::{FOLLOW_INTERVAL, Registry};
 use crate::routes;
@@ -86,12 +87,18 @@ impl App {
         let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
-        let proxy = Proxy::new(ProxySettings {
-            header_timeout: settings.upstream_header_timeout,
-            max_retries: settings.max_retries,
-            max_queued: settings.max_queued,
-            queue_timeout: settings.queue_timeout,
-        });
+        let body_budget = BodyBudget::new(settings.max_body_memory);
+        let router_id = uuid::Uuid::new_v4().simple().to_string();
+        let proxy = Proxy::new(
+            ProxySettings {
+                header_timeout: settings.upstream_header_timeout,
+                max_retries: settings.max_retries,
+                max_queued: settings.max_queued,
+                queue_timeout: settings.queue_timeout,
+                idle_timeout: settings.upstream_idle_timeout,
+            },
+            &router_id[..12],
+        );
         if settings.inference_auth == InferenceAuth::None {
             tracing::warn!("--inference-auth none: anyone who reaches the router may use /v1 without an API key");
         }
@@ -111,6 +118,9 @@ impl App {
                 tls,
                 proxy,
                 inference_credentials: CredentialCache::default(),
+                body_budget,
+                join_token_throttle: LoginThrottle::default(),
+                listening: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -124,6 +134,9 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state;
+        if let Ok(addr) = listener.local_addr() {
+            let _ = state.listening.set(addr);
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         // The background work, each on its own period until the stop.
         let mut background = vec![
@@ -165,10 +178,17 @@ impl App {
         if state.store.shared().is_some() {
             background.extend(follow_other_routers(&state, &stop_rx));
         }
+        let max_connections = server::connection_cap(state.settings.max_connections);
         let limits = server::Limits {
-            max_connections: server::connection_cap(state.settings.max_connections),
+            max_connections,
+            max_per_source: state
+                .settings
+                .max_connections_per_source
+                .unwrap_or_else(|| server::default_max_per_source(max_connections)),
+            exempt: state.settings.trusted_proxies.clone(),
             header_timeout: state.settings.header_timeout,
             idle_timeout: state.settings.idle_timeout,
+            write_timeout: state.settings.write_timeout,
             tls: state.tls.clone(),
         };
         let served =

@@ -164,6 +164,30 @@ pub struct ServeArgs {
     #[arg(long, env = "LLM_ROUTER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
     pub max_connections: Option<u64>,
 
+    /// Most open connections one client address (an IPv6 /64) may hold; trusted proxies are exempt. Default: half of
+    /// --max-connections; 0: no per-address share.
+    #[arg(long, env = "LLM_ROUTER_MAX_CONNECTIONS_PER_SOURCE",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_connections_per_source: Option<u64>,
+
+    /// Seconds a client may leave an answer unread (its socket full) before its connection is closed; a streamed
+    /// answer's upstream request ends with it.
+    #[arg(long, env = "LLM_ROUTER_WRITE_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub write_timeout_secs: u64,
+
+    /// Megabytes of request bodies the router holds in memory at once, all requests together; a request whose body
+    /// would pass it is answered 503 with Retry-After.
+    #[arg(long, env = "LLM_ROUTER_MAX_BODY_MEMORY_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(64..=1_048_576))]
+    pub max_body_memory_mb: u64,
+
+    /// Seconds a node may stay silent in the middle of an answer's body before the answer is ended and counted as
+    /// the node's failure.
+    #[arg(long, env = "LLM_ROUTER_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upstream_idle_timeout_secs: u64,
+
     /// Seconds a client has to send a request's headers before the connection is closed.
     #[arg(long, env = "LLM_ROUTER_HEADER_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=600))]
@@ -273,6 +297,14 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Time a client has to send a request's body once its headers are in.
     pub body_timeout: Duration,
+    /// Most open connections one client address may hold; `None`: half of the cap; 0: no share.
+    pub max_connections_per_source: Option<usize>,
+    /// Time a client may leave an answer unread.
+    pub write_timeout: Duration,
+    /// Bytes of request bodies held in memory at once, all requests together.
+    pub max_body_memory: usize,
+    /// Time a node may stay silent in the middle of an answer's body.
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Settings {
@@ -311,6 +343,10 @@ impl Settings {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
+            max_connections_per_source: None,
+            write_timeout: Duration::from_secs(60),
+            max_body_memory: 256 * 1024 * 1024,
+            upstream_idle_timeout: Duration::from_secs(300),
         }
     }
 
@@ -388,6 +424,12 @@ impl ServeArgs {
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             body_timeout: Duration::from_secs(self.body_timeout_secs),
+            max_connections_per_source: self
+                .max_connections_per_source
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
+            max_body_memory: usize::try_from(self.max_body_memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
+            upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout_secs),
             ..Settings::new(data_dir)
         })
     }

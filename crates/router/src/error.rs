@@ -1,8 +1,10 @@
 //! The one error type of the HTTP boundary.
 //!
 //! Every failure a handler can meet becomes an [`ApiError`]; this module alone decides which HTTP status and which
-//! `code` a client sees. Internal failures are logged with their cause chain and answered with a generic body, so no
-//! database detail leaks to clients.
+//! `code` a client sees, and renders it in either shape: the admin API's `{"error": {"code", "message"}}` (SPEC §2),
+//! or, wrapped in [`OpenAi`], OpenAI's `{"error": {"message", "type", "param", "code"}}` for `/v1` (SPEC §8), so
+//! OpenAI's SDKs show it. Internal failures are logged with their cause chain and answered with a generic body, so
+//! no database detail leaks to clients.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -10,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{ErrorBody, ErrorDetail};
 
 use crate::auth::password::{BUSY_RETRY_AFTER_SECS, HashError};
+use crate::model::cut;
 use crate::registry::RegistryError;
 use crate::store;
 use crate::validate::Invalid;
@@ -65,6 +68,21 @@ pub enum ApiError {
     /// The request's body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
+    /// `/v1`: no node that can take traffic serves this model.
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// `/v1`: nodes serve the model, but none can take the request now.
+    #[error("{0}")]
+    NoAvailableNode(String),
+    /// `/v1`: every node of the model is at its `max_concurrency`, and the queue is full or the wait ran out.
+    #[error("{0}")]
+    OverCapacity(String),
+    /// `/v1`: no credential, or one the router does not accept.
+    #[error("{0}")]
+    InvalidApiKey(String),
+    /// `/v1`: the request has passed through this router before (a node registered at a router's address).
+    #[error("{0}")]
+    LoopDetected(String),
     #[error("internal error")]
     Internal(anyhow::Error),
 }
@@ -93,6 +111,11 @@ impl ApiError {
             ApiError::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+            ApiError::NoAvailableNode(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_available_node"),
+            ApiError::OverCapacity(_) => (StatusCode::TOO_MANY_REQUESTS, "over_capacity"),
+            ApiError::InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            ApiError::LoopDetected(_) => (StatusCode::LOOP_DETECTED, "loop_detected"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -105,16 +128,27 @@ impl ApiError {
             ApiError::TooManyRequests { retry_after_secs, .. } => Some((*retry_after_secs).max(1)),
             ApiError::StorageUnavailable(_) => Some(STORAGE_RETRY_AFTER_SECS),
             ApiError::Overloaded(_) => Some(OVERLOADED_RETRY_AFTER_SECS),
+            ApiError::NoAvailableNode(_) => Some(NO_NODE_RETRY_AFTER_SECS),
+            ApiError::OverCapacity(_) => Some(OVER_CAPACITY_RETRY_AFTER_SECS),
             _ => None,
         }
     }
 }
+
+/// The longest error message answered, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// How long a client is asked to wait after a failed write.
 pub const STORAGE_RETRY_AFTER_SECS: u64 = 5;
 
 /// How long a client is asked to wait when every connection was busy: requests are short, a slot frees soon.
 pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
+
+/// How long a `/v1` client is asked to wait when no node can take its request now.
+pub const NO_NODE_RETRY_AFTER_SECS: u64 = 2;
+
+/// How long a `/v1` client is asked to wait when the nodes of its model are all at capacity.
+pub const OVER_CAPACITY_RETRY_AFTER_SECS: u64 = 1;
 
 /// Shorthand constructors, so handlers read as sentences.
 pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -139,21 +173,60 @@ pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>
     (status, Json(body)).into_response()
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let message = match &self {
+impl ApiError {
+    /// The message a client sees: internal failures are logged here and answered with a generic sentence, and no
+    /// message is longer than [`MAX_MESSAGE_CHARS`], whatever input a parser's error repeated.
+    fn client_message(&self) -> String {
+        match self {
             ApiError::Internal(cause) => {
                 tracing::error!(error = ?cause, "request failed");
                 "The router hit an internal error; the request was not applied. Try again, and check the router's log if it persists.".to_owned()
             }
-            other => other.to_string(),
-        };
-        let mut response = error_response(status, code, message);
+            other => cut(&other.to_string(), MAX_MESSAGE_CHARS).into_owned(),
+        }
+    }
+
+    fn with_retry_after(&self, mut response: Response) -> Response {
         if let Some(secs) = self.retry_after_secs() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let response = error_response(status, code, self.client_message());
+        self.with_retry_after(response)
+    }
+}
+
+/// An [`ApiError`] answered in OpenAI's shape, for `/v1`: the same status and code, with OpenAI's error `type`.
+#[derive(Debug)]
+pub struct OpenAi(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for OpenAi {
+    fn from(err: E) -> Self {
+        OpenAi(err.into())
+    }
+}
+
+impl IntoResponse for OpenAi {
+    fn into_response(self) -> Response {
+        let OpenAi(err) = self;
+        let (status, code) = err.status_and_code();
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            status if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = serde_json::json!({
+            "error": {"message": err.client_message(), "type": kind, "param": null, "code": code}
+        });
+        err.with_retry_after((status, Json(body)).into_response())
     }
 }
 

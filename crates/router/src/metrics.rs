@@ -139,6 +139,10 @@ pub struct Metrics {
     pub hashes_refused: Counter,
     /// Anonymous registrations refused by the per-address rate limit.
     pub registrations_rate_limited: Counter,
+    /// Registrations with a join token that is not known.
+    pub join_tokens_unknown: Counter,
+    /// Registrations refused before any lookup because their address sent too many unknown join tokens.
+    pub join_tokens_throttled: Counter,
     /// Registrations refused because the pending cap was reached.
     pub registrations_too_many_pending: Counter,
     /// Pending nodes removed after `--pending-ttl-hours` without a heartbeat.
@@ -164,6 +168,10 @@ pub struct Metrics {
     pub header_timeouts: Counter,
     /// Keep-alive connections closed for staying idle too long.
     pub idle_timeouts: Counter,
+    /// Connections closed because their client left an answer unread for the write timeout.
+    pub write_timeouts: Counter,
+    /// New connections refused because their source held its share of the connections, all busy.
+    pub connections_source_capped: Counter,
     /// `/v1` traffic, by model.
     pub inference: InferenceMetrics,
     requests: Family<RequestLabels, Counter>,
@@ -214,6 +222,16 @@ impl Default for Metrics {
             "llm_router_registrations_rate_limited",
             "Anonymous registrations refused by the per-address rate limit (429 rate_limited)",
         );
+        let join_tokens_unknown = counter(
+            &mut registry,
+            "llm_router_join_tokens_unknown",
+            "Registrations with an unknown join token (401 join_token_invalid)",
+        );
+        let join_tokens_throttled = counter(
+            &mut registry,
+            "llm_router_join_tokens_throttled",
+            "Registrations refused because their address sent too many unknown join tokens (429 join_token_throttled)",
+        );
         let registrations_too_many_pending = counter(
             &mut registry,
             "llm_router_registrations_too_many_pending",
@@ -257,6 +275,12 @@ impl Default for Metrics {
             "llm_router_http_connections_refused",
             "New client connections answered 503 and closed because every connection was busy",
         );
+        let connections_source_capped = counter(
+            &mut registry,
+            "llm_router_http_connections_source_capped",
+            "New client connections answered 503 because their source address held its share of the connections, \
+             every one busy",
+        );
         let connections_open = Level::default();
         registry.register("llm_router_http_connections_open", "Client connections open now", connections_open.clone());
         let connections_max = Level::default();
@@ -268,7 +292,8 @@ impl Default for Metrics {
         let timeouts = Family::<KindLabel, Counter>::default();
         registry.register(
             "llm_router_http_connection_timeouts",
-            "Client connections closed by a timeout: `header` (request headers too slow), `idle` (keep-alive unused)",
+            "Client connections closed by a timeout: `header` (request headers too slow), `idle` (keep-alive unused), \
+             `write` (an answer left unread)",
             timeouts.clone(),
         );
         let changes = Family::<ToLabel, Counter>::default();
@@ -321,6 +346,8 @@ impl Default for Metrics {
             logins_throttled,
             hashes_refused,
             registrations_rate_limited,
+            join_tokens_unknown,
+            join_tokens_throttled,
             registrations_too_many_pending,
             pending_expired,
             audit_dropped,
@@ -333,6 +360,8 @@ impl Default for Metrics {
             connections_refused,
             header_timeouts: timeouts.get_or_create_owned(&KindLabel { kind: "header" }),
             idle_timeouts: timeouts.get_or_create_owned(&KindLabel { kind: "idle" }),
+            write_timeouts: timeouts.get_or_create_owned(&KindLabel { kind: "write" }),
+            connections_source_capped,
             requests,
             durations,
             http: RwLock::new(HashMap::new()),
@@ -516,6 +545,8 @@ mod tests {
             ("llm_router_logins_throttled", "counter"),
             ("llm_router_password_hashes_refused", "counter"),
             ("llm_router_registrations_rate_limited", "counter"),
+            ("llm_router_join_tokens_unknown", "counter"),
+            ("llm_router_join_tokens_throttled", "counter"),
             ("llm_router_registrations_too_many_pending", "counter"),
             ("llm_router_pending_expired", "counter"),
             ("llm_router_audit_dropped", "counter"),
@@ -524,6 +555,7 @@ mod tests {
             ("llm_router_sweep_lease", "gauge"),
             ("llm_router_http_connections_evicted", "counter"),
             ("llm_router_http_connections_refused", "counter"),
+            ("llm_router_http_connections_source_capped", "counter"),
             ("llm_router_http_connections_open", "gauge"),
             ("llm_router_http_connections_max", "gauge"),
             ("llm_router_http_connection_timeouts", "counter"),

@@ -46,6 +46,20 @@ fn parse_forwarded(entry: &str) -> Option<IpAddr> {
     entry.parse::<SocketAddr>().ok().map(|addr| addr.ip().to_canonical())
 }
 
+/// Whether `addr` is the router's own `listener`: the same port, and the listener's address, or, for a listener on
+/// every address (`0.0.0.0`, `::`), an address of this machine. An address is this machine's when a socket can be
+/// bound to it.
+pub fn is_listener(addr: SocketAddr, listener: SocketAddr) -> bool {
+    if addr.port() != listener.port() {
+        return false;
+    }
+    let (ip, own) = (addr.ip().to_canonical(), listener.ip().to_canonical());
+    if ip == own {
+        return true;
+    }
+    own.is_unspecified() && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// The key an address is counted under by per-address limits: an IPv4 address as it is, an IPv6 address by its
 /// /64 prefix, because one IPv6 host (or one customer of a provider) is routinely given a whole /64 and could
 /// otherwise take a fresh address for every request.
@@ -116,6 +130,19 @@ impl fmt::Display for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runtime_at_the_routers_own_listener_is_recognised() {
+        let addr = |text: &str| text.parse::<SocketAddr>().expect("socket address");
+        assert!(is_listener(addr("127.0.0.1:8080"), addr("127.0.0.1:8080")));
+        assert!(is_listener(addr("127.0.0.1:8080"), addr("0.0.0.0:8080")), "any address includes loopback");
+        assert!(is_listener(addr("127.0.0.2:8080"), addr("0.0.0.0:8080")), "all of 127/8 is this machine");
+        assert!(!is_listener(addr("127.0.0.2:8080"), addr("127.0.0.1:8080")), "a listener on one address only");
+        assert!(is_listener(addr("[::ffff:127.0.0.1]:8080"), addr("0.0.0.0:8080")));
+        assert!(!is_listener(addr("127.0.0.1:8000"), addr("0.0.0.0:8080")), "another port");
+        assert!(!is_listener(addr("192.0.2.10:8080"), addr("0.0.0.0:8080")), "not an address of this machine");
+        assert!(!is_listener(addr("192.0.2.10:8080"), addr("127.0.0.1:8080")));
+    }
 
     fn cidr(text: &str) -> Cidr {
         text.parse().expect("cidr")

@@ -9,6 +9,7 @@
 //! `max_queued` of them, each for at most `queue_timeout`) until one has room; otherwise it is refused as over
 //! capacity.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -47,12 +48,15 @@ pub struct ProxySettings {
     pub max_queued: usize,
     /// Longest wait in the queue.
     pub queue_timeout: Duration,
+    /// Longest silence of a node in the middle of an answer's body.
+    pub idle_timeout: Duration,
 }
 
 /// The pool of connections to the nodes' runtimes.
 pub struct Proxy {
     client: Client<HttpConnector, Body>,
     settings: ProxySettings,
+    via: Via,
 }
 
 /// A request to forward: the client's method, path, headers and body, and the model it names.
@@ -73,15 +77,18 @@ pub enum ProxyError {
     NoNode { tried: usize },
     /// Every node with the model is at its `max_concurrency`, and the queue is full or the wait ran out.
     OverCapacity,
+    /// This router forwarded the request before: it came back through a node registered at a router's address.
+    Loop,
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings) -> Proxy {
+    /// The pool of a router known by `router_id`, unique to each running router (its mark in `Via`).
+    pub fn new(settings: ProxySettings, router_id: &str) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        Proxy { client, settings }
+        Proxy { client, settings, via: Via::new(router_id) }
     }
 
     /// A node for `model`, waiting in the queue while every one is at its `max_concurrency`.
@@ -131,6 +138,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let arrived = Instant::now();
         let Outbound { method, path_and_query, headers, model, body } = request;
+        let via = self.via.pass_on(headers).ok_or(ProxyError::Loop)?;
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.
         let mut figures: Option<Arc<ModelMetrics>> = None;
@@ -150,7 +158,7 @@ impl Proxy {
             }
             let target = flight.target().clone();
             tried.push(target.node_id);
-            let request = upstream_request(&method, &target, path_and_query, headers, body.clone());
+            let request = upstream_request(&method, &target, path_and_query, headers, &via, body.clone());
             let sent = Instant::now();
             let answer = tokio::time::timeout(self.settings.header_timeout, self.client.request(request)).await;
             if let Ok(Ok(_)) = &answer {
@@ -160,7 +168,12 @@ impl Proxy {
                 Ok(Ok(response)) if !retryable(response.status()) => {
                     target.succeeded();
                     figures.answered(response.status().as_u16());
-                    let watch = Watch { figures: figures.clone(), arrived, clock: clock.clone() };
+                    let watch = Watch {
+                        figures: figures.clone(),
+                        arrived,
+                        clock: clock.clone(),
+                        idle_timeout: self.settings.idle_timeout,
+                    };
                     return Ok(downstream_response(response, flight, watch));
                 }
                 Ok(Ok(response)) => format!("the node answered {}", response.status()),
@@ -191,6 +204,7 @@ fn upstream_request(
     target: &Target,
     path_and_query: &str,
     headers: &HeaderMap,
+    via: &HeaderValue,
     body: Bytes,
 ) -> Request<Body> {
     let mut request = Request::new(Body::from(body));
@@ -201,6 +215,7 @@ fn upstream_request(
             request.headers_mut().insert(name, value.clone());
         }
     }
+    request.headers_mut().insert(header::VIA, via.clone());
     request
 }
 
@@ -210,17 +225,18 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// What an answer's body reports to on its way: the model's figures, when its request arrived, the clock of
-/// ejections.
+/// ejections; and how long the node may stay silent mid-answer.
 struct Watch {
     figures: Arc<ModelMetrics>,
     arrived: Instant,
     clock: Arc<dyn Clock>,
+    idle_timeout: Duration,
 }
 
 fn downstream_response(response: Response<Incoming>, flight: InFlight, watch: Watch) -> Response<Body> {
     let (parts, incoming) = response.into_parts();
     let node = flight.target().node_id;
-    let body = Routed { incoming, flight, failed: false, first_byte: false, watch };
+    let body = Routed { incoming, flight, failed: false, first_byte: false, watch, silence: None, progressed: false };
     let mut answer = Response::new(Body::new(body));
     *answer.status_mut() = parts.status;
     for (name, value) in &parts.headers {
@@ -235,35 +251,78 @@ fn downstream_response(response: Response<Incoming>, flight: InFlight, watch: Wa
 }
 
 /// An answer's body on its way to the client, frame by frame: counted in flight on its node until it ends or is
-/// dropped (the client left); a body that breaks off counts as a failure of the node. Its first byte is timed.
+/// dropped (the client left); a body that breaks off, or whose node stays silent for the idle timeout, ends and
+/// counts as a failure of the node. Its first byte is timed.
 struct Routed {
     incoming: Incoming,
     flight: InFlight,
     failed: bool,
     first_byte: bool,
     watch: Watch,
+    /// The end of the node's allowed silence, armed the first time the body waits for the node.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the silence was last armed.
+    progressed: bool,
+}
+
+/// Why an answer's body ended early.
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    #[error("the node sent nothing for {0:?} in the middle of its answer")]
+    Silent(Duration),
+}
+
+impl Routed {
+    fn fail(&mut self) {
+        if !self.failed {
+            self.failed = true;
+            if self.flight.target().failed(self.watch.clock.now_ms()) {
+                self.watch.figures.ejections.inc();
+            }
+        }
+    }
+
+    /// Whether the node has been silent for the idle timeout, while the body waits for it.
+    fn silent_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let timeout = self.watch.idle_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let progressed = std::mem::take(&mut self.progressed);
+        let silence = self.silence.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if progressed {
+            silence.as_mut().reset(deadline);
+        }
+        silence.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl hyper::body::Body for Routed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Broken;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.incoming).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) if !self.first_byte && frame.data_ref().is_some_and(|d| !d.is_empty()) => {
-                self.first_byte = true;
-                self.watch.figures.first_byte.observe(self.watch.arrived.elapsed().as_secs_f64());
-            }
-            Poll::Ready(Some(Err(_))) if !self.failed => {
-                self.failed = true;
-                if self.flight.target().failed(self.watch.clock.now_ms()) {
-                    self.watch.figures.ejections.inc();
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Broken>>> {
+        match Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.progressed = true;
+                if !self.first_byte && frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                    self.first_byte = true;
+                    self.watch.figures.first_byte.observe(self.watch.arrived.elapsed().as_secs_f64());
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            _ => {}
+            Poll::Ready(Some(Err(err))) => {
+                self.fail();
+                Poll::Ready(Some(Err(Broken::Upstream(err))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if self.silent_too_long(cx) => {
+                self.fail();
+                tracing::warn!(node = %self.flight.target().node_id, "a node went silent in the middle of an answer");
+                Poll::Ready(Some(Err(Broken::Silent(self.watch.idle_timeout))))
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -272,5 +331,65 @@ impl hyper::body::Body for Routed {
 
     fn size_hint(&self) -> SizeHint {
         self.incoming.size_hint()
+    }
+}
+
+/// This router's mark in the `Via` header of what it forwards (RFC 9110 §7.6.3), by which it knows a request that
+/// comes back to it: a node registered at a router's own address would otherwise send each request round and round
+/// until the connections run out.
+pub struct Via {
+    /// `1.1 llm-router-<id>`: the entry this router appends.
+    entry: HeaderValue,
+    /// `llm-router-<id>`: what marks a request this router forwarded before.
+    name: String,
+}
+
+impl Via {
+    /// The mark of a router known by `id` (unique to each running router).
+    pub fn new(id: &str) -> Via {
+        let name = format!("llm-router-{id}");
+        let entry = HeaderValue::from_str(&format!("1.1 {name}")).unwrap_or(HeaderValue::from_static("1.1 llm-router"));
+        Via { entry, name }
+    }
+
+    /// The `Via` to send upstream (the client's entries, then this router's), or `None` when this router forwarded
+    /// the request before.
+    pub fn pass_on(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let mut chain = Vec::new();
+        for value in headers.get_all(header::VIA) {
+            // An entry that is not text cannot be this router's: it is left out.
+            let Ok(text) = value.to_str() else { continue };
+            if text.split(',').any(|entry| entry.split_whitespace().nth(1) == Some(self.name.as_str())) {
+                return None;
+            }
+            chain.push(text);
+        }
+        if chain.is_empty() {
+            return Some(self.entry.clone());
+        }
+        chain.push(self.entry.to_str().unwrap_or_default());
+        HeaderValue::from_str(&chain.join(", ")).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn via_marks_what_this_router_forwarded() {
+        let via = Via::new("a1");
+        let mut headers = HeaderMap::new();
+        assert_eq!(via.pass_on(&headers).expect("fresh"), "1.1 llm-router-a1");
+        headers.insert(header::VIA, HeaderValue::from_static("1.1 proxy.example, 1.1 llm-router-b2"));
+        assert_eq!(
+            via.pass_on(&headers).expect("another router"),
+            "1.1 proxy.example, 1.1 llm-router-b2, 1.1 llm-router-a1"
+        );
+        headers.append(header::VIA, HeaderValue::from_static("1.1 llm-router-a1"));
+        assert!(via.pass_on(&headers).is_none(), "its own mark: a loop");
+        let mut similar = HeaderMap::new();
+        similar.insert(header::VIA, HeaderValue::from_static("1.1 llm-router-a12"));
+        assert!(via.pass_on(&similar).is_some(), "another router whose id begins alike");
     }
 }

@@ -5,6 +5,10 @@
 //! the same as no bucket, so it may be dropped at any time; that is how the table stays bounded. When it is full,
 //! full buckets go first, then the eighth of the table closest to full (those addresses merely get their burst
 //! back early). IPv6 addresses share a bucket per /64 ([`crate::net::limit_key`]).
+//!
+//! Beside it, [`bodies`]: the memory budget of request bodies.
+
+pub mod bodies;
 
 use std::cmp::Reverse;
 use std::collections::HashMap;

@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
 use crate::rate_limit::RegistrationLimiter;
+use crate::rate_limit::bodies::BodyBudget;
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::tls::Tls;
@@ -40,6 +41,12 @@ pub struct AppInner {
     pub proxy: Proxy,
     /// Credentials `/v1` accepted lately; emptied whenever one is revoked.
     pub inference_credentials: CredentialCache,
+    /// The bytes of request bodies held in memory at once, all requests together.
+    pub body_budget: BodyBudget,
+    /// Unknown join tokens by client address.
+    pub join_token_throttle: LoginThrottle,
+    /// The address this router listens on, once it does: a node may not be registered there.
+    pub listening: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Shared handle to the application.

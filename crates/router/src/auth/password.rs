@@ -8,6 +8,8 @@
 //! allocator keeping tens of MiB per thread that ever hashed, which is how parallel wrong-password sign-ins once
 //! grew the router to gigabytes.)
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -61,6 +63,8 @@ pub struct Hasher {
     /// Callers waiting for a permit now.
     waiting: AtomicUsize,
     max_waiting: usize,
+    /// Callers waiting now, by client address (IPv6 by /64): no address may hold more than a share of the queue.
+    waiting_by_source: Mutex<HashMap<IpAddr, usize>>,
     max_wait: Duration,
     metrics: Arc<Metrics>,
     /// To the hashing threads; they stop when it is dropped with the pool.
@@ -72,13 +76,30 @@ pub struct HashPermit<'a> {
     _permit: SemaphorePermit<'a>,
 }
 
-/// Decrements the waiting count however the wait ends (permit, timeout, or the request going away).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Decrements the waiting counts however the wait ends (permit, timeout, or the request going away).
+struct Waiting<'a> {
+    hasher: &'a Hasher,
+    source: Option<IpAddr>,
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.hasher.waiting.fetch_sub(1, Ordering::Relaxed);
+        if let Some(source) = self.source {
+            let mut by_source = self.hasher.sources();
+            if let Some(count) = by_source.get_mut(&source) {
+                *count -= 1;
+                if *count == 0 {
+                    by_source.remove(&source);
+                }
+            }
+        }
     }
+}
+
+/// The share of the queue one client address may hold: a quarter, at least one place.
+pub fn max_waiting_per_source(max_waiting: usize) -> usize {
+    (max_waiting / 4).max(1)
 }
 
 impl Hasher {
@@ -100,6 +121,7 @@ impl Hasher {
             workers,
             waiting: AtomicUsize::new(0),
             max_waiting,
+            waiting_by_source: Mutex::new(HashMap::new()),
             max_wait,
             metrics,
             jobs,
@@ -116,13 +138,32 @@ impl Hasher {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Waits for a permit in the queue, or refuses ([`HashError::Busy`], a 429 to the client) when the queue is full or the wait too long.
-    pub async fn permit(&self) -> Result<HashPermit<'_>, HashError> {
+    fn sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.waiting_by_source.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for a permit in the queue, or refuses ([`HashError::Busy`], a 429 to the client) when the queue is
+    /// full, when `source` (the client's address, if a client asks) holds its share of it, or when the wait is too
+    /// long.
+    pub async fn permit(&self, source: Option<IpAddr>) -> Result<HashPermit<'_>, HashError> {
         // The semaphore is fair: with callers queued, no permit is free, so this never jumps the queue.
         if let Ok(permit) = self.permits.try_acquire() {
             return Ok(HashPermit { _permit: permit });
         }
-        let waiting = Waiting(&self.waiting);
+        let source = source.map(crate::net::limit_key);
+        if let Some(source) = source {
+            let mut by_source = self.sources();
+            let held = by_source.entry(source).or_insert(0);
+            if *held >= max_waiting_per_source(self.max_waiting) {
+                if *held == 0 {
+                    by_source.remove(&source);
+                }
+                drop(by_source);
+                return Err(self.busy());
+            }
+            *held += 1;
+        }
+        let waiting = Waiting { hasher: self, source };
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
             return Err(self.busy());
         }
@@ -142,9 +183,10 @@ impl Hasher {
     /// Runs `work` on a hashing thread once a permit is free.
     async fn run<T: Send + 'static>(
         &self,
+        source: Option<IpAddr>,
         work: impl FnOnce(&mut Memory) -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self.permit().await?;
+        let _permit = self.permit(source).await?;
         let (done, answer) = oneshot::channel();
         self.jobs
             .send(Box::new(move |memory| {
@@ -156,13 +198,13 @@ impl Hasher {
 
     /// Hashes a password into a PHC string (`$argon2id$...`), in turn with every other hash.
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
-        Ok(self.run(move |memory| hash_with(memory, &password)).await??)
+        Ok(self.run(None, move |memory| hash_with(memory, &password)).await??)
     }
 
-    /// Checks a password against a stored PHC string, in turn with every other hash; a malformed stored hash counts
-    /// as a mismatch.
-    pub async fn verify(&self, password: String, phc: String) -> Result<bool, HashError> {
-        self.run(move |memory| verify_with(memory, &password, &phc)).await
+    /// Checks a password a client at `source` sent against a stored PHC string, in turn with every other hash; a
+    /// malformed stored hash counts as a mismatch.
+    pub async fn verify(&self, password: String, phc: String, source: IpAddr) -> Result<bool, HashError> {
+        self.run(Some(source), move |memory| verify_with(memory, &password, &phc)).await
     }
 }
 
@@ -244,6 +286,10 @@ mod tests {
     use super::*;
     use argon2::{PasswordHasher, PasswordVerifier};
 
+    fn client() -> IpAddr {
+        IpAddr::from([198, 51, 100, 7])
+    }
+
     fn pool(workers: usize, max_waiting: usize, max_wait: Duration) -> (Hasher, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
         (Hasher::new(workers, max_waiting, max_wait, metrics.clone()).expect("pool"), metrics)
@@ -254,9 +300,9 @@ mod tests {
         let (hasher, _) = pool(1, 4, Duration::from_secs(60));
         let phc = hasher.hash("correct horse".to_owned()).await.expect("hash");
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        assert!(hasher.verify("correct horse".to_owned(), phc.clone()).await.expect("verify"));
-        assert!(!hasher.verify("wrong horse".to_owned(), phc.clone()).await.expect("verify"));
-        assert!(!hasher.verify("x".to_owned(), "not a hash".to_owned()).await.expect("verify"));
+        assert!(hasher.verify("correct horse".to_owned(), phc.clone(), client()).await.expect("verify"));
+        assert!(!hasher.verify("wrong horse".to_owned(), phc.clone(), client()).await.expect("verify"));
+        assert!(!hasher.verify("x".to_owned(), "not a hash".to_owned(), client()).await.expect("verify"));
         let other = hasher.hash("correct horse".to_owned()).await.expect("hash");
         assert_ne!(phc, other, "every hash has its own salt");
     }
@@ -272,9 +318,9 @@ mod tests {
                 .expect("hash")
                 .to_string();
         for _ in 0..2 {
-            assert!(hasher.verify("stored before".to_owned(), reference.clone()).await.expect("verify"));
-            assert!(hasher.verify("other parameters".to_owned(), small.clone()).await.expect("verify"));
-            assert!(!hasher.verify("other parameters!".to_owned(), small.clone()).await.expect("verify"));
+            assert!(hasher.verify("stored before".to_owned(), reference.clone(), client()).await.expect("verify"));
+            assert!(hasher.verify("other parameters".to_owned(), small.clone(), client()).await.expect("verify"));
+            assert!(!hasher.verify("other parameters!".to_owned(), small.clone(), client()).await.expect("verify"));
         }
         let ours = hasher.hash("made here".to_owned()).await.expect("hash");
         let parsed = PasswordHash::new(&ours).expect("PHC string");
@@ -290,7 +336,7 @@ mod tests {
             .hash_password(b"right password")
             .expect("hash")
             .to_string();
-        assert!(!hasher.verify("right password".to_owned(), greedy).await.expect("verify"));
+        assert!(!hasher.verify("right password".to_owned(), greedy, client()).await.expect("verify"));
     }
 
     fn assert_busy(result: Result<HashPermit<'_>, HashError>) {
@@ -304,31 +350,60 @@ mod tests {
     #[tokio::test]
     async fn a_full_pool_with_no_queue_refuses_at_once() {
         let (hasher, metrics) = pool(1, 0, Duration::from_secs(60));
-        let held = hasher.permit().await.expect("the only permit");
-        assert_busy(hasher.permit().await);
-        assert!(matches!(hasher.verify("x".to_owned(), "y".to_owned()).await, Err(HashError::Busy)));
+        let held = hasher.permit(None).await.expect("the only permit");
+        assert_busy(hasher.permit(None).await);
+        assert!(matches!(hasher.verify("x".to_owned(), "y".to_owned(), client()).await, Err(HashError::Busy)));
         assert_eq!(metrics.hashes_refused.get(), 2);
         drop(held);
-        assert!(hasher.permit().await.is_ok(), "the permit is free again");
+        assert!(hasher.permit(None).await.is_ok(), "the permit is free again");
     }
 
     #[tokio::test]
     async fn queued_callers_get_the_permit_in_turn_or_give_up_after_the_wait() {
         let (hasher, metrics) = pool(1, 1, Duration::from_millis(50));
-        let held = hasher.permit().await.expect("the only permit");
+        let held = hasher.permit(None).await.expect("the only permit");
         // One caller may wait; it gives up after 50 ms, and the queue is free again.
-        assert_busy(hasher.permit().await);
+        assert_busy(hasher.permit(None).await);
         assert_eq!(hasher.waiting(), 0);
-        let (waiter, second) = tokio::join!(hasher.permit(), async {
+        let (waiter, second) = tokio::join!(hasher.permit(None), async {
             tokio::task::yield_now().await;
             // The queue's one place is taken by `waiter`.
-            let refused = hasher.permit().await;
+            let refused = hasher.permit(None).await;
             drop(held);
             refused
         });
         assert!(waiter.is_ok(), "the queued caller got the permit once it was released");
         assert_busy(second);
         assert_eq!(metrics.hashes_refused.get(), 2);
+    }
+
+    /// `permit`, polled once: the caller takes its place in the queue and keeps it while the future is kept.
+    async fn queued<'a>(
+        permit: impl Future<Output = Result<HashPermit<'a>, HashError>> + 'a,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<HashPermit<'a>, HashError>> + 'a>> {
+        let mut permit = Box::pin(permit);
+        assert!(tokio::time::timeout(Duration::ZERO, permit.as_mut()).await.is_err(), "waits in the queue");
+        permit
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_a_quarter_of_the_queue() {
+        let (hasher, metrics) = pool(1, 8, Duration::from_secs(60));
+        let held = hasher.permit(None).await.expect("the only permit");
+        let attacker = IpAddr::from([203, 0, 113, 9]);
+        let a = queued(hasher.permit(Some(attacker))).await;
+        let b = queued(hasher.permit(Some(attacker))).await;
+        // Two places of eight are the attacker's share: a third is refused at once.
+        assert_busy(hasher.permit(Some(attacker)).await);
+        assert_eq!(metrics.hashes_refused.get(), 1);
+        // Another address still finds a place.
+        let other = queued(hasher.permit(Some(client()))).await;
+        assert_eq!(hasher.waiting(), 3);
+        drop((a, b, other, held));
+        assert_eq!(hasher.waiting(), 0);
+        assert!(hasher.sources().is_empty(), "the table of waiting addresses empties");
+        assert_eq!(max_waiting_per_source(64), 16);
+        assert_eq!(max_waiting_per_source(2), 1);
     }
 
     #[test]

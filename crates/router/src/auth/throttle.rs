@@ -168,7 +168,7 @@ impl LoginThrottle {
 
     /// Admits a sign-in attempt of `username` from `addr`, or refuses it with the seconds to wait.
     pub fn begin(&self, username: &str, addr: IpAddr, now: Millis) -> Result<Attempt<'_>, Throttled> {
-        let key = Key { user: self.names.hash_one(username), addr: limit_key(addr) };
+        let key = self.key(username, addr);
         let mut table = self.lock();
         if table.get(&key).is_some_and(|entry| entry.expired(now)) {
             table.remove(&key);
@@ -187,6 +187,40 @@ impl LoginThrottle {
         }
         entry.in_flight += 1;
         Ok(Attempt { throttle: self, key })
+    }
+}
+
+impl LoginThrottle {
+    fn key(&self, name: &str, addr: IpAddr) -> Key {
+        Key { user: self.names.hash_one(name), addr: limit_key(addr) }
+    }
+
+    /// Refuses `name` from `addr` while it is locked, without admitting an attempt: for failures that cost little to
+    /// check (a join token is one lookup), where parallel tries need no holding back, only counting.
+    pub fn check(&self, name: &str, addr: IpAddr, now: Millis) -> Result<(), Throttled> {
+        match self.lock().get(&self.key(name, addr)) {
+            Some(entry) if now < entry.locked_until => {
+                Err(Throttled { retry_after_secs: secs_until(now, entry.locked_until) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failure of `name` from `addr` (see [`LoginThrottle::check`]); returns the lock it started, if it
+    /// started one.
+    pub fn record_failure(&self, name: &str, addr: IpAddr, now: Millis) -> Option<Throttled> {
+        let key = self.key(name, addr);
+        let mut table = self.lock();
+        if table.get(&key).is_some_and(|entry| entry.expired(now)) {
+            table.remove(&key);
+        }
+        if !table.contains_key(&key) && table.len() >= self.capacity {
+            make_room(&mut table, self.capacity, now);
+        }
+        let entry = table.entry(key).or_default();
+        let before = entry.locked_until;
+        entry.record_failure(now);
+        (entry.locked_until > before).then(|| Throttled { retry_after_secs: secs_until(now, entry.locked_until) })
     }
 }
 
@@ -323,5 +357,24 @@ mod tests {
         }
         assert!(throttle.begin("alice", addr("2001:db8:1:2:ffff::1"), T0).is_err());
         assert!(throttle.begin("alice", addr("2001:db8:1:3::1"), T0).is_ok());
+    }
+
+    #[test]
+    fn counted_failures_lock_without_holding_parallel_tries_back() {
+        let throttle = LoginThrottle::default();
+        let from = addr("198.51.100.7");
+        // Parallel checks all pass while nothing is recorded.
+        for _ in 0..10 {
+            assert!(throttle.check("join-token", from, T0).is_ok());
+        }
+        for i in 0..4 {
+            assert_eq!(throttle.record_failure("join-token", from, T0 + i), None);
+        }
+        assert_eq!(throttle.record_failure("join-token", from, T0 + 4), Some(Throttled { retry_after_secs: 60 }));
+        assert_eq!(throttle.check("join-token", from, T0 + 5), Err(Throttled { retry_after_secs: 60 }));
+        // Another name or address is not locked; the lock ends on time.
+        assert!(throttle.check("join-token", addr("198.51.100.8"), T0 + 5).is_ok());
+        assert!(throttle.check("alice", from, T0 + 5).is_ok());
+        assert!(throttle.check("join-token", from, T0 + 4 + FIRST_LOCK_MS).is_ok());
     }
 }

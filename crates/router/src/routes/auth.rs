@@ -83,7 +83,7 @@ pub async fn login(
     let user = state.store.user(&body.username).await?;
     // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
     let stored = user.as_ref().map_or_else(|| state.dummy_password_hash.clone(), |u| u.password_hash.clone());
-    let matches = state.hasher.verify(body.password, stored).await.inspect_err(|err| {
+    let matches = state.hasher.verify(body.password, stored, from).await.inspect_err(|err| {
         if matches!(err, HashError::Busy) {
             state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Throttled);
         }

@@ -1,11 +1,12 @@
-//! The JSON body extractor every handler uses: checks the content type, limits the size, and names the field that
-//! failed to parse — all as SPEC §2 errors rather than the framework's plain-text rejections.
+//! The JSON body extractor every handler uses: checks the content type, reads the body through the one body reader
+//! ([`super::body`]: size limit, deadline, memory budget), and names the field that failed to parse — all as SPEC
+//! §2 errors rather than the framework's plain-text rejections.
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use serde::de::DeserializeOwned;
 
+use super::body;
 use crate::error::{ApiError, bad_request};
 use crate::state::AppState;
 
@@ -33,23 +34,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 "Send the body as JSON with `Content-Type: application/json`.".to_owned(),
             ));
         }
-        // A body that trickles in would hold its connection busy (and so out of reach of the connection cap's
-        // eviction) for as long as the client likes: it gets a deadline.
-        let limit = state.settings.body_timeout;
-        let read = tokio::time::timeout(limit, Bytes::from_request(req, state)).await.map_err(|_| {
-            ApiError::RequestTimeout(format!(
-                "The body did not arrive within {} s of the headers; send it whole, promptly.",
-                limit.as_secs_f64()
-            ))
-        })?;
-        let bytes = read.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(format!("The body is larger than the limit of {MAX_BODY_BYTES} bytes."))
-            } else {
-                bad_request(format!("The body could not be read: {rejection}."))
-            }
-        })?;
-        parse(&bytes).map(JsonBody)
+        let declared = body::declared_length(req.headers());
+        let held = body::read(state, req.into_body(), declared, MAX_BODY_BYTES).await?;
+        parse(&held.bytes).map(JsonBody)
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod auth;
+pub mod body;
 pub mod dashboard;
 pub mod extract;
 pub mod fleet;

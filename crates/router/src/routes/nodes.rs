@@ -1,6 +1,6 @@
 //! `/v0/nodes`: registration by agents (SPEC §2.1) and the admin's view and actions (SPEC §3).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::{JoinToken, Unusable};
 use crate::model::node::Node;
-use crate::net::client_addr;
+use crate::net::{self, client_addr};
 use crate::registry::{AdminEdit, PendingReservation, RegistrationPlan, join_token_problem};
 use crate::state::AppState;
 use crate::store::EVENTS_PER_NODE;
@@ -62,19 +62,28 @@ pub async fn register(
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let mut registration = validate::registration(body, peer.ip(), state.settings.allow_link_local_nodes)?;
+    if let (Some(runtime), Some(listener)) = (registration.runtime_addr(), state.listening.get())
+        && net::is_listener(runtime, *listener)
+    {
+        return Err(bad_request(format!(
+            "`runtime_port`: {runtime} is this router's own listener, not an inference runtime; register the address \
+             and port of the runtime on the node."
+        )));
+    }
+    let from = client_addr(peer, &headers, &state.settings.trusted_proxies);
     let presented = headers.get(NODE_TOKEN_HEADER).and_then(|v| v.to_str().ok());
     let plan = state.registry.plan_registration(&registration, presented)?;
     // A token rotation needs no join token; anything else does in `token` mode, and may bring one in `open` mode.
     let join = match plan {
         RegistrationPlan::Rotate(..) => None,
-        RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => join_token(&state, &headers).await?,
+        RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => join_token(&state, &headers, from).await?,
     };
     // The anonymous limits come before the probe, the one costly step. The node's own valid token or a valid join
     // token makes a registration not anonymous; held until the registration is settled, the reservation keeps the
     // cap exact.
     let _reservation = match (&plan, &join) {
         (RegistrationPlan::Rotate(..), _) | (_, Some(_)) => None,
-        _ => Some(anonymous_limits(&state, peer, &headers)?),
+        _ => Some(anonymous_limits(&state, from)?),
     };
     if state.settings.reachability_check {
         let addr = registration
@@ -99,9 +108,16 @@ pub async fn register(
     ))
 }
 
+/// The name unknown join tokens are counted under, per client address, in the join-token throttle.
+const JOIN_TOKEN_GUESSES: &str = "join-token";
+
 /// The registration's join token, checked now (its use is counted when the node is stored): `None` when the request
 /// carries none and the router is in `open` mode.
-async fn join_token(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<JoinToken>> {
+///
+/// Unknown join tokens are treated like wrong passwords (SPEC §9): counted per client address, and after five within
+/// fifteen minutes the address is refused (429 `join_token_throttled`) before any lookup, for a minute, doubling up
+/// to fifteen; each such lock is one audit event, with the count, rather than one per guess.
+async fn join_token(state: &AppState, headers: &HeaderMap, from: IpAddr) -> ApiResult<Option<JoinToken>> {
     let presented = headers.get(JOIN_TOKEN_HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
     let Some(presented) = presented else {
         if state.settings.registration_mode == RegistrationMode::Token {
@@ -113,8 +129,32 @@ async fn join_token(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<J
         return Ok(None);
     };
     let invalid = |why| ApiError::JoinTokenInvalid(join_token_problem(why).to_owned());
-    let token = state.store.join_token(TokenHash::of(presented)).await?.ok_or_else(|| invalid(Unusable::Unknown))?;
-    token.check(state.clock.now_ms()).map_err(invalid)?;
+    let now = state.clock.now_ms();
+    state.join_token_throttle.check(JOIN_TOKEN_GUESSES, from, now).map_err(|throttled| {
+        Metrics::inc(&state.metrics.join_tokens_throttled);
+        ApiError::TooManyRequests {
+            code: "join_token_throttled",
+            message: format!(
+                "Too many unknown join tokens from this address; try again in {} s.",
+                throttled.retry_after_secs
+            ),
+            retry_after_secs: throttled.retry_after_secs,
+        }
+    })?;
+    let Some(token) = state.store.join_token(TokenHash::of(presented)).await? else {
+        Metrics::inc(&state.metrics.join_tokens_unknown);
+        if let Some(lock) = state.join_token_throttle.record_failure(JOIN_TOKEN_GUESSES, from, now) {
+            state.audit.record(
+                "anonymous",
+                Some(from),
+                "node.register",
+                Some(format!("unknown join tokens: address refused for {} s", lock.retry_after_secs)),
+                Outcome::Throttled,
+            );
+        }
+        return Err(invalid(Unusable::Unknown));
+    };
+    token.check(now).map_err(invalid)?;
     Ok(Some(token))
 }
 
@@ -123,12 +163,7 @@ async fn join_token(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<J
 pub const TOO_MANY_PENDING_RETRY_AFTER_SECS: u64 = 60;
 
 /// The per-address rate limit, then the pending cap; the cap's reservation on success.
-fn anonymous_limits<'a>(
-    state: &'a AppState,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-) -> ApiResult<PendingReservation<'a>> {
-    let from = client_addr(peer, headers, &state.settings.trusted_proxies);
+fn anonymous_limits(state: &AppState, from: IpAddr) -> ApiResult<PendingReservation<'_>> {
     if let Err(limited) = state.registration_limiter.check(from, state.clock.now_ms()) {
         Metrics::inc(&state.metrics.registrations_rate_limited);
         state.audit.record(

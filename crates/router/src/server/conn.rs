@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,6 +62,9 @@ pub(super) enum Phase {
     Idle = 1,
     /// Headers complete, answer not fully written.
     Busy = 2,
+    /// Headers complete, and the handler waits for the client to send more of the body: the client, not the
+    /// router, holds the connection up, so it can make room at the cap like one still sending headers.
+    Body = 3,
 }
 
 const PHASE_BITS: u32 = 2;
@@ -70,13 +73,18 @@ const PHASE_MASK: u64 = (1 << PHASE_BITS) - 1;
 /// The phase word of one connection; written only by the connection's own task.
 pub(super) struct ConnState {
     word: AtomicU64,
+    /// When the current request's headers were complete: a connection waiting for a body counts from then.
+    request_ms: AtomicU64,
+    /// When a write to the client last found its socket full, plus one; 0 while writes go through.
+    write_blocked: AtomicU64,
     clock: Arc<CoarseClock>,
 }
 
 impl ConnState {
     fn new(clock: Arc<CoarseClock>) -> Self {
-        let word = AtomicU64::new(pack(Phase::Headers, clock.coarse_ms()));
-        ConnState { word, clock }
+        let now = clock.coarse_ms();
+        let word = AtomicU64::new(pack(Phase::Headers, now));
+        ConnState { word, request_ms: AtomicU64::new(now), write_blocked: AtomicU64::new(0), clock }
     }
 
     fn get(&self) -> (Phase, u64) {
@@ -84,13 +92,57 @@ impl ConnState {
         let phase = match word & PHASE_MASK {
             0 => Phase::Headers,
             1 => Phase::Idle,
-            _ => Phase::Busy,
+            2 => Phase::Busy,
+            _ => Phase::Body,
         };
         (phase, word >> PHASE_BITS)
     }
 
     pub(super) fn set(&self, phase: Phase) {
         self.word.store(pack(phase, self.clock.coarse_ms()), Ordering::Relaxed);
+    }
+
+    /// A request's headers are complete: the connection is busy with it.
+    pub(super) fn request_started(&self) {
+        let now = self.clock.coarse_ms();
+        self.request_ms.store(now, Ordering::Relaxed);
+        self.word.store(pack(Phase::Busy, now), Ordering::Relaxed);
+    }
+
+    /// The handler waits for body bytes the client has not sent yet.
+    pub(super) fn waiting_for_body(&self) {
+        if self.word.load(Ordering::Relaxed) & PHASE_MASK == Phase::Busy as u64 {
+            let since = self.request_ms.load(Ordering::Relaxed);
+            self.word.store(pack(Phase::Body, since), Ordering::Relaxed);
+        }
+    }
+
+    /// Body bytes arrived (or the body ended): the router works on the request again.
+    pub(super) fn body_arrived(&self) {
+        let word = self.word.load(Ordering::Relaxed);
+        if word & PHASE_MASK == Phase::Body as u64 {
+            self.word.store((word & !PHASE_MASK) | Phase::Busy as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A write found the client's socket full (the client does not read): the write timeout runs from the first
+    /// such write until one goes through.
+    pub(super) fn write_blocked(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) == 0 {
+            self.write_blocked.store(self.clock.coarse_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write went through.
+    pub(super) fn write_progressed(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) != 0 {
+            self.write_blocked.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when writes to the client have been blocked, if they are.
+    fn blocked_since(&self) -> Option<u64> {
+        self.write_blocked.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// Bytes arrived: on an idle connection they start the next request, and its header timeout.
@@ -118,17 +170,49 @@ enum Close {
 struct Entry {
     state: Arc<ConnState>,
     close: Option<oneshot::Sender<Close>>,
+    /// The source address it counts against, unless its source is exempt from the per-source share.
+    source: Option<IpAddr>,
 }
 
 pub(super) struct Table {
     next_id: u64,
     open: HashMap<u64, Entry>,
+    /// Open connections by source address (IPv6 by /64), for those that count against a share.
+    by_source: HashMap<IpAddr, usize>,
     /// Set once the server stops: the last connection to close wakes [`Shared::drain`].
     draining: bool,
 }
+
 impl Table {
     pub(super) fn new() -> Self {
-        Table { next_id: 0, open: HashMap::new(), draining: false }
+        Table { next_id: 0, open: HashMap::new(), by_source: HashMap::new(), draining: false }
+    }
+
+    fn insert(&mut self, entry: Entry) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some(source) = entry.source {
+            *self.by_source.entry(source).or_insert(0) += 1;
+        }
+        self.open.insert(id, entry);
+        id
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.open.remove(&id)?;
+        if let Some(source) = entry.source
+            && let Some(count) = self.by_source.get_mut(&source)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(entry)
+    }
+
+    fn held_by(&self, source: IpAddr) -> usize {
+        self.by_source.get(&source).copied().unwrap_or(0)
     }
 }
 
@@ -151,19 +235,27 @@ impl Shared {
     }
 
     /// Serves a new connection, making room at the cap; answers it 503 and returns false when every connection is
-    /// busy.
+    /// busy, or when its source holds its share of the connections and every one of them is busy.
     pub(super) fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> bool {
+        let source = shared.limits.share_of(peer.ip());
         let mut table = shared.table();
-        if table.open.len() >= shared.limits.max_connections && !shared.evict_locked(&mut table) {
+        if let Some(source) = source
+            && table.held_by(source) >= shared.limits.max_per_source
+            && !shared.evict_locked(&mut table, Some(source))
+        {
+            drop(table);
+            Metrics::inc(&shared.metrics.connections_source_capped);
+            shared.refuse(stream);
+            return false;
+        }
+        if table.open.len() >= shared.limits.max_connections && !shared.evict_locked(&mut table, None) {
             drop(table);
             shared.refuse(stream);
             return false;
         }
-        let id = table.next_id;
-        table.next_id += 1;
         let state = Arc::new(ConnState::new(shared.clock.clone()));
         let (close, closed) = oneshot::channel();
-        table.open.insert(id, Entry { state: state.clone(), close: Some(close) });
+        let id = table.insert(Entry { state: state.clone(), close: Some(close), source });
         shared.metrics.connections_open.set(table.open.len() as u64);
         drop(table);
         tokio::spawn(connection(shared.clone(), id, state, stream, peer, closed));
@@ -173,21 +265,30 @@ impl Shared {
     /// Closes one connection that is not busy, if there is one.
     pub(super) fn evict_one(&self) -> bool {
         let mut table = self.table();
-        self.evict_locked(&mut table)
+        self.evict_locked(&mut table, None)
     }
 
-    /// Closes the connection that has waited longest, those still sending headers before idle keep-alive ones.
-    fn evict_locked(&self, table: &mut Table) -> bool {
+    /// Closes the connection that has waited longest (of `source`'s, when given): those still sending headers
+    /// first, then idle keep-alive ones, then those whose body is slow to come. A connection busy with a request
+    /// the router works on is never closed.
+    fn evict_locked(&self, table: &mut Table, source: Option<IpAddr>) -> bool {
         let victim = table
             .open
             .iter()
+            .filter(|(_, entry)| source.is_none() || entry.source == source)
             .filter_map(|(id, entry)| {
                 let (phase, since) = entry.state.get();
-                (phase != Phase::Busy).then_some((phase == Phase::Idle, since, *id))
+                let rank = match phase {
+                    Phase::Headers => 0,
+                    Phase::Idle => 1,
+                    Phase::Body => 2,
+                    Phase::Busy => return None,
+                };
+                Some((rank, since, *id))
             })
             .min();
         let Some((_, _, id)) = victim else { return false };
-        if let Some(mut entry) = table.open.remove(&id)
+        if let Some(mut entry) = table.remove(id)
             && let Some(close) = entry.close.take()
         {
             let _ = close.send(Close::Evict);
@@ -222,7 +323,7 @@ impl Shared {
     /// Forgets a closed connection.
     fn remove(&self, id: u64) {
         let mut table = self.table();
-        table.open.remove(&id);
+        table.remove(id);
         self.metrics.connections_open.set(table.open.len() as u64);
         if table.draining && table.open.is_empty() {
             self.drained.notify_one();
@@ -291,20 +392,32 @@ async fn linger(mut stream: TcpStream, answer: Bytes) -> io::Result<()> {
 enum Verdict {
     HeaderTimeout,
     IdleTimeout,
+    /// The client has not read the answer for the write timeout.
+    WriteTimeout,
     /// Look again at this time (milliseconds on the server's clock).
     RecheckAt(u64),
 }
 
-/// Decides on a connection in `phase` since `since_ms`, at `now_ms`.
+/// Decides on a connection in `phase` since `since_ms`, whose writes have been blocked since `blocked_ms` (if they
+/// are), at `now_ms`.
 ///
 /// An idle connection is looked at again at least every header timeout, so that a request that starts on it (which
 /// does not wake the timer) is held to its header timeout exactly: it started after the previous look, so its
-/// deadline is still ahead at the next one.
-fn verdict(phase: Phase, since_ms: u64, now_ms: u64, limits: &Limits) -> Verdict {
+/// deadline is still ahead at the next one. A busy one is looked at as often, and at the end of its write timeout
+/// once the client stopped reading.
+fn verdict(phase: Phase, since_ms: u64, blocked_ms: Option<u64>, now_ms: u64, limits: &Limits) -> Verdict {
     let header_ms = millis(limits.header_timeout);
     let idle_ms = millis(limits.idle_timeout);
+    let write_ms = millis(limits.write_timeout);
     match phase {
-        Phase::Busy => Verdict::RecheckAt(now_ms.saturating_add(header_ms.min(idle_ms))),
+        Phase::Busy | Phase::Body => {
+            let look = now_ms.saturating_add(header_ms.min(idle_ms).min(write_ms));
+            match blocked_ms {
+                Some(blocked) if now_ms >= blocked.saturating_add(write_ms) => Verdict::WriteTimeout,
+                Some(blocked) => Verdict::RecheckAt(look.min(blocked.saturating_add(write_ms))),
+                None => Verdict::RecheckAt(look),
+            }
+        }
         Phase::Headers => {
             let deadline = since_ms.saturating_add(header_ms);
             if now_ms >= deadline { Verdict::HeaderTimeout } else { Verdict::RecheckAt(deadline) }
@@ -382,7 +495,7 @@ async fn connection(
                 match close {
                     Ok(Close::Evict) => break,
                     Ok(Close::Shutdown) | Err(_) => {
-                        if state.get().0 != Phase::Busy {
+                        if matches!(state.get().0, Phase::Headers | Phase::Idle) {
                             break;
                         }
                         // Finish the request in flight, then close.
@@ -392,13 +505,19 @@ async fn connection(
             }
             () = &mut timer => {
                 let (phase, since) = state.get();
-                match verdict(phase, since, shared.clock.precise_ms(), &shared.limits) {
+                match verdict(phase, since, state.blocked_since(), shared.clock.precise_ms(), &shared.limits) {
                     Verdict::HeaderTimeout => {
                         Metrics::inc(&shared.metrics.header_timeouts);
                         break;
                     }
                     Verdict::IdleTimeout => {
                         Metrics::inc(&shared.metrics.idle_timeouts);
+                        break;
+                    }
+                    Verdict::WriteTimeout => {
+                        // Closing drops the answer, and with it the upstream request of a streamed answer.
+                        Metrics::inc(&shared.metrics.write_timeouts);
+                        tracing::debug!(%peer, "closing a connection whose client stopped reading its answer");
                         break;
                     }
                     Verdict::RecheckAt(at) => timer.as_mut().reset(shared.clock.instant(at).into()),
@@ -413,23 +532,35 @@ async fn connection(
 mod tests {
     use super::*;
 
-    #[test]
-    fn timeouts_follow_the_phase() {
-        let limits = Limits {
+    fn limits() -> Limits {
+        Limits {
             max_connections: 32,
+            max_per_source: 16,
+            exempt: Vec::new(),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
             tls: None,
-        };
+        }
+    }
+
+    #[test]
+    fn timeouts_follow_the_phase() {
+        let limits = limits();
         // Headers: 10 s from the accept or the request's first byte.
-        assert_eq!(verdict(Phase::Headers, 1_000, 5_000, &limits), Verdict::RecheckAt(11_000));
-        assert_eq!(verdict(Phase::Headers, 1_000, 11_000, &limits), Verdict::HeaderTimeout);
+        assert_eq!(verdict(Phase::Headers, 1_000, None, 5_000, &limits), Verdict::RecheckAt(11_000));
+        assert_eq!(verdict(Phase::Headers, 1_000, None, 11_000, &limits), Verdict::HeaderTimeout);
         // Idle: closed after 60 s, looked at every 10 s meanwhile.
-        assert_eq!(verdict(Phase::Idle, 1_000, 2_000, &limits), Verdict::RecheckAt(12_000));
-        assert_eq!(verdict(Phase::Idle, 1_000, 55_000, &limits), Verdict::RecheckAt(61_000));
-        assert_eq!(verdict(Phase::Idle, 1_000, 61_000, &limits), Verdict::IdleTimeout);
-        // Busy: never timed out, looked at again later.
-        assert_eq!(verdict(Phase::Busy, 1_000, 500_000, &limits), Verdict::RecheckAt(510_000));
+        assert_eq!(verdict(Phase::Idle, 1_000, None, 2_000, &limits), Verdict::RecheckAt(12_000));
+        assert_eq!(verdict(Phase::Idle, 1_000, None, 55_000, &limits), Verdict::RecheckAt(61_000));
+        assert_eq!(verdict(Phase::Idle, 1_000, None, 61_000, &limits), Verdict::IdleTimeout);
+        // Busy, or waiting for a body: no timeout while the client reads what it is sent.
+        assert_eq!(verdict(Phase::Busy, 1_000, None, 500_000, &limits), Verdict::RecheckAt(510_000));
+        assert_eq!(verdict(Phase::Body, 1_000, None, 500_000, &limits), Verdict::RecheckAt(510_000));
+        // A client that stopped reading: closed 30 s after the first write that found its socket full.
+        assert_eq!(verdict(Phase::Busy, 1_000, Some(495_000), 500_000, &limits), Verdict::RecheckAt(510_000));
+        assert_eq!(verdict(Phase::Busy, 1_000, Some(475_000), 500_000, &limits), Verdict::RecheckAt(505_000));
+        assert_eq!(verdict(Phase::Busy, 1_000, Some(470_000), 500_000, &limits), Verdict::WriteTimeout);
     }
 
     #[test]
@@ -438,16 +569,47 @@ mod tests {
         clock.now_ms.store(12_345, Ordering::Relaxed);
         let state = ConnState::new(clock.clone());
         assert_eq!(state.get(), (Phase::Headers, 12_345));
-        state.set(Phase::Busy);
-        assert_eq!(state.get().0, Phase::Busy);
+        clock.now_ms.store(13_000, Ordering::Relaxed);
+        state.request_started();
+        assert_eq!(state.get(), (Phase::Busy, 13_000));
         // Bytes during a request do not restart anything.
         state.received();
         assert_eq!(state.get().0, Phase::Busy);
+        // Waiting for a body counts from the request's start, however often it waits.
+        clock.now_ms.store(14_000, Ordering::Relaxed);
+        state.waiting_for_body();
+        assert_eq!(state.get(), (Phase::Body, 13_000));
+        state.body_arrived();
+        assert_eq!(state.get(), (Phase::Busy, 13_000));
+        state.waiting_for_body();
+        assert_eq!(state.get(), (Phase::Body, 13_000));
+        state.body_arrived();
         clock.now_ms.store(20_000, Ordering::Relaxed);
         state.set(Phase::Idle);
         assert_eq!(state.get(), (Phase::Idle, 20_000));
+        // A body read outside a request (there is none) changes nothing.
+        state.waiting_for_body();
+        assert_eq!(state.get().0, Phase::Idle);
         clock.now_ms.store(25_000, Ordering::Relaxed);
         state.received();
         assert_eq!(state.get(), (Phase::Headers, 25_000));
+    }
+
+    #[test]
+    fn blocked_writes_are_timed_from_the_first() {
+        let clock = Arc::new(CoarseClock::new());
+        let state = ConnState::new(clock.clone());
+        assert_eq!(state.blocked_since(), None);
+        clock.now_ms.store(5_000, Ordering::Relaxed);
+        state.write_blocked();
+        clock.now_ms.store(6_000, Ordering::Relaxed);
+        state.write_blocked();
+        assert_eq!(state.blocked_since(), Some(5_000));
+        state.write_progressed();
+        assert_eq!(state.blocked_since(), None);
+        // At the clock's very start too.
+        clock.now_ms.store(0, Ordering::Relaxed);
+        state.write_blocked();
+        assert_eq!(state.blocked_since(), Some(0));
     }
 }

@@ -6,15 +6,20 @@
 //!   accept for the first request and from its first byte for every later one.
 //! - **Idle timeout.** A keep-alive connection that sends nothing for `idle_timeout` after an answer is closed.
 //! - **Cap.** At most `max_connections` are open. A new connection at the cap closes one that is not busy with a
-//!   request, and is served at once: first those still sending headers, then idle keep-alive ones, the longest
-//!   waiting first. Only when every connection is busy (headers complete, answer not fully written) is the new one
-//!   answered `503 overloaded` and closed.
+//!   request, and is served at once: first those still sending headers, then idle keep-alive ones, then those whose
+//!   request body is slow to arrive, the longest waiting first. Only when every connection is busy (the router
+//!   works on its request or writes its answer) is the new one answered `503 overloaded` and closed.
+//! - **Share.** One source address (an IPv6 /64) holds at most `max_per_source` connections, unless it is a trusted
+//!   proxy: a new one beyond that closes the same source's longest waiting connection that is not busy, or is
+//!   answered `503` when all of them are busy. One address sending slowly can thus never take every connection.
+//! - **Write timeout.** A client that leaves its answer unread (its socket full) for `write_timeout` loses its
+//!   connection; the answer is dropped, and with it a streamed answer's upstream request.
 //!
 //! hyper's own `header_read_timeout` is off: in hyper 1.x it is re-armed as soon as a keep-alive connection goes idle,
 //! so it would also close idle connections after the header timeout and make a longer idle timeout impossible.
 //! Instead each connection publishes its phase in one atomic word (phase and since when, on a coarse clock), written
-//! only by its own task: a relaxed store when a request's first byte arrives, when its headers are complete and
-//! when its answer has been written. A per-connection timer reads the word when it fires, and the accept loop reads
+//! only by its own task: a relaxed store when a request's first byte arrives, when its headers are complete, when
+//! the handler waits for body bytes not yet sent (and when they come), and when its answer has been written. A per-connection timer reads the word when it fires, and the accept loop reads
 //! all words only when a new connection arrives at the cap.
 
 mod conn;
@@ -22,7 +27,7 @@ mod tracked;
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -39,6 +44,7 @@ use tokio::sync::Notify;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::net::{Cidr, limit_key};
 use crate::tls::Tls;
 use conn::{CoarseClock, Shared, Table};
 
@@ -92,10 +98,30 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Most connections one source address (an IPv6 /64) may hold at once; 0: no share.
+    pub max_per_source: usize,
+    /// Sources that hold any number (`--trusted-proxies`: a load balancer carries many clients).
+    pub exempt: Vec<Cidr>,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a client may leave an answer unread (its socket full) before the connection is closed.
+    pub write_timeout: Duration,
     /// Serve HTTPS with this certificate: the handshake counts toward the header timeout.
     pub tls: Option<Arc<Tls>>,
+}
+
+impl Limits {
+    /// The key a connection from `ip` counts under for the per-source share; `None` when it counts against none.
+    fn share_of(&self, ip: IpAddr) -> Option<IpAddr> {
+        let exempt = self.max_per_source == 0 || self.exempt.iter().any(|cidr| cidr.contains(ip));
+        (!exempt).then(|| limit_key(ip))
+    }
+}
+
+/// The default share of the connection cap one source may hold: half of it, so that one address can never take
+/// every connection, however slowly it sends.
+pub fn default_max_per_source(max_connections: usize) -> usize {
+    (max_connections / 2).max(1)
 }
 
 /// The open-file limits of this process around [`raise_open_file_limit`]; `None` is unlimited.

@@ -36,9 +36,21 @@ impl AsyncRead for TrackedIo {
     }
 }
 
+impl TrackedIo {
+    /// A write that found the socket full starts the write timeout; one that went through ends it.
+    fn note_write(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.state.write_blocked(),
+            Poll::Ready(_) => self.state.write_progressed(),
+        }
+    }
+}
+
 impl AsyncWrite for TrackedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -46,7 +58,9 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -75,11 +89,42 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Error = Infallible;
     type Future = Answering;
 
-    fn call(&self, mut request: Request<Incoming>) -> Answering {
-        self.state.set(Phase::Busy);
+    fn call(&self, request: Request<Incoming>) -> Answering {
+        self.state.request_started();
+        let mut request = request.map(|incoming| RequestBody { incoming, state: self.state.clone() });
         request.extensions_mut().insert(ConnectInfo(self.peer));
         let future = tower::Service::call(&mut self.router.clone(), request);
         Answering { future, state: Some(self.state.clone()) }
+    }
+}
+
+/// A request's body as the client sends it: while the handler waits for bytes that have not arrived, the
+/// connection is marked as waiting for its client ([`Phase::Body`]), so a body that trickles in never makes the
+/// connection count as busy.
+struct RequestBody {
+    incoming: Incoming,
+    state: Arc<ConnState>,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.incoming).poll_frame(cx);
+        match polled {
+            Poll::Pending => self.state.waiting_for_body(),
+            Poll::Ready(_) => self.state.body_arrived(),
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
     }
 }
 

@@ -2,6 +2,7 @@
 //! every connection is busy, header and idle timeouts, graceful shutdown, and `nosniff` on every answer. The tests
 //! speak raw HTTP/1.1 over TCP, since an HTTP client library never leaves a request half-sent.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -10,51 +11,60 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::*;
+use crate::inference::{Runtime, online_node};
 
 /// The most any single wait in these tests may take.
-const WAIT: Duration = Duration::from_secs(5);
+pub const WAIT: Duration = Duration::from_secs(5);
 
 /// A request whose headers never end.
 const PARTIAL_HEADERS: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: router\r\nUser-Agent: slow";
 
-const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: router\r\n\r\n";
+pub const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: router\r\n\r\n";
 
+/// A cap and timeouts; every connection of these tests comes from 127.0.0.1, so the per-source share is off here
+/// (its own tests are in `misbehaving.rs`).
 fn options(max_connections: usize, header_timeout: Duration, idle_timeout: Duration) -> Options {
-    Options { max_connections: Some(max_connections), header_timeout, idle_timeout, ..Options::default() }
+    Options {
+        max_connections: Some(max_connections),
+        max_connections_per_source: Some(0),
+        header_timeout,
+        idle_timeout,
+        ..Options::default()
+    }
 }
 
-async fn connect(app: &TestApp) -> TcpStream {
+pub async fn connect(app: &TestApp) -> TcpStream {
     tokio::time::timeout(WAIT, TcpStream::connect(app.addr)).await.expect("connect in time").expect("connect")
 }
 
-async fn half_open(app: &TestApp) -> TcpStream {
+pub async fn half_open(app: &TestApp) -> TcpStream {
     let mut stream = connect(app).await;
     stream.write_all(PARTIAL_HEADERS).await.expect("write partial headers");
     stream
 }
 
 /// One answer: its head (status line and headers, lower-cased names) and its body, read by `Content-Length`.
-struct Answer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.head.lines().skip(1).find_map(|line| {
             let (key, value) = line.split_once(':')?;
             key.eq_ignore_ascii_case(name).then(|| value.trim())
         })
     }
 
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("JSON body")
     }
 }
 
 /// Reads one answer from `stream`; interim `100 Continue` heads are returned as answers of their own.
-async fn read_answer(stream: &mut TcpStream) -> Answer {
+pub async fn read_answer(stream: &mut TcpStream) -> Answer {
     tokio::time::timeout(WAIT, async {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -82,7 +92,7 @@ async fn read_answer(stream: &mut TcpStream) -> Answer {
 }
 
 /// Whether the router closed `stream` (end of file or reset) within `within`; `false` if it is still open then.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut chunk = [0u8; 1024];
     match tokio::time::timeout(within, stream.read(&mut chunk)).await {
         Ok(Ok(0)) | Ok(Err(_)) => true,
@@ -92,7 +102,7 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 }
 
 /// Waits, at most [`WAIT`], until the router counts `open` client connections.
-async fn until_open(app: &TestApp, open: u64) {
+pub async fn until_open(app: &TestApp, open: u64) {
     let started = Instant::now();
     while app.state.metrics.connections_open.get() != open {
         assert!(
@@ -113,8 +123,8 @@ async fn idle_keep_alive(app: &TestApp) -> TcpStream {
 }
 
 /// A registration whose headers are complete and whose body the router is waiting for: the `100 Continue` proves
-/// the handler reads the body, so the connection is busy.
-async fn busy(app: &TestApp, body: &[u8]) -> TcpStream {
+/// the handler reads the body.
+pub async fn awaiting_body(app: &TestApp, body: &[u8]) -> TcpStream {
     let mut stream = connect(app).await;
     let head = format!(
         "POST /v0/nodes HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
@@ -191,14 +201,46 @@ async fn at_the_cap_the_longest_idle_keep_alive_connection_makes_room() {
     assert_eq!(read_answer(&mut idle[0]).await.status, 200);
 }
 
+/// A chat completion the router forwards to `runtime`, which never answers: the connection is busy until the client
+/// leaves. Returns once the runtime has received it.
+async fn busy(app: &TestApp, runtime: &Runtime) -> TcpStream {
+    let received = runtime.shared.received.load(Ordering::SeqCst);
+    let body = br#"{"model": "m", "messages": []}"#;
+    let mut stream = connect(app).await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.write_all(body).await.expect("write body");
+    within(WAIT, "the runtime receives the request", || async {
+        runtime.shared.received.load(Ordering::SeqCst) > received
+    })
+    .await;
+    stream
+}
+
+/// A router whose `/v1` is open, with a node whose runtime serves `m` and never answers.
+async fn app_with_a_hanging_node(options: Options) -> (TestApp, Runtime) {
+    let app = TestApp::with_settings(options, |settings| {
+        settings.inference_auth = llm_router::config::InferenceAuth::None;
+    })
+    .await;
+    let runtime = Runtime::start("hangs", &["m"]).await;
+    runtime.shared.hang.store(true, Ordering::SeqCst);
+    online_node(&app, "gpu-hangs", &runtime, &["m"]).await;
+    (app, runtime)
+}
+
 #[tokio::test]
 async fn when_every_connection_is_busy_a_new_one_gets_503_and_is_closed() {
-    let app = TestApp::with(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
-    let body = serde_json::to_vec(&registration("gpu-busy", 8000)).expect("json");
+    let (app, runtime) = app_with_a_hanging_node(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
     let mut busy_connections = Vec::new();
     for _ in 0..16 {
-        busy_connections.push(busy(&app, &body).await);
+        busy_connections.push(busy(&app, &runtime).await);
     }
+    // The test client's own idle keep-alive connections made room for the busy ones.
+    let evicted = app.state.metrics.connections_evicted.get();
     let mut refused = connect(&app).await;
     // A client that sends its request at once gets the answer all the same.
     refused.write_all(HEALTHZ).await.expect("write");
@@ -211,24 +253,53 @@ async fn when_every_connection_is_busy_a_new_one_gets_503_and_is_closed() {
     assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
     assert!(closed_within(&mut refused, WAIT).await, "a refused connection is closed");
     assert_eq!(app.state.metrics.connections_refused.get(), 1);
-    assert_eq!(app.state.metrics.connections_evicted.get(), 0);
+    assert_eq!(app.state.metrics.connections_evicted.get(), evicted, "no busy connection was closed");
 
-    // The busy requests were not disturbed: one finishes and is answered.
-    let mut first = busy_connections.swap_remove(0);
-    first.write_all(&body).await.expect("write body");
-    assert_eq!(read_answer(&mut first).await.status, 201);
-    // Now idle, it makes room for the next client.
+    // The busy requests were not disturbed; when one's client leaves, its place serves the next client.
+    drop(busy_connections.swap_remove(0));
+    until_open(&app, 15).await;
     let mut fresh = connect(&app).await;
     fresh.write_all(HEALTHZ).await.expect("write");
     assert_eq!(read_answer(&mut fresh).await.status, 200);
-    assert!(closed_within(&mut first, WAIT).await);
+    assert_eq!(app.state.metrics.connections_evicted.get(), evicted);
+}
+
+#[tokio::test]
+async fn connections_waiting_for_a_body_make_room_after_idle_ones() {
+    let app = TestApp::with(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
+    let body = serde_json::to_vec(&registration("gpu-slow", 8000)).expect("json");
+    let mut waiting = Vec::new();
+    for _ in 0..15 {
+        waiting.push(awaiting_body(&app, &body).await);
+    }
+    let mut idle = idle_keep_alive(&app).await;
+    until_open(&app, 16).await;
+    // The idle keep-alive connection goes first, though it is the most recent.
+    let mut first = connect(&app).await;
+    first.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut first).await.status, 200);
+    assert!(closed_within(&mut idle, WAIT).await, "the idle connection makes room first");
+    drop(first);
+    until_open(&app, 15).await;
+    waiting.push(awaiting_body(&app, &body).await);
+    // Then, with no idle connection left, the one whose body has been awaited longest.
+    let mut second = connect(&app).await;
+    second.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut second).await.status, 200);
+    assert!(closed_within(&mut waiting[0], WAIT).await, "the oldest wait for a body makes room next");
+    assert_eq!(app.state.metrics.connections_evicted.get(), 2);
+    assert_eq!(app.state.metrics.connections_refused.get(), 0);
+    // The others still get their answer once their body comes.
+    drop(second);
+    waiting[1].write_all(&body).await.expect("body");
+    assert_eq!(read_answer(&mut waiting[1]).await.status, 201);
 }
 
 #[tokio::test]
 async fn a_body_that_trickles_in_gets_408_and_frees_its_connection() {
     let app = TestApp::with(Options { body_timeout: Duration::from_millis(300), ..options(64, WAIT, WAIT) }).await;
     let body = serde_json::to_vec(&registration("gpu-slow-body", 8000)).expect("json");
-    let mut slow = busy(&app, &body).await;
+    let mut slow = awaiting_body(&app, &body).await;
     slow.write_all(&body[..10]).await.expect("part of the body");
     let started = Instant::now();
     let answer = read_answer(&mut slow).await;
@@ -238,7 +309,7 @@ async fn a_body_that_trickles_in_gets_408_and_frees_its_connection() {
     assert!(closed_within(&mut slow, WAIT).await, "the connection is closed");
     assert!(app.nodes().await.is_empty(), "nothing was registered");
     // A body sent whole, promptly, is unaffected.
-    let mut prompt = busy(&app, &body).await;
+    let mut prompt = awaiting_body(&app, &body).await;
     prompt.write_all(&body).await.expect("body");
     assert_eq!(read_answer(&mut prompt).await.status, 201);
 }
@@ -279,7 +350,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 async fn shutdown_closes_idle_connections_and_lets_requests_in_flight_finish() {
     let mut app = TestApp::spawn().await;
     let body = serde_json::to_vec(&registration("gpu-late", 8000)).expect("json");
-    let mut in_flight = busy(&app, &body).await;
+    let mut in_flight = awaiting_body(&app, &body).await;
     let mut idle = idle_keep_alive(&app).await;
     let addr = app.addr;
     let stopping = tokio::spawn(async move {

@@ -253,6 +253,8 @@ pub struct Options {
     pub public_url: Option<String>,
     /// Cap on open client connections; `None`: derived from the open-file limit.
     pub max_connections: Option<usize>,
+    /// Connections one client address may hold; `None`: half of the cap; 0: no share.
+    pub max_connections_per_source: Option<usize>,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
@@ -273,6 +275,7 @@ impl Default for Options {
             allow_link_local_nodes: false,
             public_url: None,
             max_connections: None,
+            max_connections_per_source: None,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
@@ -311,6 +314,7 @@ impl TestApp {
         settings.allow_link_local_nodes = options.allow_link_local_nodes;
         settings.public_url = options.public_url;
         settings.max_connections = options.max_connections;
+        settings.max_connections_per_source = options.max_connections_per_source;
         settings.header_timeout = options.header_timeout;
         settings.idle_timeout = options.idle_timeout;
         settings.body_timeout = options.body_timeout;

@@ -21,35 +21,41 @@ use tokio::sync::{Notify, mpsc};
 use crate::helpers::*;
 
 /// A stand-in inference runtime.
-struct Runtime {
-    addr: SocketAddr,
-    shared: Arc<RuntimeState>,
+pub struct Runtime {
+    pub addr: SocketAddr,
+    pub shared: Arc<RuntimeState>,
 }
 
 #[derive(Default)]
-struct RuntimeState {
+pub struct RuntimeState {
     /// Answer this status to completions (0: a normal answer).
     status: AtomicU16,
     /// Never answer a completion.
-    hang: AtomicBool,
+    pub hang: AtomicBool,
     /// Break a streamed answer off after its first chunk, as a crashing runtime does.
     reset_mid_stream: AtomicBool,
     /// Completions received.
-    received: AtomicUsize,
+    pub received: AtomicUsize,
     /// The last body received, as bytes.
     last_body: std::sync::Mutex<Vec<u8>>,
     /// The `Authorization` header of the last request, if any.
     last_auth: std::sync::Mutex<Option<String>>,
+    /// The `Via` header of the last request, if any.
+    pub last_via: std::sync::Mutex<Option<String>>,
     /// A streamed answer sends its next chunk each time this is notified.
     next_chunk: Notify,
     /// Set when a streamed answer's receiver went away.
-    cancelled: AtomicBool,
+    pub cancelled: AtomicBool,
     cancelled_seen: Notify,
+    /// Stream 64 KiB events without end, as fast as they are taken, until the receiver goes away.
+    pub flood: AtomicBool,
+    /// Send a streamed answer's headers, then nothing.
+    pub silent_after_headers: AtomicBool,
     name: std::sync::Mutex<String>,
 }
 
 impl Runtime {
-    async fn start(name: &str, models: &[&str]) -> Runtime {
+    pub async fn start(name: &str, models: &[&str]) -> Runtime {
         let shared = Arc::new(RuntimeState::default());
         *shared.name.lock().expect("lock") = name.to_owned();
         let models: Vec<Value> = models.iter().map(|m| json!({"id": m, "object": "model"})).collect();
@@ -73,6 +79,7 @@ async fn completion(State(shared): State<Arc<RuntimeState>>, headers: HeaderMap,
     *shared.last_body.lock().expect("lock") = body.to_vec();
     *shared.last_auth.lock().expect("lock") =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    *shared.last_via.lock().expect("lock") = headers.get(header::VIA).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if shared.hang.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
@@ -82,6 +89,27 @@ async fn completion(State(shared): State<Arc<RuntimeState>>, headers: HeaderMap,
     }
     let request: Value = serde_json::from_slice(&body).expect("JSON");
     let name = shared.name.lock().expect("lock").clone();
+    if request["stream"] == true && shared.silent_after_headers.load(Ordering::SeqCst) {
+        let silence = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::from_stream(silence))
+            .expect("response");
+    }
+    if request["stream"] == true && shared.flood.load(Ordering::SeqCst) {
+        let (chunks, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let state = shared.clone();
+        tokio::spawn(async move {
+            let event = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024)));
+            while chunks.send(Ok(event.clone())).await.is_ok() {}
+            state.cancelled.store(true, Ordering::SeqCst);
+            state.cancelled_seen.notify_one();
+        });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Body::from_stream(tokio_stream_from(receiver)))
+            .expect("response");
+    }
     if request["stream"] == true {
         let (chunks, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
         let state = shared.clone();
@@ -125,7 +153,7 @@ fn tokio_stream_from(
 }
 
 /// Registers, approves and heartbeats a node whose runtime is `runtime`, with `models` ready.
-async fn online_node(app: &TestApp, name: &str, runtime: &Runtime, models: &[&str]) -> String {
+pub async fn online_node(app: &TestApp, name: &str, runtime: &Runtime, models: &[&str]) -> String {
     let node = app.register_node_at(name, runtime.addr.port()).await;
     let admin = app.admin_token().await;
     assert_eq!(app.approve(&admin, &node.id).await.status(), 200);
@@ -134,7 +162,7 @@ async fn online_node(app: &TestApp, name: &str, runtime: &Runtime, models: &[&st
     node.id
 }
 
-async fn chat(app: &TestApp, key: Option<&str>, body: &Value) -> reqwest::Response {
+pub async fn chat(app: &TestApp, key: Option<&str>, body: &Value) -> reqwest::Response {
     let mut call = app.request(Method::POST, "/v1/chat/completions").json(body);
     if let Some(key) = key {
         call = call.bearer_auth(key);
@@ -142,7 +170,7 @@ async fn chat(app: &TestApp, key: Option<&str>, body: &Value) -> reqwest::Respon
     call.send().await.expect("chat")
 }
 
-async fn openai_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+pub async fn openai_error(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status(), status);
     let body = body(response).await;
     assert_eq!(body["error"]["code"], code, "{body}");

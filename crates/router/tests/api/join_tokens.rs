@@ -211,3 +211,61 @@ async fn registrations_with_a_join_token_skip_the_anonymous_rate_limit() {
     }
     assert_eq!(statuses, vec![201, 201, 429, 429]);
 }
+
+#[tokio::test]
+async fn unknown_join_tokens_are_throttled_per_address_counted_and_audited_in_aggregate() {
+    let app = TestApp::with_settings(Options::default(), |settings| {
+        settings.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    })
+    .await;
+    let guess = |i: usize, from: &'static str| {
+        let request = registration(&format!("gpu-guess-{i}"), 8000);
+        app.request(Method::POST, "/v0/nodes")
+            .header("X-Join-Token", format!("llmj_{i:064}"))
+            .header("X-Forwarded-For", from)
+            .json(&request)
+            .send()
+    };
+    for i in 0..5 {
+        assert_error(guess(i, "198.51.100.7").await.expect("register"), 401, "join_token_invalid").await;
+    }
+    // The sixth guess from that address is refused before any lookup, with Retry-After, for a minute.
+    let refused = guess(5, "198.51.100.7").await.expect("register");
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("60"));
+    assert_error(refused, 429, "join_token_throttled").await;
+    // Even a valid token waits out the lock from that address; another address is not locked.
+    let valid = create(&app, json!({"name": "rack 7"})).await["token"].as_str().expect("token").to_owned();
+    let from_locked = app
+        .request(Method::POST, "/v0/nodes")
+        .header("X-Join-Token", &valid)
+        .header("X-Forwarded-For", "198.51.100.7")
+        .json(&registration("gpu-real", 8000))
+        .send()
+        .await
+        .expect("register");
+    assert_error(from_locked, 429, "join_token_throttled").await;
+    assert_error(guess(6, "198.51.100.8").await.expect("register"), 401, "join_token_invalid").await;
+    assert_eq!(app.metric("llm_router_join_tokens_unknown_total").await, 6.0);
+    assert_eq!(app.metric("llm_router_join_tokens_throttled_total").await, 2.0);
+    // One audit event for the lock, not one per guess.
+    app.state.audit.flush().await;
+    let admin = app.admin_token().await;
+    let audit =
+        app.request(Method::GET, "/v0/audit?action=node.register").bearer_auth(&admin).send().await.expect("audit");
+    let events = body(audit).await.as_array().expect("an array of events").clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["client"], "198.51.100.7");
+    assert_eq!(events[0]["outcome"], "throttled");
+    assert!(events[0]["target"].as_str().is_some_and(|t| t.contains("unknown join tokens")), "{events:?}");
+    // After the lock, the address may try again.
+    app.clock.advance_ms(60_000);
+    let joined = app
+        .request(Method::POST, "/v0/nodes")
+        .header("X-Join-Token", &valid)
+        .header("X-Forwarded-For", "198.51.100.7")
+        .json(&registration("gpu-real", 8000))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(joined.status(), 201);
+}

@@ -18,6 +18,7 @@ mod join_tokens;
 mod legacy;
 mod listing;
 mod migrate;
+mod misbehaving;
 mod multi_router;
 mod observability;
 mod postgres;

@@ -54,7 +54,7 @@ async fn five_failures_throttle_the_pair_before_any_password_check() {
 
     let secs = assert_throttled(app.login("victim", VICTIM_PASSWORD).await).await;
     assert_eq!(secs, 60, "the first lock is a minute");
-    let held = app.state.hasher.permit().await.expect("the pool's only permit");
+    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
     assert_throttled(app.login("victim", VICTIM_PASSWORD).await).await;
     drop(held);
     assert_eq!(app.metric("llm_router_logins_throttled_total").await, 2.0);
@@ -138,7 +138,7 @@ async fn a_full_hashing_pool_answers_429_and_counts_nothing_against_the_user() {
         settings.hash_queue = 0;
     })
     .await;
-    let held = app.state.hasher.permit().await.expect("the pool's only permit");
+    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
     for _ in 0..6 {
         let response = app.login("admin", "wrong-password-1").await;
         assert_eq!(retry_after(&response), 1);
@@ -160,7 +160,7 @@ async fn a_short_queue_waits_its_turn_then_gives_up() {
         settings.hash_wait = Duration::from_millis(200);
     })
     .await;
-    let held = app.state.hasher.permit().await.expect("the pool's only permit");
+    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
     let started = Instant::now();
     assert_error(app.login("admin", ADMIN_PASSWORD).await, 429, "hashing_busy").await;
     assert!(started.elapsed() >= Duration::from_millis(200), "it waited its turn before giving up");
@@ -177,4 +177,42 @@ async fn a_short_queue_waits_its_turn_then_gives_up() {
     drop(held);
     let answer = queued.await.expect("task").expect("login");
     assert_eq!(answer.status(), 200, "served once the hash it waited for was done");
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_a_quarter_of_the_sign_in_queue() {
+    let app = TestApp::with_settings(Options::default(), |settings| {
+        settings.hash_workers = 1;
+        settings.hash_queue = 8;
+        settings.hash_wait = Duration::from_secs(30);
+        settings.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    })
+    .await;
+    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
+    let queue = |from: &'static str| {
+        let request = app.request(Method::POST, "/v0/auth/login").header("X-Forwarded-For", from);
+        tokio::spawn(async move {
+            request.json(&json!({"username": "admin", "password": ADMIN_PASSWORD})).send().await.expect("login")
+        })
+    };
+    // Two places of eight for one address.
+    let first = queue("198.51.100.7");
+    let second = queue("198.51.100.7");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.state.hasher.waiting() < 2 {
+        assert!(Instant::now() < deadline, "the sign-ins never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let refused = login_via(&app, "admin", ADMIN_PASSWORD, "198.51.100.7").await;
+    assert_error(refused, 429, "hashing_busy").await;
+    // Another address still queues, and every queued sign-in is served once the pool frees.
+    let other = queue("198.51.100.8");
+    while app.state.hasher.waiting() < 3 {
+        assert!(Instant::now() < deadline, "the other address never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(held);
+    for answer in [first, second, other] {
+        assert_eq!(answer.await.expect("task").status(), 200);
+    }
 }
