@@ -4,7 +4,8 @@
 #
 #   scripts/postgres.sh start DIR   installs the package when missing (as root), creates and starts the cluster in
 #                                   DIR (which must not exist or be empty), and prints its URL on stdout
-#   scripts/postgres.sh stop DIR    stops it (the directory stays; remove it after)
+#   scripts/postgres.sh stop DIR    stops it at once, as a crash would (the directory stays; remove it after)
+#   scripts/postgres.sh resume DIR  starts a stopped cluster again, on the same port (the outage tests)
 #
 # With POSTGRES_NO_FSYNC=1 (the tests) the server does not wait for its disk: faster, and lost on power loss, which
 # a throw-away cluster does not mind. Benchmarks leave it unset, so their figures include PostgreSQL's durable commits.
@@ -35,7 +36,7 @@ as_owner() {
 cmd=${1:-}
 dir=${2:-}
 if [ -z "$cmd" ] || [ -z "$dir" ]; then
-  echo "usage: $0 start|stop DIR" >&2
+  echo "usage: $0 start|stop|resume DIR" >&2
   exit 2
 fi
 
@@ -53,16 +54,22 @@ start)
   if [ "${POSTGRES_NO_FSYNC:-0}" = 1 ]; then
     options="$options -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
+  echo "$options" >"$dir/options"
   as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start -o "$options" >/dev/null ||
     { cat "$dir/server.log" >&2; exit 1; }
   echo "postgres://$user@127.0.0.1:$port/postgres"
+  ;;
+resume)
+  bin=$(bin_dir)
+  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start -o "$(cat "$dir/options")" >/dev/null ||
+    { cat "$dir/server.log" >&2; exit 1; }
   ;;
 stop)
   bin=$(bin_dir)
   if [ -d "$dir/data" ]; then as_owner "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true; fi
   ;;
 *)
-  echo "usage: $0 start|stop DIR" >&2
+  echo "usage: $0 start|stop|resume DIR" >&2
   exit 2
   ;;
 esac

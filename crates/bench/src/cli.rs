@@ -57,12 +57,33 @@ pub enum Mode {
     /// Several routers on one PostgreSQL database in front of stand-in runtimes: how streams spread over the
     /// nodes, and how many each node answers at once, when every router counts only its own requests.
     Balance(BalanceArgs),
+    /// A burst of large `/v1` request bodies at once: the router's memory during the burst and after it.
+    Bodies(BodiesArgs),
     /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a
     /// router to be started on later. Node i's id and token are derived from i, for `bench pulse`.
     Seed(SeedArgs),
     /// Heartbeat as every node of a fleet written by `bench seed`, to a router already running on it: one heartbeat
     /// per node per interval, spread evenly, with figures that change from one to the next.
     Pulse(PulseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BodiesArgs {
+    /// Clients sending at once, each on its own connection.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
+    pub clients: usize,
+
+    /// Bodies each client sends, one after another.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000).map(|n| n as usize))]
+    pub rounds: usize,
+
+    /// Bytes of each body (the router's `/v1` limit is 32 MiB).
+    #[arg(long, default_value_t = 33_000_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000_000).map(|n| n as usize))]
+    pub body_bytes: usize,
+
+    /// Seconds to wait after the burst before reading the router's memory again.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub settle_secs: f64,
 }
 
 #[derive(Debug, Clone, Args)]

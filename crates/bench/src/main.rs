@@ -2,6 +2,7 @@
 //! `docs/performance.md` for the commands and what each mode measures.
 
 mod balance;
+mod bodies;
 mod cli;
 mod connections;
 mod fleet;
@@ -93,6 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Connections(args) => output(cli.json, &connections::run(&spec, args).await?, connections::print),
             Mode::Proxy(args) => output(cli.json, &proxy::run(&spec, args).await?, proxy::print),
             Mode::Balance(args) => output(cli.json, &balance::run(&spec, args).await?, balance::print),
+            Mode::Bodies(args) => output(cli.json, &bodies::run(&spec, args).await?, bodies::print),
             Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
         }
     });

@@ -99,6 +99,9 @@ impl RouterSpec {
         // anonymous registration limits would refuse that, so they are off (as environment variables, which a
         // router from before the limits ignores, so the same bench measures both).
         command.env("LLM_ROUTER_REGISTRATION_RATE", "0").env("LLM_ROUTER_MAX_PENDING", "0");
+        // Likewise every simulated node connects from 127.0.0.1, where a real fleet has an address per machine: one
+        // address may hold any number of connections.
+        command.env("LLM_ROUTER_MAX_CONNECTIONS_PER_SOURCE", "0");
 
         let spawned_at = Instant::now();
         let mut child = command.spawn().with_context(|| format!("starting {}", self.binary.display()))?;

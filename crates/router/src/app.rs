@@ -31,7 +31,7 @@ use crate::server;
 use crate::state::{AppInner, AppState};
 use crate::store::postgres;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{NewNode, Store, UserRow};
+use crate::store::{Availability, NewNode, Store, UserRow};
 use crate::tls::Tls;
 use crate::validate;
 
@@ -88,6 +88,7 @@ impl App {
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
         let body_budget = BodyBudget::new(settings.max_body_memory);
+        let credentials = CredentialCache::new(settings.credential_grace);
         let router_id = uuid::Uuid::new_v4().simple().to_string();
         let proxy = Proxy::new(
             ProxySettings {
@@ -117,7 +118,7 @@ impl App {
                 audit,
                 tls,
                 proxy,
-                inference_credentials: CredentialCache::default(),
+                credentials,
                 body_budget,
                 join_token_throttle: LoginThrottle::default(),
                 listening: std::sync::OnceLock::new(),
@@ -143,13 +144,13 @@ impl App {
             spawn_every(&state, state.settings.sweep_interval(), &stop_rx, |state| async move {
                 let started = std::time::Instant::now();
                 if let Err(err) = state.registry.sweep().await {
-                    tracing::error!(error = %err, "offline sweep failed");
+                    background_failure(&state, "offline sweep failed", &format!("{err:#}"));
                 }
                 state.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
             }),
             spawn_every(&state, state.settings.flush_interval, &stop_rx, |state| async move {
                 if let Err(err) = state.registry.flush().await {
-                    tracing::error!(error = ?err, "writing heartbeat figures failed; will retry");
+                    background_failure(&state, "writing heartbeat figures failed; will retry", &format!("{err:#}"));
                 }
             }),
             spawn_every(&state, EVENT_PRUNE_INTERVAL, &stop_rx, |state| async move {
@@ -157,13 +158,13 @@ impl App {
                     Ok(0) => {}
                     Ok(removed) => tracing::info!(removed, "removed node events past the retention period"),
                     Err(err) => {
-                        tracing::warn!(error = %format!("{err:#}"), "removing old node events failed; will retry")
+                        background_failure(&state, "removing old node events failed; will retry", &format!("{err:#}"))
                     }
                 }
             }),
             spawn_every(&state, UPKEEP_INTERVAL, &stop_rx, |state| async move {
                 if let Err(err) = state.store.upkeep().await {
-                    tracing::warn!(error = %err, "storage upkeep (checkpoint) failed; will retry");
+                    background_failure(&state, "storage upkeep (checkpoint) failed; will retry", &format!("{err:#}"));
                 }
             }),
             spawn_every(&state, state.settings.pending_expiry_interval(), &stop_rx, |state| async move {
@@ -171,7 +172,11 @@ impl App {
                 match state.registry.expire_pending(ttl_ms).await {
                     Ok(0) => {}
                     Ok(removed) => tracing::info!(removed, "removed pending nodes that never heartbeat"),
-                    Err(err) => tracing::warn!(error = %err, "removing expired pending nodes failed; will retry"),
+                    Err(err) => background_failure(
+                        &state,
+                        "removing expired pending nodes failed; will retry",
+                        &format!("{err:#}"),
+                    ),
                 }
             }),
         ];
@@ -216,7 +221,7 @@ pub async fn prune_events(state: &AppInner) -> anyhow::Result<u64> {
 
 /// The tasks that keep this router in step with the others sharing its database (SPEC §11): node changes, read
 /// when the database signals one and at least every [`FOLLOW_INTERVAL`]; heartbeat figures other routers received,
-/// every [`FOLLOW_INTERVAL`]; and revoked credentials, forgotten from the `/v1` cache as soon as signalled.
+/// every [`FOLLOW_INTERVAL`]; and revoked credentials, forgotten as soon as announced.
 fn follow_other_routers(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let nodes = {
         let state = state.clone();
@@ -225,7 +230,11 @@ fn follow_other_routers(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<J
             let Some(shared) = state.store.shared() else { return };
             loop {
                 if let Err(err) = state.registry.follow_nodes().await {
-                    tracing::warn!(error = %format!("{err:#}"), "reading other routers' node changes failed; will retry");
+                    background_failure(
+                        &state,
+                        "reading other routers' node changes failed; will retry",
+                        &format!("{err:#}"),
+                    );
                 }
                 tokio::select! {
                     _ = shared.signals().nodes.notified() => {}
@@ -237,7 +246,7 @@ fn follow_other_routers(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<J
     };
     let seen = spawn_every(state, FOLLOW_INTERVAL, stop, |state| async move {
         if let Err(err) = state.registry.follow_seen().await {
-            tracing::warn!(error = %format!("{err:#}"), "reading other routers' heartbeats failed; will retry");
+            background_failure(&state, "reading other routers' heartbeats failed; will retry", &format!("{err:#}"));
         }
     });
     let credentials = {
@@ -247,13 +256,30 @@ fn follow_other_routers(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<J
             let Some(shared) = state.store.shared() else { return };
             loop {
                 tokio::select! {
-                    _ = shared.signals().credentials.notified() => state.inference_credentials.clear(),
+                    _ = shared.signals().credentials.notified() => {
+                        for revoked in shared.signals().take_revoked() {
+                            match revoked {
+                                Some(revoked) => state.credentials.revoke(&revoked),
+                                None => state.credentials.clear(),
+                            }
+                        }
+                    }
                     _ = stop.changed() => return,
                 }
             }
         })
     };
     vec![nodes, seen, credentials]
+}
+
+/// Logs a background task's failure: as a warning, or, while the database is unreachable or lost (which the store
+/// has said once, loudly), at debug level, so that the log is not one line per task per second of an outage.
+fn background_failure(state: &AppInner, what: &str, error: &str) {
+    if state.store.availability() == Availability::Available {
+        tracing::warn!(%error, "{what}");
+    } else {
+        tracing::debug!(%error, "{what}");
+    }
 }
 
 /// Spawns `tick(state)` every `period` until `stop` turns true.

@@ -188,6 +188,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub upstream_idle_timeout_secs: u64,
 
+    /// Seconds a credential (API key, session) this router accepted is still accepted while its database is
+    /// unreachable, counted from the last time the database confirmed it; 0: none is.
+    #[arg(long, env = "LLM_ROUTER_CREDENTIAL_GRACE_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub credential_grace_secs: u64,
+
     /// Seconds a client has to send a request's headers before the connection is closed.
     #[arg(long, env = "LLM_ROUTER_HEADER_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=600))]
@@ -305,6 +311,8 @@ pub struct Settings {
     pub max_body_memory: usize,
     /// Time a node may stay silent in the middle of an answer's body.
     pub upstream_idle_timeout: Duration,
+    /// How long a credential confirmed by the database is still accepted while the database is unreachable.
+    pub credential_grace: Duration,
 }
 
 impl Settings {
@@ -347,6 +355,7 @@ impl Settings {
             write_timeout: Duration::from_secs(60),
             max_body_memory: 256 * 1024 * 1024,
             upstream_idle_timeout: Duration::from_secs(300),
+            credential_grace: Duration::from_secs(900),
         }
     }
 
@@ -430,6 +439,7 @@ impl ServeArgs {
             write_timeout: Duration::from_secs(self.write_timeout_secs),
             max_body_memory: usize::try_from(self.max_body_memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
             upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout_secs),
+            credential_grace: Duration::from_secs(self.credential_grace_secs),
             ..Settings::new(data_dir)
         })
     }

@@ -14,7 +14,7 @@ use llm_router_protocol::{ErrorBody, ErrorDetail};
 use crate::auth::password::{BUSY_RETRY_AFTER_SECS, HashError};
 use crate::model::cut;
 use crate::registry::RegistryError;
-use crate::store;
+use crate::store::{self, StorageFault};
 use crate::validate::Invalid;
 
 /// A failure answered to the client as `{"error": {"code", "message"}}`.
@@ -231,17 +231,26 @@ impl IntoResponse for OpenAi {
 }
 
 impl From<anyhow::Error> for ApiError {
-    /// A storage fault is the client's 503 with `Retry-After`; anything else is a 500.
+    /// A storage fault is the client's 503 with `Retry-After`, saying whose fault; anything else is a 500.
     fn from(err: anyhow::Error) -> Self {
-        if store::is_fault(&err) {
-            tracing::warn!(error = %format!("{err:#}"), "a request failed on a storage fault");
-            return ApiError::StorageUnavailable(
+        let message = match store::fault_of(&err) {
+            None => return ApiError::Internal(err),
+            Some(StorageFault::Failed) => {
+                tracing::warn!(error = %format!("{err:#}"), "a request failed on a storage fault");
                 "The router could not store this change (its disk may be full or failing); nothing of it was \
                  applied. Try again shortly."
-                    .to_owned(),
-            );
-        }
-        ApiError::Internal(err)
+            }
+            Some(StorageFault::Unreachable) => {
+                tracing::debug!(error = %format!("{err:#}"), "a request needed the database, which is unreachable");
+                "The router cannot reach its database now; it still routes inference requests, but nothing that \
+                 needs the database can be done. Try again shortly."
+            }
+            Some(StorageFault::Lost) => {
+                "The router's database file was deleted or replaced while it ran: it takes no change until it is \
+                 restarted on a restored database; nothing of this request was applied."
+            }
+        };
+        ApiError::StorageUnavailable(message.to_owned())
     }
 }
 

@@ -23,6 +23,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::store::Availability;
+
 mod inference;
 
 pub use inference::{InferenceMetrics, ModelMetrics};
@@ -99,6 +101,11 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ToLabel {
     to: &'static str,
 }
@@ -149,6 +156,8 @@ pub struct Metrics {
     pub pending_expired: Counter,
     /// Audit events dropped because the audit log's queue was full (a flood of failed sign-ins).
     pub audit_dropped: Counter,
+    /// Requests accepted on a credential remembered while the database was unreachable.
+    pub credentials_remembered: Counter,
     /// Mass silences recorded (SPEC §10: more than half of the live nodes went offline within `offline_after / 2`).
     pub mass_silences: Counter,
     /// 1 while the latest mass silence is unresolved (its nodes have not come back and no one dismissed it), else 0.
@@ -246,6 +255,11 @@ impl Default for Metrics {
             &mut registry,
             "llm_router_audit_dropped",
             "Audit events dropped because the audit log's write queue was full",
+        );
+        let credentials_remembered = counter(
+            &mut registry,
+            "llm_router_credentials_remembered",
+            "Requests accepted on a credential remembered while the database was unreachable",
         );
         let mass_silences = counter(
             &mut registry,
@@ -351,6 +365,7 @@ impl Default for Metrics {
             registrations_too_many_pending,
             pending_expired,
             audit_dropped,
+            credentials_remembered,
             mass_silences,
             mass_silence,
             sweep_lease,
@@ -433,8 +448,8 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition (see [`CONTENT_TYPE`]); `nodes` are the current counts by status,
-    /// `storage_faults` the writes the store could not make.
-    pub fn render(&self, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> String {
+    /// `storage_faults` the writes the store could not make, `database` whether the store can be used now.
+    pub fn render(&self, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64, database: Availability) -> String {
         // The figures known at scrape time only, in a registry of their own.
         let mut now = Registry::default();
         let by_status = Family::<StatusLabel, Level>::default();
@@ -443,6 +458,16 @@ impl Metrics {
             by_status.get_or_create(&StatusLabel { status: status.as_str() }).set(count as u64);
         }
         now.register("llm_router_nodes", "Nodes known to the router, by status", by_status);
+        let states = Family::<StateLabel, Level>::default();
+        for state in [Availability::Available, Availability::Unreachable, Availability::Lost] {
+            states.get_or_create(&StateLabel { state: state.as_str() }).set(u64::from(state == database));
+        }
+        now.register(
+            "llm_router_database",
+            "1 for the state the database is in now: available, unreachable (routing goes on from memory), lost (the \
+             database file was deleted or replaced; no change is taken until a restart)",
+            states,
+        );
         now.register(
             "llm_router_storage_errors",
             "Writes the database could not make (disk full, I/O error); each was undone and its caller told",
@@ -467,7 +492,7 @@ mod tests {
     use super::*;
 
     fn scrape(metrics: &Metrics, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> Exposition {
-        let text = metrics.render(nodes, storage_faults);
+        let text = metrics.render(nodes, storage_faults, Availability::Available);
         parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"))
     }
 
@@ -536,6 +561,7 @@ mod tests {
         let scraped = scrape(&metrics, &HashMap::new(), 3);
         let expected = [
             ("llm_router_nodes", "gauge"),
+            ("llm_router_database", "gauge"),
             ("llm_router_storage_errors", "counter"),
             ("llm_router_registrations", "counter"),
             ("llm_router_heartbeats", "counter"),
@@ -550,6 +576,7 @@ mod tests {
             ("llm_router_registrations_too_many_pending", "counter"),
             ("llm_router_pending_expired", "counter"),
             ("llm_router_audit_dropped", "counter"),
+            ("llm_router_credentials_remembered", "counter"),
             ("llm_router_mass_silences", "counter"),
             ("llm_router_mass_silence", "gauge"),
             ("llm_router_sweep_lease", "gauge"),
@@ -596,7 +623,7 @@ mod tests {
         let metrics = Metrics::default();
         let route = "/odd/\"quoted\"/back\\slash/new\nline";
         metrics.request("GET", route, 200, Duration::from_millis(1));
-        let text = metrics.render(&HashMap::new(), 0);
+        let text = metrics.render(&HashMap::new(), 0, Availability::Available);
         assert!(text.contains(r#"route="/odd/\"quoted\"/back\\slash/new\nline""#), "{text}");
         let scraped = parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"));
         let labels = [("method", "GET"), ("route", route), ("status", "200")];

@@ -39,8 +39,9 @@ pub struct AppInner {
     pub tls: Option<Arc<Tls>>,
     /// The pool of connections to the nodes' runtimes, for `/v1`.
     pub proxy: Proxy,
-    /// Credentials `/v1` accepted lately; emptied whenever one is revoked.
-    pub inference_credentials: CredentialCache,
+    /// Credentials accepted lately: believed for a second, and while the database is unreachable for the grace
+    /// period; a revocation forgets what it ends.
+    pub credentials: CredentialCache,
     /// The bytes of request bodies held in memory at once, all requests together.
     pub body_budget: BodyBudget,
     /// Unknown join tokens by client address.

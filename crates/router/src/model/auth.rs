@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 /// What a user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -83,6 +84,52 @@ pub struct Principal {
     pub scope: Scope,
     /// The session's token hash when the credential is a session (so logout can end it).
     pub session: Option<TokenHash>,
+    /// The key's id when the credential is an API key.
+    pub api_key: Option<Uuid>,
+}
+
+impl Principal {
+    /// Whether `revoked` ends this principal's credential.
+    pub fn revoked_by(&self, revoked: &Revoked) -> bool {
+        match revoked {
+            Revoked::Session(hash) => self.session == Some(*hash),
+            Revoked::User(name) => self.session.is_some() && self.name == *name,
+            Revoked::ApiKey(id) => self.api_key == Some(*id),
+        }
+    }
+}
+
+/// A credential that stopped being valid: what every router forgets of it at once (SPEC §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    /// A session ended (sign-out).
+    Session(TokenHash),
+    /// A user was deleted, and every session of theirs with them.
+    User(String),
+    /// An API key was deleted.
+    ApiKey(Uuid),
+}
+
+impl Revoked {
+    /// The text other routers are told: `session:<hash>`, `user:<name>`, `api-key:<id>`.
+    pub fn encode(&self) -> String {
+        match self {
+            Revoked::Session(hash) => format!("session:{}", hash.to_hex()),
+            Revoked::User(name) => format!("user:{name}"),
+            Revoked::ApiKey(id) => format!("api-key:{id}"),
+        }
+    }
+
+    /// What [`Revoked::encode`] wrote; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Revoked> {
+        let (kind, value) = text.split_once(':')?;
+        match kind {
+            "session" => TokenHash::from_hex(value).map(Revoked::Session),
+            "user" => Some(Revoked::User(value.to_owned())),
+            "api-key" => Uuid::parse_str(value).ok().map(Revoked::ApiKey),
+            _ => None,
+        }
+    }
 }
 
 /// SHA-256 of a secret (node token, session token, API key): what the database and the in-memory indexes hold.
@@ -108,5 +155,39 @@ impl TokenHash {
 impl fmt::Debug for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TokenHash({}…)", &self.to_hex()[..8])
+    }
+}
+
+#[cfg(test)]
+mod revoked_tests {
+    use super::*;
+
+    #[test]
+    fn a_revocation_reads_back_as_written_and_names_whom_it_ends() {
+        let hash = TokenHash::of("llms_secret");
+        let key = Uuid::new_v4();
+        for revoked in [Revoked::Session(hash), Revoked::User("alice:x".into()), Revoked::ApiKey(key)] {
+            assert_eq!(Revoked::decode(&revoked.encode()), Some(revoked));
+        }
+        assert_eq!(Revoked::decode(""), None);
+        assert_eq!(Revoked::decode("session:zz"), None);
+        let session = Principal {
+            name: "alice".into(),
+            role: Role::Admin,
+            scope: Scope::Admin,
+            session: Some(hash),
+            api_key: None,
+        };
+        let api_key = Principal {
+            name: "api-key:app".into(),
+            role: Role::Admin,
+            scope: Scope::Inference,
+            session: None,
+            api_key: Some(key),
+        };
+        assert!(session.revoked_by(&Revoked::Session(hash)) && session.revoked_by(&Revoked::User("alice".into())));
+        assert!(!session.revoked_by(&Revoked::Session(TokenHash::of("other"))));
+        assert!(!api_key.revoked_by(&Revoked::User("api-key:app".into())), "a user's deletion leaves keys alone");
+        assert!(api_key.revoked_by(&Revoked::ApiKey(key)) && !session.revoked_by(&Revoked::ApiKey(key)));
     }
 }

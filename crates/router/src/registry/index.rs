@@ -143,3 +143,18 @@ pub struct NodeHandle {
     pub(super) token: TokenHash,
     pub(super) slot: Arc<Slot>,
 }
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "Node {} SlotState {} Slot {} GpuDevice {} NodeMetrics? Packed {} TokioMutex {}",
+            std::mem::size_of::<crate::model::node::Node>(),
+            std::mem::size_of::<super::SlotState>(),
+            std::mem::size_of::<super::Slot>(),
+            std::mem::size_of::<llm_router_protocol::GpuDevice>(),
+            std::mem::size_of::<crate::model::figures::PackedMetrics>(),
+            std::mem::size_of::<tokio::sync::Mutex<()>>()
+        );
+    }
+}

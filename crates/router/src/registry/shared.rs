@@ -65,7 +65,9 @@ impl Registry {
         let leads = match shared.hold_sweep_lease().await {
             Ok(leads) => leads,
             Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "cannot check the sweep lease; deciding nothing");
+                if crate::store::fault_of(&err) != Some(crate::store::StorageFault::Unreachable) {
+                    tracing::warn!(error = %format!("{err:#}"), "cannot check the sweep lease; deciding nothing");
+                }
                 false
             }
         };

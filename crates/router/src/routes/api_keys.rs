@@ -12,7 +12,7 @@ use super::json::JsonBody;
 use crate::auth::token::{NewToken, TokenKind};
 use crate::clock::rfc3339;
 use crate::error::{ApiResult, bad_request, not_found};
-use crate::model::auth::{Role, Scope};
+use crate::model::auth::{Revoked, Role, Scope};
 use crate::state::AppState;
 use crate::store::ApiKeyRow;
 use crate::validate;
@@ -157,7 +157,7 @@ pub async fn delete(
         if !state.store.delete_api_key(key_id).await? {
             return Err(missing());
         }
-        state.inference_credentials.clear();
+        state.credentials.revoke(&Revoked::ApiKey(key_id));
         Ok(StatusCode::NO_CONTENT)
     }
     .await;

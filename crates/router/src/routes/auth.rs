@@ -16,7 +16,7 @@ use crate::auth::token::{NewToken, TokenKind};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
-use crate::model::auth::Role;
+use crate::model::auth::{Revoked, Role};
 use crate::net::client_addr;
 use crate::state::AppState;
 use crate::validate::{self, Text};
@@ -125,7 +125,7 @@ pub async fn login(
 pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) -> ApiResult<Response> {
     if let Some(session) = principal.session {
         state.store.delete_session(session).await?;
-        state.inference_credentials.clear();
+        state.credentials.revoke(&Revoked::Session(session));
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Ok(value) = HeaderValue::from_str(&session_cookie(&state.settings, "", 0)) {

@@ -2,7 +2,9 @@
 //! requests. A body is read whole, within a size limit, under the body deadline (`--body-timeout-secs`, counted
 //! from the end of the headers), and within the router's memory budget of bodies (`--max-body-memory-mb`): a body
 //! whose declared length or whose bytes so far would pass the budget is refused with `503` and `Retry-After`, and
-//! the bytes of a body read count against the budget until they are dropped.
+//! the bytes of a body read count against the budget until they are dropped. A refused body is still read to its
+//! end (and dropped as it comes, holding no memory), within the same deadline, so that a client that sends its
+//! whole body before it reads (most do) gets the `503` rather than a broken connection.
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, header};
@@ -38,10 +40,19 @@ pub async fn read(state: &AppState, body: Body, declared: Option<u64>, limit: us
             budget.total() / (1024 * 1024)
         ))
     };
-    let mut lease = budget.take(declared.unwrap_or(0)).ok_or_else(busy)?;
     let deadline = state.settings.body_timeout;
+    let timed_out = || {
+        ApiError::RequestTimeout(format!(
+            "The body did not arrive within {} s of the headers; send it whole, promptly.",
+            deadline.as_secs_f64()
+        ))
+    };
+    let mut body = body.into_data_stream();
+    let Some(mut lease) = budget.take(declared.unwrap_or(0)) else {
+        tokio::time::timeout(deadline, discard(&mut body, limit)).await.map_err(|_| timed_out())?;
+        return Err(busy());
+    };
     let read = async {
-        let mut body = body.into_data_stream();
         // The common case, a body that arrives in one frame, is kept as it came: no copy.
         let mut first: Option<Bytes> = None;
         let mut rest: Option<Vec<u8>> = None;
@@ -53,6 +64,8 @@ pub async fn read(state: &AppState, body: Body, declared: Option<u64>, limit: us
                 return Err(too_large());
             }
             if !budget.grow(&mut lease, total) {
+                drop((first.take(), rest.take()));
+                discard(&mut body, limit.saturating_sub(total)).await;
                 return Err(busy());
             }
             match (&mut first, &mut rest) {
@@ -70,11 +83,17 @@ pub async fn read(state: &AppState, body: Body, declared: Option<u64>, limit: us
         }
         Ok(rest.map(Bytes::from).or(first).unwrap_or_default())
     };
-    let bytes = tokio::time::timeout(deadline, read).await.map_err(|_| {
-        ApiError::RequestTimeout(format!(
-            "The body did not arrive within {} s of the headers; send it whole, promptly.",
-            deadline.as_secs_f64()
-        ))
-    })??;
+    let bytes = tokio::time::timeout(deadline, read).await.map_err(|_| timed_out())??;
     Ok(HeldBody { bytes, _lease: lease })
+}
+
+/// Reads and drops what is left of a body, at most `limit` more bytes.
+async fn discard(body: &mut axum::body::BodyDataStream, limit: usize) {
+    let mut left = limit;
+    while let Some(Ok(data)) = body.next().await {
+        left = left.saturating_sub(data.len());
+        if left == 0 {
+            return;
+        }
+    }
 }

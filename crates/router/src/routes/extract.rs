@@ -14,10 +14,12 @@ use axum::http::{Method, header};
 use llm_router_protocol::NODE_TOKEN_HEADER;
 
 use crate::error::{ApiError, forbidden, unauthorized};
+use crate::metrics::Metrics;
 use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::net::client_addr;
 use crate::registry::NodeHandle;
 use crate::state::AppState;
+use crate::store::{self, StorageFault};
 
 /// Name of the dashboard's session cookie.
 pub const SESSION_COOKIE: &str = "llm_router_session";
@@ -60,15 +62,30 @@ fn credential(parts: &Parts) -> Result<Option<Credential>, ApiError> {
     Ok(None)
 }
 
-/// Resolves the request's credential to a principal, or answers 401.
+/// Resolves the request's credential to a principal, or answers 401. A credential the database confirmed within
+/// the last second is taken from memory; while the database is unreachable, one it confirmed within the grace period
+/// is too ([`crate::auth::cache`]).
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
     let hash = credential_hash(parts)?;
-    let now = state.clock.now_ms();
-    state
-        .store
-        .principal(hash, now)
-        .await?
-        .ok_or_else(|| unauthorized("The session has expired or the credential is unknown; sign in again."))
+    if let Some(principal) = state.credentials.fresh(hash) {
+        return Ok(principal);
+    }
+    match state.store.principal(hash, state.clock.now_ms()).await {
+        Ok(Some(principal)) => {
+            state.credentials.put(hash, principal.clone());
+            Ok(principal)
+        }
+        Ok(None) => {
+            state.credentials.forget(hash);
+            Err(unauthorized("The session has expired or the credential is unknown; sign in again."))
+        }
+        Err(err) if store::fault_of(&err) == Some(StorageFault::Unreachable) => {
+            let principal = state.credentials.remembered(hash).ok_or_else(|| ApiError::from(err))?;
+            Metrics::inc(&state.metrics.credentials_remembered);
+            Ok(principal)
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// The hash of the credential the request presents (401 when none; 403 for a cookie on an unsafe method without

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::body;
-use super::extract::{authenticate, credential_hash};
+use super::extract::authenticate;
 use crate::config::InferenceAuth;
 use crate::error::{ApiError, OpenAi};
 use crate::model::echo;
@@ -31,16 +31,10 @@ impl FromRequestParts<AppState> for InferenceCaller {
         if state.settings.inference_auth == InferenceAuth::None {
             return Ok(InferenceCaller);
         }
-        // Accepted credentials are remembered briefly: an inference request does not read the database for its key.
-        let hash = credential_hash(parts).map_err(|_| invalid_api_key())?;
-        if state.inference_credentials.get(hash).is_some() {
-            return Ok(InferenceCaller);
-        }
+        // Accepted credentials are remembered: an inference request does not read the database for its key, and a
+        // router cut off from its database keeps serving the keys it knew.
         match authenticate(parts, state).await {
-            Ok(principal) => {
-                state.inference_credentials.put(hash, principal);
-                Ok(InferenceCaller)
-            }
+            Ok(_) => Ok(InferenceCaller),
             Err(err) => {
                 let (status, _) = err.status_and_code();
                 if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {

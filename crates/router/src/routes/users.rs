@@ -10,7 +10,7 @@ use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
 use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
-use crate::model::auth::Role;
+use crate::model::auth::{Revoked, Role};
 use crate::state::AppState;
 use crate::store::{DeleteUserError, UserRow};
 use crate::validate;
@@ -114,8 +114,8 @@ pub async fn delete(
     let result: ApiResult<StatusCode> = async {
         match state.store.delete_user(&username).await {
             Ok(()) => {
-                // Their sessions ended: /v1 forgets what it accepted.
-                state.inference_credentials.clear();
+                // Their sessions ended: the router forgets what it accepted of them.
+                state.credentials.revoke(&Revoked::User(username.clone()));
                 Ok(StatusCode::NO_CONTENT)
             }
             Err(DeleteUserError::NotFound) => Err(not_found(format!("No user named `{username}`."))),

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
-use crate::model::auth::{Principal, Role, Scope, TokenHash};
+use crate::model::auth::{Principal, Revoked, Role, Scope, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
 use crate::model::figures::PackedMetrics;
 use crate::model::fleet::FleetEvent;
@@ -40,11 +40,49 @@ pub type Store = Arc<dyn Storage>;
 /// Most events kept per node (SPEC §9): a node's older events go as new ones are written.
 pub const EVENTS_PER_NODE: i64 = 1000;
 
-/// A write the storage could not make: the disk is full, an I/O error, the database became unwritable or the
-/// connection was lost. Nothing of the write was kept; the same write may succeed once the fault is gone.
-#[derive(Debug, thiserror::Error)]
-#[error("the database could not be written (disk full or I/O error)")]
-pub struct StorageFault;
+/// What the storage could not do, by whose fault: nothing of the write was kept, and the same write may succeed once
+/// the fault is gone (for [`StorageFault::Lost`], once the router is restarted on a restored database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StorageFault {
+    /// The database refused or failed the write: its disk is full, an I/O error, it became read-only.
+    #[error("the database could not be written (disk full or I/O error)")]
+    Failed,
+    /// The database cannot be reached: its server is down or the connection to it was lost.
+    #[error("the database is unreachable")]
+    Unreachable,
+    /// The database file was deleted or replaced while the router ran: what is written to it now would be lost.
+    #[error("the database file was deleted or replaced while the router ran")]
+    Lost,
+}
+
+/// Whether the storage can be used now, for `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Available,
+    /// The database server cannot be reached; it is tried again in the background.
+    Unreachable,
+    /// The database file is gone; no write is taken until the router is restarted.
+    Lost,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Available => "available",
+            Availability::Unreachable => "unreachable",
+            Availability::Lost => "lost",
+        }
+    }
+
+    /// The fault every storage call answers in this state, if any.
+    pub fn fault(self) -> Option<StorageFault> {
+        match self {
+            Availability::Available => None,
+            Availability::Unreachable => Some(StorageFault::Unreachable),
+            Availability::Lost => Some(StorageFault::Lost),
+        }
+    }
+}
 
 /// A node as stored, with the hash of its token (imported nodes have none).
 pub type StoredNode = (Node, Option<TokenHash>);
@@ -238,6 +276,8 @@ pub trait Storage: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'_, ()>;
     /// Writes that failed on a storage fault since the start, for `/metrics`.
     fn storage_faults(&self) -> u64;
+    /// Whether the storage can be used now.
+    fn availability(&self) -> Availability;
     /// The backend itself, for its own test seams.
     fn as_any(&self) -> &dyn Any;
     /// The shared side of a backend other routers may use too; `None` for SQLite, which one router owns.
@@ -285,8 +325,25 @@ pub struct SeenChanges {
 pub struct ChangeSignals {
     /// A node was added, changed (status, approval, cordon, fields, lists, token) or deleted.
     pub nodes: tokio::sync::Notify,
-    /// A credential stopped being valid: an API key revoked, a session ended, a user deleted.
+    /// A credential stopped being valid: an API key revoked, a session ended, a user deleted; what, in
+    /// [`ChangeSignals::take_revoked`].
     pub credentials: tokio::sync::Notify,
+    /// The revocations announced since the last take; `None` in the list for one that could not be read, which
+    /// means every remembered credential must be forgotten.
+    revoked: std::sync::Mutex<Vec<Option<Revoked>>>,
+}
+
+impl ChangeSignals {
+    /// Records an announced revocation (`None`: unreadable) and wakes whoever follows them.
+    pub fn revoke(&self, revoked: Option<Revoked>) {
+        self.revoked.lock().unwrap_or_else(|p| p.into_inner()).push(revoked);
+        self.credentials.notify_one();
+    }
+
+    /// The revocations announced since the last call.
+    pub fn take_revoked(&self) -> Vec<Option<Revoked>> {
+        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A storage any number of routers share (SPEC §11). Cursors are opaque to the caller: start from 0, then pass
@@ -312,6 +369,16 @@ pub trait SharedStorage: Send + Sync + 'static {
 
 /// True when a [`StorageFault`] is among the causes of `err`.
 pub fn is_fault(err: &anyhow::Error) -> bool {
+    fault_of(err).is_some()
+}
+
+/// The [`StorageFault`] among the causes of `err`, if any.
+pub fn fault_of(err: &anyhow::Error) -> Option<StorageFault> {
     // Through every layer of context added on the way up.
-    err.downcast_ref::<StorageFault>().is_some()
+    err.downcast_ref::<StorageFault>().copied()
+}
+
+/// `err` marked as `fault`, unless it already carries a fault.
+pub fn mark(err: anyhow::Error, fault: StorageFault) -> anyhow::Error {
+    if fault_of(&err).is_some() { err } else { err.context(fault) }
 }

@@ -59,16 +59,23 @@ pub(super) fn user(row: &impl Columns) -> anyhow::Result<UserRow> {
 
 /// `username, role` of the user behind session `hash`.
 pub(super) fn session_principal(row: &impl Columns, hash: TokenHash) -> anyhow::Result<Principal> {
-    Ok(Principal { name: row.text(0)?, role: row.text(1)?.parse()?, scope: Scope::Admin, session: Some(hash) })
+    Ok(Principal {
+        name: row.text(0)?,
+        role: row.text(1)?.parse()?,
+        scope: Scope::Admin,
+        session: Some(hash),
+        api_key: None,
+    })
 }
 
-/// `name, role, scope` of an API key.
+/// `name, role, scope, id` of an API key.
 pub(super) fn key_principal(row: &impl Columns) -> anyhow::Result<Principal> {
     Ok(Principal {
         name: format!("api-key:{}", row.text(0)?),
         role: row.text(1)?.parse()?,
         scope: row.text(2)?.parse()?,
         session: None,
+        api_key: Some(Uuid::parse_str(&row.text(3)?)?),
     })
 }
 

@@ -65,8 +65,13 @@ struct PgDatabaseInner {
 
 impl PgDatabase {
     pub async fn create() -> PgDatabase {
+        PgDatabase::create_on(&postgres_server()).await
+    }
+
+    /// A database of its own on the server at `server` (an admin URL).
+    pub async fn create_on(server: &str) -> PgDatabase {
         use sqlx::Connection;
-        let server = postgres_server();
+        let server = server.to_owned();
         let name = format!("llm_router_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = sqlx::PgConnection::connect(&server)
             .await
@@ -354,6 +359,16 @@ impl TestApp {
         self.shutdown().await;
         let clock = ManualClock::new(START_MS);
         clock.advance_ms(self.clock_ms() - START_MS + later_ms);
+        TestApp::start(self.dir.clone(), self.settings.clone(), self.postgres.clone(), clock).await
+    }
+
+    /// Stops the server gracefully, lets `between` change its data directory (restore a file, say), and starts a new
+    /// one on the same settings, with a clock that goes on where the old one stood.
+    pub async fn restart_after(mut self, between: impl FnOnce(&std::path::Path)) -> TestApp {
+        self.shutdown().await;
+        between(&self.data_dir());
+        let clock = ManualClock::new(START_MS);
+        clock.advance_ms(self.clock_ms() - START_MS);
         TestApp::start(self.dir.clone(), self.settings.clone(), self.postgres.clone(), clock).await
     }
 

@@ -21,6 +21,7 @@ mod migrate;
 mod misbehaving;
 mod multi_router;
 mod observability;
+mod outages;
 mod postgres;
 mod registration;
 mod registration_limits;

@@ -6,14 +6,19 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::clock::Millis;
-use crate::model::auth::{Principal, Role, TokenHash};
+use crate::model::auth::{Principal, Revoked, Role, TokenHash};
 use crate::store::{ApiKeyRow, DeleteUserError, UserRow, rows};
 
 /// The channel a credential's end is announced on.
 pub(super) const CREDENTIALS_CHANNEL: &str = "llm_router_credentials";
 
-async fn notify_credentials(conn: &mut PgConnection) -> anyhow::Result<()> {
-    sqlx::query("SELECT pg_notify($1, '')").bind(CREDENTIALS_CHANNEL).execute(&mut *conn).await?;
+/// Announces `revoked` to every router, with the transaction that revokes it.
+async fn notify_credentials(conn: &mut PgConnection, revoked: &Revoked) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CREDENTIALS_CHANNEL)
+        .bind(revoked.encode())
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -69,7 +74,7 @@ impl PgStore {
                 return Ok(Some(DeleteUserError::LastAdmin));
             }
             sqlx::query("DELETE FROM users WHERE username = $1").bind(username).execute(&mut *tx).await?;
-            notify_credentials(&mut tx).await?;
+            notify_credentials(&mut tx, &Revoked::User(username.to_owned())).await?;
             tx.commit().await?;
             Ok(None)
         }
@@ -103,7 +108,7 @@ impl PgStore {
     pub(super) async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(hash.to_hex()).execute(&mut *tx).await?;
-        notify_credentials(&mut tx).await?;
+        notify_credentials(&mut tx, &Revoked::Session(hash)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -121,7 +126,7 @@ impl PgStore {
         if let Some(row) = session {
             return Ok(Some(rows::session_principal(&row, hash)?));
         }
-        let key = sqlx::query("SELECT name, role, scope FROM api_keys WHERE key_hash = $1")
+        let key = sqlx::query("SELECT name, role, scope, id FROM api_keys WHERE key_hash = $1")
             .bind(&hex)
             .fetch_optional(&self.pool)
             .await?;
@@ -156,7 +161,7 @@ impl PgStore {
     pub(super) async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
         let mut tx = self.pool.begin().await?;
         let result = sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
-        notify_credentials(&mut tx).await?;
+        notify_credentials(&mut tx, &Revoked::ApiKey(id)).await?;
         tx.commit().await?;
         Ok(result.rows_affected() == 1)
     }

@@ -14,6 +14,7 @@
 
 mod auth;
 mod nodes;
+mod reach;
 mod records;
 mod shared;
 
@@ -35,8 +36,8 @@ use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::fleet::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{
-    ApiKeyRow, AuditQuery, ChangeSignals, DeleteUserError, Figures, InsertError, NewNode, SharedStorage, Storage,
-    StorageFault, Store, StoreResult, StoredNode, UserRow,
+    ApiKeyRow, AuditQuery, Availability, ChangeSignals, DeleteUserError, Figures, InsertError, NewNode, SharedStorage,
+    Storage, StorageFault, Store, StoreResult, StoredNode, UserRow, fault_of, mark,
 };
 
 /// Migrations, embedded in the binary and applied at start-up (under PostgreSQL's advisory lock, so routers that
@@ -46,8 +47,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres
 /// Connections of the pool: writes of concurrent requests, reads of the dashboard and of other routers' changes.
 const POOL_SIZE: u32 = 16;
 
-/// How long a write waits for a connection, and a new connection for the server, before it fails as a fault.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write waits for a connection, and a new connection for the server, before it fails as a fault. Once
+/// a call has found the server unreachable, the next ones fail at once ([`reach`]); this bounds the wait of those
+/// already under way.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Opens the PostgreSQL database at `url` as the router's store.
 pub async fn open(url: &str) -> anyhow::Result<Store> {
@@ -88,6 +91,8 @@ pub struct PgStore {
     stop: tokio::sync::watch::Sender<bool>,
     /// The URL without its password.
     redacted: String,
+    /// Whether the server can be reached.
+    reach: Arc<reach::Reach>,
 }
 
 impl PgStore {
@@ -106,7 +111,9 @@ impl PgStore {
         MIGRATOR.run(&pool).await.with_context(|| format!("applying migrations to {redacted}"))?;
         let signals = Arc::new(ChangeSignals::default());
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        shared::listen(pool.clone(), signals.clone(), stopped).await?;
+        let reach = Arc::new(reach::Reach::default());
+        shared::listen(pool.clone(), signals.clone(), reach.clone(), stopped.clone()).await?;
+        reach.clone().probe(options.clone(), stopped);
         Ok(PgStore {
             pool,
             options,
@@ -117,14 +124,23 @@ impl PgStore {
             written: std::sync::Mutex::default(),
             stop,
             redacted,
+            reach,
         })
     }
 
-    /// Marks an error as a fault when the database itself failed, and counts it.
+    /// Marks an error as a fault when the database itself failed, and counts it; a lost or refused connection marks
+    /// the server unreachable.
     fn fault(&self, err: anyhow::Error) -> anyhow::Error {
         let err = classify(err);
-        if err.downcast_ref::<StorageFault>().is_some() {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+        match fault_of(&err) {
+            Some(StorageFault::Unreachable) => {
+                self.reach.suspect(&err);
+                self.faults.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
         }
         err
     }
@@ -132,34 +148,48 @@ impl PgStore {
     fn settle<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         result.map_err(|err| self.fault(err))
     }
+
+    /// Fails at once while the server is unreachable; then runs `call` and settles its answer.
+    async fn gated<T>(&self, call: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        self.reach.gate()?;
+        self.settle(call.await)
+    }
 }
 
-/// True for errors of the database itself, as opposed to a refused statement (a constraint, a bug).
-fn is_storage_error(err: &sqlx::Error) -> bool {
+/// The fault of an error of the database itself, as opposed to a refused statement (a constraint, a bug): a lost,
+/// refused or timed-out connection is [`StorageFault::Unreachable`]; a full disk, an I/O error, a read-only database
+/// [`StorageFault::Failed`].
+fn storage_fault(err: &sqlx::Error) -> Option<StorageFault> {
     match err {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // Connection exceptions (08), insufficient resources such as a full disk (53), operator intervention:
-            // shutdown (57P01-57P03), system errors such as I/O (58), a read-only transaction (25006).
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("58")
-                || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "25006")
+            // Connection exceptions (08) and operator intervention: shutdown (57P01-57P03); insufficient resources
+            // such as a full disk (53), system errors such as I/O (58), a read-only transaction (25006).
+            if code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03") {
+                Some(StorageFault::Unreachable)
+            } else if code.starts_with("53") || code.starts_with("58") || code == "25006" {
+                Some(StorageFault::Failed)
+            } else {
+                None
+            }
         }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
+        | sqlx::Error::WorkerCrashed => Some(StorageFault::Unreachable),
+        _ => None,
     }
 }
 
 /// Marks `err` as a [`StorageFault`] when a storage error is among its causes.
 fn classify(err: anyhow::Error) -> anyhow::Error {
-    let fault = err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_storage_error);
-    if fault && err.downcast_ref::<StorageFault>().is_none() { err.context(StorageFault) } else { err }
+    let fault = err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).find_map(storage_fault);
+    match fault {
+        Some(fault) => mark(err, fault),
+        None => err,
+    }
 }
 
 /// `url` without its password, for logs and errors.
@@ -188,16 +218,21 @@ pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(named)
 }
 
-/// Every answer of the store has its storage errors marked [`StorageFault`] and counted, reads included.
+/// Every answer of the store has its storage errors marked [`StorageFault`] and counted, reads included; while the
+/// server is unreachable, every call fails at once.
 macro_rules! settled {
     ($self:ident, $body:expr) => {
-        Box::pin(async move { $self.settle($body.await) })
+        Box::pin($self.gated($body))
     };
 }
 
 /// The same for the answers whose refusals are errors of their own.
-fn settle_insert(store: &PgStore, result: Result<(), InsertError>) -> Result<(), InsertError> {
-    match result {
+async fn settle_insert(
+    store: &PgStore,
+    call: impl std::future::Future<Output = Result<(), InsertError>>,
+) -> Result<(), InsertError> {
+    store.reach.gate().map_err(|fault| InsertError::Other(fault.into()))?;
+    match call.await {
         Err(InsertError::Other(err)) => Err(InsertError::Other(store.fault(err))),
         other => other,
     }
@@ -215,7 +250,7 @@ impl Storage for PgStore {
         events: Vec<NodeEvent>,
         join: Option<JoinUse>,
     ) -> BoxFuture<'_, Result<(), InsertError>> {
-        Box::pin(async move { settle_insert(self, self.insert_node(&node, token, &events, join.as_ref()).await) })
+        Box::pin(async move { settle_insert(self, self.insert_node(&node, token, &events, join.as_ref())).await })
     }
 
     fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>> {
@@ -230,7 +265,7 @@ impl Storage for PgStore {
         events: &'a [NodeEvent],
         join: Option<&'a JoinUse>,
     ) -> BoxFuture<'a, Result<(), InsertError>> {
-        Box::pin(async move { settle_insert(self, self.reregister_node(node, token, now, events, join).await) })
+        Box::pin(settle_insert(self, self.reregister_node(node, token, now, events, join)))
     }
 
     fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
@@ -303,6 +338,7 @@ impl Storage for PgStore {
 
     fn delete_user<'a>(&'a self, username: &'a str) -> BoxFuture<'a, Result<(), DeleteUserError>> {
         Box::pin(async move {
+            self.reach.gate().map_err(|fault| DeleteUserError::Other(fault.into()))?;
             match self.delete_user(username).await {
                 Err(DeleteUserError::Other(err)) => Err(DeleteUserError::Other(self.fault(err))),
                 other => other,
@@ -385,6 +421,10 @@ impl Storage for PgStore {
 
     fn storage_faults(&self) -> u64 {
         self.faults.load(Ordering::Relaxed)
+    }
+
+    fn availability(&self) -> Availability {
+        if self.reach.reachable() { Availability::Available } else { Availability::Unreachable }
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -24,7 +24,8 @@ use uuid::Uuid;
 use super::PgStore;
 use super::auth::CREDENTIALS_CHANNEL;
 use super::nodes::{NODES_CHANNEL, node_columns, node_from_row};
-use crate::model::auth::TokenHash;
+use super::reach::Reach;
+use crate::model::auth::{Revoked, TokenHash};
 use crate::model::figures::PackedMetrics;
 use crate::store::{ChangeSignals, NodeChanges, Seen, SeenChanges, SharedNode, SharedStorage, StoreResult};
 
@@ -157,19 +158,19 @@ impl PgStore {
 
 impl SharedStorage for PgStore {
     fn node_changes(&self, cursor: i64) -> StoreResult<'_, NodeChanges> {
-        Box::pin(async move { self.settle(self.node_changes(cursor).await) })
+        Box::pin(self.gated(self.node_changes(cursor)))
     }
 
     fn seen_changes(&self, cursor: i64) -> StoreResult<'_, SeenChanges> {
-        Box::pin(async move { self.settle(self.seen_changes(cursor).await) })
+        Box::pin(self.gated(self.seen_changes(cursor)))
     }
 
     fn node_by_token(&self, hash: TokenHash) -> StoreResult<'_, Option<SharedNode>> {
-        Box::pin(async move { self.settle(self.node_by_token(hash).await) })
+        Box::pin(self.gated(self.node_by_token(hash)))
     }
 
     fn hold_sweep_lease(&self) -> StoreResult<'_, bool> {
-        Box::pin(async move { self.settle(self.hold_sweep_lease().await) })
+        Box::pin(self.gated(self.hold_sweep_lease()))
     }
 
     fn written_revision(&self, id: Uuid) -> i64 {
@@ -186,17 +187,19 @@ impl SharedStorage for PgStore {
 pub(super) async fn listen(
     pool: PgPool,
     signals: Arc<ChangeSignals>,
+    reach: Arc<Reach>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen_all([NODES_CHANNEL, CREDENTIALS_CHANNEL]).await?;
-    tokio::spawn(relay(listener, signals, stop));
+    tokio::spawn(relay(listener, signals, reach, stop));
     Ok(())
 }
 
 fn relay(
     mut listener: PgListener,
     signals: Arc<ChangeSignals>,
+    reach: Arc<Reach>,
     mut stop: watch::Receiver<bool>,
 ) -> BoxFuture<'static, ()> {
     Box::pin(async move {
@@ -207,19 +210,29 @@ fn relay(
             };
             match received {
                 Ok(Some(notification)) if notification.channel() == CREDENTIALS_CHANNEL => {
-                    signals.credentials.notify_one();
+                    signals.revoke(Revoked::decode(notification.payload()));
                 }
                 Ok(Some(_)) => signals.nodes.notify_one(),
                 Ok(None) => {
+                    // Changes may have been missed meanwhile: reading them again heals that. A credential is checked
+                    // with the database again within a second of its use anyway, whenever the database answers.
                     tracing::warn!("the database connection for notifications was lost; reconnecting");
                     signals.nodes.notify_one();
-                    signals.credentials.notify_one();
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "listening for other routers' changes failed; will retry");
+                    if reach.reachable() {
+                        tracing::warn!(error = %err, "listening for other routers' changes failed; will retry");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = stop.changed() => return,
+                    }
+                    // Reconnecting waits for the pool to give up while the server is down: wait for the probe.
+                    while !reach.reachable() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(super::reach::PROBE_EVERY) => {}
+                            _ = stop.changed() => return,
+                        }
                     }
                 }
             }

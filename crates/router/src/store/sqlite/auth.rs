@@ -111,7 +111,7 @@ impl SqliteStore {
         if let Some(row) = session {
             return Ok(Some(rows::session_principal(&row, hash)?));
         }
-        let key = sqlx::query("SELECT name, role, scope FROM api_keys WHERE key_hash = ?")
+        let key = sqlx::query("SELECT name, role, scope, id FROM api_keys WHERE key_hash = ?")
             .bind(&hex)
             .fetch_optional(&self.reader)
             .await?;

@@ -12,7 +12,7 @@ use super::writer::{Writer, WriterPool};
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
 use crate::model::node::{Node, NodeEvent, NodeLists};
-use crate::store::{InsertError, StorageFault};
+use crate::store::{InsertError, fault_of};
 
 /// Stores a newly registered node, its token and its first events (and counts the use of its join token), and
 /// returns once they are committed.
@@ -92,13 +92,16 @@ async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), 
     match outcome {
         Ok(results) => results,
         Err(err) => {
-            let fault = err.downcast_ref::<StorageFault>().is_some();
+            let fault = fault_of(&err);
             let message = format!("{err:#}");
             batch
                 .iter()
                 .map(|_| {
                     let err = anyhow::anyhow!("registration not stored: {message}");
-                    Err(InsertError::Other(if fault { err.context(StorageFault) } else { err }))
+                    Err(InsertError::Other(match fault {
+                        Some(fault) => err.context(fault),
+                        None => err,
+                    }))
                 })
                 .collect()
         }
@@ -173,11 +176,14 @@ pub(super) async fn transition_commits(writer: WriterPool, mut jobs: mpsc::Recei
                 }
             }
             Err(err) => {
-                let fault = err.downcast_ref::<StorageFault>().is_some();
+                let fault = fault_of(&err);
                 let message = format!("{err:#}");
                 for job in batch.drain(..) {
                     let err = anyhow::anyhow!("status change not stored: {message}");
-                    let _ = job.reply.send(Err(if fault { err.context(StorageFault) } else { err }));
+                    let _ = job.reply.send(Err(match fault {
+                        Some(fault) => err.context(fault),
+                        None => err,
+                    }));
                 }
             }
         }

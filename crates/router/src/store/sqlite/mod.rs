@@ -19,6 +19,7 @@ mod audit;
 mod auth;
 mod commit;
 mod enrollment;
+mod file;
 mod fleet;
 pub(in crate::store) mod lists;
 mod load;
@@ -44,7 +45,8 @@ use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::fleet::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{
-    ApiKeyRow, AuditQuery, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult, StoredNode, UserRow,
+    ApiKeyRow, AuditQuery, Availability, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult,
+    StoredNode, UserRow,
 };
 use writer::{Writer, WriterPool, classify, write_tx};
 
@@ -131,6 +133,7 @@ impl SqliteStore {
         let (inserts, jobs) = tokio::sync::mpsc::channel(1024);
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
+        let file = Arc::new(file::FileWatch::new(path, std::path::Path::new(&wal), reader.clone()));
         let writer = WriterPool {
             pool: writer,
             faults: Arc::new(AtomicU64::new(0)),
@@ -138,6 +141,7 @@ impl SqliteStore {
             wal_limit: Arc::new(AtomicU64::new(WAL_LIMIT_BYTES)),
             wal_retry_at: Arc::new(Mutex::new(None)),
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
+            file,
         };
         tokio::spawn(commit::group_commits(writer.clone(), jobs));
         let (transitions, jobs) = tokio::sync::mpsc::channel(4096);
@@ -386,7 +390,10 @@ impl Storage for SqliteStore {
     }
 
     fn upkeep(&self) -> StoreResult<'_, ()> {
-        classified!(async { self.checkpoint().await.map(|_| ()) })
+        classified!(async {
+            self.writer.file.check()?;
+            self.checkpoint().await.map(|_| ())
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -395,6 +402,13 @@ impl Storage for SqliteStore {
 
     fn storage_faults(&self) -> u64 {
         self.writer.faults.load(Ordering::Relaxed)
+    }
+
+    fn availability(&self) -> Availability {
+        match self.writer.file.gate() {
+            Ok(()) => Availability::Available,
+            Err(_) => Availability::Lost,
+        }
     }
 
     fn as_any(&self) -> &dyn Any {

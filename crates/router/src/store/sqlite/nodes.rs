@@ -60,7 +60,7 @@ impl SqliteStore {
     ) -> Result<(), InsertError> {
         let mut writer = self.writer().await?;
         let result = async {
-            let mut tx = writer.begin().await.map_err(anyhow::Error::from)?;
+            let mut tx = writer.begin().await?;
             if let Some(join) = join {
                 use_join_token(&mut tx, join).await?;
             }

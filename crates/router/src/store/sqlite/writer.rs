@@ -11,7 +11,8 @@ use sqlx::sqlite::{Sqlite, SqlitePool};
 use sqlx::{Connection, Transaction};
 
 use super::BUSY_TIMEOUT;
-use crate::store::StorageFault;
+use super::file::FileWatch;
+use crate::store::{StorageFault, fault_of, mark};
 
 /// How long the writer's checkpoint waits for readers to leave the write-ahead log, and how long it then leaves the
 /// log alone when they did not: a reader that stays (an online backup holds one for its whole copy) must not make
@@ -36,7 +37,7 @@ fn is_storage_error(err: &sqlx::Error) -> bool {
 /// Marks `err` as a [`StorageFault`] when a storage error is among its causes.
 pub(super) fn classify(err: anyhow::Error) -> anyhow::Error {
     let fault = err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_storage_error);
-    if fault && err.downcast_ref::<StorageFault>().is_none() { err.context(StorageFault) } else { err }
+    if fault { mark(err, StorageFault::Failed) } else { err }
 }
 
 /// The writer connection's pool (of one), with what every write needs beside it.
@@ -53,6 +54,8 @@ pub(super) struct WriterPool {
     /// Held by whichever checkpoint runs, the background passive one or the writer's: SQLite runs one checkpoint at
     /// a time, and the writer's must not mistake the other for a reader that stays.
     pub(super) checkpointing: Arc<tokio::sync::Mutex<()>>,
+    /// The database file as opened: a write to a file deleted or replaced meanwhile is refused.
+    pub(super) file: Arc<FileWatch>,
 }
 
 /// The writer connection, held for one write transaction.
@@ -70,6 +73,10 @@ pub(super) struct Writer {
 impl Writer {
     /// Waits for the writer connection of `pool` (a pool of one).
     pub(super) async fn acquire(pool: &WriterPool) -> anyhow::Result<Writer> {
+        if let Err(lost) = pool.file.gate() {
+            pool.faults.fetch_add(1, Ordering::Relaxed);
+            return Err(anyhow::Error::new(lost));
+        }
         let conn = pool.pool.acquire().await.map_err(|err| {
             pool.faults.fetch_add(1, Ordering::Relaxed);
             classify(err.into())
@@ -77,22 +84,29 @@ impl Writer {
         Ok(Writer { conn, shared: pool.clone() })
     }
 
-    /// Starts the transaction.
-    pub(super) async fn begin(&mut self) -> Result<Transaction<'_, Sqlite>, sqlx::Error> {
-        self.conn.begin().await
+    /// Starts the transaction, once the database file is seen to be the one opened.
+    pub(super) async fn begin(&mut self) -> anyhow::Result<Transaction<'_, Sqlite>> {
+        self.shared.file.check()?;
+        Ok(self.conn.begin().await?)
     }
 
     /// Settles a write: on success the connection goes back to the pool; on failure it is closed, and a storage
     /// error comes back marked as [`StorageFault`].
     pub(super) async fn finish<T>(mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        // A commit to a file deleted or replaced meanwhile is as good as lost: not acknowledged.
+        let result = result.and_then(|value| self.shared.file.check().map(|()| value).map_err(anyhow::Error::new));
         match result {
             Ok(value) => {
                 self.keep_log_bounded().await;
                 Ok(value)
             }
+            Err(err) if fault_of(&err) == Some(StorageFault::Lost) => {
+                self.shared.faults.fetch_add(1, Ordering::Relaxed);
+                Err(err)
+            }
             Err(err) => {
                 let err = classify(err);
-                if err.downcast_ref::<StorageFault>().is_some() {
+                if fault_of(&err).is_some() {
                     self.shared.faults.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::warn!(error = %format!("{err:#}"), "a database write failed and was undone; the writer connection is reopened for the next write");
