@@ -84,7 +84,6 @@ impl App {
             );
         }
         tracing::info!(nodes = registry.len(), db = %store.describe(), "registry loaded");
-        let dummy_password_hash = hasher.hash(password::generate()).await?;
         let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
         let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
         let body_budget = BodyBudget::new(settings.max_body_memory);
@@ -111,7 +110,6 @@ impl App {
                 clock,
                 prober,
                 metrics,
-                dummy_password_hash,
                 hasher,
                 login_throttle: LoginThrottle::default(),
                 registration_limiter,

@@ -25,8 +25,6 @@ pub struct AppInner {
     pub clock: Arc<dyn Clock>,
     pub prober: Prober,
     pub metrics: Arc<Metrics>,
-    /// Hash of a random password, verified against on logins with an unknown username.
-    pub dummy_password_hash: String,
     /// The bounded pool every password hash of a request goes through.
     pub hasher: Hasher,
     /// Failed sign-ins by (username, client address).

@@ -209,18 +209,36 @@ impl Hasher {
 }
 
 /// A hashing thread: runs jobs until the pool is dropped. A job that panics loses its answer (the caller gets an
-/// internal error), not the thread.
+/// internal error), not the thread. Its Argon2 memory is given back after [`KEEP_MEMORY_IDLE`] without a job.
 fn work(queue: &Mutex<mpsc::Receiver<Job>>) {
     let mut memory = Memory(Vec::new());
     loop {
-        let job = queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
-        let Ok(job) = job else { return };
+        let job = queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv_timeout(KEEP_MEMORY_IDLE);
+        let job = match job {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                memory = Memory(Vec::new());
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let run = std::panic::AssertUnwindSafe(|| job(&mut memory));
         if std::panic::catch_unwind(run).is_err() {
             tracing::error!("a password hash panicked");
         }
     }
 }
+
+/// How long a hashing thread keeps its Argon2 memory after its last hash: a router that has no sign-in to check
+/// holds none of it.
+const KEEP_MEMORY_IDLE: Duration = Duration::from_secs(60);
+
+/// The stored hash a sign-in with an unknown username is checked against, so that it costs what a wrong password
+/// costs and the answer does not tell which names exist: a hash of a random password nobody kept, with the
+/// parameters of every new hash (a test holds them equal). A constant, rather than a hash made at every start,
+/// which took a hashing thread's 19 MiB and tens of milliseconds of each start.
+pub const UNKNOWN_USER_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$qHP8N5lYSQpb2m1fKXR/pw$IJ/V+eoXD+Fm/MaLLgdtFf1g6zKJ3NPLgtzwiQG5BvM";
 
 /// One per core, at most [`MAX_DEFAULT_WORKERS`].
 fn default_workers() -> usize {
@@ -404,6 +422,27 @@ mod tests {
         assert!(hasher.sources().is_empty(), "the table of waiting addresses empties");
         assert_eq!(max_waiting_per_source(64), 16);
         assert_eq!(max_waiting_per_source(2), 1);
+    }
+
+    #[tokio::test]
+    async fn the_unknown_user_hash_costs_what_a_new_hash_costs() {
+        let stored = PasswordHash::new(UNKNOWN_USER_HASH).expect("a PHC string");
+        let params = Params::try_from(&stored).expect("parameters");
+        let default = Params::default();
+        assert_eq!(
+            (params.m_cost(), params.t_cost(), params.p_cost()),
+            (default.m_cost(), default.t_cost(), default.p_cost())
+        );
+        let (hasher, _) = pool(1, 4, Duration::from_secs(60));
+        let ours = hasher.hash("anything".to_owned()).await.expect("hash");
+        let ours = PasswordHash::new(&ours).expect("PHC");
+        assert_eq!((ours.algorithm, ours.version), (stored.algorithm, stored.version));
+        assert!(
+            !hasher
+                .verify("admin-password-1".to_owned(), UNKNOWN_USER_HASH.to_owned(), client())
+                .await
+                .expect("verify")
+        );
     }
 
     #[test]

@@ -146,15 +146,7 @@ impl Registry {
         // With a shared database, the first read of the changes is the load: every node with its revision, and the
         // cursor the follower goes on from.
         let follow_cursors = shared::FollowCursors::default();
-        let stored: Vec<(Node, Option<TokenHash>, i64)> = match store.shared() {
-            Some(shared) => {
-                let changes = shared.node_changes(0).await?;
-                follow_cursors.start_at(changes.cursor);
-                changes.nodes.into_iter().map(|row| (row.node, row.token, row.revision)).collect()
-            }
-            None => store.load_nodes().await?.into_iter().map(|(node, token)| (node, token, 0)).collect(),
-        };
-        for (node, token, revision) in stored {
+        let mut add = |node: Node, token: Option<TokenHash>, revision: i64| {
             routing.update(&node);
             let id = node.id;
             pending += usize::from(node.status == NodeStatus::Pending);
@@ -165,6 +157,24 @@ impl Registry {
             let slot = Slot::new(node, token, now, revisions.now());
             slot.bookkeeping().revision = revision;
             index.nodes.insert(id, slot);
+        };
+        match store.shared() {
+            Some(shared) => {
+                let changes = shared.node_changes(0).await?;
+                follow_cursors.start_at(changes.cursor);
+                for row in changes.nodes {
+                    add(row.node, row.token, row.revision);
+                }
+            }
+            // Built as the batches come, so the fleet is never held twice.
+            None => {
+                let mut batches = store.node_batches().await?;
+                while let Some(batch) = batches.next().await {
+                    for (node, token) in batch? {
+                        add(node, token, 0);
+                    }
+                }
+            }
         }
         let mass_silence = fleet::unresolved(&store, &index).await?;
         metrics.mass_silence.set(u64::from(mass_silence.lasting.is_some()));

@@ -198,7 +198,15 @@ impl<'de> Deserialize<'de> for NameKey {
 /// sorts against other characters as its first digit did. Leading zeros do not count: `node-007` sorts with
 /// `node-7`, and the node id decides between them.
 pub(super) fn sort_name(node: &Node) -> NameKey {
-    let name = node.display_name.as_deref().unwrap_or(&node.machine_name).to_lowercase();
+    let name = node.display_name.as_deref().unwrap_or(&node.machine_name);
+    // The common, ASCII name is lowered as the key is built; only other names take Unicode's rules first.
+    let lowered;
+    let name = if name.is_ascii() {
+        name
+    } else {
+        lowered = name.to_lowercase();
+        &lowered
+    };
     let bytes = name.as_bytes();
     let mut key = String::with_capacity(name.len() + 4);
     let mut at = 0;
@@ -214,11 +222,22 @@ pub(super) fn sort_name(node: &Node) -> NameKey {
             key.push(char::from(b'0' + count));
             key.push_str(digits);
         } else {
-            key.push_str(&name[at..end]);
+            push_lower(&mut key, &name[at..end]);
         }
         at = end;
     }
     NameKey(key.into())
+}
+
+/// Appends `text` in lower case: ASCII in place, other text by Unicode's rules.
+fn push_lower(out: &mut String, text: &str) {
+    if text.is_ascii() {
+        let start = out.len();
+        out.push_str(text);
+        out[start..].make_ascii_lowercase();
+    } else {
+        out.push_str(&text.to_lowercase());
+    }
 }
 
 /// Where a status stands in the `status` order: what needs a person first.
@@ -241,11 +260,13 @@ pub fn gpu_count(node: &Node) -> i64 {
 /// tags, ready and loaded models. Kept ready in the node's slot, so a search over the fleet is a substring search per
 /// node and allocates nothing.
 pub(super) fn search_text(node: &Node) -> Box<str> {
-    let mut text = String::with_capacity(128);
     let fields = [node.machine_name.as_str(), node.display_name.as_deref().unwrap_or(""), node.ip_address.as_str()];
     let lists = [&node.tags, &node.ready_models, &node.loaded_models].into_iter().flatten().map(String::as_str);
-    for field in fields.into_iter().chain(lists) {
-        text.push_str(&field.to_lowercase());
+    let fields = || fields.into_iter().chain(lists.clone());
+    // Exactly the size of ASCII text: one allocation, kept as it is.
+    let mut text = String::with_capacity(fields().map(|field| field.len() + 1).sum());
+    for field in fields() {
+        push_lower(&mut text, field);
         text.push('\n');
     }
     text.into_boxed_str()

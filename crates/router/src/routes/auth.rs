@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{SESSION_COOKIE, Viewer};
 use super::json::JsonBody;
 use crate::audit::Outcome;
-use crate::auth::password::HashError;
+use crate::auth::password::{HashError, UNKNOWN_USER_HASH};
 use crate::auth::token::{NewToken, TokenKind};
 use crate::config::Settings;
 use crate::error::{ApiError, ApiResult};
@@ -82,7 +82,7 @@ pub async fn login(
     })?;
     let user = state.store.user(&body.username).await?;
     // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
-    let stored = user.as_ref().map_or_else(|| state.dummy_password_hash.clone(), |u| u.password_hash.clone());
+    let stored = user.as_ref().map_or_else(|| UNKNOWN_USER_HASH.to_owned(), |u| u.password_hash.clone());
     let matches = state.hasher.verify(body.password, stored, from).await.inspect_err(|err| {
         if matches!(err, HashError::Busy) {
             state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Throttled);

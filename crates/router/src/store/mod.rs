@@ -161,12 +161,52 @@ pub struct AuditQuery<'a> {
 /// A result of the store.
 pub type StoreResult<'a, T> = BoxFuture<'a, anyhow::Result<T>>;
 
+/// Every node, in batches, as the store reads them ([`Storage::node_batches`]).
+pub struct NodeBatches {
+    batches: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<StoredNode>>>,
+    /// The tasks that read them: one that ended without sending all it read (a panic) is an error, not a fleet
+    /// silently loaded in part.
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl NodeBatches {
+    pub fn new(
+        batches: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<StoredNode>>>,
+        readers: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Self {
+        NodeBatches { batches, readers }
+    }
+
+    /// The next batch; `None` once every node was read. An error ends the reading.
+    pub async fn next(&mut self) -> Option<anyhow::Result<Vec<StoredNode>>> {
+        if let Some(batch) = self.batches.recv().await {
+            return Some(batch);
+        }
+        for reader in self.readers.drain(..) {
+            if let Err(err) = reader.await {
+                return Some(Err(anyhow::anyhow!("reading the nodes failed: {err}")));
+            }
+        }
+        None
+    }
+}
+
 /// Everything the router keeps, behind one narrow interface.
 pub trait Storage: Send + Sync + 'static {
     // Nodes.
 
     /// Every node with its lists and token hash.
     fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>>;
+    /// Every node with its lists and token hash, in batches as they are read: what start-up builds the registry
+    /// from. By default [`Storage::load_nodes`] as one batch.
+    fn node_batches(&self) -> StoreResult<'_, NodeBatches> {
+        Box::pin(async move {
+            let nodes = self.load_nodes().await?;
+            let (sender, batches) = tokio::sync::mpsc::channel(1);
+            let _ = sender.send(Ok(nodes)).await;
+            Ok(NodeBatches::new(batches, Vec::new()))
+        })
+    }
     /// Stores a newly registered node, its token and its first events, counting the use of the join token it came
     /// with; returns once they are committed.
     fn insert_node(

@@ -17,6 +17,9 @@ use crate::store::{ApiKeyRow, UserRow};
 pub(super) trait Columns {
     fn text(&self, i: usize) -> anyhow::Result<String>;
     fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>>;
+    /// A text column borrowed from the row, for what is parsed rather than kept.
+    fn str(&self, i: usize) -> anyhow::Result<&str>;
+    fn opt_str(&self, i: usize) -> anyhow::Result<Option<&str>>;
     fn int(&self, i: usize) -> anyhow::Result<i64>;
     fn opt_int(&self, i: usize) -> anyhow::Result<Option<i64>>;
     fn boolean(&self, i: usize) -> anyhow::Result<bool>;
@@ -29,6 +32,12 @@ macro_rules! columns {
                 Ok(sqlx::Row::try_get(self, i)?)
             }
             fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>> {
+                Ok(sqlx::Row::try_get(self, i)?)
+            }
+            fn str(&self, i: usize) -> anyhow::Result<&str> {
+                Ok(sqlx::Row::try_get(self, i)?)
+            }
+            fn opt_str(&self, i: usize) -> anyhow::Result<Option<&str>> {
                 Ok(sqlx::Row::try_get(self, i)?)
             }
             fn int(&self, i: usize) -> anyhow::Result<i64> {
@@ -163,18 +172,18 @@ pub(super) const NODE_COLUMNS: &str = "n.id, n.machine_name, n.ip_address, n.run
 
 /// A node row read with [`NODE_COLUMNS`]: the node with empty lists, the stored copy of its lists (put on the node
 /// by the caller, which knows what to do without one), and its token hash.
-pub(super) fn node(row: &impl Columns) -> anyhow::Result<(Node, Option<String>, Option<TokenHash>)> {
-    let id_text = row.text(0)?;
-    let id = Uuid::parse_str(&id_text).with_context(|| format!("malformed node id {id_text}"))?;
+pub(super) fn node<R: Columns>(row: &R) -> anyhow::Result<(Node, Option<&str>, Option<TokenHash>)> {
+    let id_text = row.str(0)?;
+    let id = Uuid::parse_str(id_text).with_context(|| format!("malformed node id {id_text}"))?;
     let port = row.int(3)?;
-    let token = row.opt_text(14)?.map(|hash| TokenHash::from_hex(&hash).context("malformed token hash")).transpose()?;
+    let token = row.opt_str(14)?.map(|hash| TokenHash::from_hex(hash).context("malformed token hash")).transpose()?;
     let node = Node {
         id,
         machine_name: row.text(1)?,
         ip_address: row.text(2)?,
         runtime_port: u16::try_from(port).with_context(|| format!("bad port {port} for node {id}"))?,
         runtime_version: row.text(4)?,
-        status: row.text(5)?.parse()?,
+        status: row.str(5)?.parse()?,
         display_name: row.opt_text(6)?,
         notes: row.opt_text(7)?,
         gpu_devices: Vec::new(),
@@ -189,8 +198,8 @@ pub(super) fn node(row: &impl Columns) -> anyhow::Result<(Node, Option<String>, 
         join_token: row.opt_text(15)?,
         cordoned: row.boolean(16)?,
         max_concurrency: row.opt_int(17)?.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-        conditions: row.opt_text(18)?.as_deref().map(Conditions::decode).unwrap_or_default(),
+        conditions: row.opt_str(18)?.map(Conditions::decode).unwrap_or_default(),
         last_seen_at: row.opt_int(12)?,
     };
-    Ok((node, row.opt_text(13)?, token))
+    Ok((node, row.opt_str(13)?, token))
 }

@@ -36,7 +36,7 @@ pub(super) fn node_from_row(row: &PgRow) -> anyhow::Result<SharedNode> {
     let (mut node, copy, token) = rows::node(row)?;
     let id = node.id;
     let copy = copy.with_context(|| format!("node {id} has no lists"))?;
-    lists::decode(&copy).with_context(|| format!("malformed lists of node {id}"))?.apply_to(&mut node);
+    lists::decode(copy).with_context(|| format!("malformed lists of node {id}"))?.apply_to(&mut node);
     Ok(SharedNode { node, token, revision: row.try_get(19)? })
 }
 

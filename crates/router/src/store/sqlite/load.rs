@@ -1,15 +1,87 @@
 //! Start-up: every node with its lists and token, one row per node.
+//!
+//! [`node_batches`] reads the fleet in parts, each on a reader connection of its own (each with its own SQLite
+//! thread), decoded on the runtime's workers and handed over in batches: start-up reads on every core, and never
+//! holds the fleet twice.
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
 use llm_router_protocol::GpuDevice;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, SqliteConnection};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::lists;
 use crate::model::node::NodeLists;
-use crate::store::{StoredNode, rows};
+use crate::store::{NodeBatches, StoredNode, rows};
+
+/// Parts the fleet is read in, at once: one per core of the 2-core reference machine (a reader connection each).
+const PARTS: i64 = 2;
+
+/// Nodes handed over at a time.
+const BATCH: usize = 1024;
+
+/// Reads every node in [`PARTS`] parts by row id, at once; the batches come in any order.
+pub(super) async fn node_batches(reader: &SqlitePool) -> anyhow::Result<NodeBatches> {
+    let (first, last): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT MIN(rowid), MAX(rowid) FROM nodes").fetch_one(reader).await?;
+    let (sender, batches) = mpsc::channel(4 * PARTS as usize);
+    let mut readers = Vec::new();
+    if let (Some(first), Some(last)) = (first, last) {
+        let step = (last - first) / PARTS + 1;
+        let mut from = first;
+        while from <= last {
+            let to = from.saturating_add(step - 1).min(last);
+            readers.push(tokio::spawn(read_part(reader.clone(), from, to, sender.clone())));
+            from = to + 1;
+        }
+    }
+    Ok(NodeBatches::new(batches, readers))
+}
+
+/// Reads the nodes whose row ids lie in `from..=to` and sends them in batches; a failure is sent as the last one.
+async fn read_part(reader: SqlitePool, from: i64, to: i64, batches: mpsc::Sender<anyhow::Result<Vec<StoredNode>>>) {
+    let read = async {
+        let mut conn = reader.acquire().await?;
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut incomplete = Vec::new();
+        {
+            let sql = format!("{} WHERE n.rowid BETWEEN ? AND ?", load_nodes_sql());
+            let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(from).bind(to).fetch(&mut *conn);
+            while let Some(row) = rows.try_next().await? {
+                let (node, has_lists) = node_from_row(&row)?;
+                if !has_lists {
+                    incomplete.push(node);
+                    continue;
+                }
+                batch.push(node);
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    if batches.send(Ok(full)).await.is_err() {
+                        return anyhow::Ok(None);
+                    }
+                }
+            }
+        }
+        if !incomplete.is_empty() {
+            tracing::warn!(
+                nodes = incomplete.len(),
+                "some nodes lack the copy of their lists; reading them from the child tables"
+            );
+            load_lists_from_child_tables(&mut conn, &mut incomplete).await?;
+            batch.append(&mut incomplete);
+        }
+        Ok(Some(batch))
+    };
+    let last = match read.await {
+        Ok(Some(batch)) if batch.is_empty() => return,
+        Ok(Some(batch)) => Ok(batch),
+        Ok(None) => return,
+        Err(err) => Err(err),
+    };
+    let _ = batches.send(last).await;
+}
 
 /// Every node with its lists and token hash, one row per node: the lists come from the copy on the node's
 /// row, so start-up does not read the fleet's million child rows. A database whose rows lack that copy
@@ -46,7 +118,7 @@ const LOAD_TAGS: &str = "SELECT node_id, tag FROM node_tags ORDER BY node_id, po
 /// A node row with its token hash; the flag tells whether the row carried the copy of its lists.
 fn node_from_row(row: &SqliteRow) -> anyhow::Result<(StoredNode, bool)> {
     let (mut node, copy, token) = rows::node(row)?;
-    let has_lists = match copy.as_deref().and_then(lists::decode) {
+    let has_lists = match copy.and_then(lists::decode) {
         Some(lists) => {
             lists.apply_to(&mut node);
             true

@@ -45,8 +45,8 @@ use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::fleet::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{
-    ApiKeyRow, AuditQuery, Availability, DeleteUserError, Figures, InsertError, NewNode, Storage, StoreResult,
-    StoredNode, UserRow,
+    ApiKeyRow, AuditQuery, Availability, DeleteUserError, Figures, InsertError, NewNode, NodeBatches, Storage,
+    StoreResult, StoredNode, UserRow,
 };
 use writer::{Writer, WriterPool, classify, write_tx};
 
@@ -222,6 +222,10 @@ macro_rules! classified {
 impl Storage for SqliteStore {
     fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>> {
         classified!(load::load_nodes(&self.reader))
+    }
+
+    fn node_batches(&self) -> StoreResult<'_, NodeBatches> {
+        classified!(load::node_batches(&self.reader))
     }
 
     fn insert_node(
