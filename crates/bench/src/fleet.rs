@@ -56,9 +56,10 @@ pub fn gpu_devices() -> Vec<GpuDevice> {
         .collect()
 }
 
-/// The registration body of simulated node `i`: two GPU groups, two ready models, two tags.
-pub fn register_body(i: usize) -> anyhow::Result<Vec<u8>> {
+/// The registration body of simulated node `i`: two GPU groups, two models loaded and, when `ready`, ready, two tags.
+pub fn register_body_with(i: usize, ready: bool) -> anyhow::Result<Vec<u8>> {
     let models: Vec<String> = MODELS.iter().map(|m| (*m).to_owned()).collect();
+    let ready_models = if ready { models.clone() } else { Vec::new() };
     let request = RegisterRequest {
         machine_name: machine_name(i),
         ip_address: Some(ip_address(i)),
@@ -66,8 +67,8 @@ pub fn register_body(i: usize) -> anyhow::Result<Vec<u8>> {
         runtime_version: "vllm 0.8.5".to_owned(),
         gpu_devices: Some(gpu_devices()),
         supported_runtimes: Some(vec!["vllm".to_owned(), "llama_cpp".to_owned()]),
-        loaded_models: Some(models.clone()),
-        ready_models: Some(models),
+        loaded_models: Some(models),
+        ready_models: Some(ready_models),
         tags: Some(tags(i)),
     };
     Ok(serde_json::to_vec(&request)?)
@@ -181,23 +182,25 @@ pub fn tally(sent: &Sent, expected: u16, errors: &mut ErrorCounts) -> bool {
 }
 
 /// Builds the registration requests of nodes `0..count`.
-pub fn registration_requests(host: &str, count: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+pub fn registration_requests(host: &str, count: usize, ready: bool) -> anyhow::Result<Vec<Vec<u8>>> {
     (0..count)
         .map(|i| {
-            let body = register_body(i)?;
+            let body = register_body_with(i, ready)?;
             Ok(encode_request("POST", REGISTER_PATH, host, &[("Content-Type", "application/json")], &body))
         })
         .collect()
 }
 
-/// Registers nodes `0..count` and returns their credentials; any failure stops the bench.
+/// Registers nodes `0..count`, their models ready or not yet, and returns their credentials; any failure stops the
+/// bench.
 pub async fn register_nodes(
     addr: SocketAddr,
     host: &str,
     count: usize,
     concurrency: usize,
+    ready: bool,
 ) -> anyhow::Result<Vec<NodeCredentials>> {
-    let requests = Arc::new(registration_requests(host, count)?);
+    let requests = Arc::new(registration_requests(host, count, ready)?);
     let outcomes = send_all(addr, requests, concurrency).await;
     let mut errors = ErrorCounts::default();
     let mut nodes = Vec::with_capacity(count);
@@ -277,7 +280,8 @@ mod tests {
 
     #[test]
     fn bodies_round_trip_through_the_protocol_types() {
-        let register: RegisterRequest = serde_json::from_slice(&register_body(70_000).expect("body")).expect("parse");
+        let register: RegisterRequest =
+            serde_json::from_slice(&register_body_with(70_000, true).expect("body")).expect("parse");
         assert_eq!(register.machine_name, "gpu-node-070000");
         assert_eq!(register.ip_address.as_deref(), Some("10.1.17.112"));
         let gpus = register.gpu_devices.expect("gpus");

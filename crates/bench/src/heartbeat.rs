@@ -119,7 +119,7 @@ async fn drive(spec: &RouterSpec, routers: &[Router], args: &HeartbeatArgs) -> a
     let host = router.host();
     let started = Instant::now();
     eprintln!("registering {} nodes ({} at a time)...", args.nodes, args.setup_concurrency);
-    let nodes = fleet::register_nodes(router.addr, &host, args.nodes, args.setup_concurrency).await?;
+    let nodes = fleet::register_nodes(router.addr, &host, args.nodes, args.setup_concurrency, true).await?;
     let register_secs = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let session = fleet::login(router.addr, &host, &spec.admin_password).await?;
@@ -236,6 +236,8 @@ pub(crate) struct Window {
 /// What one connection saw in the measured window.
 pub(crate) struct WorkerResult {
     pub(crate) latencies: Vec<u64>,
+    /// When each of `latencies` was sent, in milliseconds from the window's start.
+    pub(crate) sent_ms: Vec<u32>,
     pub(crate) ok: u64,
     pub(crate) errors: ErrorCounts,
 }
@@ -249,7 +251,7 @@ pub(crate) async fn worker(
     window: Window,
     pace: Option<(Duration, Duration)>,
 ) -> WorkerResult {
-    let mut result = WorkerResult { latencies: Vec::new(), ok: 0, errors: ErrorCounts::default() };
+    let mut result = WorkerResult { latencies: Vec::new(), sent_ms: Vec::new(), ok: 0, errors: ErrorCounts::default() };
     let mut ticker = pace.map(|(period, offset)| {
         let mut ticker = tokio::time::interval_at((window.start + offset).into(), period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -281,6 +283,7 @@ pub(crate) async fn worker(
                 if measured {
                     result.ok += 1;
                     result.latencies.push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+                    result.sent_ms.push(u32::try_from((sent_at - window.start).as_millis()).unwrap_or(u32::MAX));
                 }
             }
             Some(Ok(answer)) => {

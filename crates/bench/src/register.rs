@@ -38,7 +38,7 @@ pub async fn run(spec: &RouterSpec, args: &RegisterArgs) -> anyhow::Result<Regis
     let router = spec.start().await?;
     router.wait_ready().await?;
     let host = router.host();
-    let requests = Arc::new(fleet::registration_requests(&host, args.count)?);
+    let requests = Arc::new(fleet::registration_requests(&host, args.count, true)?);
     eprintln!("registering {} nodes, {} at a time...", args.count, args.concurrency);
     let wal = spec.data_dir.join("router.db-wal");
     let (stop_sampling, mut stopped) = tokio::sync::oneshot::channel::<()>();

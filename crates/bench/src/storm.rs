@@ -1,9 +1,12 @@
 //! `bench storm`: every node of a fleet changes status at the same moment (SPEC §10, transition storms), while the
 //! fleet heartbeats as in `bench heartbeat`.
 //!
-//! The router runs with `--offline-after-secs` 15 (longer than the setup of 10,000 nodes takes). After setup
-//! (register, approve, one heartbeat each without a ready model: every node `registering`), three storms follow:
-//! 1. `registering → online`: heartbeats with ready models start, back-to-back; each node's first one flips it;
+//! The router runs with `--offline-after-secs` 15 (longer than the setup of 10,000 nodes takes). The nodes register
+//! with their models loaded but none ready, and are approved: every node is `registering`. Then three storms follow:
+//! 1. `registering → online`: right after the last approval, as a fleet that an operator has just approved comes
+//!    up, heartbeats with ready models start back-to-back; each node's first one flips it. The router has just
+//!    committed 20,000 registrations and approvals, and its first write-behind of figures holds every node's
+//!    figures and new model lists;
 //! 2. `online → offline`: the heartbeats stop; the sweep marks every node offline once silent for 15 s;
 //! 3. `offline → online`: the heartbeats start again.
 //!
@@ -17,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use llm_router_protocol::HeartbeatRequest;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -51,6 +53,8 @@ pub struct Storm {
     pub ok: u64,
     pub throughput_rps: f64,
     pub latency: LatencySummary,
+    /// The same, second by second: the storm itself is the first second or two, diluted in the whole window.
+    pub by_second: Vec<LatencySummary>,
     pub error_total: u64,
     pub errors: ErrorCounts,
 }
@@ -71,10 +75,7 @@ async fn drive(spec: &RouterSpec, router: &Router, args: &StormArgs) -> anyhow::
     router.wait_ready().await?;
     let host = router.host();
     eprintln!("registering {} nodes...", args.nodes);
-    let nodes = fleet::register_nodes(router.addr, &host, args.nodes, args.setup_concurrency).await?;
-    let session = fleet::login(router.addr, &host, &spec.admin_password).await?;
-    eprintln!("approving {} nodes...", nodes.len());
-    fleet::approve_nodes(router.addr, &host, &session, &nodes, args.setup_concurrency).await?;
+    let nodes = fleet::register_nodes(router.addr, &host, args.nodes, args.setup_concurrency, false).await?;
     let ready = Arc::new(
         nodes
             .iter()
@@ -82,24 +83,13 @@ async fn drive(spec: &RouterSpec, router: &Router, args: &StormArgs) -> anyhow::
             .map(|(i, node)| Ok(fleet::heartbeat_request(&host, node, &fleet::heartbeat_body(i, node.id)?)))
             .collect::<anyhow::Result<Vec<_>>>()?,
     );
-    let not_ready: Vec<Vec<u8>> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
-            let mut body: HeartbeatRequest = serde_json::from_slice(&fleet::heartbeat_body(i, node.id)?)?;
-            body.ready_models = Some(Vec::new());
-            Ok(fleet::heartbeat_request(&host, node, &serde_json::to_vec(&body)?))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    eprintln!("one heartbeat each without a ready model...");
-    for sent in fleet::send_all(router.addr, Arc::new(not_ready), args.setup_concurrency).await {
-        anyhow::ensure!(matches!(&sent.result, Ok((200, _))), "a setup heartbeat failed: {:?}", sent.result);
-    }
     let mut metrics = Metrics::connect(router.addr, &host).await?;
-    metrics.wait_for("registering", nodes.len(), Duration::from_secs(120)).await?;
-
     let connections = args.connections.min(nodes.len());
-    eprintln!("storm 1: registering -> online...");
+    let session = fleet::login(router.addr, &host, &spec.admin_password).await?;
+    eprintln!("approving {} nodes...", nodes.len());
+    fleet::approve_nodes(router.addr, &host, &session, &nodes, args.setup_concurrency).await?;
+    metrics.wait_for("registering", nodes.len(), Duration::from_secs(120)).await?;
+    eprintln!("storm 1: registering -> online, right after the approvals...");
     let to_online = storm(router.addr, &ready, connections, args.secs, &mut metrics).await?;
     eprintln!("storm 2: silence, online -> offline...");
     let silent_from = Instant::now();
@@ -136,10 +126,16 @@ async fn storm(
     metrics.wait_for("online", requests.len(), Duration::from_secs(120)).await?;
     let durable_secs = start.elapsed().as_secs_f64();
     let mut latencies = Vec::new();
+    let mut by_second: Vec<Vec<u64>> = vec![Vec::new(); secs.ceil() as usize];
     let mut ok = 0;
     let mut errors = ErrorCounts::default();
     while let Some(done) = workers.join_next().await {
         let done = done.context("a heartbeat worker failed")?;
+        for (latency, sent_ms) in done.latencies.iter().zip(&done.sent_ms) {
+            if let Some(second) = by_second.get_mut(*sent_ms as usize / 1000) {
+                second.push(*latency);
+            }
+        }
         latencies.extend(done.latencies);
         ok += done.ok;
         errors.merge(done.errors);
@@ -149,6 +145,7 @@ async fn storm(
         ok,
         throughput_rps: ok as f64 / secs,
         latency: LatencySummary::from_nanos(latencies),
+        by_second: by_second.into_iter().map(LatencySummary::from_nanos).collect(),
         error_total: errors.total(),
         errors,
     })
@@ -203,6 +200,15 @@ pub fn print(report: &StormReport) {
             storm.throughput_rps, storm.ok, storm.error_total
         );
         println!("    latency      {}", storm.latency.line());
+        for (second, latency) in storm.by_second.iter().enumerate().take(3) {
+            println!(
+                "      second {}   p99 {:.3} ms   max {:.3} ms   ({} heartbeats)",
+                second + 1,
+                latency.p99_ms,
+                latency.max_ms,
+                latency.samples
+            );
+        }
         println!("    errors       {}", storm.errors.line());
     }
     println!(

@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::enrollment::use_join_token;
 use super::lists::{self, Rows};
-use super::nodes::{insert_row, write_events, write_token, write_transition};
+use super::nodes::{insert_row, write_events, write_token, write_transitions};
 use super::writer::{Writer, WriterPool};
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
@@ -159,9 +159,8 @@ pub(super) async fn transition_commits(writer: WriterPool, mut jobs: mpsc::Recei
             let mut writer = Writer::acquire(&writer).await?;
             let result = async {
                 let mut tx = writer.begin().await?;
-                for job in &batch {
-                    write_transition(&mut tx, &job.node, &job.event).await?;
-                }
+                let changes: Vec<(&Node, &NodeEvent)> = batch.iter().map(|job| (&job.node, &job.event)).collect();
+                write_transitions(&mut tx, &changes).await?;
                 tx.commit().await?;
                 anyhow::Ok(())
             }

@@ -193,6 +193,50 @@ pub(super) async fn write(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeList
             .await?;
         return Ok(());
     }
+    update_copies(conn, &copies).await
+}
+
+/// Writes the models of `nodes` (`node_loaded_models`) and the copy of their lists: what a heartbeat changes. Nodes
+/// whose row is gone (deleted meanwhile) are skipped. Three statements, whatever the number of nodes up to the bound
+/// values' limit: the flush of figures that writes them holds the writer every status change waits for.
+pub(super) async fn write_models(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeLists)]) -> anyhow::Result<()> {
+    let ids: Vec<String> = nodes.iter().map(|(id, _)| id.to_string()).collect();
+    for chunk in ids.chunks(MAX_BINDS) {
+        let mut delete = QueryBuilder::<Sqlite>::new("DELETE FROM node_loaded_models WHERE node_id IN (");
+        let mut list = delete.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        delete.push(")");
+        delete.build().execute(&mut *conn).await?;
+    }
+    let models: Vec<_> = ids
+        .iter()
+        .zip(nodes)
+        .flat_map(|(id, (_, lists))| {
+            let loaded = lists.loaded_models.iter().enumerate().map(move |(position, m)| (id, "loaded", position, m));
+            let ready = lists.ready_models.iter().enumerate().map(move |(position, m)| (id, "ready", position, m));
+            loaded.chain(ready)
+        })
+        .collect();
+    for chunk in models.chunks(MAX_BINDS / 4) {
+        let mut insert = QueryBuilder::<Sqlite>::new("WITH v (node_id, kind, position, model) AS (");
+        insert.push_values(chunk, |mut row, (id, kind, position, model)| {
+            row.push_bind(id.as_str()).push_bind(*kind).push_bind(*position as i64).push_bind(model.as_str());
+        });
+        insert.push(
+            ") INSERT INTO node_loaded_models (node_id, kind, position, model) \
+             SELECT v.node_id, v.kind, v.position, v.model FROM v JOIN nodes ON nodes.id = v.node_id",
+        );
+        insert.build().execute(&mut *conn).await?;
+    }
+    let copies: Vec<(&str, String)> =
+        ids.iter().map(String::as_str).zip(nodes.iter().map(|(_, l)| encode(l))).collect();
+    update_copies(conn, &copies).await
+}
+
+/// Rewrites the copy on each of these nodes' rows (those that exist).
+async fn update_copies(conn: &mut SqliteConnection, copies: &[(&str, String)]) -> anyhow::Result<()> {
     for chunk in copies.chunks(MAX_BINDS / 2) {
         let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, lists) AS (");
         update.push_values(chunk, |mut row, (id, copy)| {

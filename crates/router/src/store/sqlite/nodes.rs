@@ -121,11 +121,18 @@ impl SqliteStore {
         })
     }
 
-    /// Writes a batch of heartbeat figures in one transaction. Nodes deleted meanwhile match no row and are skipped.
+    /// Writes a batch of heartbeat figures in transactions of [`FLUSH_WORK`] rows at most. Nodes deleted meanwhile
+    /// match no row and are skipped.
+    ///
+    /// Not one transaction for the whole batch: the writer is the one connection every decision is committed on, and
+    /// a flush of 10,000 nodes whose models changed (a fleet coming up) held it for a third of a second, while the
+    /// heartbeats that turned those nodes online waited for their commits (SPEC §10: p99 < 20 ms in a storm). Between
+    /// two chunks the writer takes the commits waiting for it. A chunk that fails leaves the earlier ones written; the
+    /// caller writes the whole batch again, which rewrites them with the same figures.
     pub(super) async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            // One statement per chunk, not per node: each statement is a round trip to the database thread.
-            for chunk in batch.chunks(FIGURES_PER_STATEMENT) {
+        for chunk in flush_chunks(batch) {
+            write_tx!(self, |tx| async {
+                // One statement per chunk, not per node: each statement is a round trip to the database thread.
                 let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
                 update.push_values(chunk, |mut row, figures| {
                     row.push_bind(figures.node_id.to_string())
@@ -136,22 +143,17 @@ impl SqliteStore {
                     ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
                 );
                 update.build().execute(&mut *tx).await?;
-            }
-            // Models changed: the node's lists are written anew, unless it was deleted meanwhile.
-            let mut changed = Vec::new();
-            for figures in batch {
-                let Some(lists) = &figures.lists else { continue };
-                let exists = sqlx::query("SELECT 1 FROM nodes WHERE id = ?")
-                    .bind(figures.node_id.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_some();
-                if exists {
-                    changed.push((figures.node_id, lists));
+                // Models changed: the node's models and the copy of its lists are written anew, unless it was deleted
+                // meanwhile (its other lists change only with a registration or an edit, written there).
+                let changed: Vec<(Uuid, &NodeLists)> =
+                    chunk.iter().filter_map(|figures| Some((figures.node_id, figures.lists.as_ref()?))).collect();
+                if changed.is_empty() {
+                    return anyhow::Ok(());
                 }
-            }
-            lists::write(tx, &changed, Rows::Replace).await
-        })
+                lists::write_models(tx, &changed).await
+            })?;
+        }
+        Ok(())
     }
 
     /// A page of a node's history, newest first: at most `limit` events older than the event `before` (all when
@@ -204,26 +206,41 @@ impl SqliteStore {
 /// Rows removed per transaction by [`SqliteStore::prune_before`].
 const PRUNE_BATCH: i64 = 10_000;
 
-/// Keeps the newest [`EVENTS_PER_NODE`] events of a node. Two index probes when there is nothing to remove.
-async fn cap_events(conn: &mut SqliteConnection, id: Uuid) -> anyhow::Result<()> {
-    let id = id.to_string();
-    sqlx::query(
-        "DELETE FROM node_events WHERE node_id = ? AND id <= \
-         (SELECT id FROM node_events WHERE node_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-    )
-    .bind(&id)
-    .bind(&id)
-    .bind(EVENTS_PER_NODE)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// The columns of a node's row, the copy of its lists included ([`lists::encode_node`]); its child rows go through
 /// [`lists::write`], its token through [`write_token`].
 const INSERT_NODE: &str = "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, \
      display_name, notes, metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, \
      max_concurrency, conditions) ";
+
+/// The work of one transaction of a flush of figures, in rows: a node's figures are one, a node whose models changed
+/// (its model rows rewritten) counts [`LISTS_WORK`]: a few milliseconds of the writer's time on the reference
+/// machine under heartbeat load, which is what a status change committed meanwhile may wait.
+const FLUSH_WORK: usize = 500;
+
+/// The work of writing one node's models, against its figures' one.
+const LISTS_WORK: usize = 4;
+
+/// `batch` cut into the transactions of a flush, each at most [`FLUSH_WORK`].
+fn flush_chunks(batch: &[Figures]) -> impl Iterator<Item = &[Figures]> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut work = 0;
+        let len = rest
+            .iter()
+            .position(|figures| {
+                work += if figures.lists.is_some() { LISTS_WORK } else { 1 };
+                work > FLUSH_WORK
+            })
+            .unwrap_or(rest.len())
+            .max(1);
+        let (chunk, tail) = rest.split_at(len);
+        rest = tail;
+        Some(chunk)
+    })
+}
 
 /// Nodes per statement of an import (18 values each, well under SQLite's limit of 32,766).
 const NODES_PER_STATEMENT: usize = 500;
@@ -261,9 +278,6 @@ pub(super) async fn insert_row(conn: &mut SqliteConnection, node: &Node) -> Resu
 fn metrics_json(metrics: &Option<PackedMetrics>) -> Option<&str> {
     metrics.as_ref().map(PackedMetrics::as_str)
 }
-
-/// Nodes per statement of a figures batch (three parameters each, well under SQLite's limit of 32,766).
-const FIGURES_PER_STATEMENT: usize = 500;
 
 pub(super) async fn write_token(
     conn: &mut SqliteConnection,
@@ -307,21 +321,46 @@ pub(super) async fn write_events<'a>(
     Ok(())
 }
 
-/// Persists a status change (and approval fields, whether it is cordoned, its conditions) with its event, in the
-/// caller's transaction: a group commit of transitions (`commit.rs`) runs many in one.
-pub(super) async fn write_transition(tx: &mut SqliteConnection, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE nodes SET status = ?, approved_at = ?, approved_by = ?, cordoned = ?, conditions = ? \
-         WHERE id = ?",
-    )
-    .bind(node.status.as_str())
-    .bind(node.approved_at)
-    .bind(&node.approved_by)
-    .bind(node.cordoned)
-    .bind(node.conditions.encode())
-    .bind(node.id.to_string())
-    .execute(&mut *tx)
-    .await?;
-    write_events(tx, [event]).await?;
-    cap_events(tx, node.id).await
+/// Persists status changes (and approval fields, whether cordoned, conditions) with their events, in the caller's
+/// transaction: a group commit of transitions (`commit.rs`). Three statements for the whole group, whatever its size
+/// (each statement is a round trip to the database thread, and the group's commit is what a heartbeat that changed
+/// its node's status waits for): one update of every row, one insert of every event, one cap of the nodes' events.
+/// A node changed twice in one group ends with its last change, as if committed one after the other.
+pub(super) async fn write_transitions(
+    tx: &mut SqliteConnection,
+    changes: &[(&Node, &NodeEvent)],
+) -> anyhow::Result<()> {
+    // Seven values a row, well under SQLite's limit of 32,766 bound values: a group is at most a few hundred.
+    let mut last = std::collections::HashMap::with_capacity(changes.len());
+    for (node, _) in changes {
+        last.insert(node.id, *node);
+    }
+    let mut update =
+        QueryBuilder::<Sqlite>::new("WITH v (id, status, approved_at, approved_by, cordoned, conditions) AS (");
+    update.push_values(last.values(), |mut row, node| {
+        row.push_bind(node.id.to_string())
+            .push_bind(node.status.as_str())
+            .push_bind(node.approved_at)
+            .push_bind(node.approved_by.as_deref())
+            .push_bind(node.cordoned)
+            .push_bind(node.conditions.encode());
+    });
+    update.push(
+        ") UPDATE nodes SET status = v.status, approved_at = v.approved_at, approved_by = v.approved_by, \
+         cordoned = v.cordoned, conditions = v.conditions FROM v WHERE nodes.id = v.id",
+    );
+    update.build().execute(&mut *tx).await?;
+    write_events(tx, changes.iter().map(|(_, event)| *event)).await?;
+    let mut cap = QueryBuilder::<Sqlite>::new("WITH v (node_id) AS (");
+    cap.push_values(last.keys(), |mut row, id| {
+        row.push_bind(id.to_string());
+    });
+    cap.push(
+        ") DELETE FROM node_events WHERE id IN (SELECT e.id FROM v JOIN node_events e ON e.node_id = v.node_id \
+         WHERE e.id <= (SELECT x.id FROM node_events x WHERE x.node_id = v.node_id ORDER BY x.id DESC LIMIT 1 OFFSET ",
+    );
+    cap.push_bind(EVENTS_PER_NODE);
+    cap.push("))");
+    cap.build().execute(&mut *tx).await?;
+    Ok(())
 }
