@@ -170,13 +170,7 @@ impl LoginThrottle {
     pub fn begin(&self, username: &str, addr: IpAddr, now: Millis) -> Result<Attempt<'_>, Throttled> {
         let key = self.key(username, addr);
         let mut table = self.lock();
-        if table.get(&key).is_some_and(|entry| entry.expired(now)) {
-            table.remove(&key);
-        }
-        if !table.contains_key(&key) && table.len() >= self.capacity {
-            make_room(&mut table, self.capacity, now);
-        }
-        let entry = table.entry(key).or_default();
+        let entry = self.entry(&mut table, key, now);
         if now < entry.locked_until {
             return Err(Throttled { retry_after_secs: secs_until(now, entry.locked_until) });
         }
@@ -195,6 +189,18 @@ impl LoginThrottle {
         Key { user: self.names.hash_one(name), addr: limit_key(addr) }
     }
 
+    /// The entry of `key` as of `now`: a fresh one for a pair that expired or was never seen, making room first
+    /// when the table is full.
+    fn entry<'t>(&self, table: &'t mut HashMap<Key, Entry>, key: Key, now: Millis) -> &'t mut Entry {
+        if table.get(&key).is_some_and(|entry| entry.expired(now)) {
+            table.remove(&key);
+        }
+        if !table.contains_key(&key) && table.len() >= self.capacity {
+            make_room(table, self.capacity, now);
+        }
+        table.entry(key).or_default()
+    }
+
     /// Refuses `name` from `addr` while it is locked, without admitting an attempt: for failures that cost little to
     /// check (a join token is one lookup), where parallel tries need no holding back, only counting.
     pub fn check(&self, name: &str, addr: IpAddr, now: Millis) -> Result<(), Throttled> {
@@ -209,15 +215,8 @@ impl LoginThrottle {
     /// Counts a failure of `name` from `addr` (see [`LoginThrottle::check`]); returns the lock it started, if it
     /// started one.
     pub fn record_failure(&self, name: &str, addr: IpAddr, now: Millis) -> Option<Throttled> {
-        let key = self.key(name, addr);
         let mut table = self.lock();
-        if table.get(&key).is_some_and(|entry| entry.expired(now)) {
-            table.remove(&key);
-        }
-        if !table.contains_key(&key) && table.len() >= self.capacity {
-            make_room(&mut table, self.capacity, now);
-        }
-        let entry = table.entry(key).or_default();
+        let entry = self.entry(&mut table, self.key(name, addr), now);
         let before = entry.locked_until;
         entry.record_failure(now);
         (entry.locked_until > before).then(|| Throttled { retry_after_secs: secs_until(now, entry.locked_until) })

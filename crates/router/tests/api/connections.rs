@@ -201,12 +201,11 @@ async fn at_the_cap_the_longest_idle_keep_alive_connection_makes_room() {
     assert_eq!(read_answer(&mut idle[0]).await.status, 200);
 }
 
-/// A chat completion the router forwards to `runtime`, which never answers: the connection is busy until the client
-/// leaves. Returns once the runtime has received it.
-async fn busy(app: &TestApp, runtime: &Runtime) -> TcpStream {
+/// A chat completion sent on `stream`, which the router forwards to `runtime`, which never answers: the connection
+/// is busy until the client leaves. Returns once the runtime has received it.
+pub async fn busy(mut stream: TcpStream, runtime: &Runtime) -> TcpStream {
     let received = runtime.shared.received.load(Ordering::SeqCst);
     let body = br#"{"model": "m", "messages": []}"#;
-    let mut stream = connect(app).await;
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -237,7 +236,7 @@ async fn when_every_connection_is_busy_a_new_one_gets_503_and_is_closed() {
     let (app, runtime) = app_with_a_hanging_node(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
     let mut busy_connections = Vec::new();
     for _ in 0..16 {
-        busy_connections.push(busy(&app, &runtime).await);
+        busy_connections.push(busy(connect(&app).await, &runtime).await);
     }
     // The test client's own idle keep-alive connections made room for the busy ones.
     let evicted = app.state.metrics.connections_evicted.get();

@@ -235,15 +235,14 @@ async fn unknown_join_tokens_are_throttled_per_address_counted_and_audited_in_ag
     assert_error(refused, 429, "join_token_throttled").await;
     // Even a valid token waits out the lock from that address; another address is not locked.
     let valid = create(&app, json!({"name": "rack 7"})).await["token"].as_str().expect("token").to_owned();
-    let from_locked = app
-        .request(Method::POST, "/v0/nodes")
-        .header("X-Join-Token", &valid)
-        .header("X-Forwarded-For", "198.51.100.7")
-        .json(&registration("gpu-real", 8000))
-        .send()
-        .await
-        .expect("register");
-    assert_error(from_locked, 429, "join_token_throttled").await;
+    let join_with_valid = || {
+        app.request(Method::POST, "/v0/nodes")
+            .header("X-Join-Token", &valid)
+            .header("X-Forwarded-For", "198.51.100.7")
+            .json(&registration("gpu-real", 8000))
+            .send()
+    };
+    assert_error(join_with_valid().await.expect("register"), 429, "join_token_throttled").await;
     assert_error(guess(6, "198.51.100.8").await.expect("register"), 401, "join_token_invalid").await;
     assert_eq!(app.metric("llm_router_join_tokens_unknown_total").await, 6.0);
     assert_eq!(app.metric("llm_router_join_tokens_throttled_total").await, 2.0);
@@ -259,13 +258,5 @@ async fn unknown_join_tokens_are_throttled_per_address_counted_and_audited_in_ag
     assert!(events[0]["target"].as_str().is_some_and(|t| t.contains("unknown join tokens")), "{events:?}");
     // After the lock, the address may try again.
     app.clock.advance_ms(60_000);
-    let joined = app
-        .request(Method::POST, "/v0/nodes")
-        .header("X-Join-Token", &valid)
-        .header("X-Forwarded-For", "198.51.100.7")
-        .json(&registration("gpu-real", 8000))
-        .send()
-        .await
-        .expect("register");
-    assert_eq!(joined.status(), 201);
+    assert_eq!(join_with_valid().await.expect("register").status(), 201);
 }

@@ -14,7 +14,9 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::connections::{HEALTHZ, WAIT, awaiting_body, closed_within, connect, half_open, read_answer, until_open};
+use crate::connections::{
+    HEALTHZ, WAIT, awaiting_body, busy, closed_within, connect, half_open, read_answer, until_open,
+};
 use crate::helpers::*;
 use crate::inference::{Runtime, chat, online_node, openai_error};
 
@@ -44,21 +46,6 @@ async fn connect_from(app: &TestApp, source: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.bind(SocketAddr::new(source.parse().expect("address"), 0)).expect("bind the source address");
     tokio::time::timeout(WAIT, socket.connect(app.addr)).await.expect("connect in time").expect("connect")
-}
-
-/// A chat completion the router forwards to `runtime`, which never answers: busy until the client leaves.
-async fn busy(stream: TcpStream, runtime: &Runtime) -> TcpStream {
-    let mut stream = stream;
-    let received = runtime.shared.received.load(Ordering::SeqCst);
-    let body = br#"{"model": "m", "messages": []}"#;
-    let head = chat_head(body.len()).replace("Expect: 100-continue\r\n", "");
-    stream.write_all(head.as_bytes()).await.expect("head");
-    stream.write_all(body).await.expect("body");
-    within(WAIT, "the runtime receives the request", || async {
-        runtime.shared.received.load(Ordering::SeqCst) > received
-    })
-    .await;
-    stream
 }
 
 #[tokio::test]
