@@ -14,7 +14,7 @@ use llm_router::model::auth::TokenHash;
 use llm_router::model::figures::{NodeMetrics, PackedMetrics};
 use llm_router::model::node::{Node, NodeEvent};
 use llm_router::store::sqlite::SqliteStore;
-use llm_router::store::{NewNode, Storage};
+use llm_router::store::{NewNode, NodeStore};
 use llm_router_protocol::NodeStatus;
 use serde::Serialize;
 use uuid::Uuid;
@@ -140,7 +140,7 @@ pub async fn seed(path: &Path, kind: FleetKind, count: usize, with_metrics: bool
         let last = (first + NODES_PER_TRANSACTION).min(count);
         let nodes: Vec<NewNode> = (first..last).map(|i| new_node(kind, i, now, with_metrics)).collect();
         let added =
-            Storage::import_nodes(&store, &nodes).await.with_context(|| format!("adding nodes {first}..{last}"))?;
+            NodeStore::import_nodes(&store, &nodes).await.with_context(|| format!("adding nodes {first}..{last}"))?;
         anyhow::ensure!(added.len() == nodes.len(), "nodes {first}..{last}: only {} of them were new", added.len());
         for new in &nodes {
             match new.node.status {

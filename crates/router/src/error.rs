@@ -13,8 +13,8 @@ use llm_router_protocol::{ErrorBody, ErrorDetail};
 
 use crate::auth::password::{BUSY_RETRY_AFTER_SECS, HashError};
 use crate::model::cut;
-use crate::registry::RegistryError;
-use crate::store::{self, StorageFault};
+use crate::registry::{RegistryError, join_token_problem};
+use crate::store::{StorageFault, StoreError};
 use crate::validate::Invalid;
 
 /// A failure answered to the client as `{"error": {"code", "message"}}`.
@@ -230,27 +230,54 @@ impl IntoResponse for OpenAi {
     }
 }
 
-impl From<anyhow::Error> for ApiError {
-    /// A storage fault is the client's 503 with `Retry-After`, saying whose fault; anything else is a 500.
-    fn from(err: anyhow::Error) -> Self {
-        let message = match store::fault_of(&err) {
-            None => return ApiError::Internal(err),
-            Some(StorageFault::Failed) => {
-                tracing::warn!(error = %format!("{err:#}"), "a request failed on a storage fault");
+impl From<StoreError> for ApiError {
+    /// A storage fault is the client's 503 with `Retry-After`, saying whose fault; a refusal the caller did not
+    /// expect is a conflict or a miss; anything else is a 500.
+    fn from(err: StoreError) -> Self {
+        let fault = match err {
+            StoreError::Fault { fault, ref cause } => {
+                match fault {
+                    StorageFault::Failed => tracing::warn!(error = %cause, "a request failed on a storage fault"),
+                    StorageFault::Unreachable => {
+                        tracing::debug!(error = %cause, "a request needed the database, which is unreachable")
+                    }
+                    StorageFault::Lost => {}
+                }
+                fault
+            }
+            StoreError::Duplicate => return ApiError::Conflict("A row with this name is stored already.".to_owned()),
+            StoreError::JoinToken(why) => return ApiError::JoinTokenInvalid(join_token_problem(why).to_owned()),
+            StoreError::NotFound => return ApiError::NotFound("No such item.".to_owned()),
+            StoreError::LastAdmin => {
+                return ApiError::Conflict("The last administrator cannot be deleted.".to_owned());
+            }
+            StoreError::Other(err) => return ApiError::Internal(err),
+        };
+        let message = match fault {
+            StorageFault::Failed => {
                 "The router could not store this change (its disk may be full or failing); nothing of it was \
                  applied. Try again shortly."
             }
-            Some(StorageFault::Unreachable) => {
-                tracing::debug!(error = %format!("{err:#}"), "a request needed the database, which is unreachable");
+            StorageFault::Unreachable => {
                 "The router cannot reach its database now; it still routes inference requests, but nothing that \
                  needs the database can be done. Try again shortly."
             }
-            Some(StorageFault::Lost) => {
+            StorageFault::Lost => {
                 "The router's database file was deleted or replaced while it ran: it takes no change until it is \
                  restarted on a restored database; nothing of this request was applied."
             }
         };
         ApiError::StorageUnavailable(message.to_owned())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    /// A store error carried inside is answered as itself; anything else is a 500.
+    fn from(err: anyhow::Error) -> Self {
+        match err.downcast::<StoreError>() {
+            Ok(err) => err.into(),
+            Err(err) => ApiError::Internal(err),
+        }
     }
 }
 

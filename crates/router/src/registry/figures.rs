@@ -66,7 +66,7 @@ impl Registry {
                 }
             }
             Metrics::inc(&self.metrics.flush_errors);
-            return Err(err);
+            return Err(err.into());
         }
         self.metrics.flush_batch_size.observe(batch.len() as f64);
         if let Some(oldest) = oldest {

@@ -38,7 +38,7 @@ use crate::model::health;
 use crate::model::node::Node;
 use crate::revision::Revisions;
 use crate::routing::Routing;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use index::{Index, Slot};
 
 pub use index::NodeHandle;
@@ -79,7 +79,7 @@ pub enum RegistryError {
     RevisionExpired { since: i64, oldest: i64, newest: i64 },
     /// The store failed; nothing was changed.
     #[error(transparent)]
-    Store(#[from] anyhow::Error),
+    Store(#[from] StoreError),
 }
 
 /// Why a join token cannot be used, as a sentence for the caller.

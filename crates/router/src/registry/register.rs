@@ -14,7 +14,7 @@ use crate::model::auth::TokenHash;
 use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::input::Registration;
 use crate::model::node::{Node, NodeEvent};
-use crate::store::InsertError;
+use crate::store::StoreError;
 
 /// How a registration was settled.
 #[derive(Debug)]
@@ -103,7 +103,7 @@ impl Registry {
         let join_use = join.map(|join| JoinUse { token_id: join.id, name: join.name.clone(), at: now });
         match self.store.insert_node(node.clone(), token.hash(), events, join_use).await {
             Ok(()) => {}
-            Err(InsertError::Duplicate) => {
+            Err(StoreError::Duplicate) => {
                 // Another registration of the same machine and port won the race, perhaps through another router
                 // sharing the database: read its changes now, to name the node that is there.
                 if self.store.shared().is_some()
@@ -114,8 +114,8 @@ impl Registry {
                 let id = self.read().by_key.get(&(node.machine_name.clone(), node.runtime_port)).copied();
                 return Err(node_exists(&node.machine_name, node.runtime_port, id.unwrap_or(node.id)));
             }
-            Err(InsertError::JoinToken(why)) => return Err(RegistryError::JoinTokenInvalid(why)),
-            Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
+            Err(StoreError::JoinToken(why)) => return Err(RegistryError::JoinTokenInvalid(why)),
+            Err(err) => return Err(RegistryError::Store(err)),
         }
         self.metrics.transition(NodeStatus::Pending);
         if node.status != NodeStatus::Pending {
@@ -189,9 +189,9 @@ impl Registry {
         let join_use = join.map(|join| JoinUse { token_id: join.id, name: join.name.clone(), at: now });
         match self.store.reregister_node(&updated, token.hash(), now, &events, join_use.as_ref()).await {
             Ok(()) => {}
-            Err(InsertError::JoinToken(why)) => return Err(RegistryError::JoinTokenInvalid(why)),
-            Err(InsertError::Duplicate) => return Err(node_exists(&updated.machine_name, updated.runtime_port, id)),
-            Err(InsertError::Other(err)) => return Err(RegistryError::Store(err)),
+            Err(StoreError::JoinToken(why)) => return Err(RegistryError::JoinTokenInvalid(why)),
+            Err(StoreError::Duplicate) => return Err(node_exists(&updated.machine_name, updated.runtime_port, id)),
+            Err(err) => return Err(RegistryError::Store(err)),
         }
         for event in events.iter().filter_map(|event| event.to.parse::<NodeStatus>().ok()) {
             self.metrics.transition(event);

@@ -65,7 +65,7 @@ impl Registry {
         let leads = match shared.hold_sweep_lease().await {
             Ok(leads) => leads,
             Err(err) => {
-                if crate::store::fault_of(&err) != Some(crate::store::StorageFault::Unreachable) {
+                if err.fault() != Some(crate::store::StorageFault::Unreachable) {
                     tracing::warn!(error = %format!("{err:#}"), "cannot check the sweep lease; deciding nothing");
                 }
                 false

@@ -16,6 +16,7 @@ use crate::model::figures::PackedMetrics;
 use crate::model::health::{self, Condition, Conditions};
 use crate::model::input::Heartbeat;
 use crate::model::node::{Node, NodeEvent};
+use crate::store::StoreError;
 
 /// Transitions the offline sweep has in flight at once: enough to fill a group commit of the store.
 const SWEEP_CONCURRENCY: usize = 512;
@@ -152,7 +153,7 @@ impl Registry {
         &self,
         slot: &Slot,
         decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
-    ) -> anyhow::Result<Option<NodeStatus>> {
+    ) -> Result<Option<NodeStatus>, StoreError> {
         self.transition_with(slot, None, decide).await
     }
 
@@ -162,7 +163,7 @@ impl Registry {
         slot: &Slot,
         conditions: Option<Conditions>,
         decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
-    ) -> anyhow::Result<Option<NodeStatus>> {
+    ) -> Result<Option<NodeStatus>, StoreError> {
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
         let (updated, event) = {
@@ -248,7 +249,7 @@ impl Registry {
         if let Some(err) = failed {
             // Those marked are reported with the error: the next sweep retries the others.
             self.report_silence(now, &offline, live - offline.len()).await?;
-            return Err(err);
+            return Err(err.into());
         }
         let changed = offline.len();
         self.report_silence(now, &offline, live - changed).await?;
@@ -353,7 +354,7 @@ impl Registry {
         id: Uuid,
         slot: &Slot,
         decide: impl Fn(&SlotState, Millis) -> Option<NodeEvent>,
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool, StoreError> {
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
         let (key, token, event) = {

@@ -19,7 +19,7 @@ use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::net::client_addr;
 use crate::registry::NodeHandle;
 use crate::state::AppState;
-use crate::store::{self, StorageFault};
+use crate::store::StorageFault;
 
 /// Name of the dashboard's session cookie.
 pub const SESSION_COOKIE: &str = "llm_router_session";
@@ -79,7 +79,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
             state.credentials.forget(hash);
             Err(unauthorized("The session has expired or the credential is unknown; sign in again."))
         }
-        Err(err) if store::fault_of(&err) == Some(StorageFault::Unreachable) => {
+        Err(err) if err.fault() == Some(StorageFault::Unreachable) => {
             let principal = state.credentials.remembered(hash).ok_or_else(|| ApiError::from(err))?;
             Metrics::inc(&state.metrics.credentials_remembered);
             Ok(principal)

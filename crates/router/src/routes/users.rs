@@ -12,7 +12,7 @@ use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::model::auth::{Revoked, Role};
 use crate::state::AppState;
-use crate::store::{DeleteUserError, UserRow};
+use crate::store::{StoreError, UserRow};
 use crate::validate;
 use llm_router_protocol::ErrorBody;
 
@@ -118,11 +118,11 @@ pub async fn delete(
                 state.credentials.revoke(&Revoked::User(username.clone()));
                 Ok(StatusCode::NO_CONTENT)
             }
-            Err(DeleteUserError::NotFound) => Err(not_found(format!("No user named `{username}`."))),
-            Err(DeleteUserError::LastAdmin) => Err(ApiError::Conflict(format!(
+            Err(StoreError::NotFound) => Err(not_found(format!("No user named `{username}`."))),
+            Err(StoreError::LastAdmin) => Err(ApiError::Conflict(format!(
                 "`{username}` is the last administrator; create another admin before deleting this one."
             ))),
-            Err(DeleteUserError::Other(err)) => Err(err.into()),
+            Err(err) => Err(err.into()),
         }
     }
     .await;

@@ -18,7 +18,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row, SqliteConnection};
 
 use super::postgres;
 use super::sqlite::SqliteStore;
-use super::{Storage, StoredNode};
+use super::{NodeStore, StoredNode};
 
 /// How a column is read from SQLite and bound for PostgreSQL.
 #[derive(Debug, Clone, Copy)]

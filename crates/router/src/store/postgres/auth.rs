@@ -1,19 +1,21 @@
-//! Users, sessions and API keys. Ending a session, revoking a key or deleting a user notifies
-//! `llm_router_credentials`, so that every router forgets what it remembered of them at once.
+//! [`AccountStore`] on PostgreSQL: users, sessions and API keys, with the statements of `store/sql.rs`. Ending a
+//! session, revoking a key or deleting a user notifies `llm_router_credentials` with what was revoked, in the same
+//! transaction, so that every router forgets it at once.
 
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::PgStore;
 use crate::clock::Millis;
-use crate::model::auth::{Principal, Revoked, Role, TokenHash};
-use crate::store::{ApiKeyRow, DeleteUserError, UserRow, rows};
+use crate::model::auth::{Principal, Revoked, TokenHash};
+use crate::store::sql::postgres as sql;
+use crate::store::{AccountStore, ApiKeyRow, StoreError, StoreResult, UserRow};
 
 /// The channel a credential's end is announced on.
 pub(super) const CREDENTIALS_CHANNEL: &str = "llm_router_credentials";
 
 /// Announces `revoked` to every router, with the transaction that revokes it.
-async fn notify_credentials(conn: &mut PgConnection, revoked: &Revoked) -> anyhow::Result<()> {
+async fn notify_credentials(conn: &mut PgConnection, revoked: &Revoked) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CREDENTIALS_CHANNEL)
         .bind(revoked.encode())
@@ -22,147 +24,81 @@ async fn notify_credentials(conn: &mut PgConnection, revoked: &Revoked) -> anyho
     Ok(())
 }
 
-impl PgStore {
-    pub(super) async fn count_users(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM users").fetch_one(&self.pool).await?.try_get(0)?)
+impl AccountStore for PgStore {
+    fn count_users(&self) -> StoreResult<'_, i64> {
+        Box::pin(self.gated(async move { sql::count_users(&mut *self.pool.acquire().await?).await }))
     }
 
-    pub(super) async fn insert_user(&self, user: &UserRow) -> anyhow::Result<bool> {
-        let result = sqlx::query(
-            "INSERT INTO users (username, password_hash, role, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (username) DO NOTHING",
-        )
-        .bind(&user.username)
-        .bind(&user.password_hash)
-        .bind(user.role.as_str())
-        .bind(user.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+    fn insert_user<'a>(&'a self, user: &'a UserRow) -> StoreResult<'a, bool> {
+        Box::pin(self.gated(async move { sql::insert_user(&mut *self.pool.acquire().await?, user).await }))
     }
 
-    pub(super) async fn user(&self, username: &str) -> anyhow::Result<Option<UserRow>> {
-        let row = sqlx::query("SELECT username, password_hash, role, created_at FROM users WHERE username = $1")
-            .bind(username)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| rows::user(&row)).transpose()
+    fn user<'a>(&'a self, username: &'a str) -> StoreResult<'a, Option<UserRow>> {
+        Box::pin(self.gated(async move { sql::user(&mut *self.pool.acquire().await?, username).await }))
     }
 
-    pub(super) async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
-        let rows = sqlx::query("SELECT username, password_hash, role, created_at FROM users ORDER BY username")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::user).collect()
+    fn users(&self) -> StoreResult<'_, Vec<UserRow>> {
+        Box::pin(self.gated(async move { sql::users(&mut *self.pool.acquire().await?).await }))
     }
 
-    /// Deletes a user and their sessions. The administrators are locked first, so two routers deleting the last
-    /// two at once cannot both succeed.
-    pub(super) async fn delete_user(&self, username: &str) -> Result<(), DeleteUserError> {
-        let refused: anyhow::Result<Option<DeleteUserError>> = async {
+    /// The administrators are locked first, so two routers deleting the last two at once cannot both succeed.
+    fn delete_user<'a>(&'a self, username: &'a str) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
             let mut tx = self.pool.begin().await?;
-            let admins: Vec<String> =
-                sqlx::query_scalar("SELECT username FROM users WHERE role = 'admin' ORDER BY username FOR UPDATE")
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let role: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE username = $1")
-                .bind(username)
-                .fetch_optional(&mut *tx)
+            sqlx::query("SELECT username FROM users WHERE role = 'admin' ORDER BY username FOR UPDATE")
+                .execute(&mut *tx)
                 .await?;
-            let Some(role) = role else { return Ok(Some(DeleteUserError::NotFound)) };
-            if role == Role::Admin.as_str() && admins.len() <= 1 {
-                return Ok(Some(DeleteUserError::LastAdmin));
-            }
-            sqlx::query("DELETE FROM users WHERE username = $1").bind(username).execute(&mut *tx).await?;
+            sql::delete_user(&mut tx, username).await?;
             notify_credentials(&mut tx, &Revoked::User(username.to_owned())).await?;
             tx.commit().await?;
-            Ok(None)
-        }
-        .await;
-        match refused? {
-            Some(refused) => Err(refused),
-            None => Ok(()),
-        }
+            Ok(())
+        }))
     }
 
-    pub(super) async fn insert_session(
-        &self,
+    fn insert_session<'a>(
+        &'a self,
         hash: TokenHash,
-        username: &str,
+        username: &'a str,
         now: Millis,
         expires_at: Millis,
-    ) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM sessions WHERE expires_at <= $1").bind(now).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(hash.to_hex())
-            .bind(username)
-            .bind(now)
-            .bind(expires_at)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+    ) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            sql::insert_session(&mut tx, hash, username, now, expires_at).await?;
+            tx.commit().await?;
+            Ok(())
+        }))
     }
 
-    pub(super) async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(hash.to_hex()).execute(&mut *tx).await?;
-        notify_credentials(&mut tx, &Revoked::Session(hash)).await?;
-        tx.commit().await?;
-        Ok(())
+    fn delete_session(&self, hash: TokenHash) -> StoreResult<'_, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            sql::delete_session(&mut tx, hash).await?;
+            notify_credentials(&mut tx, &Revoked::Session(hash)).await?;
+            tx.commit().await?;
+            Ok(())
+        }))
     }
 
-    pub(super) async fn principal(&self, hash: TokenHash, now: Millis) -> anyhow::Result<Option<Principal>> {
-        let hex = hash.to_hex();
-        let session = sqlx::query(
-            "SELECT u.username, u.role FROM sessions s JOIN users u ON u.username = s.username \
-             WHERE s.token_hash = $1 AND s.expires_at > $2",
-        )
-        .bind(&hex)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = session {
-            return Ok(Some(rows::session_principal(&row, hash)?));
-        }
-        let key = sqlx::query("SELECT name, role, scope, id FROM api_keys WHERE key_hash = $1")
-            .bind(&hex)
-            .fetch_optional(&self.pool)
-            .await?;
-        key.as_ref().map(rows::key_principal).transpose()
+    fn principal(&self, hash: TokenHash, now: Millis) -> StoreResult<'_, Option<Principal>> {
+        Box::pin(self.gated(async move { sql::principal(&mut *self.pool.acquire().await?, hash, now).await }))
     }
 
-    pub(super) async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, key_hash, role, scope, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(key.id.to_string())
-        .bind(&key.name)
-        .bind(hash.to_hex())
-        .bind(key.role.as_str())
-        .bind(key.scope.as_str())
-        .bind(&key.created_by)
-        .bind(key.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    fn insert_api_key<'a>(&'a self, key: &'a ApiKeyRow, hash: TokenHash) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move { sql::insert_api_key(&mut *self.pool.acquire().await?, key, hash).await }))
     }
 
-    pub(super) async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
-        let rows =
-            sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(rows::api_key).collect()
+    fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>> {
+        Box::pin(self.gated(async move { sql::api_keys(&mut *self.pool.acquire().await?).await }))
     }
 
-    pub(super) async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let result = sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
-        notify_credentials(&mut tx, &Revoked::ApiKey(id)).await?;
-        tx.commit().await?;
-        Ok(result.rows_affected() == 1)
+    fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            let found = sql::delete_api_key(&mut tx, id).await?;
+            notify_credentials(&mut tx, &Revoked::ApiKey(id)).await?;
+            tx.commit().await?;
+            Ok(found)
+        }))
     }
 }

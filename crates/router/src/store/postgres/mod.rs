@@ -4,13 +4,14 @@
 //! Every write is one transaction from a pool of connections; PostgreSQL commits concurrent transactions together,
 //! so registrations and status changes that arrive together share their durable flushes without a queue of ours. A
 //! failed write is undone whole (the transaction is dropped, so rolled back) and an error of the database itself
-//! (connection lost or refused, disk full, shutdown) is marked [`StorageFault`].
+//! (connection lost or refused, disk full, shutdown) is a [`StoreError::Fault`]. Every call goes through
+//! [`PgStore::gated`], which fails at once while the server is unreachable (`reach.rs`).
 //!
-//! Files: `nodes.rs` (nodes, tokens, events, heartbeat figures), `shared.rs` (reading other routers' changes, the
-//! sweep lease, notifications), `auth.rs` (users, sessions, keys), `records.rs` (join tokens, the audit log, fleet
-//! events); `tests.rs` (what only this backend does, on a real server: `LLM_ROUTER_TEST_POSTGRES`).
-//!
-//! [`StorageFault`]: crate::store::StorageFault
+//! Each file implements its part of the contract for this backend, with no layer in between: `nodes.rs`
+//! ([`NodeStore`](crate::store::NodeStore): nodes, tokens, events, heartbeat figures), `auth.rs` (users, sessions,
+//! keys), `records.rs` (join tokens, the audit log, fleet events), `shared.rs` ([`SharedStorage`]: other routers'
+//! changes, the sweep lease, notifications); `tests.rs` (what only this backend does, on a real server:
+//! `LLM_ROUTER_TEST_POSTGRES`). The statements both backends share are in `store/sql.rs`.
 
 mod auth;
 mod nodes;
@@ -29,16 +30,7 @@ use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
-use crate::clock::Millis;
-use crate::model::audit::{AuditEvent, RecordedAudit};
-use crate::model::auth::{Principal, TokenHash};
-use crate::model::enrollment::{JoinToken, JoinUse};
-use crate::model::fleet::FleetEvent;
-use crate::model::node::{Node, NodeEvent, RecordedEvent};
-use crate::store::{
-    ApiKeyRow, AuditQuery, Availability, ChangeSignals, DeleteUserError, Figures, InsertError, NewNode, SharedStorage,
-    Storage, StorageFault, Store, StoreResult, StoredNode, UserRow, fault_of, mark,
-};
+use crate::store::{Availability, ChangeSignals, SharedStorage, Storage, StorageFault, Store, StoreError, StoreResult};
 
 /// Migrations, embedded in the binary and applied at start-up (under PostgreSQL's advisory lock, so routers that
 /// start together apply them once).
@@ -128,13 +120,11 @@ impl PgStore {
         })
     }
 
-    /// Marks an error as a fault when the database itself failed, and counts it; a lost or refused connection marks
-    /// the server unreachable.
-    fn fault(&self, err: anyhow::Error) -> anyhow::Error {
-        let err = classify(err);
-        match fault_of(&err) {
+    /// Counts a storage fault; a lost or refused connection makes the store suspect the server.
+    fn note(&self, err: &StoreError) {
+        match err.fault() {
             Some(StorageFault::Unreachable) => {
-                self.reach.suspect(&err);
+                self.reach.suspect(err);
                 self.faults.fetch_add(1, Ordering::Relaxed);
             }
             Some(_) => {
@@ -142,53 +132,12 @@ impl PgStore {
             }
             None => {}
         }
-        err
     }
 
-    fn settle<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
-        result.map_err(|err| self.fault(err))
-    }
-
-    /// Fails at once while the server is unreachable; then runs `call` and settles its answer.
-    async fn gated<T>(&self, call: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    /// Fails at once while the server is unreachable; then runs `call`, noting its fault if it has one.
+    async fn gated<T>(&self, call: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         self.reach.gate()?;
-        self.settle(call.await)
-    }
-}
-
-/// The fault of an error of the database itself, as opposed to a refused statement (a constraint, a bug): a lost,
-/// refused or timed-out connection is [`StorageFault::Unreachable`]; a full disk, an I/O error, a read-only database
-/// [`StorageFault::Failed`].
-fn storage_fault(err: &sqlx::Error) -> Option<StorageFault> {
-    match err {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // Connection exceptions (08) and operator intervention: shutdown (57P01-57P03); insufficient resources
-            // such as a full disk (53), system errors such as I/O (58), a read-only transaction (25006).
-            if code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03") {
-                Some(StorageFault::Unreachable)
-            } else if code.starts_with("53") || code.starts_with("58") || code == "25006" {
-                Some(StorageFault::Failed)
-            } else {
-                None
-            }
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => Some(StorageFault::Unreachable),
-        _ => None,
-    }
-}
-
-/// Marks `err` as a [`StorageFault`] when a storage error is among its causes.
-fn classify(err: anyhow::Error) -> anyhow::Error {
-    let fault = err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).find_map(storage_fault);
-    match fault {
-        Some(fault) => mark(err, fault),
-        None => err,
+        call.await.inspect_err(|err| self.note(err))
     }
 }
 
@@ -218,192 +167,7 @@ pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(named)
 }
 
-/// Every answer of the store has its storage errors marked [`StorageFault`] and counted, reads included; while the
-/// server is unreachable, every call fails at once.
-macro_rules! settled {
-    ($self:ident, $body:expr) => {
-        Box::pin($self.gated($body))
-    };
-}
-
-/// The same for the answers whose refusals are errors of their own.
-async fn settle_insert(
-    store: &PgStore,
-    call: impl std::future::Future<Output = Result<(), InsertError>>,
-) -> Result<(), InsertError> {
-    store.reach.gate().map_err(|fault| InsertError::Other(fault.into()))?;
-    match call.await {
-        Err(InsertError::Other(err)) => Err(InsertError::Other(store.fault(err))),
-        other => other,
-    }
-}
-
 impl Storage for PgStore {
-    fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>> {
-        settled!(self, self.load_nodes())
-    }
-
-    fn insert_node(
-        &self,
-        node: Node,
-        token: TokenHash,
-        events: Vec<NodeEvent>,
-        join: Option<JoinUse>,
-    ) -> BoxFuture<'_, Result<(), InsertError>> {
-        Box::pin(async move { settle_insert(self, self.insert_node(&node, token, &events, join.as_ref())).await })
-    }
-
-    fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>> {
-        settled!(self, self.import_nodes(nodes))
-    }
-
-    fn reregister_node<'a>(
-        &'a self,
-        node: &'a Node,
-        token: TokenHash,
-        now: Millis,
-        events: &'a [NodeEvent],
-        join: Option<&'a JoinUse>,
-    ) -> BoxFuture<'a, Result<(), InsertError>> {
-        Box::pin(settle_insert(self, self.reregister_node(node, token, now, events, join)))
-    }
-
-    fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
-        settled!(self, self.record_transition(node, event))
-    }
-
-    fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()> {
-        settled!(self, self.update_admin_fields(node))
-    }
-
-    fn delete_node<'a>(&'a self, id: Uuid, event: &'a NodeEvent) -> StoreResult<'a, ()> {
-        settled!(self, self.delete_node(id, event))
-    }
-
-    fn flush_figures<'a>(&'a self, batch: &'a [Figures]) -> StoreResult<'a, ()> {
-        settled!(self, self.flush_figures(batch))
-    }
-
-    fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> StoreResult<'_, Vec<RecordedEvent>> {
-        settled!(self, self.node_events(id, limit, before))
-    }
-
-    fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64> {
-        settled!(self, self.prune_events(cutoff))
-    }
-
-    fn insert_fleet_event<'a>(&'a self, event: &'a FleetEvent) -> StoreResult<'a, i64> {
-        settled!(self, self.insert_fleet_event(event))
-    }
-
-    fn resolve_fleet_event<'a>(
-        &'a self,
-        id: i64,
-        at: Millis,
-        by: Option<&'a str>,
-        resolution: &'a str,
-    ) -> StoreResult<'a, bool> {
-        settled!(self, self.resolve_fleet_event(id, at, by, resolution))
-    }
-
-    fn grow_fleet_event<'a>(
-        &'a self,
-        id: i64,
-        nodes_affected: u64,
-        nodes_live: u64,
-        message: &'a str,
-    ) -> StoreResult<'a, bool> {
-        settled!(self, self.grow_fleet_event(id, nodes_affected, nodes_live, message))
-    }
-
-    fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>> {
-        settled!(self, self.fleet_events(limit))
-    }
-
-    fn count_users(&self) -> StoreResult<'_, i64> {
-        settled!(self, self.count_users())
-    }
-
-    fn insert_user<'a>(&'a self, user: &'a UserRow) -> StoreResult<'a, bool> {
-        settled!(self, self.insert_user(user))
-    }
-
-    fn user<'a>(&'a self, username: &'a str) -> StoreResult<'a, Option<UserRow>> {
-        settled!(self, self.user(username))
-    }
-
-    fn users(&self) -> StoreResult<'_, Vec<UserRow>> {
-        settled!(self, self.users())
-    }
-
-    fn delete_user<'a>(&'a self, username: &'a str) -> BoxFuture<'a, Result<(), DeleteUserError>> {
-        Box::pin(async move {
-            self.reach.gate().map_err(|fault| DeleteUserError::Other(fault.into()))?;
-            match self.delete_user(username).await {
-                Err(DeleteUserError::Other(err)) => Err(DeleteUserError::Other(self.fault(err))),
-                other => other,
-            }
-        })
-    }
-
-    fn insert_session<'a>(
-        &'a self,
-        hash: TokenHash,
-        username: &'a str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<'a, ()> {
-        settled!(self, self.insert_session(hash, username, now, expires_at))
-    }
-
-    fn delete_session(&self, hash: TokenHash) -> StoreResult<'_, ()> {
-        settled!(self, self.delete_session(hash))
-    }
-
-    fn principal(&self, hash: TokenHash, now: Millis) -> StoreResult<'_, Option<Principal>> {
-        settled!(self, self.principal(hash, now))
-    }
-
-    fn insert_api_key<'a>(&'a self, key: &'a ApiKeyRow, hash: TokenHash) -> StoreResult<'a, ()> {
-        settled!(self, self.insert_api_key(key, hash))
-    }
-
-    fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>> {
-        settled!(self, self.api_keys())
-    }
-
-    fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool> {
-        settled!(self, self.delete_api_key(id))
-    }
-
-    fn insert_join_token<'a>(&'a self, token: &'a JoinToken) -> StoreResult<'a, ()> {
-        settled!(self, self.insert_join_token(token))
-    }
-
-    fn join_tokens(&self) -> StoreResult<'_, Vec<JoinToken>> {
-        settled!(self, self.join_tokens())
-    }
-
-    fn join_token(&self, hash: TokenHash) -> StoreResult<'_, Option<JoinToken>> {
-        settled!(self, self.join_token(hash))
-    }
-
-    fn revoke_join_token(&self, id: Uuid, at: Millis) -> StoreResult<'_, bool> {
-        settled!(self, self.revoke_join_token(id, at))
-    }
-
-    fn insert_audit<'a>(&'a self, events: &'a [AuditEvent]) -> StoreResult<'a, ()> {
-        settled!(self, self.insert_audit(events))
-    }
-
-    fn audit_events<'a>(&'a self, page: AuditQuery<'a>) -> StoreResult<'a, Vec<RecordedAudit>> {
-        settled!(self, self.audit_events(page))
-    }
-
-    fn prune_audit(&self, cutoff: Millis) -> StoreResult<'_, u64> {
-        settled!(self, self.prune_before("audit_events", cutoff))
-    }
-
     fn upkeep(&self) -> StoreResult<'_, ()> {
         // PostgreSQL keeps its own house (autovacuum, checkpoints).
         Box::pin(async { Ok(()) })

@@ -1,4 +1,4 @@
-//! Nodes, their tokens and events, and the heartbeat figures written behind.
+//! [`NodeStore`] on PostgreSQL: nodes, their tokens and events, and the heartbeat figures written behind.
 //!
 //! Every write that changes a node other than its figures raises the row's `revision`, stamps `changed_xid` with
 //! its transaction and notifies `llm_router_nodes`, in the same transaction: how the other routers learn of it
@@ -14,11 +14,14 @@ use uuid::Uuid;
 use super::PgStore;
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
-use crate::model::enrollment::{JoinToken, JoinUse};
+use crate::model::enrollment::JoinUse;
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
+use crate::store::sql::postgres as sql;
 use crate::store::sqlite::lists;
-use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode, SharedNode, StoredNode, rows};
+use crate::store::{
+    EVENTS_PER_NODE, Figures, NewNode, NodeStore, SharedNode, StoreError, StoreResult, StoredNode, rows,
+};
 
 /// The channel a node change is announced on; its payload is the node's id.
 pub(super) const NODES_CHANNEL: &str = "llm_router_nodes";
@@ -27,9 +30,6 @@ pub(super) const NODES_CHANNEL: &str = "llm_router_nodes";
 pub(super) fn node_columns() -> String {
     format!("{}, n.revision", rows::NODE_COLUMNS)
 }
-
-/// Rows removed per statement when pruning.
-const PRUNE_BATCH: i64 = 10_000;
 
 /// A node row with its token hash and revision, read with [`node_columns`].
 pub(super) fn node_from_row(row: &PgRow) -> anyhow::Result<SharedNode> {
@@ -48,83 +48,84 @@ impl PgStore {
         let entry = written.entry(id).or_insert(0);
         *entry = (*entry).max(revision);
     }
+}
 
-    pub(super) async fn load_nodes(&self) -> anyhow::Result<Vec<StoredNode>> {
-        let sql = format!("SELECT {} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id", node_columns());
-        let mut conn = self.pool.acquire().await?;
-        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
-        let mut nodes = Vec::new();
-        while let Some(row) = rows.try_next().await? {
-            let SharedNode { node, token, .. } = node_from_row(&row)?;
-            nodes.push((node, token));
-        }
-        Ok(nodes)
+impl NodeStore for PgStore {
+    fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>> {
+        Box::pin(self.gated(async move {
+            let sql = format!("SELECT {} FROM nodes n LEFT JOIN node_tokens t ON t.node_id = n.id", node_columns());
+            let mut conn = self.pool.acquire().await?;
+            let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
+            let mut nodes = Vec::new();
+            while let Some(row) = rows.try_next().await? {
+                let SharedNode { node, token, .. } = node_from_row(&row)?;
+                nodes.push((node, token));
+            }
+            Ok(nodes)
+        }))
     }
 
-    pub(super) async fn insert_node(
+    fn insert_node(
         &self,
-        node: &Node,
+        node: Node,
         token: TokenHash,
-        events: &[NodeEvent],
-        join: Option<&JoinUse>,
-    ) -> Result<(), InsertError> {
-        let mut tx = self.pool.begin().await.map_err(anyhow::Error::from)?;
-        if let Err(err) = insert_row(&mut tx, node).await {
-            let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
-            return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
-        }
-        if let Some(join) = join {
-            use_join_token(&mut tx, join).await?;
-        }
-        let written: anyhow::Result<()> = async {
+        events: Vec<NodeEvent>,
+        join: Option<JoinUse>,
+    ) -> StoreResult<'_, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            insert_row(&mut tx, &node).await?;
+            if let Some(join) = &join {
+                sql::use_join_token(&mut tx, join).await?;
+            }
             write_token(&mut tx, node.id, token, node.registered_at).await?;
-            write_events(&mut tx, events).await?;
+            write_events(&mut tx, &events).await?;
             notify_node(&mut tx, node.id).await?;
             tx.commit().await?;
             self.wrote(node.id, 1);
             Ok(())
-        }
-        .await;
-        written.map_err(InsertError::Other)
+        }))
     }
 
-    pub(super) async fn import_nodes(&self, nodes: &[NewNode]) -> anyhow::Result<Vec<Uuid>> {
-        let mut tx = self.pool.begin().await?;
-        let mut added = Vec::new();
-        for new in nodes {
-            let node = &new.node;
-            if !copy_node(&mut tx, node).await? {
-                continue;
+    fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            let mut added = Vec::new();
+            for new in nodes {
+                let node = &new.node;
+                if !copy_node(&mut tx, node).await? {
+                    continue;
+                }
+                if let Some(token) = new.token {
+                    write_token(&mut tx, node.id, token, node.registered_at).await?;
+                }
+                write_events(&mut tx, &new.events).await?;
+                added.push(node.id);
             }
-            if let Some(token) = new.token {
-                write_token(&mut tx, node.id, token, node.registered_at).await?;
+            if !added.is_empty() {
+                notify_node(&mut tx, Uuid::nil()).await?;
             }
-            write_events(&mut tx, &new.events).await?;
-            added.push(node.id);
-        }
-        if !added.is_empty() {
-            notify_node(&mut tx, Uuid::nil()).await?;
-        }
-        tx.commit().await?;
-        for id in &added {
-            self.wrote(*id, 1);
-        }
-        Ok(added)
+            tx.commit().await?;
+            for id in &added {
+                self.wrote(*id, 1);
+            }
+            Ok(added)
+        }))
     }
 
-    pub(super) async fn reregister_node(
-        &self,
-        node: &Node,
+    fn reregister_node<'a>(
+        &'a self,
+        node: &'a Node,
         token: TokenHash,
         now: Millis,
-        events: &[NodeEvent],
-        join: Option<&JoinUse>,
-    ) -> Result<(), InsertError> {
-        let mut tx = self.pool.begin().await.map_err(anyhow::Error::from)?;
-        if let Some(join) = join {
-            use_join_token(&mut tx, join).await?;
-        }
-        let written: anyhow::Result<()> = async {
+        events: &'a [NodeEvent],
+        join: Option<&'a JoinUse>,
+    ) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            if let Some(join) = join {
+                sql::use_join_token(&mut tx, join).await?;
+            }
             let revision: Option<i64> = sqlx::query_scalar(
                 "UPDATE nodes SET ip_address = $1, runtime_version = $2, status = $3, approved_at = $4, \
                  approved_by = $5, join_token = $6, lists = $7, revision = revision + 1, \
@@ -146,163 +147,156 @@ impl PgStore {
             tx.commit().await?;
             self.wrote(node.id, revision.unwrap_or(0));
             Ok(())
-        }
-        .await;
-        written.map_err(InsertError::Other)
+        }))
     }
 
-    pub(super) async fn record_transition(&self, node: &Node, event: &NodeEvent) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let revision: Option<i64> = sqlx::query_scalar(
-            "UPDATE nodes SET status = $1, approved_at = $2, approved_by = $3, cordoned = $4, conditions = $5, \
-             revision = revision + 1, changed_xid = pg_current_xact_id() WHERE id = $6 RETURNING revision",
-        )
-        .bind(node.status.as_str())
-        .bind(node.approved_at)
-        .bind(&node.approved_by)
-        .bind(node.cordoned)
-        .bind(node.conditions.encode())
-        .bind(node.id.to_string())
-        .fetch_optional(&mut *tx)
-        .await?;
-        write_events(&mut tx, [event]).await?;
-        cap_events(&mut tx, node.id).await?;
-        notify_node(&mut tx, node.id).await?;
-        tx.commit().await?;
-        self.wrote(node.id, revision.unwrap_or(0));
-        Ok(())
+    fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            let revision: Option<i64> = sqlx::query_scalar(
+                "UPDATE nodes SET status = $1, approved_at = $2, approved_by = $3, cordoned = $4, conditions = $5, \
+                 revision = revision + 1, changed_xid = pg_current_xact_id() WHERE id = $6 RETURNING revision",
+            )
+            .bind(node.status.as_str())
+            .bind(node.approved_at)
+            .bind(&node.approved_by)
+            .bind(node.cordoned)
+            .bind(node.conditions.encode())
+            .bind(node.id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            write_events(&mut tx, [event]).await?;
+            cap_events(&mut tx, node.id).await?;
+            notify_node(&mut tx, node.id).await?;
+            tx.commit().await?;
+            self.wrote(node.id, revision.unwrap_or(0));
+            Ok(())
+        }))
     }
 
-    pub(super) async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let revision: Option<i64> = sqlx::query_scalar(
-            "UPDATE nodes SET display_name = $1, notes = $2, max_concurrency = $3, lists = $4, \
-             revision = revision + 1, changed_xid = pg_current_xact_id() WHERE id = $5 RETURNING revision",
-        )
-        .bind(&node.display_name)
-        .bind(&node.notes)
-        .bind(node.max_concurrency.map(i64::from))
-        .bind(lists::encode_node(node))
-        .bind(node.id.to_string())
-        .fetch_optional(&mut *tx)
-        .await?;
-        notify_node(&mut tx, node.id).await?;
-        tx.commit().await?;
-        self.wrote(node.id, revision.unwrap_or(0));
-        Ok(())
+    fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            let revision: Option<i64> = sqlx::query_scalar(
+                "UPDATE nodes SET display_name = $1, notes = $2, max_concurrency = $3, lists = $4, \
+                 revision = revision + 1, changed_xid = pg_current_xact_id() WHERE id = $5 RETURNING revision",
+            )
+            .bind(&node.display_name)
+            .bind(&node.notes)
+            .bind(node.max_concurrency.map(i64::from))
+            .bind(lists::encode_node(node))
+            .bind(node.id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            notify_node(&mut tx, node.id).await?;
+            tx.commit().await?;
+            self.wrote(node.id, revision.unwrap_or(0));
+            Ok(())
+        }))
     }
 
-    pub(super) async fn delete_node(&self, id: Uuid, event: &NodeEvent) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO node_deletions (id, deleted_at) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET deleted_at = excluded.deleted_at, deleted_xid = pg_current_xact_id()",
-        )
-        .bind(id.to_string())
-        .bind(event.at)
-        .execute(&mut *tx)
-        .await?;
-        write_events(&mut tx, [event]).await?;
-        notify_node(&mut tx, id).await?;
-        tx.commit().await?;
-        // Every row of the node still to be read back (a read whose snapshot predates the deletion) is older than
-        // the deletion: marked as this router's own, so that it does not bring the node back into memory.
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).insert(id, i64::MAX);
-        Ok(())
+    fn delete_node<'a>(&'a self, id: Uuid, event: &'a NodeEvent) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id.to_string()).execute(&mut *tx).await?;
+            sqlx::query(
+                "INSERT INTO node_deletions (id, deleted_at) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET deleted_at = excluded.deleted_at, deleted_xid = pg_current_xact_id()",
+            )
+            .bind(id.to_string())
+            .bind(event.at)
+            .execute(&mut *tx)
+            .await?;
+            write_events(&mut tx, [event]).await?;
+            notify_node(&mut tx, id).await?;
+            tx.commit().await?;
+            // Every row of the node still to be read back (a read whose snapshot predates the deletion) is older
+            // than the deletion: marked as this router's own, so that it does not bring the node back into memory.
+            self.written.lock().unwrap_or_else(|p| p.into_inner()).insert(id, i64::MAX);
+            Ok(())
+        }))
     }
 
     /// Writes a batch of figures with one statement. Rows are locked in id order first, so two routers flushing
-    /// the same nodes (a node whose heartbeats a load balancer spreads) wait for each other instead of deadlocking.
-    /// The lock joins the batch's ids rather than testing `id = ANY($1)`: a flush that waited for another re-checks
-    /// each row the other updated, and against the array that re-check is a scan of the whole batch per row
-    /// (10,000 × 10,000 comparisons, seconds), against the join it is one comparison.
-    pub(super) async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<String> = batch.iter().map(|f| f.node_id.to_string()).collect();
-        let seen: Vec<i64> = batch.iter().map(|f| f.last_seen_at).collect();
-        let metrics: Vec<Option<&str>> = batch.iter().map(|f| f.metrics.as_ref().map(PackedMetrics::as_str)).collect();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "SELECT 1 FROM nodes n JOIN UNNEST($1::text[]) AS v (id) ON n.id = v.id ORDER BY n.id FOR NO KEY UPDATE OF n",
-        )
+    /// the same nodes (a node whose heartbeats a load balancer spreads) wait for each other instead of
+    /// deadlocking. The lock joins the batch's ids rather than testing `id = ANY($1)`: a flush that waited for
+    /// another re-checks each row the other updated, and against the array that re-check is a scan of the whole
+    /// batch per row (10,000 × 10,000 comparisons, seconds), against the join it is one comparison.
+    fn flush_figures<'a>(&'a self, batch: &'a [Figures]) -> StoreResult<'a, ()> {
+        Box::pin(self.gated(async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<String> = batch.iter().map(|f| f.node_id.to_string()).collect();
+            let seen: Vec<i64> = batch.iter().map(|f| f.last_seen_at).collect();
+            let metrics: Vec<Option<&str>> =
+                batch.iter().map(|f| f.metrics.as_ref().map(PackedMetrics::as_str)).collect();
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT 1 FROM nodes n JOIN UNNEST($1::text[]) AS v (id) ON n.id = v.id ORDER BY n.id \
+                 FOR NO KEY UPDATE OF n",
+            )
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics, seen_xid = pg_current_xact_id(), \
-             seen_by = $4 FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS v (id, last_seen_at, metrics) \
-             WHERE nodes.id = v.id",
-        )
-        .bind(&ids)
-        .bind(&seen)
-        .bind(&metrics)
-        .bind(&self.me)
-        .execute(&mut *tx)
-        .await?;
-        // Models changed: the node's lists are written anew (nodes deleted meanwhile match no row).
-        let mut revisions = Vec::new();
-        for figures in batch {
-            let Some(node_lists) = &figures.lists else { continue };
-            let revision: Option<i64> = sqlx::query_scalar(
-                "UPDATE nodes SET lists = $1, revision = revision + 1, changed_xid = pg_current_xact_id() \
-                 WHERE id = $2 RETURNING revision",
+            sqlx::query(
+                "UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics, seen_xid = pg_current_xact_id(), \
+                 seen_by = $4 FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS v (id, last_seen_at, metrics) \
+                 WHERE nodes.id = v.id",
             )
-            .bind(lists::encode(node_lists))
-            .bind(figures.node_id.to_string())
-            .fetch_optional(&mut *tx)
+            .bind(&ids)
+            .bind(&seen)
+            .bind(&metrics)
+            .bind(&self.me)
+            .execute(&mut *tx)
             .await?;
-            if let Some(revision) = revision {
-                notify_node(&mut tx, figures.node_id).await?;
-                revisions.push((figures.node_id, revision));
+            // Models changed: the node's lists are written anew (nodes deleted meanwhile match no row).
+            let mut revisions = Vec::new();
+            for figures in batch {
+                let Some(node_lists) = &figures.lists else { continue };
+                let revision: Option<i64> = sqlx::query_scalar(
+                    "UPDATE nodes SET lists = $1, revision = revision + 1, changed_xid = pg_current_xact_id() \
+                     WHERE id = $2 RETURNING revision",
+                )
+                .bind(lists::encode(node_lists))
+                .bind(figures.node_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(revision) = revision {
+                    notify_node(&mut tx, figures.node_id).await?;
+                    revisions.push((figures.node_id, revision));
+                }
             }
-        }
-        tx.commit().await?;
-        for (id, revision) in revisions {
-            self.wrote(id, revision);
-        }
-        Ok(())
+            tx.commit().await?;
+            for (id, revision) in revisions {
+                self.wrote(id, revision);
+            }
+            Ok(())
+        }))
     }
 
-    pub(super) async fn node_events(
-        &self,
-        id: Uuid,
-        limit: u32,
-        before: Option<i64>,
-    ) -> anyhow::Result<Vec<RecordedEvent>> {
-        let rows = sqlx::query(
-            "SELECT id, node_id, at, from_status, to_status, reason, actor FROM node_events \
-             WHERE node_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-        )
-        .bind(id.to_string())
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(rows::node_event).collect()
+    fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> StoreResult<'_, Vec<RecordedEvent>> {
+        Box::pin(self.gated(async move { sql::node_events(&mut *self.pool.acquire().await?, id, limit, before).await }))
     }
 
     /// Removes old node events, and the records of deletions as old (every router has long read them).
-    pub(super) async fn prune_events(&self, cutoff: Millis) -> anyhow::Result<u64> {
-        let removed = self.prune_before("node_events", cutoff).await?;
-        sqlx::query("DELETE FROM node_deletions WHERE deleted_at < $1").bind(cutoff).execute(&self.pool).await?;
-        Ok(removed)
+    fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64> {
+        Box::pin(self.gated(async move {
+            let removed = self.prune_before("node_events", cutoff).await?;
+            sqlx::query("DELETE FROM node_deletions WHERE deleted_at < $1").bind(cutoff).execute(&self.pool).await?;
+            Ok(removed)
+        }))
     }
+}
 
+impl PgStore {
     /// Removes the rows of `table` (with `id` and `at` columns) from before `cutoff`, in bounded batches.
-    pub(super) async fn prune_before(&self, table: &'static str, cutoff: Millis) -> anyhow::Result<u64> {
-        let sql = format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE at < $1 LIMIT $2)");
+    pub(super) async fn prune_before(&self, table: &'static str, cutoff: Millis) -> Result<u64, StoreError> {
         let mut removed = 0;
         loop {
-            let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(cutoff)
-                .bind(PRUNE_BATCH)
-                .execute(&self.pool)
-                .await?;
-            removed += done.rows_affected();
-            if done.rows_affected() < PRUNE_BATCH as u64 {
+            let batch = sql::prune_batch(&mut *self.pool.acquire().await?, table, cutoff).await?;
+            removed += batch;
+            if batch < crate::store::sql::PRUNE_BATCH as u64 {
                 return Ok(removed);
             }
         }
@@ -336,7 +330,7 @@ fn bind_node<'q>(query: Query<'q>, node: &'q Node) -> Query<'q> {
 
 /// Adds a node copied from another database, unless its id (or its machine name and port) is there already;
 /// returns whether it was added.
-pub(in crate::store) async fn copy_node(conn: &mut PgConnection, node: &Node) -> anyhow::Result<bool> {
+pub(in crate::store) async fn copy_node(conn: &mut PgConnection, node: &Node) -> Result<bool, StoreError> {
     let insert = sqlx::query(
         "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, notes, \
          metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, max_concurrency, \
@@ -346,8 +340,8 @@ pub(in crate::store) async fn copy_node(conn: &mut PgConnection, node: &Node) ->
     Ok(bind_node(insert, node).execute(&mut *conn).await?.rows_affected() == 1)
 }
 
-/// Inserts one node's row; a duplicate comes back as the database's unique violation.
-pub(super) async fn insert_row(conn: &mut PgConnection, node: &Node) -> Result<(), sqlx::Error> {
+/// Inserts one node's row; a duplicate comes back as [`StoreError::Duplicate`].
+pub(super) async fn insert_row(conn: &mut PgConnection, node: &Node) -> Result<(), StoreError> {
     let insert = sqlx::query(
         "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, display_name, notes, \
          metrics, registered_at, approved_at, approved_by, last_seen_at, lists, join_token, cordoned, max_concurrency, \
@@ -362,7 +356,7 @@ pub(super) async fn write_token(
     id: Uuid,
     token: TokenHash,
     now: Millis,
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ($1, $2, $3) \
          ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
@@ -379,7 +373,7 @@ pub(super) async fn write_token(
 pub(super) async fn write_events<'a>(
     conn: &mut PgConnection,
     events: impl IntoIterator<Item = &'a NodeEvent>,
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     let events: Vec<&NodeEvent> = events.into_iter().collect();
     if events.is_empty() {
         return Ok(());
@@ -406,7 +400,7 @@ pub(super) async fn write_events<'a>(
 }
 
 /// Keeps the newest [`EVENTS_PER_NODE`] events of a node.
-async fn cap_events(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<()> {
+async fn cap_events(conn: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
     let id = id.to_string();
     sqlx::query(
         "DELETE FROM node_events WHERE node_id = $1 AND id <= \
@@ -420,25 +414,7 @@ async fn cap_events(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<()> {
 }
 
 /// Announces a change of node `id` to every router, when the transaction commits.
-pub(super) async fn notify_node(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<()> {
+pub(super) async fn notify_node(conn: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, $2)").bind(NODES_CHANNEL).bind(id.to_string()).execute(&mut *conn).await?;
     Ok(())
-}
-
-/// Counts the use of a join token in the caller's transaction, atomically however many routers register at once.
-pub(super) async fn use_join_token(conn: &mut PgConnection, join: &JoinUse) -> Result<(), InsertError> {
-    let used = sqlx::query(
-        "UPDATE join_tokens SET uses = uses + 1 WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2 \
-         AND (max_uses IS NULL OR uses < max_uses)",
-    )
-    .bind(join.token_id.to_string())
-    .bind(join.at)
-    .execute(&mut *conn)
-    .await
-    .map_err(anyhow::Error::from)?;
-    if used.rows_affected() == 1 {
-        return Ok(());
-    }
-    let token = super::records::join_token_by_id(conn, join.token_id).await?;
-    Err(InsertError::JoinToken(JoinToken::refusal(token.as_ref(), join.at)))
 }

@@ -43,9 +43,9 @@ impl Reach {
     }
 
     /// A call failed on its connection: the probe finds out at once whether the server is still there.
-    pub(super) fn suspect(&self, cause: &anyhow::Error) {
+    pub(super) fn suspect(&self, cause: &dyn std::fmt::Display) {
         if self.reachable() {
-            *self.cause.lock().unwrap_or_else(|p| p.into_inner()) = format!("{cause:#}");
+            *self.cause.lock().unwrap_or_else(|p| p.into_inner()) = cause.to_string();
             self.suspect.notify_one();
         }
     }

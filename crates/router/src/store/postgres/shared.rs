@@ -27,7 +27,9 @@ use super::nodes::{NODES_CHANNEL, node_columns, node_from_row};
 use super::reach::Reach;
 use crate::model::auth::{Revoked, TokenHash};
 use crate::model::figures::PackedMetrics;
-use crate::store::{ChangeSignals, NodeChanges, Seen, SeenChanges, SharedNode, SharedStorage, StoreResult};
+use crate::store::{
+    ChangeSignals, NodeChanges, Seen, SeenChanges, SharedNode, SharedStorage, StorageFault, StoreError, StoreResult,
+};
 
 /// The advisory lock key of the sweep lease ("llm-rout" in ASCII).
 const SWEEP_LEASE_KEY: i64 = 0x6c6c_6d2d_726f_7574;
@@ -53,7 +55,7 @@ impl Lease {
 }
 
 impl PgStore {
-    async fn node_changes(&self, cursor: i64) -> anyhow::Result<NodeChanges> {
+    async fn node_changes(&self, cursor: i64) -> Result<NodeChanges, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
         let next: i64 = sqlx::query_scalar(SNAPSHOT_XMIN).fetch_one(&mut *tx).await?;
         let sql = format!(
@@ -72,7 +74,7 @@ impl PgStore {
         Ok(NodeChanges { nodes, deleted, cursor: next })
     }
 
-    async fn seen_changes(&self, cursor: i64) -> anyhow::Result<SeenChanges> {
+    async fn seen_changes(&self, cursor: i64) -> Result<SeenChanges, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
         let next: i64 = sqlx::query_scalar(SNAPSHOT_XMIN).fetch_one(&mut *tx).await?;
         let rows = sqlx::query(
@@ -99,21 +101,21 @@ impl PgStore {
         Ok(SeenChanges { seen, cursor: next })
     }
 
-    async fn node_by_token(&self, hash: TokenHash) -> anyhow::Result<Option<SharedNode>> {
+    async fn node_by_token(&self, hash: TokenHash) -> Result<Option<SharedNode>, StoreError> {
         let sql = format!(
             "SELECT {} FROM node_tokens t JOIN nodes n ON n.id = t.node_id WHERE t.token_hash = $1",
             node_columns()
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(hash.to_hex()).fetch_optional(&self.pool).await?;
-        row.as_ref().map(node_from_row).transpose()
+        Ok(row.as_ref().map(node_from_row).transpose()?)
     }
 
-    async fn hold_sweep_lease(&self) -> anyhow::Result<bool> {
+    async fn hold_sweep_lease(&self) -> Result<bool, StoreError> {
         let mut lease = self.lease.lock().await;
         if lease.is_none() {
             let conn = tokio::time::timeout(LEASE_CHECK, PgConnection::connect_with(&self.options))
                 .await
-                .map_err(|_| anyhow::anyhow!("connecting for the sweep lease timed out"))??;
+                .map_err(|_| lease_timeout("connecting for the sweep lease timed out"))??;
             *lease = Some(Lease { conn, held: false });
         }
         let Some(current) = lease.as_mut() else { return Ok(false) };
@@ -134,26 +136,28 @@ impl PgStore {
                 .execute(&mut current.conn)
                 .await?;
             }
-            anyhow::Ok(taken)
+            Ok::<_, StoreError>(taken)
         })
         .await;
-        match checked {
+        let failure = match checked {
             Ok(Ok(held)) => {
                 current.held = held;
-                Ok(held)
+                return Ok(held);
             }
-            failed => {
-                // Dropping the connection releases the lock, if the server still thought it held.
-                if let Some(old) = lease.take() {
-                    old.close().await;
-                }
-                match failed {
-                    Ok(Err(err)) => Err(err.context("checking the sweep lease")),
-                    _ => Err(anyhow::anyhow!("checking the sweep lease timed out")),
-                }
-            }
+            Ok(Err(err)) => err,
+            Err(_) => lease_timeout("checking the sweep lease timed out"),
+        };
+        // Dropping the connection releases the lock, if the server still thought it held.
+        if let Some(old) = lease.take() {
+            old.close().await;
         }
+        Err(failure)
     }
+}
+
+/// A lease check that did not answer in time: the database is as good as unreachable to this router.
+fn lease_timeout(what: &str) -> StoreError {
+    StoreError::Fault { fault: StorageFault::Unreachable, cause: what.to_owned() }
 }
 
 impl SharedStorage for PgStore {

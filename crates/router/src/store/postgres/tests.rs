@@ -16,7 +16,7 @@ use crate::model::auth::{Role, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, NodeLists};
-use crate::store::{self, Figures, InsertError, SharedStorage, Store, UserRow};
+use crate::store::{Figures, SharedStorage, Store, StoreError, UserRow};
 
 /// The test server's URL, from `LLM_ROUTER_TEST_POSTGRES`.
 fn server() -> String {
@@ -372,7 +372,7 @@ async fn a_join_tokens_last_use_goes_to_one_registration_across_routers() {
     for task in tasks {
         match task.await.expect("task") {
             Ok(()) => stored += 1,
-            Err(InsertError::JoinToken(Unusable::UsedUp)) => {}
+            Err(StoreError::JoinToken(Unusable::UsedUp)) => {}
             Err(other) => panic!("unexpected {other:?}"),
         }
     }
@@ -391,7 +391,7 @@ async fn a_duplicate_machine_and_port_is_refused_and_leaves_nothing() {
     twin.machine_name = node(1).machine_name;
     let event = NodeEvent::new(twin.id, 1, None, "pending", "registered");
     let refused = a.insert_node(twin.clone(), token(2), vec![event], None).await;
-    assert!(matches!(refused, Err(InsertError::Duplicate)), "{refused:?}");
+    assert!(matches!(refused, Err(StoreError::Duplicate)), "{refused:?}");
     assert_eq!(a.load_nodes().await.expect("load").len(), 1);
     assert!(a.node_events(twin.id, 10, None).await.expect("events").is_empty());
 }
@@ -433,7 +433,7 @@ async fn a_lost_database_is_a_storage_fault() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let err = writer.await.expect("task").expect_err("the write's connection was killed");
-    assert!(store::is_fault(&err), "{err:#}");
+    assert!(err.fault().is_some(), "{err:#}");
     assert_eq!(a.storage_faults(), 1);
     lock.rollback().await.expect("rollback");
     a.update_admin_fields(&node(1)).await.expect("the next write succeeds");
@@ -442,7 +442,7 @@ async fn a_lost_database_is_a_storage_fault() {
     // A closed store answers every call with a fault.
     a.close().await;
     let err = a.count_users().await.expect_err("closed");
-    assert!(store::is_fault(&err), "{err:#}");
+    assert!(err.fault().is_some(), "{err:#}");
     assert_eq!(a.storage_faults(), faults + 1);
 }
 

@@ -1,156 +1,62 @@
-//! Rows of `users`, `sessions` and `api_keys`.
+//! [`AccountStore`] on SQLite: users, sessions and API keys, with the statements of `store/sql.rs`.
 
-use sqlx::Row;
 use uuid::Uuid;
 
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
-use crate::model::auth::{Principal, Role, TokenHash};
-use crate::store::{ApiKeyRow, DeleteUserError, UserRow, rows};
+use crate::model::auth::{Principal, TokenHash};
+use crate::store::sql::sqlite as sql;
+use crate::store::{AccountStore, ApiKeyRow, StoreResult, UserRow};
 
-impl SqliteStore {
-    pub(super) async fn count_users(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM users").fetch_one(&self.reader).await?.try_get(0)?)
+impl AccountStore for SqliteStore {
+    fn count_users(&self) -> StoreResult<'_, i64> {
+        Box::pin(async move { sql::count_users(&mut *self.reader().await?).await })
     }
 
-    /// Inserts a user; `Ok(false)` when the name is taken.
-    pub(super) async fn insert_user(&self, user: &UserRow) -> anyhow::Result<bool> {
-        write_tx!(self, |tx| async {
-            let result = sqlx::query(
-                "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (username) DO NOTHING",
-            )
-            .bind(&user.username)
-            .bind(&user.password_hash)
-            .bind(user.role.as_str())
-            .bind(user.created_at)
-            .execute(&mut *tx)
-            .await?;
-            anyhow::Ok(result.rows_affected() == 1)
-        })
+    fn insert_user<'a>(&'a self, user: &'a UserRow) -> StoreResult<'a, bool> {
+        Box::pin(async move { write_tx!(self, |tx| sql::insert_user(tx, user)) })
     }
 
-    pub(super) async fn user(&self, username: &str) -> anyhow::Result<Option<UserRow>> {
-        let row = sqlx::query("SELECT username, password_hash, role, created_at FROM users WHERE username = ?")
-            .bind(username)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(|row| rows::user(&row)).transpose()
+    fn user<'a>(&'a self, username: &'a str) -> StoreResult<'a, Option<UserRow>> {
+        Box::pin(async move { sql::user(&mut *self.reader().await?, username).await })
     }
 
-    pub(super) async fn users(&self) -> anyhow::Result<Vec<UserRow>> {
-        let rows = sqlx::query("SELECT username, password_hash, role, created_at FROM users ORDER BY username")
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(rows::user).collect()
+    fn users(&self) -> StoreResult<'_, Vec<UserRow>> {
+        Box::pin(async move { sql::users(&mut *self.reader().await?).await })
     }
 
-    /// Deletes a user and their sessions, refusing to remove the last administrator.
-    pub(super) async fn delete_user(&self, username: &str) -> Result<(), DeleteUserError> {
-        let refused: Option<DeleteUserError> = write_tx!(self, |tx| async {
-            let role: Option<String> = sqlx::query("SELECT role FROM users WHERE username = ?")
-                .bind(username)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|row| row.try_get(0))
-                .transpose()?;
-            let Some(role) = role else { return anyhow::Ok(Some(DeleteUserError::NotFound)) };
-            if role == Role::Admin.as_str() {
-                let admins: i64 = sqlx::query("SELECT COUNT(*) FROM users WHERE role = 'admin'")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .and_then(|row| row.try_get(0))?;
-                if admins <= 1 {
-                    return Ok(Some(DeleteUserError::LastAdmin));
-                }
-            }
-            sqlx::query("DELETE FROM users WHERE username = ?").bind(username).execute(&mut *tx).await?;
-            Ok(None)
-        })?;
-        refused.map_or(Ok(()), Err)
+    /// The one writer makes the count of administrators hold until the deletion commits.
+    fn delete_user<'a>(&'a self, username: &'a str) -> StoreResult<'a, ()> {
+        Box::pin(async move { write_tx!(self, |tx| sql::delete_user(tx, username)) })
     }
 
-    pub(super) async fn insert_session(
-        &self,
+    fn insert_session<'a>(
+        &'a self,
         hash: TokenHash,
-        username: &str,
+        username: &'a str,
         now: Millis,
         expires_at: Millis,
-    ) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(now).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)")
-                .bind(hash.to_hex())
-                .bind(username)
-                .bind(now)
-                .bind(expires_at)
-                .execute(&mut *tx)
-                .await?;
-            anyhow::Ok(())
-        })
+    ) -> StoreResult<'a, ()> {
+        Box::pin(async move { write_tx!(self, |tx| sql::insert_session(tx, hash, username, now, expires_at)) })
     }
 
-    pub(super) async fn delete_session(&self, hash: TokenHash) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(hash.to_hex()).execute(&mut *tx).await?;
-            anyhow::Ok(())
-        })
+    fn delete_session(&self, hash: TokenHash) -> StoreResult<'_, ()> {
+        Box::pin(async move { write_tx!(self, |tx| sql::delete_session(tx, hash)) })
     }
 
-    /// The signed-in user behind a session token or API key, if it is valid now.
-    pub(super) async fn principal(&self, hash: TokenHash, now: Millis) -> anyhow::Result<Option<Principal>> {
-        let hex = hash.to_hex();
-        let session = sqlx::query(
-            "SELECT u.username, u.role FROM sessions s JOIN users u ON u.username = s.username \
-             WHERE s.token_hash = ? AND s.expires_at > ?",
-        )
-        .bind(&hex)
-        .bind(now)
-        .fetch_optional(&self.reader)
-        .await?;
-        if let Some(row) = session {
-            return Ok(Some(rows::session_principal(&row, hash)?));
-        }
-        let key = sqlx::query("SELECT name, role, scope, id FROM api_keys WHERE key_hash = ?")
-            .bind(&hex)
-            .fetch_optional(&self.reader)
-            .await?;
-        key.as_ref().map(rows::key_principal).transpose()
+    fn principal(&self, hash: TokenHash, now: Millis) -> StoreResult<'_, Option<Principal>> {
+        Box::pin(async move { sql::principal(&mut *self.reader().await?, hash, now).await })
     }
 
-    pub(super) async fn insert_api_key(&self, key: &ApiKeyRow, hash: TokenHash) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query(
-                "INSERT INTO api_keys (id, name, key_hash, role, scope, created_by, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(key.id.to_string())
-            .bind(&key.name)
-            .bind(hash.to_hex())
-            .bind(key.role.as_str())
-            .bind(key.scope.as_str())
-            .bind(&key.created_by)
-            .bind(key.created_at)
-            .execute(&mut *tx)
-            .await?;
-            anyhow::Ok(())
-        })
+    fn insert_api_key<'a>(&'a self, key: &'a ApiKeyRow, hash: TokenHash) -> StoreResult<'a, ()> {
+        Box::pin(async move { write_tx!(self, |tx| sql::insert_api_key(tx, key, hash)) })
     }
 
-    pub(super) async fn api_keys(&self) -> anyhow::Result<Vec<ApiKeyRow>> {
-        let rows =
-            sqlx::query("SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id")
-                .fetch_all(&self.reader)
-                .await?;
-        rows.iter().map(rows::api_key).collect()
+    fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>> {
+        Box::pin(async move { sql::api_keys(&mut *self.reader().await?).await })
     }
 
-    /// Revokes an API key; `Ok(false)` when there was none with this id.
-    pub(super) async fn delete_api_key(&self, id: Uuid) -> anyhow::Result<bool> {
-        write_tx!(self, |tx| async {
-            let result =
-                sqlx::query("DELETE FROM api_keys WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
-            anyhow::Ok(result.rows_affected() == 1)
-        })
+    fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool> {
+        Box::pin(async move { write_tx!(self, |tx| sql::delete_api_key(tx, id)) })
     }
 }

@@ -5,14 +5,19 @@
 use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::enrollment::use_join_token;
 use super::lists::{self, Rows};
 use super::nodes::{insert_row, write_events, write_token, write_transitions};
 use super::writer::{Writer, WriterPool};
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
 use crate::model::node::{Node, NodeEvent, NodeLists};
-use crate::store::{InsertError, fault_of};
+use crate::store::StoreError;
+use crate::store::sql::sqlite as sql;
+
+/// The answer when the group commits' task is gone (the store was closed).
+fn closed() -> StoreError {
+    StoreError::Other(anyhow::anyhow!("the database is closed"))
+}
 
 /// Stores a newly registered node, its token and its first events (and counts the use of its join token), and
 /// returns once they are committed.
@@ -26,13 +31,10 @@ pub(super) async fn insert_node(
     token: TokenHash,
     events: Vec<NodeEvent>,
     join: Option<JoinUse>,
-) -> Result<(), InsertError> {
+) -> Result<(), StoreError> {
     let (reply, answer) = oneshot::channel();
-    queue
-        .send(InsertJob { node, token, events, join, reply })
-        .await
-        .map_err(|_| anyhow::anyhow!("the database is closed"))?;
-    answer.await.map_err(|_| anyhow::anyhow!("the database is closed"))?
+    queue.send(InsertJob { node, token, events, join, reply }).await.map_err(|_| closed())?;
+    answer.await.map_err(|_| closed())?
 }
 
 /// A registration waiting for the next group commit.
@@ -41,7 +43,7 @@ pub(super) struct InsertJob {
     token: TokenHash,
     events: Vec<NodeEvent>,
     join: Option<JoinUse>,
-    reply: oneshot::Sender<Result<(), InsertError>>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// Most registrations in one group commit.
@@ -62,7 +64,7 @@ pub(super) async fn group_commits(writer: WriterPool, mut jobs: mpsc::Receiver<I
 /// savepoint) and the others stay;
 /// any other failure (a full disk, an I/O error) may already have undone the whole transaction inside SQLite, so
 /// the group fails as one and every job gets the error: no answer of success for a row that was not committed.
-async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), InsertError>> {
+async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), StoreError>> {
     let outcome = async {
         let mut writer = Writer::acquire(pool).await?;
         let result = async {
@@ -75,11 +77,11 @@ async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), 
                         sqlx::query("RELEASE registration").execute(&mut *tx).await?;
                         results.push(Ok(()));
                     }
-                    Err(refused @ (InsertError::Duplicate | InsertError::JoinToken(_))) => {
+                    Err(refused @ (StoreError::Duplicate | StoreError::JoinToken(_))) => {
                         sqlx::raw_sql("ROLLBACK TO registration; RELEASE registration").execute(&mut *tx).await?;
                         results.push(Err(refused));
                     }
-                    Err(InsertError::Other(err)) => return Err(err),
+                    Err(err) => return Err(err),
                 }
             }
             tx.commit().await?;
@@ -91,30 +93,14 @@ async fn commit_group(pool: &WriterPool, batch: &[InsertJob]) -> Vec<Result<(), 
     .await;
     match outcome {
         Ok(results) => results,
-        Err(err) => {
-            let fault = fault_of(&err);
-            let message = format!("{err:#}");
-            batch
-                .iter()
-                .map(|_| {
-                    let err = anyhow::anyhow!("registration not stored: {message}");
-                    Err(InsertError::Other(match fault {
-                        Some(fault) => err.context(fault),
-                        None => err,
-                    }))
-                })
-                .collect()
-        }
+        Err(err) => batch.iter().map(|_| Err(err.for_another())).collect(),
     }
 }
 
-async fn insert_one(conn: &mut SqliteConnection, job: &InsertJob) -> Result<(), InsertError> {
-    if let Err(err) = insert_row(conn, &job.node).await {
-        let duplicate = err.as_database_error().is_some_and(|db| db.is_unique_violation());
-        return Err(if duplicate { InsertError::Duplicate } else { anyhow::Error::from(err).into() });
-    }
+async fn insert_one(conn: &mut SqliteConnection, job: &InsertJob) -> Result<(), StoreError> {
+    insert_row(conn, &job.node).await?;
     if let Some(join) = &job.join {
-        use_join_token(conn, join).await?;
+        sql::use_join_token(conn, join).await?;
     }
     lists::write(conn, &[(job.node.id, &NodeLists::of(&job.node))], Rows::New).await?;
     write_token(conn, job.node.id, job.token, job.node.registered_at).await?;
@@ -132,20 +118,17 @@ pub(super) async fn record_transition(
     queue: &mpsc::Sender<TransitionJob>,
     node: &Node,
     event: &NodeEvent,
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     let (reply, answer) = oneshot::channel();
-    queue
-        .send(TransitionJob { node: node.clone(), event: event.clone(), reply })
-        .await
-        .map_err(|_| anyhow::anyhow!("the database is closed"))?;
-    answer.await.map_err(|_| anyhow::anyhow!("the database is closed"))?
+    queue.send(TransitionJob { node: node.clone(), event: event.clone(), reply }).await.map_err(|_| closed())?;
+    answer.await.map_err(|_| closed())?
 }
 
 /// A transition waiting for the next group commit.
 pub(super) struct TransitionJob {
     node: Node,
     event: NodeEvent,
-    reply: oneshot::Sender<anyhow::Result<()>>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// Most transitions in one group commit.
@@ -162,7 +145,7 @@ pub(super) async fn transition_commits(writer: WriterPool, mut jobs: mpsc::Recei
                 let changes: Vec<(&Node, &NodeEvent)> = batch.iter().map(|job| (&job.node, &job.event)).collect();
                 write_transitions(&mut tx, &changes).await?;
                 tx.commit().await?;
-                anyhow::Ok(())
+                Ok(())
             }
             .await;
             writer.finish(result).await
@@ -175,14 +158,8 @@ pub(super) async fn transition_commits(writer: WriterPool, mut jobs: mpsc::Recei
                 }
             }
             Err(err) => {
-                let fault = fault_of(&err);
-                let message = format!("{err:#}");
                 for job in batch.drain(..) {
-                    let err = anyhow::anyhow!("status change not stored: {message}");
-                    let _ = job.reply.send(Err(match fault {
-                        Some(fault) => err.context(fault),
-                        None => err,
-                    }));
+                    let _ = job.reply.send(Err(err.for_another()));
                 }
             }
         }

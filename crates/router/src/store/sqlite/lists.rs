@@ -17,6 +17,7 @@ use sqlx::{QueryBuilder, SqliteConnection};
 use uuid::Uuid;
 
 use crate::model::node::{Node, NodeLists};
+use crate::store::StoreError;
 
 /// Most values bound in one statement: SQLite allows 32,766. Rows are written many per statement, since each
 /// statement is a round trip to the database thread.
@@ -110,7 +111,11 @@ fn exact(list: Cow<'_, [String]>) -> Vec<String> {
 }
 
 /// Writes every list of `nodes` (whose rows exist): the child rows, and the copy on each row of stored nodes.
-pub(super) async fn write(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeLists)], rows: Rows) -> anyhow::Result<()> {
+pub(super) async fn write(
+    conn: &mut SqliteConnection,
+    nodes: &[(Uuid, &NodeLists)],
+    rows: Rows,
+) -> Result<(), StoreError> {
     let ids: Vec<String> = nodes.iter().map(|(id, _)| id.to_string()).collect();
     if rows == Rows::Replace {
         for table in ["node_gpu_devices", "node_supported_runtimes", "node_loaded_models", "node_tags"] {
@@ -199,7 +204,7 @@ pub(super) async fn write(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeList
 /// Writes the models of `nodes` (`node_loaded_models`) and the copy of their lists: what a heartbeat changes. Nodes
 /// whose row is gone (deleted meanwhile) are skipped. Three statements, whatever the number of nodes up to the bound
 /// values' limit: the flush of figures that writes them holds the writer every status change waits for.
-pub(super) async fn write_models(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeLists)]) -> anyhow::Result<()> {
+pub(super) async fn write_models(conn: &mut SqliteConnection, nodes: &[(Uuid, &NodeLists)]) -> Result<(), StoreError> {
     let ids: Vec<String> = nodes.iter().map(|(id, _)| id.to_string()).collect();
     for chunk in ids.chunks(MAX_BINDS) {
         let mut delete = QueryBuilder::<Sqlite>::new("DELETE FROM node_loaded_models WHERE node_id IN (");
@@ -236,7 +241,7 @@ pub(super) async fn write_models(conn: &mut SqliteConnection, nodes: &[(Uuid, &N
 }
 
 /// Rewrites the copy on each of these nodes' rows (those that exist).
-async fn update_copies(conn: &mut SqliteConnection, copies: &[(&str, String)]) -> anyhow::Result<()> {
+async fn update_copies(conn: &mut SqliteConnection, copies: &[(&str, String)]) -> Result<(), StoreError> {
     for chunk in copies.chunks(MAX_BINDS / 2) {
         let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, lists) AS (");
         update.push_values(chunk, |mut row, (id, copy)| {
@@ -255,7 +260,7 @@ async fn insert<'a, T>(
     columns: usize,
     rows: &'a [T],
     mut bind: impl FnMut(&mut Separated<'_, Sqlite, &'static str>, &'a T),
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     for chunk in rows.chunks(MAX_BINDS / columns) {
         let mut insert = QueryBuilder::<Sqlite>::new(head);
         insert.push_values(chunk, |mut row, item| bind(&mut row, item));

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::lists;
 use crate::model::node::NodeLists;
-use crate::store::{NodeBatches, StoredNode, rows};
+use crate::store::{NodeBatches, StoreError, StoredNode, rows};
 
 /// Parts the fleet is read in, at once: one per core of the 2-core reference machine (a reader connection each).
 const PARTS: i64 = 2;
@@ -23,7 +23,7 @@ const PARTS: i64 = 2;
 const BATCH: usize = 1024;
 
 /// Reads every node in [`PARTS`] parts by row id, at once; the batches come in any order.
-pub(super) async fn node_batches(reader: &SqlitePool) -> anyhow::Result<NodeBatches> {
+pub(super) async fn node_batches(reader: &SqlitePool) -> Result<NodeBatches, StoreError> {
     let (first, last): (Option<i64>, Option<i64>) =
         sqlx::query_as("SELECT MIN(rowid), MAX(rowid) FROM nodes").fetch_one(reader).await?;
     let (sender, batches) = mpsc::channel(4 * PARTS as usize);
@@ -41,7 +41,7 @@ pub(super) async fn node_batches(reader: &SqlitePool) -> anyhow::Result<NodeBatc
 }
 
 /// Reads the nodes whose row ids lie in `from..=to` and sends them in batches; a failure is sent as the last one.
-async fn read_part(reader: SqlitePool, from: i64, to: i64, batches: mpsc::Sender<anyhow::Result<Vec<StoredNode>>>) {
+async fn read_part(reader: SqlitePool, from: i64, to: i64, batches: mpsc::Sender<Result<Vec<StoredNode>, StoreError>>) {
     let read = async {
         let mut conn = reader.acquire().await?;
         let mut batch = Vec::with_capacity(BATCH);
@@ -59,7 +59,7 @@ async fn read_part(reader: SqlitePool, from: i64, to: i64, batches: mpsc::Sender
                 if batch.len() == BATCH {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
                     if batches.send(Ok(full)).await.is_err() {
-                        return anyhow::Ok(None);
+                        return Ok::<_, StoreError>(None);
                     }
                 }
             }
@@ -86,7 +86,7 @@ async fn read_part(reader: SqlitePool, from: i64, to: i64, batches: mpsc::Sender
 /// Every node with its lists and token hash, one row per node: the lists come from the copy on the node's
 /// row, so start-up does not read the fleet's million child rows. A database whose rows lack that copy
 /// (written by something other than the router) is read from the child tables instead, merged in key order.
-pub(super) async fn load_nodes(reader: &SqlitePool) -> anyhow::Result<Vec<StoredNode>> {
+pub(super) async fn load_nodes(reader: &SqlitePool) -> Result<Vec<StoredNode>, StoreError> {
     let mut conn = reader.acquire().await?;
     let mut nodes: Vec<StoredNode> = Vec::new();
     let mut complete = true;

@@ -4,23 +4,24 @@
 //! queues in order instead of failing with `SQLITE_BUSY`; reads use a small pool of their own (WAL lets them run
 //! beside the writer).
 //!
-//! Every write is one transaction on the writer connection (`Writer`, through `write_tx!` or a group commit). A write that fails (full disk, I/O error) is undone whole and reported as a [`StorageFault`]; the
-//! writer connection is then closed and a fresh one opened for the next write, so a connection whose transaction
-//! SQLite already rolled back on its own can never make a later write join a transaction that is never committed.
+//! Every write is one transaction on the writer connection (`Writer`, through `write_tx!` or a group commit). A
+//! write that fails (full disk, I/O error) is undone whole and reported as a [`StoreError::Fault`]; the writer
+//! connection is then closed and a fresh one opened for the next write, so a connection whose transaction SQLite
+//! already rolled back on its own can never make a later write join a transaction that is never committed.
 //!
-//! Files: `writer.rs` (the writer connection), `load.rs` (start-up), `commit.rs` (group commits of registrations
-//! and of status transitions), `nodes.rs` (node writes and events), `lists.rs` (the one writer of a node's lists),
-//! `auth.rs` (users, sessions, keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log), `fleet.rs` (fleet
-//! events).
-//!
-//! [`StorageFault`]: crate::store::StorageFault
+//! Each file implements its part of the contract for this backend, with no layer in between: `nodes.rs`
+//! ([`NodeStore`](crate::store::NodeStore): node writes and events, with `load.rs` for start-up, `commit.rs` for the
+//! group commits of registrations and status changes, `lists.rs` the one writer of a node's lists), `auth.rs`
+//! (users, sessions, keys), `enrollment.rs` (join tokens), `audit.rs` (the audit log), `fleet_events.rs`. `writer.rs`
+//! is the writer connection, `file.rs` the watch on the database file; the statements both backends share are in
+//! `store/sql.rs`.
 
 mod audit;
 mod auth;
 mod commit;
 mod enrollment;
 mod file;
-mod fleet;
+mod fleet_events;
 pub(in crate::store) mod lists;
 mod load;
 mod nodes;
@@ -35,20 +36,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::future::BoxFuture;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use uuid::Uuid;
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-use crate::clock::Millis;
-use crate::model::audit::{AuditEvent, RecordedAudit};
-use crate::model::auth::{Principal, TokenHash};
-use crate::model::enrollment::{JoinToken, JoinUse};
-use crate::model::fleet::FleetEvent;
-use crate::model::node::{Node, NodeEvent, RecordedEvent};
-use crate::store::{
-    ApiKeyRow, AuditQuery, Availability, DeleteUserError, Figures, InsertError, NewNode, NodeBatches, Storage,
-    StoreResult, StoredNode, UserRow,
-};
-use writer::{Writer, WriterPool, classify, write_tx};
+use crate::store::{Availability, Storage, StoreError, StoreResult};
+use writer::{Writer, WriterPool, write_tx};
 
 /// Migrations, embedded in the binary and applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -158,8 +150,13 @@ impl SqliteStore {
     }
 
     /// The writer connection, for one write transaction (see [`write_tx!`], which wraps this).
-    async fn writer(&self) -> anyhow::Result<Writer> {
+    async fn writer(&self) -> Result<Writer, StoreError> {
         Writer::acquire(&self.writer).await
+    }
+
+    /// A reader connection, beside the writer.
+    async fn reader(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        Ok(self.reader.acquire().await?)
     }
 
     /// Sets the size of the write-ahead log over which a write starts it over (default [`WAL_LIMIT_BYTES`]).
@@ -194,7 +191,7 @@ impl SqliteStore {
     /// (SQLite's passive checkpoint). Run every 250 ms in the background, so that the checkpoint a write does when
     /// the log is over its limit has little left to copy. Skipped while the writer checkpoints. Returns the log's
     /// size in pages, when it ran.
-    pub async fn checkpoint(&self) -> anyhow::Result<Option<i64>> {
+    pub async fn checkpoint(&self) -> Result<Option<i64>, StoreError> {
         let Ok(_checkpointing) = self.writer.checkpointing.try_lock() else { return Ok(None) };
         let (_busy, log_pages, _copied): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&self.checkpointer).await?;
@@ -212,189 +209,9 @@ impl SqliteStore {
     }
 }
 
-/// Every answer of the store has its storage errors marked [`crate::store::StorageFault`], reads included.
-macro_rules! classified {
-    ($body:expr) => {
-        Box::pin(async move { $body.await.map_err(classify) })
-    };
-}
-
 impl Storage for SqliteStore {
-    fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>> {
-        classified!(load::load_nodes(&self.reader))
-    }
-
-    fn node_batches(&self) -> StoreResult<'_, NodeBatches> {
-        classified!(load::node_batches(&self.reader))
-    }
-
-    fn insert_node(
-        &self,
-        node: Node,
-        token: TokenHash,
-        events: Vec<NodeEvent>,
-        join: Option<JoinUse>,
-    ) -> BoxFuture<'_, Result<(), InsertError>> {
-        Box::pin(commit::insert_node(&self.inserts, node, token, events, join))
-    }
-
-    fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>> {
-        classified!(self.import_nodes(nodes))
-    }
-
-    fn reregister_node<'a>(
-        &'a self,
-        node: &'a Node,
-        token: TokenHash,
-        now: Millis,
-        events: &'a [NodeEvent],
-        join: Option<&'a JoinUse>,
-    ) -> BoxFuture<'a, Result<(), InsertError>> {
-        Box::pin(async move {
-            self.reregister_node(node, token, now, events, join).await.map_err(|err| match err {
-                InsertError::Other(err) => InsertError::Other(classify(err)),
-                refused => refused,
-            })
-        })
-    }
-
-    fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
-        classified!(commit::record_transition(&self.transitions, node, event))
-    }
-
-    fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()> {
-        classified!(self.update_admin_fields(node))
-    }
-
-    fn delete_node<'a>(&'a self, id: Uuid, event: &'a NodeEvent) -> StoreResult<'a, ()> {
-        classified!(self.delete_node(id, event))
-    }
-
-    fn flush_figures<'a>(&'a self, batch: &'a [Figures]) -> StoreResult<'a, ()> {
-        classified!(self.flush_figures(batch))
-    }
-
-    fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> StoreResult<'_, Vec<RecordedEvent>> {
-        classified!(self.node_events(id, limit, before))
-    }
-
-    fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64> {
-        classified!(self.prune_events(cutoff))
-    }
-
-    fn insert_fleet_event<'a>(&'a self, event: &'a FleetEvent) -> StoreResult<'a, i64> {
-        classified!(self.insert_fleet_event(event))
-    }
-
-    fn resolve_fleet_event<'a>(
-        &'a self,
-        id: i64,
-        at: Millis,
-        by: Option<&'a str>,
-        resolution: &'a str,
-    ) -> StoreResult<'a, bool> {
-        classified!(self.resolve_fleet_event(id, at, by, resolution))
-    }
-
-    fn grow_fleet_event<'a>(
-        &'a self,
-        id: i64,
-        nodes_affected: u64,
-        nodes_live: u64,
-        message: &'a str,
-    ) -> StoreResult<'a, bool> {
-        classified!(self.grow_fleet_event(id, nodes_affected, nodes_live, message))
-    }
-
-    fn fleet_events(&self, limit: u32) -> StoreResult<'_, Vec<FleetEvent>> {
-        classified!(self.fleet_events(limit))
-    }
-
-    fn count_users(&self) -> StoreResult<'_, i64> {
-        classified!(self.count_users())
-    }
-
-    fn insert_user<'a>(&'a self, user: &'a UserRow) -> StoreResult<'a, bool> {
-        classified!(self.insert_user(user))
-    }
-
-    fn user<'a>(&'a self, username: &'a str) -> StoreResult<'a, Option<UserRow>> {
-        classified!(self.user(username))
-    }
-
-    fn users(&self) -> StoreResult<'_, Vec<UserRow>> {
-        classified!(self.users())
-    }
-
-    fn delete_user<'a>(&'a self, username: &'a str) -> BoxFuture<'a, Result<(), DeleteUserError>> {
-        Box::pin(async move {
-            self.delete_user(username).await.map_err(|err| match err {
-                DeleteUserError::Other(err) => DeleteUserError::Other(classify(err)),
-                refused => refused,
-            })
-        })
-    }
-
-    fn insert_session<'a>(
-        &'a self,
-        hash: TokenHash,
-        username: &'a str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> StoreResult<'a, ()> {
-        classified!(self.insert_session(hash, username, now, expires_at))
-    }
-
-    fn delete_session(&self, hash: TokenHash) -> StoreResult<'_, ()> {
-        classified!(self.delete_session(hash))
-    }
-
-    fn principal(&self, hash: TokenHash, now: Millis) -> StoreResult<'_, Option<Principal>> {
-        classified!(self.principal(hash, now))
-    }
-
-    fn insert_api_key<'a>(&'a self, key: &'a ApiKeyRow, hash: TokenHash) -> StoreResult<'a, ()> {
-        classified!(self.insert_api_key(key, hash))
-    }
-
-    fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>> {
-        classified!(self.api_keys())
-    }
-
-    fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool> {
-        classified!(self.delete_api_key(id))
-    }
-
-    fn insert_join_token<'a>(&'a self, token: &'a JoinToken) -> StoreResult<'a, ()> {
-        classified!(self.insert_join_token(token))
-    }
-
-    fn join_tokens(&self) -> StoreResult<'_, Vec<JoinToken>> {
-        classified!(self.join_tokens())
-    }
-
-    fn join_token(&self, hash: TokenHash) -> StoreResult<'_, Option<JoinToken>> {
-        classified!(self.join_token(hash))
-    }
-
-    fn revoke_join_token(&self, id: Uuid, at: Millis) -> StoreResult<'_, bool> {
-        classified!(self.revoke_join_token(id, at))
-    }
-
-    fn insert_audit<'a>(&'a self, events: &'a [AuditEvent]) -> StoreResult<'a, ()> {
-        classified!(self.insert_audit(events))
-    }
-
-    fn audit_events<'a>(&'a self, page: AuditQuery<'a>) -> StoreResult<'a, Vec<RecordedAudit>> {
-        classified!(self.audit_events(page))
-    }
-
-    fn prune_audit(&self, cutoff: Millis) -> StoreResult<'_, u64> {
-        classified!(self.prune_audit(cutoff))
-    }
-
     fn upkeep(&self) -> StoreResult<'_, ()> {
-        classified!(async {
+        Box::pin(async {
             self.writer.file.check()?;
             self.checkpoint().await.map(|_| ())
         })

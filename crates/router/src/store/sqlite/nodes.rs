@@ -1,4 +1,5 @@
-//! Writes of nodes, their tokens and their events; reads of a node's history.
+//! [`NodeStore`] on SQLite: nodes, their tokens and their events written, a node's history read. Registrations and
+//! status changes go through the group commits of `commit.rs`, start-up through `load.rs`, lists through `lists.rs`.
 
 use std::collections::HashSet;
 
@@ -8,66 +9,83 @@ use sqlx::sqlite::Sqlite;
 use sqlx::{QueryBuilder, SqliteConnection};
 use uuid::Uuid;
 
-use super::enrollment::use_join_token;
 use super::lists::{self, Rows};
-use super::{SqliteStore, write_tx};
+use super::{SqliteStore, commit, load, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
 use crate::model::figures::PackedMetrics;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
-use crate::store::{EVENTS_PER_NODE, Figures, InsertError, NewNode, rows};
+use crate::store::sql::{PRUNE_BATCH, sqlite as sql};
+use crate::store::{EVENTS_PER_NODE, Figures, NewNode, NodeBatches, NodeStore, StoreError, StoreResult, StoredNode};
 
-impl SqliteStore {
-    /// Adds nodes as they are (an import, a seeded fleet), many per statement, in one transaction. A node whose id,
-    /// or machine name and port, is already stored is left out. Returns the ids added.
-    pub(super) async fn import_nodes(&self, nodes: &[NewNode]) -> anyhow::Result<Vec<Uuid>> {
-        write_tx!(self, |tx| async {
-            let mut added = Vec::new();
-            for chunk in nodes.chunks(NODES_PER_STATEMENT) {
-                let mut insert = QueryBuilder::<Sqlite>::new(INSERT_NODE);
-                insert.push_values(chunk, |mut row, new| bind_node(&mut row, &new.node));
-                insert.push(" ON CONFLICT DO NOTHING RETURNING id");
-                let ids: Vec<String> = insert.build_query_scalar().fetch_all(&mut *tx).await?;
-                let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
-                let fresh: Vec<&NewNode> =
-                    chunk.iter().filter(|new| ids.contains(new.node.id.to_string().as_str())).collect();
-                let node_lists: Vec<NodeLists> = fresh.iter().map(|new| NodeLists::of(&new.node)).collect();
-                let pairs: Vec<(Uuid, &NodeLists)> =
-                    fresh.iter().zip(&node_lists).map(|(new, lists)| (new.node.id, lists)).collect();
-                lists::write(tx, &pairs, Rows::New).await?;
-                for new in &fresh {
-                    if let Some(token) = new.token {
-                        write_token(tx, new.node.id, token, new.node.registered_at).await?;
+impl NodeStore for SqliteStore {
+    fn load_nodes(&self) -> StoreResult<'_, Vec<StoredNode>> {
+        Box::pin(load::load_nodes(&self.reader))
+    }
+
+    fn node_batches(&self) -> StoreResult<'_, NodeBatches> {
+        Box::pin(load::node_batches(&self.reader))
+    }
+
+    fn insert_node(
+        &self,
+        node: Node,
+        token: TokenHash,
+        events: Vec<NodeEvent>,
+        join: Option<JoinUse>,
+    ) -> StoreResult<'_, ()> {
+        Box::pin(commit::insert_node(&self.inserts, node, token, events, join))
+    }
+
+    /// Adds nodes as they are (an import, a seeded fleet), many per statement, in one transaction.
+    fn import_nodes<'a>(&'a self, nodes: &'a [NewNode]) -> StoreResult<'a, Vec<Uuid>> {
+        Box::pin(async move {
+            write_tx!(self, |tx| async {
+                let mut added = Vec::new();
+                for chunk in nodes.chunks(NODES_PER_STATEMENT) {
+                    let mut insert = QueryBuilder::<Sqlite>::new(INSERT_NODE);
+                    insert.push_values(chunk, |mut row, new| bind_node(&mut row, &new.node));
+                    insert.push(" ON CONFLICT DO NOTHING RETURNING id");
+                    let ids: Vec<String> = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+                    let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+                    let fresh: Vec<&NewNode> =
+                        chunk.iter().filter(|new| ids.contains(new.node.id.to_string().as_str())).collect();
+                    let node_lists: Vec<NodeLists> = fresh.iter().map(|new| NodeLists::of(&new.node)).collect();
+                    let pairs: Vec<(Uuid, &NodeLists)> =
+                        fresh.iter().zip(&node_lists).map(|(new, lists)| (new.node.id, lists)).collect();
+                    lists::write(tx, &pairs, Rows::New).await?;
+                    for new in &fresh {
+                        if let Some(token) = new.token {
+                            write_token(tx, new.node.id, token, new.node.registered_at).await?;
+                        }
                     }
+                    write_events(tx, fresh.iter().flat_map(|new| &new.events)).await?;
+                    added.extend(fresh.iter().map(|new| new.node.id));
                 }
-                write_events(tx, fresh.iter().flat_map(|new| &new.events)).await?;
-                added.extend(fresh.iter().map(|new| new.node.id));
-            }
-            anyhow::Ok(added)
+                Ok::<_, StoreError>(added)
+            })
         })
     }
 
     /// Rewrites a re-registered node's descriptive fields, lists, status and token in one transaction, with its
     /// events, counting the use of the join token it came with.
-    pub(super) async fn reregister_node(
-        &self,
-        node: &Node,
+    fn reregister_node<'a>(
+        &'a self,
+        node: &'a Node,
         token: TokenHash,
         now: Millis,
-        events: &[NodeEvent],
-        join: Option<&JoinUse>,
-    ) -> Result<(), InsertError> {
-        let mut writer = self.writer().await?;
-        let result = async {
-            let mut tx = writer.begin().await?;
-            if let Some(join) = join {
-                use_join_token(&mut tx, join).await?;
-            }
-            let written: anyhow::Result<()> = async {
+        events: &'a [NodeEvent],
+        join: Option<&'a JoinUse>,
+    ) -> StoreResult<'a, ()> {
+        Box::pin(async move {
+            write_tx!(self, |tx| async {
+                if let Some(join) = join {
+                    sql::use_join_token(tx, join).await?;
+                }
                 sqlx::query(
                     "UPDATE nodes SET ip_address = ?, runtime_version = ?, status = ?, approved_at = ?, \
-                     approved_by = ?, join_token = ? WHERE id = ?",
+                 approved_by = ?, join_token = ? WHERE id = ?",
                 )
                 .bind(&node.ip_address)
                 .bind(&node.runtime_version)
@@ -78,46 +96,40 @@ impl SqliteStore {
                 .bind(node.id.to_string())
                 .execute(&mut *tx)
                 .await?;
-                lists::write(&mut tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await?;
-                write_token(&mut tx, node.id, token, now).await?;
-                write_events(&mut tx, events).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-            .await;
-            written.map_err(InsertError::Other)
-        }
-        .await;
-        match result {
-            Ok(()) => writer.finish(anyhow::Ok(())).await.map_err(InsertError::Other),
-            Err(InsertError::Other(err)) => writer.finish::<()>(Err(err)).await.map_err(InsertError::Other),
-            // A refused join token: the transaction was dropped, so undone, and the connection is sound.
-            Err(refused) => {
-                writer.finish(anyhow::Ok(())).await.map_err(InsertError::Other)?;
-                Err(refused)
-            }
-        }
+                lists::write(tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await?;
+                write_token(tx, node.id, token, now).await?;
+                write_events(tx, events).await
+            })
+        })
+    }
+
+    fn record_transition<'a>(&'a self, node: &'a Node, event: &'a NodeEvent) -> StoreResult<'a, ()> {
+        Box::pin(commit::record_transition(&self.transitions, node, event))
     }
 
     /// Persists the fields an administrator edits.
-    pub(super) async fn update_admin_fields(&self, node: &Node) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query("UPDATE nodes SET display_name = ?, notes = ?, max_concurrency = ? WHERE id = ?")
-                .bind(&node.display_name)
-                .bind(&node.notes)
-                .bind(node.max_concurrency)
-                .bind(node.id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            lists::write(tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await
+    fn update_admin_fields<'a>(&'a self, node: &'a Node) -> StoreResult<'a, ()> {
+        Box::pin(async move {
+            write_tx!(self, |tx| async {
+                sqlx::query("UPDATE nodes SET display_name = ?, notes = ?, max_concurrency = ? WHERE id = ?")
+                    .bind(&node.display_name)
+                    .bind(&node.notes)
+                    .bind(node.max_concurrency)
+                    .bind(node.id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                lists::write(tx, &[(node.id, &NodeLists::of(node))], Rows::Replace).await
+            })
         })
     }
 
     /// Removes a node with its lists and token; its events stay as the audit trail, plus one for the deletion.
-    pub(super) async fn delete_node(&self, id: Uuid, event: &NodeEvent) -> anyhow::Result<()> {
-        write_tx!(self, |tx| async {
-            sqlx::query("DELETE FROM nodes WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
-            write_events(tx, [event]).await
+    fn delete_node<'a>(&'a self, id: Uuid, event: &'a NodeEvent) -> StoreResult<'a, ()> {
+        Box::pin(async move {
+            write_tx!(self, |tx| async {
+                sqlx::query("DELETE FROM nodes WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+                write_events(tx, [event]).await
+            })
         })
     }
 
@@ -129,72 +141,51 @@ impl SqliteStore {
     /// heartbeats that turned those nodes online waited for their commits (SPEC §10: p99 < 20 ms in a storm). Between
     /// two chunks the writer takes the commits waiting for it. A chunk that fails leaves the earlier ones written; the
     /// caller writes the whole batch again, which rewrites them with the same figures.
-    pub(super) async fn flush_figures(&self, batch: &[Figures]) -> anyhow::Result<()> {
-        for chunk in flush_chunks(batch) {
-            write_tx!(self, |tx| async {
-                // One statement per chunk, not per node: each statement is a round trip to the database thread.
-                let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
-                update.push_values(chunk, |mut row, figures| {
-                    row.push_bind(figures.node_id.to_string())
-                        .push_bind(figures.last_seen_at)
-                        .push_bind(metrics_json(&figures.metrics));
-                });
-                update.push(
+    fn flush_figures<'a>(&'a self, batch: &'a [Figures]) -> StoreResult<'a, ()> {
+        Box::pin(async move {
+            for chunk in flush_chunks(batch) {
+                write_tx!(self, |tx| async {
+                    // One statement per chunk, not per node: each statement is a round trip to the database thread.
+                    let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
+                    update.push_values(chunk, |mut row, figures| {
+                        row.push_bind(figures.node_id.to_string())
+                            .push_bind(figures.last_seen_at)
+                            .push_bind(metrics_json(&figures.metrics));
+                    });
+                    update.push(
                     ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
                 );
-                update.build().execute(&mut *tx).await?;
-                // Models changed: the node's models and the copy of its lists are written anew, unless it was deleted
-                // meanwhile (its other lists change only with a registration or an edit, written there).
-                let changed: Vec<(Uuid, &NodeLists)> =
-                    chunk.iter().filter_map(|figures| Some((figures.node_id, figures.lists.as_ref()?))).collect();
-                if changed.is_empty() {
-                    return anyhow::Ok(());
-                }
-                lists::write_models(tx, &changed).await
-            })?;
-        }
-        Ok(())
+                    update.build().execute(&mut *tx).await?;
+                    // Models changed: the node's models and the copy of its lists are written anew, unless it was deleted
+                    // meanwhile (its other lists change only with a registration or an edit, written there).
+                    let changed: Vec<(Uuid, &NodeLists)> =
+                        chunk.iter().filter_map(|figures| Some((figures.node_id, figures.lists.as_ref()?))).collect();
+                    if changed.is_empty() {
+                        return Ok(());
+                    }
+                    lists::write_models(tx, &changed).await
+                })?;
+            }
+            Ok(())
+        })
     }
 
-    /// A page of a node's history, newest first: at most `limit` events older than the event `before` (all when
-    /// `None`).
-    pub(super) async fn node_events(
-        &self,
-        id: Uuid,
-        limit: u32,
-        before: Option<i64>,
-    ) -> anyhow::Result<Vec<RecordedEvent>> {
-        let rows = sqlx::query(
-            "SELECT id, node_id, at, from_status, to_status, reason, actor FROM node_events \
-             WHERE node_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
-        )
-        .bind(id.to_string())
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(rows::node_event).collect()
+    fn node_events(&self, id: Uuid, limit: u32, before: Option<i64>) -> StoreResult<'_, Vec<RecordedEvent>> {
+        Box::pin(async move { sql::node_events(&mut *self.reader().await?, id, limit, before).await })
     }
 
-    /// Removes events recorded before `cutoff`; returns how many.
-    pub(super) async fn prune_events(&self, cutoff: Millis) -> anyhow::Result<u64> {
-        self.prune_before("node_events", cutoff).await
+    fn prune_events(&self, cutoff: Millis) -> StoreResult<'_, u64> {
+        Box::pin(self.prune_before("node_events", cutoff))
     }
+}
 
+impl SqliteStore {
     /// Removes the rows of `table` (with `id` and `at` columns) from before `cutoff`, a bounded batch per
     /// transaction so that the writer is never held for long. Returns how many were removed.
-    pub(super) async fn prune_before(&self, table: &'static str, cutoff: Millis) -> anyhow::Result<u64> {
-        let sql = format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE at < ? LIMIT ?)");
+    pub(super) async fn prune_before(&self, table: &'static str, cutoff: Millis) -> Result<u64, StoreError> {
         let mut removed = 0;
         loop {
-            let batch = write_tx!(self, |tx| async {
-                let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                    .bind(cutoff)
-                    .bind(PRUNE_BATCH)
-                    .execute(&mut *tx)
-                    .await?;
-                anyhow::Ok(done.rows_affected())
-            })?;
+            let batch = write_tx!(self, |tx| sql::prune_batch(tx, table, cutoff))?;
             removed += batch;
             if batch < PRUNE_BATCH as u64 {
                 return Ok(removed);
@@ -202,9 +193,6 @@ impl SqliteStore {
         }
     }
 }
-
-/// Rows removed per transaction by [`SqliteStore::prune_before`].
-const PRUNE_BATCH: i64 = 10_000;
 
 /// The columns of a node's row, the copy of its lists included ([`lists::encode_node`]); its child rows go through
 /// [`lists::write`], its token through [`write_token`].
@@ -267,8 +255,8 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(node.conditions.encode());
 }
 
-/// Inserts one node's row; a duplicate comes back as the database's unique violation.
-pub(super) async fn insert_row(conn: &mut SqliteConnection, node: &Node) -> Result<(), sqlx::Error> {
+/// Inserts one node's row; a duplicate comes back as [`StoreError::Duplicate`].
+pub(super) async fn insert_row(conn: &mut SqliteConnection, node: &Node) -> Result<(), StoreError> {
     let mut insert = QueryBuilder::<Sqlite>::new(INSERT_NODE);
     insert.push_values([node], |mut row, node| bind_node(&mut row, node));
     insert.build().execute(&mut *conn).await?;
@@ -284,7 +272,7 @@ pub(super) async fn write_token(
     id: Uuid,
     token: TokenHash,
     now: Millis,
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES (?, ?, ?) \
          ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
@@ -301,7 +289,7 @@ pub(super) async fn write_token(
 pub(super) async fn write_events<'a>(
     conn: &mut SqliteConnection,
     events: impl IntoIterator<Item = &'a NodeEvent>,
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     let events: Vec<&NodeEvent> = events.into_iter().collect();
     // Six values each, well under SQLite's limit of 32,766.
     for chunk in events.chunks(5_000) {
@@ -329,7 +317,7 @@ pub(super) async fn write_events<'a>(
 pub(super) async fn write_transitions(
     tx: &mut SqliteConnection,
     changes: &[(&Node, &NodeEvent)],
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     // Seven values a row, well under SQLite's limit of 32,766 bound values: a group is at most a few hundred.
     let mut last = std::collections::HashMap::with_capacity(changes.len());
     for (node, _) in changes {

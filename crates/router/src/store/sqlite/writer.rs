@@ -1,5 +1,5 @@
-//! The writer connection: one write transaction at a time, undone whole and reported as a [`StorageFault`] when
-//! it fails, and the write-ahead log kept bounded after each commit.
+//! The writer connection: one write transaction at a time, undone whole and reported as a [`StoreError`] when it
+//! fails, and the write-ahead log kept bounded after each commit.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,33 +12,13 @@ use sqlx::{Connection, Transaction};
 
 use super::BUSY_TIMEOUT;
 use super::file::FileWatch;
-use crate::store::{StorageFault, fault_of, mark};
+use crate::store::StoreError;
 
 /// How long the writer's checkpoint waits for readers to leave the write-ahead log, and how long it then leaves the
 /// log alone when they did not: a reader that stays (an online backup holds one for its whole copy) must not make
 /// every write wait.
 const CHECKPOINT_READER_WAIT: Duration = Duration::from_millis(200);
 const CHECKPOINT_RETRY_AFTER: Duration = Duration::from_secs(5);
-
-/// True for errors of the storage itself, as opposed to a refused statement (a constraint, a bug).
-fn is_storage_error(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Database(db) => {
-            let code = db.code().and_then(|code| code.parse::<i32>().ok()).unwrap_or(0);
-            // Primary result codes: BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL,
-            // NOTADB.
-            matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 15 | 26)
-        }
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        _ => false,
-    }
-}
-
-/// Marks `err` as a [`StorageFault`] when a storage error is among its causes.
-pub(super) fn classify(err: anyhow::Error) -> anyhow::Error {
-    let fault = err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_storage_error);
-    if fault { mark(err, StorageFault::Failed) } else { err }
-}
 
 /// The writer connection's pool (of one), with what every write needs beside it.
 #[derive(Debug, Clone)]
@@ -72,44 +52,47 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Waits for the writer connection of `pool` (a pool of one).
-    pub(super) async fn acquire(pool: &WriterPool) -> anyhow::Result<Writer> {
+    pub(super) async fn acquire(pool: &WriterPool) -> Result<Writer, StoreError> {
         if let Err(lost) = pool.file.gate() {
             pool.faults.fetch_add(1, Ordering::Relaxed);
-            return Err(anyhow::Error::new(lost));
+            return Err(lost.into());
         }
         let conn = pool.pool.acquire().await.map_err(|err| {
             pool.faults.fetch_add(1, Ordering::Relaxed);
-            classify(err.into())
+            StoreError::from(err)
         })?;
         Ok(Writer { conn, shared: pool.clone() })
     }
 
     /// Starts the transaction, once the database file is seen to be the one opened.
-    pub(super) async fn begin(&mut self) -> anyhow::Result<Transaction<'_, Sqlite>> {
+    pub(super) async fn begin(&mut self) -> Result<Transaction<'_, Sqlite>, StoreError> {
         self.shared.file.check()?;
         Ok(self.conn.begin().await?)
     }
 
-    /// Settles a write: on success the connection goes back to the pool; on failure it is closed, and a storage
-    /// error comes back marked as [`StorageFault`].
-    pub(super) async fn finish<T>(mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    /// Settles a write: on success the connection goes back to the pool. A refusal (a duplicate, the last
+    /// administrator…) was undone with its transaction and keeps the connection; on any other failure the
+    /// connection is closed, and a storage fault is counted.
+    pub(super) async fn finish<T>(mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         // A commit to a file deleted or replaced meanwhile is as good as lost: not acknowledged.
-        let result = result.and_then(|value| self.shared.file.check().map(|()| value).map_err(anyhow::Error::new));
+        let result = result.and_then(|value| self.shared.file.check().map(|()| value).map_err(StoreError::from));
         match result {
             Ok(value) => {
                 self.keep_log_bounded().await;
                 Ok(value)
             }
-            Err(err) if fault_of(&err) == Some(StorageFault::Lost) => {
+            Err(
+                err @ (StoreError::Duplicate | StoreError::JoinToken(_) | StoreError::NotFound | StoreError::LastAdmin),
+            ) => Err(err),
+            Err(err) if err.fault() == Some(crate::store::StorageFault::Lost) => {
                 self.shared.faults.fetch_add(1, Ordering::Relaxed);
                 Err(err)
             }
             Err(err) => {
-                let err = classify(err);
-                if fault_of(&err).is_some() {
+                if err.fault().is_some() {
                     self.shared.faults.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::warn!(error = %format!("{err:#}"), "a database write failed and was undone; the writer connection is reopened for the next write");
+                tracing::warn!(error = %err, "a database write failed and was undone; the writer connection is reopened for the next write");
                 if let Err(close) = self.conn.close().await {
                     tracing::debug!(error = %close, "closing the writer connection after a failed write");
                 }
@@ -170,11 +153,12 @@ impl Writer {
     }
 }
 
-/// Runs the statements of `$body` (an async block using `$tx: &mut SqliteConnection`) in one write transaction.
+/// Runs the statements of `$body` (an async block using `$tx: &mut SqliteConnection`, answering
+/// `Result<_, StoreError>`) in one write transaction.
 macro_rules! write_tx {
     ($store:expr, |$tx:ident| $body:expr) => {{
         let mut writer = $store.writer().await?;
-        let result: anyhow::Result<_> = async {
+        let result: Result<_, $crate::store::StoreError> = async {
             let mut transaction = writer.begin().await?;
             let $tx: &mut sqlx::SqliteConnection = &mut transaction;
             let value = $body.await?;
