@@ -13,27 +13,24 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditLog;
-use crate::auth::cache::CredentialCache;
-use crate::auth::password::{self, Hasher};
-use crate::auth::throttle::LoginThrottle;
+use crate::auth::credentials::{Credentials, FirstAdmin};
+use crate::auth::password::Hasher;
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::{InferenceAuth, ServeArgs, Settings};
 use crate::legacy::{self, LegacyFile};
 use crate::metrics::Metrics;
-use crate::model::auth::Role;
 use crate::probe::Prober;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::rate_limit::bodies::BodyBudget;
-use crate::rate_limit::{self, RegistrationLimiter};
+use crate::registry::admission::Admission;
 use crate::registry::{FOLLOW_INTERVAL, Registry};
 use crate::routes;
 use crate::server;
 use crate::state::{AppInner, AppState};
 use crate::store::postgres;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Availability, NewNode, Store, UserRow};
+use crate::store::{Availability, NewNode, Store};
 use crate::tls::Tls;
-use crate::validate;
 
 /// The start of the line `llm-router serve` prints on stdout once it listens, followed by its URL
 /// (`http://ADDR` or `https://ADDR`): what scripts, tests and benchmarks wait for.
@@ -73,7 +70,17 @@ impl App {
         let offline_after_ms = i64::try_from(settings.offline_after.as_millis()).unwrap_or(i64::MAX);
         let metrics = Arc::new(Metrics::default());
         let hasher = Hasher::new(settings.hash_workers, settings.hash_queue, settings.hash_wait, metrics.clone())?;
-        create_first_admin(&store, &settings, clock.as_ref(), &hasher).await?;
+        let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
+        let credentials = Credentials::new(
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            audit.clone(),
+            hasher,
+            settings.session_ttl,
+            settings.credential_grace,
+        );
+        create_first_admin(&credentials, &settings).await?;
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone())
             .await?
             .with_gpu_max_temp_c(settings.gpu_max_temp_c);
@@ -84,10 +91,16 @@ impl App {
             );
         }
         tracing::info!(nodes = registry.len(), db = %store.describe(), "registry loaded");
-        let registration_limiter = RegistrationLimiter::new(settings.registration_rate, rate_limit::DEFAULT_CAPACITY);
-        let audit = AuditLog::start(store.clone(), clock.clone(), metrics.clone());
+        let admission = Admission::new(
+            settings.registration_mode,
+            settings.registration_rate,
+            settings.max_pending,
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            audit.clone(),
+        );
         let body_budget = BodyBudget::new(settings.max_body_memory);
-        let credentials = CredentialCache::new(settings.credential_grace);
         let router_id = uuid::Uuid::new_v4().simple().to_string();
         let proxy = Proxy::new(
             ProxySettings {
@@ -110,15 +123,12 @@ impl App {
                 clock,
                 prober,
                 metrics,
-                hasher,
-                login_throttle: LoginThrottle::default(),
-                registration_limiter,
+                admission,
                 audit,
                 tls,
                 proxy,
                 credentials,
                 body_budget,
-                join_token_throttle: LoginThrottle::default(),
                 listening: std::sync::OnceLock::new(),
             }),
         })
@@ -256,10 +266,7 @@ fn follow_other_routers(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<J
                 tokio::select! {
                     _ = shared.signals().credentials.notified() => {
                         for revoked in shared.signals().take_revoked() {
-                            match revoked {
-                                Some(revoked) => state.credentials.revoke(&revoked),
-                                None => state.credentials.clear(),
-                            }
+                            state.credentials.announced(revoked);
                         }
                     }
                     _ = stop.changed() => return,
@@ -379,40 +386,19 @@ fn ensure_writable_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_first_admin(
-    store: &Store,
-    settings: &Settings,
-    clock: &dyn Clock,
-    hasher: &Hasher,
-) -> anyhow::Result<()> {
-    if store.count_users().await? > 0 {
-        return Ok(());
-    }
-    let (password, generated) = match &settings.admin_password {
-        Some(password) if !password.is_empty() => (password.clone(), false),
-        _ => (password::generate(), true),
-    };
-    if let Some(problem) = validate::password_problem(&password) {
-        anyhow::bail!("the first administrator's password {problem}");
-    }
-    let user = UserRow {
-        username: settings.admin_username.clone(),
-        password_hash: hasher.hash(password.clone()).await?,
-        role: Role::Admin,
-        created_at: clock.now_ms(),
-    };
-    if !store.insert_user(&user).await? {
-        // Another router sharing the database created it first (SPEC §11).
-        return Ok(());
-    }
-    if generated {
+/// Creates the first administrator when there is no user yet (SPEC §9): with `LLM_ROUTER_ADMIN_PASSWORD`, or a
+/// generated password printed once on the console.
+async fn create_first_admin(credentials: &Credentials, settings: &Settings) -> anyhow::Result<()> {
+    let created = credentials.ensure_first_admin(&settings.admin_username, settings.admin_password.as_deref()).await?;
+    match created {
         // Printed once, on the console, and never again: it is not stored anywhere in clear.
-        println!(
-            "llm-router created administrator `{}` with password: {password}\n(shown only now; set LLM_ROUTER_ADMIN_PASSWORD to choose it)",
-            user.username
-        );
-    } else {
-        tracing::info!(username = %user.username, "created administrator from LLM_ROUTER_ADMIN_PASSWORD");
+        Some(FirstAdmin { username, password: Some(password) }) => println!(
+            "llm-router created administrator `{username}` with password: {password}\n(shown only now; set LLM_ROUTER_ADMIN_PASSWORD to choose it)"
+        ),
+        Some(FirstAdmin { username, password: None }) => {
+            tracing::info!(%username, "created administrator from LLM_ROUTER_ADMIN_PASSWORD")
+        }
+        None => {}
     }
     Ok(())
 }

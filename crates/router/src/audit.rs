@@ -47,7 +47,8 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// The audit log's queue.
+/// The audit log's queue; a clone records into the same queue.
+#[derive(Clone)]
 pub struct AuditLog {
     queue: mpsc::Sender<Message>,
     clock: Arc<dyn Clock>,

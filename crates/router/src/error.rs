@@ -11,6 +11,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{ErrorBody, ErrorDetail};
 
+use crate::auth::credentials::AuthError;
 use crate::auth::password::{BUSY_RETRY_AFTER_SECS, HashError};
 use crate::model::cut;
 use crate::registry::{RegistryError, join_token_problem};
@@ -300,8 +301,31 @@ impl From<RegistryError> for ApiError {
             RegistryError::NodeExists { .. } => ApiError::NodeExists(message),
             RegistryError::NotPending { .. } => ApiError::NotPending(message),
             RegistryError::JoinTokenInvalid(_) => ApiError::JoinTokenInvalid(message),
+            RegistryError::JoinTokenRequired => ApiError::JoinTokenRequired(message),
+            RegistryError::Limited { code, message, retry_after_secs } => {
+                ApiError::TooManyRequests { code, message, retry_after_secs }
+            }
             RegistryError::RevisionExpired { .. } => ApiError::RevisionExpired(message),
             RegistryError::Store(err) => err.into(),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        let message = err.to_string();
+        match err {
+            AuthError::Invalid(invalid) => invalid.into(),
+            AuthError::UnknownCredential => ApiError::Unauthorized(message),
+            AuthError::WrongPassword => ApiError::InvalidCredentials(message),
+            AuthError::Throttled { retry_after_secs } => {
+                ApiError::TooManyRequests { code: "login_throttled", message, retry_after_secs }
+            }
+            AuthError::UsernameTaken(_) | AuthError::LastAdmin(_) => ApiError::Conflict(message),
+            AuthError::NoSuchUser(_) | AuthError::NoSuchKey(_) => ApiError::NotFound(message),
+            AuthError::RoleWithoutAdminScope => ApiError::InvalidRequest(message),
+            AuthError::Hash(err) => err.into(),
+            AuthError::Store(err) => err.into(),
         }
     }
 }

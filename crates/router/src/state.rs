@@ -3,17 +3,15 @@
 use std::sync::Arc;
 
 use crate::audit::AuditLog;
-use crate::auth::cache::CredentialCache;
-use crate::auth::password::Hasher;
-use crate::auth::throttle::LoginThrottle;
+use crate::auth::credentials::Credentials;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
-use crate::rate_limit::RegistrationLimiter;
 use crate::rate_limit::bodies::BodyBudget;
 use crate::registry::Registry;
+use crate::registry::admission::Admission;
 use crate::store::Store;
 use crate::tls::Tls;
 
@@ -25,25 +23,18 @@ pub struct AppInner {
     pub clock: Arc<dyn Clock>,
     pub prober: Prober,
     pub metrics: Arc<Metrics>,
-    /// The bounded pool every password hash of a request goes through.
-    pub hasher: Hasher,
-    /// Failed sign-ins by (username, client address).
-    pub login_throttle: LoginThrottle,
-    /// Anonymous registrations by client address.
-    pub registration_limiter: RegistrationLimiter,
+    /// Users, sessions, API keys, and what a presented credential stands for.
+    pub credentials: Credentials,
+    /// Who may register a machine: join tokens, the anonymous limits.
+    pub admission: Admission,
     /// Who did what: admin actions, sign-ins, throttling decisions.
     pub audit: AuditLog,
     /// The HTTPS certificate, when the router serves HTTPS; reloaded on SIGHUP.
     pub tls: Option<Arc<Tls>>,
     /// The pool of connections to the nodes' runtimes, for `/v1`.
     pub proxy: Proxy,
-    /// Credentials accepted lately: believed for a second, and while the database is unreachable for the grace
-    /// period; a revocation forgets what it ends.
-    pub credentials: CredentialCache,
     /// The bytes of request bodies held in memory at once, all requests together.
     pub body_budget: BodyBudget,
-    /// Unknown join tokens by client address.
-    pub join_token_throttle: LoginThrottle,
     /// The address this router listens on, once it does: a node may not be registered there.
     pub listening: std::sync::OnceLock<std::net::SocketAddr>,
 }

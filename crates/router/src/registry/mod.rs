@@ -14,6 +14,7 @@
 //! silences, SPEC §10), `figures.rs` (the write-behind of figures), `state.rs` (the state machine as pure
 //! functions). The registry answers [`RegistryError`], never an HTTP status.
 
+pub mod admission;
 mod figures;
 mod fleet;
 mod index;
@@ -67,7 +68,14 @@ pub enum RegistryError {
     NodeExists { machine_name: String, port: u16, id: Uuid },
     #[error("Node {id} is {status}, not pending; only pending nodes can be approved.")]
     NotPending { id: Uuid, status: NodeStatus },
-    /// The registration's join token stopped being usable before the node was stored.
+    /// A registration without a join token where the router requires one.
+    #[error("{}", admission::join_token_required())]
+    JoinTokenRequired,
+    /// A registration refused by a limit; `code` names it (`rate_limited`, `too_many_pending`,
+    /// `join_token_throttled`).
+    #[error("{message}")]
+    Limited { code: &'static str, message: String, retry_after_secs: u64 },
+    /// The registration's join token is unknown, or stopped being usable before the node was stored.
     #[error("{}", join_token_problem(*.0))]
     JoinTokenInvalid(Unusable),
     /// `changed_since` names a revision this router cannot answer from: older than its memory of deletions (it

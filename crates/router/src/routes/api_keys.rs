@@ -6,16 +6,14 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::audit;
 use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
-use crate::auth::token::{NewToken, TokenKind};
+use crate::auth::credentials::{Actor, CreatedKey};
 use crate::clock::rfc3339;
-use crate::error::{ApiResult, bad_request, not_found};
-use crate::model::auth::{Revoked, Role, Scope};
+use crate::error::ApiResult;
+use crate::model::auth::{Role, Scope};
 use crate::state::AppState;
 use crate::store::ApiKeyRow;
-use crate::validate;
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -74,7 +72,7 @@ impl From<ApiKeyRow> for ApiKeyView {
         (status = 403, description = "The credential's role may not do this", body = ErrorBody)
     ))]
 pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Json<Vec<ApiKeyView>>> {
-    Ok(Json(state.store.api_keys().await?.into_iter().map(ApiKeyView::from).collect()))
+    Ok(Json(state.credentials.api_keys().await?.into_iter().map(ApiKeyView::from).collect()))
 }
 
 /// Create an API key (admin); the key is shown only in this answer
@@ -93,45 +91,19 @@ pub async fn create(
     ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<CreateApiKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
-    let actor = admin.name.clone();
-    let target: String = body.name.clone();
-    let result: ApiResult<(StatusCode, Json<CreatedApiKey>)> = async {
-        let name = validate::name(&body.name)?;
-        let scope = body.scope.unwrap_or(Scope::Admin);
-        let role = match (scope, body.role) {
-            (Scope::Admin, role) => role.unwrap_or(Role::Admin),
-            (Scope::Inference, None) => Role::Viewer,
-            (Scope::Inference, Some(_)) => {
-                return Err(bad_request(
-                    "`role` is for keys of scope `admin`; an `inference` key has no access to the admin API.",
-                ));
-            }
-        };
-        let key = NewToken::generate(TokenKind::ApiKey);
-        let row = ApiKeyRow {
-            id: Uuid::new_v4(),
-            name,
-            role,
-            scope,
-            created_by: admin.name,
-            created_at: state.clock.now_ms(),
-        };
-        state.store.insert_api_key(&row, key.hash()).await?;
-        Ok((
-            StatusCode::CREATED,
-            Json(CreatedApiKey {
-                id: row.id,
-                name: row.name,
-                role: row.role,
-                scope: row.scope,
-                key: key.into_plaintext(),
-                created_at: rfc3339(row.created_at),
-            }),
-        ))
-    }
-    .await;
-    audit::record(&state, &actor, client, "api_key.create", &target, &result);
-    result
+    let actor = Actor { name: &admin.name, client };
+    let CreatedKey { row, key } = state.credentials.create_api_key(actor, &body.name, body.role, body.scope).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedApiKey {
+            id: row.id,
+            name: row.name,
+            role: row.role,
+            scope: row.scope,
+            key: key.into_plaintext(),
+            created_at: rfc3339(row.created_at),
+        }),
+    ))
 }
 
 /// Revoke an API key (admin); it stops working at once
@@ -149,18 +121,6 @@ pub async fn delete(
     ClientAddr(client): ClientAddr,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let actor = admin.name.clone();
-    let target: String = id.clone();
-    let result: ApiResult<StatusCode> = async {
-        let missing = || not_found(format!("No API key with id `{id}`."));
-        let key_id = Uuid::parse_str(&id).map_err(|_| missing())?;
-        if !state.store.delete_api_key(key_id).await? {
-            return Err(missing());
-        }
-        state.credentials.revoke(&Revoked::ApiKey(key_id));
-        Ok(StatusCode::NO_CONTENT)
-    }
-    .await;
-    audit::record(&state, &actor, client, "api_key.delete", &target, &result);
-    result
+    state.credentials.delete_api_key(Actor { name: &admin.name, client }, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -10,16 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{SESSION_COOKIE, Viewer};
 use super::json::JsonBody;
-use crate::audit::Outcome;
-use crate::auth::password::{HashError, UNKNOWN_USER_HASH};
-use crate::auth::token::{NewToken, TokenKind};
+use crate::auth::credentials::Session;
 use crate::config::Settings;
-use crate::error::{ApiError, ApiResult};
-use crate::metrics::Metrics;
-use crate::model::auth::{Revoked, Role};
+use crate::error::ApiResult;
+use crate::model::auth::Role;
 use crate::net::client_addr;
 use crate::state::AppState;
-use crate::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -40,9 +36,6 @@ pub struct LoginResponse {
     token: String,
     user: UserView,
 }
-
-/// The audit log's name for a sign-in.
-const LOGIN: &str = "auth.login";
 
 /// Sign in
 ///
@@ -65,46 +58,8 @@ pub async fn login(
     headers: HeaderMap,
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> ApiResult<Response> {
-    validate::text("username", &body.username, Text::Line)?;
     let from = client_addr(peer, &headers, &state.settings.trusted_proxies);
-    // Refused before any lookup or hash: a locked pair costs the router nothing.
-    let attempt = state.login_throttle.begin(&body.username, from, state.clock.now_ms()).map_err(|throttled| {
-        Metrics::inc(&state.metrics.logins_throttled);
-        state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Throttled);
-        ApiError::TooManyRequests {
-            code: "login_throttled",
-            message: format!(
-                "Too many failed sign-ins for this username from this address; try again in {} s.",
-                throttled.retry_after_secs
-            ),
-            retry_after_secs: throttled.retry_after_secs,
-        }
-    })?;
-    let user = state.store.user(&body.username).await?;
-    // An unknown username is checked against a real hash too, so it costs the same time as a wrong password.
-    let stored = user.as_ref().map_or_else(|| UNKNOWN_USER_HASH.to_owned(), |u| u.password_hash.clone());
-    let matches = state.hasher.verify(body.password, stored, from).await.inspect_err(|err| {
-        if matches!(err, HashError::Busy) {
-            state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Throttled);
-        }
-    })?;
-    let user = match user {
-        Some(user) if matches => {
-            attempt.succeeded();
-            user
-        }
-        _ => {
-            attempt.failed(state.clock.now_ms());
-            state.audit.record(&body.username, Some(from), LOGIN, None, Outcome::Failure);
-            return Err(ApiError::InvalidCredentials("Wrong username or password.".to_owned()));
-        }
-    };
-    let token = NewToken::generate(TokenKind::Session);
-    let now = state.clock.now_ms();
-    let ttl = state.settings.session_ttl;
-    let expires = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
-    state.store.insert_session(token.hash(), &user.username, now, expires).await?;
-    state.audit.record(&user.username, Some(from), LOGIN, None, Outcome::Success);
+    let Session { token, user, ttl } = state.credentials.sign_in(&body.username, body.password, from).await?;
     let cookie = session_cookie(&state.settings, token.plaintext(), ttl.as_secs());
     let body =
         LoginResponse { token: token.into_plaintext(), user: UserView { username: user.username, role: user.role } };
@@ -123,10 +78,7 @@ pub async fn login(
         (status = 403, description = "Cookie request without X-Requested-With", body = ErrorBody)
     ))]
 pub async fn logout(State(state): State<AppState>, Viewer(principal): Viewer) -> ApiResult<Response> {
-    if let Some(session) = principal.session {
-        state.store.delete_session(session).await?;
-        state.credentials.revoke(&Revoked::Session(session));
-    }
+    state.credentials.sign_out(&principal).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Ok(value) = HeaderValue::from_str(&session_cookie(&state.settings, "", 0)) {
         response.headers_mut().insert(header::SET_COOKIE, value);

@@ -14,12 +14,10 @@ use axum::http::{Method, header};
 use llm_router_protocol::NODE_TOKEN_HEADER;
 
 use crate::error::{ApiError, forbidden, unauthorized};
-use crate::metrics::Metrics;
 use crate::model::auth::{Principal, Role, Scope, TokenHash};
 use crate::net::client_addr;
 use crate::registry::NodeHandle;
 use crate::state::AppState;
-use crate::store::StorageFault;
 
 /// Name of the dashboard's session cookie.
 pub const SESSION_COOKIE: &str = "llm_router_session";
@@ -66,26 +64,7 @@ fn credential(parts: &Parts) -> Result<Option<Credential>, ApiError> {
 /// the last second is taken from memory; while the database is unreachable, one it confirmed within the grace period
 /// is too ([`crate::auth::cache`]).
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
-    let hash = credential_hash(parts)?;
-    if let Some(principal) = state.credentials.fresh(hash) {
-        return Ok(principal);
-    }
-    match state.store.principal(hash, state.clock.now_ms()).await {
-        Ok(Some(principal)) => {
-            state.credentials.put(hash, principal.clone());
-            Ok(principal)
-        }
-        Ok(None) => {
-            state.credentials.forget(hash);
-            Err(unauthorized("The session has expired or the credential is unknown; sign in again."))
-        }
-        Err(err) if err.fault() == Some(StorageFault::Unreachable) => {
-            let principal = state.credentials.remembered(hash).ok_or_else(|| ApiError::from(err))?;
-            Metrics::inc(&state.metrics.credentials_remembered);
-            Ok(principal)
-        }
-        Err(err) => Err(err.into()),
-    }
+    Ok(state.credentials.principal(credential_hash(parts)?).await?)
 }
 
 /// The hash of the credential the request presents (401 when none; 403 for a cookie on an unsafe method without

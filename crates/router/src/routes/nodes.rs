@@ -1,6 +1,6 @@
 //! `/v0/nodes`: registration by agents (SPEC §2.1) and the admin's view and actions (SPEC §3).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -17,15 +17,11 @@ use super::extract::{AdminUser, Viewer};
 use super::json::JsonBody;
 use super::paging;
 use super::views::{NodeEventView, NodeView};
-use crate::audit::Outcome;
-use crate::config::RegistrationMode;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
-use crate::model::auth::TokenHash;
-use crate::model::enrollment::{JoinToken, Unusable};
 use crate::model::node::Node;
 use crate::net::{self, client_addr};
-use crate::registry::{AdminEdit, PendingReservation, RegistrationPlan, join_token_problem};
+use crate::registry::AdminEdit;
 use crate::state::AppState;
 use crate::store::EVENTS_PER_NODE;
 use crate::validate::{self, Text};
@@ -73,18 +69,8 @@ pub async fn register(
     let from = client_addr(peer, &headers, &state.settings.trusted_proxies);
     let presented = headers.get(NODE_TOKEN_HEADER).and_then(|v| v.to_str().ok());
     let plan = state.registry.plan_registration(&registration, presented)?;
-    // A token rotation needs no join token; anything else does in `token` mode, and may bring one in `open` mode.
-    let join = match plan {
-        RegistrationPlan::Rotate(..) => None,
-        RegistrationPlan::Create | RegistrationPlan::TakeOver(_) => join_token(&state, &headers, from).await?,
-    };
-    // The anonymous limits come before the probe, the one costly step. The node's own valid token or a valid join
-    // token makes a registration not anonymous; held until the registration is settled, the reservation keeps the
-    // cap exact.
-    let _reservation = match (&plan, &join) {
-        (RegistrationPlan::Rotate(..), _) | (_, Some(_)) => None,
-        _ => Some(anonymous_limits(&state, from)?),
-    };
+    let join_token = headers.get(JOIN_TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    let admitted = state.admission.admit(&state.registry, &plan, join_token, from).await?;
     if state.settings.reachability_check {
         let addr = registration
             .runtime_addr()
@@ -94,7 +80,7 @@ pub async fn register(
             registration.loaded_models = models;
         }
     }
-    let done = state.registry.register(registration, plan, join.as_ref()).await?;
+    let done = state.registry.register(registration, plan, admitted.join.as_ref()).await?;
     Metrics::inc(&state.metrics.registrations);
     let status = if done.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
@@ -106,101 +92,6 @@ pub async fn register(
             heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs(),
         }),
     ))
-}
-
-/// The name unknown join tokens are counted under, per client address, in the join-token throttle.
-const JOIN_TOKEN_GUESSES: &str = "join-token";
-
-/// The registration's join token, checked now (its use is counted when the node is stored): `None` when the request
-/// carries none and the router is in `open` mode.
-///
-/// Unknown join tokens are treated like wrong passwords (SPEC §9): counted per client address, and after five within
-/// fifteen minutes the address is refused (429 `join_token_throttled`) before any lookup, for a minute, doubling up
-/// to fifteen; each such lock is one audit event, with the count, rather than one per guess.
-async fn join_token(state: &AppState, headers: &HeaderMap, from: IpAddr) -> ApiResult<Option<JoinToken>> {
-    let presented = headers.get(JOIN_TOKEN_HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
-    let Some(presented) = presented else {
-        if state.settings.registration_mode == RegistrationMode::Token {
-            return Err(ApiError::JoinTokenRequired(format!(
-                "This router admits machines with a join token only: send it in the {JOIN_TOKEN_HEADER} header \
-                 (llm-node --join-token); an administrator creates one with POST /v0/join-tokens."
-            )));
-        }
-        return Ok(None);
-    };
-    let invalid = |why| ApiError::JoinTokenInvalid(join_token_problem(why).to_owned());
-    let now = state.clock.now_ms();
-    state.join_token_throttle.check(JOIN_TOKEN_GUESSES, from, now).map_err(|throttled| {
-        Metrics::inc(&state.metrics.join_tokens_throttled);
-        ApiError::TooManyRequests {
-            code: "join_token_throttled",
-            message: format!(
-                "Too many unknown join tokens from this address; try again in {} s.",
-                throttled.retry_after_secs
-            ),
-            retry_after_secs: throttled.retry_after_secs,
-        }
-    })?;
-    let Some(token) = state.store.join_token(TokenHash::of(presented)).await? else {
-        Metrics::inc(&state.metrics.join_tokens_unknown);
-        if let Some(lock) = state.join_token_throttle.record_failure(JOIN_TOKEN_GUESSES, from, now) {
-            state.audit.record(
-                "anonymous",
-                Some(from),
-                "node.register",
-                Some(format!("unknown join tokens: address refused for {} s", lock.retry_after_secs)),
-                Outcome::Throttled,
-            );
-        }
-        return Err(invalid(Unusable::Unknown));
-    };
-    token.check(now).map_err(invalid)?;
-    Ok(Some(token))
-}
-
-/// Seconds a registration refused at the pending cap is asked to wait: places free up only as an administrator
-/// approves or deletes nodes, or as silent ones expire.
-pub const TOO_MANY_PENDING_RETRY_AFTER_SECS: u64 = 60;
-
-/// The per-address rate limit, then the pending cap; the cap's reservation on success.
-fn anonymous_limits(state: &AppState, from: IpAddr) -> ApiResult<PendingReservation<'_>> {
-    if let Err(limited) = state.registration_limiter.check(from, state.clock.now_ms()) {
-        Metrics::inc(&state.metrics.registrations_rate_limited);
-        state.audit.record(
-            "anonymous",
-            Some(from),
-            "node.register",
-            Some("rate_limited".to_owned()),
-            Outcome::Throttled,
-        );
-        return Err(ApiError::TooManyRequests {
-            code: "rate_limited",
-            message: format!(
-                "Too many registrations from {from}: at most {} a minute (bursts of twice that); try again in {} s.",
-                state.settings.registration_rate, limited.retry_after_secs
-            ),
-            retry_after_secs: limited.retry_after_secs,
-        });
-    }
-    let cap = state.settings.max_pending;
-    state.registry.reserve_pending(cap).ok_or_else(|| {
-        Metrics::inc(&state.metrics.registrations_too_many_pending);
-        state.audit.record(
-            "anonymous",
-            Some(from),
-            "node.register",
-            Some("too_many_pending".to_owned()),
-            Outcome::Throttled,
-        );
-        ApiError::TooManyRequests {
-            code: "too_many_pending",
-            message: format!(
-                "The router already holds {cap} pending nodes, its limit; an administrator must approve or delete \
-                 some before more can register."
-            ),
-            retry_after_secs: TOO_MANY_PENDING_RETRY_AFTER_SECS,
-        }
-    })
 }
 
 /// One node

@@ -5,15 +5,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::audit;
 use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
+use crate::auth::credentials::Actor;
 use crate::clock::rfc3339;
-use crate::error::{ApiError, ApiResult, bad_request, not_found};
-use crate::model::auth::{Revoked, Role};
+use crate::error::ApiResult;
+use crate::model::auth::Role;
 use crate::state::AppState;
-use crate::store::{StoreError, UserRow};
-use crate::validate;
+use crate::store::UserRow;
 use llm_router_protocol::ErrorBody;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -44,7 +43,7 @@ impl From<UserRow> for UserListItem {
         (status = 403, description = "The credential's role may not do this", body = ErrorBody)
     ))]
 pub async fn list(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Json<Vec<UserListItem>>> {
-    Ok(Json(state.store.users().await?.into_iter().map(UserListItem::from).collect()))
+    Ok(Json(state.credentials.users().await?.into_iter().map(UserListItem::from).collect()))
 }
 
 /// Create a user (admin); the password is stored as an Argon2id hash
@@ -65,32 +64,9 @@ pub async fn create(
     ClientAddr(client): ClientAddr,
     JsonBody(body): JsonBody<CreateUser>,
 ) -> ApiResult<(StatusCode, Json<UserListItem>)> {
-    let actor = admin.name.clone();
-    let target: String = body.username.clone();
-    let result: ApiResult<(StatusCode, Json<UserListItem>)> = async {
-        let valid_name = !body.username.is_empty()
-            && body.username.len() <= 64
-            && body.username.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
-        if !valid_name {
-            return Err(bad_request("`username` must be 1 to 64 characters of letters, digits, `.`, `_`, `-` or `@`."));
-        }
-        if let Some(problem) = validate::password_problem(&body.password) {
-            return Err(bad_request(format!("`password` {problem}.")));
-        }
-        let user = UserRow {
-            username: body.username,
-            password_hash: state.hasher.hash(body.password).await?,
-            role: body.role,
-            created_at: state.clock.now_ms(),
-        };
-        if !state.store.insert_user(&user).await? {
-            return Err(ApiError::Conflict(format!("A user named `{}` already exists.", user.username)));
-        }
-        Ok((StatusCode::CREATED, Json(user.into())))
-    }
-    .await;
-    audit::record(&state, &actor, client, "user.create", &target, &result);
-    result
+    let actor = Actor { name: &admin.name, client };
+    let user = state.credentials.create_user(actor, body.username, body.password, body.role).await?;
+    Ok((StatusCode::CREATED, Json(user.into())))
 }
 
 /// Delete a user (admin); ends their sessions
@@ -109,23 +85,6 @@ pub async fn delete(
     ClientAddr(client): ClientAddr,
     Path(username): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let actor = admin.name.clone();
-    let target: String = username.clone();
-    let result: ApiResult<StatusCode> = async {
-        match state.store.delete_user(&username).await {
-            Ok(()) => {
-                // Their sessions ended: the router forgets what it accepted of them.
-                state.credentials.revoke(&Revoked::User(username.clone()));
-                Ok(StatusCode::NO_CONTENT)
-            }
-            Err(StoreError::NotFound) => Err(not_found(format!("No user named `{username}`."))),
-            Err(StoreError::LastAdmin) => Err(ApiError::Conflict(format!(
-                "`{username}` is the last administrator; create another admin before deleting this one."
-            ))),
-            Err(err) => Err(err.into()),
-        }
-    }
-    .await;
-    audit::record(&state, &actor, client, "user.delete", &target, &result);
-    result
+    state.credentials.delete_user(Actor { name: &admin.name, client }, &username).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -95,6 +95,19 @@ fn first_control(value: &str, kind: Text) -> Option<(usize, char)> {
     value.chars().enumerate().find(|(_, c)| c.is_ascii_control() && !(kind == Text::Lines && matches!(c, '\n' | '\t')))
 }
 
+/// A username: 1 to 64 letters, digits, `.`, `_`, `-` or `@`.
+pub fn username(username: &str) -> Result<(), Invalid> {
+    let valid = !username.is_empty()
+        && username.len() <= 64
+        && username.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
+    if !valid {
+        return Err(Invalid::Field(
+            "`username` must be 1 to 64 characters of letters, digits, `.`, `_`, `-` or `@`.".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// Why `password` may not become a user's password, as the end of a sentence; `None` when it may.
 pub fn password_problem(password: &str) -> Option<String> {
     let chars = password.chars().count();

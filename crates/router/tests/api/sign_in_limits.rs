@@ -54,7 +54,7 @@ async fn five_failures_throttle_the_pair_before_any_password_check() {
 
     let secs = assert_throttled(app.login("victim", VICTIM_PASSWORD).await).await;
     assert_eq!(secs, 60, "the first lock is a minute");
-    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
+    let held = app.state.credentials.hasher().permit(None).await.expect("the pool's only permit");
     assert_throttled(app.login("victim", VICTIM_PASSWORD).await).await;
     drop(held);
     assert_eq!(app.metric("llm_router_logins_throttled_total").await, 2.0);
@@ -138,7 +138,7 @@ async fn a_full_hashing_pool_answers_429_and_counts_nothing_against_the_user() {
         settings.hash_queue = 0;
     })
     .await;
-    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
+    let held = app.state.credentials.hasher().permit(None).await.expect("the pool's only permit");
     for _ in 0..6 {
         let response = app.login("admin", "wrong-password-1").await;
         assert_eq!(retry_after(&response), 1);
@@ -160,7 +160,7 @@ async fn a_short_queue_waits_its_turn_then_gives_up() {
         settings.hash_wait = Duration::from_millis(200);
     })
     .await;
-    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
+    let held = app.state.credentials.hasher().permit(None).await.expect("the pool's only permit");
     let started = Instant::now();
     assert_error(app.login("admin", ADMIN_PASSWORD).await, 429, "hashing_busy").await;
     assert!(started.elapsed() >= Duration::from_millis(200), "it waited its turn before giving up");
@@ -170,7 +170,7 @@ async fn a_short_queue_waits_its_turn_then_gives_up() {
         async move { request.json(&json!({"username": "admin", "password": ADMIN_PASSWORD})).send().await }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while app.state.hasher.waiting() == 0 {
+    while app.state.credentials.hasher().waiting() == 0 {
         assert!(Instant::now() < deadline, "the sign-in never queued");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -188,7 +188,7 @@ async fn one_address_holds_at_most_a_quarter_of_the_sign_in_queue() {
         settings.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
     })
     .await;
-    let held = app.state.hasher.permit(None).await.expect("the pool's only permit");
+    let held = app.state.credentials.hasher().permit(None).await.expect("the pool's only permit");
     let queue = |from: &'static str| {
         let request = app.request(Method::POST, "/v0/auth/login").header("X-Forwarded-For", from);
         tokio::spawn(async move {
@@ -199,7 +199,7 @@ async fn one_address_holds_at_most_a_quarter_of_the_sign_in_queue() {
     let first = queue("198.51.100.7");
     let second = queue("198.51.100.7");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while app.state.hasher.waiting() < 2 {
+    while app.state.credentials.hasher().waiting() < 2 {
         assert!(Instant::now() < deadline, "the sign-ins never queued");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -207,7 +207,7 @@ async fn one_address_holds_at_most_a_quarter_of_the_sign_in_queue() {
     assert_error(refused, 429, "hashing_busy").await;
     // Another address still queues, and every queued sign-in is served once the pool frees.
     let other = queue("198.51.100.8");
-    while app.state.hasher.waiting() < 3 {
+    while app.state.credentials.hasher().waiting() < 3 {
         assert!(Instant::now() < deadline, "the other address never queued");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
