@@ -6,7 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod enrollment;
 pub mod figures;
-pub mod fleet;
+pub mod fleet_event;
 pub mod health;
 pub mod input;
 pub mod node;

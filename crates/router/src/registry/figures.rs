@@ -1,7 +1,7 @@
 //! The write-behind of heartbeat figures: a heartbeat changes memory only, and [`Registry::flush`] writes every
 //! changed node's figures (and lists, when its models changed) in one batch, every `--flush-interval`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use uuid::Uuid;
 
@@ -12,20 +12,48 @@ use crate::metrics::Metrics;
 use crate::model::node::NodeLists;
 use crate::store::Figures;
 
-impl Registry {
-    /// Queues the node of `state` for the next flush, unless it is queued already.
-    pub(super) fn mark_figures_dirty(&self, state: &mut SlotState, now: Millis) {
+/// The nodes whose figures changed since the last flush, and when the oldest of those figures arrived.
+#[derive(Debug, Default)]
+pub(super) struct WriteBehind(Mutex<(Vec<Uuid>, Option<Millis>)>);
+
+impl WriteBehind {
+    fn queue(&self) -> MutexGuard<'_, (Vec<Uuid>, Option<Millis>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the node of `state` for the next flush, unless it is queued already; its figures arrived at `at`.
+    pub(super) fn mark(&self, state: &mut SlotState, at: Millis) {
         if !state.figures_dirty {
             state.figures_dirty = true;
-            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            dirty.0.push(state.node.id);
-            dirty.1.get_or_insert(now);
+            let mut queue = self.queue();
+            queue.0.push(state.node.id);
+            queue.1.get_or_insert(at);
         }
     }
 
+    /// The queued nodes, and when the oldest figures arrived; the queue starts again empty.
+    fn take(&self) -> (Vec<Uuid>, Option<Millis>) {
+        std::mem::take(&mut *self.queue())
+    }
+
+    /// Queues a node again whose figures, from `oldest` on, could not be written.
+    fn again(&self, state: &mut SlotState, oldest: Option<Millis>) {
+        if !state.figures_dirty {
+            state.figures_dirty = true;
+            let mut queue = self.queue();
+            queue.0.push(state.node.id);
+            queue.1 = match (queue.1, oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+}
+
+impl Registry {
     /// Writes the figures of every heartbeat since the last flush, in one transaction. Returns the batch size.
     pub async fn flush(&self) -> anyhow::Result<usize> {
-        let (ids, oldest) = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let (ids, oldest) = self.figures.take();
         if ids.is_empty() {
             return Ok(0);
         }
@@ -55,15 +83,7 @@ impl Registry {
                 if batch.iter().any(|f| f.node_id == *id && f.lists.is_some()) {
                     state.models_dirty = true;
                 }
-                if !state.figures_dirty {
-                    state.figures_dirty = true;
-                    let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-                    dirty.0.push(*id);
-                    dirty.1 = match (dirty.1, oldest) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                }
+                self.figures.again(&mut state, oldest);
             }
             Metrics::inc(&self.metrics.flush_errors);
             return Err(err.into());

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use uuid::Uuid;
 
+use super::search::SearchKeys;
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::node::Node;
@@ -17,6 +18,21 @@ pub(super) struct Index {
     pub(super) nodes: HashMap<Uuid, Arc<Slot>>,
     pub(super) by_key: HashMap<(String, u16), Uuid>,
     pub(super) by_token: HashMap<TokenHash, Uuid>,
+}
+
+impl Index {
+    /// Adds a node's slot under its id, its machine name and port, and its token.
+    pub(super) fn add(&mut self, slot: Arc<Slot>) {
+        let (id, key, token) = {
+            let state = slot.lock();
+            (state.node.id, (state.node.machine_name.clone(), state.node.runtime_port), state.token)
+        };
+        self.by_key.insert(key, id);
+        if let Some(token) = token {
+            self.by_token.insert(token, id);
+        }
+        self.nodes.insert(id, slot);
+    }
 }
 
 pub(super) struct Slot {
@@ -39,17 +55,15 @@ pub(super) struct SlotState {
     /// The fleet revision (SPEC §12) of the latest change of what the node's JSON shows: stamped by every
     /// [`Slot::edit`], so `changed_since` finds it.
     pub(super) changed: i64,
-    /// The name lists sort it by and the text a search looks through ([`super::query`]), kept ready: made with the
-    /// node and again by [`SlotState::searchable`] wherever a name, the address, tags or models may change.
-    pub(super) sort_name: super::query::NameKey,
-    pub(super) search_text: Box<str>,
+    /// The name lists sort it by and the text a search looks through, kept ready: made with the node and again by
+    /// [`SlotState::searchable`] wherever a name, the address, tags or models may change.
+    pub(super) search: SearchKeys,
 }
 
 impl SlotState {
     /// Makes the node's sort name and search text again, after a change of its names, tags or models.
     pub(super) fn searchable(&mut self) {
-        self.sort_name = super::query::sort_name(&self.node);
-        self.search_text = super::query::search_text(&self.node);
+        self.search = SearchKeys::of(&self.node);
     }
 }
 
@@ -58,8 +72,7 @@ impl Slot {
     /// earliest.
     pub(super) fn new(node: Node, token: Option<TokenHash>, now: Millis, changed: i64) -> Arc<Slot> {
         let alive_since = node.last_seen_at.unwrap_or(now).max(now);
-        let sort_name = super::query::sort_name(&node);
-        let search_text = super::query::search_text(&node);
+        let search = SearchKeys::of(&node);
         Arc::new(Slot {
             state: Mutex::new(SlotState {
                 node,
@@ -70,8 +83,7 @@ impl Slot {
                 deleted: false,
                 revision: 0,
                 changed,
-                sort_name,
-                search_text,
+                search,
             }),
             transition: tokio::sync::Mutex::new(()),
         })
@@ -142,19 +154,4 @@ pub struct NodeHandle {
     pub(super) id: Uuid,
     pub(super) token: TokenHash,
     pub(super) slot: Arc<Slot>,
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!(
-            "Node {} SlotState {} Slot {} GpuDevice {} NodeMetrics? Packed {} TokioMutex {}",
-            std::mem::size_of::<crate::model::node::Node>(),
-            std::mem::size_of::<super::SlotState>(),
-            std::mem::size_of::<super::Slot>(),
-            std::mem::size_of::<llm_router_protocol::GpuDevice>(),
-            std::mem::size_of::<crate::model::figures::PackedMetrics>(),
-            std::mem::size_of::<tokio::sync::Mutex<()>>()
-        );
-    }
 }

@@ -9,29 +9,40 @@
 //! and its own async `transition` lock, which serialises the writes of *that* node. No lock shared by all nodes is
 //! ever held across a database write.
 //!
-//! Files: `index.rs` (the maps and a node's slot), `register.rs` (registration), `transitions.rs` (heartbeats,
-//! approval, the offline sweep, edits, deletion, pending expiry), `fleet.rs` (the router's own stalls and mass
-//! silences, SPEC §10), `figures.rs` (the write-behind of figures), `state.rs` (the state machine as pure
-//! functions). The registry answers [`RegistryError`], never an HTTP status.
+//! Every change of a node's decision fields goes through one commit path (`commit.rs`): lock the node, skip it if
+//! deleted, let the change decide on a copy, persist, then apply the copy and update the indexes, counts and change
+//! log. The parts that own state of their own are types of their own.
+//!
+//! Files: `index.rs` (the maps and a node's slot), `search.rs` (the keys a node is sorted and searched by),
+//! `query.rs` (listing, filtering and paging), `register.rs` (registration), `admission.rs` (who may register:
+//! join tokens and throttles), `commit.rs` (the commit path), `transitions.rs` (heartbeats, approval, cordon,
+//! edits, deletion, the offline sweep, pending expiry), `pending.rs` (the cap on pending nodes), `changes.rs` (the
+//! change log with deletions), `figures.rs` (the write-behind of heartbeat figures), `silences.rs` (the router's own
+//! stalls and mass silences, SPEC §10), `follow.rs` (following changes made by other routers on a shared
+//! database), `state.rs` (the state machine as pure functions). The registry answers [`RegistryError`], never an
+//! HTTP status.
 
 pub mod admission;
+mod changes;
+mod commit;
 mod figures;
-mod fleet;
+mod follow;
 mod index;
+mod pending;
 pub mod query;
 mod register;
-mod shared;
+mod search;
+mod silences;
 pub mod state;
 mod transitions;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
-use crate::clock::{Clock, Millis};
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::Unusable;
@@ -40,11 +51,17 @@ use crate::model::node::Node;
 use crate::revision::Revisions;
 use crate::routing::Routing;
 use crate::store::{Store, StoreError};
+use changes::ChangeLog;
+use figures::WriteBehind;
+use follow::Following;
 use index::{Index, Slot};
+use pending::PendingCount;
+use silences::Sweeps;
 
+pub use follow::FOLLOW_INTERVAL;
 pub use index::NodeHandle;
-pub use register::{PendingReservation, Registered, RegistrationPlan};
-pub use shared::FOLLOW_INTERVAL;
+pub use pending::PendingReservation;
+pub use register::{Registered, RegistrationPlan};
 pub use transitions::AdminEdit;
 
 /// Why the registry refused or could not carry out a request.
@@ -107,35 +124,25 @@ pub type RegistryResult<T> = Result<T, RegistryError>;
 pub struct Registry {
     store: Store,
     clock: Arc<dyn Clock>,
-    offline_after_ms: i64,
-    index: RwLock<Index>,
-    /// Nodes whose figures changed since the last flush, and when the oldest of those figures arrived.
-    dirty: Mutex<(Vec<Uuid>, Option<Millis>)>,
     metrics: Arc<Metrics>,
-    /// Pending nodes, kept in step with every change to or from `pending`, so the pending cap costs no scan.
-    pending: AtomicUsize,
-    /// Registrations admitted under the pending cap and not yet settled.
-    reserved: AtomicUsize,
-    /// Where traffic may go: kept in step with every change of a node's status, ready models or address.
-    routing: Arc<Routing>,
-    /// When the offline sweep last ran, by the router's clock: a sweep that finds it ran late gives every live
-    /// node a fresh grace period (SPEC §10).
-    last_sweep_at: AtomicI64,
-    /// Held for a whole sweep, so two sweeps never decide on the same silence.
-    sweeping: tokio::sync::Mutex<()>,
-    /// The mass silence not yet resolved, if any, and the nodes the latest sweeps marked offline.
-    mass_silence: Mutex<fleet::Silences>,
+    offline_after_ms: i64,
     /// A GPU at or above this temperature is `gpu_overheat` (`--gpu-max-temp-c`).
     gpu_max_temp_c: f64,
-    /// Whether this router decides offline transitions and pending expiry: always with SQLite; with a shared
-    /// database, while it holds the sweep lease (SPEC §11).
-    leads: AtomicBool,
-    /// Where the reads of other routers' changes stand.
-    follow_cursors: shared::FollowCursors,
+    index: RwLock<Index>,
+    /// Where traffic may go: kept in step with every change of a node's status, ready models or address.
+    routing: Arc<Routing>,
     /// Stamps every change of what a node's JSON shows (SPEC §12).
     revisions: Arc<Revisions>,
-    /// The nodes deleted lately, for `changed_since`.
-    deletions: Mutex<query::Deletions>,
+    /// What `changed_since` is answered from: deletions, revisions given out.
+    changes: ChangeLog,
+    /// Pending nodes and places reserved under the pending cap.
+    pending: PendingCount,
+    /// Nodes whose figures wait to be written.
+    figures: WriteBehind,
+    /// When the offline sweep last ran, and the fleet's mass silences (SPEC §10).
+    sweeps: Sweeps,
+    /// Where the reads of other routers' changes stand, and whether this router leads (SPEC §11).
+    following: Following,
 }
 
 impl Registry {
@@ -148,31 +155,29 @@ impl Registry {
     ) -> anyhow::Result<Registry> {
         let now = clock.now_ms();
         let mut index = Index::default();
-        let mut pending = 0;
+        let pending = PendingCount::default();
         let revisions = Arc::new(Revisions::starting_at(now));
         let routing = Arc::new(Routing::new(revisions.clone()));
-        // With a shared database, the first read of the changes is the load: every node with its revision, and the
-        // cursor the follower goes on from.
-        let follow_cursors = shared::FollowCursors::default();
+        let mut offline = HashSet::new();
         let mut add = |node: Node, token: Option<TokenHash>, revision: i64| {
             routing.update(&node);
-            let id = node.id;
-            pending += usize::from(node.status == NodeStatus::Pending);
-            index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
-            if let Some(token) = token {
-                index.by_token.insert(token, id);
+            pending.added(node.status);
+            if node.status == NodeStatus::Offline {
+                offline.insert(node.id);
             }
             let slot = Slot::new(node, token, now, revisions.now());
             slot.bookkeeping().revision = revision;
-            index.nodes.insert(id, slot);
+            index.add(slot);
         };
-        match store.shared() {
+        // With a shared database, the first read of the changes is the load: every node with its revision, and the
+        // cursor the follower goes on from.
+        let following = match store.shared() {
             Some(shared) => {
                 let changes = shared.node_changes(0).await?;
-                follow_cursors.start_at(changes.cursor);
                 for row in changes.nodes {
                     add(row.node, row.token, row.revision);
                 }
+                Following::start_at(changes.cursor, false)
             }
             // Built as the batches come, so the fleet is never held twice.
             None => {
@@ -182,30 +187,25 @@ impl Registry {
                         add(node, token, 0);
                     }
                 }
+                Following::start_at(0, true)
             }
-        }
-        let mass_silence = fleet::unresolved(&store, &index).await?;
-        metrics.mass_silence.set(u64::from(mass_silence.lasting.is_some()));
-        let leads = store.shared().is_none();
-        metrics.sweep_lease.set(u64::from(leads));
+        };
+        metrics.sweep_lease.set(u64::from(following.leads()));
+        let sweeps = Sweeps::load(store.clone(), metrics.clone(), offline_after_ms, now, offline).await?;
         Ok(Registry {
+            changes: ChangeLog::new(revisions.clone(), store.shared().is_some()),
             store,
             clock,
-            offline_after_ms,
-            index: RwLock::new(index),
-            dirty: Mutex::new((Vec::new(), None)),
             metrics,
-            pending: AtomicUsize::new(pending),
-            reserved: AtomicUsize::new(0),
-            routing,
-            last_sweep_at: AtomicI64::new(now),
-            sweeping: tokio::sync::Mutex::new(()),
-            mass_silence: Mutex::new(mass_silence),
+            offline_after_ms,
             gpu_max_temp_c: health::DEFAULT_GPU_MAX_TEMP_C,
-            leads: AtomicBool::new(leads),
-            follow_cursors,
-            deletions: Mutex::new(query::Deletions::since(revisions.now())),
+            index: RwLock::new(index),
+            routing,
             revisions,
+            pending,
+            figures: WriteBehind::default(),
+            sweeps,
+            following,
         })
     }
 
@@ -250,24 +250,20 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Keeps the count of pending nodes in step with a node's change of status from `from` to `to`; called under
-    /// the node's lock, with the status memory held, so a change applied twice (by this router and by the reading
-    /// of its own write back from a shared database) counts once.
-    fn count_pending(&self, from: NodeStatus, to: NodeStatus) {
-        match (from == NodeStatus::Pending, to == NodeStatus::Pending) {
-            (true, false) => {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
-            }
-            (false, true) => {
-                self.pending.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
-    }
-
     /// Pending nodes now.
     pub fn pending_count(&self) -> usize {
-        self.pending.load(Ordering::Relaxed)
+        self.pending.len()
+    }
+
+    /// Admits one registration that may add a pending node while fewer than `cap` are pending or admitted
+    /// (`cap` 0: no cap); `None` when the cap is reached. Hold the reservation until the registration is settled.
+    pub fn reserve_pending(&self, cap: u64) -> Option<PendingReservation<'_>> {
+        self.pending.reserve(cap)
+    }
+
+    /// Whether node `id` is offline now (false when it is gone).
+    fn is_offline(&self, id: &Uuid) -> bool {
+        self.read().nodes.get(id).is_some_and(|slot| slot.lock().node.status == NodeStatus::Offline)
     }
 
     /// Counts of nodes by status.

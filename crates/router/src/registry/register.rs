@@ -1,8 +1,6 @@
 //! Registration (SPEC §2.1 step 3 onwards): a new node, a token rotation, or the takeover of an imported node; and
 //! the pending cap's reservations.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
@@ -125,8 +123,8 @@ impl Registry {
         let mut index = self.write();
         // With a shared database, the follower of other routers' changes may have read this node back and added it
         // already (and counted it as pending): it is replaced by the same node, and counted once.
-        if status == NodeStatus::Pending && !index.nodes.contains_key(&id) {
-            self.pending.fetch_add(1, Ordering::Relaxed);
+        if !index.nodes.contains_key(&id) {
+            self.pending.added(status);
         }
         index.by_key.insert((node.machine_name.clone(), node.runtime_port), id);
         index.by_token.insert(token.hash(), id);
@@ -200,7 +198,7 @@ impl Registry {
         {
             let mut state = slot.edit(&self.revisions);
             self.routing.update(&updated);
-            self.count_pending(state.node.status, updated.status);
+            self.pending.moved(state.node.status, updated.status);
             state.node = updated;
             state.searchable();
             state.token = Some(token.hash());
@@ -213,26 +211,6 @@ impl Registry {
         index.by_token.insert(token.hash(), id);
         drop(index);
         Ok(Registered { node_id: id, token, status, created: takeover })
-    }
-
-    /// Admits one registration that may add a pending node while fewer than `cap` are pending or admitted
-    /// (`cap` 0: no cap); `None` when the cap is reached. Hold the reservation until the registration is settled.
-    pub fn reserve_pending(&self, cap: u64) -> Option<PendingReservation<'_>> {
-        let reservation = PendingReservation(&self.reserved);
-        let reserved = self.reserved.fetch_add(1, Ordering::AcqRel) + 1;
-        // A registration that committed and still holds its reservation counts twice for a moment: the cap may
-        // refuse one too many at its edge, never admit one too many.
-        let taken = self.pending.load(Ordering::Acquire) + reserved;
-        (cap == 0 || u64::try_from(taken).unwrap_or(u64::MAX) <= cap).then_some(reservation)
-    }
-}
-
-/// A place under the pending cap, held by a registration in progress; given back when dropped.
-pub struct PendingReservation<'a>(&'a AtomicUsize);
-
-impl Drop for PendingReservation<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use llm_router_protocol::NodeStatus;
 
-use crate::model::health::Conditions;
+use crate::model::health::{Condition, Conditions, Findings};
 
 /// The status an approved node should have, by whether its runtime serves a model.
 pub fn by_readiness(ready_models: &[String]) -> NodeStatus {
@@ -39,6 +39,20 @@ pub fn is_live(current: NodeStatus) -> bool {
 /// Whether silence of `silent_ms` makes a node of this status offline.
 pub fn goes_offline(current: NodeStatus, silent_ms: i64, offline_after_ms: i64) -> bool {
     is_live(current) && silent_ms >= offline_after_ms
+}
+
+/// Why a heartbeat moves a node from `from`, with the conditions it had (`had`), to `to` (SPEC §10): entering
+/// `degraded` names the conditions found and on which GPUs; leaving it names the conditions that cleared.
+pub fn heartbeat_reason(from: NodeStatus, had: Conditions, to: NodeStatus, findings: &Findings) -> String {
+    let names = |conditions: Conditions| conditions.iter().map(Condition::as_str).collect::<Vec<_>>().join(", ");
+    let readiness =
+        if to == NodeStatus::Online { "heartbeat reports ready models" } else { "heartbeat reports no ready model" };
+    match to {
+        NodeStatus::Degraded => format!("{}: {}", names(findings.conditions), findings.detail),
+        _ if from == NodeStatus::Degraded && !had.is_empty() => format!("{} cleared; {readiness}", names(had)),
+        _ if from == NodeStatus::Degraded => format!("GPU conditions cleared; {readiness}"),
+        _ => readiness.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -99,5 +113,22 @@ mod tests {
         assert!(!goes_offline(Online, 29_999, 30_000));
         assert!(!goes_offline(Pending, 99_000, 30_000));
         assert!(!goes_offline(Offline, 99_000, 30_000));
+    }
+
+    #[test]
+    fn leaving_degraded_names_the_conditions_that_cleared() {
+        let clean = Findings { conditions: healthy(), detail: String::new() };
+        let had = Conditions::decode("gpu_fault,gpu_overheat");
+        assert_eq!(
+            heartbeat_reason(Degraded, had, Online, &clean),
+            "gpu_fault, gpu_overheat cleared; heartbeat reports ready models"
+        );
+        assert_eq!(
+            heartbeat_reason(Degraded, Conditions::decode("gpu_missing"), Registering, &clean),
+            "gpu_missing cleared; heartbeat reports no ready model"
+        );
+        let found = Findings { conditions: faulty(), detail: "GPU 1: XID 79".to_owned() };
+        assert_eq!(heartbeat_reason(Online, healthy(), Degraded, &found), "gpu_fault: GPU 1: XID 79");
+        assert_eq!(heartbeat_reason(Registering, healthy(), Online, &clean), "heartbeat reports ready models");
     }
 }

@@ -8,12 +8,13 @@ use futures_util::StreamExt;
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
+use super::commit::{Committed, Decision};
 use super::index::{NodeHandle, Slot, SlotState};
 use super::{Registry, RegistryError, RegistryResult, state};
 use crate::clock::Millis;
 use crate::metrics::Metrics;
 use crate::model::figures::PackedMetrics;
-use crate::model::health::{self, Condition, Conditions};
+use crate::model::health;
 use crate::model::input::Heartbeat;
 use crate::model::node::{Node, NodeEvent};
 use crate::store::StoreError;
@@ -51,7 +52,7 @@ impl Registry {
                 state.models_dirty = true;
                 self.routing.update(&state.node);
             }
-            self.mark_figures_dirty(&mut state, now);
+            self.figures.mark(&mut state, now);
             let next = state::after_heartbeat(state.node.status, &state.node.ready_models, findings.conditions);
             if next == state.node.status {
                 // Which conditions keep a degraded node degraded may change; it stays degraded either way.
@@ -61,41 +62,30 @@ impl Registry {
                 return Ok(next);
             }
         }
-        let status = self
-            .transition_with(slot, Some(findings.conditions), |state| {
+        let committed = self
+            .commit(slot, |state, now| {
                 let node = &state.node;
                 let to = state::after_heartbeat(node.status, &node.ready_models, findings.conditions);
                 if to == node.status {
-                    return None;
+                    return Ok(Decision::Keep);
                 }
-                let names: Vec<&str> = findings.conditions.iter().map(Condition::as_str).collect();
-                let reason = match to {
-                    NodeStatus::Degraded => format!("{}: {}", names.join(", "), findings.detail),
-                    NodeStatus::Online if node.status == NodeStatus::Degraded => {
-                        "GPU conditions cleared; heartbeat reports ready models".to_owned()
-                    }
-                    NodeStatus::Online => "heartbeat reports ready models".to_owned(),
-                    _ if node.status == NodeStatus::Degraded => {
-                        "GPU conditions cleared; heartbeat reports no ready model".to_owned()
-                    }
-                    _ => "heartbeat reports no ready model".to_owned(),
-                };
-                Some((to, reason))
+                let reason = state::heartbeat_reason(node.status, node.conditions, to, &findings);
+                let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason);
+                let mut node = node.clone();
+                node.status = to;
+                node.conditions = findings.conditions;
+                Ok(Decision::Record(node, event))
             })
             .await?;
-        status.ok_or(RegistryError::UnknownToken)
+        if committed == Committed::Gone {
+            return Err(RegistryError::UnknownToken);
+        }
+        Ok(node.slot.lock().node.status)
     }
 
     /// Approves a pending node (SPEC §2.3) by `by`; `NotPending` otherwise. Returns the node as approved.
     pub async fn approve(&self, id: Uuid, by: &str) -> RegistryResult<Node> {
-        let slot = self.slot(id)?;
-        let _writing = slot.transition.lock().await;
-        let now = self.clock.now_ms();
-        let (updated, event) = {
-            let state = slot.lock();
-            if state.deleted {
-                return Err(RegistryError::NotFound(id));
-            }
+        self.decide(id, |state, now| {
             let Some(to) = state::after_approval(state.node.status, &state.node.ready_models, state.node.conditions)
             else {
                 return Err(RegistryError::NotPending { id, status: state.node.status });
@@ -105,91 +95,61 @@ impl Registry {
             node.status = to;
             node.approved_at = Some(now);
             node.approved_by = Some(by.to_owned());
-            (node, event)
-        };
-        self.store.record_transition(&updated, &event).await?;
-        self.metrics.transition(updated.status);
-        let mut state = slot.edit(&self.revisions);
-        self.count_pending(state.node.status, updated.status);
-        state.node.status = updated.status;
-        state.node.approved_at = updated.approved_at;
-        state.node.approved_by = updated.approved_by;
-        state.alive_since = now;
-        self.routing.update(&state.node);
-        Ok(state.node.clone())
+            Ok(Decision::Record(node, event))
+        })
+        .await
     }
 
     /// Cordons a node (`cordoned`: no new inference request goes to it; requests in flight finish) or uncordons
     /// it, by `by`, with an event. Returns the node after; cordoning a cordoned node changes nothing.
     pub async fn cordon(&self, id: Uuid, cordoned: bool, by: &str) -> RegistryResult<Node> {
-        let slot = self.slot(id)?;
-        let _writing = slot.transition.lock().await;
-        let now = self.clock.now_ms();
-        let (updated, event) = {
-            let state = slot.lock();
-            if state.deleted {
-                return Err(RegistryError::NotFound(id));
-            }
+        self.decide(id, |state, now| {
             if state.node.cordoned == cordoned {
-                return Ok(state.node.clone());
+                return Ok(Decision::Keep);
             }
             let mut node = state.node.clone();
             let reason = if cordoned { "cordoned: no new requests" } else { "uncordoned: takes requests again" };
             let event = NodeEvent::new(id, now, Some(node.status), node.status.as_str(), reason).by(Some(by));
             node.cordoned = cordoned;
-            (node, event)
-        };
-        self.store.record_transition(&updated, &event).await?;
-        let mut state = slot.edit(&self.revisions);
-        state.node.cordoned = cordoned;
-        self.routing.update(&state.node);
-        Ok(state.node.clone())
+            Ok(Decision::Record(node, event))
+        })
+        .await
     }
 
-    /// Changes a node's status through `decide`, under the node's transition lock, persisting before applying.
-    /// `decide` sees the node's state as it is under the lock, so a heartbeat that arrived meanwhile counts.
-    /// Returns the node's status after, or `None` when the node was deleted meanwhile.
-    async fn transition(
-        &self,
-        slot: &Slot,
-        decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
-    ) -> Result<Option<NodeStatus>, StoreError> {
-        self.transition_with(slot, None, decide).await
-    }
-
-    /// [`Registry::transition`], which also sets the node's GPU conditions (when given) with the new status.
-    async fn transition_with(
-        &self,
-        slot: &Slot,
-        conditions: Option<Conditions>,
-        decide: impl Fn(&SlotState) -> Option<(NodeStatus, String)>,
-    ) -> Result<Option<NodeStatus>, StoreError> {
-        let _writing = slot.transition.lock().await;
-        let now = self.clock.now_ms();
-        let (updated, event) = {
-            let state = slot.lock();
-            if state.deleted {
-                return Ok(None);
-            }
-            let Some((to, reason)) = decide(&state) else {
-                return Ok(Some(state.node.status));
-            };
+    /// Updates the fields an administrator owns. Returns the node after the edit.
+    pub async fn update(&self, id: Uuid, edit: AdminEdit) -> RegistryResult<Node> {
+        let AdminEdit { display_name, notes, tags, max_concurrency } = edit;
+        self.decide(id, |state, _| {
             let mut node = state.node.clone();
-            let event = NodeEvent::new(node.id, now, Some(node.status), to.as_str(), reason);
-            node.status = to;
-            if let Some(conditions) = conditions {
-                node.conditions = conditions;
+            if let Some(display_name) = display_name {
+                node.display_name = display_name;
             }
-            (node, event)
-        };
-        self.store.record_transition(&updated, &event).await?;
-        self.metrics.transition(updated.status);
-        let mut state = slot.edit(&self.revisions);
-        state.node.status = updated.status;
-        state.node.conditions = updated.conditions;
-        self.routing.update(&state.node);
-        drop(state);
-        Ok(Some(updated.status))
+            if let Some(notes) = notes {
+                node.notes = notes;
+            }
+            if let Some(tags) = tags {
+                node.tags = tags;
+            }
+            if let Some(max_concurrency) = max_concurrency {
+                node.max_concurrency = max_concurrency;
+            }
+            Ok(Decision::Edit(node))
+        })
+        .await
+    }
+
+    /// An administrator's decision about node `id`, committed; the node after it. `NotFound` when there is no such
+    /// node, or it was deleted meanwhile.
+    async fn decide(
+        &self,
+        id: Uuid,
+        decide: impl FnOnce(&SlotState, Millis) -> RegistryResult<Decision>,
+    ) -> RegistryResult<Node> {
+        let slot = self.slot(id)?;
+        match self.commit(&slot, decide).await? {
+            Committed::Gone | Committed::Removed => Err(RegistryError::NotFound(id)),
+            Committed::Kept | Committed::Changed => Ok(slot.lock().node.clone()),
+        }
     }
 
     /// Marks offline every live node silent for `offline_after` (SPEC §2.3). Returns how many went offline.
@@ -201,13 +161,13 @@ impl Registry {
     /// Cost: one pass over the in-memory map with a short per-node lock, no database read; only nodes that change
     /// are written.
     pub async fn sweep(&self) -> anyhow::Result<usize> {
-        let _sweeping = self.sweeping.lock().await;
+        let _sweeping = self.sweeps.running.lock().await;
         let now = self.clock.now_ms();
         self.revisions.align(now);
-        if self.grace_after_stall(now) || !self.lead().await {
+        if self.grace_after_stall(now) || !self.following.lead(&self.store, &self.metrics).await {
             return Ok(0);
         }
-        self.settle_silence().await?;
+        self.sweeps.settle(now, |id| self.is_offline(id)).await?;
         let limit = self.offline_after_ms;
         let mut live = 0;
         let candidates: Vec<Arc<Slot>> = self
@@ -226,21 +186,25 @@ impl Registry {
         // Many at a time, so that the store commits them in groups rather than one durable commit each.
         let mut changes = futures_util::stream::iter(candidates)
             .map(|slot| async {
-                let status = self
-                    .transition(&slot, |state| {
-                        let silent = self.clock.now_ms() - state.alive_since;
-                        state::goes_offline(state.node.status, silent, limit)
-                            .then(|| (NodeStatus::Offline, reason.clone()))
+                let committed = self
+                    .commit(&slot, |state, now| {
+                        if !state::goes_offline(state.node.status, now - state.alive_since, limit) {
+                            return Ok(Decision::Keep);
+                        }
+                        let mut node = state.node.clone();
+                        let event =
+                            NodeEvent::new(node.id, now, Some(node.status), NodeStatus::Offline.as_str(), &*reason);
+                        node.status = NodeStatus::Offline;
+                        Ok(Decision::Record(node, event))
                     })
                     .await;
-                (slot, status)
+                (slot, committed)
             })
             .buffer_unordered(SWEEP_CONCURRENCY);
         let mut failed = None;
-        while let Some((slot, status)) = changes.next().await {
-            match status {
-                // `None`: deleted meanwhile.
-                Ok(Some(NodeStatus::Offline)) => offline.push(slot.lock().node.id),
+        while let Some((slot, committed)) = changes.next().await {
+            match committed {
+                Ok(Committed::Changed) => offline.push(slot.lock().node.id),
                 Ok(_) => {}
                 Err(err) => failed = Some(err),
             }
@@ -248,62 +212,24 @@ impl Registry {
         drop(changes);
         if let Some(err) = failed {
             // Those marked are reported with the error: the next sweep retries the others.
-            self.report_silence(now, &offline, live - offline.len()).await?;
+            self.sweeps.report(now, &offline, live - offline.len(), |id| self.is_offline(id)).await?;
             return Err(err.into());
         }
         let changed = offline.len();
-        self.report_silence(now, &offline, live - changed).await?;
+        self.sweeps.report(now, &offline, live - changed, |id| self.is_offline(id)).await?;
         Ok(changed)
-    }
-
-    /// Updates the fields an administrator owns. Returns the node after the edit.
-    pub async fn update(&self, id: Uuid, edit: AdminEdit) -> RegistryResult<Node> {
-        let AdminEdit { display_name, notes, tags, max_concurrency } = edit;
-        let slot = self.slot(id)?;
-        let _writing = slot.transition.lock().await;
-        let updated = {
-            let state = slot.lock();
-            if state.deleted {
-                return Err(RegistryError::NotFound(id));
-            }
-            let mut node = state.node.clone();
-            if let Some(display_name) = display_name {
-                node.display_name = display_name;
-            }
-            if let Some(notes) = notes {
-                node.notes = notes;
-            }
-            if let Some(tags) = tags {
-                node.tags = tags;
-            }
-            if let Some(max_concurrency) = max_concurrency {
-                node.max_concurrency = max_concurrency;
-            }
-            node
-        };
-        self.store.update_admin_fields(&updated).await?;
-        let mut state = slot.edit(&self.revisions);
-        state.node.display_name = updated.display_name;
-        state.node.notes = updated.notes;
-        state.node.tags = updated.tags;
-        state.searchable();
-        state.node.max_concurrency = updated.max_concurrency;
-        self.routing.update(&state.node);
-        Ok(state.node.clone())
     }
 
     /// Deletes a node by `by`; its token stops working as soon as this returns.
     pub async fn delete(&self, id: Uuid, by: &str) -> RegistryResult<()> {
         let slot = self.slot(id)?;
-        let removed = self
-            .remove(id, &slot, |state, now| {
-                Some(
-                    NodeEvent::new(id, now, Some(state.node.status), "deleted", "deleted by an administrator")
-                        .by(Some(by)),
-                )
+        let committed = self
+            .commit(&slot, |state, now| {
+                let reason = "deleted by an administrator";
+                Ok(Decision::Remove(NodeEvent::new(id, now, Some(state.node.status), "deleted", reason).by(Some(by))))
             })
             .await?;
-        if !removed {
+        if committed != Committed::Removed {
             return Err(RegistryError::NotFound(id));
         }
         Ok(())
@@ -334,58 +260,51 @@ impl Registry {
         let mut removed = 0;
         for (id, slot) in candidates {
             // Decided again under the node's lock: a heartbeat or an approval may have come meanwhile.
-            let gone = self
-                .remove(id, &slot, |state, now| {
-                    expired(state, now).then(|| NodeEvent::new(id, now, Some(NodeStatus::Pending), "deleted", &*reason))
+            let committed = self
+                .commit(&slot, |state, now| {
+                    Ok(match expired(state, now) {
+                        true => {
+                            Decision::Remove(NodeEvent::new(id, now, Some(NodeStatus::Pending), "deleted", &*reason))
+                        }
+                        false => Decision::Keep,
+                    })
                 })
                 .await?;
-            if gone {
+            if committed == Committed::Removed {
                 removed += 1;
                 Metrics::inc(&self.metrics.pending_expired);
             }
         }
         Ok(removed)
     }
+}
 
-    /// Removes a node when `decide`, seeing its state under the node's lock, gives the event to record. Returns
-    /// whether it was removed (false: already deleted, or `decide` said no).
-    async fn remove(
-        &self,
-        id: Uuid,
-        slot: &Slot,
-        decide: impl Fn(&SlotState, Millis) -> Option<NodeEvent>,
-    ) -> Result<bool, StoreError> {
-        let _writing = slot.transition.lock().await;
-        let now = self.clock.now_ms();
-        let (key, token, event) = {
-            let state = slot.lock();
-            if state.deleted {
-                return Ok(false);
-            }
-            let Some(event) = decide(&state, now) else {
-                return Ok(false);
-            };
-            ((state.node.machine_name.clone(), state.node.runtime_port), state.token, event)
-        };
-        self.store.delete_node(id, &event).await?;
-        {
+impl Registry {
+    /// Notes that a sweep runs at `now`; when it runs more than `offline_after / 2` later than due after the
+    /// previous one, gives every live node a fresh grace period (its silence counts from `now`) and returns true.
+    fn grace_after_stall(&self, now: Millis) -> bool {
+        let Some(late) = self.sweeps.stalled(now) else { return false };
+        let mut live = 0;
+        for slot in self.read().nodes.values() {
             let mut state = slot.bookkeeping();
-            if !state.deleted {
-                state.deleted = true;
-                self.count_pending(state.node.status, NodeStatus::Offline);
-                self.note_deletion(id);
+            if state::is_live(state.node.status) {
+                state.alive_since = state.alive_since.max(now);
+                live += 1;
             }
         }
-        let mut index = self.write();
-        index.nodes.remove(&id);
-        self.routing.remove(id);
-        if index.by_key.get(&key) == Some(&id) {
-            index.by_key.remove(&key);
-        }
-        if let Some(token) = token {
-            index.by_token.remove(&token);
-        }
-        Ok(true)
+        tracing::warn!(
+            late_ms = late,
+            live_nodes = live,
+            "the offline sweep ran late (the router was paused or stopped, or its clock jumped): every live node \
+             gets a fresh grace period before any is marked offline"
+        );
+        true
+    }
+
+    /// Dismisses fleet event `id` by administrator `by`. Returns false when there is no such event or it was
+    /// resolved already.
+    pub async fn dismiss_fleet_event(&self, id: i64, by: &str) -> Result<bool, StoreError> {
+        self.sweeps.dismiss(id, self.clock.now_ms(), by).await
     }
 }
 

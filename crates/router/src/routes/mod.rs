@@ -10,7 +10,7 @@ pub mod auth;
 pub mod body;
 pub mod dashboard;
 pub mod extract;
-pub mod fleet;
+pub mod fleet_events;
 pub mod health;
 pub mod inference;
 pub mod join_tokens;
@@ -106,8 +106,8 @@ fn api() -> Api {
         .add(Method::POST, "/v0/join-tokens", join_tokens::create)
         .add(Method::DELETE, "/v0/join-tokens/{id}", join_tokens::revoke)
         .add(Method::GET, "/v0/audit", audit::list)
-        .add(Method::GET, "/v0/fleet/events", fleet::list)
-        .add(Method::POST, "/v0/fleet/events/{id}/dismiss", fleet::dismiss)
+        .add(Method::GET, "/v0/fleet/events", fleet_events::list)
+        .add(Method::POST, "/v0/fleet/events/{id}/dismiss", fleet_events::dismiss)
         .add(Method::GET, "/v0/openapi.json", openapi::document)
 }
 

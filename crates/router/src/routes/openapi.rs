@@ -11,10 +11,10 @@ use llm_router_protocol::{
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::fleet::FleetEventView;
+use super::fleet_events::FleetEventView;
 use super::node_list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCounts};
 use super::views::{NodeEventView, NodeView, RoutingView};
-use super::{api_keys, audit, auth, fleet, health, join_tokens, node_list, nodes, users};
+use super::{api_keys, audit, auth, fleet_events, health, join_tokens, node_list, nodes, users};
 use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeMetrics;
 
@@ -29,7 +29,7 @@ use crate::model::figures::NodeMetrics;
         api_keys::list, api_keys::create, api_keys::delete,
         join_tokens::list, join_tokens::create, join_tokens::revoke,
         audit::list,
-        fleet::list, fleet::dismiss,
+        fleet_events::list, fleet_events::dismiss,
         document,
     ),
     components(schemas(

@@ -37,7 +37,7 @@ use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse};
-use crate::model::fleet::FleetEvent;
+use crate::model::fleet_event::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 
 pub use error::{StorageFault, StoreError};

@@ -8,7 +8,7 @@ use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, Scope, TokenHash};
 use crate::model::enrollment::JoinToken;
 use crate::model::figures::PackedMetrics;
-use crate::model::fleet::FleetEvent;
+use crate::model::fleet_event::FleetEvent;
 use crate::model::health::Conditions;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::{ApiKeyRow, UserRow};

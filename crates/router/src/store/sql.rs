@@ -15,7 +15,7 @@ macro_rules! statements {
         use crate::model::audit::{AuditEvent, RecordedAudit};
         use crate::model::auth::{Principal, TokenHash};
         use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
-        use crate::model::fleet::FleetEvent;
+        use crate::model::fleet_event::FleetEvent;
         use crate::model::node::RecordedEvent;
         use crate::store::{ApiKeyRow, AuditQuery, StoreError, UserRow, rows};
 

@@ -54,7 +54,7 @@ async fn a_critical_xid_makes_a_node_degraded_out_of_routing_until_a_clean_heart
     assert_eq!(beat(&app, &node, json!([gpu(0, json!({})), gpu(1, json!({}))])).await["status"], "online");
     let events = app.events(&node.id).await;
     assert_eq!(events[0]["to"], "online");
-    assert_eq!(events[0]["reason"], "GPU conditions cleared; heartbeat reports ready models");
+    assert_eq!(events[0]["reason"], "gpu_fault cleared; heartbeat reports ready models");
     assert_eq!(app.node(&node.id).await["conditions"], json!([]));
     assert_eq!(app.state.registry.routing().models(), vec!["m".to_owned()]);
     // A harmless XID (13, an application's illegal memory access) is not a fault.

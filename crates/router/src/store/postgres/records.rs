@@ -8,7 +8,7 @@ use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinToken;
-use crate::model::fleet::FleetEvent;
+use crate::model::fleet_event::FleetEvent;
 use crate::store::sql::postgres as sql;
 use crate::store::{AuditQuery, AuditStore, EnrollmentStore, FleetEventStore, StoreResult};
 

@@ -462,7 +462,7 @@ async fn migrations_run_once_when_routers_start_together() {
 #[tokio::test]
 async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     use crate::model::audit::AuditEvent;
-    use crate::model::fleet::FleetEvent;
+    use crate::model::fleet_event::FleetEvent;
     use crate::store::sqlite::SqliteStore;
     use crate::store::{ApiKeyRow, NewNode, migrate};
 

@@ -2,7 +2,7 @@
 
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
-use crate::model::fleet::FleetEvent;
+use crate::model::fleet_event::FleetEvent;
 use crate::store::sql::sqlite as sql;
 use crate::store::{FleetEventStore, StoreResult};
 

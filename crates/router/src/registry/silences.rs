@@ -13,21 +13,19 @@
 //! offline within `offline_after` of its first) join it, so that the event counts the whole of it.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
-use super::index::Index;
-use super::{Registry, state};
 use crate::clock::Millis;
 use crate::metrics::Metrics;
-use crate::model::fleet::{FleetEvent, MASS_SILENCE};
-use crate::store::Store;
+use crate::model::fleet_event::{FleetEvent, MASS_SILENCE, is_mass_silence};
+use crate::store::{Store, StoreError};
 
 /// A mass silence not yet resolved: its fleet event and the nodes it took offline.
 #[derive(Debug)]
-pub(super) struct MassSilence {
+struct MassSilence {
     id: i64,
     nodes: HashSet<Uuid>,
     /// When its first node went offline: nodes going offline up to `offline_after` later join it.
@@ -47,74 +45,90 @@ enum Silence {
 
 /// What the sweeps know of silences across the fleet.
 #[derive(Debug, Default)]
-pub(super) struct Silences {
+struct Silences {
     /// The mass silence that lasts, if any.
-    pub(super) lasting: Option<MassSilence>,
+    lasting: Option<MassSilence>,
     /// Nodes marked offline by the sweeps of the last `offline_after / 2` and not yet part of a mass silence, with
     /// when.
     recent: VecDeque<(Millis, Uuid)>,
-}
-
-/// The latest mass silence, when it is unresolved, as the store has it at start-up. Which nodes it took offline is
-/// not stored; those offline now stand for them.
-pub(super) async fn unresolved(store: &Store, index: &Index) -> anyhow::Result<Silences> {
-    let latest = store.fleet_events(1).await?.into_iter().next();
-    let Some(event) = latest.filter(|event| event.kind == MASS_SILENCE && event.resolved_at.is_none()) else {
-        return Ok(Silences::default());
-    };
-    let nodes = index
-        .nodes
-        .iter()
-        .filter(|(_, slot)| slot.lock().node.status == NodeStatus::Offline)
-        .map(|(id, _)| *id)
-        .collect();
-    let lasting =
-        MassSilence { id: event.id, nodes, started: event.at, affected: event.nodes_affected, live: event.nodes_live };
-    Ok(Silences { lasting: Some(lasting), recent: VecDeque::new() })
 }
 
 /// How many of the latest fleet events a router with a shared database looks through for the dismissal, made
 /// through another router, of the mass silence it holds.
 const FLEET_EVENTS_LOOKED_AT: u32 = 50;
 
-impl Registry {
+/// The offline sweeps' watch over the fleet's silences: when the sweep last ran, and the mass silences.
+pub(super) struct Sweeps {
+    offline_after_ms: i64,
+    /// When the sweep last ran, by the router's clock.
+    last_at: AtomicI64,
+    /// Held for a whole sweep, so two sweeps never decide on the same silence.
+    pub(super) running: tokio::sync::Mutex<()>,
+    silences: Mutex<Silences>,
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl Sweeps {
+    /// The watch at start-up (`now`): the latest mass silence, when it is unresolved, as the store has it. Which
+    /// nodes it took offline is not stored; those offline now (`offline`) stand for them.
+    pub(super) async fn load(
+        store: Store,
+        metrics: Arc<Metrics>,
+        offline_after_ms: i64,
+        now: Millis,
+        offline: HashSet<Uuid>,
+    ) -> Result<Sweeps, StoreError> {
+        let latest = store.fleet_events(1).await?.into_iter().next();
+        let lasting =
+            latest.filter(|event| event.kind == MASS_SILENCE && event.resolved_at.is_none()).map(|event| MassSilence {
+                id: event.id,
+                nodes: offline,
+                started: event.at,
+                affected: event.nodes_affected,
+                live: event.nodes_live,
+            });
+        metrics.mass_silence.set(u64::from(lasting.is_some()));
+        Ok(Sweeps {
+            offline_after_ms,
+            last_at: AtomicI64::new(now),
+            running: tokio::sync::Mutex::new(()),
+            silences: Mutex::new(Silences { lasting, recent: VecDeque::new() }),
+            store,
+            metrics,
+        })
+    }
+
+    fn silences(&self) -> MutexGuard<'_, Silences> {
+        self.silences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The sweep's interval, as the router schedules it: a tenth of `offline_after`, between 100 ms and 1 s.
-    fn sweep_interval_ms(&self) -> i64 {
+    fn interval_ms(&self) -> i64 {
         (self.offline_after_ms / 10).clamp(100, 1000)
     }
 
-    /// Notes that a sweep runs at `now`; when it runs more than `offline_after / 2` later than due after the
-    /// previous one, gives every live node a fresh grace period (its silence counts from `now`) and returns true.
-    pub(super) fn grace_after_stall(&self, now: Millis) -> bool {
-        let previous = self.last_sweep_at.swap(now, Ordering::SeqCst);
-        let late = now - previous - self.sweep_interval_ms();
-        if late <= self.offline_after_ms / 2 {
-            return false;
-        }
-        let mut live = 0;
-        for slot in self.read().nodes.values() {
-            let mut state = slot.bookkeeping();
-            if state::is_live(state.node.status) {
-                state.alive_since = state.alive_since.max(now);
-                live += 1;
-            }
-        }
-        tracing::warn!(
-            late_ms = late,
-            live_nodes = live,
-            "the offline sweep ran late (the router was paused or stopped, or its clock jumped): every live node \
-             gets a fresh grace period before any is marked offline"
-        );
-        true
+    /// Notes that a sweep runs at `now`; answers how late it runs when that is more than `offline_after / 2` later
+    /// than due after the previous one: the router did not watch the silence meanwhile.
+    pub(super) fn stalled(&self, now: Millis) -> Option<i64> {
+        let previous = self.last_at.swap(now, Ordering::SeqCst);
+        let late = now - previous - self.interval_ms();
+        (late > self.offline_after_ms / 2).then_some(late)
     }
 
     /// Records a mass silence when the nodes this sweep marked offline (`offline`, at `now`), with those marked
     /// within `offline_after / 2` before and still offline, are one; `live` nodes are left. While one lasts, nodes
     /// going offline within `offline_after` of its start join it instead.
-    pub(super) async fn report_silence(&self, now: Millis, offline: &[Uuid], live: usize) -> anyhow::Result<()> {
+    pub(super) async fn report(
+        &self,
+        now: Millis,
+        offline: &[Uuid],
+        live: usize,
+        still_offline: impl Fn(&Uuid) -> bool,
+    ) -> Result<(), StoreError> {
         let window = self.offline_after_ms / 2;
         let silence = {
-            let mut guard = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = self.silences();
             let silences = &mut *guard;
             let recent = &mut silences.recent;
             while recent.front().is_some_and(|(at, _)| now - at > window) {
@@ -124,10 +138,7 @@ impl Registry {
                 return Ok(());
             }
             recent.extend(offline.iter().map(|id| (now, *id)));
-            let index = self.read();
-            recent.retain(|(_, id)| {
-                index.nodes.get(id).is_some_and(|slot| slot.lock().node.status == NodeStatus::Offline)
-            });
+            recent.retain(|(_, id)| still_offline(id));
             let burst = self.offline_after_ms;
             if let Some(lasting) = silences.lasting.as_mut().filter(|lasting| now - lasting.started <= burst) {
                 if recent.is_empty() {
@@ -139,7 +150,7 @@ impl Registry {
                 lasting.live = lasting.live.max(lasting.affected);
                 Silence::Grown { id: lasting.id, affected: lasting.affected, live: lasting.live }
             } else {
-                if !crate::model::fleet::is_mass_silence(recent.len(), live + recent.len()) {
+                if !is_mass_silence(recent.len(), live + recent.len()) {
                     return Ok(());
                 }
                 let started = recent.front().map_or(now, |(at, _)| *at);
@@ -168,7 +179,7 @@ impl Registry {
             resolution: None,
         };
         // A mass silence that lasts is superseded: the banner shows the latest.
-        let previous = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner()).lasting.take();
+        let previous = self.silences().lasting.take();
         if let Some(previous) = previous {
             self.store.resolve_fleet_event(previous.id, event.at, None, "superseded").await?;
         }
@@ -178,7 +189,7 @@ impl Registry {
             live = live + silent.len(),
             "{message}: a network or router problem rather than that many broken machines"
         );
-        self.mass_silence.lock().unwrap_or_else(|p| p.into_inner()).lasting = Some(MassSilence {
+        self.silences().lasting = Some(MassSilence {
             id: event.id,
             nodes: silent.into_iter().collect(),
             started,
@@ -190,17 +201,12 @@ impl Registry {
         Ok(())
     }
 
-    /// Resolves the unresolved mass silence once none of its nodes is offline any more (back, or deleted).
-    pub(super) async fn settle_silence(&self) -> anyhow::Result<()> {
+    /// Resolves the unresolved mass silence at `now` once none of its nodes is offline any more (back, or deleted).
+    pub(super) async fn settle(&self, now: Millis, still_offline: impl Fn(&Uuid) -> bool) -> Result<(), StoreError> {
         let id = {
-            let guard = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = self.silences();
             let Some(silence) = guard.lasting.as_ref() else { return Ok(()) };
-            let index = self.read();
-            let still_offline = silence
-                .nodes
-                .iter()
-                .any(|id| index.nodes.get(id).is_some_and(|slot| slot.lock().node.status == NodeStatus::Offline));
-            if !still_offline {
+            if !silence.nodes.iter().any(&still_offline) {
                 Some(silence.id)
             } else if self.store.shared().is_some() {
                 None
@@ -210,31 +216,31 @@ impl Registry {
         };
         let Some(id) = id else {
             // An administrator may have dismissed it through another router sharing the database.
-            let lasting = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner()).lasting.as_ref().map(|s| s.id);
+            let lasting = self.silences().lasting.as_ref().map(|s| s.id);
             let Some(id) = lasting else { return Ok(()) };
             let events = self.store.fleet_events(FLEET_EVENTS_LOOKED_AT).await?;
             if events.iter().any(|event| event.id == id && event.resolved_at.is_some()) {
-                self.clear_silence(id);
+                self.clear(id);
             }
             return Ok(());
         };
-        self.store.resolve_fleet_event(id, self.clock.now_ms(), None, "nodes returned").await?;
-        self.clear_silence(id);
+        self.store.resolve_fleet_event(id, now, None, "nodes returned").await?;
+        self.clear(id);
         Ok(())
     }
 
-    /// Dismisses fleet event `id` by administrator `by`. Returns false when there is no such event or it was
-    /// resolved already.
-    pub async fn dismiss_fleet_event(&self, id: i64, by: &str) -> anyhow::Result<bool> {
-        let dismissed = self.store.resolve_fleet_event(id, self.clock.now_ms(), Some(by), "dismissed").await?;
+    /// Dismisses fleet event `id` by administrator `by` at `now`. Returns false when there is no such event or it
+    /// was resolved already.
+    pub(super) async fn dismiss(&self, id: i64, now: Millis, by: &str) -> Result<bool, StoreError> {
+        let dismissed = self.store.resolve_fleet_event(id, now, Some(by), "dismissed").await?;
         if dismissed {
-            self.clear_silence(id);
+            self.clear(id);
         }
         Ok(dismissed)
     }
 
-    fn clear_silence(&self, id: i64) {
-        let mut guard = self.mass_silence.lock().unwrap_or_else(|p| p.into_inner());
+    fn clear(&self, id: i64) {
+        let mut guard = self.silences();
         if guard.lasting.as_ref().is_some_and(|silence| silence.id == id) {
             guard.lasting = None;
             self.metrics.mass_silence.set(0);

@@ -10,7 +10,7 @@ use super::audit;
 use super::extract::{AdminUser, ClientAddr, Viewer};
 use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiResult, bad_request};
-use crate::model::fleet::FleetEvent;
+use crate::model::fleet_event::FleetEvent;
 use crate::state::AppState;
 use llm_router_protocol::ErrorBody;
 

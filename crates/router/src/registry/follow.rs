@@ -11,30 +11,61 @@
 //! router that decides offline transitions (the holder of the sweep lease) decides from the latest time any router
 //! saw. Their clocks are assumed to agree (NTP).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
 
 use super::index::{NodeHandle, Slot};
 use super::{Registry, RegistryError, RegistryResult};
+use crate::metrics::Metrics;
 use crate::model::auth::TokenHash;
-use crate::store::{NodeChanges, SeenChanges, SharedNode};
+use crate::store::{NodeChanges, SeenChanges, SharedNode, StorageFault, Store};
 
-/// Where the reads of other routers' changes stand (cursors of [`SharedStorage`]).
-#[derive(Debug, Default)]
-pub(super) struct FollowCursors {
+/// Where the reads of other routers' changes stand (cursors of [`SharedStorage`]), and whether this router decides
+/// offline transitions.
+#[derive(Debug)]
+pub(super) struct Following {
     nodes: AtomicI64,
     seen: AtomicI64,
+    /// Always with SQLite; with a shared database, while this router holds the sweep lease (SPEC §11).
+    leads: AtomicBool,
 }
 
-impl FollowCursors {
+impl Following {
     /// Node changes are read from `cursor` on (the load read the rest); figures from the start, so none of those
     /// written since the load is missed.
-    pub(super) fn start_at(&self, cursor: i64) {
-        self.nodes.store(cursor, Ordering::SeqCst);
+    pub(super) fn start_at(cursor: i64, leads: bool) -> Self {
+        Following { nodes: AtomicI64::new(cursor), seen: AtomicI64::new(0), leads: AtomicBool::new(leads) }
+    }
+
+    /// Whether this router decides offline transitions now: takes the sweep lease, or checks it still holds it,
+    /// when the database is shared; always with SQLite. A lease that cannot be checked is not held.
+    pub(super) async fn lead(&self, store: &Store, metrics: &Metrics) -> bool {
+        let Some(shared) = store.shared() else { return true };
+        let leads = match shared.hold_sweep_lease().await {
+            Ok(leads) => leads,
+            Err(err) => {
+                if err.fault() != Some(StorageFault::Unreachable) {
+                    tracing::warn!(error = %format!("{err:#}"), "cannot check the sweep lease; deciding nothing");
+                }
+                false
+            }
+        };
+        if self.leads.swap(leads, Ordering::SeqCst) != leads {
+            if leads {
+                tracing::info!("this router holds the sweep lease: it decides offline transitions");
+            } else {
+                tracing::warn!("this router lost the sweep lease: another router decides offline transitions");
+            }
+        }
+        metrics.sweep_lease.set(u64::from(leads));
+        leads
+    }
+
+    /// Whether this router decided offline transitions at its latest sweep.
+    pub(super) fn leads(&self) -> bool {
+        self.leads.load(Ordering::SeqCst)
     }
 }
 
@@ -58,33 +89,9 @@ impl Registry {
         }
     }
 
-    /// Whether this router decides offline transitions now: takes the sweep lease, or checks it still holds it,
-    /// when the database is shared; always with SQLite. A lease that cannot be checked is not held.
-    pub(super) async fn lead(&self) -> bool {
-        let Some(shared) = self.store.shared() else { return true };
-        let leads = match shared.hold_sweep_lease().await {
-            Ok(leads) => leads,
-            Err(err) => {
-                if err.fault() != Some(crate::store::StorageFault::Unreachable) {
-                    tracing::warn!(error = %format!("{err:#}"), "cannot check the sweep lease; deciding nothing");
-                }
-                false
-            }
-        };
-        if self.leads.swap(leads, Ordering::SeqCst) != leads {
-            if leads {
-                tracing::info!("this router holds the sweep lease: it decides offline transitions");
-            } else {
-                tracing::warn!("this router lost the sweep lease: another router decides offline transitions");
-            }
-        }
-        self.metrics.sweep_lease.set(u64::from(leads));
-        leads
-    }
-
     /// Whether this router decided offline transitions at its latest sweep.
     pub fn leads(&self) -> bool {
-        self.leads.load(Ordering::SeqCst)
+        self.following.leads()
     }
 
     /// Reads and applies the node changes since the previous read (at start: every node). Returns how many rows
@@ -93,7 +100,7 @@ impl Registry {
     pub async fn follow_nodes(&self) -> anyhow::Result<usize> {
         let Some(shared) = self.store.shared() else { return Ok(0) };
         let NodeChanges { nodes, deleted, cursor } =
-            shared.node_changes(self.follow_cursors.nodes.load(Ordering::SeqCst)).await?;
+            shared.node_changes(self.following.nodes.load(Ordering::SeqCst)).await?;
         let read = nodes.len() + deleted.len();
         for row in nodes {
             self.apply_node(row);
@@ -101,16 +108,16 @@ impl Registry {
         for id in deleted {
             self.forget(id);
         }
-        self.follow_cursors.nodes.store(cursor, Ordering::SeqCst);
+        self.following.nodes.store(cursor, Ordering::SeqCst);
         Ok(read)
     }
 
     /// Reads and applies the heartbeat figures other routers wrote since the previous read. Returns how many.
     pub async fn follow_seen(&self) -> anyhow::Result<usize> {
         let Some(shared) = self.store.shared() else { return Ok(0) };
-        let SeenChanges { seen, cursor } = shared.seen_changes(self.follow_cursors.seen.load(Ordering::SeqCst)).await?;
+        let SeenChanges { seen, cursor } = shared.seen_changes(self.following.seen.load(Ordering::SeqCst)).await?;
         let read = seen.len();
-        self.follow_cursors.seen.store(cursor, Ordering::SeqCst);
+        self.following.seen.store(cursor, Ordering::SeqCst);
         let index = self.read();
         for seen in seen {
             let Some(slot) = index.nodes.get(&seen.node_id) else { continue };
@@ -131,7 +138,7 @@ impl Registry {
         let id = node.id;
         let existing = self.read().nodes.get(&id).cloned();
         let Some(slot) = existing else {
-            let pending = node.status == NodeStatus::Pending;
+            let status = node.status;
             let slot = Slot::new(node, token, self.clock.now_ms(), self.revisions.next());
             let mut index = self.write();
             let own = self.store.shared().is_some_and(|shared| shared.written_revision(id) >= revision);
@@ -149,9 +156,7 @@ impl Registry {
                 self.routing.update(&state.node);
             }
             index.nodes.insert(id, slot);
-            if pending {
-                self.pending.fetch_add(1, Ordering::Relaxed);
-            }
+            self.pending.added(status);
             return;
         };
         let old_token = {
@@ -173,7 +178,7 @@ impl Registry {
             }
             let since = node.last_seen_at.into_iter().chain(node.approved_at).max().unwrap_or(state.alive_since);
             state.alive_since = state.alive_since.max(since);
-            self.count_pending(state.node.status, node.status);
+            self.pending.moved(state.node.status, node.status);
             let old_token = std::mem::replace(&mut state.token, token);
             state.node = node;
             state.searchable();
@@ -198,28 +203,6 @@ impl Registry {
     /// Drops a node another router deleted: its token stops working here too.
     fn forget(&self, id: Uuid) {
         let Some(slot) = self.read().nodes.get(&id).cloned() else { return };
-        let (key, token) = {
-            let mut state = slot.bookkeeping();
-            if state.deleted {
-                return;
-            }
-            state.deleted = true;
-            self.note_deletion(id);
-            self.count_pending(state.node.status, NodeStatus::Offline);
-            ((state.node.machine_name.clone(), state.node.runtime_port), state.token)
-        };
-        let mut index = self.write();
-        if index.nodes.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-            index.nodes.remove(&id);
-        }
-        self.routing.remove(id);
-        if index.by_key.get(&key) == Some(&id) {
-            index.by_key.remove(&key);
-        }
-        if let Some(token) = token
-            && index.by_token.get(&token) == Some(&id)
-        {
-            index.by_token.remove(&token);
-        }
+        self.drop_node(&slot);
     }
 }
