@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use llm_router::model::auth::TokenHash;
-use llm_router::model::figures::{NodeMetrics, PackedMetrics};
+use llm_router::model::figures::{NodeFigures, PackedFigures};
 use llm_router::model::node::{Node, NodeEvent};
 use llm_router::store::sqlite::SqliteStore;
 use llm_router::store::{NewNode, NodeStore};
@@ -81,7 +81,7 @@ fn new_node(kind: FleetKind, i: usize, now: i64, with_metrics: bool) -> NewNode 
     let registered_at = now - 30 * DAY_MS + (i as i64 % 1000) * 60_000;
     let approved_at = approved.then_some(registered_at + 3_600_000);
     let last_seen_at = if status == NodeStatus::Offline { now - 6 * 3600 * 1000 } else { now - (i as i64 % 10) * 1000 };
-    let metrics = NodeMetrics {
+    let metrics = NodeFigures {
         cpu_usage: Some((i % 90) as f64 + 5.5),
         memory_usage: Some((i % 70) as f64 + 20.25),
         gpus: fleet::gpu_metrics(i),
@@ -105,7 +105,7 @@ fn new_node(kind: FleetKind, i: usize, now: i64, with_metrics: bool) -> NewNode 
         loaded_models: models.clone(),
         ready_models: models,
         tags: fleet::tags(i),
-        metrics: with_metrics.then(|| PackedMetrics::pack(&metrics)),
+        figures: with_metrics.then(|| PackedFigures::pack(&metrics)),
         registered_at,
         approved_at,
         approved_by: approved.then(|| "admin".to_owned()),
@@ -213,13 +213,13 @@ mod tests {
     #[test]
     fn nodes_carry_what_a_running_fleet_has() {
         let new = new_node(FleetKind::Mixed, 1, 1_700_000_000_000, true);
-        let figures = new.node.metrics.as_ref().and_then(PackedMetrics::unpack).expect("figures");
+        let figures = new.node.figures.as_ref().and_then(PackedFigures::unpack).expect("figures");
         assert_eq!(figures.gpus.len(), 8);
         assert_eq!(new.node.gpu_devices.len(), fleet::GPU_GROUPS.len());
         assert_eq!(new.node.approved_by.as_deref(), Some("admin"));
         assert_eq!(new.events.len(), 2, "registered, then approved");
         let bare = new_node(FleetKind::Mixed, 0, 0, false);
-        assert!(bare.node.approved_at.is_none() && bare.node.metrics.is_none());
+        assert!(bare.node.approved_at.is_none() && bare.node.figures.is_none());
         assert_eq!(bare.events.len(), 1);
     }
 

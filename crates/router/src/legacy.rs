@@ -159,7 +159,7 @@ fn convert(entry: LegacyEntry, now: Millis) -> Result<Node, String> {
         loaded_models: entry.loaded_models.into_iter().filter_map(|m| m.as_str().map(str::to_owned)).collect(),
         ready_models: Vec::new(),
         tags: entry.tags.into_iter().filter(|t| !t.trim().is_empty()).collect(),
-        metrics: None,
+        figures: None,
         registered_at,
         approved_at: Some(registered_at),
         approved_by: Some(IMPORT_ACTOR.to_owned()),

@@ -8,21 +8,25 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
 /// The figures of the latest heartbeat, replaced as a whole by each new one.
+///
+/// The API calls them the node's `metrics`, its schema `NodeMetrics`; in the code they are figures, so that
+/// "metrics" means the router's own Prometheus metrics alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct NodeMetrics {
+#[schema(as = NodeMetrics)]
+pub struct NodeFigures {
     pub cpu_usage: Option<f64>,
     pub memory_usage: Option<f64>,
     pub gpus: Vec<GpuMetrics>,
     pub active_requests: Option<u64>,
 }
 
-/// Heartbeat figures in their stored form: positional JSON arrays, about half the size of [`NodeMetrics`]'s JSON
+/// Heartbeat figures in their stored form: positional JSON arrays, about half the size of [`NodeFigures`]'s JSON
 /// (which repeats every field name for every GPU). `[cpu, memory, active, [[index, model, utilization, used,
 /// total, temperature, uuid, ecc_uncorrected, xid, power_watts, throttle_reasons], …]]`, each GPU's array cut
 /// after its last figure from `uuid` on, so GPUs without health figures (and rows stored before there were any)
 /// keep the six-entry form.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PackedMetrics(Box<str>);
+pub struct PackedFigures(Box<str>);
 
 type Packed<G> = (Option<f64>, Option<f64>, Option<u64>, Vec<G>);
 
@@ -118,29 +122,29 @@ impl<'de> Deserialize<'de> for UnpackGpu {
     }
 }
 
-impl PackedMetrics {
-    pub fn pack(metrics: &NodeMetrics) -> Self {
+impl PackedFigures {
+    pub fn pack(metrics: &NodeFigures) -> Self {
         let gpus: Vec<PackGpu<'_>> = metrics.gpus.iter().map(PackGpu).collect();
         let packed: Packed<PackGpu<'_>> = (metrics.cpu_usage, metrics.memory_usage, metrics.active_requests, gpus);
         // Numbers, optional strings and arrays always encode.
-        PackedMetrics(serde_json::to_string(&packed).unwrap_or_default().into_boxed_str())
+        PackedFigures(serde_json::to_string(&packed).unwrap_or_default().into_boxed_str())
     }
 
     /// As read from the database: decoded only when shown.
     pub fn from_stored(text: String) -> Self {
-        PackedMetrics(text.into_boxed_str())
+        PackedFigures(text.into_boxed_str())
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The figures, or `None` when the stored text is neither the packed form nor a [`NodeMetrics`] object.
-    pub fn unpack(&self) -> Option<NodeMetrics> {
+    /// The figures, or `None` when the stored text is neither the packed form nor a [`NodeFigures`] object.
+    pub fn unpack(&self) -> Option<NodeFigures> {
         if let Ok((cpu_usage, memory_usage, active_requests, gpus)) = serde_json::from_str::<Packed<UnpackGpu>>(&self.0)
         {
             let gpus = gpus.into_iter().map(|UnpackGpu(gpu)| gpu).collect();
-            return Some(NodeMetrics { cpu_usage, memory_usage, gpus, active_requests });
+            return Some(NodeFigures { cpu_usage, memory_usage, gpus, active_requests });
         }
         serde_json::from_str(&self.0).ok()
     }
@@ -150,8 +154,8 @@ impl PackedMetrics {
 mod tests {
     use super::*;
 
-    fn figures() -> NodeMetrics {
-        NodeMetrics {
+    fn figures() -> NodeFigures {
+        NodeFigures {
             cpu_usage: Some(12.5),
             memory_usage: None,
             gpus: vec![
@@ -185,7 +189,7 @@ mod tests {
     #[test]
     fn packed_figures_round_trip_and_are_smaller() {
         let metrics = figures();
-        let packed = PackedMetrics::pack(&metrics);
+        let packed = PackedFigures::pack(&metrics);
         assert_eq!(packed.unpack(), Some(metrics.clone()));
         let verbose = serde_json::to_string(&metrics).expect("json");
         assert!(packed.as_str().len() * 3 < verbose.len() * 2, "{} vs {}", packed.as_str(), verbose);
@@ -198,21 +202,21 @@ mod tests {
             throttle_reasons: None,
             ..metrics.gpus[0].clone()
         };
-        let usual = NodeMetrics { gpus: vec![gpu; 8], ..metrics };
-        let (packed, verbose) = (PackedMetrics::pack(&usual), serde_json::to_string(&usual).expect("json"));
+        let usual = NodeFigures { gpus: vec![gpu; 8], ..metrics };
+        let (packed, verbose) = (PackedFigures::pack(&usual), serde_json::to_string(&usual).expect("json"));
         assert!(packed.as_str().len() * 2 < verbose.len(), "{} vs {}", packed.as_str(), verbose);
     }
 
     #[test]
     fn stored_object_form_and_garbage_are_handled() {
         let verbose = serde_json::to_string(&figures()).expect("json");
-        assert_eq!(PackedMetrics::from_stored(verbose).unpack(), Some(figures()));
-        assert_eq!(PackedMetrics::from_stored("not json".into()).unpack(), None);
+        assert_eq!(PackedFigures::from_stored(verbose).unpack(), Some(figures()));
+        assert_eq!(PackedFigures::from_stored("not json".into()).unpack(), None);
     }
 
     #[test]
     fn gpus_without_health_figures_keep_the_six_entry_form() {
-        let metrics = NodeMetrics {
+        let metrics = NodeFigures {
             cpu_usage: None,
             memory_usage: None,
             gpus: vec![
@@ -221,14 +225,14 @@ mod tests {
             ],
             active_requests: None,
         };
-        let packed = PackedMetrics::pack(&metrics);
+        let packed = PackedFigures::pack(&metrics);
         assert_eq!(
             packed.as_str(),
             "[null,null,null,[[0,null,null,null,null,40.0],[1,null,null,null,null,null,null,0]]]"
         );
         assert_eq!(packed.unpack(), Some(metrics));
         // As stored before GPUs had health figures.
-        let old = PackedMetrics::from_stored("[1.0,2.0,3,[[0,\"X\",50.0,1,2,40.0]]]".into());
+        let old = PackedFigures::from_stored("[1.0,2.0,3,[[0,\"X\",50.0,1,2,40.0]]]".into());
         let gpu = &old.unpack().expect("old form").gpus[0];
         assert_eq!((gpu.model.as_deref(), gpu.uuid.as_deref(), gpu.throttle_reasons.as_ref()), (Some("X"), None, None));
     }

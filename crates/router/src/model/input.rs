@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use llm_router_protocol::GpuDevice;
 use uuid::Uuid;
 
-use super::figures::NodeMetrics;
+use super::figures::NodeFigures;
 
 /// A registration that passed steps 1 and 2 of SPEC §2.1.
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ impl Registration {
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     pub node_id: Uuid,
-    pub metrics: NodeMetrics,
+    pub figures: NodeFigures,
     pub loaded_models: Vec<String>,
     pub ready_models: Vec<String>,
 }

@@ -3,7 +3,7 @@
 use llm_router_protocol::{GpuDevice, NodeStatus};
 use uuid::Uuid;
 
-use super::figures::PackedMetrics;
+use super::figures::PackedFigures;
 use super::health::Conditions;
 use crate::clock::Millis;
 
@@ -25,7 +25,7 @@ pub struct Node {
     pub tags: Vec<String>,
     /// The latest heartbeat's figures, packed: encoded once when they arrive, stored as they are, and decoded only
     /// when shown.
-    pub metrics: Option<PackedMetrics>,
+    pub figures: Option<PackedFigures>,
     pub registered_at: Millis,
     pub approved_at: Option<Millis>,
     pub approved_by: Option<String>,
@@ -121,7 +121,7 @@ impl Node {
             loaded_models: Vec::new(),
             ready_models: Vec::new(),
             tags: Vec::new(),
-            metrics: None,
+            figures: None,
             registered_at: 0,
             approved_at: None,
             approved_by: None,

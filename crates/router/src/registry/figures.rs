@@ -72,7 +72,7 @@ impl Registry {
             batch.push(Figures {
                 node_id: *id,
                 last_seen_at: state.node.last_seen_at.unwrap_or(state.alive_since),
-                metrics: state.node.metrics.clone(),
+                figures: state.node.figures.clone(),
                 lists,
             });
         }

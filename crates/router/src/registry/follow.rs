@@ -125,7 +125,7 @@ impl Registry {
             if state.node.last_seen_at.is_none_or(|at| at < seen.last_seen_at) {
                 state.changed = self.revisions.next();
                 state.node.last_seen_at = Some(seen.last_seen_at);
-                state.node.metrics = seen.metrics;
+                state.node.figures = seen.figures;
             }
             state.alive_since = state.alive_since.max(seen.last_seen_at);
         }
@@ -170,7 +170,7 @@ impl Registry {
             // Figures and models this router received and has not written yet are newer than the row.
             if state.node.last_seen_at > node.last_seen_at {
                 node.last_seen_at = state.node.last_seen_at;
-                node.metrics = state.node.metrics.take();
+                node.figures = state.node.figures.take();
             }
             if state.models_dirty {
                 node.loaded_models = std::mem::take(&mut state.node.loaded_models);

@@ -85,7 +85,7 @@ impl Registry {
             loaded_models: reg.loaded_models,
             ready_models: reg.ready_models,
             tags: reg.tags.unwrap_or_default(),
-            metrics: None,
+            figures: None,
             registered_at: now,
             approved_at: None,
             approved_by: None,

@@ -13,7 +13,7 @@ use super::index::{NodeHandle, Slot, SlotState};
 use super::{Registry, RegistryError, RegistryResult, state};
 use crate::clock::Millis;
 use crate::metrics::Metrics;
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::model::health;
 use crate::model::input::Heartbeat;
 use crate::model::node::{Node, NodeEvent};
@@ -31,7 +31,7 @@ impl Registry {
         }
         let slot = &node.slot;
         // Packed once here, kept and stored as it is, unpacked only when shown.
-        let metrics = PackedMetrics::pack(&hb.metrics);
+        let figures = PackedFigures::pack(&hb.figures);
         let now = self.clock.now_ms();
         let findings;
         {
@@ -39,10 +39,10 @@ impl Registry {
             if state.deleted || state.token != Some(node.token) {
                 return Err(RegistryError::UnknownToken);
             }
-            findings = health::assess(&state.node.gpu_devices, &hb.metrics.gpus, self.gpu_max_temp_c);
+            findings = health::assess(&state.node.gpu_devices, &hb.figures.gpus, self.gpu_max_temp_c);
             let models_changed =
                 state.node.loaded_models != hb.loaded_models || state.node.ready_models != hb.ready_models;
-            state.node.metrics = Some(metrics);
+            state.node.figures = Some(figures);
             state.node.last_seen_at = Some(now);
             state.alive_since = now;
             if models_changed {

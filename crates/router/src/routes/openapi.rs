@@ -16,7 +16,7 @@ use super::node_list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCo
 use super::views::{NodeEventView, NodeView, RoutingView};
 use super::{api_keys, audit, auth, fleet_events, health, join_tokens, node_list, nodes, users};
 use crate::model::auth::{Role, Scope};
-use crate::model::figures::NodeMetrics;
+use crate::model::figures::NodeFigures;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,7 +34,7 @@ use crate::model::figures::NodeMetrics;
     ),
     components(schemas(
         ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
-        RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeMetrics, NodeEventView, Role, Scope,
+        RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeFigures, NodeEventView, Role, Scope,
         FleetEventView, NodeList, NodePage, FleetSummaryView, StatusCounts, GpuCounts,
     )),
     modifiers(&Security),

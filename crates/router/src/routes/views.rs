@@ -6,7 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::clock::{Millis, rfc3339};
-use crate::model::figures::{NodeMetrics, PackedMetrics};
+use crate::model::figures::{NodeFigures, PackedFigures};
 use crate::model::node::{Node, RecordedEvent};
 use crate::routing::{RouteFigures, Routing};
 
@@ -29,7 +29,7 @@ pub struct NodeView {
     pub loaded_models: Vec<String>,
     pub ready_models: Vec<String>,
     pub tags: Vec<String>,
-    pub metrics: Option<NodeMetrics>,
+    pub metrics: Option<NodeFigures>,
     pub registered_at: String,
     pub approved_at: Option<String>,
     pub approved_by: Option<String>,
@@ -90,7 +90,7 @@ impl NodeView {
             loaded_models: node.loaded_models.clone(),
             ready_models: node.ready_models.clone(),
             tags: node.tags.clone(),
-            metrics: node.metrics.as_ref().and_then(PackedMetrics::unpack),
+            metrics: node.figures.as_ref().and_then(PackedFigures::unpack),
             registered_at: rfc3339(node.registered_at),
             approved_at: node.approved_at.map(rfc3339),
             approved_by: node.approved_by.clone(),

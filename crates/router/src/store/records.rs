@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::StoreError;
 use crate::clock::Millis;
 use crate::model::auth::{Revoked, Role, Scope, TokenHash};
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::model::node::{Node, NodeEvent, NodeLists};
 
 /// A node as stored, with the hash of its token (imported nodes have none).
@@ -25,7 +25,7 @@ pub struct NewNode {
 pub struct Figures {
     pub node_id: Uuid,
     pub last_seen_at: Millis,
-    pub metrics: Option<PackedMetrics>,
+    pub figures: Option<PackedFigures>,
     /// The node's lists, present only when its models changed since the last write.
     pub lists: Option<NodeLists>,
 }
@@ -111,7 +111,7 @@ pub struct NodeChanges {
 pub struct Seen {
     pub node_id: Uuid,
     pub last_seen_at: Millis,
-    pub metrics: Option<PackedMetrics>,
+    pub figures: Option<PackedFigures>,
 }
 
 /// The heartbeat figures other routers wrote since a cursor, and the cursor to read the next from.

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, Scope, TokenHash};
 use crate::model::enrollment::JoinToken;
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::model::fleet_event::FleetEvent;
 use crate::model::health::Conditions;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
@@ -191,7 +191,7 @@ pub(super) fn node<R: Columns>(row: &R) -> anyhow::Result<(Node, Option<&str>, O
         loaded_models: Vec::new(),
         ready_models: Vec::new(),
         tags: Vec::new(),
-        metrics: row.opt_text(8)?.map(PackedMetrics::from_stored),
+        figures: row.opt_text(8)?.map(PackedFigures::from_stored),
         registered_at: row.int(9)?,
         approved_at: row.opt_int(10)?,
         approved_by: row.opt_text(11)?,

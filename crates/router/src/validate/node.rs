@@ -10,7 +10,7 @@ use super::{
     MAX_NAME_CHARS, MAX_POWER_WATTS, MAX_THROTTLE_REASON_CHARS, MAX_THROTTLE_REASONS, Text, bad_request, gpu_uuid,
     item, list, memory, percent, text,
 };
-use crate::model::figures::NodeMetrics;
+use crate::model::figures::NodeFigures;
 use crate::model::input::{Heartbeat, Registration};
 
 /// Steps 1 (shape and values, 400) and 2 (GPU required, 403) of SPEC §2.1. `peer` stands in for a missing address;
@@ -134,7 +134,7 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
         }
         gpu_health(i, gpu)?;
     }
-    let metrics = NodeMetrics {
+    let metrics = NodeFigures {
         cpu_usage: req.cpu_usage,
         memory_usage: req.memory_usage,
         gpus,
@@ -144,7 +144,7 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
         node_id: req.node_id,
         loaded_models: list("loaded_models", req.loaded_models)?,
         ready_models: list("ready_models", req.ready_models)?,
-        metrics,
+        figures: metrics,
     })
 }
 

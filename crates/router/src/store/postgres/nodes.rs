@@ -15,7 +15,7 @@ use super::PgStore;
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
 use crate::store::sql::postgres as sql;
 use crate::store::sqlite::lists;
@@ -230,7 +230,7 @@ impl NodeStore for PgStore {
             let ids: Vec<String> = batch.iter().map(|f| f.node_id.to_string()).collect();
             let seen: Vec<i64> = batch.iter().map(|f| f.last_seen_at).collect();
             let metrics: Vec<Option<&str>> =
-                batch.iter().map(|f| f.metrics.as_ref().map(PackedMetrics::as_str)).collect();
+                batch.iter().map(|f| f.figures.as_ref().map(PackedFigures::as_str)).collect();
             let mut tx = self.pool.begin().await?;
             sqlx::query(
                 "SELECT 1 FROM nodes n JOIN UNNEST($1::text[]) AS v (id) ON n.id = v.id ORDER BY n.id \
@@ -316,7 +316,7 @@ fn bind_node<'q>(query: Query<'q>, node: &'q Node) -> Query<'q> {
         .bind(node.status.as_str())
         .bind(node.display_name.as_deref())
         .bind(node.notes.as_deref())
-        .bind(node.metrics.as_ref().map(PackedMetrics::as_str))
+        .bind(node.figures.as_ref().map(PackedFigures::as_str))
         .bind(node.registered_at)
         .bind(node.approved_at)
         .bind(node.approved_by.as_deref())

@@ -26,7 +26,7 @@ use super::auth::CREDENTIALS_CHANNEL;
 use super::nodes::{NODES_CHANNEL, node_columns, node_from_row};
 use super::reach::Reach;
 use crate::model::auth::{Revoked, TokenHash};
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::store::{
     ChangeSignals, NodeChanges, Seen, SeenChanges, SharedNode, SharedStorage, StorageFault, StoreError, StoreResult,
 };
@@ -94,7 +94,7 @@ impl PgStore {
                 Ok(Seen {
                     node_id: Uuid::parse_str(id)?,
                     last_seen_at: row.try_get(1)?,
-                    metrics: metrics.map(PackedMetrics::from_stored),
+                    figures: metrics.map(PackedFigures::from_stored),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{PgStore, open, redact};
 use crate::model::auth::{Role, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::model::node::{Node, NodeEvent, NodeLists};
 use crate::store::{Figures, SharedStorage, Store, StoreError, UserRow};
 
@@ -71,7 +71,7 @@ fn node(n: u128) -> Node {
         loaded_models: vec!["llama".into()],
         ready_models: vec!["llama".into()],
         tags: vec!["eu".into()],
-        metrics: None,
+        figures: None,
         registered_at: 1_767_225_600_123,
         approved_at: None,
         approved_by: None,
@@ -93,7 +93,7 @@ async fn insert(store: &Store, node: &Node) {
 }
 
 fn figures(id: Uuid, last_seen_at: i64, metrics: &str) -> Figures {
-    Figures { node_id: id, last_seen_at, metrics: Some(PackedMetrics::from_stored(metrics.to_owned())), lists: None }
+    Figures { node_id: id, last_seen_at, figures: Some(PackedFigures::from_stored(metrics.to_owned())), lists: None }
 }
 
 #[test]
@@ -221,7 +221,7 @@ async fn seen_changes_are_the_figures_other_routers_wrote() {
     let other = shared(&b).seen_changes(start_b.cursor).await.expect("seen");
     let [seen] = other.seen.as_slice() else { panic!("one node's figures: {:?}", other.seen) };
     assert_eq!((seen.node_id, seen.last_seen_at), (n1.id, 1_000));
-    assert_eq!(seen.metrics.as_ref().map(PackedMetrics::as_str), Some("[0.5,null,null,[]]"));
+    assert_eq!(seen.figures.as_ref().map(PackedFigures::as_str), Some("[0.5,null,null,[]]"));
 
     // The other way round, from the cursors just returned.
     b.flush_figures(&[figures(n1.id, 2_000, "[0.7,null,null,[]]")]).await.expect("flush");
@@ -487,7 +487,7 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     approved.approved_by = Some("admin".into());
     approved.cordoned = true;
     approved.last_seen_at = Some(approved.registered_at + 9);
-    approved.metrics = Some(PackedMetrics::from_stored("[0.5,0.25,3,[]]".into()));
+    approved.figures = Some(PackedFigures::from_stored("[0.5,0.25,3,[]]".into()));
     let events = |n: &Node| vec![NodeEvent::new(n.id, n.registered_at, None, "pending", "registered")];
     let fleet = vec![
         NewNode { node: approved.clone(), token: Some(token(1)), events: events(&approved) },
@@ -563,7 +563,7 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
         (copied.status, copied.approved_at, copied.last_seen_at, copied.cordoned),
         (approved.status, approved.approved_at, approved.last_seen_at, true)
     );
-    assert_eq!(copied.metrics, approved.metrics);
+    assert_eq!(copied.figures, approved.figures);
     assert_eq!(nodes[1].1, None);
     let changes = shared(&pg).node_changes(0).await.expect("changes");
     assert_eq!(changes.nodes.len(), 2, "copied nodes are changes the routers read");

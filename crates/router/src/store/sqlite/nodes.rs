@@ -14,7 +14,7 @@ use super::{SqliteStore, commit, load, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::TokenHash;
 use crate::model::enrollment::JoinUse;
-use crate::model::figures::PackedMetrics;
+use crate::model::figures::PackedFigures;
 use crate::model::node::{Node, NodeEvent, NodeLists, RecordedEvent};
 use crate::store::sql::{PRUNE_BATCH, sqlite as sql};
 use crate::store::{EVENTS_PER_NODE, Figures, NewNode, NodeBatches, NodeStore, StoreError, StoreResult, StoredNode};
@@ -147,10 +147,10 @@ impl NodeStore for SqliteStore {
                 write_tx!(self, |tx| async {
                     // One statement per chunk, not per node: each statement is a round trip to the database thread.
                     let mut update = QueryBuilder::<Sqlite>::new("WITH v (id, last_seen_at, metrics) AS (");
-                    update.push_values(chunk, |mut row, figures| {
-                        row.push_bind(figures.node_id.to_string())
-                            .push_bind(figures.last_seen_at)
-                            .push_bind(metrics_json(&figures.metrics));
+                    update.push_values(chunk, |mut row, written| {
+                        row.push_bind(written.node_id.to_string())
+                            .push_bind(written.last_seen_at)
+                            .push_bind(metrics_json(&written.figures));
                     });
                     update.push(
                     ") UPDATE nodes SET last_seen_at = v.last_seen_at, metrics = v.metrics FROM v WHERE nodes.id = v.id",
@@ -243,7 +243,7 @@ fn bind_node(row: &mut Separated<'_, Sqlite, &'static str>, node: &Node) {
         .push_bind(node.status.as_str())
         .push_bind(node.display_name.as_deref())
         .push_bind(node.notes.as_deref())
-        .push_bind(metrics_json(&node.metrics))
+        .push_bind(metrics_json(&node.figures))
         .push_bind(node.registered_at)
         .push_bind(node.approved_at)
         .push_bind(node.approved_by.as_deref())
@@ -263,8 +263,9 @@ pub(super) async fn insert_row(conn: &mut SqliteConnection, node: &Node) -> Resu
     Ok(())
 }
 
-fn metrics_json(metrics: &Option<PackedMetrics>) -> Option<&str> {
-    metrics.as_ref().map(PackedMetrics::as_str)
+/// The `metrics` column holds a node's packed figures.
+fn metrics_json(figures: &Option<PackedFigures>) -> Option<&str> {
+    figures.as_ref().map(PackedFigures::as_str)
 }
 
 pub(super) async fn write_token(
