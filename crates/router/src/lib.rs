@@ -1,9 +1,10 @@
 //! The llm-router server as a library: the binary only parses configuration and calls [`app::run`].
 //!
 //! Layers, from the floor up (imports point down only; `docs/architecture.md` has the table a test holds the code
-//! to): `clock` and `model` (plain domain types); `store` (all SQL, behind the `Storage` trait); the services
-//! (`registry`, `auth`, `validate`, `metrics`, `probe`, `legacy`, `rate_limit`, `net`, `config`); HTTP (`error`,
-//! `routes`, `server`, `state`); and the wiring (`app`).
+//! to): `clock`, `revision` and `model` (plain domain types and the clocks and counters they are stamped with);
+//! `store` (all SQL, one contract per area, both backends); the services (`registry`, `routing`, `auth`, `audit`,
+//! `validate`, `metrics`, `probe`, `legacy`, `rate_limit`, `net`, `config`, `tls`); HTTP (`error`, `routes`,
+//! `proxy`, `server`, `state`); and the wiring (`app`).
 
 pub mod app;
 pub mod audit;

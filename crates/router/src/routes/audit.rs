@@ -3,17 +3,17 @@
 
 use std::net::IpAddr;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::extract::AdminUser;
 use super::paging;
+use super::query::ApiQuery;
 use crate::audit::Outcome;
 use crate::clock::rfc3339;
-use crate::error::{ApiError, ApiResult, bad_request};
+use crate::error::{ApiError, ApiResult};
 use crate::model::audit::RecordedAudit;
 use crate::state::AppState;
 use crate::store::AuditQuery;
@@ -21,7 +21,7 @@ use llm_router_protocol::ErrorBody;
 
 /// Records an action of `actor` from `client` on `target`, ended as `result` says: success, throttled (a 429) or
 /// failure.
-pub fn record<T>(state: &AppState, actor: &str, client: IpAddr, action: &str, target: &str, result: &ApiResult<T>) {
+pub fn log_result<T>(state: &AppState, actor: &str, client: IpAddr, action: &str, target: &str, result: &ApiResult<T>) {
     let outcome = match result {
         Ok(_) => Outcome::Success,
         Err(ApiError::TooManyRequests { .. }) => Outcome::Throttled,
@@ -95,9 +95,8 @@ const DEFAULT_PAGE: u32 = 100;
 pub async fn list(
     State(state): State<AppState>,
     _admin: AdminUser,
-    params: Result<Query<AuditParams>, QueryRejection>,
+    ApiQuery(params): ApiQuery<AuditParams>,
 ) -> ApiResult<Response> {
-    let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
     let limit = paging::limit(params.limit, params.before, DEFAULT_PAGE, MAX_PAGE)?;
     // Every event recorded before this request is in the page.
     state.audit.flush().await;

@@ -2,12 +2,12 @@
 //! administrator.
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 
 use super::audit;
 use super::extract::{AdminUser, ClientAddr, Viewer};
+use super::query::ApiQuery;
 use crate::clock::rfc3339;
 use crate::error::{ApiError, ApiResult, bad_request};
 use crate::model::fleet_event::FleetEvent;
@@ -72,9 +72,8 @@ const MAX_EVENTS: u32 = 100;
 pub async fn list(
     State(state): State<AppState>,
     _viewer: Viewer,
-    params: Result<Query<FleetEventParams>, QueryRejection>,
+    ApiQuery(params): ApiQuery<FleetEventParams>,
 ) -> ApiResult<Json<Vec<FleetEventView>>> {
-    let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=MAX_EVENTS).contains(&limit) {
         return Err(bad_request(format!("`limit` must be between 1 and {MAX_EVENTS}.")));
@@ -112,6 +111,6 @@ pub async fn dismiss(
         }
     }
     .await;
-    audit::record(&state, &admin.name, client, "fleet_event.dismiss", &id, &result);
+    audit::log_result(&state, &admin.name, client, "fleet_event.dismiss", &id, &result);
     result
 }

@@ -159,7 +159,7 @@ pub async fn create(
         ))
     }
     .await;
-    audit::record(&state, &actor, client, "join_token.create", &target, &result);
+    audit::log_result(&state, &actor, client, "join_token.create", &target, &result);
     result
 }
 
@@ -190,6 +190,6 @@ pub async fn revoke(
         }
     }
     .await;
-    audit::record(&state, &actor, client, "join_token.revoke", &target, &result);
+    audit::log_result(&state, &actor, client, "join_token.revoke", &target, &result);
     result
 }

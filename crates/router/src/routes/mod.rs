@@ -11,16 +11,16 @@ pub mod body;
 pub mod dashboard;
 pub mod extract;
 pub mod fleet_events;
-pub mod health;
+pub mod heartbeats;
 pub mod inference;
 pub mod join_tokens;
 pub mod json;
-pub mod node_list;
+pub mod liveness;
 pub mod nodes;
 pub mod openapi;
 pub mod paging;
+pub mod query;
 pub mod users;
-pub mod views;
 
 use std::any::Any;
 use std::time::Instant;
@@ -83,8 +83,8 @@ impl Api {
 fn api() -> Api {
     Api::new()
         .add(Method::POST, "/v0/nodes", nodes::register)
-        .add(Method::GET, "/v0/nodes", node_list::list)
-        .add(Method::GET, "/v0/nodes/summary", node_list::summary)
+        .add(Method::GET, "/v0/nodes", nodes::list::list)
+        .add(Method::GET, "/v0/nodes/summary", nodes::list::summary)
         .add(Method::GET, "/v0/nodes/{id}", nodes::get)
         .add(Method::PATCH, "/v0/nodes/{id}", nodes::update)
         .add(Method::DELETE, "/v0/nodes/{id}", nodes::delete)
@@ -92,7 +92,7 @@ fn api() -> Api {
         .add(Method::POST, "/v0/nodes/{id}/cordon", nodes::cordon)
         .add(Method::POST, "/v0/nodes/{id}/uncordon", nodes::uncordon)
         .add(Method::GET, "/v0/nodes/{id}/events", nodes::events)
-        .add_hot(Method::POST, "/v0/health", health::heartbeat)
+        .add_hot(Method::POST, "/v0/health", heartbeats::heartbeat)
         .add(Method::POST, "/v0/auth/login", auth::login)
         .add(Method::POST, "/v0/auth/logout", auth::logout)
         .add(Method::GET, "/v0/auth/me", auth::me)
@@ -127,7 +127,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dashboard", get(dashboard::index).layer(compression()))
         .route("/dashboard/{file}", get(dashboard::asset).layer(compression()))
         .route("/metrics", get(prometheus).layer(compression()))
-        .route("/healthz", get(health::healthz))
+        .route("/healthz", get(liveness::healthz))
         .route("/v1/chat/completions", post(inference::forward))
         .route("/v1/completions", post(inference::forward))
         .route("/v1/embeddings", post(inference::forward))

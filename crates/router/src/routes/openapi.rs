@@ -12,9 +12,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use super::fleet_events::FleetEventView;
-use super::node_list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCounts};
-use super::views::{NodeEventView, NodeView, RoutingView};
-use super::{api_keys, audit, auth, fleet_events, health, join_tokens, node_list, nodes, users};
+use super::nodes::list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCounts};
+use super::nodes::views::{NodeEventView, NodeView, RoutingView};
+use super::{api_keys, audit, auth, fleet_events, heartbeats, join_tokens, nodes, users};
 use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeFigures;
 
@@ -22,8 +22,8 @@ use crate::model::figures::NodeFigures;
 #[openapi(
     info(title = "llm-router", description = "Node self-registration, heartbeats and fleet administration. Every error is `{\"error\": {\"code\", \"message\"}}`."),
     paths(
-        nodes::register, node_list::list, node_list::summary, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
-        health::heartbeat,
+        nodes::register, nodes::list::list, nodes::list::summary, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
+        heartbeats::heartbeat,
         auth::login, auth::logout, auth::me,
         users::list, users::create, users::delete,
         api_keys::list, api_keys::create, api_keys::delete,

@@ -1,8 +1,8 @@
 //! Which node serves a request (SPEC §8): candidates by model, least in flight with two random choices, passive
 //! health with ejection.
 //!
-//! The registry tells this index of every change that matters (a node turning online or leaving it, its ready
-//! models, its address): [`Routing::update`], [`Routing::remove`]. A request finds its candidates through the index
+//! The registry tells the routing table of every change that matters (a node turning online or leaving it, its ready
+//! models, its address): [`Routing::update`], [`Routing::remove`]. A request finds its candidates through the table
 //! by model, so selection costs O(candidates), never a scan of the fleet; the counters of a node are atomics, shared
 //! by every request to it.
 //!
@@ -12,10 +12,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-
-use tokio::sync::Notify;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
@@ -23,6 +21,10 @@ use uuid::Uuid;
 use crate::clock::Millis;
 use crate::model::node::Node;
 use crate::revision::Revisions;
+
+mod queue;
+
+pub use queue::{Place, Queue};
 
 /// Consecutive failures that eject a node from routing.
 pub const EJECT_AFTER_FAILURES: u32 = 3;
@@ -117,7 +119,7 @@ impl Target {
 
     /// Wakes requests queued for its models: it has room again.
     fn wake_queued(&self, everyone: bool) {
-        if self.queue.waiting.load(Ordering::Relaxed) == 0 {
+        if self.queue.is_empty() {
             return;
         }
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -222,61 +224,6 @@ impl Drop for InFlight {
     }
 }
 
-/// Requests waiting for a node with room, and how to wake them: one waker per model.
-#[derive(Default)]
-pub struct Queue {
-    waiting: AtomicUsize,
-    wakers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
-}
-
-/// A request's place in the [`Queue`], given up when dropped.
-#[derive(Debug)]
-pub struct Place<'a>(&'a Queue);
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Debug for Queue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").field("waiting", &self.len()).finish_non_exhaustive()
-    }
-}
-
-impl Queue {
-    /// Requests waiting now.
-    pub fn len(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Takes a place in the queue, unless `max` requests already wait.
-    pub fn join(&self, max: usize) -> Option<Place<'_>> {
-        self.waiting.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(Place(self))
-    }
-
-    /// What a request queued for `model` waits on.
-    pub fn waker(&self, model: &str) -> Arc<Notify> {
-        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(waker) = wakers.get(model) {
-            return waker.clone();
-        }
-        let waker = Arc::new(Notify::new());
-        wakers.insert(Arc::from(model), waker.clone());
-        waker
-    }
-
-    fn existing_waker(&self, model: &str) -> Option<Arc<Notify>> {
-        self.wakers.lock().unwrap_or_else(|p| p.into_inner()).get(model).cloned()
-    }
-}
-
 /// Why no node was picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoNode {
@@ -288,8 +235,9 @@ pub enum NoNode {
     AtCapacity,
 }
 
+/// The routing table: who can take traffic, by id and by ready model.
 #[derive(Default)]
-struct Index {
+struct Table {
     /// Every node that took traffic or can; each knows the models it is listed under (none when it cannot take
     /// traffic now: its figures outlive a trip offline).
     targets: HashMap<Uuid, Arc<Target>>,
@@ -297,27 +245,27 @@ struct Index {
     by_model: HashMap<Arc<str>, Vec<Arc<Target>>>,
 }
 
-/// The routing index of the fleet.
+/// Routing over the fleet: its table and its queue.
 #[derive(Default)]
 pub struct Routing {
-    index: RwLock<Index>,
+    table: RwLock<Table>,
     queue: Arc<Queue>,
     /// Stamps the changes of the nodes' figures.
     revisions: Arc<Revisions>,
 }
 
 impl Routing {
-    /// An empty index whose figure changes are stamped by `revisions`.
+    /// An empty table whose figure changes are stamped by `revisions`.
     pub fn new(revisions: Arc<Revisions>) -> Self {
-        Routing { index: RwLock::default(), queue: Arc::default(), revisions }
+        Routing { table: RwLock::default(), queue: Arc::default(), revisions }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
-        self.index.read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
-        self.index.write().unwrap_or_else(|p| p.into_inner())
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The requests waiting for a node with room.
@@ -327,19 +275,19 @@ impl Routing {
 
     /// Takes in a node as it is now: routable (online, with its ready models) or not.
     pub fn update(&self, node: &Node) {
-        if let Some(target) = self.update_index(node) {
+        if let Some(target) = self.update_table(node) {
             // It may have room for queued requests now (online again, uncordoned, a higher limit).
             target.wake_queued(true);
         }
     }
 
-    /// Updates the index; returns the node's target when it is routable.
-    fn update_index(&self, node: &Node) -> Option<Arc<Target>> {
+    /// Updates the table; returns the node's target when it is routable.
+    fn update_table(&self, node: &Node) -> Option<Arc<Target>> {
         let addr = node.ip_address.parse().ok().map(|ip| SocketAddr::new(ip, node.runtime_port));
         // A cordoned node stays listed under its models (a request for them is 503, not 404) but is never picked.
         let routable = node.status == NodeStatus::Online && addr.is_some();
-        let mut index = self.write();
-        let target = match (index.targets.get(&node.id), addr) {
+        let mut table = self.write();
+        let target = match (table.targets.get(&node.id), addr) {
             (Some(target), Some(addr)) => {
                 *target.addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
                 target.clone()
@@ -349,7 +297,7 @@ impl Routing {
             (None, Some(_)) if !routable => return None,
             (None, Some(addr)) => {
                 let target = Arc::new(Target::new(node.id, addr, self.queue.clone(), self.revisions.clone()));
-                index.targets.insert(node.id, target.clone());
+                table.targets.insert(node.id, target.clone());
                 target
             }
             (None, None) => return None,
@@ -364,15 +312,15 @@ impl Routing {
         if same {
             return (routable && !node.cordoned).then_some(target);
         }
-        unlist(&mut index, node.id);
+        unlist(&mut table, node.id);
         // Model names are shared by every node that has the model, not copied per node.
         let mut interned = Vec::with_capacity(wanted.len());
         for model in wanted {
-            let name = match index.by_model.get_key_value(model.as_str()) {
+            let name = match table.by_model.get_key_value(model.as_str()) {
                 Some((name, _)) => name.clone(),
                 None => Arc::from(model.as_str()),
             };
-            index.by_model.entry(name.clone()).or_default().push(target.clone());
+            table.by_model.entry(name.clone()).or_default().push(target.clone());
             interned.push(name);
         }
         *target.models.write().unwrap_or_else(|p| p.into_inner()) = interned.into_boxed_slice();
@@ -381,9 +329,9 @@ impl Routing {
 
     /// Forgets a deleted node.
     pub fn remove(&self, id: Uuid) {
-        let mut index = self.write();
-        unlist(&mut index, id);
-        index.targets.remove(&id);
+        let mut table = self.write();
+        unlist(&mut table, id);
+        table.targets.remove(&id);
     }
 
     /// The routing figures of a node, when routing has seen it.
@@ -393,8 +341,8 @@ impl Routing {
 
     /// Every model some routable, uncordoned node has ready, in name order.
     pub fn models(&self) -> Vec<String> {
-        let index = self.read();
-        let mut models: Vec<String> = index
+        let table = self.read();
+        let mut models: Vec<String> = table
             .by_model
             .iter()
             .filter(|(_, targets)| targets.iter().any(|target| !target.is_cordoned()))
@@ -408,8 +356,8 @@ impl Routing {
     /// `max_concurrency`: of two chosen at random, the one with fewer requests in flight. The pick is counted in
     /// flight until the returned guard is dropped.
     pub fn pick(&self, model: &str, tried: &[Uuid], now: Millis) -> Result<InFlight, NoNode> {
-        let index = self.read();
-        let all = index.by_model.get(model).ok_or(NoNode::UnknownModel)?;
+        let table = self.read();
+        let all = table.by_model.get(model).ok_or(NoNode::UnknownModel)?;
         // A node whose ejection has ended gets one trial request before any other traffic.
         let trial =
             |t: &&Arc<Target>| !tried.contains(&t.node_id) && !t.is_cordoned() && t.has_room() && t.claim_trial(now);
@@ -456,14 +404,14 @@ fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a
     chosen.ok_or(NoNode::Unavailable)
 }
 
-fn unlist(index: &mut Index, id: Uuid) {
-    let Some(target) = index.targets.get(&id) else { return };
+fn unlist(table: &mut Table, id: Uuid) {
+    let Some(target) = table.targets.get(&id) else { return };
     let models = std::mem::take(&mut *target.models.write().unwrap_or_else(|p| p.into_inner()));
     for model in models.iter() {
-        if let Some(targets) = index.by_model.get_mut(model) {
+        if let Some(targets) = table.by_model.get_mut(model) {
             targets.retain(|target| target.node_id != id);
             if targets.is_empty() {
-                index.by_model.remove(model);
+                table.by_model.remove(model);
             }
         }
     }

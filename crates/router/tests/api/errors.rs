@@ -44,6 +44,30 @@ async fn framework_rejections_are_json_errors() {
     assert_eq!(app.nodes().await.len(), 1, "only the node registered here");
 }
 
+/// A query string that does not parse is the API's JSON 400, naming the parameter, on every route that reads one.
+#[tokio::test]
+async fn bad_query_strings_are_json_errors_naming_the_parameter() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin_token().await;
+    let node = app.register_node("queries").await;
+    let paths = [
+        "/v0/audit?limit=many".to_owned(),
+        "/v0/fleet/events?limit=-1".to_owned(),
+        format!("/v0/nodes/{}/events?before=yesterday", node.id),
+        "/healthz?require=changes&require=changes".to_owned(),
+    ];
+    for path in paths {
+        let answer = app.request(Method::GET, &path).bearer_auth(&admin).send().await.expect("send");
+        let message = assert_error(answer, 400, "invalid_request").await;
+        assert!(message.starts_with("Bad query string"), "{path}: {message}");
+        let named = ["limit", "before", "require"].iter().any(|name| message.contains(name));
+        assert!(named, "{path}: the message names the parameter: {message}");
+    }
+    // A query string that parses still works.
+    let answer = app.request(Method::GET, "/healthz?require=changes").send().await.expect("send");
+    assert_eq!(answer.status(), 200);
+}
+
 #[tokio::test]
 async fn odd_bodies_never_get_a_server_error() {
     let app = TestApp::spawn().await;

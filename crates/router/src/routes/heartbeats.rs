@@ -1,47 +1,15 @@
-//! Liveness (`GET /healthz`) and node heartbeats (`POST /v0/health`, SPEC §2.2).
+//! Node heartbeats (`POST /v0/health`, SPEC §2.2): the hot path, an agent every few seconds.
 
 use axum::Json;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::extract::State;
 use llm_router_protocol::{ErrorBody, HeartbeatRequest, HeartbeatResponse};
-use serde::Deserialize;
-use serde_json::json;
 
 use super::extract::NodeAuth;
 use super::json::JsonBody;
 use crate::error::ApiResult;
 use crate::metrics::Metrics;
 use crate::state::AppState;
-use crate::store::Availability;
 use crate::validate;
-
-/// What `/healthz` may be asked to require: `?require=changes` answers 503 unless the router can take changes.
-#[derive(Debug, Deserialize)]
-pub struct HealthQuery {
-    require: Option<String>,
-}
-
-/// Liveness, and what the router can do now: it answers 200 as long as the process serves HTTP, and says whether
-/// its database is `available`, `unreachable` (a PostgreSQL outage: the router routes inference requests from
-/// memory and takes heartbeats, and refuses what needs the database) or `lost` (the SQLite file was deleted or
-/// replaced: no change is taken until a restart). A load balancer that must send only to routers that take changes
-/// asks `?require=changes`, answered 503 when they cannot.
-pub async fn healthz(State(state): State<AppState>, Query(query): Query<HealthQuery>) -> Response {
-    let database = state.store.availability();
-    let changes = database == Availability::Available;
-    let body = json!({
-        "status": if changes { "ok" } else { "degraded" },
-        "database": database.as_str(),
-        "routes_inference": true,
-        "accepts_changes": changes,
-    });
-    let status = match query.require.as_deref() {
-        Some("changes") if !changes => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::OK,
-    };
-    (status, Json(body)).into_response()
-}
 
 /// Heartbeat with metrics (an agent calls this)
 ///

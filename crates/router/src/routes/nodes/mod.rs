@@ -1,10 +1,12 @@
 //! `/v0/nodes`: registration by agents (SPEC §2.1) and the admin's view and actions (SPEC §3).
 
+pub mod list;
+pub mod views;
+
 use std::net::SocketAddr;
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use llm_router_protocol::{JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER, RegisterRequest, RegisterResponse};
@@ -16,7 +18,7 @@ use super::extract::ClientAddr;
 use super::extract::{AdminUser, Viewer};
 use super::json::JsonBody;
 use super::paging;
-use super::views::{NodeEventView, NodeView};
+use super::query::ApiQuery;
 use crate::error::{ApiError, ApiResult, bad_request, not_found};
 use crate::metrics::Metrics;
 use crate::model::node::Node;
@@ -26,6 +28,7 @@ use crate::state::AppState;
 use crate::store::EVENTS_PER_NODE;
 use crate::validate::{self, Text};
 use llm_router_protocol::ErrorBody;
+use views::{NodeEventView, NodeView};
 
 /// Register a node (an agent calls this)
 ///
@@ -125,7 +128,7 @@ pub async fn approve(
     Path(id): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
     let approved = async { Ok(state.registry.approve(node_id(&id)?, &admin.name).await?) }.await;
-    audit::record(&state, &admin.name, client, "node.approve", &id, &approved);
+    audit::log_result(&state, &admin.name, client, "node.approve", &id, &approved);
     let node = approved?;
     Metrics::inc(&state.metrics.approvals);
     Ok(Json(view(&state, &node)))
@@ -176,7 +179,7 @@ async fn set_cordon(
 ) -> ApiResult<Json<NodeView>> {
     let changed = async { Ok(state.registry.cordon(node_id(id)?, cordoned, admin).await?) }.await;
     let action = if cordoned { "node.cordon" } else { "node.uncordon" };
-    audit::record(state, admin, client, action, id, &changed);
+    audit::log_result(state, admin, client, action, id, &changed);
     Ok(Json(view(state, &changed?)))
 }
 
@@ -244,7 +247,7 @@ pub async fn update(
         Ok(state.registry.update(node, edit).await?)
     }
     .await;
-    audit::record(&state, &admin.name, client, "node.update", &id, &updated);
+    audit::log_result(&state, &admin.name, client, "node.update", &id, &updated);
     Ok(Json(view(&state, &updated?)))
 }
 
@@ -264,7 +267,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let deleted = async { Ok(state.registry.delete(node_id(&id)?, &admin.name).await?) }.await;
-    audit::record(&state, &admin.name, client, "node.delete", &id, &deleted);
+    audit::log_result(&state, &admin.name, client, "node.delete", &id, &deleted);
     deleted?;
     Metrics::inc(&state.metrics.deletions);
     Ok(StatusCode::NO_CONTENT)
@@ -302,10 +305,9 @@ pub async fn events(
     State(state): State<AppState>,
     _viewer: Viewer,
     Path(id): Path<String>,
-    params: Result<Query<EventsParams>, QueryRejection>,
+    ApiQuery(params): ApiQuery<EventsParams>,
 ) -> ApiResult<Response> {
     let id = node_id(&id)?;
-    let Query(params) = params.map_err(|err| bad_request(format!("Bad query string: {err}.")))?;
     let limit = paging::limit(params.limit, params.before, DEFAULT_EVENTS_PAGE, EVENTS_PER_NODE as u32)?;
     state.registry.view(id, |_, _| ())?;
     let events: Vec<NodeEventView> =

@@ -10,10 +10,10 @@ use llm_router_protocol::{ErrorBody, NodeStatus};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::extract::Viewer;
 use super::views::NodeView;
 use crate::error::{ApiResult, bad_request};
 use crate::registry::query::{FleetSummary, NodeQuery, Page, Position, Sort};
+use crate::routes::extract::Viewer;
 use crate::state::AppState;
 
 /// Most nodes in one page.
