@@ -12,7 +12,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import http from 'node:http';
-import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -28,6 +28,7 @@ const ADMIN_PASSWORD = 'dashboard-test-admin-password';
 const VIEWER_PASSWORD = 'dashboard-test-viewer-password';
 const XSS_NAME = '<img src=x onerror=alert(1)>';
 const GiB = 1024 ** 3;
+const ASSETS = path.resolve(here, '../../crates/router/assets');
 
 // ---------------------------------------------------------------------------------------------------------------
 // The router and its API.
@@ -170,8 +171,10 @@ async function newPage(ctx) {
   p.on('console', (msg) => {
     const text = msg.text();
     // Failed requests are logged as console errors on purpose in some tests (403, aborted fetches); a CSP
-    // violation or an exception never is.
-    if (/Content Security Policy|Refused to|Uncaught/i.test(text)) problems.push(`console: ${text}`);
+    // violation, an exception or a module of the script that failed to load never is.
+    if (/Content Security Policy|Refused to|Uncaught|Failed to load module script/i.test(text)) {
+      problems.push(`console: ${text}`);
+    }
   });
   return p;
 }
@@ -180,6 +183,11 @@ async function screenshot(p, name) {
   if (!SCREENSHOTS) return;
   await mkdir(SCREENSHOTS, { recursive: true });
   await p.screenshot({ path: path.join(SCREENSHOTS, name) });
+}
+
+/** The script's files: app.js and the modules it imports, as they are in the repository. */
+async function scriptModules() {
+  return (await readdir(ASSETS)).filter((file) => file.endsWith('.js')).sort();
 }
 
 const row = (p, node) => p.locator(`#node-rows tr[data-node-id="${node.id}"]`);
@@ -267,12 +275,38 @@ describe('dashboard', { timeout: 120_000 }, () => {
     const html = await response.text();
     assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)[^>]*>/i, 'no inline script');
     assert.doesNotMatch(html, /\sstyle=/i, 'no inline style attribute');
-    for (const file of ['app.js', 'style.css']) {
-      assert.equal((await fetch(`${base}/dashboard/${file}`)).status, 200, file);
+    assert.equal((await fetch(`${base}/dashboard/style.css`)).status, 200, 'style.css');
+    // The script is app.js and the ES modules it imports: each is served as JavaScript, as it is on disk.
+    const modules = await scriptModules();
+    assert.ok(modules.includes('app.js') && modules.length > 1, modules.join(' '));
+    for (const file of modules) {
+      const served = await fetch(`${base}/dashboard/${file}`);
+      assert.equal(served.status, 200, file);
+      assert.equal(served.headers.get('content-type'), 'text/javascript; charset=utf-8', file);
+      assert.match(served.headers.get('content-security-policy'), /script-src 'self'/, file);
+      const js = await readFile(path.join(ASSETS, file), 'utf8');
+      assert.equal(await served.text(), js, `the binary embeds the current ${file}`);
+      assert.doesNotMatch(js, /innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|localStorage|sessionStorage/, file);
     }
-    const js = await readFile(path.resolve(here, '../../crates/router/assets/app.js'), 'utf8');
-    assert.equal(await (await fetch(`${base}/dashboard/app.js`)).text(), js, 'the binary embeds the current app.js');
-    assert.doesNotMatch(js, /innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|localStorage|sessionStorage/);
+  });
+
+  test('the page loads every module of its script from the router, and they run', async () => {
+    const p = await newPage(context);
+    const scripts = new Map();
+    p.on('response', (response) => {
+      const { pathname } = new URL(response.url());
+      if (pathname.endsWith('.js')) scripts.set(pathname, [response.status(), response.headers()['content-type']]);
+    });
+    await p.goto(`${base}/dashboard`);
+    // The sign-in screen shows once the modules are evaluated and boot() asked who is signed in.
+    await p.locator('#signin').waitFor();
+    const modules = await scriptModules();
+    assert.deepEqual([...scripts.keys()].sort(), modules.map((file) => `/dashboard/${file}`).sort());
+    for (const [pathname, [status, type]] of scripts) {
+      assert.equal(status, 200, pathname);
+      assert.equal(type, 'text/javascript; charset=utf-8', pathname);
+    }
+    await p.close();
   });
 
   test('sign in: a wrong password is refused, the right one shows the empty fleet with agent instructions', async () => {

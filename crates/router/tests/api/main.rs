@@ -5,6 +5,7 @@ mod architecture;
 mod audit;
 mod binary;
 mod connections;
+mod dashboard;
 mod durability;
 mod errors;
 mod exposition;
