@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
-use crate::routing::{InFlight, NoNode, Routing, Target};
+use crate::routing::{InFlight, NoNode, Outcome, Routing, Target};
 
 /// Header naming the node that served a request.
 pub const NODE_HEADER: &str = "x-llm-router-node";
@@ -65,6 +65,8 @@ pub struct Outbound<'a> {
     pub path_and_query: &'a str,
     pub headers: &'a HeaderMap,
     pub model: &'a str,
+    /// The key of its prefix or session (SPEC §13), when it has one.
+    pub key: Option<u64>,
     pub body: Bytes,
 }
 
@@ -97,9 +99,10 @@ impl Proxy {
         routing: &Routing,
         clock: &Arc<dyn Clock>,
         model: &str,
+        key: Option<u64>,
         tried: &[Uuid],
-    ) -> Result<InFlight, Result<NoNode, ProxyError>> {
-        match routing.pick(model, tried, clock.now_ms()) {
+    ) -> Result<(InFlight, Outcome), Result<NoNode, ProxyError>> {
+        match routing.pick_keyed(model, tried, clock.now_ms(), key) {
             Err(NoNode::AtCapacity) => {}
             other => return other.map_err(Ok),
         }
@@ -112,7 +115,7 @@ impl Proxy {
         let mut woken = std::pin::pin!(waker.notified());
         woken.as_mut().enable();
         loop {
-            match routing.pick(model, tried, clock.now_ms()) {
+            match routing.pick_keyed(model, tried, clock.now_ms(), key) {
                 Err(NoNode::AtCapacity) => {}
                 other => return other.map_err(Ok),
             }
@@ -137,14 +140,14 @@ impl Proxy {
         request: Outbound<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let arrived = Instant::now();
-        let Outbound { method, path_and_query, headers, model, body } = request;
+        let Outbound { method, path_and_query, headers, model, key, body } = request;
         let via = self.via.pass_on(headers).ok_or(ProxyError::Loop)?;
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.
         let mut figures: Option<Arc<ModelMetrics>> = None;
         for _ in 0..=self.settings.max_retries {
-            let flight = match self.pick(routing, clock, model, &tried).await {
-                Ok(flight) => flight,
+            let (flight, how) = match self.pick(routing, clock, model, key, &tried).await {
+                Ok(picked) => picked,
                 Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err(ProxyError::UnknownModel),
                 Err(Err(refused)) => {
                     metrics.model(model).answered(StatusCode::TOO_MANY_REQUESTS.as_u16());
@@ -156,6 +159,7 @@ impl Proxy {
             if !tried.is_empty() {
                 figures.retries.inc();
             }
+            figures.routed(how.as_str());
             let target = flight.target().clone();
             tried.push(target.node_id);
             let request = upstream_request(&method, &target, path_and_query, headers, &via, body.clone());

@@ -21,9 +21,18 @@ const INFERENCE_BUCKETS: &[f64] =
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// How a request's node was chosen (SPEC §13), as `routing::Outcome` names it.
+pub const HOW_ROUTED: [&str; 5] = ["affinity", "spilled", "no_prefix", "least_loaded", "trial"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
     model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HowLabels {
+    model: String,
+    how: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,6 +48,7 @@ fn inference_histogram() -> Histogram {
 /// The families of the inference figures, and the handles of each model taken from them once.
 pub struct InferenceMetrics {
     answers: Family<ClassLabels, Counter>,
+    routed: Family<HowLabels, Counter>,
     upstream_headers: Family<ModelLabel, Histogram, fn() -> Histogram>,
     first_byte: Family<ModelLabel, Histogram, fn() -> Histogram>,
     retries: Family<ModelLabel, Counter>,
@@ -51,6 +61,7 @@ pub struct InferenceMetrics {
 /// The inference figures of one model.
 pub struct ModelMetrics {
     answers: [Counter; 5],
+    routed: [Counter; 5],
     /// From sending a request to a node to its answer's headers, for answers that came.
     pub upstream_headers: Histogram,
     /// From the request's arrival to the first byte of the answer's body leaving the router.
@@ -67,6 +78,13 @@ impl ModelMetrics {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.answers[class].inc();
     }
+
+    /// Counts a request sent to a node, by how the node was chosen (one of [`HOW_ROUTED`]).
+    pub fn routed(&self, how: &str) {
+        if let Some(at) = HOW_ROUTED.iter().position(|name| *name == how) {
+            self.routed[at].inc();
+        }
+    }
 }
 
 impl InferenceMetrics {
@@ -76,6 +94,15 @@ impl InferenceMetrics {
             "llm_router_inference_requests",
             "Inference requests answered, by model and status class (the node's answer, or the router's 429 or 503)",
             answers.clone(),
+        );
+        let routed = Family::<HowLabels, Counter>::default();
+        registry.register(
+            "llm_router_inference_routed",
+            "Inference requests sent to a node, by model and how the node was chosen (SPEC §13): `affinity` (the \
+             node its prefix or session ranks first), `spilled` (another one: the first was over the load bound, \
+             full, ejected or tried), `no_prefix` (nothing to follow: the least loaded of two), `least_loaded` (the \
+             policy), `trial` (the one request after an ejection)",
+            routed.clone(),
         );
         let upstream_headers = Family::new_with_constructor(inference_histogram as fn() -> Histogram);
         registry.register_with_unit(
@@ -112,6 +139,7 @@ impl InferenceMetrics {
         );
         InferenceMetrics {
             answers,
+            routed,
             upstream_headers,
             first_byte,
             retries,
@@ -134,6 +162,7 @@ impl InferenceMetrics {
         let created = Arc::new(ModelMetrics {
             answers: CLASSES
                 .map(|class| self.answers.get_or_create_owned(&ClassLabels { model: model.to_owned(), class })),
+            routed: HOW_ROUTED.map(|how| self.routed.get_or_create_owned(&HowLabels { model: model.to_owned(), how })),
             upstream_headers: self.upstream_headers.get_or_create_owned(&label),
             first_byte: self.first_byte.get_or_create_owned(&label),
             retries: self.retries.get_or_create_owned(&label),

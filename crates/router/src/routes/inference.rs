@@ -5,10 +5,11 @@
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::body;
 use super::extract::authenticate;
@@ -16,6 +17,8 @@ use crate::config::InferenceAuth;
 use crate::error::{ApiError, OpenAi};
 use crate::model::echo;
 use crate::proxy::{Outbound, ProxyError};
+use crate::routing::prefix::{self, PromptPeek};
+use crate::routing::{Choice, Policy};
 use crate::state::AppState;
 
 /// Largest inference request body: long prompts and embedding batches are larger than the admin API's bodies.
@@ -60,10 +63,29 @@ fn model_not_found(model: &str) -> OpenAi {
     )))
 }
 
-/// What the router reads of a request body: the model, and nothing else is interpreted.
+/// What the router reads of a request body: the model and the prompt's prefix (SPEC §13); nothing else is
+/// interpreted, and the body is forwarded as it came.
 #[derive(Deserialize)]
-struct Peek {
+struct Peek<'a> {
     model: Option<serde_json::Value>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+}
+
+/// The header whose value keeps a session's requests on one node (SPEC §13).
+pub const SESSION_HEADER: &str = "x-session-id";
+
+/// The key that places a request under the cache-aware policy: its session's, else its prefix's.
+fn affinity_key(headers: &HeaderMap, prompt: &PromptPeek<'_>, choice: Choice) -> Option<u64> {
+    if choice.policy != Policy::CacheAware {
+        return None;
+    }
+    match headers.get(SESSION_HEADER).map(|value| value.as_bytes()).filter(|value| !value.is_empty()) {
+        Some(session) => Some(prefix::session_key(session)),
+        None => prefix::key(prompt, choice.prefix_bytes),
+    }
 }
 
 /// Forwards a chat completion, completion or embedding request to a node with its model ready.
@@ -89,11 +111,14 @@ pub async fn forward(
     };
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
     let routing = state.registry.routing();
+    let prompt = PromptPeek { messages: peek.messages, prompt: peek.prompt };
+    let key = affinity_key(&parts.headers, &prompt, routing.choice());
     let outbound = Outbound {
         method: parts.method,
         path_and_query: path,
         headers: &parts.headers,
         model: &model,
+        key,
         body: held.bytes.clone(),
     };
     let forwarded = state.proxy.forward(routing, &state.clock, &state.metrics.inference, outbound).await;

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use llm_router_protocol::NodeStatus;
 use uuid::Uuid;
@@ -22,8 +22,11 @@ use crate::clock::Millis;
 use crate::model::node::Node;
 use crate::revision::Revisions;
 
+mod affinity;
+pub mod prefix;
 mod queue;
 
+pub use affinity::{Choice, Outcome, Policy};
 pub use queue::{Place, Queue};
 
 /// Consecutive failures that eject a node from routing.
@@ -38,6 +41,10 @@ const TRIAL: i64 = i64::MAX;
 #[derive(Debug)]
 pub struct Target {
     pub node_id: Uuid,
+    /// What the cache-aware choice ranks it by, for every key: its id, hashed once.
+    rank_seed: u64,
+    /// Requests its runtime reports waiting in its own queue (SPEC §13): load this router cannot see.
+    waiting: AtomicU32,
     addr: RwLock<SocketAddr>,
     in_flight: AtomicU32,
     requests_total: AtomicU64,
@@ -77,6 +84,8 @@ impl Target {
     fn new(node_id: Uuid, addr: SocketAddr, queue: Arc<Queue>, revisions: Arc<Revisions>) -> Self {
         Target {
             node_id,
+            rank_seed: affinity::rank_seed(node_id),
+            waiting: AtomicU32::new(0),
             addr: RwLock::new(addr),
             in_flight: AtomicU32::new(0),
             requests_total: AtomicU64::new(0),
@@ -137,6 +146,12 @@ impl Target {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Its load as the choice weighs it: requests in flight through this router, and those its runtime reports
+    /// waiting.
+    fn load(&self) -> u32 {
+        self.in_flight().saturating_add(self.waiting.load(Ordering::Relaxed))
     }
 
     fn ejected_at(&self, now: Millis) -> bool {
@@ -249,6 +264,8 @@ struct Table {
 #[derive(Default)]
 pub struct Routing {
     table: RwLock<Table>,
+    /// The policy and its settings, set once at start (the default until then).
+    choice: OnceLock<Choice>,
     queue: Arc<Queue>,
     /// Stamps the changes of the nodes' figures.
     revisions: Arc<Revisions>,
@@ -257,7 +274,7 @@ pub struct Routing {
 impl Routing {
     /// An empty table whose figure changes are stamped by `revisions`.
     pub fn new(revisions: Arc<Revisions>) -> Self {
-        Routing { table: RwLock::default(), queue: Arc::default(), revisions }
+        Routing { table: RwLock::default(), choice: OnceLock::new(), queue: Arc::default(), revisions }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -352,33 +369,78 @@ impl Routing {
         models
     }
 
-    /// Picks a node for `model` among those not cordoned, not ejected at `now`, not in `tried` and below their
-    /// `max_concurrency`: of two chosen at random, the one with fewer requests in flight. The pick is counted in
-    /// flight until the returned guard is dropped.
+    /// Sets the policy and its settings; the first call counts.
+    pub fn set_choice(&self, choice: Choice) {
+        let _ = self.choice.set(choice);
+    }
+
+    /// The policy and its settings.
+    pub fn choice(&self) -> Choice {
+        self.choice.get().copied().unwrap_or_default()
+    }
+
+    /// Picks a node for `model` as [`Routing::pick_keyed`] does for a request without a prefix.
     pub fn pick(&self, model: &str, tried: &[Uuid], now: Millis) -> Result<InFlight, NoNode> {
+        self.pick_keyed(model, tried, now, None).map(|(flight, _)| flight)
+    }
+
+    /// Picks a node for `model` among those not cordoned, not ejected at `now`, not in `tried` and below their
+    /// `max_concurrency`: by the key of its prefix or session under the cache-aware policy (SPEC §13), else of two
+    /// chosen at random the less loaded. The pick is counted in flight until the returned guard is dropped.
+    pub fn pick_keyed(
+        &self,
+        model: &str,
+        tried: &[Uuid],
+        now: Millis,
+        key: Option<u64>,
+    ) -> Result<(InFlight, Outcome), NoNode> {
         let table = self.read();
         let all = table.by_model.get(model).ok_or(NoNode::UnknownModel)?;
         // A node whose ejection has ended gets one trial request before any other traffic.
         let trial =
             |t: &&Arc<Target>| !tried.contains(&t.node_id) && !t.is_cordoned() && t.has_room() && t.claim_trial(now);
         if let Some(trial) = all.iter().find(trial) {
-            return Ok(InFlight::start(trial.clone()));
+            return Ok((InFlight::start(trial.clone()), Outcome::Trial));
         }
+        let choice = self.choice();
+        let key = key.filter(|_| choice.policy == Policy::CacheAware);
         // Another request may take the last place of the chosen node first: then choose again.
         for _ in 0..4 {
-            match choose(all, tried, now)?.try_start() {
-                Some(flight) => return Ok(flight),
-                None => continue,
+            let (target, outcome) = match key {
+                Some(key) => keyed(all, tried, now, key, choice.load_factor)?,
+                None => {
+                    let outcome =
+                        if choice.policy == Policy::LeastLoaded { Outcome::LeastLoaded } else { Outcome::NoPrefix };
+                    (choose(all, tried, now)?, outcome)
+                }
+            };
+            if let Some(flight) = target.try_start() {
+                return Ok((flight, outcome));
             }
         }
         Err(NoNode::AtCapacity)
     }
 }
 
-/// Of two nodes chosen at random among those that can take a request now, the one with fewer in flight.
+/// The node a key ranks first within the load bound, among those that can take a request now.
+fn keyed<'a>(
+    all: &'a [Arc<Target>],
+    tried: &[Uuid],
+    now: Millis,
+    key: u64,
+    load_factor: f64,
+) -> Result<(&'a Arc<Target>, Outcome), NoNode> {
+    let usable = |target: &Target| affinity::usable(target, tried, now);
+    match affinity::choose(all, usable, key, load_factor) {
+        Some(chosen) => Ok(chosen),
+        None if all.iter().any(|target| usable(target)) => Err(NoNode::AtCapacity),
+        None => Err(NoNode::Unavailable),
+    }
+}
+
+/// Of two nodes chosen at random among those that can take a request now, the one with the lower load.
 fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a Arc<Target>, NoNode> {
-    let usable =
-        |target: &&Arc<Target>| !target.is_cordoned() && !target.ejected_at(now) && !tried.contains(&target.node_id);
+    let usable = |target: &&Arc<Target>| affinity::usable(target, tried, now);
     let eligible = |target: &&Arc<Target>| usable(target) && target.has_room();
     let count = all.iter().filter(eligible).count();
     let chosen = match count {
@@ -396,7 +458,7 @@ fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a
             let x = candidates.nth(first);
             let y = candidates.nth(second - first - 1);
             match (x, y) {
-                (Some(x), Some(y)) => Some(if y.in_flight() < x.in_flight() { y } else { x }),
+                (Some(x), Some(y)) => Some(if y.load() < x.load() { y } else { x }),
                 (x, y) => x.or(y),
             }
         }

@@ -132,3 +132,86 @@ fn at_capacity_only_when_a_usable_node_is_full_otherwise_unavailable() {
     }
     assert_eq!(routing.pick("m", &[Uuid::from_u128(2)], 1).err(), Some(NoNode::Unavailable));
 }
+
+/// A routing table with nodes 1..=n serving `m`, under the cache-aware policy.
+fn fleet(n: u128, order: impl Iterator<Item = u128>) -> Routing {
+    let routing = Routing::default();
+    routing.set_choice(Choice::default());
+    for id in order.take(n as usize) {
+        routing.update(&node(id, 8000 + id as u16, NodeStatus::Online, &["m"]));
+    }
+    routing
+}
+
+fn node_for(routing: &Routing, key: u64) -> (Uuid, Outcome) {
+    let (flight, outcome) = routing.pick_keyed("m", &[], 0, Some(key)).expect("pick");
+    (flight.target().node_id, outcome)
+}
+
+#[test]
+fn a_key_keeps_its_node_and_keys_spread_evenly() {
+    let routing = fleet(6, 1..=6);
+    let mut per_node: HashMap<Uuid, u32> = HashMap::new();
+    for key in 0..6_000u64 {
+        let (first, outcome) = node_for(&routing, key);
+        assert_eq!(outcome, Outcome::Affinity);
+        assert_eq!(node_for(&routing, key).0, first, "the same key, the same node");
+        *per_node.entry(first).or_default() += 1;
+    }
+    let (max, min) = (per_node.values().max().copied(), per_node.values().min().copied());
+    assert_eq!(per_node.len(), 6);
+    assert!(max.unwrap_or(0) as f64 <= 1.2 * min.unwrap_or(1) as f64, "{per_node:?}");
+}
+
+#[test]
+fn routers_with_the_same_nodes_choose_alike_and_a_leaving_node_moves_only_its_keys() {
+    let one = fleet(6, 1..=6);
+    let other = fleet(6, (1..=6).rev());
+    let before: Vec<Uuid> = (0..2_000u64).map(|key| node_for(&one, key).0).collect();
+    for (key, node) in before.iter().enumerate() {
+        assert_eq!(node_for(&other, key as u64).0, *node, "another router, the same choice");
+    }
+    one.remove(Uuid::from_u128(3));
+    for (key, node) in before.iter().enumerate() {
+        let now = node_for(&one, key as u64).0;
+        if *node == Uuid::from_u128(3) {
+            assert_ne!(now, *node);
+        } else {
+            assert_eq!(now, *node, "key {key} was not on the node that left");
+        }
+    }
+}
+
+#[test]
+fn a_hot_key_spills_to_its_next_node_over_the_load_bound_and_comes_back() {
+    let routing = fleet(3, 1..=3);
+    let key = 42;
+    let (first, _) = node_for(&routing, key);
+    let held = routing.pick_keyed("m", &[], 0, Some(key)).expect("pick");
+    assert_eq!(held.0.target().node_id, first);
+    // One in flight on the first node of three: 1.25 × (1 + 1) / 3 rounds up to 1, which it already carries.
+    let (second, outcome) =
+        routing.pick_keyed("m", &[], 0, Some(key)).map(|(f, o)| (f.target().node_id, o)).expect("pick");
+    assert_eq!(outcome, Outcome::Spilled);
+    assert_ne!(second, first);
+    let other = fleet(3, (1..=3).rev());
+    let _busy = other.pick_keyed("m", &[], 0, Some(key)).expect("pick");
+    assert_eq!(node_for(&other, key).0, second, "the spill goes to the same next node on every router");
+    drop(held);
+    assert_eq!(node_for(&routing, key), (first, Outcome::Affinity), "and comes back as the load falls");
+}
+
+#[test]
+fn a_full_or_tried_first_node_spills_and_least_loaded_ignores_keys() {
+    let routing = fleet(2, 1..=2);
+    let (first, _) = node_for(&routing, 7);
+    let (other, outcome) =
+        routing.pick_keyed("m", &[first], 0, Some(7)).map(|(f, o)| (f.target().node_id, o)).expect("pick");
+    assert_ne!(other, first);
+    assert_eq!(outcome, Outcome::Spilled);
+    let least = Routing::default();
+    least.set_choice(Choice { policy: Policy::LeastLoaded, ..Choice::default() });
+    least.update(&node(1, 8001, NodeStatus::Online, &["m"]));
+    assert_eq!(least.pick_keyed("m", &[], 0, Some(7)).expect("pick").1, Outcome::LeastLoaded);
+    assert_eq!(routing.pick_keyed("m", &[], 0, None).expect("pick").1, Outcome::NoPrefix);
+}
