@@ -106,6 +106,7 @@ pub fn heartbeat_body(i: usize, node_id: Uuid) -> anyhow::Result<Vec<u8>> {
         loaded_models: Some(models.clone()),
         ready_models: Some(models),
         active_requests: Some((i % 17) as u64),
+        load: None,
     };
     Ok(serde_json::to_vec(&request)?)
 }

@@ -86,6 +86,7 @@ fn new_node(kind: FleetKind, i: usize, now: i64, with_metrics: bool) -> NewNode 
         memory_usage: Some((i % 70) as f64 + 20.25),
         gpus: fleet::gpu_metrics(i),
         active_requests: Some((i % 17) as u64),
+        load: None,
     };
     let models: Vec<String> = MODELS.iter().map(|m| (*m).to_owned()).collect();
     let node = Node {

@@ -370,6 +370,7 @@ impl Agent {
             loaded_models: Some(models.clone()),
             ready_models: Some(models),
             active_requests: None,
+            load: None,
         }
     }
 

@@ -268,6 +268,7 @@ mod tests {
             loaded_models: None,
             ready_models: None,
             active_requests: None,
+            load: None,
         };
         let err = client.heartbeat("llmn_x", &request).await.expect_err("429");
         assert!(

@@ -195,6 +195,24 @@ pub struct HeartbeatRequest {
     pub ready_models: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_requests: Option<u64>,
+    /// The runtime's own queue and KV cache, as its metrics report them (SPEC §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<RuntimeLoad>,
+}
+
+/// What a node's runtime reports of its own load (SPEC §13): vLLM's, llama.cpp server's or SGLang's `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RuntimeLoad {
+    /// Requests the runtime is computing now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<u32>,
+    /// Requests waiting in the runtime's own queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<u32>,
+    /// The share of the KV cache in use, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_usage: Option<f64>,
 }
 
 /// Answer to a heartbeat.

@@ -593,6 +593,7 @@ mod tests {
             ("llm_router_http_requests", "counter"),
             ("llm_router_http_request_duration_seconds", "histogram"),
             ("llm_router_inference_requests", "counter"),
+            ("llm_router_inference_routed", "counter"),
             ("llm_router_inference_upstream_headers_seconds", "histogram"),
             ("llm_router_inference_first_byte_seconds", "histogram"),
             ("llm_router_inference_retries", "counter"),

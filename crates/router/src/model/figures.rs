@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use llm_router_protocol::GpuMetrics;
+use llm_router_protocol::{GpuMetrics, RuntimeLoad};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
@@ -18,17 +18,23 @@ pub struct NodeFigures {
     pub memory_usage: Option<f64>,
     pub gpus: Vec<GpuMetrics>,
     pub active_requests: Option<u64>,
+    /// The runtime's own queue and KV cache use (SPEC §13), when the agent could read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<RuntimeLoad>,
 }
 
 /// Heartbeat figures in their stored form: positional JSON arrays, about half the size of [`NodeFigures`]'s JSON
 /// (which repeats every field name for every GPU). `[cpu, memory, active, [[index, model, utilization, used,
-/// total, temperature, uuid, ecc_uncorrected, xid, power_watts, throttle_reasons], …]]`, each GPU's array cut
-/// after its last figure from `uuid` on, so GPUs without health figures (and rows stored before there were any)
-/// keep the six-entry form.
+/// total, temperature, uuid, ecc_uncorrected, xid, power_watts, throttle_reasons], …], [running, waiting,
+/// kv_cache_usage]]`, each GPU's array cut after its last figure from `uuid` on, so GPUs without health figures (and
+/// rows stored before there were any) keep the six-entry form; the runtime's load comes last, only when reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedFigures(Box<str>);
 
 type Packed<G> = (Option<f64>, Option<f64>, Option<u64>, Vec<G>);
+type PackedWithLoad<G> = (Option<f64>, Option<f64>, Option<u64>, Vec<G>, PackedLoad);
+/// The runtime's load, positional: `[running, waiting, kv_cache_usage]`.
+type PackedLoad = (Option<u32>, Option<u32>, Option<f64>);
 
 /// One GPU's figures, written as a positional array.
 struct PackGpu<'a>(&'a GpuMetrics);
@@ -125,9 +131,19 @@ impl<'de> Deserialize<'de> for UnpackGpu {
 impl PackedFigures {
     pub fn pack(metrics: &NodeFigures) -> Self {
         let gpus: Vec<PackGpu<'_>> = metrics.gpus.iter().map(PackGpu).collect();
-        let packed: Packed<PackGpu<'_>> = (metrics.cpu_usage, metrics.memory_usage, metrics.active_requests, gpus);
+        let (cpu, memory, active) = (metrics.cpu_usage, metrics.memory_usage, metrics.active_requests);
         // Numbers, optional strings and arrays always encode.
-        PackedFigures(serde_json::to_string(&packed).unwrap_or_default().into_boxed_str())
+        let text = match metrics.load {
+            None => serde_json::to_string::<Packed<PackGpu<'_>>>(&(cpu, memory, active, gpus)),
+            Some(load) => serde_json::to_string::<PackedWithLoad<PackGpu<'_>>>(&(
+                cpu,
+                memory,
+                active,
+                gpus,
+                (load.running, load.waiting, load.kv_cache_usage),
+            )),
+        };
+        PackedFigures(text.unwrap_or_default().into_boxed_str())
     }
 
     /// As read from the database: decoded only when shown.
@@ -141,10 +157,16 @@ impl PackedFigures {
 
     /// The figures, or `None` when the stored text is neither the packed form nor a [`NodeFigures`] object.
     pub fn unpack(&self) -> Option<NodeFigures> {
+        let unpack_gpus = |gpus: Vec<UnpackGpu>| gpus.into_iter().map(|UnpackGpu(gpu)| gpu).collect();
         if let Ok((cpu_usage, memory_usage, active_requests, gpus)) = serde_json::from_str::<Packed<UnpackGpu>>(&self.0)
         {
-            let gpus = gpus.into_iter().map(|UnpackGpu(gpu)| gpu).collect();
-            return Some(NodeFigures { cpu_usage, memory_usage, gpus, active_requests });
+            return Some(NodeFigures { cpu_usage, memory_usage, gpus: unpack_gpus(gpus), active_requests, load: None });
+        }
+        if let Ok((cpu_usage, memory_usage, active_requests, gpus, (running, waiting, kv_cache_usage))) =
+            serde_json::from_str::<PackedWithLoad<UnpackGpu>>(&self.0)
+        {
+            let load = Some(RuntimeLoad { running, waiting, kv_cache_usage });
+            return Some(NodeFigures { cpu_usage, memory_usage, gpus: unpack_gpus(gpus), active_requests, load });
         }
         serde_json::from_str(&self.0).ok()
     }
@@ -183,7 +205,21 @@ mod tests {
                 },
             ],
             active_requests: Some(3),
+            load: None,
         }
+    }
+
+    #[test]
+    fn the_runtime_load_is_packed_last_only_when_reported() {
+        let mut metrics = figures();
+        let without = PackedFigures::pack(&metrics);
+        metrics.load = Some(RuntimeLoad { running: Some(2), waiting: Some(5), kv_cache_usage: Some(0.75) });
+        let with = PackedFigures::pack(&metrics);
+        assert!(with.as_str().ends_with(",[2,5,0.75]]"), "{}", with.as_str());
+        assert!(with.as_str().starts_with(&without.as_str()[..without.as_str().len() - 1]));
+        assert_eq!(with.unpack(), Some(metrics.clone()));
+        metrics.load = Some(RuntimeLoad { running: None, waiting: Some(1), kv_cache_usage: None });
+        assert_eq!(PackedFigures::pack(&metrics).unpack(), Some(metrics));
     }
 
     #[test]
@@ -224,6 +260,7 @@ mod tests {
                 GpuMetrics { index: 1, ecc_uncorrected: Some(0), ..GpuMetrics::default() },
             ],
             active_requests: None,
+            load: None,
         };
         let packed = PackedFigures::pack(&metrics);
         assert_eq!(

@@ -48,6 +48,9 @@ pub(super) struct SlotState {
     pub(super) alive_since: Millis,
     pub(super) figures_dirty: bool,
     pub(super) models_dirty: bool,
+    /// Its runtime's queue (SPEC §13), as routing last heard it: routing is told at each heartbeat while it is not
+    /// empty (a target made since starts at none) and once when it empties.
+    pub(super) waiting: u32,
     pub(super) deleted: bool,
     /// The revision of the node's row this state was last read from, when the database is shared (SPEC §11): a
     /// row read back is applied only when newer. 0 for a node loaded at start-up or written by this router.
@@ -80,6 +83,7 @@ impl Slot {
                 alive_since,
                 figures_dirty: false,
                 models_dirty: false,
+                waiting: 0,
                 deleted: false,
                 revision: 0,
                 changed,

@@ -32,6 +32,7 @@ impl Registry {
         let slot = &node.slot;
         // Packed once here, kept and stored as it is, unpacked only when shown.
         let figures = PackedFigures::pack(&hb.figures);
+        let waiting = hb.figures.load.and_then(|load| load.waiting).unwrap_or(0);
         let now = self.clock.now_ms();
         let findings;
         {
@@ -51,6 +52,10 @@ impl Registry {
                 state.searchable();
                 state.models_dirty = true;
                 self.routing.update(&state.node);
+            }
+            if waiting != 0 || state.waiting != 0 {
+                state.waiting = waiting;
+                self.routing.report_waiting(node.id, waiting);
             }
             self.figures.mark(&mut state, now);
             let next = state::after_heartbeat(state.node.status, &state.node.ready_models, findings.conditions);

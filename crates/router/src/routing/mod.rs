@@ -344,6 +344,14 @@ impl Routing {
         (routable && !node.cordoned).then_some(target)
     }
 
+    /// Takes in the requests a node's runtime reports waiting in its own queue (SPEC §13).
+    pub fn report_waiting(&self, id: Uuid, waiting: u32) {
+        if let Some(target) = self.read().targets.get(&id) {
+            target.waiting.store(waiting, Ordering::Relaxed);
+            target.stamp();
+        }
+    }
+
     /// Forgets a deleted node.
     pub fn remove(&self, id: Uuid) {
         let mut table = self.write();

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use llm_router_protocol::{GpuMetrics, HeartbeatRequest, RegisterRequest};
+use llm_router_protocol::{GpuMetrics, HeartbeatRequest, RegisterRequest, RuntimeLoad};
 
 use super::{
     Checked, Invalid, MAX_ACTIVE_REQUESTS, MAX_ERROR_COUNT, MAX_GPU_COUNT, MAX_ITEM_CHARS, MAX_LIST_LEN,
@@ -112,6 +112,9 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
     if let Some(active) = req.active_requests.filter(|n| *n > MAX_ACTIVE_REQUESTS) {
         return Err(bad_request(format!("`active_requests` must be at most {MAX_ACTIVE_REQUESTS}, not {active}.")));
     }
+    if let Some(load) = &req.load {
+        runtime_load(load)?;
+    }
     let gpus = req.gpus.unwrap_or_default();
     if gpus.len() > MAX_LIST_LEN {
         return Err(bad_request(format!("`gpus` has more than {MAX_LIST_LEN} entries.")));
@@ -139,6 +142,7 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
         memory_usage: req.memory_usage,
         gpus,
         active_requests: req.active_requests,
+        load: req.load,
     };
     Ok(Heartbeat {
         node_id: req.node_id,
@@ -146,6 +150,20 @@ pub fn heartbeat(req: HeartbeatRequest) -> Checked<Heartbeat> {
         ready_models: list("ready_models", req.ready_models)?,
         figures: metrics,
     })
+}
+
+/// The runtime's own load (SPEC §13): counts of requests within [`MAX_ACTIVE_REQUESTS`], the KV cache's share in
+/// use within 0..=1.
+fn runtime_load(load: &RuntimeLoad) -> Checked<()> {
+    for (name, count) in [("load.running", load.running), ("load.waiting", load.waiting)] {
+        if let Some(count) = count.filter(|n| u64::from(*n) > MAX_ACTIVE_REQUESTS) {
+            return Err(bad_request(format!("`{name}` must be at most {MAX_ACTIVE_REQUESTS}, not {count}.")));
+        }
+    }
+    if load.kv_cache_usage.is_some_and(|share| !share.is_finite() || !(0.0..=1.0).contains(&share)) {
+        return Err(bad_request("`load.kv_cache_usage` must be a share between 0 and 1."));
+    }
+    Ok(())
 }
 
 /// The health figures of heartbeat GPU `i` (SPEC §10): uuid, error counts, power, throttle reasons.
@@ -317,11 +335,34 @@ mod tests {
             loaded_models: None,
             ready_models: None,
             active_requests: None,
+            load: None,
         };
         assert!(heartbeat(hb(55.5)).is_ok());
         assert!(heartbeat(hb(100.1)).expect_err("over").to_string().contains("cpu_usage"));
         assert!(heartbeat(hb(-1.0)).is_err());
         assert!(heartbeat(hb(f64::NAN)).is_err());
+    }
+
+    #[test]
+    fn runtime_load_is_bounded() {
+        let hb = |load: RuntimeLoad| HeartbeatRequest {
+            node_id: Uuid::nil(),
+            cpu_usage: None,
+            memory_usage: None,
+            gpus: None,
+            loaded_models: None,
+            ready_models: None,
+            active_requests: None,
+            load: Some(load),
+        };
+        let fine = RuntimeLoad { running: Some(3), waiting: Some(0), kv_cache_usage: Some(0.42) };
+        assert_eq!(heartbeat(hb(fine)).expect("fine").figures.load, Some(fine));
+        let many = RuntimeLoad { waiting: Some(2_000_000), ..fine };
+        assert!(heartbeat(hb(many)).expect_err("many").to_string().contains("load.waiting"));
+        for share in [1.5, -0.1, f64::NAN] {
+            let odd = RuntimeLoad { kv_cache_usage: Some(share), ..fine };
+            assert!(heartbeat(hb(odd)).expect_err("share").to_string().contains("kv_cache_usage"));
+        }
     }
 
     fn with_ip(ip: &str, allow_link_local: bool) -> Checked<Registration> {

@@ -1,6 +1,7 @@
 //! Integration tests of the router's HTTP API, its storage and its binary. One test binary for the crate.
 
 mod admin;
+mod affinity;
 mod architecture;
 mod audit;
 mod binary;
