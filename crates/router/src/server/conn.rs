@@ -86,7 +86,7 @@ pub(super) async fn connection(
         // meanwhile like one still sending headers.
         Some(tls) => {
             let handshake =
-                tokio::time::timeout_at(shared.clock.instant(first_deadline).into(), tls.acceptor().accept(stream));
+                tokio::time::timeout_at(shared.clock.instant(first_deadline), tls.acceptor().accept(stream));
             tokio::select! {
                 done = handshake => match done {
                     Ok(Ok(stream)) => ClientStream::Tls(Box::new(stream)),
@@ -111,7 +111,7 @@ pub(super) async fn connection(
     let io = TokioIo::new(TrackedIo { stream, state: state.clone() });
     let service = ConnService { router: shared.router.clone(), state: state.clone(), peer };
     let mut conn = pin!(shared.builder.serve_connection(io, service));
-    let mut timer = pin!(tokio::time::sleep_until(shared.clock.instant(first_deadline).into()));
+    let mut timer = pin!(tokio::time::sleep_until(shared.clock.instant(first_deadline)));
     let mut closing = false;
     loop {
         tokio::select! {
@@ -152,7 +152,7 @@ pub(super) async fn connection(
                         tracing::debug!(%peer, "closing a connection whose client stopped reading its answer");
                         break;
                     }
-                    Verdict::RecheckAt(at) => timer.as_mut().reset(shared.clock.instant(at).into()),
+                    Verdict::RecheckAt(at) => timer.as_mut().reset(shared.clock.instant(at)),
                 }
             }
         }

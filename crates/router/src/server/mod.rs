@@ -72,7 +72,7 @@ pub const MIN_CONNECTIONS: usize = 16;
 const UNLIMITED_OPEN_FILES: u64 = 1 << 20;
 
 /// How often the coarse clock that stamps connection phases advances. Timeouts fire at most this much early.
-const CLOCK_TICK: Duration = Duration::from_millis(100);
+pub const CLOCK_TICK: Duration = Duration::from_millis(100);
 
 /// Back-off after an accept error, doubling up to the maximum while errors repeat.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);

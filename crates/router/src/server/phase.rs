@@ -6,10 +6,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Milliseconds since the server started, advanced every [`CLOCK_TICK`](super::CLOCK_TICK) and on every accept, so
 /// the request path stamps phases with one relaxed load instead of reading the system clock.
+///
+/// Read from tokio's clock, which the connection timers sleep on too: outside tests it is the system's monotonic
+/// clock, and tests that pause tokio's time (its `test-util`) move the deadlines of every connection with it.
 pub(super) struct CoarseClock {
     epoch: Instant,
     now_ms: AtomicU64,
