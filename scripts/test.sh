@@ -83,6 +83,8 @@ trap 'scripts/postgres.sh stop "$pg_dir/cluster"; rm -rf "$pg_dir"' EXIT
 LLM_ROUTER_TEST_POSTGRES=$(POSTGRES_NO_FSYNC=1 scripts/postgres.sh start "$pg_dir/cluster")
 export LLM_ROUTER_TEST_POSTGRES
 
+# The tests that need PostgreSQL find the server in LLM_ROUTER_TEST_POSTGRES. Without it (a plain `cargo test` on a
+# machine without PostgreSQL) they say they are skipped and pass; under CI (`CI` set) they fail instead.
 cargo test --workspace
 # The API suite again, every router of it on PostgreSQL (each test on a database of its own). The tests of several
 # routers on PostgreSQL and those of the database failing under the router ran in the first pass already: they choose

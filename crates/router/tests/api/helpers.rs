@@ -41,16 +41,11 @@ pub fn on_sqlite() -> bool {
     }
 }
 
-/// The test PostgreSQL server's admin URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`).
-pub fn postgres_server() -> String {
-    std::env::var("LLM_ROUTER_TEST_POSTGRES").ok().filter(|url| !url.is_empty()).unwrap_or_else(|| {
-        panic!(
-            "LLM_ROUTER_TEST_POSTGRES is not set, and this test needs a PostgreSQL server: run scripts/test.sh, or \
-             start one with `POSTGRES_NO_FSYNC=1 scripts/postgres.sh start DIR` and set LLM_ROUTER_TEST_POSTGRES to \
-             the URL it prints"
-        )
-    })
-}
+/// The test PostgreSQL server's admin URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`) for a test of
+/// PostgreSQL that needs it whatever the suite's backend. Without it, `None`, after a line on stderr saying the test
+/// is skipped, for the test to return on (`let Some(server) = postgres_server() else { return };`); under CI (`CI`
+/// set) the test fails instead.
+pub use llm_router::store::postgres::test_server as postgres_server;
 
 /// A database of its own on the test PostgreSQL server, created empty; dropped with its last clone (every router
 /// on it is then stopped, or its connections are ended).
@@ -64,8 +59,18 @@ struct PgDatabaseInner {
 }
 
 impl PgDatabase {
-    pub async fn create() -> PgDatabase {
-        PgDatabase::create_on(&postgres_server()).await
+    /// A database of its own on the test server, for a router of the suite's PostgreSQL pass, which cannot run
+    /// without the server.
+    pub async fn for_suite() -> PgDatabase {
+        let server = llm_router::store::postgres::test_server_url().unwrap_or_else(|| {
+            panic!(
+                "LLM_ROUTER_TEST_BACKEND=postgres runs the suite's routers on the test PostgreSQL server, and \
+                 LLM_ROUTER_TEST_POSTGRES is not set: run scripts/test.sh, or start one with \
+                 `POSTGRES_NO_FSYNC=1 scripts/postgres.sh start DIR` and set LLM_ROUTER_TEST_POSTGRES to the URL it \
+                 prints"
+            )
+        });
+        PgDatabase::create_on(&server).await
     }
 
     /// A database of its own on the server at `server` (an admin URL).
@@ -331,7 +336,7 @@ impl TestApp {
         }
         let postgres = match options.database {
             Database::Suite if on_sqlite() => None,
-            Database::Suite => Some(PgDatabase::create().await),
+            Database::Suite => Some(PgDatabase::for_suite().await),
             Database::Sqlite => None,
             Database::Postgres(database) => Some(database),
         };
