@@ -29,9 +29,10 @@ pub const ADMIN_PASSWORD: &str = "admin-password-1";
 pub const START_MS: i64 = 1_767_225_600_000;
 
 /// Whether the suite's routers keep their data in SQLite, the embedded default, rather than PostgreSQL
-/// (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its second pass of the suite). Tests of
-/// SQLite itself (its file, its write-ahead log, a full disk made with its page limit, its migrations) return early
-/// on PostgreSQL: they run in the SQLite pass.
+/// (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its second pass of the suite). Every test
+/// of [`Database::Suite`] runs on both. A test of SQLite itself chooses [`Database::Sqlite`] and lives in the
+/// `sqlite` module, which the PostgreSQL pass skips (and whose tests fail if it does not); one of PostgreSQL itself
+/// chooses [`Database::Postgres`], whatever the pass.
 pub fn on_sqlite() -> bool {
     match std::env::var("LLM_ROUTER_TEST_BACKEND") {
         Ok(backend) if backend == "postgres" => false,
@@ -401,6 +402,11 @@ impl TestApp {
         assert!(self.postgres.is_none(), "this router keeps its data in PostgreSQL, not in SQLite");
         let url = format!("sqlite://{}", self.data_dir().join("router.db").display());
         sqlx::SqlitePool::connect(&url).await.expect("open the router's database")
+    }
+
+    /// The router's SQLite store, for its seams of the tests of SQLite itself (a page limit, a log limit).
+    pub fn sqlite_store(&self) -> &llm_router::store::sqlite::SqliteStore {
+        self.state.store.as_any().downcast_ref().expect("this router keeps its data in PostgreSQL, not in SQLite")
     }
 
     /// A connection of the test's own to the router's database, whichever it is, to look at what was stored.
