@@ -2,7 +2,7 @@
 //! only, nothing of it stays in memory, no acknowledged node is lost, and the router recovers by itself when space
 //! returns. The database is made "full" as each backend reports a full disk: SQLite with its page limit
 //! (`max_page_count`, SQLITE_FULL), PostgreSQL with a trigger on every table that raises its own `disk_full` error
-//! (SQLSTATE 53100) once a budget of rows is spent.
+//! (SQLSTATE 53100) once a budget of write transactions is spent.
 
 use std::collections::BTreeSet;
 
@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// Makes the database full, but for `room`: SQLite's may grow by `room` pages, PostgreSQL's take `room` more rows
-/// (inserted or updated). Every write beyond fails as on a full disk, until [`make_room`].
+/// Makes the database full, but for `room`: SQLite's may grow by `room` pages, PostgreSQL's take `room` more
+/// transactions that insert or update rows. Every write beyond fails as on a full disk, until [`make_room`].
 async fn fill_up(app: &TestApp, room: u64) {
     let Some(database) = &app.postgres else {
         let store = app.sqlite_store();
@@ -23,13 +23,18 @@ async fn fill_up(app: &TestApp, room: u64) {
     };
     let pool = database.pool().await;
     // A descending sequence counts the room left: it is not rolled back with a refused write, as a full disk stays
-    // full, and takes no lock that writers would queue on.
+    // full, and takes no lock that writers would queue on. A transaction takes one unit of room at its first row and
+    // marks itself admitted (a setting local to the transaction), so that its other rows fit too: counted in rows,
+    // concurrent transactions would share the room out and all fail part-way, where on a disk some fit.
     let statements = [
         "CREATE SEQUENCE IF NOT EXISTS test_room INCREMENT BY -1 MINVALUE -1000000000 MAXVALUE 1000000000".to_owned(),
         format!("SELECT setval('test_room', {room}, false)"),
         "CREATE OR REPLACE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           IF nextval('test_room') <= 0 THEN \
-             RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; \
+           IF current_setting('test.admitted', true) IS DISTINCT FROM 'yes' THEN \
+             IF nextval('test_room') <= 0 THEN \
+               RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; \
+             END IF; \
+             PERFORM set_config('test.admitted', 'yes', true); \
            END IF; \
            RETURN NEW; \
          END $$"
