@@ -19,10 +19,18 @@
 //! so it would also close idle connections after the header timeout and make a longer idle timeout impossible.
 //! Instead each connection publishes its phase in one atomic word (phase and since when, on a coarse clock), written
 //! only by its own task: a relaxed store when a request's first byte arrives, when its headers are complete, when
-//! the handler waits for body bytes not yet sent (and when they come), and when its answer has been written. A per-connection timer reads the word when it fires, and the accept loop reads
-//! all words only when a new connection arrives at the cap.
+//! the handler waits for body bytes not yet sent (and when they come), and when its answer has been written. A
+//! per-connection timer reads the word when it fires, and the accept loop reads all words only when a new connection
+//! arrives at the cap.
+//!
+//! The parts: `phase.rs`, a connection's phase word and the coarse clock it is stamped with; `tracked.rs`, the
+//! socket, service and body wrappers that keep the word up to date; `conn.rs`, one connection's task and the deadlines
+//! its timer decides; `table.rs`, the open connections that the cap, the per-source share, eviction, the `503` and
+//! the stop act on.
 
 mod conn;
+mod phase;
+mod table;
 mod tracked;
 
 use std::future::Future;
@@ -46,7 +54,8 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::net::{Cidr, limit_key};
 use crate::tls::Tls;
-use conn::{CoarseClock, Shared, Table};
+use phase::CoarseClock;
+use table::{Shared, Table};
 
 /// Open files kept for everything that is not a client connection, whatever the limit: the listener, the runtime,
 /// the database (writer, readers, checkpointer, each with its WAL and shared-memory files), logs, and the
@@ -63,7 +72,7 @@ pub const MIN_CONNECTIONS: usize = 16;
 const UNLIMITED_OPEN_FILES: u64 = 1 << 20;
 
 /// How often the coarse clock that stamps connection phases advances. Timeouts fire at most this much early.
-const CLOCK_TICK: Duration = Duration::from_millis(100);
+pub const CLOCK_TICK: Duration = Duration::from_millis(100);
 
 /// Back-off after an accept error, doubling up to the maximum while errors repeat.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);

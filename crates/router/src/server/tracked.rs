@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use super::conn::{ConnState, Phase};
+use super::phase::{ConnState, Phase};
 use crate::tls::ClientStream;
 use axum::Router;
 use axum::body::{Body, Bytes};

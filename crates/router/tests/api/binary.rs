@@ -30,7 +30,7 @@ struct Store(Option<PgDatabase>);
 
 impl Store {
     async fn new() -> Store {
-        Store(if on_sqlite() { None } else { Some(PgDatabase::create().await) })
+        Store(if on_sqlite() { None } else { Some(PgDatabase::for_suite().await) })
     }
 }
 

@@ -1,9 +1,16 @@
 //! The HTTP server's bounds (SPEC §9): connection cap with eviction of idle and half-open connections, `503` when
 //! every connection is busy, header and idle timeouts, graceful shutdown, and `nosniff` on every answer. The tests
 //! speak raw HTTP/1.1 over TCP, since an HTTP client library never leaves a request half-sent.
+//!
+//! The tests of when a connection is served or closed run on tokio's paused clock ([`pause`]), which the router's
+//! connection deadlines follow: "not before its deadline, and then" holds in that virtual time whatever the
+//! machine's load, and no test waits for a deadline in real time.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use llm_router::server::CLOCK_TICK;
+use tokio::time::Instant;
 
 use reqwest::Method;
 use serde_json::Value;
@@ -101,6 +108,29 @@ pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// How early the router may close a connection for a deadline on its coarse clock: a tick of it, and a few
+/// milliseconds for the rounding of its stamps and of timers to milliseconds.
+const EARLY: Duration = CLOCK_TICK.saturating_add(Duration::from_millis(5));
+
+/// Pauses tokio's clock for the rest of the test, once the router is up (its start waits on the database's own
+/// threads, which a paused clock would not wait for). The router's connection timers, and the clock it stamps
+/// connections with, are tokio's: from then on they move only while nothing in the test's runtime is ready to run,
+/// straight to the next timer, so that a wait for a deadline takes no real time and the machine's load none of it.
+fn pause() {
+    tokio::time::pause();
+}
+
+/// Asserts that the router keeps `stream` open until `deadline` on tokio's clock, and closes it after, within
+/// [`WAIT`]; returns when it closed.
+async fn closed_after(stream: &mut TcpStream, deadline: Instant, what: &str) -> Instant {
+    let open_for = deadline.saturating_duration_since(Instant::now());
+    if !open_for.is_zero() {
+        assert!(!closed_within(stream, open_for).await, "{what}: closed before its deadline");
+    }
+    assert!(closed_within(stream, WAIT).await, "{what}: not closed");
+    Instant::now()
+}
+
 /// Waits, at most [`WAIT`], until the router counts `open` client connections.
 pub async fn until_open(app: &TestApp, open: u64) {
     let started = Instant::now();
@@ -138,6 +168,7 @@ pub async fn awaiting_body(app: &TestApp, body: &[u8]) -> TcpStream {
 #[tokio::test]
 async fn at_the_cap_half_open_connections_make_room_oldest_first() {
     let app = TestApp::with(options(32, Duration::from_secs(60), Duration::from_secs(60))).await;
+    pause();
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(idle_keep_alive(&app).await);
@@ -151,6 +182,8 @@ async fn at_the_cap_half_open_connections_make_room_oldest_first() {
     for _ in 0..8 {
         half.push(half_open(&app).await);
     }
+    // Served at once, not once a connection's header timeout (a minute) has made room: in virtual time, only the
+    // exchange's few moments of waiting for the socket count, each a tick of the router's clock at most.
     let started = Instant::now();
     let mut fresh = connect(&app).await;
     fresh.write_all(HEALTHZ).await.expect("write");
@@ -315,17 +348,21 @@ async fn a_body_that_trickles_in_gets_408_and_frees_its_connection() {
 
 #[tokio::test]
 async fn headers_must_arrive_within_the_header_timeout_on_every_request() {
-    let app = TestApp::with(options(64, Duration::from_millis(300), Duration::from_secs(60))).await;
-    // A first request that never completes its headers.
+    const HEADER_TIMEOUT: Duration = Duration::from_millis(300);
+    let app = TestApp::with(options(64, HEADER_TIMEOUT, Duration::from_secs(60))).await;
+    pause();
+    // A first request that never completes its headers: timed from the accept.
+    let connecting = Instant::now();
     let mut silent = half_open(&app).await;
-    assert!(closed_within(&mut silent, WAIT).await, "half-open connection not closed");
+    closed_after(&mut silent, connecting + HEADER_TIMEOUT - EARLY, "a half-open connection").await;
     assert_eq!(app.state.metrics.header_timeouts.get(), 1);
-    // A later request on a keep-alive connection is held to the same timeout, though idling may last a minute.
+    // A later request on a keep-alive connection is held to the same timeout, though idling may last a minute: timed
+    // from its first byte.
     let mut keep_alive = idle_keep_alive(&app).await;
     keep_alive.write_all(PARTIAL_HEADERS).await.expect("write partial headers");
     let started = Instant::now();
-    assert!(closed_within(&mut keep_alive, WAIT).await, "keep-alive connection with partial headers not closed");
-    assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
+    let closed = closed_after(&mut keep_alive, started + HEADER_TIMEOUT - EARLY, "partial headers").await;
+    assert!(closed - started < Duration::from_secs(2), "closed after {:?}", closed - started);
     assert_eq!(app.state.metrics.header_timeouts.get(), 2);
     assert_eq!(app.state.metrics.idle_timeouts.get(), 0);
     let metrics = app.request(Method::GET, "/metrics").send().await.expect("metrics").text().await.expect("text");
@@ -335,12 +372,14 @@ async fn headers_must_arrive_within_the_header_timeout_on_every_request() {
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let app = TestApp::with(options(64, Duration::from_millis(300), Duration::from_millis(1500))).await;
+    const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+    let app = TestApp::with(options(64, Duration::from_millis(300), IDLE_TIMEOUT)).await;
+    pause();
+    // Idle from its answer, on the router's coarse clock; the answer is after the request.
+    let asked = Instant::now();
     let mut stream = idle_keep_alive(&app).await;
-    let idle_since = Instant::now();
-    assert!(closed_within(&mut stream, WAIT).await, "idle connection not closed");
     // The idle timeout applies, not the shorter header timeout.
-    assert!(idle_since.elapsed() >= Duration::from_secs(1), "closed after {:?}", idle_since.elapsed());
+    closed_after(&mut stream, asked + IDLE_TIMEOUT - EARLY, "an idle connection").await;
     assert_eq!(app.state.metrics.idle_timeouts.get(), 1);
     assert_eq!(app.state.metrics.header_timeouts.get(), 0);
 }

@@ -1,6 +1,8 @@
-//! Durability under faults (SPEC §9): a write the database cannot make is a 503 for that request only, nothing of
-//! it stays in memory, no acknowledged node is lost, and the router recovers by itself when space returns. The
-//! database is made "full" with SQLite's `max_page_count`, which is what a full disk looks like to SQLite.
+//! Durability under faults (SPEC §9), on either backend: a write the database cannot make is a 503 for that request
+//! only, nothing of it stays in memory, no acknowledged node is lost, and the router recovers by itself when space
+//! returns. The database is made "full" as each backend reports a full disk: SQLite with its page limit
+//! (`max_page_count`, SQLITE_FULL), PostgreSQL with a trigger on every table that raises its own `disk_full` error
+//! (SQLSTATE 53100) once a budget of write transactions is spent.
 
 use std::collections::BTreeSet;
 
@@ -8,32 +10,95 @@ use futures_util::future::join_all;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use llm_router::store::sqlite::SqliteStore;
-
 use crate::helpers::*;
 
-/// The SQLite store under the app, for its fault-injection seams (the tests that use them run on SQLite only).
-fn sqlite(app: &TestApp) -> &SqliteStore {
-    app.state.store.as_any().downcast_ref::<SqliteStore>().expect("the router runs on SQLite")
+/// Makes the database full, but for `room`: SQLite's may grow by `room` pages, PostgreSQL's take `room` more
+/// transactions that insert or update rows. Every write beyond fails as on a full disk, until [`make_room`].
+async fn fill_up(app: &TestApp, room: u64) {
+    let Some(database) = &app.postgres else {
+        let store = app.sqlite_store();
+        let pages = store.page_count().await.expect("page count");
+        store.limit_pages(Some(pages + room)).await.expect("limit pages");
+        return;
+    };
+    let pool = database.pool().await;
+    // A descending sequence counts the room left: it is not rolled back with a refused write, as a full disk stays
+    // full, and takes no lock that writers would queue on. A transaction takes one unit of room at its first row and
+    // marks itself admitted (a setting local to the transaction), so that its other rows fit too: counted in rows,
+    // concurrent transactions would share the room out and all fail part-way, where on a disk some fit.
+    let statements = [
+        "CREATE SEQUENCE IF NOT EXISTS test_room INCREMENT BY -1 MINVALUE -1000000000 MAXVALUE 1000000000".to_owned(),
+        format!("SELECT setval('test_room', {room}, false)"),
+        "CREATE OR REPLACE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF current_setting('test.admitted', true) IS DISTINCT FROM 'yes' THEN \
+             IF nextval('test_room') <= 0 THEN \
+               RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; \
+             END IF; \
+             PERFORM set_config('test.admitted', 'yes', true); \
+           END IF; \
+           RETURN NEW; \
+         END $$"
+            .to_owned(),
+        "DO $$ DECLARE t text; BEGIN \
+           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() \
+                    AND tablename <> '_sqlx_migrations' LOOP \
+             EXECUTE format('CREATE OR REPLACE TRIGGER test_disk_full BEFORE INSERT OR UPDATE ON %I \
+                             FOR EACH ROW EXECUTE FUNCTION test_disk_full()', t); \
+           END LOOP; \
+         END $$"
+            .to_owned(),
+    ];
+    for statement in statements {
+        sqlx::query(sqlx::AssertSqlSafe(statement.as_str())).execute(&pool).await.expect(&statement);
+    }
+    pool.close().await;
 }
 
-/// Lets the database grow by `extra` pages from its current size.
-async fn fill_up(app: &TestApp, extra: u64) {
-    let pages = sqlite(app).page_count().await.expect("page count");
-    sqlite(app).limit_pages(Some(pages + extra)).await.expect("limit pages");
-}
-
+/// Space returns: every write fits again.
 async fn make_room(app: &TestApp) {
-    sqlite(app).limit_pages(None).await.expect("lift the page limit");
+    let Some(database) = &app.postgres else {
+        app.sqlite_store().limit_pages(None).await.expect("lift the page limit");
+        return;
+    };
+    let pool = database.pool().await;
+    sqlx::query(
+        "DO $$ DECLARE t text; BEGIN \
+           FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP \
+             EXECUTE format('DROP TRIGGER IF EXISTS test_disk_full ON %I', t); \
+           END LOOP; \
+         END $$",
+    )
+    .execute(&pool)
+    .await
+    .expect("drop the triggers");
+    pool.close().await;
 }
 
-/// Names of every node the router shows.
-async fn machine_names(app: &TestApp) -> BTreeSet<String> {
-    app.nodes().await.iter().map(|node| node["machine_name"].as_str().expect("name").to_owned()).collect()
+/// Names of every node the router shows to `admin`, a session taken before the database filled up (a sign-in is a
+/// write).
+async fn machine_names(app: &TestApp, admin: &str) -> BTreeSet<String> {
+    let listed = app.request(Method::GET, "/v0/nodes").bearer_auth(admin).send().await.expect("list");
+    assert_eq!(listed.status(), 200);
+    body(listed)
+        .await
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|node| node["machine_name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+/// Every node's status by its id, in one listing.
+async fn statuses(app: &TestApp) -> std::collections::HashMap<String, String> {
+    let nodes = app.nodes().await;
+    nodes
+        .iter()
+        .map(|node| (node["id"].as_str().expect("id").to_owned(), node["status"].as_str().expect("status").to_owned()))
+        .collect()
 }
 
 /// Registers `names` all at once (so they share group commits); returns the names answered 201 and 503.
-async fn register_together(app: &TestApp, names: &[String]) -> (Vec<String>, Vec<String>) {
+pub async fn register_together(app: &TestApp, names: &[String]) -> (Vec<String>, Vec<String>) {
     let bodies: Vec<Value> = names.iter().map(|name| registration(name, 8000)).collect();
     let answers = join_all(bodies.iter().map(|body| app.register(body))).await;
     let (mut created, mut refused) = (Vec::new(), Vec::new());
@@ -53,10 +118,8 @@ async fn register_together(app: &TestApp, names: &[String]) -> (Vec<String>, Vec
 
 #[tokio::test]
 async fn a_full_database_refuses_writes_with_503_and_loses_no_acknowledged_node() {
-    if !on_sqlite() {
-        return; // A full disk is made with SQLite's page limit; this runs in the SQLite pass.
-    }
     let app = TestApp::spawn().await;
+    let admin = app.admin_token().await;
     let mut acknowledged = BTreeSet::new();
     let mut refused = BTreeSet::new();
     fill_up(&app, 8).await;
@@ -82,10 +145,10 @@ async fn a_full_database_refuses_writes_with_503_and_loses_no_acknowledged_node(
     assert!(faults > 0, "storage faults are counted");
 
     // Nothing of a refused registration stays in memory: the router shows exactly what it acknowledged.
-    assert_eq!(machine_names(&app).await, acknowledged);
+    assert_eq!(machine_names(&app, &admin).await, acknowledged);
 
-    // Sign-ins while the database is full either work or say so: never a token that does not work. (The database
-    // may not grow at all now; sessions fill what room its pages have left, then fail.)
+    // Sign-ins while the database is full either work or say so: never a token that does not work. (No room is left
+    // now: on SQLite sessions fill what room its pages still have, then fail; on PostgreSQL every one fails.)
     fill_up(&app, 0).await;
     let mut logins_refused = 0;
     for _ in 0..300 {
@@ -117,15 +180,12 @@ async fn a_full_database_refuses_writes_with_503_and_loses_no_acknowledged_node(
 
     // After a restart, every acknowledged node is there and no refused one is.
     let app = app.restart(0).await;
-    assert_eq!(machine_names(&app).await, acknowledged);
+    assert_eq!(machine_names(&app, &app.admin_token().await).await, acknowledged);
     assert!(refused.iter().all(|name| !acknowledged.contains(name)));
 }
 
 #[tokio::test]
 async fn a_failed_approval_changes_nothing_and_succeeds_once_space_returns() {
-    if !on_sqlite() {
-        return; // A full disk is made with SQLite's page limit; this runs in the SQLite pass.
-    }
     let app = TestApp::spawn().await;
     let admin = app.admin_token().await;
     let nodes: Vec<TestNode> = {
@@ -158,11 +218,12 @@ async fn a_failed_approval_changes_nothing_and_succeeds_once_space_returns() {
     let response = app.approve(&admin, &refused[0].id).await;
     assert_eq!(response.status(), 200);
     let app = app.restart(0).await;
-    assert_eq!(app.status_of(&refused[0].id).await, "registering");
+    let stored = statuses(&app).await;
+    assert_eq!(stored[&refused[0].id], "registering");
     for node in &refused[1..] {
-        assert_eq!(app.status_of(&node.id).await, "pending");
+        assert_eq!(stored[&node.id], "pending");
     }
-    let stored_approved = app.nodes().await.iter().filter(|node| node["status"] == "registering").count();
+    let stored_approved = stored.values().filter(|status| *status == "registering").count();
     assert_eq!(stored_approved, approved + 1);
 }
 
@@ -273,91 +334,6 @@ async fn events_past_the_retention_period_are_removed() {
     assert_eq!(app.approve(&admin, &old.id).await.status(), 200, "the node itself stays");
 }
 
-#[tokio::test]
-async fn writes_keep_the_write_ahead_log_bounded() {
-    if !on_sqlite() {
-        return; // SQLite's write-ahead log; this runs in the SQLite pass.
-    }
-    // 1,280 pending nodes: over the default cap on pending nodes.
-    let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
-    let wal = app.data_dir().join("router.db-wal");
-    let limit = 1024 * 1024;
-    sqlite(&app).limit_log(limit).await.expect("limit the log");
-    let mut largest = 0;
-    // Back-to-back group commits, with no pause for the background checkpoint to catch up.
-    for round in 0..40 {
-        let names: Vec<String> = (0..32).map(|i| format!("wal-{round}-{i}")).collect();
-        let (created, failed) = register_together(&app, &names).await;
-        assert_eq!((created.len(), failed.len()), (32, 0));
-        largest = largest.max(std::fs::metadata(&wal).map(|meta| meta.len()).unwrap_or(0));
-    }
-    // Over the limit by at most what one group commit appends before the writer starts the log over.
-    assert!(largest <= 2 * limit, "the log reached {largest} bytes with a limit of {limit}");
-    assert_eq!(app.nodes().await.len(), 40 * 32, "starting the log over loses nothing");
-    let app = app.restart(0).await;
-    assert_eq!(app.nodes().await.len(), 40 * 32);
-}
-
-#[tokio::test]
-async fn a_reader_that_stays_does_not_stall_writes() {
-    if !on_sqlite() {
-        return; // A reader holding SQLite's write-ahead log; this runs in the SQLite pass.
-    }
-    let app = TestApp::with_settings(Options::default(), |settings| settings.max_pending = 0).await;
-    sqlite(&app).limit_log(256 * 1024).await.expect("limit the log");
-    // A reader holding one snapshot throughout, as an online backup does: the log cannot start over meanwhile.
-    let db = app.db().await;
-    let mut reader = db.acquire().await.expect("reader");
-    sqlx::query("BEGIN").execute(&mut *reader).await.expect("begin");
-    let _: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM nodes").fetch_one(&mut *reader).await.expect("read");
-    let mut slowest = std::time::Duration::ZERO;
-    for round in 0..20 {
-        let names: Vec<String> = (0..32).map(|i| format!("held-{round}-{i}")).collect();
-        let started = std::time::Instant::now();
-        let (created, failed) = register_together(&app, &names).await;
-        slowest = slowest.max(started.elapsed());
-        assert_eq!((created.len(), failed.len()), (32, 0));
-    }
-    let log = std::fs::metadata(app.data_dir().join("router.db-wal")).expect("wal").len();
-    assert!(log > 256 * 1024, "the reader did not hold the log ({log} bytes)");
-    // Each checkpoint the reader blocks waits 200 ms at most, and the next is tried 5 s later, not on every write.
-    assert!(slowest < std::time::Duration::from_secs(2), "a round of registrations took {slowest:?}");
-    sqlx::query("COMMIT").execute(&mut *reader).await.expect("commit");
-}
-
-#[tokio::test]
-async fn an_empty_database_in_an_initialised_directory_stops_the_start() {
-    if !on_sqlite() {
-        return; // The database file in the data directory, and its marker; this runs in the SQLite pass.
-    }
-    let mut app = TestApp::spawn().await;
-    app.register_node("precious").await;
-    app.shutdown().await;
-    let data = app.data_dir();
-    for leftover in ["router.db-wal", "router.db-shm"] {
-        let _ = std::fs::remove_file(data.join(leftover));
-    }
-    std::fs::write(data.join("router.db"), b"").expect("truncate");
-    let settings = app.settings.clone();
-    let clock = std::sync::Arc::new(llm_router::clock::ManualClock::new(START_MS));
-    let err = llm_router::app::App::build(settings.clone(), clock.clone()).await.err().expect("the start must stop");
-    let message = format!("{err:#}");
-    assert!(message.contains("empty (0 bytes)") && message.contains("Restore it from a backup"), "{message}");
-    assert_eq!(std::fs::metadata(data.join("router.db")).expect("db").len(), 0, "the empty file is left alone");
-
-    std::fs::remove_file(data.join("router.db")).expect("remove");
-    let err = llm_router::app::App::build(settings.clone(), clock.clone()).await.err().expect("the start must stop");
-    assert!(format!("{err:#}").contains("missing"));
-
-    // A brand-new directory with an empty file (no marker) is a fresh install.
-    let fresh = tempfile::tempdir().expect("dir");
-    let mut fresh_settings = settings.clone();
-    fresh_settings.data_dir = fresh.path().to_owned();
-    std::fs::write(fresh.path().join("router.db"), b"").expect("empty file");
-    let built = llm_router::app::App::build(fresh_settings, clock).await.expect("a fresh install starts");
-    built.state.store.close().await;
-}
-
 /// Approved nodes, each `registering` (approved without a ready model).
 async fn registering_fleet(app: &TestApp, prefix: &str, n: usize) -> Vec<TestNode> {
     let admin = app.admin_token().await;
@@ -388,9 +364,6 @@ async fn status_changes_that_arrive_together_are_all_durable_when_answered() {
 
 #[tokio::test]
 async fn status_changes_that_meet_a_full_database_are_refused_and_change_nothing() {
-    if !on_sqlite() {
-        return; // A full disk is made with SQLite's page limit; this runs in the SQLite pass.
-    }
     let app = TestApp::spawn().await;
     let nodes = registering_fleet(&app, "full", 200).await;
     // Signed in before: a sign-in needs a write too.
@@ -420,11 +393,12 @@ async fn status_changes_that_meet_a_full_database_are_refused_and_change_nothing
     make_room(&app).await;
     let app = app.restart(0).await;
     // What was answered is what was kept.
+    let stored = statuses(&app).await;
     for node in &online {
-        assert_eq!(app.status_of(&node.id).await, "online");
+        assert_eq!(stored[&node.id], "online");
     }
     for node in &refused {
-        assert_eq!(app.status_of(&node.id).await, "registering");
+        assert_eq!(stored[&node.id], "registering");
         assert_eq!(body(app.heartbeat(node, &["m"]).await).await["status"], "online");
     }
 }

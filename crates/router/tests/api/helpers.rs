@@ -29,9 +29,10 @@ pub const ADMIN_PASSWORD: &str = "admin-password-1";
 pub const START_MS: i64 = 1_767_225_600_000;
 
 /// Whether the suite's routers keep their data in SQLite, the embedded default, rather than PostgreSQL
-/// (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its second pass of the suite). Tests of
-/// SQLite itself (its file, its write-ahead log, a full disk made with its page limit, its migrations) return early
-/// on PostgreSQL: they run in the SQLite pass.
+/// (`LLM_ROUTER_TEST_BACKEND=postgres`, which `scripts/test.sh` sets for its second pass of the suite). Every test
+/// of [`Database::Suite`] runs on both. A test of SQLite itself chooses [`Database::Sqlite`] and lives in the
+/// `sqlite` module, which the PostgreSQL pass skips (and whose tests fail if it does not); one of PostgreSQL itself
+/// chooses [`Database::Postgres`], whatever the pass.
 pub fn on_sqlite() -> bool {
     match std::env::var("LLM_ROUTER_TEST_BACKEND") {
         Ok(backend) if backend == "postgres" => false,
@@ -41,16 +42,11 @@ pub fn on_sqlite() -> bool {
     }
 }
 
-/// The test PostgreSQL server's admin URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`).
-pub fn postgres_server() -> String {
-    std::env::var("LLM_ROUTER_TEST_POSTGRES").ok().filter(|url| !url.is_empty()).unwrap_or_else(|| {
-        panic!(
-            "LLM_ROUTER_TEST_POSTGRES is not set, and this test needs a PostgreSQL server: run scripts/test.sh, or \
-             start one with `POSTGRES_NO_FSYNC=1 scripts/postgres.sh start DIR` and set LLM_ROUTER_TEST_POSTGRES to \
-             the URL it prints"
-        )
-    })
-}
+/// The test PostgreSQL server's admin URL (`LLM_ROUTER_TEST_POSTGRES`, set by `scripts/test.sh`) for a test of
+/// PostgreSQL that needs it whatever the suite's backend. Without it, `None`, after a line on stderr saying the test
+/// is skipped, for the test to return on (`let Some(server) = postgres_server() else { return };`); under CI (`CI`
+/// set) the test fails instead.
+pub use llm_router::store::postgres::test_server as postgres_server;
 
 /// A database of its own on the test PostgreSQL server, created empty; dropped with its last clone (every router
 /// on it is then stopped, or its connections are ended).
@@ -64,8 +60,18 @@ struct PgDatabaseInner {
 }
 
 impl PgDatabase {
-    pub async fn create() -> PgDatabase {
-        PgDatabase::create_on(&postgres_server()).await
+    /// A database of its own on the test server, for a router of the suite's PostgreSQL pass, which cannot run
+    /// without the server.
+    pub async fn for_suite() -> PgDatabase {
+        let server = llm_router::store::postgres::test_server_url().unwrap_or_else(|| {
+            panic!(
+                "LLM_ROUTER_TEST_BACKEND=postgres runs the suite's routers on the test PostgreSQL server, and \
+                 LLM_ROUTER_TEST_POSTGRES is not set: run scripts/test.sh, or start one with \
+                 `POSTGRES_NO_FSYNC=1 scripts/postgres.sh start DIR` and set LLM_ROUTER_TEST_POSTGRES to the URL it \
+                 prints"
+            )
+        });
+        PgDatabase::create_on(&server).await
     }
 
     /// A database of its own on the server at `server` (an admin URL).
@@ -331,7 +337,7 @@ impl TestApp {
         }
         let postgres = match options.database {
             Database::Suite if on_sqlite() => None,
-            Database::Suite => Some(PgDatabase::create().await),
+            Database::Suite => Some(PgDatabase::for_suite().await),
             Database::Sqlite => None,
             Database::Postgres(database) => Some(database),
         };
@@ -396,6 +402,11 @@ impl TestApp {
         assert!(self.postgres.is_none(), "this router keeps its data in PostgreSQL, not in SQLite");
         let url = format!("sqlite://{}", self.data_dir().join("router.db").display());
         sqlx::SqlitePool::connect(&url).await.expect("open the router's database")
+    }
+
+    /// The router's SQLite store, for its seams of the tests of SQLite itself (a page limit, a log limit).
+    pub fn sqlite_store(&self) -> &llm_router::store::sqlite::SqliteStore {
+        self.state.store.as_any().downcast_ref().expect("this router keeps its data in PostgreSQL, not in SQLite")
     }
 
     /// A connection of the test's own to the router's database, whichever it is, to look at what was stored.

@@ -86,7 +86,7 @@ async fn a_corrupt_file_stops_the_start_and_is_left_untouched() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
-    let postgres = if on_sqlite() { None } else { Some(PgDatabase::create().await) };
+    let postgres = if on_sqlite() { None } else { Some(PgDatabase::for_suite().await) };
     let mut settings = Settings::new(data.clone());
     settings.admin_password = Some(ADMIN_PASSWORD.to_owned());
     settings.database_url = postgres.as_ref().map(|database| database.url().to_owned());

@@ -28,5 +28,6 @@ mod postgres;
 mod registration;
 mod registration_limits;
 mod sign_in_limits;
+mod sqlite;
 mod storage;
 mod tls;

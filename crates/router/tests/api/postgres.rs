@@ -4,7 +4,8 @@
 //! SQLite database made through the API into a fresh PostgreSQL one.
 //!
 //! These tests need the test PostgreSQL server (`LLM_ROUTER_TEST_POSTGRES`, started by `scripts/test.sh`) on either
-//! pass of the suite: they are about PostgreSQL whichever backend the other tests run on.
+//! pass of the suite: they are about PostgreSQL whichever backend the other tests run on. Without it they are
+//! skipped, or fail under CI ([`postgres_server`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,9 +24,9 @@ async fn router_on(database: &PgDatabase) -> TestApp {
     TestApp::with(Options { database: Database::Postgres(database.clone()), ..Options::default() }).await
 }
 
-/// Two routers, A and B, on one fresh database; A started first.
-async fn two_routers() -> (TestApp, TestApp) {
-    let database = PgDatabase::create().await;
+/// Two routers, A and B, on one fresh database on `server`; A started first.
+async fn two_routers(server: &str) -> (TestApp, TestApp) {
+    let database = PgDatabase::create_on(server).await;
     let a = router_on(&database).await;
     let b = router_on(&database).await;
     (a, b)
@@ -83,7 +84,8 @@ async fn lease_holder<'a>(a: &'a TestApp, b: &'a TestApp) -> (&'a TestApp, &'a T
 
 #[tokio::test]
 async fn a_node_registered_on_one_router_is_approved_on_another_and_heartbeats_to_it() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
     let node = a.register_node("gpu-shared").await;
 
@@ -149,7 +151,8 @@ async fn a_node_registered_on_one_router_is_approved_on_another_and_heartbeats_t
 
 #[tokio::test]
 async fn a_node_token_issued_by_one_router_is_accepted_by_another_at_once() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let node = a.register_node("gpu-fresh").await;
     let other = a.register_node("gpu-other").await;
     // No wait: B looks a token it does not know up in the database, rather than tell the agent its identity is
@@ -183,7 +186,8 @@ async fn a_node_token_issued_by_one_router_is_accepted_by_another_at_once() {
 
 #[tokio::test]
 async fn a_node_deleted_on_one_router_is_refused_and_gone_on_the_other_within_a_second() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
     let node = a.register_node("gpu-gone").await;
     let kept = a.register_node("gpu-kept").await;
@@ -205,7 +209,8 @@ async fn a_node_deleted_on_one_router_is_refused_and_gone_on_the_other_within_a_
 
 #[tokio::test]
 async fn an_api_key_revoked_on_one_router_is_refused_on_the_other_within_a_second() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let admin_a = a.admin_token().await;
     // Without a scope, a key reaches both the admin API and /v1.
     let created = post(&a, &admin_a, "/v0/api-keys", json!({"name": "ci"})).await;
@@ -227,7 +232,8 @@ async fn an_api_key_revoked_on_one_router_is_refused_on_the_other_within_a_secon
 
 #[tokio::test]
 async fn a_session_ended_on_one_router_is_refused_on_the_other_within_a_second() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let session = a.admin_token().await;
     assert_eq!(status_of_get(&b, &session, "/v0/auth/me").await, 200, "B refused a session begun on A");
     let out = a.request(Method::POST, "/v0/auth/logout").bearer_auth(&session).send().await.expect("logout");
@@ -239,7 +245,8 @@ async fn a_session_ended_on_one_router_is_refused_on_the_other_within_a_second()
 
 #[tokio::test]
 async fn a_cordon_on_one_router_shows_on_the_other_within_a_second() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
     let node = a.register_node("gpu-drain").await;
     assert_eq!(a.approve(&admin_a, &node.id).await.status(), 200);
@@ -264,7 +271,8 @@ async fn a_cordon_on_one_router_shows_on_the_other_within_a_second() {
 
 #[tokio::test]
 async fn users_made_or_removed_on_one_router_are_so_on_the_other() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
     let viewer = json!({"username": "viewer-1", "password": "user-password-1", "role": "viewer"});
     post(&a, &admin_a, "/v0/users", viewer).await;
@@ -296,7 +304,8 @@ async fn users_made_or_removed_on_one_router_are_so_on_the_other() {
 
 #[tokio::test]
 async fn join_tokens_made_or_revoked_on_one_router_are_so_on_the_other() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
     let lab = post(&a, &admin_a, "/v0/join-tokens", json!({"name": "lab", "max_uses": 2, "tags": ["lab"]})).await;
     let lab_token = lab["token"].as_str().expect("token");
@@ -335,7 +344,8 @@ async fn join_tokens_made_or_revoked_on_one_router_are_so_on_the_other() {
 
 #[tokio::test]
 async fn only_the_sweep_lease_holder_decides_offline_from_the_heartbeats_any_router_received() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (leader, follower) = lease_holder(&a, &b).await;
     let admin = leader.admin_token().await;
     let node = leader.register_node("gpu-far").await;
@@ -373,7 +383,8 @@ async fn only_the_sweep_lease_holder_decides_offline_from_the_heartbeats_any_rou
 
 #[tokio::test]
 async fn the_sweep_lease_passes_to_the_other_router_when_its_holder_stops() {
-    let (mut a, mut b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (mut a, mut b) = two_routers(&server).await;
     let holder_is_a = std::ptr::eq(lease_holder(&a, &b).await.0, &a);
     let (holder, other) = if holder_is_a { (&mut a, &b) } else { (&mut b, &a) };
     holder.shutdown().await;
@@ -388,7 +399,8 @@ async fn the_sweep_lease_passes_to_the_other_router_when_its_holder_stops() {
 
 #[tokio::test]
 async fn a_restarted_router_rejoins_and_sees_what_changed_meanwhile() {
-    let (a, mut b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, mut b) = two_routers(&server).await;
     let admin_a = a.admin_token().await;
     let before = a.register_node("gpu-before").await;
     let gone = a.register_node("gpu-gone").await;
@@ -460,6 +472,7 @@ async fn get_json(app: &TestApp, credential: &str, path: &str) -> Value {
 
 #[tokio::test]
 async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_nothing() {
+    let Some(server) = postgres_server() else { return };
     // The clocks stand at the real time, so that sessions and join tokens made here are valid by any clock.
     let start_ms = now_ms();
     let source = TestApp::with(Options { database: Database::Sqlite, start_ms, ..Options::default() }).await;
@@ -512,7 +525,7 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
     assert_eq!((expected["nodes"], expected["users"], expected["api_keys"], expected["join_tokens"]), (3, 2, 1, 1));
     assert!(expected["node_events"] >= 6 && expected["audit_events"] >= 1 && expected["sessions"] >= 1, "{expected:?}");
 
-    let target = PgDatabase::create().await;
+    let target = PgDatabase::create_on(&server).await;
     let file = source.data_dir().join("router.db");
     let (code, output) = migrate(&file, target.url()).await;
     assert_eq!(code, 0, "llm-router migrate failed:\n{output}");
@@ -566,7 +579,8 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
 
 #[tokio::test]
 async fn the_same_machine_registering_on_both_routers_is_one_node() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let node = a.register_node("gpu-twice").await;
     // At once on B, whether or not B has read A's registration yet: refused, naming the node that is there.
     let again = b.register(&registration("gpu-twice", 8000)).await;
@@ -577,7 +591,8 @@ async fn the_same_machine_registering_on_both_routers_is_one_node() {
 
 #[tokio::test]
 async fn a_mass_silence_dismissed_through_the_other_router_ends_on_the_lease_holder() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (holder, other) = lease_holder(&a, &b).await;
     let admin = holder.admin_token().await;
     for i in 0..12 {
@@ -611,7 +626,8 @@ async fn changed(app: &TestApp, session: &str, path: &str) -> (Vec<Value>, i64) 
 /// the other too, and a change made on either reaches the client, from either (SPEC §11, §12).
 #[tokio::test]
 async fn a_revision_from_one_router_is_answered_by_the_other_without_losing_a_change() {
-    let (a, b) = two_routers().await;
+    let Some(server) = postgres_server() else { return };
+    let (a, b) = two_routers(&server).await;
     let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
     let node = a.register_node("gpu-watched").await;
     assert_eq!(a.approve(&admin_a, &node.id).await.status(), 200);

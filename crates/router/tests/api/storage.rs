@@ -1,39 +1,9 @@
-//! Storage (SPEC §4, §11): restarts, write-behind figures and the restart grace period, on either backend; SQLite's
-//! own schema, journal and migrations on SQLite only.
+//! Storage (SPEC §4, §11): restarts, write-behind figures and the restart grace period, on either backend. SQLite's
+//! own schema, journal, child tables and migrations are in `sqlite.rs`.
 
 use serde_json::json;
 
 use crate::helpers::*;
-
-#[tokio::test]
-async fn the_database_has_the_spec_tables_in_wal_mode() {
-    if !on_sqlite() {
-        return; // SQLite's own schema and journal mode; this runs in the SQLite pass.
-    }
-    let app = TestApp::spawn().await;
-    let db = app.db().await;
-    let tables: Vec<(String,)> =
-        sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table'").fetch_all(&db).await.expect("tables");
-    let tables: Vec<String> = tables.into_iter().map(|t| t.0).collect();
-    for table in [
-        "nodes",
-        "node_gpu_devices",
-        "node_loaded_models",
-        "node_supported_runtimes",
-        "node_tags",
-        "node_events",
-        "users",
-        "api_keys",
-        "node_tokens",
-    ] {
-        assert!(tables.iter().any(|t| t == table), "missing table {table}: {tables:?}");
-    }
-    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(&db).await.expect("pragma");
-    assert_eq!(mode, "wal");
-    let (migrations,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success").fetch_one(&db).await.expect("migrations");
-    assert!(migrations >= 1);
-}
 
 #[tokio::test]
 async fn a_restart_keeps_nodes_tokens_statuses_figures_and_history() {
@@ -137,7 +107,8 @@ async fn three_hundred_concurrent_registrations_are_all_stored() {
     }
 }
 
-async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
+/// A node with every list, rewritten by a token rotation, and a plain one; returns the fleet as shown.
+pub async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
     let mut other = registration("gpu-lists", 9000);
     other["gpu_devices"] = json!([{"model": "A", "count": 1}, {"model": "B", "count": 3, "memory_bytes": 7}]);
     other["tags"] = json!(["z", "a"]);
@@ -159,47 +130,6 @@ async fn fleet_with_lists(app: &TestApp) -> Vec<serde_json::Value> {
     assert_eq!(node["gpu_devices"], json!([{"model": "C", "count": 2}]));
     assert_eq!(node["tags"], json!(["rotated"]));
     nodes
-}
-
-#[tokio::test]
-async fn rows_without_the_copy_of_their_lists_are_read_from_the_child_tables() {
-    if !on_sqlite() {
-        return; // SQLite keeps a node's lists twice (a copy on the row, child tables); this runs in the SQLite pass.
-    }
-    let app = TestApp::spawn().await;
-    let before = fleet_with_lists(&app).await;
-    let db = app.db().await;
-    sqlx::query("UPDATE nodes SET lists = NULL").execute(&db).await.expect("clear the copies");
-    db.close().await;
-    let app = app.restart(0).await;
-    assert_eq!(stored(app.nodes().await), stored(before));
-}
-
-#[tokio::test]
-async fn the_migration_fills_the_copy_of_the_lists_from_the_child_tables() {
-    if !on_sqlite() {
-        return; // One of SQLite's own migrations; this runs in the SQLite pass.
-    }
-    let app = TestApp::spawn().await;
-    let before = fleet_with_lists(&app).await;
-    let db = app.db().await;
-    let expected: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, lists FROM nodes ORDER BY id").fetch_all(&db).await.expect("copies");
-    // Back to the schema before the copy existed, then let the router migrate again.
-    sqlx::query("ALTER TABLE nodes DROP COLUMN lists").execute(&db).await.expect("drop");
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 2").execute(&db).await.expect("forget");
-    db.close().await;
-    let app = app.restart(0).await;
-    let db = app.db().await;
-    let migrated: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, lists FROM nodes ORDER BY id").fetch_all(&db).await.expect("copies");
-    for ((id, want), (_, got)) in expected.iter().zip(&migrated) {
-        let want: serde_json::Value = serde_json::from_str(want).expect("json");
-        let got: serde_json::Value = serde_json::from_str(got).expect("json");
-        assert_eq!(got, want, "node {id}");
-    }
-    assert_eq!(migrated.len(), 2);
-    assert_eq!(stored(app.nodes().await), stored(before));
 }
 
 #[tokio::test]
@@ -229,15 +159,13 @@ async fn a_batch_with_a_node_deleted_meanwhile_still_writes_the_others() {
     assert_eq!((&nodes[0]["id"], &nodes[0]["ready_models"]), (&json!(kept.id), &json!(["new-model"])));
 }
 
-#[tokio::test]
-async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step() {
-    let app = TestApp::spawn().await;
-    // Registration and token rotation.
-    fleet_with_lists(&app).await;
+/// Writes a node's lists every way a router does: registration and token rotation ([`fleet_with_lists`]), an
+/// administrator's edit of the tags, and models changed by a heartbeat, written behind. Returns the fleet as shown.
+pub async fn lists_written_every_way(app: &TestApp) -> Vec<serde_json::Value> {
+    fleet_with_lists(app).await;
     let node = app.register_node("lists-writer").await;
     let admin = app.admin_token().await;
     assert_eq!(app.approve(&admin, &node.id).await.status(), 200);
-    // An administrator's edit of the tags.
     let patched = app
         .request(reqwest::Method::PATCH, &format!("/v0/nodes/{}", node.id))
         .bearer_auth(&admin)
@@ -246,85 +174,20 @@ async fn every_write_of_a_nodes_lists_keeps_the_copy_and_the_child_rows_in_step(
         .await
         .expect("patch");
     assert_eq!(patched.status(), 200);
-    // Models changed by a heartbeat, written behind.
     assert_eq!(app.heartbeat(&node, &["m-ready"]).await.status(), 200);
     app.state.registry.flush().await.expect("flush");
-    let before = app.nodes().await;
-    let edited = before.iter().find(|n| n["machine_name"] == "lists-writer").expect("node");
+    let fleet = app.nodes().await;
+    let edited = fleet.iter().find(|n| n["machine_name"] == "lists-writer").expect("node");
     assert_eq!(edited["tags"], json!(["edited", "twice"]));
     assert_eq!(edited["ready_models"], json!(["m-ready"]));
-
-    // Read back from the copies on the rows (PostgreSQL: the lists on the row, its only copy)...
-    let app = app.restart(0).await;
-    assert_eq!(stored(app.nodes().await), stored(before.clone()), "from the copies of the lists");
-    if !on_sqlite() {
-        return; // The child rows are SQLite's alone.
-    }
-    // ...and from the child rows alone.
-    let db = app.db().await;
-    sqlx::query("UPDATE nodes SET lists = NULL").execute(&db).await.expect("clear the copies");
-    db.close().await;
-    let app = app.restart(0).await;
-    assert_eq!(stored(app.nodes().await), stored(before), "from the child rows");
+    fleet
 }
 
-/// The migration that adds `degraded` rebuilds the nodes table (SQLite cannot change a CHECK constraint in place):
-/// every node keeps its row, its lists and its token, and foreign keys are on again afterwards.
 #[tokio::test]
-async fn the_rebuild_of_the_nodes_table_for_degraded_keeps_every_node_with_its_lists_and_token() {
-    if !on_sqlite() {
-        return; // One of SQLite's own migrations, on a database of its own; this runs in the SQLite pass.
-    }
-    use sqlx::migrate::Migrator;
-    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-
-    let dir = tempfile::tempdir().expect("dir");
-    let options =
-        SqliteConnectOptions::new().filename(dir.path().join("router.db")).create_if_missing(true).foreign_keys(true);
-    let db = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.expect("open");
-    let all = Migrator::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")).await.expect("read");
-    let rebuild = all.migrations.iter().find(|m| m.description.contains("degraded")).expect("the migration").version;
-    let before = Migrator {
-        migrations: std::borrow::Cow::Owned(all.migrations.iter().filter(|m| m.version < rebuild).cloned().collect()),
-        ..Migrator::DEFAULT
-    };
-    before.run(&db).await.expect("the schema before");
-    for statement in [
-        "INSERT INTO nodes (id, machine_name, ip_address, runtime_port, runtime_version, status, registered_at, \
-         cordoned, max_concurrency) VALUES ('n1', 'gpu-a', '10.0.0.1', 8000, 'vLLM', 'online', 1, 1, 4)",
-        "INSERT INTO node_gpu_devices (node_id, position, model, count) VALUES ('n1', 0, 'NVIDIA L4', 2)",
-        "INSERT INTO node_tags (node_id, position, tag) VALUES ('n1', 0, 'rack-a')",
-        "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ('n1', 'abc', 1)",
-    ] {
-        sqlx::query(statement).execute(&db).await.expect(statement);
-    }
-
-    all.run(&db).await.expect("the rebuild");
-    let (name, status, cordoned, limit, conditions): (String, String, bool, i64, Option<String>) =
-        sqlx::query_as("SELECT machine_name, status, cordoned, max_concurrency, conditions FROM nodes WHERE id = 'n1'")
-            .fetch_one(&db)
-            .await
-            .expect("the node");
-    assert_eq!((name.as_str(), status.as_str(), cordoned, limit, conditions), ("gpu-a", "online", true, 4, None));
-    for (table, count) in [
-        ("node_gpu_devices", "SELECT COUNT(*) FROM node_gpu_devices WHERE node_id = 'n1'"),
-        ("node_tags", "SELECT COUNT(*) FROM node_tags WHERE node_id = 'n1'"),
-        ("node_tokens", "SELECT COUNT(*) FROM node_tokens WHERE node_id = 'n1'"),
-    ] {
-        let (rows,): (i64,) = sqlx::query_as(count).fetch_one(&db).await.expect("count");
-        assert_eq!(rows, 1, "{table} kept its row");
-    }
-    let (on,): (i64,) = sqlx::query_as("PRAGMA foreign_keys").fetch_one(&db).await.expect("pragma");
-    assert_eq!(on, 1, "foreign keys are on again");
-    let broken: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check").fetch_all(&db).await.expect("check");
-    assert!(broken.is_empty(), "{broken:?}");
-    sqlx::query("UPDATE nodes SET status = 'degraded', conditions = 'gpu_fault' WHERE id = 'n1'")
-        .execute(&db)
-        .await
-        .expect("degraded is a status now");
-    assert!(sqlx::query("UPDATE nodes SET status = 'broken' WHERE id = 'n1'").execute(&db).await.is_err());
-    // The cascade still works: deleting the node deletes its lists.
-    sqlx::query("DELETE FROM nodes WHERE id = 'n1'").execute(&db).await.expect("delete");
-    let (left,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM node_tags").fetch_one(&db).await.expect("count");
-    assert_eq!(left, 0);
+async fn every_write_of_a_nodes_lists_is_read_back_after_a_restart() {
+    let app = TestApp::spawn().await;
+    let before = lists_written_every_way(&app).await;
+    // Read back from the lists on the rows (on SQLite their copy beside the child rows, which `sqlite.rs` reads).
+    let app = app.restart(0).await;
+    assert_eq!(stored(app.nodes().await), stored(before));
 }

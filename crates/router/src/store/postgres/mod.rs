@@ -167,6 +167,38 @@ pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(named)
 }
 
+/// The variable naming the PostgreSQL server this crate's tests make their databases on; `scripts/test.sh` starts a
+/// throw-away server and sets it.
+const TEST_SERVER_VAR: &str = "LLM_ROUTER_TEST_POSTGRES";
+
+/// The PostgreSQL server this crate's tests make their databases on (`LLM_ROUTER_TEST_POSTGRES`), when it is set.
+#[doc(hidden)]
+pub fn test_server_url() -> Option<String> {
+    std::env::var(TEST_SERVER_VAR).ok().filter(|url| !url.is_empty())
+}
+
+/// [`test_server_url`], for a test that needs a PostgreSQL server; without one, `None`, for the test to return on:
+/// this crate's tests, unit and API, decide here whether a test without its server is skipped or fails. Skipped
+/// with a line on stderr, so that `cargo test` runs on a machine without PostgreSQL; but under CI (`CI` set, as CI
+/// services set it), where a skipped test would pass unnoticed, it fails for the same reason.
+#[doc(hidden)]
+pub fn test_server() -> Option<String> {
+    use std::io::Write;
+    if let Some(url) = test_server_url() {
+        return Some(url);
+    }
+    // libtest runs each test on a thread named after the test.
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let reason = format!("needs a PostgreSQL server ({TEST_SERVER_VAR} unset; scripts/test.sh starts one)");
+    if std::env::var_os("CI").is_some_and(|ci| !ci.is_empty()) {
+        panic!("{test}: {reason}; not skipped under CI (CI is set)");
+    }
+    // Straight to the process's stderr: libtest keeps what a passing test prints with `eprintln!` to itself.
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: {reason}");
+    None
+}
+
 impl Storage for PgStore {
     fn upkeep(&self) -> StoreResult<'_, ()> {
         // PostgreSQL keeps its own house (autovacuum, checkpoints).

@@ -2,7 +2,8 @@
 //! lookup, the sweep lease, notifications, join tokens counted across routers, faults, and `llm-router migrate`.
 //!
 //! They need a server: `scripts/test.sh` starts one and sets `LLM_ROUTER_TEST_POSTGRES`; each test makes a database
-//! of its own on it. Several stores opened on one database stand for several routers.
+//! of its own on it. Without it they are skipped, or fail under CI ([`test_server`]). Several stores opened on one
+//! database stand for several routers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,26 +12,17 @@ use llm_router_protocol::{GpuDevice, NodeStatus};
 use sqlx::Connection;
 use uuid::Uuid;
 
-use super::{PgStore, open, redact};
+use super::{PgStore, open, redact, test_server};
 use crate::model::auth::{Role, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
 use crate::model::figures::PackedFigures;
 use crate::model::node::{Node, NodeEvent, NodeLists};
 use crate::store::{Figures, SharedStorage, Store, StoreError, UserRow};
 
-/// The test server's URL, from `LLM_ROUTER_TEST_POSTGRES`.
-fn server() -> String {
-    std::env::var("LLM_ROUTER_TEST_POSTGRES").unwrap_or_else(|_| {
-        panic!(
-            "LLM_ROUTER_TEST_POSTGRES is not set: run scripts/test.sh, or start a server with `scripts/postgres.sh \
-             start DIR` and set LLM_ROUTER_TEST_POSTGRES to the URL it prints"
-        )
-    })
-}
-
-/// A fresh, empty database on the test server; returns its URL.
-async fn fresh_database() -> String {
-    let server = server();
+/// A fresh, empty database on the test server ([`test_server`]); returns its URL. `None`: there is no server, and
+/// the test is skipped (or fails under CI) and returns.
+async fn fresh_database() -> Option<String> {
+    let server = test_server()?;
     let name = format!("t_{}", Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect(&server).await.expect("connect to the test PostgreSQL server");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -39,7 +31,7 @@ async fn fresh_database() -> String {
         .expect("create a test database");
     let _ = conn.close().await;
     let (base, _) = server.rsplit_once('/').expect("a database URL");
-    format!("{base}/{name}")
+    Some(format!("{base}/{name}"))
 }
 
 /// A router's store on `url`.
@@ -119,7 +111,7 @@ fn the_database_name_replaces_the_urls() {
 
 #[tokio::test]
 async fn a_change_after_a_cursor_comes_back_with_the_next_read() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let (a, b) = (router(&url).await, router(&url).await);
 
     let first = shared(&a).node_changes(0).await.expect("changes");
@@ -178,7 +170,7 @@ async fn a_change_after_a_cursor_comes_back_with_the_next_read() {
 /// the oldest transaction still running, not the newest seen.
 #[tokio::test]
 async fn a_change_committed_after_a_read_that_began_before_it_is_not_missed() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let a = router(&url).await;
     let n1 = node(1);
     insert(&a, &n1).await;
@@ -207,7 +199,7 @@ async fn a_change_committed_after_a_read_that_began_before_it_is_not_missed() {
 
 #[tokio::test]
 async fn seen_changes_are_the_figures_other_routers_wrote() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let (a, b) = (router(&url).await, router(&url).await);
     let n1 = node(1);
     insert(&a, &n1).await;
@@ -243,7 +235,7 @@ async fn seen_changes_are_the_figures_other_routers_wrote() {
 
 #[tokio::test]
 async fn a_node_is_found_by_its_token() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let (a, b) = (router(&url).await, router(&url).await);
     let n1 = node(1);
     insert(&a, &n1).await;
@@ -280,7 +272,7 @@ async fn takes_lease(store: &Store, within: Duration) -> bool {
 
 #[tokio::test]
 async fn the_sweep_lease_is_held_by_one_router_and_passes_on_when_it_stops() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let (a, b) = (router(&url).await, router(&url).await);
     assert!(shared(&a).hold_sweep_lease().await.expect("lease"));
     assert!(!shared(&b).hold_sweep_lease().await.expect("lease"));
@@ -314,7 +306,7 @@ async fn the_sweep_lease_is_held_by_one_router_and_passes_on_when_it_stops() {
 
 #[tokio::test]
 async fn changes_wake_the_other_routers() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let (a, b) = (router(&url).await, router(&url).await);
     let wait = Duration::from_secs(5);
 
@@ -341,7 +333,7 @@ async fn changes_wake_the_other_routers() {
 
 #[tokio::test]
 async fn a_join_tokens_last_use_goes_to_one_registration_across_routers() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let (a, b) = (router(&url).await, router(&url).await);
     let join = JoinToken {
         id: Uuid::new_v4(),
@@ -384,7 +376,7 @@ async fn a_join_tokens_last_use_goes_to_one_registration_across_routers() {
 
 #[tokio::test]
 async fn a_duplicate_machine_and_port_is_refused_and_leaves_nothing() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let a = router(&url).await;
     insert(&a, &node(1)).await;
     let mut twin = node(2);
@@ -398,7 +390,7 @@ async fn a_duplicate_machine_and_port_is_refused_and_leaves_nothing() {
 
 #[tokio::test]
 async fn a_lost_database_is_a_storage_fault() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let a = router(&url).await;
     insert(&a, &node(1)).await;
     assert_eq!(a.storage_faults(), 0);
@@ -448,7 +440,7 @@ async fn a_lost_database_is_a_storage_fault() {
 
 #[tokio::test]
 async fn migrations_run_once_when_routers_start_together() {
-    let url = fresh_database().await;
+    let Some(url) = fresh_database().await else { return };
     let opened = futures_util::future::join_all((0..4).map(|_| PgStore::open(&url))).await;
     for store in &opened {
         assert!(store.is_ok(), "{:?}", store.as_ref().err());
@@ -466,6 +458,7 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     use crate::store::sqlite::SqliteStore;
     use crate::store::{ApiKeyRow, NewNode, migrate};
 
+    let Some(url) = fresh_database().await else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("router.db");
     let sqlite: Store = Arc::new(SqliteStore::open(&path).await.expect("sqlite"));
@@ -538,7 +531,6 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
         .expect("join token");
     sqlite.close().await;
 
-    let url = fresh_database().await;
     let first = migrate::copy(&path, &url).await.expect("migrate");
     assert!(first.len() >= 9, "every table: {first:?}");
     for table in &first {
@@ -587,6 +579,7 @@ async fn migrate_fails_naming_the_table_whose_rows_did_not_all_arrive_and_keeps_
     use crate::store::sqlite::SqliteStore;
     use crate::store::{ApiKeyRow, migrate};
 
+    let Some(url) = fresh_database().await else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("router.db");
     let sqlite: Store = Arc::new(SqliteStore::open(&path).await.expect("sqlite"));
@@ -604,7 +597,6 @@ async fn migrate_fails_naming_the_table_whose_rows_did_not_all_arrive_and_keeps_
     sqlite.close().await;
 
     // PostgreSQL already has another key with the same secret: the copy's row is left out as a conflict.
-    let url = fresh_database().await;
     let pg = router(&url).await;
     pg.insert_api_key(&ApiKeyRow { id: Uuid::new_v4(), ..key.clone() }, TokenHash::of("key")).await.expect("key");
     let err = migrate::copy(&path, &url).await.expect_err("a row did not arrive");
