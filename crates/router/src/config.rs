@@ -1,5 +1,8 @@
 //! Command line and environment configuration (SPEC §3.1). Every setting is a flag and an environment variable;
 //! flags win.
+//!
+//! This file holds the command line (`serve`, `migrate`) and its resolution into [`Settings`]; the settings
+//! themselves, with their defaults, are in `settings.rs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +12,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::net::Cidr;
 use crate::validate;
+
+mod settings;
+
+pub use settings::{InferenceAuth, RegistrationMode, Settings, TlsFiles};
 
 /// Central router of a GPU inference fleet.
 #[derive(Debug, Parser)]
@@ -222,159 +229,6 @@ fn parse_public_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
-/// The files of the router's TLS certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Who may call the inference API (`/v1`, SPEC §8).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum InferenceAuth {
-    /// An API key (either scope) or a session.
-    Key,
-    /// Anyone who reaches the router: for trusted networks; a warning is logged at start.
-    None,
-}
-
-/// Who may register (SPEC §9).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RegistrationMode {
-    /// Any machine; without a join token it waits as pending.
-    Open,
-    /// Only with a join token (or a node's own token, to rotate it).
-    Token,
-}
-
-/// The resolved settings the app is built from.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub data_dir: PathBuf,
-    /// A `postgres://` URL: PostgreSQL, shared with other routers. `None`: SQLite in `data_dir`.
-    pub database_url: Option<String>,
-    pub heartbeat_interval: Duration,
-    pub offline_after: Duration,
-    pub reachability_timeout: Duration,
-    pub reachability_check: bool,
-    pub admin_username: String,
-    pub admin_password: Option<String>,
-    /// How often heartbeat figures are written behind to the database.
-    pub flush_interval: Duration,
-    /// How long a dashboard or API session lasts.
-    pub session_ttl: Duration,
-    /// The router's public address; `https://` makes the session cookie `Secure`.
-    pub public_url: Option<String>,
-    /// Certificate chain and private key of HTTPS; plain HTTP when absent.
-    pub tls: Option<TlsFiles>,
-    /// How long node events are kept.
-    pub event_retention: Duration,
-    /// Anonymous registrations per minute and source address; 0 = no limit.
-    pub registration_rate: u32,
-    /// Most pending nodes in all; 0 = no cap.
-    pub max_pending: u64,
-    pub registration_mode: RegistrationMode,
-    pub inference_auth: InferenceAuth,
-    pub upstream_header_timeout: Duration,
-    pub max_retries: u32,
-    /// Inference requests that may wait for a node below its `max_concurrency`; more are answered 429.
-    pub max_queued: usize,
-    /// Longest wait of a queued inference request.
-    pub queue_timeout: Duration,
-    /// A GPU at or above this temperature (°C) is `gpu_overheat`.
-    pub gpu_max_temp_c: f64,
-    /// Pending nodes silent this long are removed.
-    pub pending_ttl: Duration,
-    /// Peers whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<Cidr>,
-    /// Password hashes at a time; 0 = one per core, at most 8 (each holds 19 MiB while it runs).
-    pub hash_workers: usize,
-    /// Callers that may wait for a password hash beyond those running; more are answered 429.
-    pub hash_queue: usize,
-    /// Longest wait for a password hash before the caller is answered 429.
-    pub hash_wait: Duration,
-    /// Accept nodes at link-local addresses.
-    pub allow_link_local_nodes: bool,
-    /// Most open client connections; `None`: derived from the open-file limit.
-    pub max_connections: Option<usize>,
-    /// Time a client has to send a request's headers.
-    pub header_timeout: Duration,
-    /// Time an idle keep-alive connection stays open.
-    pub idle_timeout: Duration,
-    /// Time a client has to send a request's body once its headers are in.
-    pub body_timeout: Duration,
-    /// Most open connections one client address may hold; `None`: half of the cap; 0: no share.
-    pub max_connections_per_source: Option<usize>,
-    /// Time a client may leave an answer unread.
-    pub write_timeout: Duration,
-    /// Bytes of request bodies held in memory at once, all requests together.
-    pub max_body_memory: usize,
-    /// Time a node may stay silent in the middle of an answer's body.
-    pub upstream_idle_timeout: Duration,
-    /// How long a credential confirmed by the database is still accepted while the database is unreachable.
-    pub credential_grace: Duration,
-}
-
-impl Settings {
-    /// Settings with the documented defaults, for a given data directory.
-    pub fn new(data_dir: PathBuf) -> Self {
-        Settings {
-            data_dir,
-            database_url: None,
-            heartbeat_interval: Duration::from_secs(10),
-            offline_after: Duration::from_secs(30),
-            reachability_timeout: Duration::from_millis(3000),
-            reachability_check: true,
-            admin_username: "admin".to_owned(),
-            admin_password: None,
-            flush_interval: Duration::from_secs(1),
-            session_ttl: Duration::from_secs(12 * 3600),
-            public_url: None,
-            tls: None,
-            event_retention: Duration::from_secs(30 * 86_400),
-            registration_rate: 10,
-            max_pending: 1000,
-            registration_mode: RegistrationMode::Open,
-            inference_auth: InferenceAuth::Key,
-            upstream_header_timeout: Duration::from_secs(300),
-            max_retries: 2,
-            max_queued: 1024,
-            gpu_max_temp_c: crate::model::health::DEFAULT_GPU_MAX_TEMP_C,
-            queue_timeout: Duration::from_secs(30),
-            pending_ttl: Duration::from_secs(72 * 3600),
-            trusted_proxies: Vec::new(),
-            hash_workers: 0,
-            hash_queue: 64,
-            hash_wait: Duration::from_secs(2),
-            allow_link_local_nodes: false,
-            max_connections: None,
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            body_timeout: Duration::from_secs(30),
-            max_connections_per_source: None,
-            write_timeout: Duration::from_secs(60),
-            max_body_memory: 256 * 1024 * 1024,
-            upstream_idle_timeout: Duration::from_secs(300),
-            credential_grace: Duration::from_secs(900),
-        }
-    }
-
-    /// The database file inside the data directory.
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("router.db")
-    }
-
-    /// How often pending nodes are checked against `pending_ttl`: a hundredth of it, between 1 s and 1 min.
-    pub fn pending_expiry_interval(&self) -> Duration {
-        (self.pending_ttl / 100).clamp(Duration::from_secs(1), Duration::from_secs(60))
-    }
-
-    /// How often the offline sweep runs: a tenth of `offline_after`, between 100 ms and 1 s.
-    pub fn sweep_interval(&self) -> Duration {
-        (self.offline_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
-    }
-}
-
 impl ServeArgs {
     /// Resolves defaults that depend on the environment (the home directory).
     pub fn into_settings(self) -> anyhow::Result<Settings> {
@@ -525,23 +379,5 @@ mod tests {
         let err = settings("12345678").expect_err("short").to_string();
         assert!(err.contains("LLM_ROUTER_ADMIN_PASSWORD") && err.contains("at least 12"), "{err}");
         assert!(settings("twelve-chars").is_ok());
-    }
-
-    #[test]
-    fn pending_expiry_runs_often_enough_for_its_ttl() {
-        let mut settings = Settings::new(PathBuf::from("/tmp"));
-        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(60), "72 h: every minute");
-        settings.pending_ttl = Duration::from_secs(100);
-        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(1));
-        settings.pending_ttl = Duration::from_secs(3600);
-        assert_eq!(settings.pending_expiry_interval(), Duration::from_secs(36));
-    }
-
-    #[test]
-    fn sweep_interval_scales_with_offline_after() {
-        let mut settings = Settings::new(PathBuf::from("/tmp"));
-        assert_eq!(settings.sweep_interval(), Duration::from_secs(1));
-        settings.offline_after = Duration::from_secs(2);
-        assert_eq!(settings.sweep_interval(), Duration::from_millis(200));
     }
 }

@@ -7,33 +7,35 @@
 //!
 //! Every request passes [`Metrics::request`]: it finds its route's handles (taken from the families once) under a
 //! read lock, without allocating, and pays atomic increments.
+//!
+//! This file holds [`Metrics`] itself: its families, their registration and the scrape. The histogram is in
+//! `histogram.rs`, the HTTP figures by route in `requests.rs`, the inference figures by model in `inference.rs`.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
 
 use llm_router_protocol::NodeStatus;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::store::Availability;
 
+mod histogram;
 mod inference;
+mod requests;
 
+pub use histogram::Histogram;
 pub use inference::{InferenceMetrics, ModelMetrics};
+use requests::{ByMethod, RequestLabels, RouteLabels};
 
 /// The content type of [`Metrics::render`]'s text: OpenMetrics 1.0, which Prometheus asks for and reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Latency buckets in seconds.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 /// Batch size buckets, in nodes.
 const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
 /// Flush lag buckets, in seconds.
@@ -41,59 +43,6 @@ const LAG_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
 /// A gauge of a count: connections open, the connection cap.
 pub type Level = Gauge<u64, AtomicU64>;
-
-/// A cumulative histogram with fixed buckets; cloning it gives another handle on the same figures.
-#[derive(Clone, Debug)]
-pub struct Histogram(Arc<Buckets>);
-
-#[derive(Debug)]
-struct Buckets {
-    bounds: &'static [f64],
-    /// Observations by the first bound they do not exceed; the last one counts those above every bound.
-    counts: Box<[AtomicU64]>,
-    /// Sum of observations, in millionths of the unit.
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
-        Histogram(Arc::new(Buckets { bounds, counts, sum_micros: AtomicU64::new(0) }))
-    }
-
-    fn latency() -> Self {
-        Histogram::new(LATENCY_BUCKETS)
-    }
-
-    /// Counts one observation: two relaxed increments.
-    pub fn observe(&self, value: f64) {
-        let buckets = &*self.0;
-        let bucket = buckets.bounds.iter().position(|bound| value <= *bound).unwrap_or(buckets.bounds.len());
-        buckets.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        buckets.sum_micros.fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-    }
-}
-
-impl TypedMetric for Histogram {
-    const TYPE: MetricType = MetricType::Histogram;
-}
-
-impl EncodeMetric for Histogram {
-    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
-        let buckets = &*self.0;
-        let counts: Vec<(f64, u64)> = (buckets.bounds.iter().copied().chain([f64::INFINITY]))
-            .zip(buckets.counts.iter().map(|count| count.load(Ordering::Relaxed)))
-            .collect();
-        // The count is the buckets' total, so that the `+Inf` bucket always equals it.
-        let count = counts.iter().map(|(_, n)| n).sum();
-        let sum = buckets.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        encoder.encode_histogram::<NoLabelSet>(sum, count, &counts, None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        Self::TYPE
-    }
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
@@ -113,19 +62,6 @@ struct ToLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RouteLabels {
-    method: String,
-    route: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    method: String,
-    route: String,
-    status: u16,
 }
 
 /// Everything the router counts.
@@ -188,19 +124,6 @@ pub struct Metrics {
     /// The handles of `requests` and `durations`, by matched route, then by method.
     http: RwLock<HashMap<Box<str>, ByMethod>>,
     registry: Registry,
-}
-
-/// The statistics of one route, by method.
-type ByMethod = Vec<(Box<str>, RouteStats)>;
-
-/// Highest HTTP status counted separately; anything above is counted as 599.
-const MAX_STATUS: u16 = 599;
-
-/// The handles of one matched route and method.
-struct RouteStats {
-    duration: Histogram,
-    /// By status, each taken from the family on the first request that answered it.
-    by_status: Box<[OnceLock<Counter>]>,
 }
 
 impl Default for Metrics {
@@ -407,46 +330,6 @@ impl Metrics {
         self.transitions[index(to)].inc();
     }
 
-    /// Records one answered request of a matched route.
-    pub fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let status = status.min(MAX_STATUS);
-        {
-            let http = self.http.read().unwrap_or_else(|p| p.into_inner());
-            let found = http.get(route).and_then(|methods| methods.iter().find(|(m, _)| &**m == method));
-            if let Some((_, stats)) = found {
-                self.record(stats, method, route, status, elapsed);
-                return;
-            }
-        }
-        let mut http = self.http.write().unwrap_or_else(|p| p.into_inner());
-        let methods = http.entry(route.into()).or_default();
-        let at = match methods.iter().position(|(m, _)| &**m == method) {
-            Some(at) => at,
-            None => {
-                let labels = RouteLabels { method: method.to_owned(), route: route.to_owned() };
-                let by_status = (0..=MAX_STATUS).map(|_| OnceLock::new()).collect();
-                methods.push((
-                    method.into(),
-                    RouteStats { duration: self.durations.get_or_create_owned(&labels), by_status },
-                ));
-                methods.len() - 1
-            }
-        };
-        self.record(&methods[at].1, method, route, status, elapsed);
-    }
-
-    fn record(&self, stats: &RouteStats, method: &str, route: &str, status: u16, elapsed: Duration) {
-        stats.duration.observe(elapsed.as_secs_f64());
-        let counter = stats.by_status[usize::from(status)].get_or_init(|| {
-            self.requests.get_or_create_owned(&RequestLabels {
-                method: method.to_owned(),
-                route: route.to_owned(),
-                status,
-            })
-        });
-        counter.inc();
-    }
-
     /// The OpenMetrics text exposition (see [`CONTENT_TYPE`]); `nodes` are the current counts by status,
     /// `storage_faults` the writes the store could not make, `database` whether the store can be used now.
     pub fn render(&self, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64, database: Availability) -> String {
@@ -488,64 +371,14 @@ mod exposition;
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::exposition::{Exposition, parse};
     use super::*;
 
-    fn scrape(metrics: &Metrics, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> Exposition {
+    pub(super) fn scrape(metrics: &Metrics, nodes: &HashMap<NodeStatus, usize>, storage_faults: u64) -> Exposition {
         let text = metrics.render(nodes, storage_faults, Availability::Available);
         parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"))
-    }
-
-    #[test]
-    fn histograms_are_cumulative() {
-        let metrics = Metrics::default();
-        for value in [0.05, 5.0, 50.0] {
-            metrics.flush_lag_seconds.observe(value);
-        }
-        let scraped = scrape(&metrics, &HashMap::new(), 0);
-        assert_eq!(scraped.types["llm_router_flush_lag_seconds"], "histogram");
-        let bucket = |le: &str| scraped.value("llm_router_flush_lag_seconds_bucket", &[("le", le)]);
-        assert_eq!(bucket("0.1"), Some(1.0));
-        assert_eq!(bucket("2.0"), Some(1.0));
-        assert_eq!(bucket("5.0"), Some(2.0));
-        assert_eq!(bucket("30.0"), Some(2.0));
-        assert_eq!(bucket("+Inf"), Some(3.0));
-        assert_eq!(scraped.value("llm_router_flush_lag_seconds_sum", &[]), Some(55.05));
-        assert_eq!(scraped.value("llm_router_flush_lag_seconds_count", &[]), Some(3.0));
-    }
-
-    #[test]
-    fn requests_are_counted_by_route_method_and_status() {
-        let metrics = Metrics::default();
-        metrics.request("POST", "/v0/health", 200, Duration::from_millis(2));
-        metrics.request("POST", "/v0/health", 200, Duration::from_millis(3));
-        metrics.request("POST", "/v0/health", 401, Duration::from_millis(1));
-        metrics.request("GET", "/v0/health", 1000, Duration::from_millis(1));
-        let scraped = scrape(&metrics, &HashMap::from([(NodeStatus::Online, 7)]), 0);
-        let requests = |method: &str, status: &str| {
-            let labels = [("method", method), ("route", "/v0/health"), ("status", status)];
-            scraped.value("llm_router_http_requests_total", &labels)
-        };
-        assert_eq!(scraped.types["llm_router_http_requests"], "counter");
-        assert_eq!(requests("POST", "200"), Some(2.0));
-        assert_eq!(requests("POST", "401"), Some(1.0));
-        assert_eq!(requests("GET", "599"), Some(1.0), "statuses above 599 count as 599");
-        assert_eq!(scraped.samples("llm_router_http_requests_total").count(), 3, "no series for unseen statuses");
-        let latency = [("method", "POST"), ("route", "/v0/health")];
-        assert_eq!(scraped.value("llm_router_http_request_duration_seconds_count", &latency), Some(3.0));
-        assert_eq!(scraped.value("llm_router_http_request_duration_seconds_bucket", &[("le", "0.001")]), None);
-        let bucket = |le| {
-            let labels = [("method", "POST"), ("route", "/v0/health"), ("le", le)];
-            scraped.value("llm_router_http_request_duration_seconds_bucket", &labels)
-        };
-        assert_eq!(bucket("0.0005"), Some(0.0));
-        assert_eq!(bucket("0.001"), Some(1.0));
-        assert_eq!(bucket("0.0025"), Some(2.0));
-        assert_eq!(bucket("0.005"), Some(3.0));
-        assert_eq!(bucket("+Inf"), Some(3.0));
-        assert_eq!(scraped.value("llm_router_nodes", &[("status", "online")]), Some(7.0));
-        assert_eq!(scraped.value("llm_router_nodes", &[("status", "pending")]), Some(0.0));
-        assert_eq!(scraped.samples("llm_router_nodes").count(), NodeStatus::ALL.len());
     }
 
     #[test]
@@ -617,17 +450,5 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(scraped.samples("llm_router_inference_requests_total").count(), 5, "every class, from the start");
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        let metrics = Metrics::default();
-        let route = "/odd/\"quoted\"/back\\slash/new\nline";
-        metrics.request("GET", route, 200, Duration::from_millis(1));
-        let text = metrics.render(&HashMap::new(), 0, Availability::Available);
-        assert!(text.contains(r#"route="/odd/\"quoted\"/back\\slash/new\nline""#), "{text}");
-        let scraped = parse(&text).unwrap_or_else(|error| panic!("{error} in:\n{text}"));
-        let labels = [("method", "GET"), ("route", route), ("status", "200")];
-        assert_eq!(scraped.value("llm_router_http_requests_total", &labels), Some(1.0));
     }
 }

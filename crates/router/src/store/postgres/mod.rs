@@ -8,12 +8,14 @@
 //! [`PgStore::gated`], which fails at once while the server is unreachable (`reach.rs`).
 //!
 //! Each file implements its part of the contract for this backend, with no layer in between: `nodes.rs`
-//! ([`NodeStore`](crate::store::NodeStore): nodes, tokens, events, heartbeat figures), `auth.rs` (users, sessions,
-//! keys), `records.rs` (join tokens, the audit log, fleet events), `shared.rs` ([`SharedStorage`]: other routers'
-//! changes, the sweep lease, notifications); `tests.rs` (what only this backend does, on a real server:
-//! `LLM_ROUTER_TEST_POSTGRES`). The statements both backends share are in `store/sql.rs`.
+//! ([`NodeStore`](crate::store::NodeStore): nodes, tokens, events, heartbeat figures) with `node_rows.rs` (the
+//! statements on a node's rows that it and `shared.rs` use), `auth.rs` (users, sessions, keys), `records.rs` (join
+//! tokens, the audit log, fleet events), `shared.rs` ([`SharedStorage`]: other routers' changes, the sweep lease,
+//! notifications); `tests.rs` (what only this backend does, on a real server: `LLM_ROUTER_TEST_POSTGRES`). The
+//! statements both backends share are in `store/sql.rs`.
 
 mod auth;
+mod node_rows;
 mod nodes;
 mod reach;
 mod records;
@@ -63,7 +65,7 @@ pub(in crate::store) async fn migrated_pool(url: &str) -> anyhow::Result<PgPool>
     Ok(pool)
 }
 
-pub(in crate::store) use nodes::copy_node;
+pub(in crate::store) use node_rows::copy_node;
 
 /// Handle to the database.
 #[derive(Debug)]

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::PgStore;
 use super::auth::CREDENTIALS_CHANNEL;
-use super::nodes::{NODES_CHANNEL, node_columns, node_from_row};
+use super::node_rows::{NODES_CHANNEL, node_columns, node_from_row};
 use super::reach::Reach;
 use crate::model::auth::{Revoked, TokenHash};
 use crate::model::figures::PackedFigures;
