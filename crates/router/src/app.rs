@@ -101,6 +101,13 @@ impl App {
             );
         }
         tracing::info!(nodes = registry.len(), db = %store.describe(), "registry loaded");
+        registry.routing().set_choice(settings.routing);
+        tracing::info!(
+            policy = settings.routing.policy.as_str(),
+            prefix_bytes = settings.routing.prefix_bytes,
+            load_factor = settings.routing.load_factor,
+            "inference routing"
+        );
         let admission = Admission::new(
             settings.registration_mode,
             settings.registration_rate,

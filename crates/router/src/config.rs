@@ -15,7 +15,7 @@ use crate::validate;
 
 mod settings;
 
-pub use settings::{InferenceAuth, RegistrationMode, Settings, TlsFiles};
+pub use settings::{InferenceAuth, RegistrationMode, RoutingChoice, RoutingPolicy, Settings, TlsFiles};
 
 /// Central router of a GPU inference fleet.
 #[derive(Debug, Parser)]
@@ -121,6 +121,22 @@ pub struct ServeArgs {
     /// `key`: `/v1` needs an API key (`Authorization: Bearer`); `none`: `/v1` is open, for trusted networks.
     #[arg(long, env = "LLM_ROUTER_INFERENCE_AUTH", value_enum, default_value_t = InferenceAuth::Key)]
     pub inference_auth: InferenceAuth,
+
+    /// `cache-aware`: requests that share a prompt prefix (or an `x-session-id`) go to the same node while its load
+    /// allows, so its runtime's prefix cache is reused (SPEC §13); `least-loaded`: the less loaded of two nodes at
+    /// random, for runtimes without a prefix cache.
+    #[arg(long, env = "LLM_ROUTER_ROUTING_POLICY", value_enum, default_value_t = RoutingPolicy::CacheAware)]
+    pub routing_policy: RoutingPolicy,
+
+    /// Bytes at the start of a prompt that count for its prefix (cache-aware routing).
+    #[arg(long, env = "LLM_ROUTER_PREFIX_BYTES", default_value_t = 65536,
+          value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
+    pub prefix_bytes: u64,
+
+    /// A prefix's node is passed over when it would carry more than this times the mean load of the model's nodes
+    /// (cache-aware routing; 1.0 spreads at once, larger values keep prefixes on their node longer).
+    #[arg(long, env = "LLM_ROUTER_AFFINITY_LOAD_FACTOR", default_value_t = 1.25, value_parser = load_factor)]
+    pub affinity_load_factor: f64,
 
     /// Seconds a node has to send an answer's headers before the request is retried on another node.
     #[arg(long, env = "LLM_ROUTER_UPSTREAM_HEADER_TIMEOUT_SECS", default_value_t = 300,
@@ -294,8 +310,21 @@ impl ServeArgs {
             max_body_memory: usize::try_from(self.max_body_memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
             upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout_secs),
             credential_grace: Duration::from_secs(self.credential_grace_secs),
+            routing: RoutingChoice {
+                policy: self.routing_policy,
+                prefix_bytes: usize::try_from(self.prefix_bytes).unwrap_or(usize::MAX),
+                load_factor: self.affinity_load_factor,
+            },
             ..Settings::new(data_dir)
         })
+    }
+}
+
+/// `--affinity-load-factor`: a number from 1 to 100.
+fn load_factor(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(factor) if (1.0..=100.0).contains(&factor) => Ok(factor),
+        _ => Err(format!("`{text}` is not a load factor: a number from 1 to 100, such as 1.25")),
     }
 }
 
@@ -325,6 +354,25 @@ mod tests {
         assert!(settings.reachability_check);
         assert_eq!(settings.database_path(), PathBuf::from("/tmp/x/router.db"));
         assert_eq!(settings.database_url, None, "SQLite unless a database URL is given");
+        assert_eq!(
+            settings.routing,
+            RoutingChoice { policy: RoutingPolicy::CacheAware, prefix_bytes: 65536, load_factor: 1.25 }
+        );
+    }
+
+    #[test]
+    fn the_routing_policy_and_its_settings_parse_and_an_unknown_one_stops_the_start() {
+        let args = ["serve", "--data-dir", "/tmp/x", "--routing-policy", "least-loaded", "--prefix-bytes", "4096"];
+        let settings = serve(&[&args[..], &["--affinity-load-factor", "2"]].concat()).into_settings().expect("ok");
+        assert_eq!(
+            settings.routing,
+            RoutingChoice { policy: RoutingPolicy::LeastLoaded, prefix_bytes: 4096, load_factor: 2.0 }
+        );
+        let unknown = parse(&["serve", "--routing-policy", "random"]).expect_err("unknown").to_string();
+        assert!(unknown.contains("cache-aware") && unknown.contains("least-loaded"), "{unknown}");
+        let factor = parse(&["serve", "--affinity-load-factor", "0.5"]).expect_err("below 1").to_string();
+        assert!(factor.contains("from 1 to 100"), "{factor}");
+        assert!(parse(&["serve", "--prefix-bytes", "0"]).is_err());
     }
 
     #[test]

@@ -22,6 +22,42 @@ pub enum InferenceAuth {
     None,
 }
 
+/// How a node is chosen among those that can serve a request (`--routing-policy`, SPEC §13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RoutingPolicy {
+    /// Affinity by prompt prefix or `x-session-id`, with bounded load: the node most likely to hold the prompt in
+    /// its KV cache.
+    #[default]
+    CacheAware,
+    /// Of two candidates at random, the less loaded (SPEC §8): for runtimes without a prefix cache.
+    LeastLoaded,
+}
+
+impl RoutingPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingPolicy::CacheAware => "cache-aware",
+            RoutingPolicy::LeastLoaded => "least-loaded",
+        }
+    }
+}
+
+/// The policy of the routing choice and its settings (SPEC §13).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingChoice {
+    pub policy: RoutingPolicy,
+    /// Bytes of a prompt that count for its prefix.
+    pub prefix_bytes: usize,
+    /// A node is passed over when it would carry more than this times the candidates' mean load.
+    pub load_factor: f64,
+}
+
+impl Default for RoutingChoice {
+    fn default() -> Self {
+        RoutingChoice { policy: RoutingPolicy::CacheAware, prefix_bytes: 65536, load_factor: 1.25 }
+    }
+}
+
 /// Who may register (SPEC §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RegistrationMode {
@@ -97,6 +133,8 @@ pub struct Settings {
     pub upstream_idle_timeout: Duration,
     /// How long a credential confirmed by the database is still accepted while the database is unreachable.
     pub credential_grace: Duration,
+    /// How `/v1` chooses among the nodes that can serve a request.
+    pub routing: RoutingChoice,
 }
 
 impl Settings {
@@ -140,6 +178,7 @@ impl Settings {
             max_body_memory: 256 * 1024 * 1024,
             upstream_idle_timeout: Duration::from_secs(300),
             credential_grace: Duration::from_secs(900),
+            routing: RoutingChoice::default(),
         }
     }
 

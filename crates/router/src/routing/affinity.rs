@@ -11,41 +11,7 @@ use std::sync::Arc;
 
 use super::Target;
 use crate::clock::Millis;
-
-/// How a node is chosen among the candidates (`--routing-policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Policy {
-    /// Affinity by prefix or session, with bounded load (SPEC §13).
-    #[default]
-    CacheAware,
-    /// Of two candidates at random, the less loaded (SPEC §8).
-    LeastLoaded,
-}
-
-impl Policy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::CacheAware => "cache-aware",
-            Policy::LeastLoaded => "least-loaded",
-        }
-    }
-}
-
-/// The settings of the choice.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Choice {
-    pub policy: Policy,
-    /// Bytes of a prompt that count for its prefix.
-    pub prefix_bytes: usize,
-    /// A node is passed over when it would carry more than this times the candidates' mean load.
-    pub load_factor: f64,
-}
-
-impl Default for Choice {
-    fn default() -> Self {
-        Choice { policy: Policy::CacheAware, prefix_bytes: 65536, load_factor: 1.25 }
-    }
-}
+pub use crate::config::{RoutingChoice as Choice, RoutingPolicy as Policy};
 
 /// How a request's node was chosen, as `/metrics` counts it per model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -128,3 +128,22 @@ async fn a_heartbeat_load_out_of_bounds_is_refused_and_changes_nothing() {
     assert!(message.contains("load.kv_cache_usage"), "{message}");
     assert!(app.node(&node.id).await["metrics"].is_null(), "nothing of the refused heartbeat was kept");
 }
+
+#[tokio::test]
+async fn least_loaded_ignores_prefixes_and_counts_its_choices() {
+    let app = TestApp::with_settings(Options::default(), |settings| {
+        settings.routing.policy = llm_router::config::RoutingPolicy::LeastLoaded;
+    })
+    .await;
+    let (ids, _runtimes) = three_nodes(&app).await;
+    let key = app.admin_token().await;
+    let mut nodes = HashSet::new();
+    for question in 0..30 {
+        nodes.insert(served_by(&app, &key, &chat_body("One shared prompt.", &format!("Q{question}")), None).await);
+    }
+    assert!(nodes.len() > 1, "one prefix, spread over the nodes at random: {nodes:?} of {ids:?}");
+    let scraped = app.scrape().await;
+    let routed = |how: &str| scraped.value("llm_router_inference_routed_total", &[("model", "m"), ("how", how)]);
+    assert_eq!(routed("least_loaded"), Some(30.0));
+    assert_eq!(routed("affinity"), Some(0.0));
+}
