@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{
     ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RegisterRequest,
-    RegisterResponse,
+    RegisterResponse, RuntimeLoad,
 };
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -33,7 +33,7 @@ use crate::model::figures::NodeFigures;
         document,
     ),
     components(schemas(
-        ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
+        ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RuntimeLoad,
         RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeFigures, NodeEventView, Role, Scope,
         FleetEventView, NodeList, NodePage, FleetSummaryView, StatusCounts, GpuCounts,
     )),
