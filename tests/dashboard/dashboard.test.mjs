@@ -121,7 +121,7 @@ async function registerNode(spec) {
 }
 
 /** Sends a heartbeat with plausible figures for every GPU of the node. */
-async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [], firstGpu = {} } = {}) {
+async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.ready_models ?? [], firstGpu = {}, load } = {}) {
   const gpus = [];
   for (const device of node.gpu_devices) {
     for (let i = 0; i < device.count; i += 1) {
@@ -147,6 +147,7 @@ async function heartbeat(node, { cpu = 20, memory = 40, util = 50, ready = node.
       ready_models: ready,
       loaded_models: node.loaded_models ?? ready,
       active_requests: Math.round(util / 10),
+      ...(load ? { load } : {}),
     },
   }), 200);
 }
@@ -454,9 +455,12 @@ describe('dashboard', { timeout: 120_000 }, () => {
     await page.fill('#edit-display-name', 'Inference H100 #7');
     await page.fill('#edit-notes', 'Rack B, slot 7. Owner: platform team.');
     await page.focus('#edit-notes');
-    await heartbeat(nodes.h100, { cpu: 91, memory: 77, util: 99 });
+    assert.match(await page.textContent('#detail-overview'), /Runtime queue · KV cache\s*Not reported/);
+    await heartbeat(nodes.h100, { cpu: 91, memory: 77, util: 99, load: { running: 6, waiting: 3, kv_cache_usage: 0.875 } });
     await h100.locator('.col-cpu .meter-value', { hasText: '91%' }).waitFor();
     await page.locator('#detail-overview', { hasText: '91%' }).waitFor();
+    // The runtime's own queue and KV cache use (SPEC §13), as its agent reported them.
+    await page.locator('#detail-overview', { hasText: '6 running, 3 waiting · 88%' }).waitFor();
     const kept = await page.evaluate((id) => ({
       sameRow: window.keptRow === document.querySelector(`#node-rows tr[data-node-id="${id}"]`),
       focused: document.activeElement?.id,

@@ -93,6 +93,7 @@ export function renderOverview(node) {
       ? `${formatPercent(node.metrics.cpu_usage)} · ${formatPercent(node.metrics.memory_usage)}`
       : '–'],
     ['Active requests', node.metrics?.active_requests ?? '–'],
+    ['Runtime queue · KV cache', runtimeLoadText(node.metrics?.load)],
     ['Routing', routingText(node)],
     ['In flight here', `${flightText(node)}${node.max_concurrency ? '' : ' (no limit)'}`],
     ['Requests here', `${node.routing.requests_total} (${node.routing.failures_total} failed)`],
@@ -100,6 +101,14 @@ export function renderOverview(node) {
     ['Node id', node.id, 'mono'],
   ];
   renderKv($('detail-overview'), rows);
+}
+
+/** What the node's runtime reports of its own load (SPEC §13): running and waiting requests, KV cache in use. */
+function runtimeLoadText(load) {
+  if (!load) return 'Not reported';
+  const count = (n) => (n ?? '–');
+  const cache = load.kv_cache_usage == null ? '–' : formatPercent(load.kv_cache_usage * 100);
+  return `${count(load.running)} running, ${count(load.waiting)} waiting · ${cache}`;
 }
 
 /** Whether inference traffic goes to the node, and if not, why. */
