@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::gpu::{GpuProbe, GpuSample};
 use crate::identity::{Identity, IdentityError, IdentityStore};
 use crate::runtime::Runtime;
+use crate::runtime::load::LoadProbe;
 
 mod report;
 mod waits;
@@ -46,6 +47,7 @@ pub struct Agent {
     runtime: Runtime,
     gpus: GpuProbe,
     host: HostMetrics,
+    runtime_load: LoadProbe,
     store: IdentityStore,
     /// A uniform random number in `[0, 1)`, for jitter.
     jitter: fn() -> f64,
@@ -75,6 +77,7 @@ impl Agent {
             runtime,
             gpus,
             host: HostMetrics::new(),
+            runtime_load: LoadProbe::new(),
             store,
             jitter: random_unit,
             last_gpus: first_sample,

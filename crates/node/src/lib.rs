@@ -1,7 +1,8 @@
 //! `llm-node`, the agent that runs on every GPU machine of an llm-router fleet (SPEC §5).
 //!
 //! It detects the machine's GPUs ([`gpu`]), registers the machine with the router ([`client`]), keeps the node's
-//! id and token ([`identity`]) and sends heartbeats with host, GPU and runtime figures ([`runtime`], [`agent`]).
+//! id and token ([`identity`]) and sends heartbeats with host, GPU and runtime figures, the runtime's own load
+//! included ([`runtime`], [`agent`]).
 //! [`run`] is the whole program; the binary only parses the command line and waits for a signal.
 
 pub mod agent;
@@ -41,8 +42,8 @@ impl Error {
 
 /// Run the agent until `shutdown` completes (then `Ok`) or a fatal error.
 ///
-/// With `--check`, print what would be announced to the router (the registration, and the GPU figures of a
-/// heartbeat) and return instead of running.
+/// With `--check`, print what would be announced to the router (the registration, and the GPU figures and runtime
+/// load of a heartbeat) and return instead of running.
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let check = cli.check;
     let host_name = sysinfo::System::host_name().ok().filter(|h| !h.trim().is_empty());
@@ -77,8 +78,13 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
             Vec::new()
         });
         let detected = runtime.detect().await;
+        let load = runtime::load::LoadProbe::new().sample(&runtime).await;
         let request = agent::build_registration(&config, &first_sample, models, detected);
-        let announced = serde_json::json!({"registration": request, "heartbeat_gpus": gpu::to_metrics(&first_sample)});
+        let announced = serde_json::json!({
+            "registration": request,
+            "heartbeat_gpus": gpu::to_metrics(&first_sample),
+            "heartbeat_load": load,
+        });
         let json = serde_json::to_string_pretty(&announced).unwrap_or_else(|e| format!("cannot encode: {e}"));
         println!("{json}");
         return Ok(());

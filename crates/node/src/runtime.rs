@@ -1,6 +1,8 @@
-//! The local inference runtime, as the agent sees it: which models it serves (`GET /v1/models`, OpenAI shape) and
+//! The local inference runtime, as the agent sees it: which models it serves (`GET /v1/models`, OpenAI shape),
 //! which runtime it is (llama.cpp server, llama-cpp-python's server, vLLM or Ollama, told apart by the endpoints each
-//! one answers).
+//! one answers) and how loaded it is (its own `/metrics`, in [`load`]).
+
+pub mod load;
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! What the agent tells the router: the registration body (configured values first, then what the runtime
-//! revealed) and each heartbeat's figures (host, GPUs, the runtime's models), logging only what changed.
+//! revealed) and each heartbeat's figures (host, GPUs, the runtime's models and its own load), logging only what
+//! changed.
 
 use llm_router_protocol::{HeartbeatRequest, RegisterRequest};
 use sysinfo::System;
@@ -93,6 +94,11 @@ impl Agent {
         };
         let (cpu_usage, memory_usage) = self.host.sample();
         let models = self.models().await;
+        // A runtime that did not answer for its models is not asked for its metrics: that would only add a timeout.
+        let load = match self.runtime_state {
+            Some(Ok(_)) => self.runtime_load.sample(&self.runtime).await,
+            _ => None,
+        };
         HeartbeatRequest {
             node_id: identity.node_id,
             cpu_usage,
@@ -101,7 +107,7 @@ impl Agent {
             loaded_models: Some(models.clone()),
             ready_models: Some(models),
             active_requests: None,
-            load: None,
+            load,
         }
     }
 

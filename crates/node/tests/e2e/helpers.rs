@@ -1,6 +1,6 @@
 //! What the end-to-end tests drive: the real `llm-router` and `llm-node` binaries, a stand-in runtime (a tiny HTTP
-//! server answering `/v1/models` and vLLM's `/version`, whose model list a test can change) and a stand-in
-//! `nvidia-smi` (a shell script first on `PATH` printing fixed CSV).
+//! server answering `/v1/models`, vLLM's `/version` and, when a test gives it some, `/metrics`; a test can change
+//! its model list and its metrics) and a stand-in `nvidia-smi` (a shell script first on `PATH` printing fixed CSV).
 //!
 //! Nothing here sleeps hoping something happened: every wait polls with a deadline ([`wait_for`]) and fails with
 //! the agent's log when the deadline passes.
@@ -121,10 +121,12 @@ impl Scratch {
     }
 }
 
-/// The stand-in runtime: `GET /v1/models` lists the current models, `GET /version` answers like vLLM.
+/// The stand-in runtime: `GET /v1/models` lists the current models, `GET /version` answers like vLLM, `GET /metrics`
+/// the current metrics text (404 while there is none, as from a runtime without metrics).
 pub struct FakeRuntime {
     pub port: u16,
     models: Arc<Mutex<Vec<String>>>,
+    metrics: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeRuntime {
@@ -136,14 +138,15 @@ impl FakeRuntime {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the stand-in runtime");
         let port = listener.local_addr().expect("address").port();
         let models = Arc::new(Mutex::new(models.iter().map(|m| m.to_string()).collect::<Vec<_>>()));
-        let shared = Arc::clone(&models);
+        let metrics = Arc::new(Mutex::new(None));
+        let (shared_models, shared_metrics) = (Arc::clone(&models), Arc::clone(&metrics));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let shared = Arc::clone(&shared);
-                std::thread::spawn(move || answer(stream, &shared));
+                let (models, metrics) = (Arc::clone(&shared_models), Arc::clone(&shared_metrics));
+                std::thread::spawn(move || answer(stream, &models, &metrics));
             }
         });
-        FakeRuntime { port, models }
+        FakeRuntime { port, models, metrics }
     }
 
     pub fn url(&self) -> String {
@@ -153,9 +156,14 @@ impl FakeRuntime {
     pub fn set_models(&self, models: &[&str]) {
         *self.models.lock().expect("models lock") = models.iter().map(|m| m.to_string()).collect();
     }
+
+    /// Serve `text` at `GET /metrics`, or nothing (404) with `None`.
+    pub fn set_metrics(&self, text: Option<&str>) {
+        *self.metrics.lock().expect("metrics lock") = text.map(str::to_owned);
+    }
 }
 
-fn answer(mut stream: TcpStream, models: &Mutex<Vec<String>>) {
+fn answer(mut stream: TcpStream, models: &Mutex<Vec<String>>, metrics: &Mutex<Option<String>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -167,6 +175,7 @@ fn answer(mut stream: TcpStream, models: &Mutex<Vec<String>>) {
     }
     let head = String::from_utf8_lossy(&head);
     let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let metrics = if path == "/metrics" { metrics.lock().ok().and_then(|text| text.clone()) } else { None };
     let (status, body) = match path {
         "/v1/models" => {
             let data: Vec<Value> = models
@@ -176,10 +185,16 @@ fn answer(mut stream: TcpStream, models: &Mutex<Vec<String>>) {
             ("200 OK", json!({"object": "list", "data": data}).to_string())
         }
         "/version" => ("200 OK", json!({"version": RUNTIME_VERSION}).to_string()),
+        "/metrics" if metrics.is_some() => ("200 OK", metrics.unwrap_or_default()),
         _ => ("404 Not Found", json!({"detail": "Not Found"}).to_string()),
     };
+    let content_type = if path == "/metrics" && status.starts_with("200") {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "application/json"
+    };
     let reply = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(reply.as_bytes());

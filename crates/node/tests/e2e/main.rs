@@ -203,6 +203,7 @@ async fn node_lifecycle_from_registration_to_restart() {
     }
     assert!(gpus.iter().all(|g| g.get("xid").is_none()), "nvidia-smi cannot tell XID errors");
     assert_eq!(pending["ready_models"], json!(["llama-3-8b"]));
+    assert!(metrics.get("load").is_none(), "a runtime without /metrics reports no load: {metrics}");
 
     // Approval: the runtime has a model, so the node goes online.
     fleet.admin.approve(&node_id).await;
@@ -226,6 +227,27 @@ async fn node_lifecycle_from_registration_to_restart() {
     let back = fleet.wait_node("the same node online again", |n| status(n) == "online").await;
     assert_eq!(id(&back), node_id);
     assert_eq!(stored_node_id(&fleet.state_dir()).as_deref(), Some(node_id.as_str()));
+}
+
+/// The runtime's own load (SPEC §13): read from its `/metrics` into every heartbeat, and gone from them once the
+/// runtime serves no metrics any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_the_load_the_runtime_publishes() {
+    let fleet = Fleet::start(&["meta-llama/Llama-3.1-8B-Instruct"]).await;
+    fleet.runtime.set_metrics(Some(include_str!("../fixtures/metrics/vllm.txt")));
+    let _node = fleet.start_node();
+
+    let node = fleet.wait_node("the runtime's load in a heartbeat", |n| n["metrics"].get("load").is_some()).await;
+    // Two vLLM engines: their requests summed, their KV caches averaged.
+    let kv_cache_usage = (0.4285714285714286 + 0.125) / 2.0;
+    assert_eq!(node["metrics"]["load"], json!({"running": 5, "waiting": 7, "kv_cache_usage": kv_cache_usage}));
+
+    fleet.runtime.set_metrics(None);
+    fleet
+        .wait_node("heartbeats without load once /metrics answers 404", |n| {
+            n["metrics"]["gpus"].is_array() && n["metrics"].get("load").is_none()
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,4 +502,5 @@ fn check_prints_the_gpu_health_it_would_report() {
     assert_eq!(gpus[1]["power_watts"].as_f64(), Some(698.1), "{printed}");
     assert_eq!(gpus[1]["throttle_reasons"], json!(["hw_slowdown", "sw_thermal_slowdown"]));
     assert!(gpus[2].get("ecc_uncorrected").is_none(), "{printed}");
+    assert!(printed["heartbeat_load"].is_null(), "no runtime, no load: {printed}");
 }
