@@ -16,9 +16,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::Xxh3;
 
-/// The head of the prefix that makes its key. About 250 tokens: longer than any greeting or boilerplate line that
-/// unrelated prompts share, shorter than the system prompts and documents worth keeping a cache for.
-pub const HEAD_BYTES: usize = 1024;
+/// The head of the prefix that makes its key: about 64 tokens. Longer than the greeting or boilerplate line that
+/// unrelated prompts may share; short enough that a conversation's turns share it (its system prompt and first
+/// message do not change from turn to turn), and that every system prompt or document worth caching is longer.
+/// Prompts that share a longer head but go on differently share a key too; the load bound spreads them when they are
+/// many.
+pub const HEAD_BYTES: usize = 256;
 
 /// What the router reads of an inference body to find its prefix, as the body's JSON: a body whose fields are not
 /// what a runtime expects has no prefix, and is forwarded all the same (the runtime answers it).
@@ -155,18 +158,42 @@ mod tests {
 
     #[test]
     fn a_shared_long_system_prompt_is_one_key_whatever_the_question() {
-        let system = "You answer questions about the attached manual. ".repeat(40);
+        let system = "You answer questions about the attached manual. ".repeat(8);
         let a = key_of(&chat(&system, "How do I reset it?"));
         let b = key_of(&chat(&system, "What does error 7 mean?"));
         assert!(a.is_some());
         assert_eq!(a, b);
-        let other = key_of(&chat(&"You summarise legal contracts in plain words. ".repeat(40), "How do I reset it?"));
+        let other = key_of(&chat(&"You summarise legal contracts in plain words. ".repeat(8), "How do I reset it?"));
         assert_ne!(a, other);
     }
 
     #[test]
     fn short_prompts_are_keyed_whole_so_different_questions_spread() {
         assert_ne!(key_of(&chat("Be brief.", "What is 2+2?")), key_of(&chat("Be brief.", "Name a colour.")));
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_key_from_turn_to_turn() {
+        let turn = |messages: &[(&str, &str)]| {
+            let messages: Vec<_> =
+                messages.iter().map(|(role, text)| serde_json::json!({"role": role, "content": text})).collect();
+            key_of(&serde_json::json!({"messages": messages}).to_string())
+        };
+        let first = (
+            "user",
+            "Plan a three-day trip to Lisbon for two people who like museums, food and long walks. We arrive on a \
+             Friday morning by train from Porto, stay near the river, and would like one day outside the city. We \
+             do not rent a car.",
+        );
+        let system = ("system", "You are a travel agent. Be concise; give prices in euros.");
+        let one = turn(&[system, first]);
+        let answer = ("assistant", "Day 1: Alfama and the castle; Day 2: Belém; Day 3: Sintra.");
+        let two = turn(&[system, first, answer, ("user", "Swap day 3 for something by the sea.")]);
+        assert!(one.is_some());
+        assert_eq!(one, two, "the second turn begins with the first");
+        let short = turn(&[("user", "Hi!")]);
+        let short_two = turn(&[("user", "Hi!"), ("assistant", "Hello! How can I help?"), ("user", "A joke.")]);
+        assert_ne!(short, short_two, "a beginning shorter than the head is keyed whole: x-session-id keeps such turns");
     }
 
     #[test]
