@@ -259,8 +259,11 @@ fn choose<'a>(all: &'a [Arc<Target>], tried: &[Uuid], now: Millis) -> Result<&'a
             let (first, second) = if a < b { (a, b) } else { (b, a) };
             let x = candidates.nth(first);
             let y = candidates.nth(second - first - 1);
-            match (x, y) {
-                (Some(x), Some(y)) => Some(if y.load() < x.load() { y } else { x }),
+            // `a` was drawn first: it wins a tie, so idle nodes share sequential traffic instead of the first listed
+            // taking it all.
+            let (drawn, other) = if a < b { (x, y) } else { (y, x) };
+            match (drawn, other) {
+                (Some(drawn), Some(other)) => Some(if other.load() < drawn.load() { other } else { drawn }),
                 (x, y) => x.or(y),
             }
         }

@@ -215,3 +215,20 @@ fn a_full_or_tried_first_node_spills_and_least_loaded_ignores_keys() {
     assert_eq!(least.pick_keyed("m", &[], 0, Some(7)).expect("pick").1, Outcome::LeastLoaded);
     assert_eq!(routing.pick_keyed("m", &[], 0, None).expect("pick").1, Outcome::NoPrefix);
 }
+
+#[test]
+fn idle_nodes_share_sequential_traffic_under_least_loaded() {
+    let routing = Routing::default();
+    routing.set_choice(Choice { policy: Policy::LeastLoaded, ..Choice::default() });
+    for id in 1..=2 {
+        routing.update(&node(id, 8000 + id as u16, NodeStatus::Online, &["m"]));
+    }
+    let mut first = 0;
+    for _ in 0..400 {
+        // Each request ends before the next: the two nodes are always equally loaded.
+        if routing.pick("m", &[], 0).expect("pick").target().node_id == Uuid::from_u128(1) {
+            first += 1;
+        }
+    }
+    assert!((120..=280).contains(&first), "a tie goes either way: {first} of 400 to the first node");
+}
