@@ -21,6 +21,22 @@ macro_rules! statements {
 
         type Conn = $conn;
 
+        // Node tokens.
+
+        /// Stores `token` as the node's one token, replacing any earlier one.
+        pub async fn write_token(conn: &mut Conn, id: Uuid, token: TokenHash, now: Millis) -> Result<(), StoreError> {
+            sqlx::query(
+                "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
+            )
+            .bind(id.to_string())
+            .bind(token.to_hex())
+            .bind(now)
+            .execute(conn)
+            .await?;
+            Ok(())
+        }
+
         // Users.
 
         pub async fn count_users(conn: &mut Conn) -> Result<i64, StoreError> {

@@ -8,8 +8,6 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use crate::clock::Millis;
-use crate::model::auth::TokenHash;
 use crate::model::figures::PackedFigures;
 use crate::model::node::{Node, NodeEvent};
 use crate::store::sqlite::lists;
@@ -80,24 +78,6 @@ pub(super) async fn insert_row(conn: &mut PgConnection, node: &Node) -> Result<(
     Ok(())
 }
 
-pub(super) async fn write_token(
-    conn: &mut PgConnection,
-    id: Uuid,
-    token: TokenHash,
-    now: Millis,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
-    )
-    .bind(id.to_string())
-    .bind(token.to_hex())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// Appends events to their nodes' histories, with one statement.
 pub(super) async fn write_events<'a>(
     conn: &mut PgConnection,
@@ -147,3 +127,6 @@ pub(super) async fn notify_node(conn: &mut PgConnection, id: Uuid) -> Result<(),
     sqlx::query("SELECT pg_notify($1, $2)").bind(NODES_CHANNEL).bind(id.to_string()).execute(&mut *conn).await?;
     Ok(())
 }
+
+/// A node's token, replaced: the statement both backends share.
+pub(super) use crate::store::sql::postgres::write_token;

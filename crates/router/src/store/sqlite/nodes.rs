@@ -263,27 +263,12 @@ pub(super) async fn insert_row(conn: &mut SqliteConnection, node: &Node) -> Resu
     Ok(())
 }
 
+/// A node's token, replaced: the statement both backends share.
+pub(super) use crate::store::sql::sqlite::write_token;
+
 /// The `metrics` column holds a node's packed figures.
 fn metrics_json(figures: &Option<PackedFigures>) -> Option<&str> {
     figures.as_ref().map(PackedFigures::as_str)
-}
-
-pub(super) async fn write_token(
-    conn: &mut SqliteConnection,
-    id: Uuid,
-    token: TokenHash,
-    now: Millis,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES (?, ?, ?) \
-         ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at",
-    )
-    .bind(id.to_string())
-    .bind(token.to_hex())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// Appends events to their nodes' histories, many per statement.
