@@ -45,22 +45,22 @@ impl Registry {
     ) -> RegistryResult<Committed> {
         let _writing = slot.transition.lock().await;
         let now = self.clock.now_ms();
-        let (id, decision) = {
+        let (id, from, decision) = {
             let state = slot.lock();
             if state.deleted {
                 return Ok(Committed::Gone);
             }
-            (state.node.id, decide(&state, now)?)
+            (state.node.id, state.node.status, decide(&state, now)?)
         };
         match decision {
             Decision::Keep => return Ok(Committed::Kept),
             Decision::Record(node, event) => {
                 self.store.record_transition(&node, &event).await?;
-                self.apply(slot, node, now);
+                self.apply(slot, from, node, now);
             }
             Decision::Edit(node) => {
                 self.store.update_admin_fields(&node).await?;
-                self.apply(slot, node, now);
+                self.apply(slot, from, node, now);
             }
             Decision::Remove(event) => {
                 self.store.delete_node(id, &event).await?;
@@ -72,13 +72,17 @@ impl Registry {
     }
 
     /// Copies the fields decisions own from `decided` into memory, stamped with a new revision. A node that leaves
-    /// `pending` (its approval) starts its first silence `now`.
-    fn apply(&self, slot: &Slot, decided: Node, now: Millis) {
+    /// `pending` (its approval) starts its first silence `now`. The status change is counted as this router's
+    /// decision, from the status it was decided on (`from`): on a shared database, the follower may have applied
+    /// the row this router just wrote before this does.
+    fn apply(&self, slot: &Slot, from: NodeStatus, decided: Node, now: Millis) {
         let mut state = slot.edit(&self.revisions);
         let before = state.node.status;
+        if decided.status != from {
+            self.metrics.transition(decided.status);
+        }
         if decided.status != before {
             self.pending.moved(before, decided.status);
-            self.metrics.transition(decided.status);
             if before == NodeStatus::Pending {
                 state.alive_since = now;
             }
