@@ -1,9 +1,14 @@
-//! Command line of `bench`.
+//! Command line of `bench`: the global options, the modes, and their arguments; those of the modes that run the
+//! router in front of runtimes are in `runtimes`.
 
 use std::path::PathBuf;
 
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
+
+mod runtimes;
+
+pub use runtimes::{BalanceArgs, BodiesArgs, ProbeArgs, ProxyArgs, Scenario};
 
 /// Load and start-up benchmarks of llm-router. Every mode starts the real router binary on a fresh temporary data
 /// directory and stops it at the end.
@@ -68,25 +73,6 @@ pub enum Mode {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct BodiesArgs {
-    /// Clients sending at once, each on its own connection.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
-    pub clients: usize,
-
-    /// Bodies each client sends, one after another.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000).map(|n| n as usize))]
-    pub rounds: usize,
-
-    /// Bytes of each body (the router's `/v1` limit is 32 MiB).
-    #[arg(long, default_value_t = 33_000_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000_000).map(|n| n as usize))]
-    pub body_bytes: usize,
-
-    /// Seconds to wait after the burst before reading the router's memory again.
-    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
-    pub settle_secs: f64,
-}
-
-#[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
     /// The router's data directory (created if missing); the nodes go into its `router.db`. No router may be
     /// running on it.
@@ -127,41 +113,6 @@ pub struct PulseArgs {
     /// Seconds between two progress lines on stderr.
     #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
     pub progress_secs: f64,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct BalanceArgs {
-    /// A PostgreSQL server (what `scripts/postgres.sh start DIR` prints); the bench makes a fresh database on it.
-    #[arg(long)]
-    pub postgres: String,
-
-    /// Routers sharing the database.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
-    pub routers: usize,
-
-    /// Stand-in runtimes, each registered as a node.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000).map(|n| n as usize))]
-    pub nodes: usize,
-
-    /// `max_concurrency` of every node; absent: no limit.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub max_concurrency: Option<u32>,
-
-    /// Clients streaming back to back; client k uses router k mod --routers.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000).map(|n| n as usize))]
-    pub clients: usize,
-
-    /// Measured seconds.
-    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
-    pub secs: f64,
-
-    /// Events of a stream, before `[DONE]`.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
-    pub chunks: usize,
-
-    /// Milliseconds between two events of a stream.
-    #[arg(long, default_value_t = 5.0, value_parser = positive_ms)]
-    pub chunk_gap_ms: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -253,21 +204,6 @@ pub struct RegisterArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct ProbeArgs {
-    /// Registrations per hostile runtime, all in flight at once.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024).map(|n| n as usize))]
-    pub registrations: usize,
-
-    /// Size of the streamed model list, in MiB.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
-    pub stream_mib: u64,
-
-    /// Models the listing runtime lists.
-    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
-    pub models: usize,
-}
-
-#[derive(Debug, Clone, Args)]
 pub struct LoginsArgs {
     /// Attackers, each on its own keep-alive connection sending wrong passwords back-to-back.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
@@ -299,83 +235,6 @@ pub struct ConnectionsArgs {
     /// Reopen every half-open connection the router closes, at once, so that the router stays at its cap.
     #[arg(long)]
     pub reopen: bool,
-}
-
-/// A scenario of `bench proxy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scenario {
-    /// Non-streaming 1 KiB requests at `--rate`, direct and routed.
-    Completions,
-    /// Streams of `--chunks` events at `--stream-rate`, direct and routed.
-    Streams,
-    /// `--failover-rate` through the router while one stand-in is killed.
-    Failover,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct ProxyArgs {
-    /// Stand-in runtimes, each registered as a node.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=1000).map(|n| n as usize))]
-    pub nodes: usize,
-
-    /// Scenarios to run, in this order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Scenario::Completions, Scenario::Streams, Scenario::Failover])]
-    pub scenarios: Vec<Scenario>,
-
-    /// Non-streaming requests per second offered (open loop: sent on schedule, whatever the answers do).
-    #[arg(long, default_value_t = 5000.0, value_parser = positive_rate)]
-    pub rate: f64,
-
-    /// Measured seconds of non-streaming requests, for each of direct and routed.
-    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
-    pub secs: f64,
-
-    /// Streams started per second (open loop).
-    #[arg(long, default_value_t = 100.0, value_parser = positive_rate)]
-    pub stream_rate: f64,
-
-    /// Measured seconds of streams, for each of direct and routed.
-    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
-    pub stream_secs: f64,
-
-    /// Events of a stream, before `[DONE]`.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
-    pub chunks: usize,
-
-    /// Milliseconds between two events of a stream.
-    #[arg(long, default_value_t = 1.0, value_parser = positive_ms)]
-    pub chunk_gap_ms: f64,
-
-    /// An event that takes longer than this from the stand-in's write to the client's read counts as late, in
-    /// milliseconds.
-    #[arg(long, default_value_t = 0.5, value_parser = positive_ms)]
-    pub late_ms: f64,
-
-    /// Requests per second through the router in the failover scenario.
-    #[arg(long, default_value_t = 1000.0, value_parser = positive_rate)]
-    pub failover_rate: f64,
-
-    /// Seconds the failover scenario lasts.
-    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
-    pub failover_secs: f64,
-
-    /// Second of the failover scenario at which one stand-in is killed.
-    #[arg(long, default_value_t = 2.0, value_parser = non_negative_secs)]
-    pub kill_at_secs: f64,
-
-    /// Share of the failover scenario's requests that are streams (0 to 1).
-    #[arg(long, default_value_t = 0.1, value_parser = share)]
-    pub stream_share: f64,
-
-    /// Direct and routed traffic alternate in slices of this many seconds, so that both see the same machine;
-    /// the first pair of slices is a warm-up.
-    #[arg(long, default_value_t = 1.0, value_parser = positive_secs)]
-    pub slice_secs: f64,
-
-    /// Requests in flight at most, each on its own keep-alive connection (one to the router and one to each
-    /// stand-in per worker).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
-    pub connections: usize,
 }
 
 fn parse_secs(text: &str, allow_zero: bool) -> Result<f64, String> {
