@@ -21,9 +21,7 @@ macro_rules! statements {
 
         type Conn = $conn;
 
-        // Node tokens.
-
-        /// Stores `token` as the node's one token, replacing any earlier one.
+        /// Stores `token` as a node's one token, replacing any earlier one.
         pub async fn write_token(conn: &mut Conn, id: Uuid, token: TokenHash, now: Millis) -> Result<(), StoreError> {
             sqlx::query(
                 "INSERT INTO node_tokens (node_id, token_hash, created_at) VALUES ($1, $2, $3) \
