@@ -4,6 +4,7 @@ raises in the SDK; a client that closes its stream stops the node's work."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import httpx2 as httpx
@@ -15,6 +16,13 @@ from standin import REPLY, REPLY_PIECES
 
 MODEL = "llama-3-8b"
 HELLO = [{"role": "user", "content": "Hello"}]
+# Each call asks something else, as a chat application's users do: under the default cache-aware routing, calls with
+# one and the same prompt would all go to the node that prompt ranks first, and never reach the node under test.
+QUESTIONS = itertools.count()
+
+
+def question() -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Hello, question {next(QUESTIONS)}"}]
 NODE_HEADER = "x-llm-router-node"
 # Requests to send until the random choice among two nodes has picked a given one at least once: each request
 # picks it with probability 1/2, so not once in this many is 2^-40.
@@ -24,10 +32,10 @@ ENOUGH_TRIES = 40
 def call(client: openai.OpenAI, stream: bool) -> tuple[str, str]:
     """One chat call, whole or streamed: (the node that answered, the text)."""
     if stream:
-        chunks = client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+        chunks = client.chat.completions.create(model=MODEL, messages=question(), stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in chunks)
         return chunks.response.headers[NODE_HEADER], text
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=question())
     return raw.headers[NODE_HEADER], raw.parse().choices[0].message.content
 
 
