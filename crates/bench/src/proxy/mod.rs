@@ -125,9 +125,9 @@ pub async fn measure(at: &RouterAt, standins: &StandIns, args: &ProxyArgs) -> an
                 Scenario::Completions => report.completions = Some(completions(at, &targets, args).await?),
                 Scenario::Streams => report.streams = Some(streams(&targets, args).await?),
                 Scenario::Failover => {
-                    let killed = &nodes[0];
-                    let failover = failover(&targets, standins, args, killed.id).await?;
-                    let routing = node_routing(at.addr, &host, &session, killed.id).await.ok();
+                    let ids: Vec<Uuid> = nodes.iter().map(|node| node.id).collect();
+                    let failover = failover(&targets, standins, args, &ids).await?;
+                    let routing = node_routing(at.addr, &host, &session, failover.killed_node).await.ok();
                     report.failover = Some(FailoverReport { killed_node_routing: routing, ..failover });
                 }
             }

@@ -2,6 +2,7 @@
 //! with one stand-in killed mid-run.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use uuid::Uuid;
@@ -168,7 +169,7 @@ pub(super) async fn failover(
     targets: &Arc<Targets>,
     standins: &StandIns,
     args: &ProxyArgs,
-    killed_node: Uuid,
+    nodes: &[Uuid],
 ) -> anyhow::Result<FailoverReport> {
     eprintln!(
         "failover: {} requests/s through the router ({:.0} % streams) for {:.1} s, one stand-in killed at {:.1} s...",
@@ -180,10 +181,18 @@ pub(super) async fn failover(
     let share = args.stream_share;
     let count = (args.failover_rate * args.failover_secs).round() as u64;
     let plan = move |i| Job { to: To::Routed, stream: is_stream(i, share), measured: true };
+    let answered =
+        || -> Vec<u64> { standins.served().each.iter().map(|l| l.answered.load(Ordering::Relaxed)).collect() };
+    let before = answered();
     let running = start_run(targets, args.failover_rate, count, args.connections, Arc::new(plan))?;
     let kill_due = running.start_ns + (args.kill_at_secs * 1e9) as u64;
     tokio::time::sleep_until(instant_at(kill_due).into()).await;
-    standins.kill(0);
+    // The stand-in that answered most of this run: under cache-aware routing one body's requests go to the node its
+    // prefix ranks first (and spill from there), so the node killed is one that carries the traffic.
+    let busiest = answered().iter().zip(&before).map(|(now, then)| now - then).enumerate().max_by_key(|(_, n)| *n);
+    let killed = busiest.map_or(0, |(i, _)| i);
+    standins.kill(killed);
+    let killed_node = nodes.get(killed).copied().unwrap_or_default();
     let kill_ns = monotonic_ns();
     let start_ns = running.start_ns;
     let records = running.finish().await?;
