@@ -2,9 +2,10 @@
 //!
 //! Each candidate's rank for a key is a hash of the key and the node's id (rendezvous hashing), so a key maps to the
 //! same node on every router that sees the same candidates, and a node joining or leaving moves only the keys it
-//! ranks first. The first-ranked node takes the request unless it would then carry more than `load_factor` × the
-//! mean load of the model's candidates (rounded up, this request counted): then the next-ranked node that would not
-//! takes it. A hot prefix so spreads over its second, third… nodes as its load grows, in the same order on every
+//! ranks first. The first-ranked node takes the request unless it already carries more than `load_factor` × the
+//! mean load of the model's usable candidates, plus one: then the next-ranked node that does not takes it. The
+//! "plus one" keeps an idle fleet's first requests on their own nodes, and makes the bound the same for a router
+//! that sees all of a fleet's traffic as for each of several that see a share of it. A hot prefix so spreads over its second, third… nodes as its load grows, in the same order on every
 //! router, and comes back as it falls.
 
 use std::sync::Arc;
@@ -53,11 +54,22 @@ pub(super) fn choose(
         .iter()
         .filter(|target| usable(target))
         .fold((0u64, 0u64), |(count, total), target| (count + 1, total + u64::from(target.load())));
-    let bound = ((load_factor * (total + 1) as f64 / count.max(1) as f64).ceil() as u64).max(1);
-    let first = all.iter().max_by_key(|target| rank(key, target))?;
-    let fits = |target: &&Arc<Target>| usable(target) && target.has_room() && u64::from(target.load()) < bound;
+    let bound = load_factor * total as f64 / count.max(1) as f64 + 1.0;
+    let mut first: Option<(u64, &Arc<Target>)> = None;
+    let mut within: Option<(u64, &Arc<Target>)> = None;
+    for target in all {
+        let rank = rank(key, target);
+        if first.is_none_or(|(best, _)| rank > best) {
+            first = Some((rank, target));
+        }
+        let fits = usable(target) && target.has_room() && f64::from(target.load()) <= bound;
+        if fits && within.is_none_or(|(best, _)| rank > best) {
+            within = Some((rank, target));
+        }
+    }
+    let (_, first) = first?;
     // Those with room may all be over the bound when the others are full: then the least loaded of them.
-    let chosen = all.iter().filter(fits).max_by_key(|target| rank(key, target)).or_else(|| {
+    let chosen = within.map(|(_, target)| target).or_else(|| {
         all.iter().filter(|target| usable(target) && target.has_room()).min_by_key(|target| target.load())
     })?;
     let outcome = if Arc::ptr_eq(chosen, first) { Outcome::Affinity } else { Outcome::Spilled };
