@@ -7,6 +7,7 @@
 //! k on router k mod `--routers`, each stream chat completions back to back for `--secs`. Every stand-in counts the
 //! answers it gave and the most it gave at once.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -105,7 +106,7 @@ async fn drive(
     let heartbeats = proxy::keep_heartbeating(first.addr, &host, &nodes, heartbeat_errors)?;
     let result = async {
         for router in routers {
-            wait_for_model(router).await?;
+            wait_for_model(router.addr).await?;
         }
         let follow_secs = approved_at.elapsed().as_secs_f64();
         eprintln!(
@@ -121,7 +122,7 @@ async fn drive(
             "/v1/chat/completions",
             &host,
             &[("Content-Type", "application/json")],
-            &proxy::request_body(true),
+            &proxy::request_body(true, 0),
         );
         let request = Arc::new(request);
         let mut clients = JoinSet::new();
@@ -178,18 +179,18 @@ async fn drive(
     result
 }
 
-/// Polls the router's `GET /v1/models` until it lists the model the stand-ins serve.
-async fn wait_for_model(router: &Router) -> anyhow::Result<()> {
+/// Polls the router at `addr`'s `GET /v1/models` until it lists the model the stand-ins serve.
+pub(crate) async fn wait_for_model(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + FOLLOW_DEADLINE;
-    let request = encode_request("GET", "/v1/models", &router.host(), &[], b"");
-    let mut client = Client::new(router.addr);
+    let request = encode_request("GET", "/v1/models", &addr.to_string(), &[], b"");
+    let mut client = Client::new(addr);
     loop {
         let answer = client.send(&request).await?;
         if answer.status == 200 && String::from_utf8_lossy(client.body()).contains(MODEL) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("router {} did not list {MODEL} within {FOLLOW_DEADLINE:?}", router.addr);
+            bail!("router {addr} did not list {MODEL} within {FOLLOW_DEADLINE:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

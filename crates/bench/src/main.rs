@@ -1,6 +1,7 @@
 //! `bench`: load and start-up benchmarks of llm-router (SPEC §7), run against the real router binary. See
 //! `docs/performance.md` for the commands and what each mode measures.
 
+mod affinity;
 mod balance;
 mod bodies;
 mod cli;
@@ -52,6 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Each worker holds a connection to the router and one to every stand-in.
         Mode::Proxy(args) => Some(args.connections * (args.nodes + 1) * 2),
         Mode::Balance(args) => Some(args.clients * 2),
+        Mode::Affinity(args) => Some(args.connections * 4),
         Mode::Pulse(args) => Some(args.connections),
         _ => None,
     };
@@ -94,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Connections(args) => output(cli.json, &connections::run(&spec, args).await?, connections::print),
             Mode::Proxy(args) => output(cli.json, &proxy::run(&spec, args).await?, proxy::print),
             Mode::Balance(args) => output(cli.json, &balance::run(&spec, args).await?, balance::print),
+            Mode::Affinity(args) => output(cli.json, &affinity::run(&spec, args).await?, affinity::print),
             Mode::Bodies(args) => output(cli.json, &bodies::run(&spec, args).await?, bodies::print),
             Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
         }

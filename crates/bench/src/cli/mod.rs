@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod runtimes;
 
-pub use runtimes::{BalanceArgs, BodiesArgs, ProbeArgs, ProxyArgs, Scenario};
+pub use runtimes::{AffinityArgs, BalanceArgs, BodiesArgs, ProbeArgs, ProxyArgs, Scenario};
 
 /// Load and start-up benchmarks of llm-router. Every mode starts the real router binary on a fresh temporary data
 /// directory and stops it at the end.
@@ -62,6 +62,9 @@ pub enum Mode {
     /// Several routers on one PostgreSQL database in front of stand-in runtimes: how streams spread over the
     /// nodes, and how many each node answers at once, when every router counts only its own requests.
     Balance(BalanceArgs),
+    /// Cache-aware routing against least-loaded (SPEC §13) on stand-in runtimes that keep a prefix cache: time to
+    /// first token, requests completed, spread and cache hits of shared, fresh and hot-prefix workloads.
+    Affinity(AffinityArgs),
     /// A burst of large `/v1` request bodies at once: the router's memory during the burst and after it.
     Bodies(BodiesArgs),
     /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a

@@ -1,10 +1,11 @@
 //! Arguments of the modes that run the router in front of runtimes, stand-in or hostile: `bodies`, `balance`,
-//! `probe` and `proxy`.
+//! `probe`, `proxy` and `affinity`.
 
 use clap::Args;
 use clap::builder::TypedValueParser;
 
 use super::{non_negative_secs, positive_ms, positive_rate, positive_secs, share};
+use crate::affinity::Workload;
 
 #[derive(Debug, Clone, Args)]
 pub struct BodiesArgs {
@@ -146,8 +147,98 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 1.0, value_parser = positive_secs)]
     pub slice_secs: f64,
 
+    /// Distinct system prompts the requests carry in turn (one to the router and one to each stand-in alike), so
+    /// that cache-aware routing spreads them as it spreads conversations; 1 sends one body over and over.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub prompts: usize,
+
     /// Requests in flight at most, each on its own keep-alive connection (one to the router and one to each
     /// stand-in per worker).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
     pub connections: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AffinityArgs {
+    /// Stand-in runtimes with a prefix cache, each registered as a node.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=1000).map(|n| n as usize))]
+    pub nodes: usize,
+
+    /// Requests each stand-in computes at once; the others wait in its queue.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000).map(|n| n as usize))]
+    pub slots: usize,
+
+    /// Prompt tokens one slot computes per second (what it did not find cached).
+    #[arg(long, default_value_t = 50_000.0, value_parser = positive_rate)]
+    pub prefill_tokens_per_sec: f64,
+
+    /// Tokens each stand-in's prefix cache holds (in blocks of 16; least recently used out first).
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(16..=1_000_000_000))]
+    pub cache_tokens: u64,
+
+    /// Events streamed after the prompt is computed.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000).map(|n| n as usize))]
+    pub chunks: usize,
+
+    /// Milliseconds between two events.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_ms)]
+    pub chunk_gap_ms: f64,
+
+    /// Workloads to run under each policy, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Shared, Workload::Fresh, Workload::Hot])]
+    pub workloads: Vec<Workload>,
+
+    /// System prompts of the `shared` and `hot` workloads.
+    #[arg(long, default_value_t = 36, value_parser = clap::value_parser!(u64).range(2..=100_000).map(|n| n as usize))]
+    pub prefixes: usize,
+
+    /// Tokens of each system prompt.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub prefix_tokens: usize,
+
+    /// Tokens of the question after a system prompt, fresh in every request.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub question_tokens: usize,
+
+    /// Tokens of a prompt of the `fresh` workload.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub fresh_tokens: usize,
+
+    /// Share of the `hot` workload's requests that carry its first system prompt (0 to 1).
+    #[arg(long, default_value_t = 0.6, value_parser = share)]
+    pub hot_share: f64,
+
+    /// Requests per second of the `shared` and `hot` workloads (open loop).
+    #[arg(long, default_value_t = 600.0, value_parser = positive_rate)]
+    pub rate: f64,
+
+    /// Measured seconds of the `shared` and `hot` workloads.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub secs: f64,
+
+    /// Requests per second of the `fresh` workload.
+    #[arg(long, default_value_t = 400.0, value_parser = positive_rate)]
+    pub fresh_rate: f64,
+
+    /// Measured seconds of the `fresh` workload (enough requests for the spread over the stand-ins to mean
+    /// something).
+    #[arg(long, default_value_t = 15.0, value_parser = positive_secs)]
+    pub fresh_secs: f64,
+
+    /// Unmeasured seconds at the start of every workload, while the caches fill.
+    #[arg(long, default_value_t = 2.0, value_parser = non_negative_secs)]
+    pub warmup_secs: f64,
+
+    /// Requests in flight at most, each on its own keep-alive connection.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536).map(|n| n as usize))]
+    pub connections: usize,
+
+    /// Seed of the questions and of which prompt each request carries.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// A PostgreSQL server (what `scripts/postgres.sh start DIR` prints): two routers on a fresh database on it then
+    /// share the `shared` workload under cache-aware routing.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }

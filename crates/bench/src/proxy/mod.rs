@@ -104,7 +104,7 @@ pub async fn measure(at: &RouterAt, standins: &StandIns, args: &ProxyArgs) -> an
     fleet::approve_nodes(at.addr, &host, &session, &nodes, 16).await?;
     let heartbeat_errors = Arc::new(AtomicU64::new(0));
     let heartbeats = keep_heartbeating(at.addr, &host, &nodes, heartbeat_errors.clone())?;
-    let targets = Targets::new(at.addr, standins.addrs());
+    let targets = Targets::new(at.addr, standins.addrs(), args.prompts);
     let result = async {
         targets.check().await?;
         let setup_secs = started.elapsed().as_secs_f64();
@@ -230,13 +230,15 @@ async fn node_routing(addr: SocketAddr, host: &str, session: &str, id: Uuid) -> 
     Ok(node["routing"].clone())
 }
 
-/// A chat completion request of about [`REQUEST_BYTES`], streamed or not.
-pub fn request_body(stream: bool) -> Vec<u8> {
+/// A chat completion request of about [`REQUEST_BYTES`], streamed or not; its system prompt is the `prompt`th of
+/// `--prompts`, so that under cache-aware routing the bench's requests spread over the nodes as many conversations
+/// do, where one body sent over and over would all go to one node.
+pub fn request_body(stream: bool, prompt: usize) -> Vec<u8> {
     let body = |content: &str| {
         let mut request = serde_json::json!({
             "model": MODEL,
             "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "system", "content": format!("You are assistant {prompt:04}, a helpful one.")},
                 {"role": "user", "content": content},
             ],
             "max_tokens": 200,
@@ -268,7 +270,7 @@ mod tests {
     #[test]
     fn requests_are_a_kibibyte_of_json_naming_the_model() {
         for stream in [false, true] {
-            let body = request_body(stream);
+            let body = request_body(stream, 7);
             assert!((REQUEST_BYTES - 16..=REQUEST_BYTES + 16).contains(&body.len()), "{}", body.len());
             let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
             assert_eq!(json["model"], MODEL);

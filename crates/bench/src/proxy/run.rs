@@ -15,28 +15,31 @@ use crate::http::encode_request;
 use crate::sse::{Exchange, StreamClient};
 use crate::standin::monotonic_ns;
 
-/// Where requests go, and each one serialized once: `[non-streaming, streaming]` for the router and for each
-/// stand-in.
+/// Where requests go, and each one serialized once: `[non-streaming, streaming]` of each prompt, for the router and
+/// for each stand-in.
 pub(super) struct Targets {
     pub(super) router: SocketAddr,
     pub(super) standins: Vec<SocketAddr>,
-    pub(super) routed: [Vec<u8>; 2],
-    pub(super) direct: Vec<[Vec<u8>; 2]>,
+    pub(super) routed: Vec<[Vec<u8>; 2]>,
+    pub(super) direct: Vec<Vec<[Vec<u8>; 2]>>,
 }
 
 impl Targets {
-    pub(super) fn new(router: SocketAddr, standins: &[SocketAddr]) -> Arc<Targets> {
+    pub(super) fn new(router: SocketAddr, standins: &[SocketAddr], prompts: usize) -> Arc<Targets> {
         let encode = |addr: SocketAddr| {
-            [false, true].map(|stream| {
-                let body = request_body(stream);
-                encode_request(
-                    "POST",
-                    "/v1/chat/completions",
-                    &addr.to_string(),
-                    &[("Content-Type", "application/json"), ("Accept", "*/*")],
-                    &body,
-                )
-            })
+            (0..prompts.max(1))
+                .map(|prompt| {
+                    [false, true].map(|stream| {
+                        encode_request(
+                            "POST",
+                            "/v1/chat/completions",
+                            &addr.to_string(),
+                            &[("Content-Type", "application/json"), ("Accept", "*/*")],
+                            &request_body(stream, prompt),
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
         };
         Arc::new(Targets {
             router,
@@ -46,11 +49,20 @@ impl Targets {
         })
     }
 
+    /// Request `i`'s bytes, `[non-streaming, streaming]`: the prompts in turn.
+    pub(super) fn request(&self, to: To, i: u64) -> &[Vec<u8>; 2] {
+        let each = match to {
+            To::Routed => &self.routed,
+            To::Direct(k) => &self.direct[k],
+        };
+        &each[(i % each.len() as u64) as usize]
+    }
+
     /// One request of each kind, direct to every stand-in and through the router, must succeed before measuring.
     pub(super) async fn check(&self) -> anyhow::Result<()> {
         for stream in [false, true] {
-            for (addr, request) in std::iter::once((self.router, &self.routed))
-                .chain(self.standins.iter().copied().zip(self.direct.iter()))
+            for (addr, request) in std::iter::once((self.router, &self.routed[0]))
+                .chain(self.standins.iter().copied().zip(self.direct.iter().map(|prompts| &prompts[0])))
             {
                 let exchange = StreamClient::new(addr).send(&request[usize::from(stream)], stream).await?;
                 if exchange.status != 200 || (stream && !exchange.done) {
@@ -131,9 +143,10 @@ pub(super) fn start_run(
                     break;
                 }
                 let job = plan(i);
-                let (client, request) = match job.to {
-                    To::Routed => (&mut routed, &targets.routed[usize::from(job.stream)]),
-                    To::Direct(k) => (&mut direct[k], &targets.direct[k][usize::from(job.stream)]),
+                let request = &targets.request(job.to, i)[usize::from(job.stream)];
+                let client = match job.to {
+                    To::Routed => &mut routed,
+                    To::Direct(k) => &mut direct[k],
                 };
                 let sent_ns = monotonic_ns();
                 let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, client.send(request, job.stream)).await {

@@ -63,7 +63,7 @@ pub(super) async fn completions(
     Ok(CompletionsReport {
         rate_rps: args.rate,
         secs_per_side: plan.measured_secs_per_side(),
-        request_bytes: targets.routed[0].len(),
+        request_bytes: targets.routed[0][0].len(),
         answer_bytes: expected,
         added: Added::between(&direct.latency, &routed.latency),
         direct,

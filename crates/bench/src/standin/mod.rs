@@ -30,8 +30,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-pub use wire::{Ask, STREAM_HEAD, completion_body, parse_request_head, push_done, push_event, wants_stream};
-use wire::{MAX_BODY_BYTES, MAX_HEAD_BYTES, response};
+pub use wire::{Ask, STREAM_HEAD, completion_body, parse_request_head, push_done, push_event, response, wants_stream};
+use wire::{MAX_BODY_BYTES, MAX_HEAD_BYTES};
 
 /// Nanoseconds since the first call in this process, on the monotonic clock: the one clock stand-ins and clients
 /// share to time each event of a stream from its write to its read.

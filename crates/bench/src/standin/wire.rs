@@ -10,7 +10,7 @@ pub(super) const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Target size of a non-streaming answer's body.
 pub const ANSWER_BYTES: usize = 1024;
 
-pub(super) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
