@@ -461,6 +461,10 @@ describe('dashboard', { timeout: 120_000 }, () => {
     await page.locator('#detail-overview', { hasText: '91%' }).waitFor();
     // The runtime's own queue and KV cache use (SPEC §13), as its agent reported them.
     await page.locator('#detail-overview', { hasText: '6 running, 3 waiting · 88%' }).waitFor();
+    // And in the fleet table, under the requests in flight.
+    assert.equal(await h100.locator('.col-flight .queue').textContent(), 'queue 3 · KV 88%');
+    assert.equal(await h100.locator('.col-flight .queue').getAttribute('title'),
+      'The runtime reports: 6 running, 3 waiting · 88%');
     const kept = await page.evaluate((id) => ({
       sameRow: window.keptRow === document.querySelector(`#node-rows tr[data-node-id="${id}"]`),
       focused: document.activeElement?.id,

@@ -5,7 +5,9 @@ import { address, formatAgo, formatBytes, formatPercent, formatTime, formatUsage
 import { isAdmin, NODE_HASH, state } from './state.js';
 import { load } from './live.js';
 import { render } from './table.js';
-import { badge, ejectedUntil, flightText, meter, setBadge, setMeter, updateActions } from './rows.js';
+import {
+  badge, ejectedUntil, flightText, meter, runtimeLoadText, setBadge, setMeter, updateActions,
+} from './rows.js';
 import { editStatus, renderLabels } from './labels.js';
 import { route } from './pages.js';
 
@@ -101,14 +103,6 @@ export function renderOverview(node) {
     ['Node id', node.id, 'mono'],
   ];
   renderKv($('detail-overview'), rows);
-}
-
-/** What the node's runtime reports of its own load (SPEC §13): running and waiting requests, KV cache in use. */
-function runtimeLoadText(load) {
-  if (!load) return 'Not reported';
-  const count = (n) => (n ?? '–');
-  const cache = load.kv_cache_usage == null ? '–' : formatPercent(load.kv_cache_usage * 100);
-  return `${count(load.running)} running, ${count(load.waiting)} waiting · ${cache}`;
 }
 
 /** Whether inference traffic goes to the node, and if not, why. */

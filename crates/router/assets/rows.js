@@ -64,6 +64,7 @@ export function createRow(id) {
   view.gpu = meter();
   view.gpuSub = el('div', { className: 'sub' });
   view.flight = el('span', { className: 'flight' });
+  view.queue = el('div', { className: 'sub queue' });
   view.seen = el('span', { className: 'seen' });
   view.actions = el('div', { className: 'row-actions' });
   view.tr = el('tr', { className: 'node-row', dataset: { nodeId: id } },
@@ -76,7 +77,7 @@ export function createRow(id) {
     el('td', { className: 'col-num col-cpu' }, view.cpu.root),
     el('td', { className: 'col-num col-mem' }, view.mem.root),
     el('td', { className: 'col-num col-gpu' }, view.gpu.root, view.gpuSub),
-    el('td', { className: 'col-num col-flight' }, view.flight),
+    el('td', { className: 'col-num col-flight' }, view.flight, view.queue),
     el('td', { className: 'col-seen' }, view.seen),
     isAdmin() ? el('td', { className: 'col-actions' }, view.actions) : null);
   view.tr.addEventListener('click', (event) => {
@@ -138,6 +139,9 @@ export function updateRow(view, node) {
   setText(view.flight, flightText(node));
   setTitle(view.flight, `${plural(node.routing.requests_total, 'request', 'requests')} through this router, ` +
     `${node.routing.failures_total} failed`);
+  const load = metrics?.load;
+  setText(view.queue, load ? queueText(load) : '');
+  setTitle(view.queue, load ? `The runtime reports: ${runtimeLoadText(load)}` : '');
 
   updateSeen(view);
   if (isAdmin()) updateActions(view.actions, node, 'row');
@@ -173,6 +177,22 @@ function routingFlags(node, ejected) {
       title: `Ejected from routing after failures until ${formatTime(ejected)}`,
     }, 'ejected') : null,
   ];
+}
+
+/** What the node's runtime reports of its own load (SPEC §13): running and waiting requests, KV cache in use. */
+export function runtimeLoadText(load) {
+  if (!load) return 'Not reported';
+  const count = (n) => (n ?? '–');
+  const cache = load.kv_cache_usage == null ? '–' : formatPercent(load.kv_cache_usage * 100);
+  return `${count(load.running)} running, ${count(load.waiting)} waiting · ${cache}`;
+}
+
+/** The runtime's queue and KV cache use, short, for the fleet table. */
+function queueText(load) {
+  const parts = [];
+  if (load.waiting != null) parts.push(`queue ${load.waiting}`);
+  if (load.kv_cache_usage != null) parts.push(`KV ${formatPercent(load.kv_cache_usage * 100)}`);
+  return parts.join(' · ');
 }
 
 /** Requests in flight, out of the node's limit when it has one. */

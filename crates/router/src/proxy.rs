@@ -65,8 +65,10 @@ pub struct Outbound<'a> {
     pub path_and_query: &'a str,
     pub headers: &'a HeaderMap,
     pub model: &'a str,
-    /// The key of its prefix or session (SPEC §13), when it has one.
+    /// The key of its prefix or session (SPEC §13), when it has one to follow.
     pub key: Option<u64>,
+    /// Its prefix is the first of its kind here lately (and `key` is then `None`).
+    pub new_prefix: bool,
     pub body: Bytes,
 }
 
@@ -140,7 +142,7 @@ impl Proxy {
         request: Outbound<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let arrived = Instant::now();
-        let Outbound { method, path_and_query, headers, model, key, body } = request;
+        let Outbound { method, path_and_query, headers, model, key, new_prefix, body } = request;
         let via = self.via.pass_on(headers).ok_or(ProxyError::Loop)?;
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.
@@ -159,6 +161,7 @@ impl Proxy {
             if !tried.is_empty() {
                 figures.retries.inc();
             }
+            let how = if new_prefix && how == Outcome::NoPrefix { Outcome::NewPrefix } else { how };
             figures.routed(how.as_str());
             let target = flight.target().clone();
             tried.push(target.node_id);

@@ -22,7 +22,7 @@ const INFERENCE_BUCKETS: &[f64] =
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// How a request's node was chosen (SPEC §13), as `routing::Outcome` names it.
-pub const HOW_ROUTED: [&str; 5] = ["affinity", "spilled", "no_prefix", "least_loaded", "trial"];
+pub const HOW_ROUTED: [&str; 6] = ["affinity", "spilled", "no_prefix", "new_prefix", "least_loaded", "trial"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
@@ -61,7 +61,7 @@ pub struct InferenceMetrics {
 /// The inference figures of one model.
 pub struct ModelMetrics {
     answers: [Counter; 5],
-    routed: [Counter; 5],
+    routed: [Counter; 6],
     /// From sending a request to a node to its answer's headers, for answers that came.
     pub upstream_headers: Histogram,
     /// From the request's arrival to the first byte of the answer's body leaving the router.
@@ -100,8 +100,8 @@ impl InferenceMetrics {
             "llm_router_inference_routed",
             "Inference requests sent to a node, by model and how the node was chosen (SPEC §13): `affinity` (the \
              node its prefix or session ranks first), `spilled` (another one: the first was over the load bound, \
-             full, ejected or tried), `no_prefix` (nothing to follow: the least loaded of two), `least_loaded` (the \
-             policy), `trial` (the one request after an ejection)",
+             full, ejected or tried), `no_prefix` (nothing to follow: the least loaded of two), `new_prefix` (the \
+             first request of its prefix here lately: the least loaded of two), `least_loaded` (the policy), `trial` (the one request after an ejection)",
             routed.clone(),
         );
         let upstream_headers = Family::new_with_constructor(inference_histogram as fn() -> Histogram);

@@ -18,7 +18,7 @@ use crate::error::{ApiError, OpenAi};
 use crate::model::echo;
 use crate::proxy::{Outbound, ProxyError};
 use crate::routing::prefix::{self, PromptPeek};
-use crate::routing::{Choice, Policy};
+use crate::routing::{Policy, Routing};
 use crate::state::AppState;
 
 /// Largest inference request body: long prompts and embedding batches are larger than the admin API's bodies.
@@ -77,14 +77,20 @@ struct Peek<'a> {
 /// The header whose value keeps a session's requests on one node (SPEC §13).
 pub const SESSION_HEADER: &str = "x-session-id";
 
-/// The key that places a request under the cache-aware policy: its session's, else its prefix's.
-fn affinity_key(headers: &HeaderMap, prompt: &PromptPeek<'_>, choice: Choice) -> Option<u64> {
+/// The key that places a request under the cache-aware policy: its session's, else its prefix's once the prefix has
+/// been seen here before; and whether its prefix is new (SPEC §13).
+fn affinity_key(routing: &Routing, headers: &HeaderMap, prompt: &PromptPeek<'_>) -> (Option<u64>, bool) {
+    let choice = routing.choice();
     if choice.policy != Policy::CacheAware {
-        return None;
+        return (None, false);
     }
     match headers.get(SESSION_HEADER).map(|value| value.as_bytes()).filter(|value| !value.is_empty()) {
-        Some(session) => Some(prefix::session_key(session)),
-        None => prefix::key(prompt, choice.prefix_bytes),
+        Some(session) => (Some(prefix::session_key(session)), false),
+        None => match prefix::key(prompt, choice.prefix_bytes) {
+            Some(key) if routing.seen_prefix(key) => (Some(key), false),
+            Some(_) => (None, true),
+            None => (None, false),
+        },
     }
 }
 
@@ -112,13 +118,14 @@ pub async fn forward(
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
     let routing = state.registry.routing();
     let prompt = PromptPeek { messages: peek.messages, prompt: peek.prompt };
-    let key = affinity_key(&parts.headers, &prompt, routing.choice());
+    let (key, new_prefix) = affinity_key(routing, &parts.headers, &prompt);
     let outbound = Outbound {
         method: parts.method,
         path_and_query: path,
         headers: &parts.headers,
         model: &model,
         key,
+        new_prefix,
         body: held.bytes.clone(),
     };
     let forwarded = state.proxy.forward(routing, &state.clock, &state.metrics.inference, outbound).await;

@@ -23,6 +23,8 @@ pub enum Outcome {
     Spilled,
     /// No prefix to follow (embeddings, no text): the least loaded of two.
     NoPrefix,
+    /// The first request of its prefix through this router lately: no node holds it yet; the less loaded of two.
+    NewPrefix,
     /// The policy is `least-loaded`.
     LeastLoaded,
     /// The one trial request of a node whose ejection ended.
@@ -35,6 +37,7 @@ impl Outcome {
             Outcome::Affinity => "affinity",
             Outcome::Spilled => "spilled",
             Outcome::NoPrefix => "no_prefix",
+            Outcome::NewPrefix => "new_prefix",
             Outcome::LeastLoaded => "least_loaded",
             Outcome::Trial => "trial",
         }

@@ -27,6 +27,7 @@ use crate::revision::Revisions;
 mod affinity;
 pub mod prefix;
 mod queue;
+mod seen;
 mod target;
 
 pub use affinity::{Choice, Outcome, Policy};
@@ -63,12 +64,20 @@ pub struct Routing {
     queue: Arc<Queue>,
     /// Stamps the changes of the nodes' figures.
     revisions: Arc<Revisions>,
+    /// The prefixes routed lately.
+    seen: seen::Seen,
 }
 
 impl Routing {
     /// An empty table whose figure changes are stamped by `revisions`.
     pub fn new(revisions: Arc<Revisions>) -> Self {
-        Routing { table: RwLock::default(), choice: OnceLock::new(), queue: Arc::default(), revisions }
+        Routing {
+            table: RwLock::default(),
+            choice: OnceLock::new(),
+            queue: Arc::default(),
+            revisions,
+            seen: seen::Seen::default(),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -179,6 +188,12 @@ impl Routing {
     /// The policy and its settings.
     pub fn choice(&self) -> Choice {
         self.choice.get().copied().unwrap_or_default()
+    }
+
+    /// Whether a request with the prefix of `key` was routed lately (remembering it): the first request of a prefix
+    /// goes where a request without one would, the next ones to the node the key ranks first.
+    pub fn seen_prefix(&self, key: u64) -> bool {
+        self.seen.seen(key)
     }
 
     /// Picks a node for `model` as [`Routing::pick_keyed`] does for a request without a prefix.

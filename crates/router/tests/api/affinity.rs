@@ -46,24 +46,29 @@ async fn a_shared_prefix_stays_on_one_node_and_different_prefixes_spread() {
     let app = TestApp::spawn().await;
     let (ids, _runtimes) = three_nodes(&app).await;
     let key = app.admin_token().await;
+    // The first request of a prefix goes where any would (no node holds it yet); the next ones to its node.
     let mut nodes = HashSet::new();
     for question in 0..12 {
-        nodes.insert(
-            served_by(&app, &key, &chat_body("You are the support desk of ACME.", &format!("Q{question}")), None).await,
-        );
+        let node =
+            served_by(&app, &key, &chat_body("You are the support desk of ACME.", &format!("Q{question}")), None).await;
+        if question > 0 {
+            nodes.insert(node);
+        }
     }
     assert_eq!(nodes.len(), 1, "one prefix, one node: {nodes:?}");
 
     let mut per_node: HashMap<String, u32> = HashMap::new();
     for prompt in 0..30 {
-        let node = served_by(&app, &key, &chat_body(&format!("You are assistant number {prompt}."), "Hi"), None).await;
-        *per_node.entry(node).or_default() += 1;
+        let body = chat_body(&format!("You are assistant number {prompt}."), "Hi");
+        served_by(&app, &key, &body, None).await;
+        *per_node.entry(served_by(&app, &key, &body, None).await).or_default() += 1;
     }
     assert_eq!(per_node.len(), ids.len(), "thirty prefixes reach every node: {per_node:?}");
 
     let scraped = app.scrape().await;
     let routed = |how: &str| scraped.value("llm_router_inference_routed_total", &[("model", "m"), ("how", how)]);
-    assert_eq!(routed("affinity"), Some(42.0), "sequential requests never exceed the load bound");
+    assert_eq!(routed("affinity"), Some(41.0), "sequential requests never exceed the load bound");
+    assert_eq!(routed("new_prefix"), Some(31.0), "the first request of each prefix");
     assert_eq!(routed("spilled"), Some(0.0));
     assert_eq!(routed("no_prefix"), Some(0.0));
 }
@@ -102,6 +107,8 @@ async fn a_node_whose_runtime_reports_a_queue_is_passed_over_until_it_drains() {
         nodes.push(node);
     }
     let body = chat_body("You review pull requests.", "Is this fine?");
+    // The prefix's first request goes where any would; the second to the node its key ranks first.
+    served_by(&app, &key, &body, None).await;
     let first = served_by(&app, &key, &body, None).await;
     let (busy, idle) = if first == nodes[0].id { (&nodes[0], &nodes[1]) } else { (&nodes[1], &nodes[0]) };
     let beat = |waiting: u32| {
