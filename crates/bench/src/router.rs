@@ -223,3 +223,49 @@ impl Router {
         }
     }
 }
+
+/// A router serving in this process, for the tests of the modes: the defaults, but no reachability check, no
+/// registration limits, `/v1` open, and the given policy.
+#[cfg(test)]
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub admin_password: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+#[cfg(test)]
+impl InProcess {
+    pub async fn start(policy: llm_router::config::RoutingPolicy) -> InProcess {
+        use llm_router::app::App;
+        use llm_router::clock::SystemClock;
+        use llm_router::config::{InferenceAuth, RoutingChoice, Settings};
+
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let admin_password = "bench-test-password".to_owned();
+        let settings = Settings {
+            admin_password: Some(admin_password.clone()),
+            reachability_check: false,
+            inference_auth: InferenceAuth::None,
+            registration_rate: 0,
+            max_pending: 0,
+            routing: RoutingChoice { policy, ..RoutingChoice::default() },
+            ..Settings::new(dir.path().to_owned())
+        };
+        let app = App::build(settings, Arc::new(SystemClock)).await.expect("router builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        InProcess { addr, admin_password, stop, server, _dir: dir }
+    }
+
+    /// Stops the router and checks that it stopped cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.expect("server task").expect("router stops cleanly");
+    }
+}

@@ -91,15 +91,7 @@ const POLICIES: [&str; 2] = ["least-loaded", "cache-aware"];
 
 /// Runs the whole mode.
 pub async fn run(spec: &RouterSpec, args: &AffinityArgs) -> anyhow::Result<AffinityReport> {
-    let model = Model {
-        name: MODEL.to_owned(),
-        slots: args.slots,
-        prefill_tokens_per_sec: args.prefill_tokens_per_sec,
-        cache_tokens: args.cache_tokens,
-        chunks: args.chunks,
-        chunk_gap: Duration::from_secs_f64(args.chunk_gap_ms / 1000.0),
-    };
-    let runtimes = Arc::new(CachedRuntimes::start(args.nodes, model)?);
+    let runtimes = Arc::new(CachedRuntimes::start(args.nodes, model(args))?);
     let prefixes = Prompts::system_prompts(args.prefixes, args.prefix_tokens);
     let mut phases = Vec::new();
     for policy in POLICIES {
@@ -139,6 +131,18 @@ pub async fn run(spec: &RouterSpec, args: &AffinityArgs) -> anyhow::Result<Affin
         phases,
         checks,
     })
+}
+
+/// How the stand-ins compute and answer, from the command line.
+fn model(args: &AffinityArgs) -> Model {
+    Model {
+        name: MODEL.to_owned(),
+        slots: args.slots,
+        prefill_tokens_per_sec: args.prefill_tokens_per_sec,
+        cache_tokens: args.cache_tokens,
+        chunks: args.chunks,
+        chunk_gap: Duration::from_secs_f64(args.chunk_gap_ms / 1000.0),
+    }
 }
 
 async fn stop_all(routers: Vec<Router>) -> anyhow::Result<()> {
@@ -456,40 +460,12 @@ mod tests {
 
     use super::*;
     use crate::cli::{Cli, Mode};
+    use crate::router::InProcess;
 
     fn args(line: &str) -> AffinityArgs {
         let cli = Cli::try_parse_from(["bench", "affinity"].into_iter().chain(line.split_whitespace())).expect("args");
         let Mode::Affinity(args) = cli.mode else { panic!("affinity expected") };
         args
-    }
-
-    /// A router in this process with `policy`; the sender stops it.
-    async fn router(
-        dir: &std::path::Path,
-        password: &str,
-        policy: llm_router::config::RoutingPolicy,
-    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
-        use llm_router::app::App;
-        use llm_router::clock::SystemClock;
-        use llm_router::config::{InferenceAuth, RoutingChoice, Settings};
-
-        let settings = Settings {
-            admin_password: Some(password.to_owned()),
-            reachability_check: false,
-            inference_auth: InferenceAuth::None,
-            registration_rate: 0,
-            max_pending: 0,
-            routing: RoutingChoice { policy, ..RoutingChoice::default() },
-            ..Settings::new(dir.to_owned())
-        };
-        let app = App::build(settings, Arc::new(SystemClock)).await.expect("router builds");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(app.serve(listener, async move {
-            let _ = stopped.await;
-        }));
-        (addr, stop, server)
     }
 
     /// The shared workload, briefly and well below the stand-ins' capacity, through a least-loaded router and a
@@ -504,26 +480,16 @@ mod tests {
              --prefixes 12 --prefix-tokens 256 --question-tokens 16 --rate 150 --secs 1.5 --warmup-secs 0.5 \
              --connections 32",
         );
-        let model = Model {
-            name: MODEL.to_owned(),
-            slots: args.slots,
-            prefill_tokens_per_sec: args.prefill_tokens_per_sec,
-            cache_tokens: args.cache_tokens,
-            chunks: args.chunks,
-            chunk_gap: Duration::from_millis(1),
-        };
-        let runtimes = Arc::new(CachedRuntimes::start(args.nodes, model).expect("stand-ins"));
+        let runtimes = Arc::new(CachedRuntimes::start(args.nodes, model(&args)).expect("stand-ins"));
         let prefixes = Prompts::system_prompts(args.prefixes, args.prefix_tokens);
-        let password = "affinity-bench-password";
         let mut phases = Vec::new();
         for (name, policy) in [("least-loaded", RoutingPolicy::LeastLoaded), ("cache-aware", RoutingPolicy::CacheAware)]
         {
-            let dir = tempfile::tempdir().expect("temporary directory");
-            let (addr, stop, server) = router(dir.path(), password, policy).await;
+            let router = InProcess::start(policy).await;
+            let password = &router.admin_password;
             let measured =
-                measure(&[addr], password, &runtimes, &args, &prefixes, name, &[Workload::Shared], &[1]).await;
-            let _ = stop.send(());
-            server.await.expect("server task").expect("router stops cleanly");
+                measure(&[router.addr], password, &runtimes, &args, &prefixes, name, &[Workload::Shared], &[1]).await;
+            router.stop().await;
             phases.extend(measured.expect("the run completes"));
         }
         let [least, aware] = [&phases[0], &phases[1]];

@@ -12,19 +12,18 @@
 //! (requests waiting for a slot) and cache use are read for the heartbeat's `load`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use llm_router_protocol::RuntimeLoad;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::standin::{STREAM_HEAD, monotonic_ns, parse_request_head, push_done, push_event, response};
+use crate::standin::{STREAM_HEAD, Servers, monotonic_ns, push_done, push_event, read_request, response};
 
 /// Tokens in one cached block (vLLM's default block size).
 pub const BLOCK_TOKENS: u64 = 16;
@@ -33,9 +32,6 @@ pub const BLOCK_TOKENS: u64 = 16;
 pub const BYTES_PER_TOKEN: usize = 4;
 
 const BLOCK_BYTES: usize = BLOCK_TOKENS as usize * BYTES_PER_TOKEN;
-
-/// A request body larger than this closes the connection.
-const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// How every stand-in computes and answers.
 #[derive(Debug, Clone)]
@@ -71,55 +67,32 @@ struct Node {
 
 /// A set of running stand-ins, on a thread of their own; dropping it stops them.
 pub struct CachedRuntimes {
-    addrs: Vec<SocketAddr>,
+    servers: Servers,
     nodes: Vec<Arc<Node>>,
     model: Arc<Model>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CachedRuntimes {
     /// Binds `count` stand-ins on 127.0.0.1 and starts serving.
     pub fn start(count: usize, model: Model) -> anyhow::Result<CachedRuntimes> {
-        monotonic_ns();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the stand-ins' runtime")?;
         let model = Arc::new(model);
         let capacity = model.cache_tokens / BLOCK_TOKENS;
-        let mut addrs = Vec::with_capacity(count);
-        let mut nodes = Vec::with_capacity(count);
-        for _ in 0..count {
-            let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a stand-in")?;
-            listener.set_nonblocking(true)?;
-            addrs.push(listener.local_addr()?);
-            let listener = {
-                let _entered = runtime.enter();
-                TcpListener::from_std(listener)?
-            };
-            let node = Arc::new(Node {
-                slots: Semaphore::new(model.slots),
-                cache: Mutex::new(BlockCache::new(capacity)),
-                counters: Counters::default(),
-            });
-            nodes.push(node.clone());
-            runtime.spawn(accept(listener, node, model.clone()));
-        }
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("cached-runtimes".to_owned())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
+        let nodes: Vec<Arc<Node>> = (0..count)
+            .map(|_| {
+                Arc::new(Node {
+                    slots: Semaphore::new(model.slots),
+                    cache: Mutex::new(BlockCache::new(capacity)),
+                    counters: Counters::default(),
+                })
             })
-            .context("starting the stand-ins' thread")?;
-        Ok(CachedRuntimes { addrs, nodes, model, stop: Some(stop), thread: Some(thread) })
+            .collect();
+        let servers =
+            Servers::start(count, "cached-runtimes", |i, listener| accept(listener, nodes[i].clone(), model.clone()))?;
+        Ok(CachedRuntimes { servers, nodes, model })
     }
 
     pub fn addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+        self.servers.addrs()
     }
 
     /// Stand-in `i`'s counters.
@@ -149,17 +122,6 @@ impl CachedRuntimes {
             for counter in [&counters.answered, &counters.prompt_tokens, &counters.cached_tokens] {
                 counter.store(0, Ordering::Relaxed);
             }
-        }
-    }
-}
-
-impl Drop for CachedRuntimes {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
@@ -271,28 +233,8 @@ async fn serve(mut stream: TcpStream, node: &Node, model: &Model) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut filled = 0;
     loop {
-        let head = loop {
-            match parse_request_head(&buf[..filled]) {
-                Ok(Some(head)) => break head,
-                Ok(None) => {}
-                Err(_) => return,
-            }
-            if !read_more(&mut stream, &mut buf, &mut filled).await {
-                return;
-            }
-        };
+        let Some(head) = read_request(&mut stream, &mut buf, &mut filled).await else { return };
         let total = head.head_len + head.body_len;
-        if total > MAX_BODY_BYTES {
-            return;
-        }
-        if buf.len() < total {
-            buf.resize(total, 0);
-        }
-        while filled < total {
-            if !read_more(&mut stream, &mut buf, &mut filled).await {
-                return;
-            }
-        }
         let prompt = head.post_completions.then(|| prompt_text(&buf[head.head_len..total])).flatten();
         buf.copy_within(total..filled, 0);
         filled -= total;
@@ -306,19 +248,6 @@ async fn serve(mut stream: TcpStream, node: &Node, model: &Model) {
         };
         if written.is_err() {
             return;
-        }
-    }
-}
-
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, filled: &mut usize) -> bool {
-    if *filled == buf.len() {
-        buf.resize(buf.len() * 2, 0);
-    }
-    match stream.read(&mut buf[*filled..]).await {
-        Ok(0) | Err(_) => false,
-        Ok(n) => {
-            *filled += n;
-            true
         }
     }
 }

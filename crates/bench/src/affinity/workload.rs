@@ -188,22 +188,7 @@ pub async fn run(
             records
         });
     }
-    let pacer_gate = gate.clone();
-    let pacer = std::thread::Builder::new()
-        .name("pacer".to_owned())
-        .spawn(move || {
-            for i in 0..count {
-                let now = monotonic_ns();
-                let at = due(i);
-                if at > now {
-                    std::thread::sleep(Duration::from_nanos(at - now));
-                }
-                pacer_gate.add_permits(1);
-            }
-            // Wakes every worker to find the run over.
-            pacer_gate.add_permits(connections);
-        })
-        .context("starting the pacer thread")?;
+    let pacer = crate::proxy::pace(count, due, gate, connections)?;
     let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     while let Some(done) = workers.join_next().await {
         records.extend(done.context("a request worker failed")?);

@@ -42,6 +42,7 @@ use crate::stats::ErrorCounts;
 
 pub use report::{CompletionsReport, FailoverReport, ProxyReport, Side, StreamSide, StreamsReport, print};
 use run::Targets;
+pub(crate) use run::pace;
 // The stream client's tests check what it reads against this.
 #[cfg(test)]
 pub use scenarios::coalesced;
@@ -282,34 +283,14 @@ mod tests {
     /// answered in full, and once a second has passed since the kill no request fails.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_short_run_of_every_scenario_against_the_router() {
-        use llm_router::app::App;
-        use llm_router::clock::SystemClock;
-        use llm_router::config::{InferenceAuth, Settings};
-
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let password = "proxy-bench-password".to_owned();
-        let settings = Settings {
-            admin_password: Some(password.clone()),
-            reachability_check: false,
-            inference_auth: InferenceAuth::None,
-            registration_rate: 0,
-            max_pending: 0,
-            ..Settings::new(dir.path().to_owned())
-        };
-        let app = App::build(settings, Arc::new(SystemClock)).await.expect("router builds");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(app.serve(listener, async move {
-            let _ = stopped.await;
-        }));
+        let router = crate::router::InProcess::start(llm_router::config::RoutingPolicy::CacheAware).await;
 
         let args = args(
             "--nodes 4 --rate 500 --secs 0.1 --slice-secs 0.1 --stream-rate 40 --stream-secs 0.1 --chunks 5 \
              --failover-rate 400 --failover-secs 1.6 --kill-at-secs 0.3 --stream-share 0.2 --connections 16",
         );
         let standins = StandIns::start(args.nodes, behaviour(&args)).expect("stand-ins");
-        let at = RouterAt { addr, admin_password: password, pid: None };
+        let at = RouterAt { addr: router.addr, admin_password: router.admin_password.clone(), pid: None };
         let report = measure(&at, &standins, &args).await.expect("the run completes");
 
         let completions = report.completions.expect("completions ran");
@@ -332,7 +313,6 @@ mod tests {
         assert!(routing["failures_total"].as_u64().is_some_and(|n| n >= 1), "{routing}");
         assert_eq!(report.heartbeat_errors, 0);
 
-        let _ = stop.send(());
-        server.await.expect("server task").expect("router stops cleanly");
+        router.stop().await;
     }
 }

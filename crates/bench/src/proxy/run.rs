@@ -162,8 +162,19 @@ pub(super) fn start_run(
             records
         });
     }
-    let pacer_gate = gate.clone();
-    let pacer = std::thread::Builder::new()
+    let pacer = pace(count, due, gate, connections)?;
+    Ok(Running { start_ns, workers, pacer })
+}
+
+/// Starts the pacer of an open-loop run: a thread that hands `gate` one permit at each of the `count` due instants
+/// (`due(i)` on [`monotonic_ns`]), however the answers go, then one for each of the `workers` to find the run over.
+pub(crate) fn pace(
+    count: u64,
+    due: impl Fn(u64) -> u64 + Send + 'static,
+    gate: Arc<Semaphore>,
+    workers: usize,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name("pacer".to_owned())
         .spawn(move || {
             for i in 0..count {
@@ -172,13 +183,11 @@ pub(super) fn start_run(
                 if at > now {
                     std::thread::sleep(Duration::from_nanos(at - now));
                 }
-                pacer_gate.add_permits(1);
+                gate.add_permits(1);
             }
-            // Wakes every worker to find the run over.
-            pacer_gate.add_permits(connections);
+            gate.add_permits(workers);
         })
-        .context("starting the pacer thread")?;
-    Ok(Running { start_ns, workers, pacer })
+        .context("starting the pacer thread")
 }
 
 impl Running {

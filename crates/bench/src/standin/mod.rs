@@ -18,6 +18,7 @@
 
 mod wire;
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -30,7 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-pub use wire::{Ask, STREAM_HEAD, completion_body, parse_request_head, push_done, push_event, response, wants_stream};
+pub use wire::{
+    Ask, RequestHead, STREAM_HEAD, completion_body, parse_request_head, push_done, push_event, response, wants_stream,
+};
 use wire::{MAX_BODY_BYTES, MAX_HEAD_BYTES};
 
 /// Nanoseconds since the first call in this process, on the monotonic clock: the one clock stand-ins and clients
@@ -96,25 +99,34 @@ impl Load {
 
 /// A set of running stand-ins; dropping it stops them all.
 pub struct StandIns {
-    addrs: Vec<SocketAddr>,
+    servers: Servers,
     kills: Vec<watch::Sender<bool>>,
     served: Arc<Served>,
+}
+
+/// Listeners on 127.0.0.1, each served by a task on one single-threaded runtime that runs on a thread of its own, as
+/// a runtime is a process of its own: the client's scheduling does not delay them, nor theirs the client. Dropping
+/// it stops the runtime and its tasks.
+pub struct Servers {
+    addrs: Vec<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl StandIns {
-    /// Binds `count` stand-ins on 127.0.0.1, each on a port of its own, and starts serving.
-    pub fn start(count: usize, behaviour: Behaviour) -> anyhow::Result<StandIns> {
+impl Servers {
+    /// Binds `count` listeners, each on a port of its own, and spawns `serve(i, listener)` for each on the thread
+    /// `name`.
+    pub fn start<F, Fut>(count: usize, name: &str, mut serve: F) -> anyhow::Result<Servers>
+    where
+        F: FnMut(usize, TcpListener) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         monotonic_ns();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the stand-ins' runtime")?;
-        let behaviour = Arc::new(Prepared::new(behaviour));
-        let served = Arc::new(Served { each: (0..count).map(|_| Load::default()).collect(), ..Served::default() });
         let mut addrs = Vec::with_capacity(count);
-        let mut kills = Vec::with_capacity(count);
         for i in 0..count {
             let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a stand-in")?;
             listener.set_nonblocking(true)?;
@@ -123,25 +135,54 @@ impl StandIns {
                 let _entered = runtime.enter();
                 TcpListener::from_std(listener)?
             };
-            let (kill, killed) = watch::channel(false);
-            kills.push(kill);
-            runtime.spawn(accept(listener, behaviour.clone(), served.clone(), i, killed));
+            runtime.spawn(serve(i, listener));
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("stand-ins".to_owned())
+            .name(name.to_owned())
             .spawn(move || {
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
             })
             .context("starting the stand-ins' thread")?;
-        Ok(StandIns { addrs, kills, served, stop: Some(stop), thread: Some(thread) })
+        Ok(Servers { addrs, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Where each one listens.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl StandIns {
+    /// Binds `count` stand-ins on 127.0.0.1, each on a port of its own, and starts serving.
+    pub fn start(count: usize, behaviour: Behaviour) -> anyhow::Result<StandIns> {
+        let behaviour = Arc::new(Prepared::new(behaviour));
+        let served = Arc::new(Served { each: (0..count).map(|_| Load::default()).collect(), ..Served::default() });
+        let mut kills = Vec::with_capacity(count);
+        let servers = Servers::start(count, "stand-ins", |i, listener| {
+            let (kill, killed) = watch::channel(false);
+            kills.push(kill);
+            accept(listener, behaviour.clone(), served.clone(), i, killed)
+        })?;
+        Ok(StandIns { servers, kills, served })
     }
 
     /// Where each stand-in listens.
     pub fn addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+        self.servers.addrs()
     }
 
     /// Requests answered so far.
@@ -160,14 +201,9 @@ impl StandIns {
 
 impl Drop for StandIns {
     fn drop(&mut self) {
+        // The connections reset before the runtime stops (`servers` drops after this).
         for kill in &self.kills {
             let _ = kill.send(true);
-        }
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
@@ -224,25 +260,8 @@ async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served, i: u
     let mut filled = 0;
     let mut out = Vec::with_capacity(4096);
     loop {
-        let head = loop {
-            match parse_request_head(&buf[..filled]) {
-                Ok(Some(head)) => break head,
-                Ok(None) => {}
-                Err(_) => return,
-            }
-            if !read_more(&mut stream, &mut buf, &mut filled).await {
-                return;
-            }
-        };
+        let Some(head) = read_request(&mut stream, &mut buf, &mut filled).await else { return };
         let total = head.head_len + head.body_len;
-        if buf.len() < total {
-            buf.resize(total, 0);
-        }
-        while filled < total {
-            if !read_more(&mut stream, &mut buf, &mut filled).await {
-                return;
-            }
-        }
         let ask = if head.post_completions {
             if wants_stream(&buf[head.head_len..total]) { Ask::Stream } else { Ask::Completion }
         } else if head.get_models {
@@ -270,6 +289,32 @@ async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served, i: u
             return;
         }
     }
+}
+
+/// Reads the next request of a keep-alive connection, head and body, to the start of `buf` (`filled` bytes of it
+/// read so far, the next request's first bytes included); `None` at the end of the connection or for a request a
+/// stand-in does not take.
+pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, filled: &mut usize) -> Option<RequestHead> {
+    let head = loop {
+        match parse_request_head(&buf[..*filled]) {
+            Ok(Some(head)) => break head,
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if !read_more(stream, buf, filled).await {
+            return None;
+        }
+    };
+    let total = head.head_len + head.body_len;
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    while *filled < total {
+        if !read_more(stream, buf, filled).await {
+            return None;
+        }
+    }
+    Some(head)
 }
 
 /// Reads more of a request; `false` at the end of the connection or on an error.
