@@ -267,7 +267,7 @@ async fn answer(stream: &mut TcpStream, node: &Node, model: &Model, prompt: &str
             self.0.fetch_sub(1, Ordering::Relaxed);
         }
     }
-    let _running = Running(&counters.running);
+    let running = Running(&counters.running);
     let hits = node.cache.lock().map_or(0, |mut cache| cache.leading_hits(&names));
     let cached = hits as u64 * BLOCK_TOKENS;
     let computed = tokens.saturating_sub(cached);
@@ -287,10 +287,11 @@ async fn answer(stream: &mut TcpStream, node: &Node, model: &Model, prompt: &str
         stream.write_all(&out).await?;
         out.clear();
     }
-    push_done(&mut out);
-    stream.write_all(&out).await?;
+    // Counted before the last bytes go out: a client that has read the whole answer finds it counted.
     counters.answered.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    drop(running);
+    push_done(&mut out);
+    stream.write_all(&out).await
 }
 
 #[cfg(test)]
