@@ -10,6 +10,7 @@ mod fleet;
 mod heartbeat;
 mod http;
 mod logins;
+mod openloop;
 mod postgres;
 mod probe;
 mod procfs;

@@ -7,6 +7,7 @@
 //! or until the server closes; events are split on the blank line that ends them (`data: …\n\n`).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -69,6 +70,18 @@ impl StreamClient {
             self.filled = 0;
         }
         result.map(|(exchange, _)| exchange)
+    }
+
+    /// [`StreamClient::send`], abandoned after `limit`; an error is its label (`timeout` when abandoned), and an
+    /// abandoned connection is not used again.
+    pub async fn send_within(&mut self, request: &[u8], events: bool, limit: Duration) -> Result<Exchange, String> {
+        match tokio::time::timeout(limit, self.send(request, events)).await {
+            Ok(sent) => sent.map_err(|err| err.label()),
+            Err(_) => {
+                self.disconnect();
+                Err("timeout".to_owned())
+            }
+        }
     }
 
     async fn exchange(&mut self, request: &[u8], split: bool) -> Result<(Exchange, bool), ClientError> {

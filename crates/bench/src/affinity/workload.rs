@@ -3,25 +3,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use serde::Serialize;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use super::runtime::BYTES_PER_TOKEN;
 use crate::http::encode_request;
+use crate::openloop;
 use crate::proxy::MODEL;
 use crate::sse::StreamClient;
 use crate::standin::monotonic_ns;
 
 /// Longest a request may take before it is abandoned and counted as a timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Time from setting up a run's schedule to its first due request.
-const LEAD: Duration = Duration::from_millis(50);
 
 /// A workload of `bench affinity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -146,57 +140,30 @@ pub async fn run(
     connections: usize,
     prompts: Arc<Prompts>,
 ) -> anyhow::Result<(u64, Vec<Record>)> {
-    let period_ns = 1e9 / rate;
-    let start_ns = monotonic_ns() + u64::try_from(LEAD.as_nanos()).unwrap_or(0);
-    let due = move |i: u64| start_ns + (i as f64 * period_ns) as u64;
-    let gate = Arc::new(Semaphore::new(0));
-    let next = Arc::new(AtomicU64::new(0));
     let hosts: Arc<Vec<(SocketAddr, String)>> = Arc::new(routers.iter().map(|&a| (a, a.to_string())).collect());
-    let mut workers = JoinSet::new();
-    for _ in 0..connections {
-        let (gate, next, prompts, hosts) = (gate.clone(), next.clone(), prompts.clone(), hosts.clone());
-        workers.spawn(async move {
+    let run = openloop::start(rate, count, connections, |schedule| {
+        let (prompts, hosts) = (prompts.clone(), hosts.clone());
+        async move {
             let mut clients: Vec<StreamClient> = hosts.iter().map(|(addr, _)| StreamClient::new(*addr)).collect();
             let mut records = Vec::new();
-            loop {
-                match gate.acquire().await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => break,
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    break;
-                }
+            while let Some(i) = schedule.next().await {
                 let k = (i % hosts.len() as u64) as usize;
                 let headers = [("Content-Type", "application/json")];
                 let request = encode_request("POST", "/v1/chat/completions", &hosts[k].1, &headers, &prompts.body(i));
-                let client = &mut clients[k];
-                let (first_ns, outcome) = match tokio::time::timeout(REQUEST_TIMEOUT, client.send(&request, true)).await
-                {
-                    Ok(Ok(exchange)) if exchange.status == 200 && exchange.done && !exchange.events.is_empty() => {
+                let (first_ns, outcome) = match clients[k].send_within(&request, true, REQUEST_TIMEOUT).await {
+                    Ok(exchange) if exchange.status == 200 && exchange.done && !exchange.events.is_empty() => {
                         (Some(exchange.events[0].recv_ns), Ok(()))
                     }
-                    Ok(Ok(exchange)) => (None, Err(format!("HTTP {}", exchange.status))),
-                    Ok(Err(err)) => (None, Err(err.label())),
-                    Err(_) => {
-                        client.disconnect();
-                        (None, Err("timeout".to_owned()))
-                    }
+                    Ok(exchange) => (None, Err(format!("HTTP {}", exchange.status))),
+                    Err(label) => (None, Err(label)),
                 };
-                records.push(Record { due_ns: due(i), first_ns, end_ns: monotonic_ns(), outcome });
+                records.push(Record { due_ns: schedule.due(i), first_ns, end_ns: monotonic_ns(), outcome });
             }
             records
-        });
-    }
-    let pacer = crate::proxy::pace(count, due, gate, connections)?;
-    let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-    while let Some(done) = workers.join_next().await {
-        records.extend(done.context("a request worker failed")?);
-    }
-    if pacer.join().is_err() {
-        bail!("the pacer thread panicked");
-    }
-    Ok((start_ns, records))
+        }
+    })?;
+    let start_ns = run.start_ns;
+    Ok((start_ns, run.finish().await?))
 }
 
 #[cfg(test)]

@@ -42,7 +42,6 @@ use crate::stats::ErrorCounts;
 
 pub use report::{CompletionsReport, FailoverReport, ProxyReport, Side, StreamSide, StreamsReport, print};
 use run::Targets;
-pub(crate) use run::pace;
 // The stream client's tests check what it reads against this.
 #[cfg(test)]
 pub use scenarios::coalesced;
@@ -59,9 +58,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often every node heartbeats during the run.
 pub(crate) const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
-
-/// Time from setting up a run's schedule to its first due request.
-const LEAD: Duration = Duration::from_millis(50);
 
 /// Where the router is and how to act as its administrator.
 #[derive(Debug, Clone)]

@@ -1,17 +1,14 @@
-//! The open-loop runs every scenario of `bench proxy` is made of: where requests go, the pacer that hands them
-//! out at their due instants, the workers that send them, and the alternation of direct and routed slices.
+//! The open-loop runs (`crate::openloop`) every scenario of `bench proxy` is made of: where requests go, the workers
+//! that send them, and the alternation of direct and routed slices.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use anyhow::bail;
 
-use super::{LEAD, REQUEST_TIMEOUT, request_body};
+use super::{REQUEST_TIMEOUT, request_body};
 use crate::http::encode_request;
+use crate::openloop;
 use crate::sse::{Exchange, StreamClient};
 use crate::standin::monotonic_ns;
 
@@ -105,12 +102,8 @@ pub(super) struct Record {
     pub(super) outcome: Result<Exchange, String>,
 }
 
-/// A run in progress: the pacer thread hands out due requests to the workers.
-pub(super) struct Running {
-    pub(super) start_ns: u64,
-    workers: JoinSet<Vec<Record>>,
-    pacer: std::thread::JoinHandle<()>,
-}
+/// A run in progress.
+pub(super) type Running = openloop::Run<Record>;
 
 /// Starts an open-loop run of `count` requests at `rate`, what each one is given by `plan`, over `connections`
 /// workers (each one request at a time, on its own connections).
@@ -121,27 +114,13 @@ pub(super) fn start_run(
     connections: usize,
     plan: Arc<dyn Fn(u64) -> Job + Send + Sync>,
 ) -> anyhow::Result<Running> {
-    let period_ns = 1e9 / rate;
-    let start_ns = monotonic_ns() + u64::try_from(LEAD.as_nanos()).unwrap_or(0);
-    let due = move |i: u64| start_ns + (i as f64 * period_ns) as u64;
-    let gate = Arc::new(Semaphore::new(0));
-    let next = Arc::new(AtomicU64::new(0));
-    let mut workers = JoinSet::new();
-    for _ in 0..connections {
-        let (targets, gate, next, plan) = (targets.clone(), gate.clone(), next.clone(), plan.clone());
-        workers.spawn(async move {
+    openloop::start(rate, count, connections, |schedule| {
+        let (targets, plan) = (targets.clone(), plan.clone());
+        async move {
             let mut routed = StreamClient::new(targets.router);
             let mut direct: Vec<StreamClient> = targets.standins.iter().map(|&addr| StreamClient::new(addr)).collect();
             let mut records = Vec::new();
-            loop {
-                match gate.acquire().await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => break,
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    break;
-                }
+            while let Some(i) = schedule.next().await {
                 let job = plan(i);
                 let request = &targets.request(job.to, i)[usize::from(job.stream)];
                 let client = match job.to {
@@ -149,58 +128,12 @@ pub(super) fn start_run(
                     To::Direct(k) => &mut direct[k],
                 };
                 let sent_ns = monotonic_ns();
-                let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, client.send(request, job.stream)).await {
-                    Ok(Ok(exchange)) => Ok(exchange),
-                    Ok(Err(err)) => Err(err.label()),
-                    Err(_) => {
-                        client.disconnect();
-                        Err("timeout".to_owned())
-                    }
-                };
-                records.push(Record { job, due_ns: due(i), sent_ns, outcome });
+                let outcome = client.send_within(request, job.stream, REQUEST_TIMEOUT).await;
+                records.push(Record { job, due_ns: schedule.due(i), sent_ns, outcome });
             }
             records
-        });
-    }
-    let pacer = pace(count, due, gate, connections)?;
-    Ok(Running { start_ns, workers, pacer })
-}
-
-/// Starts the pacer of an open-loop run: a thread that hands `gate` one permit at each of the `count` due instants
-/// (`due(i)` on [`monotonic_ns`]), however the answers go, then one for each of the `workers` to find the run over.
-pub(crate) fn pace(
-    count: u64,
-    due: impl Fn(u64) -> u64 + Send + 'static,
-    gate: Arc<Semaphore>,
-    workers: usize,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("pacer".to_owned())
-        .spawn(move || {
-            for i in 0..count {
-                let now = monotonic_ns();
-                let at = due(i);
-                if at > now {
-                    std::thread::sleep(Duration::from_nanos(at - now));
-                }
-                gate.add_permits(1);
-            }
-            gate.add_permits(workers);
-        })
-        .context("starting the pacer thread")
-}
-
-impl Running {
-    pub(super) async fn finish(mut self) -> anyhow::Result<Vec<Record>> {
-        let mut records = Vec::new();
-        while let Some(done) = self.workers.join_next().await {
-            records.extend(done.context("a request worker failed")?);
         }
-        if self.pacer.join().is_err() {
-            bail!("the pacer thread panicked");
-        }
-        Ok(records)
-    }
+    })
 }
 
 /// Slices of a run that alternates direct and routed traffic: a warm-up pair, then `pairs` measured pairs.
