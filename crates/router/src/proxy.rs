@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
-use crate::routing::{InFlight, NoNode, Outcome, Routing, Target};
+use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
 
 /// Header naming the node that served a request.
 pub const NODE_HEADER: &str = "x-llm-router-node";
@@ -65,10 +65,8 @@ pub struct Outbound<'a> {
     pub path_and_query: &'a str,
     pub headers: &'a HeaderMap,
     pub model: &'a str,
-    /// The key of its prefix or session (SPEC §13), when it has one to follow.
-    pub key: Option<u64>,
-    /// Its prefix is the first of its kind here lately (and `key` is then `None`).
-    pub new_prefix: bool,
+    /// What its prefix or session asks of the choice (SPEC §13).
+    pub affinity: Affinity,
     pub body: Bytes,
 }
 
@@ -101,10 +99,10 @@ impl Proxy {
         routing: &Routing,
         clock: &Arc<dyn Clock>,
         model: &str,
-        key: Option<u64>,
+        affinity: Affinity,
         tried: &[Uuid],
     ) -> Result<(InFlight, Outcome), Result<NoNode, ProxyError>> {
-        match routing.pick_keyed(model, tried, clock.now_ms(), key) {
+        match routing.pick_keyed(model, tried, clock.now_ms(), affinity) {
             Err(NoNode::AtCapacity) => {}
             other => return other.map_err(Ok),
         }
@@ -117,7 +115,7 @@ impl Proxy {
         let mut woken = std::pin::pin!(waker.notified());
         woken.as_mut().enable();
         loop {
-            match routing.pick_keyed(model, tried, clock.now_ms(), key) {
+            match routing.pick_keyed(model, tried, clock.now_ms(), affinity) {
                 Err(NoNode::AtCapacity) => {}
                 other => return other.map_err(Ok),
             }
@@ -142,13 +140,13 @@ impl Proxy {
         request: Outbound<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let arrived = Instant::now();
-        let Outbound { method, path_and_query, headers, model, key, new_prefix, body } = request;
+        let Outbound { method, path_and_query, headers, model, affinity, body } = request;
         let via = self.via.pass_on(headers).ok_or(ProxyError::Loop)?;
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.
         let mut figures: Option<Arc<ModelMetrics>> = None;
         for _ in 0..=self.settings.max_retries {
-            let (flight, how) = match self.pick(routing, clock, model, key, &tried).await {
+            let (flight, how) = match self.pick(routing, clock, model, affinity, &tried).await {
                 Ok(picked) => picked,
                 Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err(ProxyError::UnknownModel),
                 Err(Err(refused)) => {
@@ -161,7 +159,6 @@ impl Proxy {
             if !tried.is_empty() {
                 figures.retries.inc();
             }
-            let how = if new_prefix && how == Outcome::NoPrefix { Outcome::NewPrefix } else { how };
             figures.routed(how.as_str());
             let target = flight.target().clone();
             tried.push(target.node_id);

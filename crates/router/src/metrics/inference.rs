@@ -101,7 +101,8 @@ impl InferenceMetrics {
             "Inference requests sent to a node, by model and how the node was chosen (SPEC §13): `affinity` (the \
              node its prefix or session ranks first), `spilled` (another one: the first was over the load bound, \
              full, ejected or tried), `no_prefix` (nothing to follow: the least loaded of two), `new_prefix` (the \
-             first request of its prefix here lately: the least loaded of two), `least_loaded` (the policy), `trial` (the one request after an ejection)",
+             first request of its prefix here lately: the least loaded of two), `least_loaded` (the policy), \
+             `trial` (the one request after an ejection)",
             routed.clone(),
         );
         let upstream_headers = Family::new_with_constructor(inference_histogram as fn() -> Histogram);

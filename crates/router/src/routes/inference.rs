@@ -18,7 +18,7 @@ use crate::error::{ApiError, OpenAi};
 use crate::model::echo;
 use crate::proxy::{Outbound, ProxyError};
 use crate::routing::prefix::{self, PromptPeek};
-use crate::routing::{Policy, Routing};
+use crate::routing::{Affinity, Policy, Routing};
 use crate::state::AppState;
 
 /// Largest inference request body: long prompts and embedding batches are larger than the admin API's bodies.
@@ -77,19 +77,19 @@ struct Peek<'a> {
 /// The header whose value keeps a session's requests on one node (SPEC §13).
 pub const SESSION_HEADER: &str = "x-session-id";
 
-/// The key that places a request under the cache-aware policy: its session's, else its prefix's once the prefix has
-/// been seen here before; and whether its prefix is new (SPEC §13).
-fn affinity_key(routing: &Routing, headers: &HeaderMap, prompt: &PromptPeek<'_>) -> (Option<u64>, bool) {
+/// What places a request under the cache-aware policy (SPEC §13): its session's key, else its prefix's once the
+/// prefix has been seen here before.
+fn affinity(routing: &Routing, headers: &HeaderMap, prompt: &PromptPeek<'_>) -> Affinity {
     let choice = routing.choice();
     if choice.policy != Policy::CacheAware {
-        return (None, false);
+        return Affinity::None;
     }
     match headers.get(SESSION_HEADER).map(|value| value.as_bytes()).filter(|value| !value.is_empty()) {
-        Some(session) => (Some(prefix::session_key(session)), false),
+        Some(session) => Affinity::Key(prefix::session_key(session)),
         None => match prefix::key(prompt, choice.prefix_bytes) {
-            Some(key) if routing.seen_prefix(key) => (Some(key), false),
-            Some(_) => (None, true),
-            None => (None, false),
+            Some(key) if routing.seen_prefix(key) => Affinity::Key(key),
+            Some(_) => Affinity::NewPrefix,
+            None => Affinity::None,
         },
     }
 }
@@ -118,14 +118,12 @@ pub async fn forward(
     let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
     let routing = state.registry.routing();
     let prompt = PromptPeek { messages: peek.messages, prompt: peek.prompt };
-    let (key, new_prefix) = affinity_key(routing, &parts.headers, &prompt);
     let outbound = Outbound {
         method: parts.method,
         path_and_query: path,
         headers: &parts.headers,
         model: &model,
-        key,
-        new_prefix,
+        affinity: affinity(routing, &parts.headers, &prompt),
         body: held.bytes.clone(),
     };
     let forwarded = state.proxy.forward(routing, &state.clock, &state.metrics.inference, outbound).await;

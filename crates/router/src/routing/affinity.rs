@@ -5,8 +5,8 @@
 //! ranks first. The first-ranked node takes the request unless it already carries more than `load_factor` × the
 //! mean load of the model's usable candidates, plus one: then the next-ranked node that does not takes it. The
 //! "plus one" keeps an idle fleet's first requests on their own nodes, and makes the bound the same for a router
-//! that sees all of a fleet's traffic as for each of several that see a share of it. A hot prefix so spreads over its second, third… nodes as its load grows, in the same order on every
-//! router, and comes back as it falls.
+//! that sees all of a fleet's traffic as for each of several that see a share of it. A hot prefix so spreads over
+//! its second, third… nodes as its load grows, in the same order on every router, and comes back as it falls.
 
 use std::sync::Arc;
 

@@ -198,7 +198,7 @@ impl Routing {
 
     /// Picks a node for `model` as [`Routing::pick_keyed`] does for a request without a prefix.
     pub fn pick(&self, model: &str, tried: &[Uuid], now: Millis) -> Result<InFlight, NoNode> {
-        self.pick_keyed(model, tried, now, None).map(|(flight, _)| flight)
+        self.pick_keyed(model, tried, now, Affinity::None).map(|(flight, _)| flight)
     }
 
     /// Picks a node for `model` among those not cordoned, not ejected at `now`, not in `tried` and below their
@@ -209,7 +209,7 @@ impl Routing {
         model: &str,
         tried: &[Uuid],
         now: Millis,
-        key: Option<u64>,
+        affinity: Affinity,
     ) -> Result<(InFlight, Outcome), NoNode> {
         let table = self.read();
         let all = table.by_model.get(model).ok_or(NoNode::UnknownModel)?;
@@ -220,16 +220,13 @@ impl Routing {
             return Ok((InFlight::start(trial.clone()), Outcome::Trial));
         }
         let choice = self.choice();
-        let key = key.filter(|_| choice.policy == Policy::CacheAware);
         // Another request may take the last place of the chosen node first: then choose again.
         for _ in 0..4 {
-            let (target, outcome) = match key {
-                Some(key) => keyed(all, tried, now, key, choice.load_factor)?,
-                None => {
-                    let outcome =
-                        if choice.policy == Policy::LeastLoaded { Outcome::LeastLoaded } else { Outcome::NoPrefix };
-                    (choose(all, tried, now)?, outcome)
-                }
+            let (target, outcome) = match (choice.policy, affinity) {
+                (Policy::LeastLoaded, _) => (choose(all, tried, now)?, Outcome::LeastLoaded),
+                (Policy::CacheAware, Affinity::Key(key)) => keyed(all, tried, now, key, choice.load_factor)?,
+                (Policy::CacheAware, Affinity::NewPrefix) => (choose(all, tried, now)?, Outcome::NewPrefix),
+                (Policy::CacheAware, Affinity::None) => (choose(all, tried, now)?, Outcome::NoPrefix),
             };
             if let Some(flight) = target.try_start() {
                 return Ok((flight, outcome));
@@ -237,6 +234,17 @@ impl Routing {
         }
         Err(NoNode::AtCapacity)
     }
+}
+
+/// What a request's prefix or session asks of the cache-aware choice (SPEC §13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// Nothing to follow: no prefix or session (embeddings, bodies without text).
+    None,
+    /// A key to follow: a session's, or that of a prefix routed here before.
+    Key(u64),
+    /// A prefix this router has not routed lately: no node holds it yet.
+    NewPrefix,
 }
 
 /// The node a key ranks first within the load bound, among those that can take a request now.

@@ -144,7 +144,7 @@ fn fleet(n: u128, order: impl Iterator<Item = u128>) -> Routing {
 }
 
 fn node_for(routing: &Routing, key: u64) -> (Uuid, Outcome) {
-    let (flight, outcome) = routing.pick_keyed("m", &[], 0, Some(key)).expect("pick");
+    let (flight, outcome) = routing.pick_keyed("m", &[], 0, Affinity::Key(key)).expect("pick");
     (flight.target().node_id, outcome)
 }
 
@@ -187,15 +187,15 @@ fn a_hot_key_spills_to_its_next_node_over_the_load_bound_and_comes_back() {
     let routing = fleet(3, 1..=3);
     let key = 42;
     let (first, _) = node_for(&routing, key);
-    let held = [(); 2].map(|()| routing.pick_keyed("m", &[], 0, Some(key)).expect("pick"));
+    let held = [(); 2].map(|()| routing.pick_keyed("m", &[], 0, Affinity::Key(key)).expect("pick"));
     assert!(held.iter().all(|(flight, outcome)| flight.target().node_id == first && *outcome == Outcome::Affinity));
     // Two in flight on the first node of three: over 1.25 × 2 / 3 + 1.
     let (second, outcome) =
-        routing.pick_keyed("m", &[], 0, Some(key)).map(|(f, o)| (f.target().node_id, o)).expect("pick");
+        routing.pick_keyed("m", &[], 0, Affinity::Key(key)).map(|(f, o)| (f.target().node_id, o)).expect("pick");
     assert_eq!(outcome, Outcome::Spilled);
     assert_ne!(second, first);
     let other = fleet(3, (1..=3).rev());
-    let _busy = [(); 2].map(|()| other.pick_keyed("m", &[], 0, Some(key)).expect("pick"));
+    let _busy = [(); 2].map(|()| other.pick_keyed("m", &[], 0, Affinity::Key(key)).expect("pick"));
     assert_eq!(node_for(&other, key).0, second, "the spill goes to the same next node on every router");
     drop(held);
     assert_eq!(node_for(&routing, key), (first, Outcome::Affinity), "and comes back as the load falls");
@@ -206,14 +206,14 @@ fn a_full_or_tried_first_node_spills_and_least_loaded_ignores_keys() {
     let routing = fleet(2, 1..=2);
     let (first, _) = node_for(&routing, 7);
     let (other, outcome) =
-        routing.pick_keyed("m", &[first], 0, Some(7)).map(|(f, o)| (f.target().node_id, o)).expect("pick");
+        routing.pick_keyed("m", &[first], 0, Affinity::Key(7)).map(|(f, o)| (f.target().node_id, o)).expect("pick");
     assert_ne!(other, first);
     assert_eq!(outcome, Outcome::Spilled);
     let least = Routing::default();
     least.set_choice(Choice { policy: Policy::LeastLoaded, ..Choice::default() });
     least.update(&node(1, 8001, NodeStatus::Online, &["m"]));
-    assert_eq!(least.pick_keyed("m", &[], 0, Some(7)).expect("pick").1, Outcome::LeastLoaded);
-    assert_eq!(routing.pick_keyed("m", &[], 0, None).expect("pick").1, Outcome::NoPrefix);
+    assert_eq!(least.pick_keyed("m", &[], 0, Affinity::Key(7)).expect("pick").1, Outcome::LeastLoaded);
+    assert_eq!(routing.pick_keyed("m", &[], 0, Affinity::None).expect("pick").1, Outcome::NoPrefix);
 }
 
 #[test]
