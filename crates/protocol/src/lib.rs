@@ -22,6 +22,10 @@ pub const REGISTER_PATH: &str = "/v0/nodes";
 /// Path of the heartbeat endpoint.
 pub const HEARTBEAT_PATH: &str = "/v0/health";
 
+/// The largest request count a heartbeat may carry (`active_requests`, and `load.running` and `load.waiting`): the
+/// router refuses more, the agent bounds what its runtime reports to it.
+pub const MAX_REQUEST_COUNT: u32 = 1_000_000;
+
 /// Lifecycle state of a node (SPEC §2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

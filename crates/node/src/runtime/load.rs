@@ -26,8 +26,8 @@ use reqwest::header::ACCEPT;
 
 use super::{Runtime, endpoint, error_chain};
 
-/// The largest request count the router accepts in a heartbeat's `load` (its `MAX_ACTIVE_REQUESTS`).
-pub const MAX_COUNT: u32 = 1_000_000;
+/// The largest request count the router accepts in a heartbeat's `load`.
+pub use llm_router_protocol::MAX_REQUEST_COUNT as MAX_COUNT;
 /// How long one read of `/metrics` may take: a heartbeat waits for it.
 pub const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most of a `/metrics` answer that is read; a larger one is not read at all.

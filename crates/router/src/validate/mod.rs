@@ -44,8 +44,8 @@ pub const MAX_LIST_LEN: usize = 1024;
 pub const MAX_GPU_COUNT: i64 = 1024;
 /// Largest memory figure accepted, in bytes (1 PiB: no GPU comes near it, and it stays exact in JSON and SQLite).
 pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
-/// Largest `active_requests` figure a heartbeat may carry.
-pub const MAX_ACTIVE_REQUESTS: u64 = 1_000_000;
+/// Largest `active_requests` figure a heartbeat may carry (and `load.running`, `load.waiting`).
+pub const MAX_ACTIVE_REQUESTS: u64 = llm_router_protocol::MAX_REQUEST_COUNT as u64;
 /// Longest accepted GPU uuid, in characters (the driver's are 40).
 pub const MAX_UUID_CHARS: usize = 96;
 /// Most clock throttle reasons one GPU may report.
