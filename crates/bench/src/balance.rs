@@ -25,7 +25,7 @@ use crate::proxy::{self, MODEL};
 use crate::router::{Router, RouterSpec};
 use crate::sse::StreamClient;
 use crate::standin::{Behaviour, StandIns};
-use crate::stats::ErrorCounts;
+use crate::stats::{self, ErrorCounts};
 
 /// Longest wait for every router to list the model after the fleet is approved.
 const FOLLOW_DEADLINE: Duration = Duration::from_secs(10);
@@ -158,8 +158,6 @@ async fn drive(
         let served = standins.served();
         let answered: Vec<u64> = served.each.iter().map(|load| load.answered.load(Ordering::Relaxed)).collect();
         let peak_in_flight: Vec<u64> = served.each.iter().map(|load| load.peak.load(Ordering::Relaxed)).collect();
-        let most = answered.iter().copied().max().unwrap_or(0) as f64;
-        let least = answered.iter().copied().min().unwrap_or(0).max(1) as f64;
         anyhow::Ok(BalanceReport {
             routers: routers.len(),
             nodes: nodes.len(),
@@ -169,9 +167,9 @@ async fn drive(
             follow_secs,
             streams_ok,
             errors,
+            spread: stats::spread(&answered),
             answered,
             peak_in_flight,
-            spread: most / least,
         })
     }
     .await;

@@ -28,6 +28,13 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
+/// How unevenly `counts` spread: the largest over the smallest (1.0: perfectly even; a zero counts as one).
+pub fn spread(counts: &[u64]) -> f64 {
+    let most = counts.iter().copied().max().unwrap_or(0) as f64;
+    let least = counts.iter().copied().min().unwrap_or(0).max(1) as f64;
+    most / least
+}
+
 /// Latency figures in milliseconds, from samples in nanoseconds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LatencySummary {

@@ -34,7 +34,7 @@ use crate::http::{Client, encode_request};
 use crate::postgres;
 use crate::proxy::{self, HEARTBEAT_PERIOD, MODEL};
 use crate::router::{Router, RouterSpec};
-use crate::stats::{ErrorCounts, LatencySummary};
+use crate::stats::{self, ErrorCounts, LatencySummary};
 
 pub use runtime::{CachedRuntimes, Model};
 pub use workload::Workload;
@@ -272,8 +272,6 @@ fn phase(
         let counters = runtimes.counters(i);
         (p + counters.prompt_tokens.load(Ordering::Relaxed), c + counters.cached_tokens.load(Ordering::Relaxed))
     });
-    let most = answered.iter().copied().max().unwrap_or(0) as f64;
-    let least = answered.iter().copied().min().unwrap_or(0).max(1) as f64;
     let routed = after.iter().map(|(how, n)| (how.clone(), n - before.get(how).copied().unwrap_or(0))).collect();
     Phase {
         workload,
@@ -286,8 +284,8 @@ fn phase(
         errors,
         ttft: LatencySummary::from_nanos(ttft),
         hit_rate: if prompt == 0 { 0.0 } else { cached as f64 / prompt as f64 },
+        spread: stats::spread(&answered),
         answered,
-        spread: most / least,
         routed,
     }
 }
