@@ -97,8 +97,13 @@ pub fn gpu_metrics(i: usize) -> Vec<GpuMetrics> {
 
 /// The heartbeat body of simulated node `i`: CPU and memory figures, eight GPUs, both model lists.
 pub fn heartbeat_body(i: usize, node_id: Uuid) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&heartbeat(i, node_id))?)
+}
+
+/// Node `i`'s heartbeat, as [`heartbeat_body`] serializes it.
+pub fn heartbeat(i: usize, node_id: Uuid) -> HeartbeatRequest {
     let models: Vec<String> = MODELS.iter().map(|m| (*m).to_owned()).collect();
-    let request = HeartbeatRequest {
+    HeartbeatRequest {
         node_id,
         cpu_usage: Some((i % 90) as f64 + 5.5),
         memory_usage: Some((i % 70) as f64 + 20.25),
@@ -107,8 +112,7 @@ pub fn heartbeat_body(i: usize, node_id: Uuid) -> anyhow::Result<Vec<u8>> {
         ready_models: Some(models),
         active_requests: Some((i % 17) as u64),
         load: None,
-    };
-    Ok(serde_json::to_vec(&request)?)
+    }
 }
 
 /// The whole heartbeat request of a node, ready to write on a connection.

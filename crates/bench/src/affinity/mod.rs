@@ -336,12 +336,8 @@ fn heartbeat_with_load(
         loop {
             ticks.tick().await;
             for (i, node) in nodes.iter().enumerate() {
-                let body = fleet::heartbeat_body(i, node.id).and_then(|body| {
-                    let mut heartbeat: HeartbeatRequest = serde_json::from_slice(&body)?;
-                    heartbeat.load = Some(runtimes.load(i));
-                    Ok(serde_json::to_vec(&heartbeat)?)
-                });
-                let sent = match body {
+                let heartbeat = HeartbeatRequest { load: Some(runtimes.load(i)), ..fleet::heartbeat(i, node.id) };
+                let sent = match serde_json::to_vec(&heartbeat) {
                     Ok(body) => client.send(&fleet::heartbeat_request(&host, node, &body)).await.ok(),
                     Err(_) => None,
                 };
