@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
+use crate::model::tenant::Tenant;
 use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
 
 /// Header naming the node that served a request.
@@ -67,6 +68,8 @@ pub struct Outbound<'a> {
     pub model: &'a str,
     /// What its prefix or session asks of the choice (SPEC §13).
     pub affinity: Affinity,
+    /// Whom the request is counted to (SPEC §14).
+    pub tenant: Tenant,
     pub body: Bytes,
 }
 
@@ -140,7 +143,7 @@ impl Proxy {
         request: Outbound<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let arrived = Instant::now();
-        let Outbound { method, path_and_query, headers, model, affinity, body } = request;
+        let Outbound { method, path_and_query, headers, model, affinity, tenant: _, body } = request;
         let via = self.via.pass_on(headers).ok_or(ProxyError::Loop)?;
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.

@@ -10,6 +10,7 @@ pub mod fleet_event;
 pub mod health;
 pub mod input;
 pub mod node;
+pub mod tenant;
 
 use std::borrow::Cow;
 

@@ -16,6 +16,7 @@ use super::extract::authenticate;
 use crate::config::InferenceAuth;
 use crate::error::{ApiError, OpenAi};
 use crate::model::echo;
+use crate::model::tenant::Tenant;
 use crate::proxy::{Outbound, ProxyError};
 use crate::routing::prefix::{self, PromptPeek};
 use crate::routing::{Affinity, Policy, Routing};
@@ -24,20 +25,21 @@ use crate::state::AppState;
 /// Largest inference request body: long prompts and embedding batches are larger than the admin API's bodies.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
-/// A caller allowed on `/v1`: any valid API key or session, or anyone with `--inference-auth none`.
-pub struct InferenceCaller;
+/// A caller allowed on `/v1`: any valid API key or session, or anyone with `--inference-auth none`; the tenant its
+/// requests are counted to (SPEC §14).
+pub struct InferenceCaller(pub Tenant);
 
 impl FromRequestParts<AppState> for InferenceCaller {
     type Rejection = OpenAi;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         if state.settings.inference_auth == InferenceAuth::None {
-            return Ok(InferenceCaller);
+            return Ok(InferenceCaller(Tenant::anonymous()));
         }
         // Accepted credentials are remembered: an inference request does not read the database for its key, and a
         // router cut off from its database keeps serving the keys it knew.
         match authenticate(parts, state).await {
-            Ok(_) => Ok(InferenceCaller),
+            Ok(principal) => Ok(InferenceCaller(Tenant::of(&principal))),
             Err(err) => {
                 let (status, _) = err.status_and_code();
                 if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -97,7 +99,7 @@ fn affinity(routing: &Routing, headers: &HeaderMap, prompt: &PromptPeek<'_>) -> 
 /// Forwards a chat completion, completion or embedding request to a node with its model ready.
 pub async fn forward(
     State(state): State<AppState>,
-    _caller: InferenceCaller,
+    InferenceCaller(tenant): InferenceCaller,
     request: Request,
 ) -> Result<Response, OpenAi> {
     let (parts, body) = request.into_parts();
@@ -124,6 +126,7 @@ pub async fn forward(
         headers: &parts.headers,
         model: &model,
         affinity: affinity(routing, &parts.headers, &prompt),
+        tenant,
         body: held.bytes.clone(),
     };
     let forwarded = state.proxy.forward(routing, &state.clock, &state.metrics.inference, outbound).await;
