@@ -32,6 +32,7 @@ use crate::store::Store;
 use crate::store::postgres;
 use crate::store::sqlite::SqliteStore;
 use crate::tls::Tls;
+use crate::usage::Ledger;
 
 mod start;
 mod tasks;
@@ -91,6 +92,9 @@ impl App {
             settings.credential_grace,
         );
         create_first_admin(&credentials, &settings).await?;
+        credentials.load_policies().await?;
+        metrics.inference.per_key.store(settings.metrics_per_key, std::sync::atomic::Ordering::Relaxed);
+        let ledger = Ledger::new(credentials.limiter().clone(), metrics.clone());
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone())
             .await?
             .with_gpu_max_temp_c(settings.gpu_max_temp_c);
@@ -144,6 +148,7 @@ impl App {
                 audit,
                 tls,
                 proxy,
+                ledger,
                 credentials,
                 body_budget,
                 listening: std::sync::OnceLock::new(),
@@ -186,6 +191,9 @@ impl App {
         }
         if let Err(err) = state.registry.flush().await {
             tracing::error!(error = ?err, "writing the last heartbeat figures failed");
+        }
+        if let Err(err) = state.ledger.flush(&state.store, false).await {
+            tracing::error!(error = ?err, "writing the last usage records failed");
         }
         state.audit.flush().await;
         state.store.close().await;

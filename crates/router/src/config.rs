@@ -108,6 +108,21 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=36_500))]
     pub event_retention_days: u64,
 
+    /// Days the per-minute, per-hour and per-day sums of `/v1` usage are kept (SPEC §14).
+    #[arg(long, env = "LLM_ROUTER_USAGE_RETENTION_DAYS", default_value_t = 400,
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub usage_retention_days: u64,
+
+    /// Days each `/v1` request's own record is kept (`GET /v0/usage/requests`).
+    #[arg(long, env = "LLM_ROUTER_REQUEST_LOG_DAYS", default_value_t = 7,
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub request_log_days: u64,
+
+    /// `/metrics` also counts tokens per API key and user (`llm_router_principal_tokens_total`): one series per
+    /// principal, so off by default.
+    #[arg(long, env = "LLM_ROUTER_METRICS_PER_KEY")]
+    pub metrics_per_key: bool,
+
     /// Anonymous registrations per minute and source address (bursts of twice that); 0 turns the limit off.
     #[arg(long, env = "LLM_ROUTER_REGISTRATION_RATE", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
@@ -287,6 +302,9 @@ impl ServeArgs {
             public_url: self.public_url,
             tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
             event_retention: Duration::from_secs(self.event_retention_days * 86_400),
+            usage_retention: Duration::from_secs(self.usage_retention_days * 86_400),
+            request_log: Duration::from_secs(self.request_log_days * 86_400),
+            metrics_per_key: self.metrics_per_key,
             registration_rate: self.registration_rate,
             max_pending: self.max_pending,
             registration_mode: self.registration_mode,

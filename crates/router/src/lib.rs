@@ -27,4 +27,5 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod usage;
 pub mod validate;

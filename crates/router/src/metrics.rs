@@ -432,12 +432,18 @@ mod tests {
             ("llm_router_inference_retries", "counter"),
             ("llm_router_inference_ejections", "counter"),
             ("llm_router_inference_queued", "gauge"),
+            ("llm_router_tokens", "counter"),
+            ("llm_router_rate_limited", "counter"),
+            ("llm_router_usage_records_written", "gauge"),
+            ("llm_router_usage_records_lost", "gauge"),
+            ("llm_router_usage_records_pending", "gauge"),
         ];
         for (family, kind) in expected {
             assert_eq!(scraped.types.get(family).map(String::as_str), Some(kind), "{family}");
         }
         assert_eq!(scraped.types.len(), expected.len(), "{:?}", scraped.types);
         assert_eq!(scraped.value("llm_router_storage_errors_total", &[]), Some(3.0));
+        assert_eq!(scraped.value("llm_router_rate_limited_total", &[("reason", "tokens_per_day")]), Some(0.0));
         assert_eq!(scraped.value("llm_router_registrations_total", &[]), Some(1.0));
         assert_eq!(scraped.value("llm_router_heartbeats_total", &[]), Some(0.0));
         assert_eq!(scraped.value("llm_router_http_connections_max", &[]), Some(64.0));

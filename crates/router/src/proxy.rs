@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
-use crate::model::tenant::Tenant;
+use crate::usage::{Meter, StreamUsage};
 use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
 
 /// Header naming the node that served a request.
@@ -68,8 +68,9 @@ pub struct Outbound<'a> {
     pub model: &'a str,
     /// What its prefix or session asks of the choice (SPEC §13).
     pub affinity: Affinity,
-    /// Whom the request is counted to (SPEC §14).
-    pub tenant: Tenant,
+    /// What the request is counted as (SPEC §14), and how its answer's usage is had.
+    pub meter: Meter,
+    pub usage: StreamUsage,
     pub body: Bytes,
 }
 
@@ -141,20 +142,20 @@ impl Proxy {
         clock: &Arc<dyn Clock>,
         metrics: &InferenceMetrics,
         request: Outbound<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, (ProxyError, Meter)> {
         let arrived = Instant::now();
-        let Outbound { method, path_and_query, headers, model, affinity, tenant: _, body } = request;
-        let via = self.via.pass_on(headers).ok_or(ProxyError::Loop)?;
+        let Outbound { method, path_and_query, headers, model, affinity, mut meter, usage, body } = request;
+        let Some(via) = self.via.pass_on(headers) else { return Err((ProxyError::Loop, meter)) };
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.
         let mut figures: Option<Arc<ModelMetrics>> = None;
         for _ in 0..=self.settings.max_retries {
             let (flight, how) = match self.pick(routing, clock, model, affinity, &tried).await {
                 Ok(picked) => picked,
-                Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err(ProxyError::UnknownModel),
+                Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err((ProxyError::UnknownModel, meter)),
                 Err(Err(refused)) => {
                     metrics.model(model).answered(StatusCode::TOO_MANY_REQUESTS.as_u16());
-                    return Err(refused);
+                    return Err((refused, meter));
                 }
                 Err(Ok(_)) => break,
             };
@@ -175,13 +176,14 @@ impl Proxy {
                 Ok(Ok(response)) if !retryable(response.status()) => {
                     target.succeeded();
                     figures.answered(response.status().as_u16());
+                    meter.answered(target.node_id, response.status().as_u16(), tried.len() - 1, usage);
                     let watch = Watch {
                         figures: figures.clone(),
                         arrived,
                         clock: clock.clone(),
                         idle_timeout: self.settings.idle_timeout,
                     };
-                    return Ok(downstream_response(response, flight, watch));
+                    return Ok(downstream_response(response, flight, watch, meter));
                 }
                 Ok(Ok(response)) => format!("the node answered {}", response.status()),
                 Ok(Err(err)) => format!("forwarding to the node failed: {err}"),
@@ -194,7 +196,7 @@ impl Proxy {
             }
         }
         metrics.model(model).answered(StatusCode::SERVICE_UNAVAILABLE.as_u16());
-        Err(ProxyError::NoNode { tried: tried.len() })
+        Err((ProxyError::NoNode { tried: tried.len() }, meter))
     }
 }
 
@@ -240,14 +242,26 @@ struct Watch {
     idle_timeout: Duration,
 }
 
-fn downstream_response(response: Response<Incoming>, flight: InFlight, watch: Watch) -> Response<Body> {
+fn downstream_response(response: Response<Incoming>, flight: InFlight, watch: Watch, meter: Meter) -> Response<Body> {
     let (parts, incoming) = response.into_parts();
     let node = flight.target().node_id;
-    let body = Routed { incoming, flight, failed: false, first_byte: false, watch, silence: None, progressed: false };
+    // A stream the meter rewrites has another length than the node's.
+    let rewritten = meter.rewrites();
+    let body = Routed {
+        incoming,
+        flight,
+        failed: false,
+        first_byte: false,
+        watch,
+        silence: None,
+        progressed: false,
+        meter,
+        ended: false,
+    };
     let mut answer = Response::new(Body::new(body));
     *answer.status_mut() = parts.status;
     for (name, value) in &parts.headers {
-        if !hop_by_hop(name) {
+        if !hop_by_hop(name) && !(rewritten && name == header::CONTENT_LENGTH) {
             answer.headers_mut().append(name.clone(), value.clone());
         }
     }
@@ -270,6 +284,10 @@ struct Routed {
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the silence was last armed.
     progressed: bool,
+    /// Reads the answer's usage (and, for a stream whose usage the router asked for, passes it on without it).
+    meter: Meter,
+    /// The node's body has ended and what the meter held is passed on.
+    ended: bool,
 }
 
 /// Why an answer's body ended early.
@@ -309,35 +327,57 @@ impl hyper::body::Body for Routed {
     type Error = Broken;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Broken>>> {
-        match Pin::new(&mut self.incoming).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                self.progressed = true;
-                if !self.first_byte && frame.data_ref().is_some_and(|d| !d.is_empty()) {
-                    self.first_byte = true;
-                    self.watch.figures.first_byte.observe(self.watch.arrived.elapsed().as_secs_f64());
+        loop {
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.incoming).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.progressed = true;
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let data = self.meter.pass(data);
+                            if data.is_empty() {
+                                // Held by the meter until its event ends.
+                                continue;
+                            }
+                            if !self.first_byte {
+                                self.first_byte = true;
+                                self.watch.figures.first_byte.observe(self.watch.arrived.elapsed().as_secs_f64());
+                            }
+                            Frame::data(data)
+                        }
+                        Err(frame) => frame,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                Poll::Ready(Some(Err(err))) => {
+                    self.fail();
+                    self.meter.broke();
+                    return Poll::Ready(Some(Err(Broken::Upstream(err))));
+                }
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    let rest = self.meter.end();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Pending if self.silent_too_long(cx) => {
+                    self.fail();
+                    self.meter.broke();
+                    tracing::warn!(node = %self.flight.target().node_id, "a node went silent in the middle of an answer");
+                    return Poll::Ready(Some(Err(Broken::Silent(self.watch.idle_timeout))));
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(Some(Err(err))) => {
-                self.fail();
-                Poll::Ready(Some(Err(Broken::Upstream(err))))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending if self.silent_too_long(cx) => {
-                self.fail();
-                tracing::warn!(node = %self.flight.target().node_id, "a node went silent in the middle of an answer");
-                Poll::Ready(Some(Err(Broken::Silent(self.watch.idle_timeout))))
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.ended || (self.incoming.is_end_stream() && !self.meter.rewrites())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        if self.meter.rewrites() { SizeHint::default() } else { self.incoming.size_hint() }
     }
 }
 

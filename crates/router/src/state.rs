@@ -14,6 +14,7 @@ use crate::registry::Registry;
 use crate::registry::admission::Admission;
 use crate::store::Store;
 use crate::tls::Tls;
+use crate::usage::Ledger;
 
 /// The application's parts.
 pub struct AppInner {
@@ -33,6 +34,8 @@ pub struct AppInner {
     pub tls: Option<Arc<Tls>>,
     /// The pool of connections to the nodes' runtimes, for `/v1`.
     pub proxy: Proxy,
+    /// Where each `/v1` request's usage is recorded and its tenant's limits held (SPEC §14).
+    pub ledger: Arc<Ledger>,
     /// The bytes of request bodies held in memory at once, all requests together.
     pub body_budget: BodyBudget,
     /// The address this router listens on, once it does: a node may not be registered there.

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use crate::registry::FOLLOW_INTERVAL;
 use crate::state::{AppInner, AppState};
 use crate::store::Availability;
+use crate::usage::{FLUSH_INTERVAL, REFRESH_INTERVAL};
 
 /// Starts the background work, each on its own period until `stop` turns true.
 pub(super) fn spawn(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
@@ -51,6 +52,14 @@ pub(super) fn spawn(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
                 }
             }
         }),
+        usage(state, stop),
+        spawn_every(state, USAGE_PRUNE_INTERVAL, stop, |state| async move {
+            match prune_usage(&state).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "removed usage records and sums past their retention"),
+                Err(err) => background_failure(&state, "removing old usage records failed; will retry", &format!("{err:#}")),
+            }
+        }),
     ];
     if state.store.shared().is_some() {
         background.extend(follow_other_routers(state, stop));
@@ -64,6 +73,35 @@ pub async fn prune_events(state: &AppInner) -> anyhow::Result<u64> {
     let retention = i64::try_from(state.settings.event_retention.as_millis()).unwrap_or(i64::MAX);
     let cutoff = state.clock.now_ms().saturating_sub(retention);
     Ok(state.store.prune_events(cutoff).await? + state.store.prune_audit(cutoff).await?)
+}
+
+/// Writes the usage records every [`FLUSH_INTERVAL`]; every [`REFRESH_INTERVAL`] also reads back what tenants with
+/// limits have spent, and every key's and user's limits (other routers may have changed them).
+fn usage(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
+    let every_refresh = (REFRESH_INTERVAL.as_millis() / FLUSH_INTERVAL.as_millis()).max(1) as u64;
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    spawn_every(state, FLUSH_INTERVAL, stop, move |state| {
+        let tick = ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let refresh = tick % every_refresh == 0;
+            if let Err(err) = state.ledger.flush(&state.store, refresh).await {
+                background_failure(&state, "writing usage records failed; will retry", &format!("{err:#}"));
+            }
+            if refresh && let Err(err) = state.credentials.load_policies().await {
+                background_failure(&state, "reading keys' limits failed; will retry", &format!("{err:#}"));
+            }
+        }
+    })
+}
+
+/// Removes request records older than `--request-log-days` and usage sums older than `--usage-retention-days`;
+/// returns how many rows.
+pub async fn prune_usage(state: &AppInner) -> anyhow::Result<u64> {
+    let now = state.clock.now_ms();
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let requests_before = now.saturating_sub(ms(state.settings.request_log));
+    let rollups_before = now.saturating_sub(ms(state.settings.usage_retention));
+    Ok(state.store.prune_usage(requests_before, rollups_before).await?)
 }
 
 /// The tasks that keep this router in step with the others sharing its database (SPEC §11): node changes, read
@@ -156,6 +194,9 @@ where
 /// background (a passive checkpoint, beside the writer), often enough that the checkpoint a write does when the log
 /// is over its limit finds little to copy.
 const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often usage past its retention is removed (also once at start).
+const USAGE_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// How often node events past the retention period are removed (also once at start).
 const EVENT_PRUNE_INTERVAL: Duration = Duration::from_secs(600);

@@ -17,6 +17,8 @@ use crate::audit::{AuditLog, Outcome};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::model::auth::{Principal, Revoked, Role, Scope, TokenHash};
+use crate::model::tenant::Limits;
+use crate::usage::{Limiter, Policy};
 use crate::store::{ApiKeyRow, StorageFault, Store, StoreError, UserRow};
 use crate::validate::{self, Invalid};
 
@@ -96,6 +98,8 @@ pub struct Credentials {
     sign_ins: LoginThrottle,
     remembered: CredentialCache,
     session_ttl: Duration,
+    /// Keys' and users' limits and weights, held on `/v1`.
+    limiter: Arc<Limiter>,
 }
 
 impl Credentials {
@@ -111,6 +115,7 @@ impl Credentials {
         grace: Duration,
     ) -> Self {
         Credentials {
+            limiter: Arc::new(Limiter::new(clock.clone(), store.clone())),
             store,
             clock,
             metrics,
@@ -120,6 +125,21 @@ impl Credentials {
             remembered: CredentialCache::new(grace),
             session_ttl,
         }
+    }
+
+    /// The limits of every key and user, and what each has used (SPEC §14).
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// Reads every key's and user's limits and weight from the storage into the limiter: at start, and now and then
+    /// for what other routers changed.
+    pub async fn load_policies(&self) -> Result<(), StoreError> {
+        let policies = self.store.policies().await?;
+        self.limiter.set_all(
+            policies.into_iter().map(|(id, limits, weight)| (id, Policy { limits, weight })).collect(),
+        );
+        Ok(())
     }
 
     /// The pool every password hash goes through.
@@ -305,9 +325,13 @@ impl Credentials {
         name: &str,
         role: Option<Role>,
         scope: Option<Scope>,
+        policy: KeyPolicy,
     ) -> Result<CreatedKey, AuthError> {
         let result = async {
             let name = validate::name(name)?;
+            let limits = policy.limits.flatten().unwrap_or_default();
+            validate::limits(&limits)?;
+            let weight = validate::weight(policy.weight)?.unwrap_or(1);
             let scope = scope.unwrap_or(Scope::Admin);
             let role = match (scope, role) {
                 (Scope::Admin, role) => role.unwrap_or(Role::Admin),
@@ -322,8 +346,11 @@ impl Credentials {
                 scope,
                 created_by: actor.name.to_owned(),
                 created_at: self.clock.now_ms(),
+                limits,
+                weight,
             };
             self.store.insert_api_key(&row, key.hash()).await?;
+            self.limiter.set(&format!("key:{}", row.id), Policy { limits, weight });
             Ok(CreatedKey { row, key })
         }
         .await;
@@ -346,6 +373,47 @@ impl Credentials {
         self.audited(actor, "api_key.delete", id, result)
     }
 
+    /// Changes an API key's limits (replaced whole when given; `Some(None)` removes them) and weight (when given);
+    /// applied at once on this router, within a second on the others. Audited as `api_key.update`.
+    pub async fn update_api_key(&self, actor: Actor<'_>, id: &str, policy: KeyPolicy) -> Result<ApiKeyRow, AuthError> {
+        let result = async {
+            let missing = || AuthError::NoSuchKey(id.to_owned());
+            let key_id = Uuid::parse_str(id).map_err(|_| missing())?;
+            let new_limits = policy.limits.map(Option::unwrap_or_default);
+            if let Some(limits) = &new_limits {
+                validate::limits(limits)?;
+            }
+            let new_weight = validate::weight(policy.weight)?;
+            let mut row =
+                self.store.api_keys().await?.into_iter().find(|key| key.id == key_id).ok_or_else(missing)?;
+            row.limits = new_limits.unwrap_or(row.limits);
+            row.weight = new_weight.unwrap_or(row.weight);
+            if !self.store.set_key_policy(key_id, &row.limits, row.weight).await? {
+                return Err(missing());
+            }
+            self.limiter.set(&format!("key:{key_id}"), Policy { limits: row.limits, weight: row.weight });
+            Ok(row)
+        }
+        .await;
+        self.audited(actor, "api_key.update", id, result)
+    }
+
+    /// Sets a user's limits (`None`: none); applied at once on this router, within a second on the others. Audited
+    /// as `user.update`.
+    pub async fn set_user_limits(&self, actor: Actor<'_>, username: &str, limits: Option<Limits>) -> Result<Limits, AuthError> {
+        let result = async {
+            let limits = limits.unwrap_or_default();
+            validate::limits(&limits)?;
+            if !self.store.set_user_limits(username, &limits).await? {
+                return Err(AuthError::NoSuchUser(username.to_owned()));
+            }
+            self.limiter.set(&format!("user:{username}"), Policy { limits, weight: 1 });
+            Ok(limits)
+        }
+        .await;
+        self.audited(actor, "user.update", username, result)
+    }
+
     /// Records `action` on `target` by `actor`, ended as `result` says, and passes the result on.
     fn audited<T>(
         &self,
@@ -358,6 +426,13 @@ impl Credentials {
         self.audit.record(actor.name, Some(actor.client), action, Some(target.to_owned()), outcome);
         result
     }
+}
+
+/// A key's limits and weight as asked: `limits` absent keeps them (`Some(None)`: none), `weight` absent keeps it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyPolicy {
+    pub limits: Option<Option<Limits>>,
+    pub weight: Option<u32>,
 }
 
 /// The first administrator, just created; the password when the router generated it.

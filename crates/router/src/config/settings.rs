@@ -89,6 +89,12 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// How long node events are kept.
     pub event_retention: Duration,
+    /// How long the sums of `/v1` usage are kept.
+    pub usage_retention: Duration,
+    /// How long each `/v1` request's record is kept.
+    pub request_log: Duration,
+    /// Token series per principal on `/metrics`.
+    pub metrics_per_key: bool,
     /// Anonymous registrations per minute and source address; 0 = no limit.
     pub registration_rate: u32,
     /// Most pending nodes in all; 0 = no cap.
@@ -154,6 +160,9 @@ impl Settings {
             public_url: None,
             tls: None,
             event_retention: Duration::from_secs(30 * 86_400),
+            usage_retention: Duration::from_secs(400 * 86_400),
+            request_log: Duration::from_secs(7 * 86_400),
+            metrics_per_key: false,
             registration_rate: 10,
             max_pending: 1000,
             registration_mode: RegistrationMode::Open,

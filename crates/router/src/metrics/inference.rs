@@ -36,6 +36,26 @@ struct HowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyTokenLabels {
+    principal: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The limits a request can be refused by (SPEC §14), as `rate_limited_total`'s `reason`.
+pub const LIMIT_REASONS: [&str; 4] = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
     model: String,
     class: &'static str,
@@ -55,6 +75,15 @@ pub struct InferenceMetrics {
     ejections: Family<ModelLabel, Counter>,
     /// Requests waiting for a node below its `max_concurrency` (set when scraped).
     pub queued: Level,
+    tokens: Family<TokenLabels, Counter>,
+    tokens_by_key: Family<KeyTokenLabels, Counter>,
+    /// Series per principal too (`--metrics-per-key`).
+    pub per_key: std::sync::atomic::AtomicBool,
+    rate_limited: [Counter; 4],
+    /// Usage records written, lost (too many waited while the storage was down), and waiting (set when scraped).
+    pub usage_written: Level,
+    pub usage_lost: Level,
+    pub usage_pending: Level,
     by_model: RwLock<HashMap<Box<str>, Arc<ModelMetrics>>>,
 }
 
@@ -70,6 +99,9 @@ pub struct ModelMetrics {
     pub retries: Counter,
     /// Nodes ejected from routing by a failure of a request for this model.
     pub ejections: Counter,
+    /// Tokens of its answers, as the runtimes' `usage` reported them.
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
 }
 
 impl ModelMetrics {
@@ -88,6 +120,25 @@ impl ModelMetrics {
 }
 
 impl InferenceMetrics {
+    /// Counts an answer's tokens: by model, and by principal with `--metrics-per-key`.
+    pub fn tokens(&self, model: &str, principal: &str, tokens: crate::model::usage::Tokens) {
+        let figures = self.model(model);
+        figures.prompt_tokens.inc_by(tokens.prompt);
+        figures.completion_tokens.inc_by(tokens.completion);
+        if self.per_key.load(std::sync::atomic::Ordering::Relaxed) {
+            for (kind, count) in [("prompt", tokens.prompt), ("completion", tokens.completion)] {
+                self.tokens_by_key.get_or_create(&KeyTokenLabels { principal: principal.to_owned(), kind }).inc_by(count);
+            }
+        }
+    }
+
+    /// Counts a request refused by a limit.
+    pub fn rate_limited(&self, reason: &str) {
+        if let Some(at) = LIMIT_REASONS.iter().position(|name| *name == reason) {
+            self.rate_limited[at].inc();
+        }
+    }
+
     pub(super) fn register(registry: &mut Registry) -> Self {
         let answers = Family::<ClassLabels, Counter>::default();
         registry.register(
@@ -138,7 +189,53 @@ impl InferenceMetrics {
             "Inference requests waiting for a node below its max_concurrency",
             queued.clone(),
         );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "llm_router_tokens",
+            "Tokens of inference answers as the runtimes' usage reported them, by model and kind (prompt, completion)",
+            tokens.clone(),
+        );
+        let tokens_by_key = Family::<KeyTokenLabels, Counter>::default();
+        registry.register(
+            "llm_router_principal_tokens",
+            "Tokens of inference answers by principal (key:<id>, user:<name>, anonymous) and kind; only with \
+             --metrics-per-key",
+            tokens_by_key.clone(),
+        );
+        let limited = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "llm_router_rate_limited",
+            "Inference requests refused by a key's or user's limit, by the limit (SPEC §14)",
+            limited.clone(),
+        );
+        let rate_limited = LIMIT_REASONS.map(|reason| limited.get_or_create_owned(&ReasonLabel { reason }));
+        let usage_written = Level::default();
+        registry.register(
+            "llm_router_usage_records_written",
+            "Inference request records written to the storage since the start",
+            usage_written.clone(),
+        );
+        let usage_lost = Level::default();
+        registry.register(
+            "llm_router_usage_records_lost",
+            "Inference request records lost since the start: more waited to be written than the router keeps while \
+             its storage fails",
+            usage_lost.clone(),
+        );
+        let usage_pending = Level::default();
+        registry.register(
+            "llm_router_usage_records_pending",
+            "Inference request records waiting to be written",
+            usage_pending.clone(),
+        );
         InferenceMetrics {
+            tokens,
+            tokens_by_key,
+            per_key: std::sync::atomic::AtomicBool::new(false),
+            rate_limited,
+            usage_written,
+            usage_lost,
+            usage_pending,
             answers,
             routed,
             upstream_headers,
@@ -168,6 +265,10 @@ impl InferenceMetrics {
             first_byte: self.first_byte.get_or_create_owned(&label),
             retries: self.retries.get_or_create_owned(&label),
             ejections: self.ejections.get_or_create_owned(&label),
+            prompt_tokens: self.tokens.get_or_create_owned(&TokenLabels { model: model.to_owned(), kind: "prompt" }),
+            completion_tokens: self
+                .tokens
+                .get_or_create_owned(&TokenLabels { model: model.to_owned(), kind: "completion" }),
         });
         by_model.insert(model.into(), created.clone());
         created

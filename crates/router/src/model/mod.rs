@@ -11,6 +11,7 @@ pub mod health;
 pub mod input;
 pub mod node;
 pub mod tenant;
+pub mod usage;
 
 use std::borrow::Cow;
 

@@ -66,3 +66,48 @@ mod tests {
         assert_eq!(&*Tenant::anonymous().id, "anonymous");
     }
 }
+
+/// Largest value of a limit.
+pub const MAX_LIMIT: u64 = 1_000_000_000_000;
+
+/// What a key or a user may use (SPEC §14); each limit is optional. Per-minute limits turn with the UTC minute,
+/// `tokens_per_day` at UTC midnight, `tokens_per_month` on the first of the month (UTC).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_month: Option<u64>,
+}
+
+impl Limits {
+    /// Whether no limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// The limits with their names, for checks and messages.
+    pub fn named(&self) -> [(&'static str, Option<u64>); 4] {
+        [
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("tokens_per_day", self.tokens_per_day),
+            ("tokens_per_month", self.tokens_per_month),
+        ]
+    }
+
+    /// The limits as stored: JSON, `None` for none.
+    pub fn encode(&self) -> Option<String> {
+        (!self.is_empty()).then(|| serde_json::to_string(self).unwrap_or_default())
+    }
+
+    /// What [`Limits::encode`] stored; an unreadable value reads as no limits.
+    pub fn decode(text: Option<&str>) -> Limits {
+        text.and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default()
+    }
+}

@@ -20,6 +20,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod paging;
 pub mod query;
+pub mod usage;
 pub mod users;
 
 use std::any::Any;
@@ -98,9 +99,14 @@ fn api() -> Api {
         .add(Method::GET, "/v0/auth/me", auth::me)
         .add(Method::GET, "/v0/users", users::list)
         .add(Method::POST, "/v0/users", users::create)
+        .add(Method::PATCH, "/v0/users/{username}", users::update)
         .add(Method::DELETE, "/v0/users/{username}", users::delete)
+        .add(Method::GET, "/v0/usage", usage::usage)
+        .add(Method::GET, "/v0/usage/requests", usage::requests)
+        .add(Method::GET, "/v0/usage/live", usage::live)
         .add(Method::GET, "/v0/api-keys", api_keys::list)
         .add(Method::POST, "/v0/api-keys", api_keys::create)
+        .add(Method::PATCH, "/v0/api-keys/{id}", api_keys::update)
         .add(Method::DELETE, "/v0/api-keys/{id}", api_keys::delete)
         .add(Method::GET, "/v0/join-tokens", join_tokens::list)
         .add(Method::POST, "/v0/join-tokens", join_tokens::create)

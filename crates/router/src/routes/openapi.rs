@@ -14,7 +14,7 @@ use utoipa::{Modify, OpenApi};
 use super::fleet_events::FleetEventView;
 use super::nodes::list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCounts};
 use super::nodes::views::{NodeEventView, NodeView, RoutingView};
-use super::{api_keys, audit, auth, fleet_events, heartbeats, join_tokens, nodes, users};
+use super::{api_keys, audit, auth, fleet_events, heartbeats, join_tokens, nodes, usage, users};
 use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeFigures;
 
@@ -25,8 +25,9 @@ use crate::model::figures::NodeFigures;
         nodes::register, nodes::list::list, nodes::list::summary, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
         heartbeats::heartbeat,
         auth::login, auth::logout, auth::me,
-        users::list, users::create, users::delete,
-        api_keys::list, api_keys::create, api_keys::delete,
+        users::list, users::create, users::update, users::delete,
+        api_keys::list, api_keys::create, api_keys::update, api_keys::delete,
+        usage::usage, usage::requests, usage::live,
         join_tokens::list, join_tokens::create, join_tokens::revoke,
         audit::list,
         fleet_events::list, fleet_events::dismiss,

@@ -61,7 +61,7 @@ const TABLES: &[Table] = &[
     },
     Table {
         name: "users",
-        columns: &[("username", Text), ("password_hash", Text), ("role", Text), ("created_at", Int)],
+        columns: &[("username", Text), ("password_hash", Text), ("role", Text), ("created_at", Int), ("limits", Text)],
         identity: false,
     },
     Table {
@@ -79,6 +79,8 @@ const TABLES: &[Table] = &[
             ("created_by", Text),
             ("created_at", Int),
             ("scope", Text),
+            ("limits", Text),
+            ("weight", Int),
         ],
         identity: false,
     },
@@ -127,7 +129,39 @@ const TABLES: &[Table] = &[
         ],
         identity: true,
     },
+    Table {
+        name: "usage_requests",
+        columns: &[
+            ("id", Int),
+            ("at", Int),
+            ("principal", Text),
+            ("model", Text),
+            ("node", Text),
+            ("status", Int),
+            ("prompt_tokens", Int),
+            ("completion_tokens", Int),
+            ("ttft_ms", Int),
+            ("duration_ms", Int),
+            ("retries", Int),
+            ("stream", Bool),
+        ],
+        identity: true,
+    },
 ];
+
+/// The usage roll-ups and the names of principals (SPEC §14): keyed by several columns, without SQLite row ids;
+/// copied in pages by key, and checked by counting every row of the table.
+const KEYED: &[(&str, &[&str], &[&str])] = &[
+    ("usage_principals", &["principal"], &["name", "last_seen"]),
+    ("usage_minute", &["bucket", "principal", "model"], ROLLUP_SUMS),
+    ("usage_hour", &["bucket", "principal", "model"], ROLLUP_SUMS),
+    ("usage_day", &["bucket", "principal", "model"], ROLLUP_SUMS),
+    ("usage_node_hour", &["bucket", "node", "model"], ROLLUP_SUMS),
+    ("usage_node_day", &["bucket", "node", "model"], ROLLUP_SUMS),
+];
+
+const ROLLUP_SUMS: &[&str] =
+    &["requests", "errors", "rejected", "prompt_tokens", "completion_tokens", "unknown_usage", "duration_ms"];
 
 /// Rows per insert statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -195,6 +229,9 @@ async fn copy_all(sqlite: &SqlitePool, pg: &PgPool, nodes: &[StoredNode]) -> any
     let mut read = sqlite.begin().await.context("reading SQLite")?;
     for table in TABLES {
         report.push(copy_table(&mut read, &mut tx, table).await?);
+    }
+    for (table, key, values) in KEYED {
+        report.push(copy_keyed(&mut read, &mut tx, table, key, values).await?);
     }
     read.commit().await?;
     tx.commit().await.context("committing the copy")?;
@@ -266,6 +303,68 @@ async fn copy_table(read: &mut SqliteConnection, tx: &mut PgConnection, table: &
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await?;
     }
     Ok(Copied { table: table.name, rows: rows_read, added })
+}
+
+/// Copies a table keyed by `key` (text columns but `bucket`, and `last_seen` and the sums, integers) a page at a
+/// time in key order, then checks that PostgreSQL holds as many rows.
+async fn copy_keyed(
+    read: &mut SqliteConnection,
+    tx: &mut PgConnection,
+    table: &'static str,
+    key: &[&str],
+    values: &[&str],
+) -> anyhow::Result<Copied> {
+    let columns: Vec<&str> = key.iter().chain(values).copied().collect();
+    let kind = |name: &str| if matches!(name, "principal" | "model" | "node" | "name") { Text } else { Int };
+    let keys = key.join(", ");
+    let marks = vec!["?"; key.len()].join(", ");
+    let (mut rows_read, mut added) = (0u64, 0u64);
+    let mut after: Option<SqliteRow> = None;
+    loop {
+        let mut select = format!("SELECT {} FROM {table}", columns.join(", "));
+        if after.is_some() {
+            select.push_str(&format!(" WHERE ({keys}) > ({marks})"));
+        }
+        select.push_str(&format!(" ORDER BY {keys} LIMIT {ROWS_PER_STATEMENT}"));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(select));
+        if let Some(last) = &after {
+            for (i, name) in key.iter().enumerate() {
+                query = match kind(name) {
+                    Text => query.bind(last.try_get::<String, _>(i)?),
+                    _ => query.bind(last.try_get::<i64, _>(i)?),
+                };
+            }
+        }
+        let rows = query.fetch_all(&mut *read).await.with_context(|| format!("reading {table} from SQLite"))?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut insert = QueryBuilder::<Postgres>::new(format!("INSERT INTO {table} ({}) ", columns.join(", ")));
+        let mut failed = None;
+        insert.push_values(&rows, |mut values, row| {
+            for (i, name) in columns.iter().enumerate() {
+                if let Err(err) = bind(&mut values, row, i, kind(name)) {
+                    failed.get_or_insert(err);
+                }
+            }
+        });
+        if let Some(err) = failed {
+            return Err(err.context(format!("reading a row of {table}")));
+        }
+        insert.push(" ON CONFLICT DO NOTHING");
+        added += insert.build().execute(&mut *tx).await.with_context(|| format!("copying {table}"))?.rows_affected();
+        rows_read += rows.len() as u64;
+        let full = rows.len() == ROWS_PER_STATEMENT;
+        after = rows.into_iter().last();
+        if !full {
+            break;
+        }
+    }
+    let present: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(&mut *tx)
+        .await?;
+    check(table, rows_read, present)?;
+    Ok(Copied { table, rows: rows_read, added })
 }
 
 /// Fails, naming the table, unless every one of its `rows` SQLite rows was found in PostgreSQL.

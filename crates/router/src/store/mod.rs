@@ -10,7 +10,8 @@
 //! - events are capped at [`EVENTS_PER_NODE`] per node.
 //!
 //! The contract is one trait per area, each implemented by each backend in the file of that area, with no layer in
-//! between: [`NodeStore`], [`FleetEventStore`], [`AccountStore`], [`EnrollmentStore`], [`AuditStore`]; [`Storage`]
+//! between: [`NodeStore`], [`FleetEventStore`], [`AccountStore`], [`EnrollmentStore`], [`AuditStore`],
+//! [`UsageStore`]; [`Storage`]
 //! is all of them and the storage's own upkeep. Statements that both backends run as they are (`$1`, `$2`… for
 //! parameters, which SQLite reads too) are written once, in [`sql`]. Methods return boxed futures so that the store
 //! can be held as `Arc<dyn Storage>`; none is on the heartbeat path, whose figures are written behind in batches
@@ -26,6 +27,7 @@ mod records;
 mod rows;
 mod sql;
 pub mod sqlite;
+mod usage_sql;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -39,6 +41,8 @@ use crate::model::auth::{Principal, TokenHash};
 use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::fleet_event::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
+use crate::model::tenant::Limits;
+use crate::model::usage::{RecordedRequest, RequestQuery, SeriesQuery, UsageBucket, UsageRecord};
 
 pub use error::{StorageFault, StoreError};
 pub use records::{
@@ -177,6 +181,12 @@ pub trait AccountStore: Send + Sync {
     fn api_keys(&self) -> StoreResult<'_, Vec<ApiKeyRow>>;
     /// Revokes an API key; `false` when there was none with this id.
     fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool>;
+    /// Sets an API key's limits and weight; `false` when there is no key with this id.
+    fn set_key_policy<'a>(&'a self, id: Uuid, limits: &'a Limits, weight: u32) -> StoreResult<'a, bool>;
+    /// Sets a user's limits; `false` when there is no such user.
+    fn set_user_limits<'a>(&'a self, username: &'a str, limits: &'a Limits) -> StoreResult<'a, bool>;
+    /// Every key and user with limits or a weight other than 1: (tenant id, limits, weight).
+    fn policies(&self) -> StoreResult<'_, Vec<(String, Limits, u32)>>;
 }
 
 /// Join tokens (SPEC §9).
@@ -200,9 +210,30 @@ pub trait AuditStore: Send + Sync {
     fn prune_audit(&self, cutoff: Millis) -> StoreResult<'_, u64>;
 }
 
+/// What each `/v1` request used (SPEC §14): its record, the roll-ups that sum the records, their pruning.
+pub trait UsageStore: Send + Sync {
+    /// Writes a batch of records with what they add to the roll-ups and the names of their principals, in one
+    /// transaction.
+    fn insert_usage<'a>(&'a self, batch: &'a [UsageRecord]) -> StoreResult<'a, ()>;
+    /// The buckets of a series, oldest first, from the coarsest roll-up that answers it.
+    fn usage_series<'a>(&'a self, query: &'a SeriesQuery) -> StoreResult<'a, Vec<UsageBucket>>;
+    /// A page of the recorded requests, newest first.
+    fn usage_requests<'a>(&'a self, query: &'a RequestQuery) -> StoreResult<'a, Vec<RecordedRequest>>;
+    /// Per principal: requests and tokens recorded since `since`, summed from the roll-up of `step` (whose buckets
+    /// `since` must start).
+    fn spent_since(&self, step: crate::model::usage::Step, since: Millis) -> StoreResult<'_, Vec<(String, u64, u64)>>;
+    /// The names of the principals seen: (id, name).
+    fn principal_names(&self) -> StoreResult<'_, Vec<(String, String)>>;
+    /// Arrival and time to first token of the latest streamed requests since `since`, at most `limit`.
+    fn first_tokens_since(&self, since: Millis, limit: u32) -> StoreResult<'_, Vec<(Millis, u32)>>;
+    /// Removes request records before `requests_before` and roll-up buckets before `rollups_before`, in bounded
+    /// transactions; returns how many rows.
+    fn prune_usage(&self, requests_before: Millis, rollups_before: Millis) -> StoreResult<'_, u64>;
+}
+
 /// Everything the router keeps, and the storage's own upkeep.
 pub trait Storage:
-    NodeStore + FleetEventStore + AccountStore + EnrollmentStore + AuditStore + Send + Sync + 'static
+    NodeStore + FleetEventStore + AccountStore + EnrollmentStore + AuditStore + UsageStore + Send + Sync + 'static
 {
     /// Periodic upkeep between writes (SQLite: a passive checkpoint of the write-ahead log, and a look at the
     /// file), every 250 ms.
@@ -242,4 +273,8 @@ pub trait SharedStorage: Send + Sync + 'static {
     /// Notified whenever a router commits a change (PostgreSQL `LISTEN/NOTIFY`); a lost notification is healed by
     /// the periodic reads of the changes.
     fn signals(&self) -> &ChangeSignals;
+    /// Claims up to `want` of `principal`'s requests of the minute starting `minute`, of `limit` in all among every
+    /// router; returns how many were granted (0 once the minute's limit is reached). Claims of minutes long past are
+    /// removed on the way.
+    fn claim_requests<'a>(&'a self, principal: &'a str, minute: Millis, want: u64, limit: u64) -> StoreResult<'a, u64>;
 }

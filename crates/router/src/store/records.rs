@@ -48,6 +48,10 @@ pub struct ApiKeyRow {
     pub scope: Scope,
     pub created_by: String,
     pub created_at: Millis,
+    /// What the key may use (SPEC §14).
+    pub limits: crate::model::tenant::Limits,
+    /// Its share of the queue's free places (1–100).
+    pub weight: u32,
 }
 
 /// Which page of the audit log to read.

@@ -97,6 +97,8 @@ pub(super) fn api_key(row: &impl Columns) -> anyhow::Result<ApiKeyRow> {
         scope: row.text(3)?.parse()?,
         created_by: row.text(4)?,
         created_at: row.int(5)?,
+        limits: crate::model::tenant::Limits::decode(row.opt_str(6)?),
+        weight: u32::try_from(row.int(7)?).unwrap_or(1),
     })
 }
 

@@ -17,6 +17,7 @@ macro_rules! statements {
         use crate::model::enrollment::{JoinToken, JoinUse, Unusable};
         use crate::model::fleet_event::FleetEvent;
         use crate::model::node::RecordedEvent;
+        use crate::model::tenant::Limits;
         use crate::store::{ApiKeyRow, AuditQuery, StoreError, UserRow, rows};
 
         type Conn = $conn;
@@ -141,8 +142,8 @@ macro_rules! statements {
 
         pub async fn insert_api_key(conn: &mut Conn, key: &ApiKeyRow, hash: TokenHash) -> Result<(), StoreError> {
             sqlx::query(
-                "INSERT INTO api_keys (id, name, key_hash, role, scope, created_by, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO api_keys (id, name, key_hash, role, scope, created_by, created_at, limits, weight) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(key.id.to_string())
             .bind(&key.name)
@@ -151,6 +152,8 @@ macro_rules! statements {
             .bind(key.scope.as_str())
             .bind(&key.created_by)
             .bind(key.created_at)
+            .bind(key.limits.encode())
+            .bind(i64::from(key.weight))
             .execute(conn)
             .await?;
             Ok(())
@@ -158,11 +161,59 @@ macro_rules! statements {
 
         pub async fn api_keys(conn: &mut Conn) -> Result<Vec<ApiKeyRow>, StoreError> {
             let rows = sqlx::query(
-                "SELECT id, name, role, scope, created_by, created_at FROM api_keys ORDER BY created_at, id",
+                "SELECT id, name, role, scope, created_by, created_at, limits, weight FROM api_keys \
+                 ORDER BY created_at, id",
             )
             .fetch_all(conn)
             .await?;
             Ok(rows.iter().map(rows::api_key).collect::<anyhow::Result<_>>()?)
+        }
+
+        /// Sets an API key's limits and weight; `false` when there is no key with this id.
+        pub async fn set_key_policy(
+            conn: &mut Conn,
+            id: Uuid,
+            limits: &Limits,
+            weight: u32,
+        ) -> Result<bool, StoreError> {
+            let done = sqlx::query("UPDATE api_keys SET limits = $2, weight = $3 WHERE id = $1")
+                .bind(id.to_string())
+                .bind(limits.encode())
+                .bind(i64::from(weight))
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        /// Sets a user's limits; `false` when there is no such user.
+        pub async fn set_user_limits(conn: &mut Conn, username: &str, limits: &Limits) -> Result<bool, StoreError> {
+            let done = sqlx::query("UPDATE users SET limits = $2 WHERE username = $1")
+                .bind(username)
+                .bind(limits.encode())
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        /// Every key and user with limits or a weight other than 1, by tenant id (`key:<id>`, `user:<name>`).
+        pub async fn policies(conn: &mut Conn) -> Result<Vec<(String, Limits, u32)>, StoreError> {
+            let rows = sqlx::query(
+                "SELECT 'key:' || id, limits, weight FROM api_keys WHERE limits IS NOT NULL OR weight <> 1 \
+                 UNION ALL SELECT 'user:' || username, limits, 1 FROM users WHERE limits IS NOT NULL",
+            )
+            .fetch_all(conn)
+            .await?;
+            let mut policies = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let limits: Option<String> = row.try_get(1)?;
+                let weight: i64 = row.try_get(2)?;
+                policies.push((
+                    row.try_get(0)?,
+                    Limits::decode(limits.as_deref()),
+                    u32::try_from(weight).unwrap_or(1),
+                ));
+            }
+            Ok(policies)
         }
 
         /// Revokes an API key; `false` when there was none with this id.

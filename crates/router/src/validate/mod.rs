@@ -13,6 +13,7 @@ mod node;
 
 pub use node::{heartbeat, registration};
 
+use crate::model::tenant::{Limits, MAX_LIMIT, MAX_WEIGHT};
 use std::fmt;
 
 /// Why a value from the network was refused. `crate::error` answers it: 400 `invalid_request` or 403
@@ -225,5 +226,29 @@ mod tests {
         assert!(!is_list_item(" "));
         assert!(!is_list_item(&"m".repeat(MAX_ITEM_CHARS + 1)));
         assert!(!is_list_item("m\u{1b}"));
+    }
+}
+
+/// Each limit set is a whole number from 1 to [`MAX_LIMIT`] (SPEC §14).
+pub fn limits(limits: &Limits) -> Result<(), Invalid> {
+    for (name, value) in limits.named() {
+        if let Some(value) = value
+            && !(1..=MAX_LIMIT).contains(&value)
+        {
+            return Err(Invalid::Field(format!(
+                "`limits.{name}` must be from 1 to {MAX_LIMIT} (leave it out for no limit); got {value}."
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A key's weight in the queue's fair share: from 1 to [`MAX_WEIGHT`].
+pub fn weight(weight: Option<u32>) -> Result<Option<u32>, Invalid> {
+    match weight {
+        Some(w) if !(1..=MAX_WEIGHT).contains(&w) => {
+            Err(Invalid::Field(format!("`weight` must be from 1 to {MAX_WEIGHT}; got {w}.")))
+        }
+        other => Ok(other),
     }
 }

@@ -5,6 +5,8 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::model::tenant::Limits;
+
 use super::PgStore;
 use crate::clock::Millis;
 use crate::model::auth::{Principal, Revoked, TokenHash};
@@ -100,5 +102,21 @@ impl AccountStore for PgStore {
             tx.commit().await?;
             Ok(found)
         }))
+    }
+
+    fn set_key_policy<'a>(&'a self, id: Uuid, limits: &'a Limits, weight: u32) -> StoreResult<'a, bool> {
+        Box::pin(self.gated(async move {
+            sql::set_key_policy(&mut *self.pool.acquire().await?, id, limits, weight).await
+        }))
+    }
+
+    fn set_user_limits<'a>(&'a self, username: &'a str, limits: &'a Limits) -> StoreResult<'a, bool> {
+        Box::pin(self.gated(async move {
+            sql::set_user_limits(&mut *self.pool.acquire().await?, username, limits).await
+        }))
+    }
+
+    fn policies(&self) -> StoreResult<'_, Vec<(String, Limits, u32)>> {
+        Box::pin(self.gated(async move { sql::policies(&mut *self.pool.acquire().await?).await }))
     }
 }

@@ -20,6 +20,7 @@ mod nodes;
 mod reach;
 mod records;
 mod shared;
+mod usage;
 
 use std::any::Any;
 use std::str::FromStr;

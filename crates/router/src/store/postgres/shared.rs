@@ -25,6 +25,7 @@ use super::PgStore;
 use super::auth::CREDENTIALS_CHANNEL;
 use super::node_rows::{NODES_CHANNEL, node_columns, node_from_row};
 use super::reach::Reach;
+use crate::clock::Millis;
 use crate::model::auth::{Revoked, TokenHash};
 use crate::model::figures::PackedFigures;
 use crate::store::{
@@ -183,6 +184,10 @@ impl SharedStorage for PgStore {
 
     fn signals(&self) -> &ChangeSignals {
         &self.signals
+    }
+
+    fn claim_requests<'a>(&'a self, principal: &'a str, minute: Millis, want: u64, limit: u64) -> StoreResult<'a, u64> {
+        Box::pin(self.gated(self.claim_requests(principal, minute, want, limit)))
     }
 }
 

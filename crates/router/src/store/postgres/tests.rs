@@ -472,6 +472,8 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
         scope: crate::model::auth::Scope::Inference,
         created_by: "admin".into(),
         created_at: 9,
+        limits: crate::model::tenant::Limits { requests_per_minute: Some(60), ..Default::default() },
+        weight: 3,
     };
     sqlite.insert_api_key(&key, TokenHash::of("key")).await.expect("key");
     let mut approved = node(1);
@@ -592,6 +594,8 @@ async fn migrate_fails_naming_the_table_whose_rows_did_not_all_arrive_and_keeps_
         scope: crate::model::auth::Scope::Admin,
         created_by: "admin".into(),
         created_at: 9,
+        limits: crate::model::tenant::Limits { requests_per_minute: Some(60), ..Default::default() },
+        weight: 3,
     };
     sqlite.insert_api_key(&key, TokenHash::of("key")).await.expect("key");
     sqlite.close().await;

@@ -2,6 +2,8 @@
 
 use uuid::Uuid;
 
+use crate::model::tenant::Limits;
+
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::auth::{Principal, TokenHash};
@@ -58,5 +60,17 @@ impl AccountStore for SqliteStore {
 
     fn delete_api_key(&self, id: Uuid) -> StoreResult<'_, bool> {
         Box::pin(async move { write_tx!(self, |tx| sql::delete_api_key(tx, id)) })
+    }
+
+    fn set_key_policy<'a>(&'a self, id: Uuid, limits: &'a Limits, weight: u32) -> StoreResult<'a, bool> {
+        Box::pin(async move { write_tx!(self, |tx| sql::set_key_policy(tx, id, limits, weight)) })
+    }
+
+    fn set_user_limits<'a>(&'a self, username: &'a str, limits: &'a Limits) -> StoreResult<'a, bool> {
+        Box::pin(async move { write_tx!(self, |tx| sql::set_user_limits(tx, username, limits)) })
+    }
+
+    fn policies(&self) -> StoreResult<'_, Vec<(String, Limits, u32)>> {
+        Box::pin(async move { sql::policies(&mut *self.reader().await?).await })
     }
 }

@@ -25,6 +25,7 @@ mod fleet_events;
 pub(in crate::store) mod lists;
 mod load;
 mod nodes;
+mod usage;
 mod writer;
 
 use std::any::Any;
