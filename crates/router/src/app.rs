@@ -41,7 +41,7 @@ use start::{
     check_database_file, create_first_admin, ensure_writable_dir, import_legacy, log_open_file_limit, mark_initialised,
     reload_on_hangup, shutdown_signal,
 };
-pub use tasks::prune_events;
+pub use tasks::{prune_events, prune_usage};
 
 /// The start of the line `llm-router serve` prints on stdout once it listens, followed by its URL
 /// (`http://ADDR` or `https://ADDR`): what scripts, tests and benchmarks wait for.

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
-use crate::usage::{Meter, StreamUsage};
 use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
+use crate::usage::{Meter, StreamUsage};
 
 /// Header naming the node that served a request.
 pub const NODE_HEADER: &str = "x-llm-router-node";
@@ -288,6 +288,16 @@ struct Routed {
     meter: Meter,
     /// The node's body has ended and what the meter held is passed on.
     ended: bool,
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        // A body of known length is not polled past its last byte: its end is known all the same.
+        if !self.ended && !self.failed && hyper::body::Body::is_end_stream(&self.incoming) {
+            self.ended = true;
+            self.meter.end();
+        }
+    }
 }
 
 /// Why an answer's body ended early.

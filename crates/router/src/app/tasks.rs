@@ -57,7 +57,9 @@ pub(super) fn spawn(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
             match prune_usage(&state).await {
                 Ok(0) => {}
                 Ok(removed) => tracing::info!(removed, "removed usage records and sums past their retention"),
-                Err(err) => background_failure(&state, "removing old usage records failed; will retry", &format!("{err:#}")),
+                Err(err) => {
+                    background_failure(&state, "removing old usage records failed; will retry", &format!("{err:#}"))
+                }
             }
         }),
     ];

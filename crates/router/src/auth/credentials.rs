@@ -18,8 +18,8 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::model::auth::{Principal, Revoked, Role, Scope, TokenHash};
 use crate::model::tenant::Limits;
-use crate::usage::{Limiter, Policy};
 use crate::store::{ApiKeyRow, StorageFault, Store, StoreError, UserRow};
+use crate::usage::{Limiter, Policy};
 use crate::validate::{self, Invalid};
 
 /// Why the service refused or could not do what it was asked.
@@ -136,9 +136,8 @@ impl Credentials {
     /// for what other routers changed.
     pub async fn load_policies(&self) -> Result<(), StoreError> {
         let policies = self.store.policies().await?;
-        self.limiter.set_all(
-            policies.into_iter().map(|(id, limits, weight)| (id, Policy { limits, weight })).collect(),
-        );
+        self.limiter
+            .set_all(policies.into_iter().map(|(id, limits, weight)| (id, Policy { limits, weight })).collect());
         Ok(())
     }
 
@@ -384,8 +383,7 @@ impl Credentials {
                 validate::limits(limits)?;
             }
             let new_weight = validate::weight(policy.weight)?;
-            let mut row =
-                self.store.api_keys().await?.into_iter().find(|key| key.id == key_id).ok_or_else(missing)?;
+            let mut row = self.store.api_keys().await?.into_iter().find(|key| key.id == key_id).ok_or_else(missing)?;
             row.limits = new_limits.unwrap_or(row.limits);
             row.weight = new_weight.unwrap_or(row.weight);
             if !self.store.set_key_policy(key_id, &row.limits, row.weight).await? {
@@ -400,7 +398,12 @@ impl Credentials {
 
     /// Sets a user's limits (`None`: none); applied at once on this router, within a second on the others. Audited
     /// as `user.update`.
-    pub async fn set_user_limits(&self, actor: Actor<'_>, username: &str, limits: Option<Limits>) -> Result<Limits, AuthError> {
+    pub async fn set_user_limits(
+        &self,
+        actor: Actor<'_>,
+        username: &str,
+        limits: Option<Limits>,
+    ) -> Result<Limits, AuthError> {
         let result = async {
             let limits = limits.unwrap_or_default();
             validate::limits(&limits)?;

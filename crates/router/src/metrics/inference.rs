@@ -127,7 +127,9 @@ impl InferenceMetrics {
         figures.completion_tokens.inc_by(tokens.completion);
         if self.per_key.load(std::sync::atomic::Ordering::Relaxed) {
             for (kind, count) in [("prompt", tokens.prompt), ("completion", tokens.completion)] {
-                self.tokens_by_key.get_or_create(&KeyTokenLabels { principal: principal.to_owned(), kind }).inc_by(count);
+                self.tokens_by_key
+                    .get_or_create(&KeyTokenLabels { principal: principal.to_owned(), kind })
+                    .inc_by(count);
             }
         }
     }

@@ -109,7 +109,8 @@ pub async fn usage(
     let step = params.step.unwrap_or(Step::Hour);
     let to = match &params.to {
         Some(text) => parse_time("to", text)?,
-        None => state.clock.now_ms(),
+        // Exclusive: what was recorded at this very millisecond counts.
+        None => state.clock.now_ms() + 1,
     };
     let from = match &params.from {
         Some(text) => parse_time("from", text)?,
@@ -163,7 +164,10 @@ fn node_names(state: &AppState, buckets: &[UsageBucket]) -> HashMap<String, Stri
         let name = Uuid::parse_str(key)
             .ok()
             .and_then(|id| {
-                state.registry.view(id, |node, _| node.display_name.clone().unwrap_or_else(|| node.machine_name.clone())).ok()
+                state
+                    .registry
+                    .view(id, |node, _| node.display_name.clone().unwrap_or_else(|| node.machine_name.clone()))
+                    .ok()
             })
             .unwrap_or_else(|| key.clone());
         names.insert(key.clone(), name);
@@ -355,13 +359,18 @@ pub async fn requests(
     .into_iter()
     .filter_map(|(name, value)| Some((name, value?)))
     .collect();
-    Ok(paging::answer(page, limit, |r| r.id, |last| {
-        let mut query = serde_urlencoded::to_string(&filters).unwrap_or_default();
-        if !query.is_empty() {
-            query.push('&');
-        }
-        format!("/v0/usage/requests?{query}limit={limit}&before={last}")
-    }))
+    Ok(paging::answer(
+        page,
+        limit,
+        |r| r.id,
+        |last| {
+            let mut query = serde_urlencoded::to_string(&filters).unwrap_or_default();
+            if !query.is_empty() {
+                query.push('&');
+            }
+            format!("/v0/usage/requests?{query}limit={limit}&before={last}")
+        },
+    ))
 }
 
 /// One minute of the fleet's last hour.
@@ -399,9 +408,7 @@ pub async fn live(State(state): State<AppState>, _viewer: Viewer) -> ApiResult<J
             let s = sums.get(&at).copied().unwrap_or_default();
             let mut times = ttft.remove(&at).unwrap_or_default();
             times.sort_unstable();
-            let pick = |q: f64| {
-                (!times.is_empty()).then(|| times[((times.len() as f64 - 1.0) * q).round() as usize])
-            };
+            let pick = |q: f64| (!times.is_empty()).then(|| times[((times.len() as f64 - 1.0) * q).round() as usize]);
             LiveMinute {
                 at: rfc3339(at),
                 requests: s.requests,

@@ -5,12 +5,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::api_keys::LimitUse;
 use super::extract::{AdminUser, ClientAddr};
 use super::json::JsonBody;
 use crate::auth::credentials::Actor;
 use crate::clock::rfc3339;
 use crate::error::ApiResult;
-use super::api_keys::LimitUse;
 use crate::model::auth::Role;
 use crate::model::tenant::Limits;
 use crate::state::AppState;

@@ -360,9 +360,8 @@ async fn copy_keyed(
             break;
         }
     }
-    let present: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
-        .fetch_one(&mut *tx)
-        .await?;
+    let present: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"))).fetch_one(&mut *tx).await?;
     check(table, rows_read, present)?;
     Ok(Copied { table, rows: rows_read, added })
 }

@@ -54,7 +54,8 @@ pub fn series_table(step: Step, group_by: Option<GroupBy>) -> &'static str {
 pub const PRUNE_BUCKETS: i64 = 120;
 
 /// The summed columns, in the order every statement reads and writes them.
-pub const SUM_COLUMNS: &str = "requests, errors, rejected, prompt_tokens, completion_tokens, unknown_usage, duration_ms";
+pub const SUM_COLUMNS: &str =
+    "requests, errors, rejected, prompt_tokens, completion_tokens, unknown_usage, duration_ms";
 
 /// Defines the usage statements for one backend: `$db` its database type, `$conn` its connection.
 macro_rules! usage_statements {

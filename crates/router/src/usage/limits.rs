@@ -56,8 +56,10 @@ struct Used {
     requests: u64,
     /// Requests claimed from the shared count and not yet admitted.
     claimed: u64,
-    /// Tokens counted here since the last look at the storage: this minute, day, month.
+    /// Tokens counted here since the last look at the storage: this minute, day, month; and the periods they are
+    /// of.
     local: [u64; 3],
+    local_periods: [Millis; 3],
     /// Tokens the storage held at the last look, and the minute, day and month they are of.
     stored: [u64; 3],
     stored_periods: [Millis; 3],
@@ -102,7 +104,9 @@ fn periods(now: Millis) -> ([Millis; 3], [Millis; 3]) {
     let at = OffsetDateTime::from_unix_timestamp(day / 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let month_start = at.replace_day(1).unwrap_or(at);
     let next_month = match month_start.month() {
-        time::Month::December => month_start.replace_year(month_start.year() + 1).and_then(|m| m.replace_month(time::Month::January)),
+        time::Month::December => {
+            month_start.replace_year(month_start.year() + 1).and_then(|m| m.replace_month(time::Month::January))
+        }
         month => month_start.replace_month(month.next()),
     }
     .unwrap_or(month_start);
@@ -227,7 +231,13 @@ impl Limiter {
 
     /// Takes one of this minute's requests: from this router's claim, claiming more from the shared count when it
     /// is used up.
-    async fn take_request(&self, tenant: &str, limits: &TenantLimits, limit: u64, now: Millis) -> Result<Quota, Refused> {
+    async fn take_request(
+        &self,
+        tenant: &str,
+        limits: &TenantLimits,
+        limit: u64,
+        now: Millis,
+    ) -> Result<Quota, Refused> {
         let minute = Step::Minute.floor(now);
         let reset_ms = minute + 60_000 - now;
         let refused = Refused::RateLimit { limit: "requests_per_minute", retry_after_ms: reset_ms };
@@ -265,26 +275,42 @@ impl Limiter {
     /// Counts tokens a tenant's answer used.
     pub fn spend(&self, tenant: &str, tokens: u64) {
         let Some(limits) = self.get(tenant) else { return };
+        let now = self.clock.now_ms();
+        let (starts, _) = periods(now);
         let mut used = limits.used.lock().unwrap_or_else(|p| p.into_inner());
-        used.turn(self.clock.now_ms());
-        for local in &mut used.local {
-            *local = local.saturating_add(tokens);
+        used.turn(now);
+        for i in 0..3 {
+            if used.local_periods[i] != starts[i] {
+                used.local_periods[i] = starts[i];
+                used.local[i] = 0;
+            }
+            used.local[i] = used.local[i].saturating_add(tokens);
         }
     }
 
     /// Reads back from the roll-ups what every tenant with limits has spent, once this router's own records are
     /// written (the caller flushes them first).
     pub async fn refresh(&self) -> Result<(), crate::store::StoreError> {
-        let tenants: Vec<(Arc<str>, Arc<TenantLimits>)> =
-            self.tenants.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let tenants: Vec<(Arc<str>, Arc<TenantLimits>)> = self
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if tenants.is_empty() {
             return Ok(());
         }
         let now = self.clock.now_ms();
         let (starts, _) = periods(now);
         // What was counted here before the read is in the storage now; what comes during the read stays local.
-        let counted: Vec<[u64; 3]> =
-            tenants.iter().map(|(_, t)| t.used.lock().unwrap_or_else(|p| p.into_inner()).local).collect();
+        let counted: Vec<([u64; 3], [Millis; 3])> = tenants
+            .iter()
+            .map(|(_, t)| {
+                let used = t.used.lock().unwrap_or_else(|p| p.into_inner());
+                (used.local, used.local_periods)
+            })
+            .collect();
         let read = [
             self.store.spent_since(Step::Minute, starts[0]).await?,
             self.store.spent_since(Step::Hour, starts[1]).await?,
@@ -292,11 +318,13 @@ impl Limiter {
         ];
         let stored: Vec<HashMap<&str, u64>> =
             read.iter().map(|rows| rows.iter().map(|(id, _, tokens)| (id.as_str(), *tokens)).collect()).collect();
-        for ((id, limits), counted) in tenants.iter().zip(counted) {
+        for ((id, limits), (counted, counted_periods)) in tenants.iter().zip(counted) {
             let mut used = limits.used.lock().unwrap_or_else(|p| p.into_inner());
             used.turn(now);
             for i in 0..3 {
-                used.local[i] = used.local[i].saturating_sub(counted[i]);
+                if used.local_periods[i] == counted_periods[i] {
+                    used.local[i] = used.local[i].saturating_sub(counted[i]);
+                }
                 used.stored[i] = stored[i].get(&**id).copied().unwrap_or(0);
                 used.stored_periods[i] = starts[i];
             }
@@ -322,7 +350,8 @@ impl Used {
         let (starts, _) = periods(now);
         std::array::from_fn(|i| {
             let stored = if self.stored_periods[i] == starts[i] { self.stored[i] } else { 0 };
-            stored.saturating_add(self.local[i])
+            let local = if self.local_periods[i] == starts[i] { self.local[i] } else { 0 };
+            stored.saturating_add(local)
         })
     }
 }

@@ -31,3 +31,4 @@ mod sign_in_limits;
 mod sqlite;
 mod storage;
 mod tls;
+mod usage;

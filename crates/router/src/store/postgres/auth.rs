@@ -105,15 +105,15 @@ impl AccountStore for PgStore {
     }
 
     fn set_key_policy<'a>(&'a self, id: Uuid, limits: &'a Limits, weight: u32) -> StoreResult<'a, bool> {
-        Box::pin(self.gated(async move {
-            sql::set_key_policy(&mut *self.pool.acquire().await?, id, limits, weight).await
-        }))
+        Box::pin(
+            self.gated(async move { sql::set_key_policy(&mut *self.pool.acquire().await?, id, limits, weight).await }),
+        )
     }
 
     fn set_user_limits<'a>(&'a self, username: &'a str, limits: &'a Limits) -> StoreResult<'a, bool> {
-        Box::pin(self.gated(async move {
-            sql::set_user_limits(&mut *self.pool.acquire().await?, username, limits).await
-        }))
+        Box::pin(
+            self.gated(async move { sql::set_user_limits(&mut *self.pool.acquire().await?, username, limits).await }),
+        )
     }
 
     fn policies(&self) -> StoreResult<'_, Vec<(String, Limits, u32)>> {
