@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
+use hyper::body::Bytes;
 use uuid::Uuid;
 
 use super::Ledger;

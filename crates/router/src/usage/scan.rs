@@ -7,7 +7,7 @@
 //! out, with the `"usage":null` the runtime may have put in every other event: the client reads what it would have
 //! read without the router.
 
-use axum::body::Bytes;
+use hyper::body::Bytes;
 use serde::Deserialize;
 
 use crate::model::usage::Tokens;
