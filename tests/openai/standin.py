@@ -102,7 +102,8 @@ def _handler(runtime: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.path == "/v1/embeddings":
                 self._json(200, _embeddings(model, request.get("encoding_format")))
             elif request.get("stream"):
-                self._stream(model)
+                options = request.get("stream_options") or {}
+                self._stream(model, bool(options.get("include_usage")))
             elif self.path == "/v1/chat/completions":
                 message = {"role": "assistant", "content": REPLY}
                 choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
@@ -141,13 +142,15 @@ def _handler(runtime: StandIn) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def _stream(self, model: str) -> None:
+        def _stream(self, model: str, include_usage: bool = False) -> None:
+            """As OpenAI streams: asked for usage, every event carries `"usage": null` and one more, with no
+            choices, carries the usage."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             try:
-                self._chunk(_delta(model, {"role": "assistant", "content": REPLY_PIECES[0]}))
+                self._chunk(_delta(model, {"role": "assistant", "content": REPLY_PIECES[0]}, usage=include_usage))
                 self.wfile.flush()
                 runtime.first_piece_sent.set()
                 if runtime.stream == "reset":
@@ -165,8 +168,13 @@ def _handler(runtime: StandIn) -> type[BaseHTTPRequestHandler]:
                         time.sleep(0.02)
                     return
                 for piece in REPLY_PIECES[1:]:
-                    self._chunk(_delta(model, {"content": piece}))
-                self._chunk(_delta(model, {}, finish_reason="stop"))
+                    self._chunk(_delta(model, {"content": piece}, usage=include_usage))
+                self._chunk(_delta(model, {}, finish_reason="stop", usage=include_usage))
+                if include_usage:
+                    last = _delta(model, {}, usage=True)
+                    last["choices"] = []
+                    last["usage"] = USAGE
+                    self._chunk(last)
                 self._chunk(b"data: [DONE]\n\n")
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
@@ -183,16 +191,25 @@ def _handler(runtime: StandIn) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+# What every answer used, as the runtime reports it.
+USAGE = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+# A fixed creation time, so answers compare equal whenever they were made.
+CREATED = 1_767_225_600
+
+
 def _answer(kind: str, model: str, choice: dict[str, Any]) -> dict[str, Any]:
-    usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
-    return {"id": "cmpl-stand-in", "object": kind, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}
+    return {"id": "cmpl-stand-in", "object": kind, "created": CREATED, "model": model,
+            "choices": [choice], "usage": USAGE}
 
 
-def _delta(model: str, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+def _delta(model: str, delta: dict[str, Any], finish_reason: str | None = None,
+           usage: bool = False) -> dict[str, Any]:
     choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-    return {"id": "chatcmpl-stand-in", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model, "choices": [choice]}
+    chunk = {"id": "chatcmpl-stand-in", "object": "chat.completion.chunk", "created": CREATED,
+             "model": model, "choices": [choice]}
+    if usage:
+        chunk["usage"] = None
+    return chunk
 
 
 def _embeddings(model: str, encoding_format: str | None) -> dict[str, Any]:
