@@ -325,3 +325,103 @@ async fn plain_http_on_a_non_loopback_listener_is_warned_about_and_loopback_is_n
         assert_eq!(stderr.contains("plain HTTP on a non-loopback address"), warned, "{listen}: {stderr}");
     }
 }
+
+/// A runtime that answers every chat completion at once, with usage.
+async fn answering_runtime() -> u16 {
+    let app = axum::Router::new()
+        .route(
+            "/v1/models",
+            axum::routing::get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "m"}]})) }),
+        )
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async {
+                axum::Json(json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1}}))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// SPEC §14: usage records are written at most a second behind, so a router killed outright loses at most the
+/// requests that ended in its last second, and nothing else.
+#[tokio::test]
+async fn a_sigkill_loses_at_most_the_last_second_of_usage_records() {
+    let store = Store::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let client = crate::helpers::http_client().build().expect("client");
+    let mut router = start(&store, dir.path(), Some("first-admin-pw")).await;
+    let base = router.base.clone();
+    let admin: Value = login(&client, &base, "first-admin-pw").await.json().await.expect("json");
+    let admin = admin["token"].as_str().expect("token").to_owned();
+    let port = answering_runtime().await;
+    let created: Value =
+        client.post(format!("{base}/v0/nodes")).json(&registration("gpu-k", port)).send().await.expect("register").json().await.expect("json");
+    let (id, token) = (created["node_id"].as_str().expect("id"), created["node_token"].as_str().expect("token"));
+    let approved = client.post(format!("{base}/v0/nodes/{id}/approve")).bearer_auth(&admin).send().await.expect("approve");
+    assert_eq!(approved.status(), 200);
+    let beat = client
+        .post(format!("{base}/v0/health"))
+        .header("X-Node-Token", token)
+        .json(&json!({"node_id": id, "ready_models": ["m"]}))
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(beat.status(), 200);
+
+    // Requests one after another for two seconds, each noted with when its answer ended; then SIGKILL at once.
+    let mut ended = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let answer = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&admin)
+            .json(&json!({"model": "m", "messages": [{"role": "user", "content": "q"}]}))
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(answer.status(), 200);
+        answer.bytes().await.expect("answer");
+        ended.push(wall_ms());
+    }
+    let killed_at = wall_ms();
+    router.child.start_kill().expect("SIGKILL");
+    router.child.wait().await.expect("wait");
+
+    let router = start(&store, dir.path(), Some("first-admin-pw")).await;
+    let admin: Value = login(&client, &router.base, "first-admin-pw").await.json().await.expect("json");
+    let admin = admin["token"].as_str().expect("token");
+    let mut kept = 0;
+    let mut next = format!("{}/v0/usage/requests?limit=1000", router.base);
+    loop {
+        let page = client.get(&next).bearer_auth(admin).send().await.expect("records");
+        let link = page.headers().get("link").and_then(|l| l.to_str().ok()).map(str::to_owned);
+        let rows: Vec<Value> = page.json().await.expect("json");
+        kept += rows.iter().filter(|r| r["status"] == 200 && r["prompt_tokens"] == 7).count();
+        match link {
+            Some(link) => next = format!("{}{}", router.base, link.trim_start_matches('<').split('>').next().unwrap_or_default()),
+            None => break,
+        }
+    }
+    let older = ended.iter().filter(|at| **at < killed_at - 1000).count();
+    assert!(older > 10, "{older} requests ended more than a second before the kill");
+    assert!(kept >= older, "{kept} records kept < {older} requests that ended more than a second before the kill");
+    assert!(kept <= ended.len(), "{kept} records for {} requests", ended.len());
+    // Nothing else is lost: the node and its token.
+    let beat = client
+        .post(format!("{}/v0/health", router.base))
+        .header("X-Node-Token", token)
+        .json(&json!({"node_id": id}))
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(beat.status(), 200);
+}
