@@ -34,8 +34,8 @@ pub const NODE_HEADER: &str = "x-llm-router-node";
 /// How long a connection to a node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A queued request looks again this often even when nothing woke it: an ejection that ended frees a node without
-/// any request ending.
+/// The first queued request of a model looks again this often even when nothing woke it: an ejection that ended
+/// frees a node without any request ending.
 const QUEUE_RECHECK: Duration = Duration::from_millis(250);
 
 /// How requests are forwarded: timeouts, retries, the queue.

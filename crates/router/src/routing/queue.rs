@@ -9,6 +9,10 @@
 //! first. The waker keeps a wake-up that comes while nobody waits on it, so a place that frees while the first waiter
 //! is between two looks is not lost: its next wait ends at once. A waiter that gives up (its wait ran out, its client
 //! left) drops its ticket, which takes it out of the order, and wakes the next first one if it was first.
+//!
+//! One case keeps a place idle for a while: a retried request that is first but may not use the node with room (it
+//! failed there) holds the others back until a place frees up on another node, which, those being full, is the next
+//! request on them to end.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering, fence};
