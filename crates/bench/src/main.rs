@@ -6,6 +6,7 @@ mod balance;
 mod bodies;
 mod cli;
 mod connections;
+mod fairness;
 mod fleet;
 mod heartbeat;
 mod http;
@@ -55,6 +56,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Mode::Proxy(args) => Some(args.connections * (args.nodes + 1) * 2),
         Mode::Balance(args) => Some(args.clients * 2),
         Mode::Affinity(args) => Some(args.connections * 4),
+        // The flood's senders and the single key's, each with a connection to the router and the router's to the node.
+        Mode::Fairness(args) => Some((args.backlog + args.max_concurrency as usize + 2) * 2),
         Mode::Pulse(args) => Some(args.connections),
         _ => None,
     };
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Proxy(args) => output(cli.json, &proxy::run(&spec, args).await?, proxy::print),
             Mode::Balance(args) => output(cli.json, &balance::run(&spec, args).await?, balance::print),
             Mode::Affinity(args) => output(cli.json, &affinity::run(&spec, args).await?, affinity::print),
+            Mode::Fairness(args) => output(cli.json, &fairness::run(&spec, args).await?, fairness::print),
             Mode::Bodies(args) => output(cli.json, &bodies::run(&spec, args).await?, bodies::print),
             Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
         }

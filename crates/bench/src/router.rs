@@ -225,7 +225,7 @@ impl Router {
 }
 
 /// A router serving in this process, for the tests of the modes: the defaults, but no reachability check, no
-/// registration limits, `/v1` open, and the given policy.
+/// registration limits, `/v1` open, and the given policy (or settings).
 #[cfg(test)]
 pub struct InProcess {
     pub addr: SocketAddr,
@@ -238,21 +238,26 @@ pub struct InProcess {
 #[cfg(test)]
 impl InProcess {
     pub async fn start(policy: llm_router::config::RoutingPolicy) -> InProcess {
+        InProcess::start_with(|settings| settings.routing.policy = policy).await
+    }
+
+    /// A router with those settings, changed by `configure`.
+    pub async fn start_with(configure: impl FnOnce(&mut llm_router::config::Settings)) -> InProcess {
         use llm_router::app::App;
         use llm_router::clock::SystemClock;
-        use llm_router::config::{InferenceAuth, RoutingChoice, Settings};
+        use llm_router::config::{InferenceAuth, Settings};
 
         let dir = tempfile::tempdir().expect("temporary directory");
         let admin_password = "bench-test-password".to_owned();
-        let settings = Settings {
+        let mut settings = Settings {
             admin_password: Some(admin_password.clone()),
             reachability_check: false,
             inference_auth: InferenceAuth::None,
             registration_rate: 0,
             max_pending: 0,
-            routing: RoutingChoice { policy, ..RoutingChoice::default() },
             ..Settings::new(dir.path().to_owned())
         };
+        configure(&mut settings);
         let app = App::build(settings, Arc::new(SystemClock)).await.expect("router builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

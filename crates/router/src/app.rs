@@ -106,10 +106,12 @@ impl App {
         }
         tracing::info!(nodes = registry.len(), db = %store.describe(), "registry loaded");
         registry.routing().set_choice(settings.routing);
+        registry.routing().queue().set_order(settings.queue_order);
         tracing::info!(
             policy = settings.routing.policy.as_str(),
             prefix_bytes = settings.routing.prefix_bytes,
             load_factor = settings.routing.load_factor,
+            queue_order = settings.queue_order.as_str(),
             "inference routing"
         );
         let admission = Admission::new(

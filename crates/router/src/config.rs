@@ -15,7 +15,7 @@ use crate::validate;
 
 mod settings;
 
-pub use settings::{InferenceAuth, RegistrationMode, RoutingChoice, RoutingPolicy, Settings, TlsFiles};
+pub use settings::{InferenceAuth, QueueOrder, RegistrationMode, RoutingChoice, RoutingPolicy, Settings, TlsFiles};
 
 /// Central router of a GPU inference fleet.
 #[derive(Debug, Parser)]
@@ -174,6 +174,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub queue_timeout_ms: u64,
 
+    /// Which queued inference request takes a place that frees up: `fair`, the waiting tenant (API key or user) that
+    /// has had the least weighted service lately, so a flood from one cannot hold the others back (SPEC §14);
+    /// `arrival`, first come, first served, whoever the requests belong to.
+    #[arg(long, env = "LLM_ROUTER_QUEUE_ORDER", value_enum, default_value_t = QueueOrder::Fair)]
+    pub queue_order: QueueOrder,
+
     /// A GPU at or above this temperature (°C) makes its node `degraded` (`gpu_overheat`).
     #[arg(long, env = "LLM_ROUTER_GPU_MAX_TEMP_C", default_value_t = 90,
           value_parser = clap::value_parser!(u16).range(30..=150))]
@@ -314,6 +320,7 @@ impl ServeArgs {
             max_queued: usize::try_from(self.max_queued).unwrap_or(usize::MAX),
             gpu_max_temp_c: f64::from(self.gpu_max_temp_c),
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            queue_order: self.queue_order,
             pending_ttl: Duration::from_secs(self.pending_ttl_hours * 3600),
             trusted_proxies: self.trusted_proxies,
             allow_link_local_nodes: self.allow_link_local_nodes,
@@ -376,6 +383,15 @@ mod tests {
             settings.routing,
             RoutingChoice { policy: RoutingPolicy::CacheAware, prefix_bytes: 65536, load_factor: 1.25 }
         );
+        assert_eq!(settings.queue_order, QueueOrder::Fair, "fair share unless asked otherwise");
+    }
+
+    #[test]
+    fn the_queue_order_parses_and_an_unknown_one_stops_the_start() {
+        let settings = serve(&["serve", "--data-dir", "/tmp/x", "--queue-order", "arrival"]).into_settings();
+        assert_eq!(settings.expect("arrival").queue_order, QueueOrder::Arrival);
+        let unknown = parse(&["serve", "--queue-order", "random"]).expect_err("unknown").to_string();
+        assert!(unknown.contains("fair") && unknown.contains("arrival"), "{unknown}");
     }
 
     #[test]

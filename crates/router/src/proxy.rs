@@ -6,8 +6,8 @@
 //! upstream connection, so the runtime stops generating.
 //!
 //! When every node with the model is at its `max_concurrency`, a request waits in the routing queue (at most
-//! `max_queued` of them, each for at most `queue_timeout`) until one has room; otherwise it is refused as over
-//! capacity.
+//! `max_queued` of them, each for at most `queue_timeout`) until one has room and it is its turn (its tenant's fair
+//! share, SPEC §14); otherwise it is refused as over capacity.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
 use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
+use crate::model::tenant::Tenant;
 use crate::usage::{Meter, StreamUsage};
 
 /// Header naming the node that served a request.
@@ -34,8 +35,8 @@ pub const NODE_HEADER: &str = "x-llm-router-node";
 /// How long a connection to a node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A queued request looks again this often even when nothing woke it: an ejection that ended frees a node without
-/// any request ending.
+/// The first queued request of a model looks again this often even when nothing woke it: an ejection that ended
+/// frees a node without any request ending.
 const QUEUE_RECHECK: Duration = Duration::from_millis(250);
 
 /// How requests are forwarded: timeouts, retries, the queue.
@@ -97,44 +98,49 @@ impl Proxy {
         Proxy { client, settings, via: Via::new(router_id) }
     }
 
-    /// A node for `model`, waiting in the queue while every one is at its `max_concurrency`.
+    /// A node for `model`, waiting in the queue while every one is at its `max_concurrency`, until it is the turn of
+    /// this request of `tenant`.
     async fn pick(
         &self,
         routing: &Routing,
         clock: &Arc<dyn Clock>,
         model: &str,
         affinity: Affinity,
+        tenant: &Tenant,
         tried: &[Uuid],
     ) -> Result<(InFlight, Outcome), Result<NoNode, ProxyError>> {
-        match routing.pick_keyed(model, tried, clock.now_ms(), affinity) {
-            Err(NoNode::AtCapacity) => {}
-            other => return other.map_err(Ok),
-        }
         let queue = routing.queue();
-        let _place = queue.join(self.settings.max_queued).ok_or(Err(ProxyError::OverCapacity))?;
-        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
-        let waker = queue.waker(model);
-        // Registered before each look, so a request that ends in between still wakes this one; kept across the
-        // periodic looks, so waiters keep their order.
-        let mut woken = std::pin::pin!(waker.notified());
-        woken.as_mut().enable();
-        loop {
+        // While others wait for the model, a request that arrives queues behind them: a place that frees up goes to
+        // the one whose turn it is, not to whoever asks first. While nobody waits, this costs one atomic load.
+        if !queue.has_waiters(model) {
             match routing.pick_keyed(model, tried, clock.now_ms(), affinity) {
                 Err(NoNode::AtCapacity) => {}
                 other => return other.map_err(Ok),
+            }
+        }
+        let ticket = queue.join(model, tenant, self.settings.max_queued).ok_or(Err(ProxyError::OverCapacity))?;
+        let deadline = tokio::time::Instant::now() + self.settings.queue_timeout;
+        loop {
+            // Only the first in the queue's order looks; a place that frees up while it is between two looks leaves
+            // it a wake-up, so its next wait ends at once.
+            if ticket.is_first() {
+                match routing.pick_keyed(model, tried, clock.now_ms(), affinity) {
+                    Ok(picked) => {
+                        ticket.served();
+                        return Ok(picked);
+                    }
+                    Err(NoNode::AtCapacity) => {}
+                    Err(other) => return Err(Ok(other)),
+                }
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(Err(ProxyError::OverCapacity));
             }
-            if tokio::time::timeout((deadline - now).min(QUEUE_RECHECK), woken.as_mut()).await.is_ok() {
-                woken.set(waker.notified());
-                woken.as_mut().enable();
-            }
+            let _ = tokio::time::timeout((deadline - now).min(QUEUE_RECHECK), ticket.woken()).await;
         }
     }
 
-    /// Forwards `request` to a node that has its model ready.
     /// Forwards `request` to a node that has its model ready, and counts it in the model's figures.
     pub async fn forward(
         &self,
@@ -146,11 +152,12 @@ impl Proxy {
         let arrived = Instant::now();
         let Outbound { method, path_and_query, headers, model, affinity, mut meter, usage, body } = request;
         let Some(via) = self.via.pass_on(headers) else { return Err((ProxyError::Loop, meter)) };
+        let tenant = meter.tenant().clone();
         let mut tried: Vec<Uuid> = Vec::new();
         // Taken once the model is known to routing: an unknown name gets no series.
         let mut figures: Option<Arc<ModelMetrics>> = None;
         for _ in 0..=self.settings.max_retries {
-            let (flight, how) = match self.pick(routing, clock, model, affinity, &tried).await {
+            let (flight, how) = match self.pick(routing, clock, model, affinity, &tenant, &tried).await {
                 Ok(picked) => picked,
                 Err(Ok(NoNode::UnknownModel)) if tried.is_empty() => return Err((ProxyError::UnknownModel, meter)),
                 Err(Err(refused)) => {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod runtimes;
 
-pub use runtimes::{AffinityArgs, BalanceArgs, BodiesArgs, ProbeArgs, ProxyArgs, Scenario};
+pub use runtimes::{AffinityArgs, BalanceArgs, BodiesArgs, FairnessArgs, ProbeArgs, ProxyArgs, Scenario};
 
 /// Load and start-up benchmarks of llm-router. Every mode starts the real router binary on a fresh temporary data
 /// directory and stops it at the end.
@@ -65,6 +65,9 @@ pub enum Mode {
     /// Cache-aware routing against least-loaded (SPEC §13) on stand-in runtimes that keep a prefix cache: time to
     /// first token, requests completed, spread and cache hits of shared, fresh and hot-prefix workloads.
     Affinity(AffinityArgs),
+    /// The queue's fair share (SPEC §14) against first-come order: one node at its `max_concurrency`, one API key
+    /// keeping requests waiting, another sending one at a time; how long the latter's requests wait.
+    Fairness(FairnessArgs),
     /// A burst of large `/v1` request bodies at once: the router's memory during the burst and after it.
     Bodies(BodiesArgs),
     /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a
@@ -335,6 +338,12 @@ mod tests {
             ("http://127.0.0.1:8080", 100_000, 10.0, 600.0)
         );
         assert_eq!((args.connections, args.progress_secs, args.rounds), (64, 10.0, None));
+        let cli = parse("fairness").expect("parse");
+        let Mode::Fairness(args) = cli.mode else { panic!("fairness expected") };
+        assert_eq!((args.service_ms, args.max_concurrency, args.backlog, args.requests), (20.0, 2, 50, 100));
+        let cli = parse("fairness --orders arrival --requests 10").expect("parse");
+        let Mode::Fairness(args) = cli.mode else { panic!("fairness expected") };
+        assert_eq!((args.orders.as_slice(), args.requests), ([llm_router::config::QueueOrder::Arrival].as_slice(), 10));
     }
 
     #[test]
@@ -353,6 +362,8 @@ mod tests {
         assert!(parse("proxy --stream-share 1.5").is_err());
         assert!(parse("proxy --chunk-gap-ms 0").is_err());
         assert!(parse("proxy --scenarios nonsense").is_err());
+        assert!(parse("fairness --orders random").is_err());
+        assert!(parse("fairness --backlog 0").is_err());
         assert!(parse("seed --nodes 10").is_err(), "seed needs a data directory");
         assert!(parse("seed --data-dir d --nodes 0").is_err());
         assert!(parse("pulse --nodes 10").is_err(), "pulse needs the router's address");

@@ -1,8 +1,9 @@
 //! Arguments of the modes that run the router in front of runtimes, stand-in or hostile: `bodies`, `balance`,
-//! `probe`, `proxy` and `affinity`.
+//! `probe`, `proxy`, `affinity` and `fairness`.
 
 use clap::Args;
 use clap::builder::TypedValueParser;
+use llm_router::config::QueueOrder;
 
 use super::{non_negative_secs, positive_ms, positive_rate, positive_secs, share};
 use crate::affinity::Workload;
@@ -241,4 +242,27 @@ pub struct AffinityArgs {
     /// share the `shared` workload under cache-aware routing.
     #[arg(long)]
     pub postgres: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FairnessArgs {
+    /// Milliseconds the stand-in takes to answer each chat completion: the service time waits are counted in.
+    #[arg(long, default_value_t = 20.0, value_parser = positive_ms)]
+    pub service_ms: f64,
+
+    /// `max_concurrency` of the one node.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_concurrency: u32,
+
+    /// Requests the flood key keeps waiting in the router's queue.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000).map(|n| n as usize))]
+    pub backlog: usize,
+
+    /// Requests the single key sends, one after the other, under each order.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub requests: usize,
+
+    /// Orders of the queue to run, in this order (`--queue-order` of the router).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [QueueOrder::Fair, QueueOrder::Arrival])]
+    pub orders: Vec<QueueOrder>,
 }

@@ -58,6 +58,26 @@ impl Default for RoutingChoice {
     }
 }
 
+/// Which waiting request takes a place that frees up on a node at its `max_concurrency` (`--queue-order`, SPEC §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QueueOrder {
+    /// Weighted fair queuing: the waiting tenant that has had the least weighted service lately goes next, so one
+    /// tenant's flood of requests cannot hold another's back by more than a turn.
+    #[default]
+    Fair,
+    /// First come, first served, whoever the requests belong to.
+    Arrival,
+}
+
+impl QueueOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueOrder::Fair => "fair",
+            QueueOrder::Arrival => "arrival",
+        }
+    }
+}
+
 /// Who may register (SPEC §9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RegistrationMode {
@@ -107,6 +127,8 @@ pub struct Settings {
     pub max_queued: usize,
     /// Longest wait of a queued inference request.
     pub queue_timeout: Duration,
+    /// Which queued inference request goes next: the tenants' fair share, or first come.
+    pub queue_order: QueueOrder,
     /// A GPU at or above this temperature (°C) is `gpu_overheat`.
     pub gpu_max_temp_c: f64,
     /// Pending nodes silent this long are removed.
@@ -172,6 +194,7 @@ impl Settings {
             max_queued: 1024,
             gpu_max_temp_c: crate::model::health::DEFAULT_GPU_MAX_TEMP_C,
             queue_timeout: Duration::from_secs(30),
+            queue_order: QueueOrder::Fair,
             pending_ttl: Duration::from_secs(72 * 3600),
             trusted_proxies: Vec::new(),
             hash_workers: 0,

@@ -1,7 +1,7 @@
 //! Which node serves a request (SPEC §8, §13): candidates by model; among them, the node the request's prefix or
 //! session ranks first within a load bound (`cache-aware`, in `affinity.rs`, keyed by `prefix.rs`) or the less
 //! loaded of two at random (`least-loaded`); passive health with ejection (`target.rs`); the queue of requests
-//! waiting for room (`queue.rs`).
+//! waiting for room (`queue.rs`), served in the tenants' fair order (`fair.rs`).
 //!
 //! The registry tells the routing table of every change that matters (a node turning online or leaving it, its ready
 //! models, its address): [`Routing::update`], [`Routing::remove`]. A request finds its candidates through the table
@@ -9,8 +9,8 @@
 //! by every request to it.
 //!
 //! Capacity: a node may have a `max_concurrency`. When every candidate for a model is at its limit, a request waits
-//! in a bounded queue ([`Queue`]) and is woken when a request on a node with that model ends; waiters of one model
-//! are woken in the order they came.
+//! in a bounded queue ([`Queue`]); when a request on a node with that model ends, the waiter whose turn it is is
+//! woken: by default the first of the tenant with the least weighted service lately (SPEC §14), else the oldest.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,13 +25,14 @@ use crate::model::node::Node;
 use crate::revision::Revisions;
 
 mod affinity;
+mod fair;
 pub mod prefix;
 mod queue;
 mod seen;
 mod target;
 
 pub use affinity::{Choice, Outcome, Policy};
-pub use queue::{Place, Queue};
+pub use queue::{Queue, Ticket};
 pub use target::{EJECT_AFTER_FAILURES, FIRST_EJECTION_MS, InFlight, MAX_EJECTION_MS, RouteFigures, Target};
 
 /// Why no node was picked.
@@ -97,7 +98,7 @@ impl Routing {
     pub fn update(&self, node: &Node) {
         if let Some(target) = self.update_table(node) {
             // It may have room for queued requests now (online again, uncordoned, a higher limit).
-            target.wake_queued(true);
+            target.wake_queued();
         }
     }
 

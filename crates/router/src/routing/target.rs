@@ -2,7 +2,7 @@
 //! limit, and passive health with ejection; and the guard that counts a request in flight.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
@@ -109,16 +109,18 @@ impl Target {
         Some(InFlight(self.clone()))
     }
 
-    /// Wakes requests queued for its models: it has room again.
-    pub(super) fn wake_queued(&self, everyone: bool) {
+    /// Wakes the first request queued for each of its models: it has room again. Each waiter that takes a place
+    /// wakes the next, so a node with several free places fills them all.
+    pub(super) fn wake_queued(&self) {
+        // Pairs with the fence of a request joining the queue (`Queue::join`): either this sees it waiting, or its
+        // first look sees the room.
+        fence(Ordering::SeqCst);
         if self.queue.is_empty() {
             return;
         }
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         for model in models.iter() {
-            if let Some(waker) = self.queue.existing_waker(model) {
-                if everyone { waker.notify_waiters() } else { waker.notify_one() }
-            }
+            self.queue.wake_first(model);
         }
     }
 
@@ -217,7 +219,7 @@ impl Drop for InFlight {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.0.stamp();
         if self.0.limit.load(Ordering::Relaxed) != 0 {
-            self.0.wake_queued(false);
+            self.0.wake_queued();
         }
     }
 }

@@ -92,17 +92,15 @@ fn a_node_at_its_limit_takes_no_more_and_a_request_ending_wakes_one_queued_for_i
 
     // A queued request is woken when one ends, and then finds room.
     let queue = routing.queue();
-    let place = queue.join(1).expect("a place");
-    assert!(queue.join(1).is_none(), "the queue holds at most `max`");
-    let waker = queue.waker("m");
-    let woken = waker.notified();
-    let mut woken = std::pin::pin!(woken);
-    woken.as_mut().enable();
+    let tenant = crate::model::tenant::Tenant::anonymous();
+    let ticket = queue.join("m", &tenant, 1).expect("a place");
+    assert!(queue.join("m", &tenant, 1).is_none(), "the queue holds at most `max`");
     drop(first);
-    let waker_fired = futures_util::FutureExt::now_or_never(woken.as_mut()).is_some();
-    assert!(waker_fired, "the request that ended woke the queued one");
+    let woken = futures_util::FutureExt::now_or_never(ticket.woken()).is_some();
+    assert!(woken, "the request that ended woke the queued one");
+    assert!(ticket.is_first());
     assert!(routing.pick("m", &[], 0).is_ok());
-    drop(place);
+    ticket.served();
     assert!(queue.is_empty());
 
     // Raising the limit gives room at once; no limit at all: never at capacity.

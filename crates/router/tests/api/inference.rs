@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
+use llm_router::config::QueueOrder;
+
 use crate::helpers::*;
 
 /// A stand-in inference runtime.
@@ -51,6 +53,11 @@ pub struct RuntimeState {
     pub flood: AtomicBool,
     /// Send a streamed answer's headers, then nothing.
     pub silent_after_headers: AtomicBool,
+    /// Hold every completion until `release` lets one go.
+    hold: AtomicBool,
+    release: Notify,
+    /// The `user` of every completion received, in order.
+    users: std::sync::Mutex<Vec<String>>,
     name: std::sync::Mutex<String>,
 }
 
@@ -80,6 +87,13 @@ async fn completion(State(shared): State<Arc<RuntimeState>>, headers: HeaderMap,
     *shared.last_auth.lock().expect("lock") =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     *shared.last_via.lock().expect("lock") = headers.get(header::VIA).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(user) = serde_json::from_slice::<Value>(&body).ok().and_then(|b| b["user"].as_str().map(str::to_owned))
+    {
+        shared.users.lock().expect("lock").push(user);
+    }
+    if shared.hold.load(Ordering::SeqCst) {
+        shared.release.notified().await;
+    }
     if shared.hang.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
@@ -579,6 +593,82 @@ async fn max_concurrency_queues_requests_then_answers_429_when_the_queue_is_full
     assert_eq!(patch_node(&app, &id, &json!({"max_concurrency": 8})).await.status(), 200);
     let app = app.restart(0).await;
     assert_eq!(app.node(&id).await["max_concurrency"], 8);
+}
+
+/// Makes an API key of the `inference` scope named `name`: a tenant of its own (SPEC §14).
+async fn inference_key(app: &TestApp, name: &str) -> String {
+    let admin = app.admin_token().await;
+    let made = app
+        .request(Method::POST, "/v0/api-keys")
+        .bearer_auth(&admin)
+        .json(&json!({"name": name, "scope": "inference"}))
+        .send()
+        .await
+        .expect("create a key");
+    assert_eq!(made.status(), 201);
+    body(made).await["key"].as_str().expect("key").to_owned()
+}
+
+/// Waits, without sleeping, until `check` holds; fails the test after 5 s.
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while !check() {
+            tokio::task::yield_now().await;
+        }
+    });
+    waited.await.unwrap_or_else(|_| panic!("{what}: not within 5 s"));
+}
+
+#[tokio::test]
+async fn a_flood_from_one_key_holds_another_keys_request_back_by_one_turn_at_most_unless_the_order_is_arrival() {
+    for order in [QueueOrder::Fair, QueueOrder::Arrival] {
+        let app = TestApp::with_settings(Options::default(), |settings| settings.queue_order = order).await;
+        let runtime = Runtime::start("a", &["m"]).await;
+        let id = online_node(&app, "gpu-a", &runtime, &["m"]).await;
+        assert_eq!(patch_node(&app, &id, &json!({"max_concurrency": 2})).await.status(), 200);
+        let (batch, chat_key) = (inference_key(&app, "batch").await, inference_key(&app, "chat").await);
+        let shared = runtime.shared.clone();
+        shared.hold.store(true, Ordering::SeqCst);
+        let users = || shared.users.lock().expect("lock").clone();
+        let send = |key: &str, user: String| {
+            let (url, key) = (app.url("/v1/chat/completions"), key.to_owned());
+            tokio::spawn(async move {
+                let request = json!({"model": "m", "user": user});
+                reqwest::Client::new().post(url).bearer_auth(key).json(&request).send().await.expect("answer").status()
+            })
+        };
+
+        // The batch key's first two requests take both places, its next ten wait; then one of the chat key's.
+        let mut sent = vec![send(&batch, "held-0".to_owned()), send(&batch, "held-1".to_owned())];
+        until("both places taken", || users().len() == 2).await;
+        let routing = app.state.registry.routing().clone();
+        for i in 0..11 {
+            sent.push(if i < 10 { send(&batch, format!("batch-{i}")) } else { send(&chat_key, "chat".to_owned()) });
+            until("the request queued", || routing.queue().len() == i + 1).await;
+        }
+        // The node lets one answer go at a time: each frees one place, which the queue's next request takes.
+        for served in 1..=11 {
+            shared.release.notify_one();
+            until("the next queued request reached the node", || users().len() == 2 + served).await;
+        }
+        shared.hold.store(false, Ordering::SeqCst);
+        shared.release.notify_one();
+        shared.release.notify_one();
+        for answer in sent {
+            assert_eq!(answer.await.expect("task"), 200);
+        }
+        let served = users().split_off(2);
+        let chat = served.iter().position(|user| user == "chat").expect("the chat key's request was served");
+        let batch_order: Vec<String> = served.iter().filter(|user| *user != "chat").cloned().collect();
+        assert_eq!(batch_order, (0..10).map(|i| format!("batch-{i}")).collect::<Vec<_>>(), "first come within a key");
+        match order {
+            // The batch key's first waiter had the same claim (neither key had been served from the queue), and came
+            // first: one turn.
+            QueueOrder::Fair => assert_eq!(chat, 1, "{served:?}"),
+            QueueOrder::Arrival => assert_eq!(chat, 10, "behind every request that came before: {served:?}"),
+        }
+        assert!(routing.queue().is_empty());
+    }
 }
 
 #[tokio::test]
