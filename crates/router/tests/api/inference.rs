@@ -672,6 +672,56 @@ async fn a_flood_from_one_key_holds_another_keys_request_back_by_one_turn_at_mos
 }
 
 #[tokio::test]
+async fn a_keys_weight_is_its_share_of_the_places_that_free_while_both_keys_wait() {
+    let app = TestApp::spawn().await;
+    let runtime = Runtime::start("a", &["m"]).await;
+    let id = online_node(&app, "gpu-a", &runtime, &["m"]).await;
+    assert_eq!(patch_node(&app, &id, &json!({"max_concurrency": 1})).await.status(), 200);
+    let admin = app.admin_token().await;
+    let made = app
+        .request(Method::POST, "/v0/api-keys")
+        .bearer_auth(&admin)
+        .json(&json!({"name": "heavy", "scope": "inference", "weight": 3}))
+        .send()
+        .await
+        .expect("create a key");
+    assert_eq!(made.status(), 201);
+    let heavy = body(made).await["key"].as_str().expect("key").to_owned();
+    let light = inference_key(&app, "light").await;
+    let shared = runtime.shared.clone();
+    shared.hold.store(true, Ordering::SeqCst);
+    let users = || shared.users.lock().expect("lock").clone();
+    let send = |key: &str, user: String| {
+        let (url, key) = (app.url("/v1/chat/completions"), key.to_owned());
+        tokio::spawn(async move {
+            let request = json!({"model": "m", "user": user});
+            reqwest::Client::new().post(url).bearer_auth(key).json(&request).send().await.expect("answer").status()
+        })
+    };
+    let mut sent = vec![send(&light, "held".to_owned())];
+    until("the place taken", || users().len() == 1).await;
+    let routing = app.state.registry.routing().clone();
+    // Twelve of each wait, alternating.
+    for i in 0..24 {
+        sent.push(if i % 2 == 0 { send(&light, format!("light-{i}")) } else { send(&heavy, format!("heavy-{i}")) });
+        until("the request queued", || routing.queue().len() == i + 1).await;
+    }
+    for served in 1..=24 {
+        shared.release.notify_one();
+        until("the next queued request reached the node", || users().len() == 1 + served).await;
+    }
+    shared.hold.store(false, Ordering::SeqCst);
+    shared.release.notify_one();
+    for answer in sent {
+        assert_eq!(answer.await.expect("task"), 200);
+    }
+    let first: Vec<String> = users()[1..17].to_vec();
+    let heavy_served = first.iter().filter(|user| user.starts_with("heavy")).count();
+    // Weight 3 against 1: three of every four places while both wait.
+    assert_eq!(heavy_served, 12, "{first:?}");
+}
+
+#[tokio::test]
 async fn an_ejected_node_shows_until_when_in_its_json() {
     let app = TestApp::spawn().await;
     let a = Runtime::start("a", &["m"]).await;
