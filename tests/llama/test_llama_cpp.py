@@ -204,3 +204,20 @@ def test_openai_client_chats_with_llama_cpp_through_the_router(fleet: dict) -> N
     routing = wait_for("the last answer's end to leave the node's in-flight count",
                        lambda: (r := router.node(node["id"])["routing"])["in_flight"] == 0 and r)
     assert routing["requests_total"] == 4 and routing["failures_total"] == 0
+
+    # Usage as the router recorded it (SPEC §14): the whole answers' tokens are the runtime's own `usage`; this
+    # runtime's streams carry no usage even when asked (llama-cpp-python ignores `stream_options`), so theirs are
+    # unknown, never guessed.
+    def recorded() -> list | None:
+        rows = router.expect(200, "GET", "/v0/usage/requests", token=router.admin)
+        return rows if len(rows) >= 4 else None
+
+    rows = wait_for("four usage records", recorded, timeout=5)
+    assert len(rows) == 4 and all(r["node"] == node["id"] and r["status"] == 200 for r in rows)
+    chat_row = [r for r in rows if not r["stream"]][1]
+    assert (chat_row["prompt_tokens"], chat_row["completion_tokens"]) == (
+        reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    completion_row = [r for r in rows if not r["stream"]][0]
+    assert completion_row["completion_tokens"] == completion.usage.completion_tokens
+    streamed = [r for r in rows if r["stream"]]
+    assert len(streamed) == 2 and all(r["prompt_tokens"] is None and r["ttft_ms"] is not None for r in streamed)
