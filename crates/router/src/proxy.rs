@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::metrics::{InferenceMetrics, ModelMetrics};
-use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
 use crate::model::tenant::Tenant;
+use crate::routing::{Affinity, InFlight, NoNode, Outcome, Routing, Target};
 use crate::usage::{Meter, StreamUsage};
 
 /// Header naming the node that served a request.
@@ -268,7 +268,7 @@ fn downstream_response(response: Response<Incoming>, flight: InFlight, watch: Wa
     let mut answer = Response::new(Body::new(body));
     *answer.status_mut() = parts.status;
     for (name, value) in &parts.headers {
-        if !hop_by_hop(name) && !(rewritten && name == header::CONTENT_LENGTH) {
+        if !(hop_by_hop(name) || rewritten && name == header::CONTENT_LENGTH) {
             answer.headers_mut().append(name.clone(), value.clone());
         }
     }

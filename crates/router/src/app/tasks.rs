@@ -85,7 +85,7 @@ fn usage(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
     spawn_every(state, FLUSH_INTERVAL, stop, move |state| {
         let tick = ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         async move {
-            let refresh = tick % every_refresh == 0;
+            let refresh = tick.is_multiple_of(every_refresh);
             if let Err(err) = state.ledger.flush(&state.store, refresh).await {
                 background_failure(&state, "writing usage records failed; will retry", &format!("{err:#}"));
             }

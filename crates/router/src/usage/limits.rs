@@ -279,12 +279,13 @@ impl Limiter {
         let (starts, _) = periods(now);
         let mut used = limits.used.lock().unwrap_or_else(|p| p.into_inner());
         used.turn(now);
-        for i in 0..3 {
-            if used.local_periods[i] != starts[i] {
-                used.local_periods[i] = starts[i];
-                used.local[i] = 0;
+        let Used { local, local_periods, .. } = &mut *used;
+        for ((local, period), start) in local.iter_mut().zip(local_periods.iter_mut()).zip(starts) {
+            if *period != start {
+                *period = start;
+                *local = 0;
             }
-            used.local[i] = used.local[i].saturating_add(tokens);
+            *local = local.saturating_add(tokens);
         }
     }
 

@@ -206,29 +206,6 @@ fn memory(field: impl fmt::Display, value: Option<u64>) -> Checked<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_need_twelve_printable_characters() {
-        assert!(password_problem("12345678").expect("short").contains("at least 12"));
-        assert!(password_problem("ünïcödé-pässwörd").is_none());
-        assert!(password_problem("twelve-chars").is_none());
-        assert!(password_problem("eleven-char").is_some());
-        assert!(password_problem("twelve\u{0}chars").expect("NUL").contains("U+0000"));
-        assert!(password_problem(&"x".repeat(MAX_PASSWORD_BYTES + 1)).is_some());
-    }
-
-    #[test]
-    fn list_items_as_the_probe_keeps_them() {
-        assert!(is_list_item("meta-llama/Llama-3.1-8B"));
-        assert!(!is_list_item(" "));
-        assert!(!is_list_item(&"m".repeat(MAX_ITEM_CHARS + 1)));
-        assert!(!is_list_item("m\u{1b}"));
-    }
-}
-
 /// Each limit set is a whole number from 1 to [`MAX_LIMIT`] (SPEC §14).
 pub fn limits(limits: &Limits) -> Result<(), Invalid> {
     for (name, value) in limits.named() {
@@ -250,5 +227,28 @@ pub fn weight(weight: Option<u32>) -> Result<Option<u32>, Invalid> {
             Err(Invalid::Field(format!("`weight` must be from 1 to {MAX_WEIGHT}; got {w}.")))
         }
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_need_twelve_printable_characters() {
+        assert!(password_problem("12345678").expect("short").contains("at least 12"));
+        assert!(password_problem("ünïcödé-pässwörd").is_none());
+        assert!(password_problem("twelve-chars").is_none());
+        assert!(password_problem("eleven-char").is_some());
+        assert!(password_problem("twelve\u{0}chars").expect("NUL").contains("U+0000"));
+        assert!(password_problem(&"x".repeat(MAX_PASSWORD_BYTES + 1)).is_some());
+    }
+
+    #[test]
+    fn list_items_as_the_probe_keeps_them() {
+        assert!(is_list_item("meta-llama/Llama-3.1-8B"));
+        assert!(!is_list_item(" "));
+        assert!(!is_list_item(&"m".repeat(MAX_ITEM_CHARS + 1)));
+        assert!(!is_list_item("m\u{1b}"));
     }
 }

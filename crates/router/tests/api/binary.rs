@@ -363,10 +363,18 @@ async fn a_sigkill_loses_at_most_the_last_second_of_usage_records() {
     let admin: Value = login(&client, &base, "first-admin-pw").await.json().await.expect("json");
     let admin = admin["token"].as_str().expect("token").to_owned();
     let port = answering_runtime().await;
-    let created: Value =
-        client.post(format!("{base}/v0/nodes")).json(&registration("gpu-k", port)).send().await.expect("register").json().await.expect("json");
+    let created: Value = client
+        .post(format!("{base}/v0/nodes"))
+        .json(&registration("gpu-k", port))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
     let (id, token) = (created["node_id"].as_str().expect("id"), created["node_token"].as_str().expect("token"));
-    let approved = client.post(format!("{base}/v0/nodes/{id}/approve")).bearer_auth(&admin).send().await.expect("approve");
+    let approved =
+        client.post(format!("{base}/v0/nodes/{id}/approve")).bearer_auth(&admin).send().await.expect("approve");
     assert_eq!(approved.status(), 200);
     let beat = client
         .post(format!("{base}/v0/health"))
@@ -407,7 +415,9 @@ async fn a_sigkill_loses_at_most_the_last_second_of_usage_records() {
         let rows: Vec<Value> = page.json().await.expect("json");
         kept += rows.iter().filter(|r| r["status"] == 200 && r["prompt_tokens"] == 7).count();
         match link {
-            Some(link) => next = format!("{}{}", router.base, link.trim_start_matches('<').split('>').next().unwrap_or_default()),
+            Some(link) => {
+                next = format!("{}{}", router.base, link.trim_start_matches('<').split('>').next().unwrap_or_default())
+            }
             None => break,
         }
     }

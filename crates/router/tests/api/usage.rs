@@ -260,7 +260,7 @@ async fn usage_answers_totals_series_and_groups_and_viewers_see_totals_only() {
     let totals = crate::helpers::body(totals).await;
     assert_eq!(totals["totals"]["requests"], 4);
     assert!(totals.get("groups").is_none());
-    assert_error(get(format!("/v0/usage?group_by=principal"), viewer.clone()).await, 403, "forbidden").await;
+    assert_error(get("/v0/usage?group_by=principal".to_owned(), viewer.clone()).await, 403, "forbidden").await;
     assert_error(get("/v0/usage/requests".to_owned(), viewer).await, 403, "forbidden").await;
 
     // Bad questions: a clear 400 each.
