@@ -161,6 +161,9 @@ fn reset_text(ms: i64) -> String {
     }
 }
 
+/// The model a request is recorded under when no node serves the model it names (SPEC §14).
+pub const UNKNOWN_MODEL: &str = "(not served)";
+
 /// The header whose value keeps a session's requests on one node (SPEC §13).
 pub const SESSION_HEADER: &str = "x-session-id";
 
@@ -208,7 +211,11 @@ pub async fn forward(
     let usage = stream_usage(parts.uri.path(), peek.stream.as_ref(), peek.stream_options);
     let limiter = state.credentials.limiter();
     tenant.weight = limiter.weight(&tenant.id);
-    let meter = Meter::new(state.ledger.clone(), tenant, &model, usage != StreamUsage::NotStreamed, at, arrived);
+    let routing = state.registry.routing();
+    // A name no node serves is recorded as such, not as the client wrote it: clients cannot fill the usage tables
+    // with invented names.
+    let counted = if routing.knows(&model) { model.as_str() } else { UNKNOWN_MODEL };
+    let meter = Meter::new(state.ledger.clone(), tenant, counted, usage != StreamUsage::NotStreamed, at, arrived);
     let admitted = match limiter.admit(&meter.tenant().id).await {
         Ok(admitted) => admitted,
         Err(refused) => {
@@ -224,7 +231,6 @@ pub async fn forward(
             .map_err(|err| invalid(format!("The body is not valid JSON: {err}.")))?,
         _ => held.bytes.clone(),
     };
-    let routing = state.registry.routing();
     let prompt = PromptPeek { messages: peek.messages, prompt: peek.prompt };
     let outbound = Outbound {
         method: parts.method,

@@ -168,6 +168,11 @@ impl Routing {
         self.read().targets.get(&id).map(|target| target.figures(now))
     }
 
+    /// Whether some routable node has `model` ready (cordoned or not): a name routing knows.
+    pub fn knows(&self, model: &str) -> bool {
+        self.read().by_model.contains_key(model)
+    }
+
     /// Every model some routable, uncordoned node has ready, in name order.
     pub fn models(&self) -> Vec<String> {
         let table = self.read();

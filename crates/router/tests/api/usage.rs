@@ -158,6 +158,7 @@ async fn every_request_is_recorded_with_its_key_tokens_node_and_status() {
     assert_eq!(rows.len(), 4);
     let refused = &rows[0];
     assert_eq!((refused["principal"].as_str(), refused["status"].as_u64()), (Some("user:admin"), Some(404)));
+    assert_eq!(refused["model"], "(not served)", "an invented name is not kept");
     assert_eq!(refused["node"], Value::Null);
     for row in &rows[1..] {
         assert_eq!(row["principal"], format!("key:{key_id}"));
