@@ -112,6 +112,8 @@ pub struct StreamScan {
     /// With `strip`: the current event's bytes, released at its end unless it is left out.
     event: Vec<u8>,
     drop_event: bool,
+    /// Part of the current event was passed on already (it grew past [`MAX_LINE`]): it cannot be left out.
+    released: bool,
     tokens: Option<Tokens>,
 }
 
@@ -125,7 +127,15 @@ struct Chunk {
 
 impl StreamScan {
     pub fn new(strip: bool) -> StreamScan {
-        StreamScan { strip, line: Vec::new(), skipping: false, event: Vec::new(), drop_event: false, tokens: None }
+        StreamScan {
+            strip,
+            line: Vec::new(),
+            skipping: false,
+            event: Vec::new(),
+            drop_event: false,
+            released: false,
+            tokens: None,
+        }
     }
 
     pub fn tokens(&self) -> Option<Tokens> {
@@ -147,6 +157,11 @@ impl StreamScan {
             rest = tail;
         }
         self.take(rest);
+        // An event without end (a runtime that never sends the blank line) is passed on as it grows, not held.
+        if self.strip && self.event.len() > MAX_LINE {
+            out.append(&mut self.event);
+            self.released = true;
+        }
     }
 
     /// What is still held at the end of the stream, for the client.
@@ -154,7 +169,7 @@ impl StreamScan {
         if !self.line.is_empty() {
             self.end_line(out);
         }
-        if self.strip && !self.drop_event {
+        if self.strip && (!self.drop_event || self.released) {
             out.append(&mut self.event);
         }
     }
@@ -202,7 +217,8 @@ impl StreamScan {
         if self.strip {
             self.event.extend_from_slice(&line);
             if blank {
-                if !std::mem::take(&mut self.drop_event) {
+                let released = std::mem::take(&mut self.released);
+                if !std::mem::take(&mut self.drop_event) || released {
                     out.append(&mut self.event);
                 }
                 self.event.clear();
@@ -286,6 +302,21 @@ mod tests {
             assert_eq!(String::from_utf8(out).expect("text"), unasked, "cut {cut}");
             assert_eq!(scan.tokens(), Some(Tokens { prompt: 7, completion: 2 }));
         }
+    }
+
+    #[test]
+    fn an_event_without_end_is_passed_on_as_it_grows() {
+        let mut scan = StreamScan::new(true);
+        let mut out = Vec::new();
+        let piece = vec![b'x'; 64 * 1024];
+        scan.feed(b"data: ", &mut out);
+        for _ in 0..20 {
+            scan.feed(&piece, &mut out);
+        }
+        assert!(out.len() > MAX_LINE / 2, "held back: {} bytes out", out.len());
+        assert!(scan.event.len() <= MAX_LINE);
+        scan.finish(&mut out);
+        assert_eq!(out.len(), 6 + 20 * piece.len(), "every byte passed on, once");
     }
 
     #[test]
