@@ -21,7 +21,8 @@
 //   view shares); filters.js: the fleet's counts, the status filter, the search and the order;
 // - actions.js: approve, cordon and uncordon, delete;
 // - detail.js: the detail view of a node; labels.js: its labels and their edit form;
-// - pages.js: the administrators' pages, by address; join-tokens.js and audit.js: those pages.
+// - pages.js: the administrators' pages, by address; join-tokens.js and audit.js: those pages;
+// - uplot.esm.js: uPlot, the charting library, vendored unmodified (docs/dashboard.md says which version).
 //
 // The modules import one another in cycles (the table renders the detail view, whose actions reload the table...).
 // That is safe because top-level code uses only dom.js and state.js, which import nothing: it looks elements up and
@@ -44,5 +45,6 @@ import './labels.js';
 import './pages.js';
 import './join-tokens.js';
 import './audit.js';
+import './uplot.esm.js';
 
 boot();
