@@ -566,7 +566,9 @@ describe('dashboard', { timeout: 120_000 }, () => {
       await viewer.locator('#readonly-note').waitFor();
       assert.equal(await viewer.locator('#node-rows tr').count(), 6);
       assert.equal(await viewer.locator('.act-approve, .act-delete').count(), 0);
-      assert.ok(await viewer.locator('nav.nav').isHidden(), 'no Join tokens or Audit page for a viewer');
+      assert.ok(await viewer.locator('#nav-usage').isVisible(), 'the Usage page is for viewers too');
+      assert.ok(await viewer.locator('#nav-join-tokens').isHidden(), 'no Join tokens page for a viewer');
+      assert.ok(await viewer.locator('#nav-audit').isHidden(), 'no Audit page for a viewer');
       assert.equal(await viewer.locator('#node-rows button', { hasText: /Approve|Delete/ }).count(), 0);
 
       const scrolled = await viewer.evaluate(() => {

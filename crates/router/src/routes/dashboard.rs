@@ -30,6 +30,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     asset!("actions.js", JS),
     asset!("api.js", JS),
     asset!("audit.js", JS),
+    asset!("charts.js", JS),
     asset!("detail.js", JS),
     asset!("dom.js", JS),
     asset!("feedback.js", JS),
@@ -45,6 +46,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     asset!("state.js", JS),
     asset!("table.js", JS),
     asset!("uplot.esm.js", JS),
+    asset!("usage.js", JS),
 ];
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
