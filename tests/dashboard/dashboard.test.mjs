@@ -6,7 +6,8 @@
 // Environment:
 //   LLM_ROUTER_BIN         the router binary (default: ../../target/debug/llm-router)
 //   CHROMIUM_PATH          the browser (default: /usr/bin/chromium, Debian's `chromium` package)
-//   DASHBOARD_SCREENSHOTS  a folder: when set, the sign-in page, the node table and the detail view are saved there
+//   DASHBOARD_SCREENSHOTS  a folder: when set, the sign-in page, the node table, the detail view and the other pages
+//                          are saved there
 
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -180,10 +181,10 @@ async function newPage(ctx) {
   return p;
 }
 
-async function screenshot(p, name) {
+async function screenshot(p, name, options = {}) {
   if (!SCREENSHOTS) return;
   await mkdir(SCREENSHOTS, { recursive: true });
-  await p.screenshot({ path: path.join(SCREENSHOTS, name) });
+  await p.screenshot({ path: path.join(SCREENSHOTS, name), ...options });
 }
 
 /** The script's files: app.js and the modules it imports, as they are in the repository. */
@@ -566,7 +567,9 @@ describe('dashboard', { timeout: 120_000 }, () => {
       await viewer.locator('#readonly-note').waitFor();
       assert.equal(await viewer.locator('#node-rows tr').count(), 6);
       assert.equal(await viewer.locator('.act-approve, .act-delete').count(), 0);
-      assert.ok(await viewer.locator('nav.nav').isHidden(), 'no Join tokens or Audit page for a viewer');
+      assert.ok(await viewer.locator('#nav-usage').isVisible(), 'the Usage page is for viewers too');
+      assert.ok(await viewer.locator('#nav-join-tokens').isHidden(), 'no Join tokens page for a viewer');
+      assert.ok(await viewer.locator('#nav-audit').isHidden(), 'no Audit page for a viewer');
       assert.equal(await viewer.locator('#node-rows button', { hasText: /Approve|Delete/ }).count(), 0);
 
       const scrolled = await viewer.evaluate(() => {
@@ -1039,6 +1042,245 @@ describe('dashboard: a fleet larger than the screen', { timeout: 120_000 }, () =
     });
     await p.fill('#search', '');
     await p.selectOption('#sort', 'status');
+    assert.deepEqual(problems, []);
+  });
+});
+
+// The usage page (SPEC §14). A router of its own, so that every count is this test's: a stand-in runtime that
+// reports its usage, two inference keys (one with limits) sending requests through /v1, then the page as an
+// administrator and as a viewer.
+describe('dashboard: usage', { timeout: 120_000 }, () => {
+  const MODEL = 'stand-in/usage-model';
+  const USAGE = { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15 };
+  const keys = {};
+  let usageBrowser;
+  let runtime;
+  let p;
+  /** The UTC minute of team-search's requests (null if they straddled two): its requests/min count turns with it. */
+  let requestMinute;
+
+  /** A chat completion through the router with `key`. */
+  const chat = (key, extra = {}) => fetch(`${base}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${key.key}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'hello' }], ...extra }),
+  });
+
+  /** The legend of a chart: [label, value] per series, the time (or "Total") first. */
+  const legend = (page, chart) => page.$$eval(`#${chart} .u-legend .u-series`, (rows) =>
+    rows.map((row) => [row.querySelector('.u-label')?.textContent ?? '', row.querySelector('.u-value')?.textContent ?? '']));
+
+  /** The rows of a table body, as the text of their cells. */
+  const cells = (page, body) => page.$$eval(`#${body} tr`, (rows) =>
+    rows.map((row) => [...row.querySelectorAll('td')].map((td) => td.textContent)));
+
+  before(async () => {
+    runtime = http.createServer(async (request, response) => {
+      let text = '';
+      for await (const chunk of request) text += chunk;
+      const asked = JSON.parse(text || '{}');
+      const id = 'chatcmpl-usage';
+      if (asked.stream) {
+        response.writeHead(200, { 'Content-Type': 'text/event-stream' });
+        const chunk = { id, object: 'chat.completion.chunk', model: MODEL, choices: [{ index: 0, delta: { content: 'hi' } }] };
+        response.write(`data: ${JSON.stringify(chunk)}\n\n`);
+        if (asked.stream_options?.include_usage) {
+          response.write(`data: ${JSON.stringify({ id, object: 'chat.completion.chunk', model: MODEL, choices: [], usage: USAGE })}\n\n`);
+        }
+        response.end('data: [DONE]\n\n');
+        return;
+      }
+      response.writeHead(200, { 'Content-Type': 'application/json' });
+      response.end(JSON.stringify({
+        id, object: 'chat.completion', created: Math.floor(Date.now() / 1000), model: MODEL,
+        choices: [{ index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }],
+        usage: USAGE,
+      }));
+    });
+    await new Promise((resolve) => runtime.listen(0, '127.0.0.1', resolve));
+
+    const started = await startRouter();
+    router = started.child;
+    base = `http://127.0.0.1:${started.port}`;
+    const login = await expectStatus(call('POST', '/v0/auth/login', { body: { username: 'admin', password: ADMIN_PASSWORD } }), 200);
+    adminToken = login.token;
+    const node = await registerNode({
+      machine_name: 'gpu-usage-01', ip_address: '127.0.0.1', runtime_port: runtime.address().port,
+      gpu_devices: [H100], ready_models: [MODEL],
+    });
+    await expectStatus(call('POST', `/v0/nodes/${node.id}/approve`, { token: adminToken }), 200);
+    await heartbeat(node);
+    keys.search = await expectStatus(call('POST', '/v0/api-keys', {
+      token: adminToken,
+      body: { name: 'team-search', scope: 'inference', limits: { requests_per_minute: 60, tokens_per_day: 100000 } },
+    }), 201);
+    keys.batch = await expectStatus(call('POST', '/v0/api-keys', {
+      token: adminToken, body: { name: 'batch-jobs', scope: 'inference' },
+    }), 201);
+    await expectStatus(call('POST', '/v0/users', {
+      token: adminToken, body: { username: 'viewer', password: VIEWER_PASSWORD, role: 'viewer' },
+    }), 201);
+
+    // team-search: two answers and a stream (45 tokens); batch-jobs: one answer (15 tokens) and an unknown model.
+    requestMinute = Math.floor(Date.now() / 60_000);
+    for (let i = 0; i < 2; i += 1) {
+      const answer = await chat(keys.search);
+      assert.equal(answer.status, 200);
+      assert.deepEqual((await answer.json()).usage, USAGE);
+    }
+    const stream = await chat(keys.search, { stream: true });
+    assert.equal(stream.status, 200);
+    assert.match(await stream.text(), /\[DONE\]/);
+    assert.equal((await chat(keys.batch)).status, 200);
+    assert.equal((await chat(keys.batch, { model: 'stand-in/no-such-model' })).status, 404);
+    if (Math.floor(Date.now() / 60_000) !== requestMinute) requestMinute = null;
+
+    // Records are written in batches within a second: wait until the router counts all five.
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const seen = await expectStatus(call('GET', '/v0/usage?group_by=principal', { token: adminToken }), 200);
+      if (seen.totals.requests === 5 && seen.totals.completion_tokens === 12) break;
+      assert.ok(Date.now() < deadline, `the router recorded ${JSON.stringify(seen.totals)}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+
+    usageBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    p = await newPage(await usageBrowser.newContext({ viewport: { width: 1440, height: 860 }, locale: 'en-US', colorScheme: 'light' }));
+    // uPlot styles its elements through the CSSOM, which `style-src 'self'` allows: any violation is recorded here.
+    await p.addInitScript(() => {
+      window.cspViolations = [];
+      document.addEventListener('securitypolicyviolation', (event) => {
+        window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
+      });
+    });
+  });
+
+  after(async () => {
+    await usageBrowser?.close().catch(() => {});
+    runtime?.close();
+    if (router && router.exitCode === null) {
+      const exited = new Promise((resolve) => router.once('exit', resolve));
+      router.kill('SIGTERM');
+      await exited;
+    }
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  test('an administrator sees requests, errors and tokens by key, the top consumers, the limits and the last hour', async () => {
+    await signIn(p, 'admin', ADMIN_PASSWORD);
+    await p.click('#nav-usage');
+    await p.locator('#view-usage').waitFor();
+    assert.equal(await p.locator('#nav-usage').getAttribute('aria-current'), 'page');
+    assert.ok(await p.locator('#view-nodes').isHidden(), 'the fleet is not on this page');
+
+    // The period's totals, and the charts drawn by uPlot: one series per key, each key's total in the legend.
+    await p.locator('#usage-total-requests', { hasText: '5' }).waitFor();
+    assert.equal(await p.textContent('#usage-total-rejected'), '1');
+    assert.equal(await p.textContent('#usage-total-errors'), '0');
+    assert.equal(await p.textContent('#usage-total-prompt'), '48');
+    assert.equal(await p.textContent('#usage-total-completion'), '12');
+    assert.equal(await p.textContent('#usage-period-note'), 'the last 24 hours, per hour');
+    for (const chart of ['chart-requests', 'chart-errors', 'chart-tokens', 'chart-live-requests', 'chart-live-ttft', 'chart-live-tokens']) {
+      await p.locator(`#${chart} .uplot canvas`).first().waitFor();
+    }
+    assert.equal(await p.textContent('#chart-requests-title'), 'Requests by key or user');
+    assert.deepEqual(await legend(p, 'chart-requests'), [['', 'Total'], ['team-search', '3'], ['batch-jobs', '2']]);
+    assert.deepEqual(await legend(p, 'chart-errors'), [['', 'Total'], ['team-search', '0'], ['batch-jobs', '1']]);
+    assert.deepEqual(await legend(p, 'chart-tokens'), [['', 'Total'], ['team-search', '45'], ['batch-jobs', '15']]);
+    // The chart holds the period's 24 hourly buckets, the requests in the current one.
+    const drawn = await p.locator('#chart-requests .uplot canvas').evaluate((canvas) => canvas.width > 0 && canvas.height > 0);
+    assert.ok(drawn, 'the canvas has a size');
+
+    // Top consumers: the keys, largest first.
+    assert.deepEqual(await cells(p, 'usage-top-rows'), [
+      ['team-search', '3', '36', '9', '0', '0'],
+      ['batch-jobs', '2', '12', '3', '0', '1'],
+    ]);
+
+    // Limits: the key with limits only, and what it used of them.
+    assert.deepEqual(await p.$$eval('#usage-limit-rows td.col-name', (tds) => tds.map((td) => td.textContent)), ['team-search']);
+    const limit = (name) => p.locator(`#usage-limit-rows tr[data-limit="${name}"]`);
+    assert.equal(await limit('requests_per_minute').locator('.limit-name').textContent(), 'requests/min');
+    const perMinute = await limit('requests_per_minute').locator('.limit-used').textContent();
+    // The count turns with the UTC minute: exactly 3 unless the minute changed since the requests.
+    if (Math.floor(Date.now() / 60_000) === requestMinute) assert.equal(perMinute, '3 of 60');
+    else assert.match(perMinute, /^[0-3] of 60$/);
+    assert.equal(await limit('tokens_per_day').locator('.limit-name').textContent(), 'tokens today');
+    assert.equal(await limit('tokens_per_day').locator('.limit-used').textContent(), '45 of 100,000');
+    assert.equal(await limit('tokens_per_day').locator('.meter-value').textContent(), '0%');
+
+    // The last hour: the five requests, a rate above zero, the stream's time to first token.
+    assert.equal(await p.textContent('#usage-live-requests'), '5');
+    assert.ok(Number(await p.textContent('#usage-live-rps')) > 0, await p.textContent('#usage-live-rps'));
+    assert.ok(Number(await p.textContent('#usage-live-tps')) > 0, await p.textContent('#usage-live-tps'));
+    assert.match(await p.textContent('#usage-live-p50'), /^\d[\d,]* ms$/);
+    const live = await legend(p, 'chart-live-requests');
+    assert.deepEqual(live.map(([label]) => label), ['', 'Requests/s', 'Errors/s']);
+    await screenshot(p, 'usage.png', { fullPage: true });
+
+    // Over a chart, the legend shows the bucket under the pointer instead of the totals.
+    const over = p.locator('#chart-requests .u-over');
+    const box = await over.boundingBox();
+    await p.mouse.move(box.x + box.width - 2, box.y + box.height / 2);
+    await p.waitForFunction(() => document.querySelector('#chart-requests .u-legend .u-series .u-value')?.textContent !== 'Total');
+    assert.deepEqual((await legend(p, 'chart-requests')).slice(1), [['team-search', '3'], ['batch-jobs', '2']]);
+    await p.mouse.move(0, 0);
+    await p.waitForFunction(() => document.querySelector('#chart-requests .u-legend .u-series .u-value')?.textContent === 'Total');
+
+    // Another period, and the same usage by model and by node.
+    await p.click('#usage-period [data-period="hour"]');
+    await p.locator('#usage-period-note', { hasText: 'the last hour, per minute' }).waitFor();
+    assert.equal(await p.getAttribute('#usage-period [data-period="hour"]', 'aria-pressed'), 'true');
+    assert.deepEqual(await legend(p, 'chart-requests'), [['', 'Total'], ['team-search', '3'], ['batch-jobs', '2']]);
+    await p.selectOption('#usage-split', 'model');
+    await p.locator('#usage-top-rows tr', { hasText: MODEL }).waitFor();
+    assert.equal(await p.textContent('#usage-top-name'), 'Model');
+    assert.deepEqual((await cells(p, 'usage-top-rows'))[0], [MODEL, '4', '48', '12', '0', '0']);
+    assert.equal(await p.textContent('#chart-tokens-title'), 'Tokens by model');
+    await p.selectOption('#usage-split', 'node');
+    await p.locator('#usage-top-rows tr', { hasText: 'gpu-usage-01' }).waitFor();
+    // Usage by node is kept by the hour: the last hour is shown per hour.
+    assert.equal(await p.textContent('#usage-period-note'), 'the last hour, per hour');
+    assert.deepEqual((await cells(p, 'usage-top-rows'))[0], ['gpu-usage-01', '4', '48', '12', '0', '0']);
+    await p.selectOption('#usage-split', 'principal');
+    await p.click('#usage-period [data-period="day"]');
+    await p.locator('#usage-period-note', { hasText: 'the last 24 hours, per hour' }).waitFor();
+  });
+
+  test('a viewer sees the fleet\'s totals and last hour, but no split, top consumers or limits', async () => {
+    const ctx = await usageBrowser.newContext({ viewport: { width: 1440, height: 860 }, locale: 'en-US' });
+    try {
+      const viewer = await newPage(ctx);
+      const refused = [];
+      viewer.on('response', (response) => {
+        if (response.status() === 403) refused.push(response.url());
+      });
+      await signIn(viewer, 'viewer', VIEWER_PASSWORD);
+      assert.ok(await viewer.locator('#nav-usage').isVisible());
+      await viewer.click('#nav-usage');
+      await viewer.locator('#usage-total-requests', { hasText: '5' }).waitFor();
+      await viewer.locator('#chart-requests .uplot canvas').first().waitFor();
+      assert.equal(await viewer.textContent('#chart-requests-title'), 'Requests');
+      assert.deepEqual(await legend(viewer, 'chart-requests'), [['', 'Total'], ['Requests', '5'], ['Errors', '0'], ['Rejected', '1']]);
+      assert.deepEqual(await legend(viewer, 'chart-tokens'), [['', 'Total'], ['Prompt', '48'], ['Completion', '12']]);
+      assert.equal(await viewer.textContent('#usage-live-requests'), '5');
+      assert.ok(await viewer.locator('#usage-split').isHidden(), 'no "by" picker');
+      assert.ok(await viewer.locator('#usage-top').isHidden(), 'no top consumers');
+      assert.ok(await viewer.locator('#usage-limits').isHidden(), 'no limits');
+      assert.ok(await viewer.locator('#chart-errors-card').isHidden());
+      assert.equal(await viewer.locator('#usage-top-rows tr, #usage-limit-rows tr').count(), 0);
+      // The period picker is theirs too.
+      await viewer.click('#usage-period [data-period="week"]');
+      await viewer.locator('#usage-period-note', { hasText: 'the last 7 days, per hour' }).waitFor();
+      assert.deepEqual(await legend(viewer, 'chart-requests'), [['', 'Total'], ['Requests', '5'], ['Errors', '0'], ['Rejected', '1']]);
+      assert.deepEqual(refused, [], 'the page asks a viewer only for what a viewer may see');
+    } finally {
+      await ctx.close();
+    }
+  });
+
+  test('no page error and no CSP violation happened on the usage page', async () => {
+    assert.deepEqual(await p.evaluate(() => window.cspViolations), []);
     assert.deepEqual(problems, []);
   });
 });

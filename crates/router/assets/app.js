@@ -21,7 +21,9 @@
 //   view shares); filters.js: the fleet's counts, the status filter, the search and the order;
 // - actions.js: approve, cordon and uncordon, delete;
 // - detail.js: the detail view of a node; labels.js: its labels and their edit form;
-// - pages.js: the administrators' pages, by address; join-tokens.js and audit.js: those pages.
+// - pages.js: the pages other than the fleet, by address; usage.js (everyone), join-tokens.js and audit.js
+//   (administrators): those pages;
+// - charts.js: the usage page's time-series charts, drawn by uPlot (uplot.esm.js, vendored unmodified).
 //
 // The modules import one another in cycles (the table renders the detail view, whose actions reload the table...).
 // That is safe because top-level code uses only dom.js and state.js, which import nothing: it looks elements up and
@@ -44,5 +46,8 @@ import './labels.js';
 import './pages.js';
 import './join-tokens.js';
 import './audit.js';
+import './usage.js';
+import './charts.js';
+import './uplot.esm.js';
 
 boot();

@@ -76,3 +76,21 @@ export function gpuFigures(node) {
     memory: total > 0 ? formatUsage(used, total) : '',
   };
 }
+
+const counts = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const rates = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 3 });
+
+/** `45,000`: a count, grouped as the browser's language groups digits. */
+export function formatCount(n) {
+  return n === null || n === undefined ? '–' : counts.format(n);
+}
+
+/** `0.0417`, `3.2`, `1,250`: a rate, three significant digits below a hundred. */
+export function formatRate(value) {
+  if (value === null || value === undefined) return '–';
+  return value >= 100 ? counts.format(value) : rates.format(value);
+}
+
+export function formatMs(ms) {
+  return ms === null || ms === undefined ? '–' : `${counts.format(ms)} ms`;
+}

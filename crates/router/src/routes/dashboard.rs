@@ -25,10 +25,12 @@ macro_rules! asset {
 const ASSETS: &[(&str, &str, &str)] = &[
     asset!("index.html", HTML),
     asset!("style.css", CSS),
+    asset!("uplot.min.css", CSS),
     asset!("app.js", JS),
     asset!("actions.js", JS),
     asset!("api.js", JS),
     asset!("audit.js", JS),
+    asset!("charts.js", JS),
     asset!("detail.js", JS),
     asset!("dom.js", JS),
     asset!("feedback.js", JS),
@@ -43,6 +45,8 @@ const ASSETS: &[(&str, &str, &str)] = &[
     asset!("session.js", JS),
     asset!("state.js", JS),
     asset!("table.js", JS),
+    asset!("uplot.esm.js", JS),
+    asset!("usage.js", JS),
 ];
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
