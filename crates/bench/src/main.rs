@@ -25,6 +25,7 @@ mod standin;
 mod startup;
 mod stats;
 mod storm;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -103,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Affinity(args) => output(cli.json, &affinity::run(&spec, args).await?, affinity::print),
             Mode::Fairness(args) => output(cli.json, &fairness::run(&spec, args).await?, fairness::print),
             Mode::Bodies(args) => output(cli.json, &bodies::run(&spec, args).await?, bodies::print),
+            Mode::Usage(args) => output(cli.json, &usage::run(&spec, args).await?, usage::print),
             Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
         }
     });

@@ -7,8 +7,10 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 mod runtimes;
+mod tenants;
 
 pub use runtimes::{AffinityArgs, BalanceArgs, BodiesArgs, FairnessArgs, ProbeArgs, ProxyArgs, Scenario};
+pub use tenants::UsageArgs;
 
 /// Load and start-up benchmarks of llm-router. Every mode starts the real router binary on a fresh temporary data
 /// directory and stops it at the end.
@@ -70,6 +72,10 @@ pub enum Mode {
     Fairness(FairnessArgs),
     /// A burst of large `/v1` request bodies at once: the router's memory during the burst and after it.
     Bodies(BodiesArgs),
+    /// A month of a busy fleet's usage (100 million requests) written into a fresh database as the router leaves it
+    /// (roll-ups of the period, raw rows of the last days): its storage, and how fast the router answers 30-day
+    /// usage queries and the dashboard's last hour on it (SPEC §14).
+    Usage(UsageArgs),
     /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a
     /// router to be started on later. Node i's id and token are derived from i, for `bench pulse`.
     Seed(SeedArgs),
