@@ -1,7 +1,9 @@
-//! Arguments of the modes that measure tenants' usage and limits (SPEC §14): `usage`.
+//! Arguments of the modes that measure tenants' usage and limits (SPEC §14): `usage` and `limits`.
 
 use clap::Args;
 use clap::builder::TypedValueParser;
+
+use super::share;
 
 #[derive(Debug, Clone, Args)]
 pub struct UsageArgs {
@@ -77,4 +79,46 @@ impl UsageArgs {
     pub fn raw_days(&self) -> u32 {
         self.raw_days.unwrap_or(self.request_log_days).min(self.request_log_days).min(self.days)
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LimitsArgs {
+    /// A PostgreSQL server (what `scripts/postgres.sh start DIR` prints): the routers share a fresh database on it,
+    /// dropped at the end. Without it: one router on SQLite.
+    #[arg(long)]
+    pub postgres: Option<String>,
+
+    /// Routers sharing the database (default: 2 on PostgreSQL, 1 on SQLite; more than one needs --postgres).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
+    pub routers: Option<usize>,
+
+    /// The key's `requests_per_minute`.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub rpm: u64,
+
+    /// Whole minutes (UTC) measured; the run starts when the next minute begins.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1_440))]
+    pub minutes: u64,
+
+    /// Requests offered per minute in total, as a multiple of --rpm, sent on a schedule to the routers in turn.
+    #[arg(long, default_value_t = 2.5, value_parser = offered)]
+    pub offered: f64,
+
+    /// Share of --rpm by which a minute's admitted requests may exceed it, besides one per router (SPEC §14).
+    #[arg(long, default_value_t = 0.02, value_parser = share)]
+    pub tolerance: f64,
+}
+
+impl LimitsArgs {
+    pub fn routers(&self) -> usize {
+        self.routers.unwrap_or(if self.postgres.is_some() { 2 } else { 1 })
+    }
+}
+
+fn offered(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    if !value.is_finite() || value <= 0.0 || value > 1_000.0 {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(value)
 }
