@@ -240,6 +240,31 @@ pub async fn login(addr: SocketAddr, host: &str, password: &str) -> anyhow::Resu
     Ok(login.token)
 }
 
+/// Makes an API key of the `inference` scope named `name`, with `limits` (an object of SPEC §14's limits; `null`:
+/// none), and returns the key to send as `Authorization: Bearer`.
+pub async fn create_api_key(
+    addr: SocketAddr,
+    host: &str,
+    session: &str,
+    name: &str,
+    limits: serde_json::Value,
+) -> anyhow::Result<String> {
+    let mut body = serde_json::json!({"name": name, "scope": "inference"});
+    if !limits.is_null() {
+        body["limits"] = limits;
+    }
+    let bearer = format!("Bearer {session}");
+    let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+    let request = encode_request("POST", "/v0/api-keys", host, &headers, body.to_string().as_bytes());
+    let mut client = Client::new(addr);
+    let answer = client.send(&request).await.context("creating an API key")?;
+    if answer.status != 201 && answer.status != 200 {
+        bail!("POST /v0/api-keys answered HTTP {}: {}", answer.status, String::from_utf8_lossy(client.body()));
+    }
+    let made: serde_json::Value = serde_json::from_slice(client.body()).context("parsing the new key")?;
+    made["key"].as_str().map(str::to_owned).context("the new key's answer has no `key`")
+}
+
 /// Approves every node; any failure stops the bench.
 pub async fn approve_nodes(
     addr: SocketAddr,

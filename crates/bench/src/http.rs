@@ -229,12 +229,30 @@ pub struct Client {
     buf: Vec<u8>,
     filled: usize,
     body: Vec<u8>,
+    /// The latest answer's head, kept only when asked ([`Client::keeping_heads`]): copying it costs the load
+    /// generator.
+    head: Option<Vec<u8>>,
 }
 
 impl Client {
     /// A client that connects on its first request.
     pub fn new(addr: SocketAddr) -> Self {
-        Client { addr, stream: None, buf: vec![0; 4096], filled: 0, body: Vec::new() }
+        Client { addr, stream: None, buf: vec![0; 4096], filled: 0, body: Vec::new(), head: None }
+    }
+
+    /// Keeps each answer's head, for [`Client::header`].
+    pub fn keeping_heads(mut self) -> Self {
+        self.head = Some(Vec::new());
+        self
+    }
+
+    /// A header of the latest answer (the first of that name, any case), when heads are kept.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let head = std::str::from_utf8(self.head.as_deref()?).ok()?;
+        head.split("\r\n").skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+        })
     }
 
     /// A client with its connection already open.
@@ -274,6 +292,10 @@ impl Client {
             }
             fill(stream, &mut self.buf, &mut self.filled).await?;
         };
+        if let Some(kept) = &mut self.head {
+            kept.clear();
+            kept.extend_from_slice(&self.buf[..head.len]);
+        }
         let consumed = match head.body {
             BodyKind::Length(n) => {
                 let total = head.len + n;
@@ -446,10 +468,12 @@ mod tests {
             read_request(&mut second).await;
             second.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok").await.expect("write");
         });
-        let mut client = Client::new(addr);
+        let mut client = Client::new(addr).keeping_heads();
         let get = encode_request("GET", "/", "h", &[], b"");
         assert_eq!(client.send(&get).await.expect("first").status, 200);
         assert_eq!(client.body(), b"hello");
+        assert_eq!(client.header("content-length"), Some("5"));
+        assert_eq!(client.header("x-missing"), None);
         assert_eq!(client.send(&get).await.expect("second").status, 404);
         assert_eq!(client.body(), b"no");
         assert_eq!(client.send(&get).await.expect("third, on a new connection").status, 201);

@@ -10,6 +10,7 @@ mod fairness;
 mod fleet;
 mod heartbeat;
 mod http;
+mod limits;
 mod logins;
 mod openloop;
 mod postgres;
@@ -25,6 +26,7 @@ mod standin;
 mod startup;
 mod stats;
 mod storm;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -59,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // The flood's senders and the single key's, each with a connection to the router and the router's to the node.
         Mode::Fairness(args) => Some((args.backlog + args.max_concurrency as usize + 2) * 2),
         Mode::Pulse(args) => Some(args.connections),
+        Mode::Limits(args) => Some(args.routers() * (limits::WORKERS + 4) * 2),
         _ => None,
     };
     if let Some(connections) = connections {
@@ -103,6 +106,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Affinity(args) => output(cli.json, &affinity::run(&spec, args).await?, affinity::print),
             Mode::Fairness(args) => output(cli.json, &fairness::run(&spec, args).await?, fairness::print),
             Mode::Bodies(args) => output(cli.json, &bodies::run(&spec, args).await?, bodies::print),
+            Mode::Usage(args) => output(cli.json, &usage::run(&spec, args).await?, usage::print),
+            Mode::Limits(args) => output(cli.json, &limits::run(&spec, args).await?, limits::print),
             Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
         }
     });

@@ -243,11 +243,19 @@ impl InProcess {
 
     /// A router with those settings, changed by `configure`.
     pub async fn start_with(configure: impl FnOnce(&mut llm_router::config::Settings)) -> InProcess {
+        InProcess::start_in(tempfile::tempdir().expect("temporary directory"), configure).await
+    }
+
+    /// A router on the data directory `dir` (e.g. a database the test wrote), with those settings changed by
+    /// `configure`.
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut llm_router::config::Settings),
+    ) -> InProcess {
         use llm_router::app::App;
         use llm_router::clock::SystemClock;
         use llm_router::config::{InferenceAuth, Settings};
 
-        let dir = tempfile::tempdir().expect("temporary directory");
         let admin_password = "bench-test-password".to_owned();
         let mut settings = Settings {
             admin_password: Some(admin_password.clone()),

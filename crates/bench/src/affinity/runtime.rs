@@ -283,7 +283,7 @@ async fn answer(stream: &mut TcpStream, node: &Node, model: &Model, prompt: &str
         if index > 0 {
             tokio::time::sleep(model.chunk_gap).await;
         }
-        push_event(&mut out, &model.name, index, monotonic_ns());
+        push_event(&mut out, &model.name, index, monotonic_ns(), false);
         stream.write_all(&out).await?;
         out.clear();
     }

@@ -7,8 +7,10 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 mod runtimes;
+mod tenants;
 
 pub use runtimes::{AffinityArgs, BalanceArgs, BodiesArgs, FairnessArgs, ProbeArgs, ProxyArgs, Scenario};
+pub use tenants::{LimitsArgs, UsageArgs};
 
 /// Load and start-up benchmarks of llm-router. Every mode starts the real router binary on a fresh temporary data
 /// directory and stops it at the end.
@@ -70,6 +72,13 @@ pub enum Mode {
     Fairness(FairnessArgs),
     /// A burst of large `/v1` request bodies at once: the router's memory during the burst and after it.
     Bodies(BodiesArgs),
+    /// A month of a busy fleet's usage (100 million requests) written into a fresh database as the router leaves it
+    /// (roll-ups of the period, raw rows of the last days): its storage, and how fast the router answers 30-day
+    /// usage queries and the dashboard's last hour on it (SPEC §14).
+    Usage(UsageArgs),
+    /// One API key's `requests_per_minute` held by several routers sharing a PostgreSQL database (or one on SQLite),
+    /// offered 2-3 times the limit: requests admitted and refused per calendar minute, against SPEC §14's bound.
+    Limits(LimitsArgs),
     /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a
     /// router to be started on later. Node i's id and token are derived from i, for `bench pulse`.
     Seed(SeedArgs),
@@ -368,6 +377,26 @@ mod tests {
         assert!(parse("seed --data-dir d --nodes 0").is_err());
         assert!(parse("pulse --nodes 10").is_err(), "pulse needs the router's address");
         assert!(parse("pulse --url http://127.0.0.1:1 --interval-secs 0").is_err());
+    }
+
+    #[test]
+    fn usage_limits_and_the_proxy_with_limits_parse() {
+        let cli = parse("usage --postgres postgres://u@h/db --raw-days 1 --explain").expect("parse");
+        let Mode::Usage(args) = cli.mode else { panic!("usage expected") };
+        assert_eq!((args.postgres.as_deref(), args.raw_days(), args.explain), (Some("postgres://u@h/db"), 1, true));
+        let cli = parse("limits --postgres postgres://u@h/db").expect("parse");
+        let Mode::Limits(args) = cli.mode else { panic!("limits expected") };
+        assert_eq!((args.routers(), args.rpm, args.minutes, args.offered), (2, 600, 3, 2.5));
+        let cli = parse("limits --rpm 60 --minutes 1").expect("parse");
+        let Mode::Limits(args) = cli.mode else { panic!("limits expected") };
+        assert_eq!((args.routers(), args.rpm, args.minutes), (1, 60, 1));
+        assert!(parse("limits --rpm 0").is_err());
+        assert!(parse("limits --offered 0").is_err());
+        assert!(parse("usage --days 0").is_err());
+        let cli = parse("proxy --scenarios completions --limits").expect("parse");
+        let Mode::Proxy(args) = cli.mode else { panic!("proxy expected") };
+        assert!(args.limits);
+        assert!(!matches!(parse("proxy").expect("parse").mode, Mode::Proxy(ProxyArgs { limits: true, .. })));
     }
 
     #[test]

@@ -157,6 +157,13 @@ pub struct ProxyArgs {
     /// stand-in per worker).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096).map(|n| n as usize))]
     pub connections: usize,
+
+    /// The router requires API keys (`--inference-auth key` instead of `none`): the bench makes an inference key
+    /// with limits no run reaches (requests_per_minute 100,000,000, tokens_per_minute 10^12) and every routed request
+    /// carries it, so each one passes the limiter and its answer carries the `x-ratelimit-*` headers (SPEC §14: with
+    /// recording and limits on, §8's figures hold).
+    #[arg(long)]
+    pub limits: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -2,7 +2,9 @@
 //! directly in the same run.
 //!
 //! `--nodes` stand-ins (see [`crate::standin`]) are registered as nodes at 127.0.0.1 and approved; they keep
-//! heartbeating all along, so they stay online. The router runs with `--inference-auth none`. Then, in order:
+//! heartbeating all along, so they stay online. The router runs with `--inference-auth none`; with `--limits`, with
+//! `--inference-auth key`, and every routed request carries an API key whose limits no run reaches, so that each
+//! one passes the limiter (SPEC §14). Then, in order:
 //!
 //! - **completions**: non-streaming 1 KiB requests offered at `--rate`, on a schedule (open loop): request *i* is
 //!   due at *i* / rate whatever the answers before it did, and its latency runs from that due instant to the end of
@@ -71,7 +73,8 @@ pub struct RouterAt {
 /// Runs the whole mode against a router started from `spec`.
 pub async fn run(spec: &RouterSpec, args: &ProxyArgs) -> anyhow::Result<ProxyReport> {
     let mut spec = spec.clone();
-    spec.extra_args.extend(["--inference-auth", "none"].map(str::to_owned));
+    let auth = if args.limits { "key" } else { "none" };
+    spec.extra_args.extend(["--inference-auth", auth].map(str::to_owned));
     let standins = StandIns::start(args.nodes, behaviour(args))?;
     let router = spec.start().await?;
     let measured = async {
@@ -101,12 +104,20 @@ pub async fn measure(at: &RouterAt, standins: &StandIns, args: &ProxyArgs) -> an
     fleet::approve_nodes(at.addr, &host, &session, &nodes, 16).await?;
     let heartbeat_errors = Arc::new(AtomicU64::new(0));
     let heartbeats = keep_heartbeating(at.addr, &host, &nodes, heartbeat_errors.clone())?;
-    let targets = Targets::new(at.addr, standins.addrs(), args.prompts);
+    let key = match args.limits {
+        true => Some(fleet::create_api_key(at.addr, &host, &session, "bench-proxy", generous_limits()).await?),
+        false => None,
+    };
+    let targets = Targets::new(at.addr, standins.addrs(), args.prompts, key.as_deref());
     let result = async {
         targets.check().await?;
+        if key.is_some() {
+            check_rate_limit_headers(at.addr, &targets.routed[0][0]).await?;
+        }
         let setup_secs = started.elapsed().as_secs_f64();
         let mut report = ProxyReport {
             nodes: nodes.len(),
+            limits: key.is_some(),
             completions: None,
             streams: None,
             failover: None,
@@ -143,6 +154,23 @@ pub async fn measure(at: &RouterAt, standins: &StandIns, args: &ProxyArgs) -> an
         report.router_peak_rss_mb = Some(memory.peak_mb());
     }
     Ok(report)
+}
+
+/// Limits that no run of the bench reaches, so that every request passes the limiter and none is refused.
+fn generous_limits() -> serde_json::Value {
+    serde_json::json!({"requests_per_minute": 100_000_000u64, "tokens_per_minute": 1_000_000_000_000u64})
+}
+
+/// A routed request answered 200 carries the key's `x-ratelimit-*` headers: the limiter saw it.
+async fn check_rate_limit_headers(addr: SocketAddr, request: &[u8]) -> anyhow::Result<()> {
+    let mut client = Client::new(addr).keeping_heads();
+    let answer = client.send(request).await?;
+    for name in ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens"] {
+        if answer.status != 200 || client.header(name).is_none() {
+            bail!("a routed request with the limited key answered HTTP {} without {name}", answer.status);
+        }
+    }
+    Ok(())
 }
 
 /// Registers one node per stand-in: at 127.0.0.1, its runtime port the stand-in's, the fleet's models ready.
@@ -309,6 +337,54 @@ mod tests {
         assert!(routing["failures_total"].as_u64().is_some_and(|n| n >= 1), "{routing}");
         assert_eq!(report.heartbeat_errors, 0);
 
+        router.stop().await;
+    }
+
+    /// With `--limits`, every routed request carries a key with limits and passes them; the router counts every
+    /// routed request's tokens to it, streams included (the stand-ins answer `include_usage` as OpenAI does, and the
+    /// router removes what it asked for, so the client reads the same events as directly).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routed_requests_carry_a_limited_key_and_every_one_is_counted_with_its_tokens() {
+        use llm_router::config::InferenceAuth;
+
+        let router =
+            crate::router::InProcess::start_with(|settings| settings.inference_auth = InferenceAuth::Key).await;
+        let args = args(
+            "--limits --nodes 3 --scenarios completions,streams --rate 400 --secs 0.1 --slice-secs 0.1 \
+             --stream-rate 40 --stream-secs 0.1 --chunks 5 --connections 8",
+        );
+        assert!(args.limits);
+        let standins = StandIns::start(args.nodes, behaviour(&args)).expect("stand-ins");
+        let at = RouterAt { addr: router.addr, admin_password: router.admin_password.clone(), pid: None };
+        let report = measure(&at, &standins, &args).await.expect("the run completes");
+        assert!(report.limits);
+        let completions = report.completions.expect("completions ran");
+        assert_eq!((completions.routed.ok, completions.routed.errors.total()), (40, 0), "{:?}", completions.routed);
+        let streams = report.streams.expect("streams ran");
+        for side in [&streams.direct, &streams.routed] {
+            assert_eq!((side.ok, side.errors.total(), side.chunks), (4, 0, 20), "the same events either way");
+        }
+
+        // Routed: 40 + 40 warm-up completions, 4 + 4 streams, and the checks' two and one; all of them the key's.
+        let host = router.addr.to_string();
+        let session = fleet::login(router.addr, &host, &router.admin_password).await.expect("login");
+        let bearer = format!("Bearer {session}");
+        let usage =
+            encode_request("GET", "/v0/usage?step=day&group_by=principal", &host, &[("Authorization", &bearer)], b"");
+        let mut client = Client::new(router.addr);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let totals = loop {
+            assert_eq!(client.send(&usage).await.expect("usage").status, 200);
+            let view: serde_json::Value = serde_json::from_slice(client.body()).expect("JSON");
+            if view["totals"]["requests"] == 91 || Instant::now() > deadline {
+                break view;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(totals["totals"]["requests"], 91, "{totals}");
+        assert_eq!(totals["totals"]["unknown_usage"], 0, "streams report usage too: {totals}");
+        assert_eq!(totals["totals"]["prompt_tokens"], 91 * crate::standin::PROMPT_TOKENS, "{totals}");
+        assert_eq!(totals["groups"][0]["name"], "bench-proxy");
         router.stop().await;
     }
 }

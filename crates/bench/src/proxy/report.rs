@@ -9,6 +9,8 @@ use crate::stats::{Added, ErrorCounts, LatencySummary};
 #[derive(Debug, Serialize)]
 pub struct ProxyReport {
     pub nodes: usize,
+    /// Routed requests carried an API key with limits (`--limits`); otherwise `/v1` was open.
+    pub limits: bool,
     pub completions: Option<CompletionsReport>,
     pub streams: Option<StreamsReport>,
     pub failover: Option<FailoverReport>,
@@ -114,6 +116,9 @@ pub struct FailoverReport {
 /// The report for people.
 pub fn print(report: &ProxyReport) {
     println!("proxy: {} stand-in runtimes as nodes, direct and through the router in the same run", report.nodes);
+    if report.limits {
+        println!("  every routed request carries an API key with limits (its answers carry x-ratelimit-*)");
+    }
     if let Some(c) = &report.completions {
         println!(
             "  completions  {} requests/s offered, {:.1} s per side, {} B requests, {} B answers",

@@ -22,8 +22,14 @@ pub(super) struct Targets {
 }
 
 impl Targets {
-    pub(super) fn new(router: SocketAddr, standins: &[SocketAddr], prompts: usize) -> Arc<Targets> {
-        let encode = |addr: SocketAddr| {
+    /// `key`: the API key every routed request carries (`Authorization: Bearer`); direct ones carry none.
+    pub(super) fn new(router: SocketAddr, standins: &[SocketAddr], prompts: usize, key: Option<&str>) -> Arc<Targets> {
+        let encode = |addr: SocketAddr, key: Option<&str>| {
+            let bearer = key.map(|key| format!("Bearer {key}"));
+            let mut headers = vec![("Content-Type", "application/json"), ("Accept", "*/*")];
+            if let Some(bearer) = &bearer {
+                headers.push(("Authorization", bearer.as_str()));
+            }
             (0..prompts.max(1))
                 .map(|prompt| {
                     [false, true].map(|stream| {
@@ -31,7 +37,7 @@ impl Targets {
                             "POST",
                             "/v1/chat/completions",
                             &addr.to_string(),
-                            &[("Content-Type", "application/json"), ("Accept", "*/*")],
+                            &headers,
                             &request_body(stream, prompt),
                         )
                     })
@@ -41,8 +47,8 @@ impl Targets {
         Arc::new(Targets {
             router,
             standins: standins.to_vec(),
-            routed: encode(router),
-            direct: standins.iter().map(|&addr| encode(addr)).collect(),
+            routed: encode(router, key),
+            direct: standins.iter().map(|&addr| encode(addr, None)).collect(),
         })
     }
 

@@ -32,8 +32,12 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 pub use wire::{
-    Ask, RequestHead, STREAM_HEAD, completion_body, parse_request_head, push_done, push_event, response, wants_stream,
+    Ask, RequestHead, STREAM_HEAD, completion_body, parse_request_head, push_done, push_event, push_usage, response,
+    wants_stream, wants_usage,
 };
+// The tests of the modes that count usage compare it with what the stand-ins report.
+#[cfg(test)]
+pub use wire::PROMPT_TOKENS;
 use wire::{MAX_BODY_BYTES, MAX_HEAD_BYTES};
 
 /// Nanoseconds since the first call in this process, on the monotonic clock: the one clock stand-ins and clients
@@ -263,7 +267,8 @@ async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served, i: u
         let Some(head) = read_request(&mut stream, &mut buf, &mut filled).await else { return };
         let total = head.head_len + head.body_len;
         let ask = if head.post_completions {
-            if wants_stream(&buf[head.head_len..total]) { Ask::Stream } else { Ask::Completion }
+            let body = &buf[head.head_len..total];
+            if wants_stream(body) { Ask::Stream { usage: wants_usage(body) } } else { Ask::Completion }
         } else if head.get_models {
             Ask::Models
         } else {
@@ -279,10 +284,10 @@ async fn serve(mut stream: TcpStream, prepared: &Prepared, served: &Served, i: u
             }
             Ask::Models => stream.write_all(&prepared.models).await,
             Ask::NotFound => stream.write_all(&response(404, "application/json", b"{\"error\":\"not found\"}")).await,
-            Ask::Stream => {
+            Ask::Stream { usage } => {
                 served.streams.fetch_add(1, Ordering::Relaxed);
                 let _load = served.each.get(i).map(Load::begin);
-                write_stream(&mut stream, &prepared.behaviour, &mut out).await
+                write_stream(&mut stream, &prepared.behaviour, usage, &mut out).await
             }
         };
         if written.is_err() {
@@ -335,8 +340,15 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, filled: &mut usize
 }
 
 /// Writes a streamed answer: the head with the first event at once, then one event per gap, each written with one
-/// call and stamped just before it, then `[DONE]` and the end of the body.
-async fn write_stream(stream: &mut TcpStream, behaviour: &Behaviour, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// call and stamped just before it, then `[DONE]` and the end of the body. With `usage` (the request asked for it,
+/// as the router does for every stream it counts), as OpenAI does: `"usage":null` in every event, and after the
+/// last one an event with no choices and the answer's usage, written with `[DONE]`.
+async fn write_stream(
+    stream: &mut TcpStream,
+    behaviour: &Behaviour,
+    usage: bool,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
     // An interval of zero would panic; the timer's resolution (a millisecond) is the shortest real gap anyway.
     let gap = behaviour.gap.max(Duration::from_micros(1));
     // The first event goes with the head, without waiting for a timer: a timer due now fires at its next tick.
@@ -349,9 +361,12 @@ async fn write_stream(stream: &mut TcpStream, behaviour: &Behaviour, out: &mut V
         if index > 0 {
             ticks.tick().await;
         }
-        push_event(out, &behaviour.model, index, monotonic_ns());
+        push_event(out, &behaviour.model, index, monotonic_ns(), usage);
         stream.write_all(out).await?;
         out.clear();
+    }
+    if usage {
+        push_usage(out, &behaviour.model, behaviour.chunks, monotonic_ns());
     }
     push_done(out);
     stream.write_all(out).await
@@ -456,6 +471,30 @@ mod tests {
         assert_eq!((plain.status, plain.body_len, plain.events.len()), (200, completion_body("m").len(), 0));
         let missing = encode_request("GET", "/nope", "h", &[], b"");
         assert_eq!(client.send(&missing, false).await.expect("404").status, 404);
+    }
+
+    /// Asked for usage, the stream ends as OpenAI's does: an event with the usage and no choices before `[DONE]`.
+    #[tokio::test]
+    async fn a_stream_that_asks_for_usage_ends_with_it() {
+        let standins = standins(1, 4);
+        let addr = standins.addrs()[0];
+        let mut raw = TcpStream::connect(addr).await.expect("connect");
+        let body = r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#;
+        raw.write_all(&chat(addr, body)).await.expect("write");
+        let mut wire = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !wire.ends_with(b"data: [DONE]\n\n\r\n0\r\n\r\n") {
+            let n = raw.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the end of the stream");
+            wire.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8(wire).expect("text");
+        assert_eq!(text.matches("\"usage\":null").count(), 4, "{text}");
+        assert_eq!(text.matches("\"choices\":[],\"usage\":{\"prompt_tokens\":256,\"completion_tokens\":4,").count(), 1);
+        let usage_at = text.find("\"choices\":[]").expect("the usage event");
+        assert!(
+            usage_at > text.rfind("token 3 ").expect("the last event") && usage_at < text.find("[DONE]").expect("done")
+        );
     }
 
     /// A killed stand-in resets the connections it had open and refuses new ones, as a dead process does.

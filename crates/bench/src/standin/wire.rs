@@ -33,7 +33,7 @@ pub fn completion_body(model: &str) -> Vec<u8> {
             "created": 0,
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 256, "completion_tokens": 200, "total_tokens": 456},
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 200, "total_tokens": PROMPT_TOKENS + 200},
         })
         .to_string()
     };
@@ -41,12 +41,28 @@ pub fn completion_body(model: &str) -> Vec<u8> {
     answer(&"lorem ipsum ".repeat(ANSWER_BYTES.saturating_sub(bare) / 12)).into_bytes()
 }
 
-/// One event of a stream, without its `data: ` prefix: a chat completion chunk that says when it was written.
-pub fn chunk_json(model: &str, index: usize, sent_ns: u64) -> String {
+/// Prompt tokens every answer reports in its `usage`.
+pub const PROMPT_TOKENS: u64 = 256;
+
+/// One event of a stream, without its `data: ` prefix: a chat completion chunk that says when it was written. When
+/// the request asked for usage (`stream_options.include_usage`), it carries `"usage":null`, as OpenAI's do.
+pub fn chunk_json(model: &str, index: usize, sent_ns: u64, usage: bool) -> String {
+    let usage = if usage { ",\"usage\":null" } else { "" };
     format!(
         "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":{model:?},\
-         \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {index} \"}},\"finish_reason\":null}}],\
+         \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {index} \"}},\"finish_reason\":null}}]{usage},\
          \"sent_ns\":{sent_ns}}}"
+    )
+}
+
+/// The last event of a stream that asked for usage, as OpenAI writes it: no choices, the usage of the whole answer
+/// (`completion_tokens`: one per event).
+pub fn usage_json(model: &str, completion_tokens: usize, sent_ns: u64) -> String {
+    let total = PROMPT_TOKENS + completion_tokens as u64;
+    format!(
+        "{{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":{model:?},\
+         \"choices\":[],\"usage\":{{\"prompt_tokens\":{PROMPT_TOKENS},\"completion_tokens\":{completion_tokens},\
+         \"total_tokens\":{total}}},\"sent_ns\":{sent_ns}}}"
     )
 }
 
@@ -57,9 +73,16 @@ fn push_chunk(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends one server-sent event `data: {chunk}\n\n` as one chunk of a chunked body.
-pub fn push_event(out: &mut Vec<u8>, model: &str, index: usize, sent_ns: u64) {
-    let event = format!("data: {}\n\n", chunk_json(model, index, sent_ns));
+/// Appends one server-sent event `data: {chunk}\n\n` as one chunk of a chunked body (with `"usage":null` when
+/// `usage`).
+pub fn push_event(out: &mut Vec<u8>, model: &str, index: usize, sent_ns: u64, usage: bool) {
+    let event = format!("data: {}\n\n", chunk_json(model, index, sent_ns, usage));
+    push_chunk(out, event.as_bytes());
+}
+
+/// Appends the usage-only event of a stream that asked for usage, as one chunk of a chunked body.
+pub fn push_usage(out: &mut Vec<u8>, model: &str, completion_tokens: usize, sent_ns: u64) {
+    let event = format!("data: {}\n\n", usage_json(model, completion_tokens, sent_ns));
     push_chunk(out, event.as_bytes());
 }
 
@@ -76,7 +99,10 @@ pub const STREAM_HEAD: &[u8] =
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ask {
     Completion,
-    Stream,
+    /// A stream; `usage`: with `stream_options.include_usage`.
+    Stream {
+        usage: bool,
+    },
     Models,
     NotFound,
 }
@@ -123,9 +149,19 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, &'static st
 
 /// Whether a JSON request body asks for a stream: `"stream"` followed by `true`, spaces allowed.
 pub fn wants_stream(body: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"stream\"";
-    let Some(at) = body.windows(KEY.len()).position(|w| w == KEY) else { return false };
-    let rest = &body[at + KEY.len()..];
+    flag_is_true(body, b"\"stream\"")
+}
+
+/// Whether a JSON request body asks for usage in its stream: `"include_usage"` followed by `true` (the router adds
+/// `"stream_options":{"include_usage":true}` to every stream it counts).
+pub fn wants_usage(body: &[u8]) -> bool {
+    flag_is_true(body, b"\"include_usage\"")
+}
+
+/// Whether the first `key` (quoted) of `body` is followed by `: true`, spaces allowed.
+fn flag_is_true(body: &[u8], key: &[u8]) -> bool {
+    let Some(at) = body.windows(key.len()).position(|w| w == key) else { return false };
+    let rest = &body[at + key.len()..];
     let mut rest = rest.iter().skip_while(|b| b.is_ascii_whitespace());
     if rest.next() != Some(&b':') {
         return false;
@@ -153,12 +189,16 @@ mod tests {
         assert!(!wants_stream(br#"{"model":"m","stream":false}"#));
         assert!(!wants_stream(br#"{"model":"m","content":"stream"}"#));
         assert!(!wants_stream(br#"{"model":"m"}"#));
+        assert!(wants_usage(br#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#));
+        assert!(wants_usage(br#"{"stream_options": {"include_usage" : true}}"#));
+        assert!(!wants_usage(br#"{"stream_options":{"include_usage":false},"stream":true}"#));
+        assert!(!wants_usage(br#"{"model":"m","stream":true}"#));
     }
 
     #[test]
     fn each_event_is_one_chunk_of_one_event_that_says_when_it_was_sent() {
         let mut wire = Vec::new();
-        push_event(&mut wire, "org/model", 7, 123_456_789);
+        push_event(&mut wire, "org/model", 7, 123_456_789, false);
         let Some(Step::Data { start, len, next }) = chunk_step(&wire).expect("valid") else { panic!("one chunk") };
         assert_eq!(next, wire.len(), "exactly one chunk");
         let event = &wire[start..start + len];
@@ -175,6 +215,27 @@ mod tests {
         let Some(Step::Data { start, len, next }) = chunk_step(&end).expect("valid") else { panic!("[DONE]") };
         assert_eq!(parse_event(&end[start..start + len - 2]), Parsed::Done);
         assert_eq!(chunk_step(&end[next..]).expect("valid"), Some(Step::End { next: 5 }));
+    }
+
+    /// Asked for usage, every event carries `"usage":null` (the router removes it, leaving the event a client that
+    /// did not ask reads), and the last one is OpenAI's usage-only chunk.
+    #[test]
+    fn a_stream_asked_for_usage_reads_as_openai_writes_it() {
+        let asked = chunk_json("m", 3, 42, true);
+        let json: serde_json::Value = serde_json::from_str(&asked).expect("JSON");
+        assert!(json["usage"].is_null() && json.as_object().expect("object").contains_key("usage"));
+        assert_eq!(asked.replace(",\"usage\":null", ""), chunk_json("m", 3, 42, false));
+        let mut wire = Vec::new();
+        push_usage(&mut wire, "m", 100, 43);
+        let Some(Step::Data { start, len, .. }) = chunk_step(&wire).expect("valid") else { panic!("one chunk") };
+        let event = &wire[start..start + len];
+        let json: serde_json::Value = serde_json::from_slice(&event[6..len - 2]).expect("JSON");
+        assert_eq!(json["choices"], serde_json::json!([]));
+        assert_eq!(
+            json["usage"],
+            serde_json::json!({"prompt_tokens": 256, "completion_tokens": 100, "total_tokens": 356})
+        );
+        assert_eq!(parse_event(&event[..len - 2]), Parsed::Data(Some(43)));
     }
 
     #[test]
