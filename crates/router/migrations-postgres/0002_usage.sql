@@ -54,6 +54,33 @@ CREATE TABLE usage_node_day (
     PRIMARY KEY (bucket, node, model)
 );
 
+-- The same sums per (bucket, model) alone, what the fleet's series and the split by model read; and the streamed
+-- requests' time to first token per minute, as counts in bins 25 % wide (bin b holds times up to 1.25^b ms).
+CREATE TABLE usage_model_minute (
+    bucket BIGINT NOT NULL, model TEXT NOT NULL,
+    requests BIGINT NOT NULL, errors BIGINT NOT NULL, rejected BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL, unknown_usage BIGINT NOT NULL, duration_ms BIGINT NOT NULL,
+    PRIMARY KEY (bucket, model)
+);
+CREATE TABLE usage_model_hour (
+    bucket BIGINT NOT NULL, model TEXT NOT NULL,
+    requests BIGINT NOT NULL, errors BIGINT NOT NULL, rejected BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL, unknown_usage BIGINT NOT NULL, duration_ms BIGINT NOT NULL,
+    PRIMARY KEY (bucket, model)
+);
+CREATE TABLE usage_model_day (
+    bucket BIGINT NOT NULL, model TEXT NOT NULL,
+    requests BIGINT NOT NULL, errors BIGINT NOT NULL, rejected BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL, unknown_usage BIGINT NOT NULL, duration_ms BIGINT NOT NULL,
+    PRIMARY KEY (bucket, model)
+);
+CREATE TABLE usage_ttft_minute (
+    bucket BIGINT NOT NULL,
+    bin BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (bucket, bin)
+);
+
 -- Requests admitted per principal and minute by every router sharing the database (SPEC §14's shared
 -- requests_per_minute); rows older than a few minutes are removed.
 CREATE TABLE limit_windows (

@@ -54,6 +54,33 @@ CREATE TABLE usage_node_day (
     PRIMARY KEY (bucket, node, model)
 ) WITHOUT ROWID;
 
+-- The same sums per (bucket, model) alone, what the fleet's series and the split by model read; and the streamed
+-- requests' time to first token per minute, as counts in bins 25 % wide (bin b holds times up to 1.25^b ms).
+CREATE TABLE usage_model_minute (
+    bucket INTEGER NOT NULL, model TEXT NOT NULL,
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, rejected INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, unknown_usage INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
+    PRIMARY KEY (bucket, model)
+) WITHOUT ROWID;
+CREATE TABLE usage_model_hour (
+    bucket INTEGER NOT NULL, model TEXT NOT NULL,
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, rejected INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, unknown_usage INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
+    PRIMARY KEY (bucket, model)
+) WITHOUT ROWID;
+CREATE TABLE usage_model_day (
+    bucket INTEGER NOT NULL, model TEXT NOT NULL,
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, rejected INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, unknown_usage INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
+    PRIMARY KEY (bucket, model)
+) WITHOUT ROWID;
+CREATE TABLE usage_ttft_minute (
+    bucket INTEGER NOT NULL,
+    bin INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (bucket, bin)
+) WITHOUT ROWID;
+
 -- Requests admitted per principal and minute by every router sharing the database (SPEC §14's shared
 -- requests_per_minute); rows older than a few minutes are removed.
 CREATE TABLE limit_windows (

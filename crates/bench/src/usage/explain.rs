@@ -1,7 +1,7 @@
 //! What the state of `bench usage` takes on disk, and how the database answers each query's statements: their
 //! plans, and their time alone, without the router.
 //!
-//! The statements are those of the router's `store/usage_sql.rs` (`usage_series`, `first_tokens_since`), written
+//! The statements are those of the router's `store/usage_sql.rs` (`usage_series`, `first_token_bins`), written
 //! out here with the values the router binds; a change there must be made here too for `--explain` to say the truth.
 
 use std::time::Instant;
@@ -20,8 +20,8 @@ use super::{Filled, Storage};
 use crate::cli::UsageArgs;
 use crate::stats::median;
 
-/// Most streamed requests `/v0/usage/live` reads for its percentiles (the router's `LIVE_TTFT_SAMPLE`).
-const LIVE_TTFT_SAMPLE: i64 = 200_000;
+/// The roll-ups per model and the time-to-first-token bins, beside [`ROLLUPS`].
+const MODEL_TABLES: [&str; 4] = ["usage_model_minute", "usage_model_hour", "usage_model_day", "usage_ttft_minute"];
 
 /// Times each statement is run alone for its median.
 const STATEMENT_RUNS: usize = 5;
@@ -47,6 +47,7 @@ pub async fn storage(
 ) -> anyhow::Result<Storage> {
     let mut tables: Vec<&str> = vec!["usage_requests"];
     tables.extend(ROLLUPS.iter().map(|(table, _)| *table));
+    tables.extend(MODEL_TABLES);
     tables.push("usage_principals");
     let mut storage = Storage::default();
     match target {
@@ -102,7 +103,7 @@ pub async fn storage(
     for (table, bytes, _) in &storage.tables {
         if table == "usage_requests" {
             storage.raw_bytes += bytes;
-        } else if ROLLUPS.iter().any(|(name, _)| name == table) {
+        } else if ROLLUPS.iter().any(|(name, _)| name == table) || MODEL_TABLES.contains(&table.as_str()) {
             storage.rollup_bytes += bytes;
         }
     }
@@ -153,7 +154,12 @@ fn statements(from: Millis, now: Millis) -> Vec<Statement> {
     let live_from = live_to - 3_600_000;
     let day = Step::Day.floor(from);
     vec![
-        Statement { query: "totals by day", name: "series", sql: series_sql("usage_day", None), binds: [day, to] },
+        Statement {
+            query: "totals by day",
+            name: "series",
+            sql: series_sql("usage_model_day", None),
+            binds: [day, to],
+        },
         Statement {
             query: "by principal by day",
             name: "series",
@@ -163,7 +169,7 @@ fn statements(from: Millis, now: Millis) -> Vec<Statement> {
         Statement {
             query: "by model by hour",
             name: "series",
-            sql: series_sql("usage_hour", Some("model")),
+            sql: series_sql("usage_model_hour", Some("model")),
             binds: [Step::Hour.floor(from), to],
         },
         Statement {
@@ -175,15 +181,16 @@ fn statements(from: Millis, now: Millis) -> Vec<Statement> {
         Statement {
             query: "live: the last hour",
             name: "series",
-            sql: series_sql("usage_minute", None),
+            sql: series_sql("usage_model_minute", None),
             binds: [live_from, live_to],
         },
         Statement {
             query: "live: the last hour",
             name: "first tokens",
-            sql: "SELECT at, ttft_ms FROM usage_requests WHERE at >= $1 AND ttft_ms IS NOT NULL ORDER BY at DESC LIMIT $2"
+            sql: "SELECT bucket, bin, count FROM usage_ttft_minute WHERE bucket >= $1 AND bucket < $2 \
+                  ORDER BY bucket, bin"
                 .to_owned(),
-            binds: [live_from, LIVE_TTFT_SAMPLE],
+            binds: [live_from, live_to],
         },
     ]
 }

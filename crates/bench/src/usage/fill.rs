@@ -5,6 +5,7 @@
 //!    ([`UsageRecord::sums`]), and written straight into the roll-up tables, keyed as the router keys them: per
 //!    (minute, hour, day; principal; model) and per (hour, day; node; model). SQLite: many rows per `INSERT` in one
 //!    transaction per day; PostgreSQL: `COPY`. The principals' names go into `usage_principals`.
+//!    The per-model roll-ups are then added up from the principal ones in SQL, as the router's writes would have.
 //! 2. The last `--raw-days` are written through the router's own storage code ([`UsageStore::insert_usage`]) in
 //!    batches of `--batch` records, oldest first: their raw rows and what they add to the roll-ups are the router's
 //!    own. A bucket that straddles the two phases gets both: the router's upsert adds to the row written in step 1.
@@ -36,6 +37,13 @@ pub const ROLLUPS: [(&str, &str); 5] = [
     ("usage_node_hour", "node"),
     ("usage_node_day", "node"),
 ];
+
+/// The per-model roll-ups, each derived from the principal roll-up of its step once the summed phase is written.
+const MODEL_ROLLUPS: [(&str, &str); 3] =
+    [("usage_minute", "usage_model_minute"), ("usage_hour", "usage_model_hour"), ("usage_day", "usage_model_day")];
+
+/// The summed columns of every roll-up, in the router's order.
+const SUMS: &str = "requests, errors, rejected, prompt_tokens, completion_tokens, unknown_usage, duration_ms";
 
 /// Rows per multi-row `INSERT` on SQLite: ten values a row, under its 32,766 bound values.
 const SQLITE_ROWS_PER_INSERT: usize = 3_000;
@@ -460,6 +468,18 @@ impl Sink {
 
     async fn close(mut self) -> anyhow::Result<()> {
         self.end_day().await?;
+        // The per-model sums are the principal sums added up over principals, as the router's own writes make them.
+        for (principal_table, model_table) in MODEL_ROLLUPS {
+            let sql = format!(
+                "INSERT INTO {model_table} (bucket, model, {SUMS}) SELECT bucket, model, {summed} FROM {principal_table} \
+                 GROUP BY bucket, model",
+                summed = SUMS.split(", ").map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ")
+            );
+            match &mut self.conn {
+                Conn::Sqlite(conn) => sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map(|_| ())?,
+                Conn::Postgres(conn) => sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map(|_| ())?,
+            }
+        }
         match self.conn {
             Conn::Sqlite(mut conn) => {
                 sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await?;

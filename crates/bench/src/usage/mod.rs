@@ -414,7 +414,9 @@ mod tests {
             .await
             .expect("open");
         let mut out = Vec::new();
-        for (table, key) in fill::ROLLUPS {
+        let model_tables =
+            [("usage_model_minute", "model"), ("usage_model_hour", "model"), ("usage_model_day", "model")];
+        for (table, key) in fill::ROLLUPS.into_iter().chain(model_tables) {
             let sql = format!(
                 "SELECT bucket, {key}, model, requests, errors, rejected, prompt_tokens, completion_tokens, \
                  unknown_usage, duration_ms FROM {table} ORDER BY bucket, {key}, model"

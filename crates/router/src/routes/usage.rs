@@ -21,6 +21,7 @@ use crate::error::{ApiResult, bad_request, forbidden};
 use crate::model::auth::Role;
 use crate::model::usage::{GroupBy, RecordedRequest, RequestQuery, SeriesQuery, Step, UsageBucket, UsageSums};
 use crate::state::AppState;
+use crate::store::usage_sql::ttft_bin_top;
 use llm_router_protocol::ErrorBody;
 
 /// Most buckets one series may have.
@@ -380,7 +381,8 @@ pub struct LiveMinute {
     requests: u64,
     errors: u64,
     tokens: u64,
-    /// Time to first token of the minute's streamed requests (percentiles; `null` without any).
+    /// Time to first token of the minute's streamed requests (percentiles, as the top of a bin 25 % wide; `null`
+    /// without any).
     ttft_p50_ms: Option<u32>,
     ttft_p99_ms: Option<u32>,
 }
@@ -398,29 +400,42 @@ pub async fn live(State(state): State<AppState>, _viewer: Viewer) -> ApiResult<J
     let query = SeriesQuery { from, to, step: Step::Minute, group_by: None, principal: None, model: None };
     let sums: HashMap<Millis, UsageSums> =
         state.store.usage_series(&query).await?.into_iter().map(|b| (b.at, b.sums)).collect();
-    let mut ttft: HashMap<Millis, Vec<u32>> = HashMap::new();
-    for (at, ms) in state.store.first_tokens_since(from, LIVE_TTFT_SAMPLE).await? {
-        ttft.entry(Step::Minute.floor(at)).or_default().push(ms);
+    let mut bins: HashMap<Millis, Vec<(u32, u64)>> = HashMap::new();
+    for (at, bin, n) in state.store.first_token_bins(from, to).await? {
+        bins.entry(at).or_default().push((bin, n));
     }
     let minutes = (0..60)
         .map(|i| {
             let at = from + i * 60_000;
             let s = sums.get(&at).copied().unwrap_or_default();
-            let mut times = ttft.remove(&at).unwrap_or_default();
-            times.sort_unstable();
-            let pick = |q: f64| (!times.is_empty()).then(|| times[((times.len() as f64 - 1.0) * q).round() as usize]);
+            let bins = bins.remove(&at).unwrap_or_default();
             LiveMinute {
                 at: rfc3339(at),
                 requests: s.requests,
                 errors: s.errors,
                 tokens: s.tokens(),
-                ttft_p50_ms: pick(0.5),
-                ttft_p99_ms: pick(0.99),
+                ttft_p50_ms: percentile(&bins, 0.5),
+                ttft_p99_ms: percentile(&bins, 0.99),
             }
         })
         .collect();
     Ok(Json(minutes))
 }
 
-/// Most streamed requests of the last hour read for its time-to-first-token percentiles (the latest).
-const LIVE_TTFT_SAMPLE: u32 = 200_000;
+/// The `q` quantile of times counted in bins (in bin order): the top of the bin it falls in, so within 25 % above
+/// the time itself; `None` without any.
+fn percentile(bins: &[(u32, u64)], q: f64) -> Option<u32> {
+    let total: u64 = bins.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64 * q).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (bin, n) in bins {
+        seen += n;
+        if seen >= rank {
+            return Some(ttft_bin_top(*bin));
+        }
+    }
+    bins.last().map(|(bin, _)| ttft_bin_top(*bin))
+}

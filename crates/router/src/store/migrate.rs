@@ -158,6 +158,10 @@ const KEYED: &[(&str, &[&str], &[&str])] = &[
     ("usage_day", &["bucket", "principal", "model"], ROLLUP_SUMS),
     ("usage_node_hour", &["bucket", "node", "model"], ROLLUP_SUMS),
     ("usage_node_day", &["bucket", "node", "model"], ROLLUP_SUMS),
+    ("usage_model_minute", &["bucket", "model"], ROLLUP_SUMS),
+    ("usage_model_hour", &["bucket", "model"], ROLLUP_SUMS),
+    ("usage_model_day", &["bucket", "model"], ROLLUP_SUMS),
+    ("usage_ttft_minute", &["bucket", "bin"], &["count"]),
 ];
 
 const ROLLUP_SUMS: &[&str] =

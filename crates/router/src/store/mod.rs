@@ -27,7 +27,7 @@ mod records;
 mod rows;
 mod sql;
 pub mod sqlite;
-mod usage_sql;
+pub mod usage_sql;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -224,8 +224,9 @@ pub trait UsageStore: Send + Sync {
     fn spent_since(&self, step: crate::model::usage::Step, since: Millis) -> StoreResult<'_, Vec<(String, u64, u64)>>;
     /// The names of the principals seen: (id, name).
     fn principal_names(&self) -> StoreResult<'_, Vec<(String, String)>>;
-    /// Arrival and time to first token of the latest streamed requests since `since`, at most `limit`.
-    fn first_tokens_since(&self, since: Millis, limit: u32) -> StoreResult<'_, Vec<(Millis, u32)>>;
+    /// The streamed requests' time to first token, counted per minute from `from` to `to` in the bins of
+    /// [`usage_sql::ttft_bin`]: (minute, bin, count).
+    fn first_token_bins(&self, from: Millis, to: Millis) -> StoreResult<'_, Vec<(Millis, u32, u64)>>;
     /// Removes request records before `requests_before` and roll-up buckets before `rollups_before`, in bounded
     /// transactions; returns how many rows.
     fn prune_usage(&self, requests_before: Millis, rollups_before: Millis) -> StoreResult<'_, u64>;

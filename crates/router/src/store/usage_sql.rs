@@ -6,48 +6,123 @@
 //! to update one row twice in one statement, and routers that add to the same rows in the same order never deadlock.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::model::usage::{GroupBy, Step, UsageRecord, UsageSums};
 
-/// The roll-up tables: per (bucket, principal, model) for each step, and per (bucket, node, model) by hour and day.
+/// The roll-up tables: per (bucket, principal, model) for each step, per (bucket, node, model) by hour and day, and
+/// per (bucket, model) for each step (what the fleet's series and the split by model read: a few rows a bucket,
+/// where the principal tables have one per principal and model).
 pub const PRINCIPAL_ROLLUPS: [(&str, Step); 3] =
     [("usage_minute", Step::Minute), ("usage_hour", Step::Hour), ("usage_day", Step::Day)];
 pub const NODE_ROLLUPS: [(&str, Step); 2] = [("usage_node_hour", Step::Hour), ("usage_node_day", Step::Day)];
+pub const MODEL_ROLLUPS: [(&str, Step); 3] =
+    [("usage_model_minute", Step::Minute), ("usage_model_hour", Step::Hour), ("usage_model_day", Step::Day)];
 
-/// The sums of one roll-up table added by a batch, by key: (bucket, principal or node, model).
-pub type Sums = BTreeMap<(Millis, String, String), UsageSums>;
+/// Times to first token are counted per minute in bins 25 % wide: bin `b` holds times up to 1.25^b ms.
+pub const TTFT_BIN_GROWTH: f64 = 1.25;
+/// The last bin: everything from about 1.25^63 ms (a day and more) up.
+pub const TTFT_LAST_BIN: u32 = 63;
 
-/// What `batch` adds to the principal roll-up of `step`.
-pub fn by_principal(batch: &[UsageRecord], step: Step) -> Sums {
-    let mut sums = Sums::new();
-    for record in batch {
-        let key = (step.floor(record.at), record.principal.to_string(), record.model.to_string());
-        sums.entry(key).or_default().add(&record.sums());
+/// The bin of a time to first token of `ms` milliseconds.
+pub fn ttft_bin(ms: u32) -> u32 {
+    if ms <= 1 {
+        return 0;
     }
-    sums
+    let bin = (f64::from(ms).ln() / TTFT_BIN_GROWTH.ln()).ceil();
+    (bin as u32).min(TTFT_LAST_BIN)
 }
 
-/// What `batch` adds to the node roll-up of `step`; requests refused before any node add nothing.
-pub fn by_node(batch: &[UsageRecord], step: Step) -> Sums {
-    let mut sums = Sums::new();
-    for record in batch {
-        let Some(node) = record.node else { continue };
-        let key = (step.floor(record.at), node.to_string(), record.model.to_string());
-        sums.entry(key).or_default().add(&record.sums());
-    }
-    sums
+/// The largest time bin `bin` holds, in milliseconds.
+pub fn ttft_bin_top(bin: u32) -> u32 {
+    TTFT_BIN_GROWTH.powi(bin as i32).floor() as u32
 }
 
-/// The table a series of `step` split by `group_by` is read from.
-pub fn series_table(step: Step, group_by: Option<GroupBy>) -> &'static str {
-    match (group_by, step) {
-        (Some(GroupBy::Node), Step::Day) => "usage_node_day",
-        (Some(GroupBy::Node), _) => "usage_node_hour",
-        (_, Step::Minute) => "usage_minute",
-        (_, Step::Hour) => "usage_hour",
-        (_, Step::Day) => "usage_day",
+/// One row a batch adds to a roll-up table: the bucket, the key's values beside it, the sums.
+pub type Row<'a> = (Millis, Vec<&'a str>, UsageSums);
+
+/// What `batch` adds to the roll-up of `step` keyed by its principal and model, in key order.
+pub fn by_principal(batch: &[UsageRecord], step: Step) -> Vec<Row<'_>> {
+    let mut sums: BTreeMap<(Millis, &str, &str), UsageSums> = BTreeMap::new();
+    for record in batch {
+        sums.entry((step.floor(record.at), &*record.principal, &*record.model)).or_default().add(&record.sums());
     }
+    sums.into_iter().map(|((bucket, principal, model), s)| (bucket, vec![principal, model], s)).collect()
+}
+
+/// What `batch` adds to the roll-up of `step` keyed by its model alone, in key order.
+pub fn by_model(batch: &[UsageRecord], step: Step) -> Vec<Row<'_>> {
+    let mut sums: BTreeMap<(Millis, &str), UsageSums> = BTreeMap::new();
+    for record in batch {
+        sums.entry((step.floor(record.at), &*record.model)).or_default().add(&record.sums());
+    }
+    sums.into_iter().map(|((bucket, model), s)| (bucket, vec![model], s)).collect()
+}
+
+/// What `batch` adds to the node roll-up of `step`, in key order; requests refused before any node add nothing. The
+/// nodes' ids as text, once each, are kept in `names`.
+pub fn by_node<'a>(batch: &'a [UsageRecord], step: Step, names: &'a NodeNames) -> Vec<Row<'a>> {
+    let mut sums: BTreeMap<(Millis, &str, &str), UsageSums> = BTreeMap::new();
+    for record in batch {
+        let Some(node) = record.node.and_then(|id| names.get(&id)) else { continue };
+        sums.entry((step.floor(record.at), &**node, &*record.model)).or_default().add(&record.sums());
+    }
+    sums.into_iter().map(|((bucket, node, model), s)| (bucket, vec![node, model], s)).collect()
+}
+
+/// The nodes of a batch, with their ids as text.
+pub type NodeNames = BTreeMap<Uuid, Arc<str>>;
+
+pub fn node_names(batch: &[UsageRecord]) -> NodeNames {
+    batch.iter().filter_map(|r| r.node).map(|id| (id, Arc::from(id.to_string()))).collect()
+}
+
+/// Streamed requests per (minute, time-to-first-token bin), in key order.
+pub fn batch_first_token_bins(batch: &[UsageRecord]) -> Vec<(Millis, i64, i64)> {
+    let mut bins: BTreeMap<(Millis, u32), i64> = BTreeMap::new();
+    for record in batch {
+        if let Some(ms) = record.ttft_ms {
+            *bins.entry((Step::Minute.floor(record.at), ttft_bin(ms))).or_default() += 1;
+        }
+    }
+    bins.into_iter().map(|((bucket, bin), count)| (bucket, i64::from(bin), count)).collect()
+}
+
+/// The table a series of `step` split by `group_by`, of one principal or not, is read from: the model roll-ups
+/// whenever no principal is asked for, the node roll-ups for nodes.
+pub fn series_table(step: Step, group_by: Option<GroupBy>, of_principal: bool) -> &'static str {
+    match (group_by, of_principal, step) {
+        (Some(GroupBy::Node), _, Step::Day) => "usage_node_day",
+        (Some(GroupBy::Node), _, _) => "usage_node_hour",
+        (None | Some(GroupBy::Model), false, Step::Minute) => "usage_model_minute",
+        (None | Some(GroupBy::Model), false, Step::Hour) => "usage_model_hour",
+        (None | Some(GroupBy::Model), false, Step::Day) => "usage_model_day",
+        (_, _, Step::Minute) => "usage_minute",
+        (_, _, Step::Hour) => "usage_hour",
+        (_, _, Step::Day) => "usage_day",
+    }
+}
+
+/// The principal roll-up of `step`: what limits read spending from.
+pub fn principal_table(step: Step) -> &'static str {
+    match step {
+        Step::Minute => "usage_minute",
+        Step::Hour => "usage_hour",
+        Step::Day => "usage_day",
+    }
+}
+
+/// Every roll-up table, pruned by bucket.
+pub fn all_rollups() -> impl Iterator<Item = &'static str> {
+    PRINCIPAL_ROLLUPS
+        .into_iter()
+        .chain(NODE_ROLLUPS)
+        .chain(MODEL_ROLLUPS)
+        .map(|(table, _)| table)
+        .chain(["usage_ttft_minute"])
 }
 
 /// Buckets removed per transaction when old roll-ups are pruned.
@@ -63,7 +138,10 @@ macro_rules! usage_statements {
         use sqlx::{QueryBuilder, Row};
         use uuid::Uuid;
 
-        use super::{NODE_ROLLUPS, PRINCIPAL_ROLLUPS, PRUNE_BUCKETS, SUM_COLUMNS, Sums, by_node, by_principal};
+        use super::{
+            MODEL_ROLLUPS, NODE_ROLLUPS, PRINCIPAL_ROLLUPS, PRUNE_BUCKETS, Row as SumRow, SUM_COLUMNS, by_model, by_node,
+            batch_first_token_bins, by_principal, node_names,
+        };
         use crate::clock::Millis;
         use crate::model::usage::{
             GroupBy, RecordedRequest, RequestQuery, SeriesQuery, Tokens, UsageBucket, UsageRecord, UsageSums,
@@ -115,32 +193,45 @@ macro_rules! usage_statements {
                 upsert.build().execute(&mut *conn).await?;
             }
             for (table, step) in PRINCIPAL_ROLLUPS {
-                add_sums(conn, table, "principal", &by_principal(batch, step)).await?;
+                add_sums(conn, table, "principal, model", &by_principal(batch, step)).await?;
             }
+            let names = node_names(batch);
             for (table, step) in NODE_ROLLUPS {
-                add_sums(conn, table, "node", &by_node(batch, step)).await?;
+                add_sums(conn, table, "node, model", &by_node(batch, step, &names)).await?;
+            }
+            for (table, step) in MODEL_ROLLUPS {
+                add_sums(conn, table, "model", &by_model(batch, step)).await?;
+            }
+            let bins = batch_first_token_bins(batch);
+            for chunk in bins.chunks(5_000) {
+                let mut upsert = QueryBuilder::<$db>::new("INSERT INTO usage_ttft_minute (bucket, bin, count) ");
+                upsert.push_values(chunk, |mut row, (bucket, bin, n)| {
+                    row.push_bind(*bucket).push_bind(*bin).push_bind(*n);
+                });
+                upsert.push(" ON CONFLICT (bucket, bin) DO UPDATE SET count = usage_ttft_minute.count + excluded.count");
+                upsert.build().execute(&mut *conn).await?;
             }
             Ok(())
         }
 
-        /// Adds `sums` to the rows of a roll-up table whose key column beside bucket and model is `key`.
-        async fn add_sums(conn: &mut Conn, table: &str, key: &str, sums: &Sums) -> Result<(), StoreError> {
-            let sums: Vec<_> = sums.iter().collect();
+        /// Adds `rows` to a roll-up table whose key beside its bucket is the columns `key`.
+        async fn add_sums(conn: &mut Conn, table: &str, key: &str, rows: &[SumRow<'_>]) -> Result<(), StoreError> {
             let update = SUM_COLUMNS
                 .split(", ")
                 .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            // Ten values a row.
-            for chunk in sums.chunks(3_000) {
+            // At most ten values a row.
+            for chunk in rows.chunks(3_000) {
                 let mut upsert = QueryBuilder::<$db>::new(format!(
-                    "INSERT INTO {table} (bucket, {key}, model, {SUM_COLUMNS}) "
+                    "INSERT INTO {table} (bucket, {key}, {SUM_COLUMNS}) "
                 ));
-                upsert.push_values(chunk, |mut row, ((bucket, key, model), s)| {
-                    row.push_bind(*bucket)
-                        .push_bind(key.as_str())
-                        .push_bind(model.as_str())
-                        .push_bind(count(s.requests))
+                upsert.push_values(chunk, |mut row, (bucket, keys, s)| {
+                    row.push_bind(*bucket);
+                    for key in keys {
+                        row.push_bind(*key);
+                    }
+                    row.push_bind(count(s.requests))
                         .push_bind(count(s.errors))
                         .push_bind(count(s.rejected))
                         .push_bind(count(s.prompt_tokens))
@@ -148,7 +239,7 @@ macro_rules! usage_statements {
                         .push_bind(count(s.unknown_usage))
                         .push_bind(count(s.duration_ms));
                 });
-                upsert.push(format!(" ON CONFLICT (bucket, {key}, model) DO UPDATE SET {update}"));
+                upsert.push(format!(" ON CONFLICT (bucket, {key}) DO UPDATE SET {update}"));
                 upsert.build().execute(&mut *conn).await?;
             }
             Ok(())
@@ -156,7 +247,7 @@ macro_rules! usage_statements {
 
         /// The buckets of a series, oldest first.
         pub async fn usage_series(conn: &mut Conn, q: &SeriesQuery) -> Result<Vec<UsageBucket>, StoreError> {
-            let table = super::series_table(q.step, q.group_by);
+            let table = super::series_table(q.step, q.group_by, q.principal.is_some());
             let group = match q.group_by {
                 None => "NULL",
                 Some(GroupBy::Principal) => "principal",
@@ -301,19 +392,20 @@ macro_rules! usage_statements {
             Ok(names)
         }
 
-        /// Time to first token of the streamed requests since `since`: (arrival, milliseconds).
-        pub async fn first_tokens_since(conn: &mut Conn, since: Millis, limit: i64) -> Result<Vec<(Millis, u32)>, StoreError> {
+        /// The streamed requests' time-to-first-token bins of the minutes from `from` to `to`: (minute, bin, count).
+        pub async fn first_token_bins(conn: &mut Conn, from: Millis, to: Millis) -> Result<Vec<(Millis, u32, u64)>, StoreError> {
             let rows = sqlx::query(
-                "SELECT at, ttft_ms FROM usage_requests WHERE at >= $1 AND ttft_ms IS NOT NULL ORDER BY at DESC LIMIT $2",
+                "SELECT bucket, bin, count FROM usage_ttft_minute WHERE bucket >= $1 AND bucket < $2 ORDER BY bucket, bin",
             )
-            .bind(since)
-            .bind(limit)
+            .bind(from)
+            .bind(to)
             .fetch_all(conn)
             .await?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
-                let ttft: i64 = row.try_get(1)?;
-                out.push((row.try_get(0)?, u32::try_from(ttft).unwrap_or(u32::MAX)));
+                let bin: i64 = row.try_get(1)?;
+                let n: i64 = row.try_get(2)?;
+                out.push((row.try_get(0)?, u32::try_from(bin).unwrap_or(0), u64::try_from(n).unwrap_or(0)));
             }
             Ok(out)
         }
@@ -339,4 +431,28 @@ pub mod sqlite {
 /// The usage statements on PostgreSQL.
 pub mod postgres {
     usage_statements!(sqlx::Postgres, sqlx::PgConnection);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_to_first_token_falls_in_a_bin_whose_top_is_within_a_quarter_above_it() {
+        assert_eq!((ttft_bin(0), ttft_bin(1)), (0, 0));
+        for ms in [2, 3, 10, 99, 250, 1_000, 12_345, 600_000] {
+            let top = ttft_bin_top(ttft_bin(ms));
+            assert!(top >= ms - 1 && f64::from(top) <= f64::from(ms) * TTFT_BIN_GROWTH + 1.0, "{ms} ms: top {top}");
+        }
+        assert_eq!(ttft_bin(u32::MAX), TTFT_LAST_BIN);
+    }
+
+    #[test]
+    fn series_without_a_principal_read_the_model_sums() {
+        assert_eq!(series_table(Step::Hour, Some(GroupBy::Model), false), "usage_model_hour");
+        assert_eq!(series_table(Step::Day, None, false), "usage_model_day");
+        assert_eq!(series_table(Step::Day, None, true), "usage_day");
+        assert_eq!(series_table(Step::Minute, Some(GroupBy::Principal), false), "usage_minute");
+        assert_eq!(series_table(Step::Hour, Some(GroupBy::Node), false), "usage_node_hour");
+    }
 }

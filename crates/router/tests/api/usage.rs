@@ -186,6 +186,13 @@ async fn every_request_is_recorded_with_its_key_tokens_node_and_status() {
         crate::helpers::body(app.request(Method::GET, &next).bearer_auth(&admin).send().await.expect("next")).await;
     assert_eq!(rest.as_array().map(Vec::len), Some(1), "{next}");
 
+    // The fleet's last hour: this minute's two streams give its time-to-first-token percentiles.
+    let live = app.request(Method::GET, "/v0/usage/live").bearer_auth(&admin).send().await.expect("live");
+    let live = crate::helpers::body(live).await;
+    let now = &live.as_array().expect("minutes")[59];
+    assert_eq!(now["requests"], 4, "{now}");
+    assert!(now["ttft_p50_ms"].is_u64() && now["ttft_p99_ms"].as_u64() >= now["ttft_p50_ms"].as_u64(), "{now}");
+
     // /metrics counts the tokens by model.
     let scraped = app.scrape().await;
     assert_eq!(scraped.value("llm_router_tokens_total", &[("model", "m"), ("kind", "prompt")]), Some(60.0));

@@ -531,6 +531,24 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
         })
         .await
         .expect("join token");
+    // Usage: 2,500 requests over two days and two principals, streamed ones with a time to first token; more than a
+    // page of the raw rows' copy.
+    let usage: Vec<crate::model::usage::UsageRecord> = (0..2_500i64)
+        .map(|i| crate::model::usage::UsageRecord {
+            at: 1_767_225_600_000 + i * 69_000,
+            principal: if i % 3 == 0 { "key:a".into() } else { "user:admin".into() },
+            principal_name: if i % 3 == 0 { "a".into() } else { "admin".into() },
+            model: if i % 2 == 0 { "m".into() } else { "n".into() },
+            node: (i % 5 != 0).then_some(approved.id),
+            status: if i % 5 == 0 { 429 } else { 200 },
+            tokens: Some(crate::model::usage::Tokens { prompt: 10, completion: 2 }),
+            ttft_ms: (i % 2 == 0).then_some(25),
+            duration_ms: 40,
+            retries: 0,
+            stream: i % 2 == 0,
+        })
+        .collect();
+    sqlite.insert_usage(&usage).await.expect("usage");
     sqlite.close().await;
 
     let first = migrate::copy(&path, &url).await.expect("migrate");
@@ -542,12 +560,26 @@ async fn migrate_copies_every_table_once_and_routers_pick_the_nodes_up() {
     assert_eq!((count("nodes"), count("node_tokens"), count("node_events")), (Some(2), Some(1), Some(2)));
     assert_eq!((count("users"), count("sessions"), count("api_keys")), (Some(1), Some(1), Some(1)));
     assert_eq!((count("join_tokens"), count("audit_events"), count("fleet_events")), (Some(1), Some(2_500), Some(1)));
+    assert_eq!((count("usage_requests"), count("usage_principals")), (Some(2_500), Some(2)));
+    assert_eq!((count("usage_day"), count("usage_model_day"), count("usage_node_day")), (Some(8), Some(4), Some(4)));
     let second = migrate::copy(&path, &url).await.expect("migrate again");
     for (table, again) in first.iter().zip(&second) {
         assert_eq!((again.table, again.rows, again.added), (table.table, table.rows, 0), "a second run adds nothing");
     }
 
     let pg = router(&url).await;
+    let all_days = crate::model::usage::SeriesQuery {
+        from: 0,
+        to: i64::MAX / 2,
+        step: crate::model::usage::Step::Day,
+        group_by: Some(crate::model::usage::GroupBy::Principal),
+        principal: None,
+        model: None,
+    };
+    let copied_sums: u64 = pg.usage_series(&all_days).await.expect("series").iter().map(|b| b.sums.requests).sum();
+    assert_eq!(copied_sums, 2_500);
+    let bins = pg.first_token_bins(0, i64::MAX / 2).await.expect("bins");
+    assert_eq!(bins.iter().map(|(_, _, n)| n).sum::<u64>(), 1_250);
     let mut nodes = pg.load_nodes().await.expect("load");
     nodes.sort_by_key(|(node, _)| node.id);
     let (copied, copied_token) = &nodes[0];

@@ -6,7 +6,7 @@ use sqlx::Row;
 use super::PgStore;
 use crate::clock::Millis;
 use crate::model::usage::{RecordedRequest, RequestQuery, SeriesQuery, Step, UsageBucket, UsageRecord};
-use crate::store::usage_sql::{NODE_ROLLUPS, PRINCIPAL_ROLLUPS, postgres as sql};
+use crate::store::usage_sql::{all_rollups, postgres as sql};
 use crate::store::{StoreError, StoreResult, UsageStore};
 
 /// Claims of minutes older than this are removed as new ones are made.
@@ -31,7 +31,7 @@ impl UsageStore for PgStore {
     }
 
     fn spent_since(&self, step: Step, since: Millis) -> StoreResult<'_, Vec<(String, u64, u64)>> {
-        let table = crate::store::usage_sql::series_table(step, None);
+        let table = crate::store::usage_sql::principal_table(step);
         Box::pin(self.gated(async move { sql::spent_since(&mut *self.pool.acquire().await?, table, since).await }))
     }
 
@@ -39,16 +39,14 @@ impl UsageStore for PgStore {
         Box::pin(self.gated(async move { sql::principal_names(&mut *self.pool.acquire().await?).await }))
     }
 
-    fn first_tokens_since(&self, since: Millis, limit: u32) -> StoreResult<'_, Vec<(Millis, u32)>> {
-        Box::pin(self.gated(async move {
-            sql::first_tokens_since(&mut *self.pool.acquire().await?, since, i64::from(limit)).await
-        }))
+    fn first_token_bins(&self, from: Millis, to: Millis) -> StoreResult<'_, Vec<(Millis, u32, u64)>> {
+        Box::pin(self.gated(async move { sql::first_token_bins(&mut *self.pool.acquire().await?, from, to).await }))
     }
 
     fn prune_usage(&self, requests_before: Millis, rollups_before: Millis) -> StoreResult<'_, u64> {
         Box::pin(self.gated(async move {
             let mut removed = self.prune_before("usage_requests", requests_before).await?;
-            for (table, _) in PRINCIPAL_ROLLUPS.into_iter().chain(NODE_ROLLUPS) {
+            for table in all_rollups() {
                 loop {
                     let batch = sql::prune_rollup(&mut *self.pool.acquire().await?, table, rollups_before).await?;
                     removed += batch;

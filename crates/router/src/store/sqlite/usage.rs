@@ -3,7 +3,7 @@
 use super::{SqliteStore, write_tx};
 use crate::clock::Millis;
 use crate::model::usage::{RecordedRequest, RequestQuery, SeriesQuery, Step, UsageBucket, UsageRecord};
-use crate::store::usage_sql::{NODE_ROLLUPS, PRINCIPAL_ROLLUPS, sqlite as sql};
+use crate::store::usage_sql::{all_rollups, sqlite as sql};
 use crate::store::{StoreResult, UsageStore};
 
 impl UsageStore for SqliteStore {
@@ -20,7 +20,7 @@ impl UsageStore for SqliteStore {
     }
 
     fn spent_since(&self, step: Step, since: Millis) -> StoreResult<'_, Vec<(String, u64, u64)>> {
-        let table = crate::store::usage_sql::series_table(step, None);
+        let table = crate::store::usage_sql::principal_table(step);
         Box::pin(async move { sql::spent_since(&mut *self.reader().await?, table, since).await })
     }
 
@@ -28,14 +28,14 @@ impl UsageStore for SqliteStore {
         Box::pin(async move { sql::principal_names(&mut *self.reader().await?).await })
     }
 
-    fn first_tokens_since(&self, since: Millis, limit: u32) -> StoreResult<'_, Vec<(Millis, u32)>> {
-        Box::pin(async move { sql::first_tokens_since(&mut *self.reader().await?, since, i64::from(limit)).await })
+    fn first_token_bins(&self, from: Millis, to: Millis) -> StoreResult<'_, Vec<(Millis, u32, u64)>> {
+        Box::pin(async move { sql::first_token_bins(&mut *self.reader().await?, from, to).await })
     }
 
     fn prune_usage(&self, requests_before: Millis, rollups_before: Millis) -> StoreResult<'_, u64> {
         Box::pin(async move {
             let mut removed = self.prune_before("usage_requests", requests_before).await?;
-            for (table, _) in PRINCIPAL_ROLLUPS.into_iter().chain(NODE_ROLLUPS) {
+            for table in all_rollups() {
                 loop {
                     let batch = write_tx!(self, |tx| sql::prune_rollup(tx, table, rollups_before))?;
                     removed += batch;
