@@ -16,13 +16,21 @@ from test_llama_cpp import MODEL, Process, free_port, get_json, llama_python
 # llama.cpp's timings, printed by llama-cpp-python after every completion: "prompt eval time = 1.23 ms / 45 tokens".
 PROMPT_EVAL = re.compile(r"prompt eval time\s*=\s*[\d.]+ ms /\s*(\d+) tokens")
 
-# Six system prompts that differ from their first word and are long enough to be worth caching (the tiny model's
-# tokens are bytes: about 300 tokens each), each asked three fresh questions, round-robin.
+# Twelve system prompts that differ from their first word and are long enough to be worth caching (the tiny model's
+# tokens are bytes: about 300 tokens each), each asked a fresh question in each of six rounds.
+#
+# Both servers keep every prompt they computed, so the policies differ in how many servers compute each prompt:
+# least-loaded sends a prompt to either server at random, so in six rounds it lands on both 97 % of the time
+# (23.6 computations of the twelve prompts expected); cache-aware sends a prompt's first request to the less loaded
+# of two and the others to its node, so it is computed once or twice (18 expected, standard deviation 1.7). With
+# fewer prompts and rounds the two overlap: six prompts in four rounds expect 11.25 against 9, and a run can go
+# either way.
 SYSTEMS = [
     f"{name} You answer in one word. " + "Keep to the facts in the manual; say so when it does not cover the question. " * 5
-    for name in ["Alpha.", "Bravo.", "Charlie.", "Delta.", "Echo.", "Foxtrot."]
+    for name in ["Alpha.", "Bravo.", "Charlie.", "Delta.", "Echo.", "Foxtrot.", "Golf.", "Hotel.", "India.",
+                 "Juliett.", "Kilo.", "Lima."]
 ]
-ROUNDS = 4
+ROUNDS = 6
 
 
 def prompt_tokens_evaluated(log: Path) -> int:
