@@ -145,8 +145,11 @@ def test_openai_client_chats_with_llama_cpp_through_the_router(fleet: dict) -> N
     [node] = pending
     assert node["machine_name"] == "llama-e2e"
     router.expect(200, "POST", f"/v0/nodes/{node['id']}/approve", token=router.admin)
-    node = wait_for("the node online with the model ready",
-                    lambda: (n := router.node(node["id"]))["status"] == "online" and MODEL in n["ready_models"] and n,
+    # Online with the model ready can come from the registration and the approval alone; the GPU figures come with
+    # the agent's first heartbeat after it, a second later: wait for those too.
+    node = wait_for("the node online with the model ready and its heartbeat's figures",
+                    lambda: (n := router.node(node["id"]))["status"] == "online" and MODEL in n["ready_models"]
+                    and n.get("metrics") and n,
                     timeout=30, context=logs)
 
     # What the agent found out about the runtime by itself.
