@@ -114,6 +114,23 @@ fn periods(now: Millis) -> ([Millis; 3], [Millis; 3]) {
     ([minute, day, ms(month_start)], [minute + 60_000, day + 86_400_000, ms(next_month)])
 }
 
+/// The token limits, in the order of [`periods`]: minute, day, month.
+const TOKEN_LIMITS: [&str; 3] = ["tokens_per_minute", "tokens_per_day", "tokens_per_month"];
+
+/// Each token limit set, with what is left of it given `tokens` used this minute, day and month, and when it turns.
+fn token_quotas(limits: &Limits, tokens: [u64; 3], now: Millis) -> [Option<Quota>; 3] {
+    let (_, next) = periods(now);
+    let set = [limits.tokens_per_minute, limits.tokens_per_day, limits.tokens_per_month];
+    std::array::from_fn(|i| {
+        set[i].map(|limit| Quota { limit, remaining: limit.saturating_sub(tokens[i]), reset_ms: next[i] - now })
+    })
+}
+
+/// The token limit with the least left (the first of equals): what the `x-ratelimit-*-tokens` headers report.
+fn tightest(quotas: [Option<Quota>; 3]) -> Option<Quota> {
+    quotas.into_iter().flatten().min_by_key(|quota| quota.remaining)
+}
+
 impl Limiter {
     pub fn new(clock: Arc<dyn Clock>, store: Store) -> Limiter {
         Limiter { clock, store, tenants: RwLock::new(HashMap::new()) }
@@ -173,36 +190,26 @@ impl Limiter {
         let Some(limits) = self.get(tenant) else { return Ok(Admitted::default()) };
         let policy = *limits.policy.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.now_ms();
-        let (_, next) = periods(now);
         // Tokens first: a spent budget refuses without taking a request.
-        let tokens = {
+        let quotas = {
             let mut used = limits.used.lock().unwrap_or_else(|p| p.into_inner());
             used.turn(now);
-            used.tokens(now)
+            token_quotas(&policy.limits, used.tokens(now), now)
         };
-        let budgets = [policy.limits.tokens_per_minute, policy.limits.tokens_per_day, policy.limits.tokens_per_month];
-        let names = ["tokens_per_minute", "tokens_per_day", "tokens_per_month"];
-        let mut tightest: Option<Quota> = None;
-        for i in 0..3 {
-            let Some(limit) = budgets[i] else { continue };
-            let retry_after_ms = next[i] - now;
-            if tokens[i] >= limit {
-                return Err(if i == 0 {
-                    Refused::RateLimit { limit: names[i], retry_after_ms }
-                } else {
-                    Refused::Quota { limit: names[i], retry_after_ms }
-                });
-            }
-            let quota = Quota { limit, remaining: limit - tokens[i], reset_ms: retry_after_ms };
-            if tightest.is_none_or(|t| quota.remaining < t.remaining) {
-                tightest = Some(quota);
-            }
+        for (i, (name, quota)) in TOKEN_LIMITS.into_iter().zip(quotas).enumerate() {
+            let Some(quota) = quota.filter(|quota| quota.remaining == 0) else { continue };
+            let retry_after_ms = quota.reset_ms;
+            return Err(if i == 0 {
+                Refused::RateLimit { limit: name, retry_after_ms }
+            } else {
+                Refused::Quota { limit: name, retry_after_ms }
+            });
         }
         let requests = match policy.limits.requests_per_minute {
             None => None,
             Some(limit) => Some(self.take_request(tenant, &limits, limit, now).await?),
         };
-        Ok(Admitted { requests, tokens: tightest })
+        Ok(Admitted { requests, tokens: tightest(quotas) })
     }
 
     /// What an answer's headers say of a tenant's limits now, without taking anything.
@@ -210,21 +217,13 @@ impl Limiter {
         let Some(limits) = self.get(tenant) else { return Admitted::default() };
         let policy = *limits.policy.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.now_ms();
-        let (_, next) = periods(now);
         let mut used = limits.used.lock().unwrap_or_else(|p| p.into_inner());
         used.turn(now);
-        let tokens = used.tokens(now);
-        let budgets = [policy.limits.tokens_per_minute, policy.limits.tokens_per_day, policy.limits.tokens_per_month];
-        let tokens = (0..3)
-            .filter_map(|i| {
-                let limit = budgets[i]?;
-                Some(Quota { limit, remaining: limit.saturating_sub(tokens[i]), reset_ms: next[i] - now })
-            })
-            .min_by_key(|quota| quota.remaining);
+        let tokens = tightest(token_quotas(&policy.limits, used.tokens(now), now));
         let requests = policy.limits.requests_per_minute.map(|limit| Quota {
             limit,
             remaining: limit.saturating_sub(used.requests),
-            reset_ms: next[0] - now,
+            reset_ms: Step::Minute.floor(now) + 60_000 - now,
         });
         Admitted { requests, tokens }
     }
