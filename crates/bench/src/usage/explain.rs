@@ -195,64 +195,57 @@ fn statements(from: Millis, now: Millis) -> Vec<Statement> {
     ]
 }
 
+/// Each statement on `$conn`: its plan (`$explain` before it, the plan's text in column `$column`), then its time
+/// alone, [`STATEMENT_RUNS`] times. The same on both backends but for the connection's type.
+macro_rules! explain_each {
+    ($statements:expr, $conn:expr, $explain:literal, $column:literal) => {{
+        let mut plans = Vec::with_capacity($statements.len());
+        for s in $statements {
+            let explained = sqlx::query(sqlx::AssertSqlSafe(format!(concat!($explain, " {}"), s.sql)))
+                .bind(s.binds[0])
+                .bind(s.binds[1])
+                .fetch_all(&mut $conn)
+                .await?;
+            let plan = explained
+                .iter()
+                .map(|row| row.try_get::<String, _>($column))
+                .collect::<Result<Vec<_>, _>>()?
+                .join("\n");
+            let mut times = Vec::with_capacity(STATEMENT_RUNS);
+            let mut rows = 0;
+            for _ in 0..STATEMENT_RUNS {
+                let started = Instant::now();
+                rows = sqlx::query(sqlx::AssertSqlSafe(s.sql.clone()))
+                    .bind(s.binds[0])
+                    .bind(s.binds[1])
+                    .fetch_all(&mut $conn)
+                    .await?
+                    .len();
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            plans.push(plan_of(s, plan, &times, rows));
+        }
+        plans
+    }};
+}
+
 /// Each query's statements: plan, and median time alone.
 pub async fn plans(target: &Target, from: Millis) -> anyhow::Result<Vec<Plan>> {
     let statements = statements(from, now_ms());
-    let mut plans = Vec::with_capacity(statements.len());
-    match target {
+    let plans = match target {
         Target::Sqlite(dir) => {
             let mut conn = sqlite(dir).await?;
-            for s in &statements {
-                let explained = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", s.sql)))
-                    .bind(s.binds[0])
-                    .bind(s.binds[1])
-                    .fetch_all(&mut conn)
-                    .await?;
-                let plan =
-                    explained.iter().map(|row| row.try_get::<String, _>(3)).collect::<Result<Vec<_>, _>>()?.join("\n");
-                let mut times = Vec::with_capacity(STATEMENT_RUNS);
-                let mut rows = 0;
-                for _ in 0..STATEMENT_RUNS {
-                    let started = Instant::now();
-                    rows = sqlx::query(sqlx::AssertSqlSafe(s.sql.clone()))
-                        .bind(s.binds[0])
-                        .bind(s.binds[1])
-                        .fetch_all(&mut conn)
-                        .await?
-                        .len();
-                    times.push(started.elapsed().as_secs_f64() * 1e3);
-                }
-                plans.push(plan_of(s, plan, &times, rows));
-            }
+            let plans = explain_each!(&statements, conn, "EXPLAIN QUERY PLAN", 3);
             conn.close().await?;
+            plans
         }
         Target::Postgres(url) => {
             let mut conn = PgConnection::connect(url).await?;
-            for s in &statements {
-                let explained = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {}", s.sql)))
-                    .bind(s.binds[0])
-                    .bind(s.binds[1])
-                    .fetch_all(&mut conn)
-                    .await?;
-                let plan =
-                    explained.iter().map(|row| row.try_get::<String, _>(0)).collect::<Result<Vec<_>, _>>()?.join("\n");
-                let mut times = Vec::with_capacity(STATEMENT_RUNS);
-                let mut rows = 0;
-                for _ in 0..STATEMENT_RUNS {
-                    let started = Instant::now();
-                    rows = sqlx::query(sqlx::AssertSqlSafe(s.sql.clone()))
-                        .bind(s.binds[0])
-                        .bind(s.binds[1])
-                        .fetch_all(&mut conn)
-                        .await?
-                        .len();
-                    times.push(started.elapsed().as_secs_f64() * 1e3);
-                }
-                plans.push(plan_of(s, plan, &times, rows));
-            }
+            let plans = explain_each!(&statements, conn, "EXPLAIN (ANALYZE, BUFFERS)", 0);
             conn.close().await?;
+            plans
         }
-    }
+    };
     Ok(plans)
 }
 
