@@ -112,6 +112,7 @@ pub fn heartbeat(i: usize, node_id: Uuid) -> HeartbeatRequest {
         ready_models: Some(models),
         active_requests: Some((i % 17) as u64),
         load: None,
+        replicas: None,
     }
 }
 

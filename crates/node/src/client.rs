@@ -156,7 +156,10 @@ mod tests {
     fn success_is_parsed() {
         let answer: HeartbeatResponse =
             classify(StatusCode::OK, None, br#"{"status":"online","heartbeat_interval_secs":10}"#).expect("ok");
-        assert_eq!(answer, HeartbeatResponse { status: NodeStatus::Online, heartbeat_interval_secs: 10 });
+        assert_eq!(
+            answer,
+            HeartbeatResponse { status: NodeStatus::Online, heartbeat_interval_secs: 10, assignments: None }
+        );
     }
 
     #[test]
@@ -269,6 +272,7 @@ mod tests {
             ready_models: None,
             active_requests: None,
             load: None,
+            replicas: None,
         };
         let err = client.heartbeat("llmn_x", &request).await.expect_err("429");
         assert!(

@@ -202,6 +202,10 @@ pub struct HeartbeatRequest {
     /// The runtime's own queue and KV cache, as its metrics report them (SPEC §13).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<RuntimeLoad>,
+    /// The replicas the agent runs for deployments (SPEC §15): sent, possibly empty, by an agent started with
+    /// `--manage-runtimes`, and only by one; the router answers such a heartbeat with the node's assignments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<ReplicaReport>>,
 }
 
 /// What a node's runtime reports of its own load (SPEC §13): vLLM's, llama.cpp server's or SGLang's `/metrics`.
@@ -226,6 +230,143 @@ pub struct HeartbeatResponse {
     /// The node's status after this heartbeat.
     pub status: NodeStatus,
     pub heartbeat_interval_secs: u64,
+    /// What the node should run (SPEC §15), whole: present in the answer to a heartbeat that carried `replicas`.
+    /// A replica the agent runs that is not in it is stopped once a replica of the deployment's newer revision is
+    /// ready, or at once when its deployment is not listed at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignments: Option<Vec<Assignment>>,
+}
+
+/// The prefix, in a node's `supported_runtimes`, of a runtime its agent starts itself for deployments (SPEC §15):
+/// `managed:llama_cpp`, `managed:vllm`. The placer puts a deployment only on nodes that list its runtime so.
+pub const MANAGED_RUNTIME_PREFIX: &str = "managed:";
+
+/// A runtime the agent can start for a deployment (SPEC §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// llama.cpp's `llama-server`, or llama-cpp-python's server where that is what the node has (GGUF models).
+    LlamaCpp,
+    /// vLLM's `vllm serve`.
+    Vllm,
+}
+
+impl RuntimeKind {
+    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::LlamaCpp, RuntimeKind::Vllm];
+
+    /// The snake_case name used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::LlamaCpp => "llama_cpp",
+            RuntimeKind::Vllm => "vllm",
+        }
+    }
+
+    /// How a node whose agent starts this runtime lists it in `supported_runtimes`: `managed:llama_cpp`.
+    pub fn managed_name(self) -> String {
+        format!("{MANAGED_RUNTIME_PREFIX}{}", self.as_str())
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One replica the router assigns to a node: what to run (SPEC §15).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Assignment {
+    pub deployment_id: Uuid,
+    /// The deployment's revision: it rises when what a replica runs changes (source, runtime, args, limits).
+    pub revision: i64,
+    /// The name clients use on `/v1`; the runtime serves the model under it.
+    pub model: String,
+    /// `file:///path/on/the/node`, or an `http(s)://` URL to download.
+    pub source: String,
+    /// The model file's SHA-256, lowercase hex: required for a URL, checked for a file when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub runtime: RuntimeKind,
+    /// Extra arguments for the runtime, after the ones the agent sets (model, host, port, served name).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Requests the runtime computes at once, when the deployment sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+}
+
+/// Where a replica is on its way to serving (SPEC §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Not placed yet, or placed and not yet taken up by the node's agent.
+    Pending,
+    /// The agent is fetching the model into its cache.
+    Downloading,
+    /// The runtime is started and loading the model.
+    Starting,
+    /// The runtime serves the model.
+    Ready,
+    /// The download or the runtime failed; the agent tries again with backoff (`reason` says why).
+    Failed,
+}
+
+impl ReplicaState {
+    pub const ALL: [ReplicaState; 5] = [
+        ReplicaState::Pending,
+        ReplicaState::Downloading,
+        ReplicaState::Starting,
+        ReplicaState::Ready,
+        ReplicaState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Pending => "pending",
+            ReplicaState::Downloading => "downloading",
+            ReplicaState::Starting => "starting",
+            ReplicaState::Ready => "ready",
+            ReplicaState::Failed => "failed",
+        }
+    }
+}
+
+/// How one replica the agent runs is doing, in every heartbeat of an agent with `--manage-runtimes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReplicaReport {
+    pub deployment_id: Uuid,
+    /// The revision of the assignment this replica runs.
+    pub revision: i64,
+    pub state: ReplicaState,
+    /// Why it failed (or, while pending, what it waits for), a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Bytes of the model in the cache so far, while downloading (and once downloaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    /// The model's size, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    /// The local port the runtime listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The runtime's process id while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Times the runtime was started again after it died.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How long the download took (0 when the model was in the cache or on the node), once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_ms: Option<u64>,
+    /// How long the runtime's last start took, from spawning it to its serving the model, once ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<u64>,
 }
 
 /// The body of every error answer: `{"error": {"code", "message"}}`.

@@ -108,6 +108,7 @@ impl Agent {
             ready_models: Some(models),
             active_requests: None,
             load,
+            replicas: None,
         }
     }
 

@@ -32,5 +32,9 @@ pub async fn heartbeat(
     let heartbeat = validate::heartbeat(body)?;
     let status = state.registry.heartbeat(&node, heartbeat).await?;
     Metrics::inc(&state.metrics.heartbeats);
-    Ok(Json(HeartbeatResponse { status, heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs() }))
+    Ok(Json(HeartbeatResponse {
+        status,
+        heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs(),
+        assignments: None,
+    }))
 }

@@ -336,6 +336,7 @@ mod tests {
             ready_models: None,
             active_requests: None,
             load: None,
+            replicas: None,
         };
         assert!(heartbeat(hb(55.5)).is_ok());
         assert!(heartbeat(hb(100.1)).expect_err("over").to_string().contains("cpu_usage"));
@@ -354,6 +355,7 @@ mod tests {
             ready_models: None,
             active_requests: None,
             load: Some(load),
+            replicas: None,
         };
         let fine = RuntimeLoad { running: Some(3), waiting: Some(0), kv_cache_usage: Some(0.42) };
         assert_eq!(heartbeat(hb(fine)).expect("fine").figures.load, Some(fine));
