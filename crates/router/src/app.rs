@@ -18,6 +18,7 @@ use crate::auth::credentials::Credentials;
 use crate::auth::password::Hasher;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{InferenceAuth, ServeArgs, Settings};
+use crate::deploy::Deployments;
 use crate::legacy;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
@@ -98,6 +99,7 @@ impl App {
         let registry = Registry::load(store.clone(), clock.clone(), offline_after_ms, metrics.clone())
             .await?
             .with_gpu_max_temp_c(settings.gpu_max_temp_c);
+        let deployments = Deployments::load(store.clone(), clock.clone()).await?;
         let prober = Prober::new(settings.reachability_timeout)?;
         if !settings.reachability_check {
             tracing::warn!(
@@ -151,6 +153,7 @@ impl App {
                 tls,
                 proxy,
                 ledger,
+                deployments,
                 credentials,
                 body_budget,
                 listening: std::sync::OnceLock::new(),
@@ -196,6 +199,9 @@ impl App {
         }
         if let Err(err) = state.ledger.flush(&state.store, false).await {
             tracing::error!(error = ?err, "writing the last usage records failed");
+        }
+        if let Err(err) = state.deployments.flush().await {
+            tracing::error!(error = ?err, "writing the last replica reports failed");
         }
         state.audit.flush().await;
         state.store.close().await;

@@ -13,6 +13,7 @@ use llm_router_protocol::{ErrorBody, ErrorDetail};
 
 use crate::auth::credentials::AuthError;
 use crate::auth::password::{BUSY_RETRY_AFTER_SECS, HashError};
+use crate::deploy::DeployError;
 use crate::model::cut;
 use crate::registry::{RegistryError, join_token_problem};
 use crate::store::{StorageFault, StoreError};
@@ -278,6 +279,16 @@ impl From<anyhow::Error> for ApiError {
         match err.downcast::<StoreError>() {
             Ok(err) => err.into(),
             Err(err) => ApiError::Internal(err),
+        }
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(err: DeployError) -> Self {
+        match err {
+            DeployError::NotFound => ApiError::NotFound("No such deployment.".to_owned()),
+            DeployError::NameTaken => ApiError::Conflict("A deployment with this name exists already.".to_owned()),
+            DeployError::Store(err) => err.into(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Layers, from the floor up (imports point down only; `docs/architecture.md` has the table a test holds the code
 //! to): `clock`, `revision` and `model` (plain domain types and the clocks and counters they are stamped with);
-//! `store` (all SQL, one contract per area, both backends); the services (`registry`, `routing`, `auth`, `audit`,
+//! `store` (all SQL, one contract per area, both backends); the services (`deploy`, `registry`, `routing`, `auth`, `audit`,
 //! `validate`, `metrics`, `probe`, `legacy`, `rate_limit`, `net`, `config`, `tls`); HTTP (`error`, `routes`,
 //! `proxy`, `server`, `state`); and the wiring (`app`).
 
@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod legacy;
 pub mod metrics;

@@ -6,6 +6,7 @@ use crate::audit::AuditLog;
 use crate::auth::credentials::Credentials;
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::deploy::Deployments;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
@@ -36,6 +37,8 @@ pub struct AppInner {
     pub proxy: Proxy,
     /// Where each `/v1` request's usage is recorded and its tenant's limits held (SPEC §14).
     pub ledger: Arc<Ledger>,
+    /// Deployments: what runs where, and what the nodes report of it (SPEC §15).
+    pub deployments: Deployments,
     /// The bytes of request bodies held in memory at once, all requests together.
     pub body_budget: BodyBudget,
     /// The address this router listens on, once it does: a node may not be registered there.

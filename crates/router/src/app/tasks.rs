@@ -53,6 +53,7 @@ pub(super) fn spawn(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
             }
         }),
         usage(state, stop),
+        deployments(state, stop),
         spawn_every(state, USAGE_PRUNE_INTERVAL, stop, |state| async move {
             match prune_usage(&state).await {
                 Ok(0) => {}
@@ -95,6 +96,39 @@ fn usage(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
         }
     })
 }
+
+/// Every [`DEPLOY_FLUSH_INTERVAL`] writes what nodes reported of their replicas; every [`DEPLOY_PLACE_INTERVAL`]
+/// reads the deployments back (with PostgreSQL, what other routers changed) and, on the router that holds the sweep
+/// lease (every router of its own SQLite), places the replicas that need a node (SPEC §15).
+fn deployments(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
+    let every_place = (DEPLOY_PLACE_INTERVAL.as_millis() / DEPLOY_FLUSH_INTERVAL.as_millis()).max(1) as u64;
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    spawn_every(state, DEPLOY_FLUSH_INTERVAL, stop, move |state| {
+        let tick = ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            if let Err(err) = state.deployments.flush().await {
+                background_failure(&state, "writing replica reports failed; will retry", &format!("{err:#}"));
+            }
+            if !tick.is_multiple_of(every_place) {
+                return;
+            }
+            let shared = state.store.shared().is_some();
+            if shared && let Err(err) = state.deployments.reload().await {
+                background_failure(&state, "reading deployments failed; will retry", &format!("{err:#}"));
+                return;
+            }
+            if (!shared || state.registry.leads())
+                && let Err(err) = state.deployments.place(&state.registry).await
+            {
+                background_failure(&state, "placing replicas failed; will retry", &format!("{err:#}"));
+            }
+        }
+    })
+}
+
+/// How often what nodes report of their replicas is written, and how often replicas are placed.
+pub const DEPLOY_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEPLOY_PLACE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Removes request records older than `--request-log-days` and usage sums older than `--usage-retention-days`;
 /// returns how many rows.

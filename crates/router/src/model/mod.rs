@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod deployment;
 pub mod enrollment;
 pub mod figures;
 pub mod fleet_event;

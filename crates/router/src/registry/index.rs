@@ -159,3 +159,10 @@ pub struct NodeHandle {
     pub(super) token: TokenHash,
     pub(super) slot: Arc<Slot>,
 }
+
+impl NodeHandle {
+    /// The node's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+}

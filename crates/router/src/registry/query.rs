@@ -271,6 +271,16 @@ impl Registry {
         Ok(view(&state.node, self.changed(&state)))
     }
 
+    /// Calls `f` with every node, one at a time under its own lock: keep `f` short.
+    pub fn each_node(&self, mut f: impl FnMut(&Node)) {
+        for slot in self.read().nodes.values() {
+            let state = slot.lock();
+            if !state.deleted {
+                f(&state.node);
+            }
+        }
+    }
+
     /// The revision of node `id` now; 0 when it is gone.
     pub fn revision_of(&self, id: Uuid) -> i64 {
         self.slot(id).map(|slot| self.changed(&slot.lock())).unwrap_or(0)

@@ -49,7 +49,7 @@ pub struct UpdateApiKey {
 }
 
 /// A field that may be given as `null`: `Some(None)`, against `None` when left out.
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+pub(super) fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

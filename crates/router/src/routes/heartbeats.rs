@@ -27,14 +27,20 @@ use crate::validate;
 pub async fn heartbeat(
     State(state): State<AppState>,
     NodeAuth(node): NodeAuth,
-    JsonBody(body): JsonBody<HeartbeatRequest>,
+    JsonBody(mut body): JsonBody<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
+    // An agent that starts runtimes for deployments (SPEC §15) reports its replicas and is answered its assignments.
+    let replicas = body.replicas.take().map(validate::replica_reports).transpose()?;
     let heartbeat = validate::heartbeat(body)?;
     let status = state.registry.heartbeat(&node, heartbeat).await?;
     Metrics::inc(&state.metrics.heartbeats);
+    let assignments = replicas.map(|replicas| {
+        state.deployments.report(node.id(), &replicas);
+        state.deployments.assignments(node.id())
+    });
     Ok(Json(HeartbeatResponse {
         status,
         heartbeat_interval_secs: state.settings.heartbeat_interval.as_secs(),
-        assignments: None,
+        assignments,
     }))
 }

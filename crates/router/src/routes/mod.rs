@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod dashboard;
+pub mod deployments;
 pub mod extract;
 pub mod fleet_events;
 pub mod heartbeats;
@@ -111,6 +112,11 @@ fn api() -> Api {
         .add(Method::GET, "/v0/join-tokens", join_tokens::list)
         .add(Method::POST, "/v0/join-tokens", join_tokens::create)
         .add(Method::DELETE, "/v0/join-tokens/{id}", join_tokens::revoke)
+        .add(Method::GET, "/v0/deployments", deployments::list)
+        .add(Method::POST, "/v0/deployments", deployments::create)
+        .add(Method::GET, "/v0/deployments/{id}", deployments::get)
+        .add(Method::PATCH, "/v0/deployments/{id}", deployments::update)
+        .add(Method::DELETE, "/v0/deployments/{id}", deployments::delete)
         .add(Method::GET, "/v0/audit", audit::list)
         .add(Method::GET, "/v0/fleet/events", fleet_events::list)
         .add(Method::POST, "/v0/fleet/events/{id}/dismiss", fleet_events::dismiss)

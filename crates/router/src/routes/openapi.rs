@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{
-    ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RegisterRequest,
-    RegisterResponse, RuntimeLoad,
+    Assignment, ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
+    RegisterRequest, RegisterResponse, ReplicaReport, ReplicaState, RuntimeKind, RuntimeLoad,
 };
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -14,7 +14,7 @@ use utoipa::{Modify, OpenApi};
 use super::fleet_events::FleetEventView;
 use super::nodes::list::{FleetSummaryView, GpuCounts, NodeList, NodePage, StatusCounts};
 use super::nodes::views::{NodeEventView, NodeView, RoutingView};
-use super::{api_keys, audit, auth, fleet_events, heartbeats, join_tokens, nodes, usage, users};
+use super::{api_keys, audit, auth, deployments, fleet_events, heartbeats, join_tokens, nodes, usage, users};
 use crate::model::auth::{Role, Scope};
 use crate::model::figures::NodeFigures;
 
@@ -29,14 +29,16 @@ use crate::model::figures::NodeFigures;
         api_keys::list, api_keys::create, api_keys::update, api_keys::delete,
         usage::usage, usage::requests, usage::live,
         join_tokens::list, join_tokens::create, join_tokens::revoke,
+        deployments::list, deployments::create, deployments::get, deployments::update, deployments::delete,
         audit::list,
         fleet_events::list, fleet_events::dismiss,
         document,
     ),
     components(schemas(
-        ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RuntimeLoad,
+        Assignment, ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RuntimeLoad,
         RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeFigures, NodeEventView, Role, Scope,
-        FleetEventView, NodeList, NodePage, FleetSummaryView, StatusCounts, GpuCounts,
+        FleetEventView, NodeList, NodePage, FleetSummaryView, StatusCounts, GpuCounts, Assignment, ReplicaReport,
+        ReplicaState, RuntimeKind,
     )),
     modifiers(&Security),
 )]

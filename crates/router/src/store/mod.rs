@@ -11,7 +11,7 @@
 //!
 //! The contract is one trait per area, each implemented by each backend in the file of that area, with no layer in
 //! between: [`NodeStore`], [`FleetEventStore`], [`AccountStore`], [`EnrollmentStore`], [`AuditStore`],
-//! [`UsageStore`]; [`Storage`]
+//! [`UsageStore`], [`DeploymentStore`]; [`Storage`]
 //! is all of them and the storage's own upkeep. Statements that both backends run as they are (`$1`, `$2`… for
 //! parameters, which SQLite reads too) are written once, in [`sql`]. Methods return boxed futures so that the store
 //! can be held as `Arc<dyn Storage>`; none is on the heartbeat path, whose figures are written behind in batches
@@ -20,6 +20,7 @@
 //! A backend that several routers may share ([`postgres`]) also implements [`SharedStorage`]: what a router needs
 //! to follow the changes the others make.
 
+pub mod deploy_sql;
 mod error;
 pub mod migrate;
 pub mod postgres;
@@ -38,6 +39,7 @@ use uuid::Uuid;
 use crate::clock::Millis;
 use crate::model::audit::{AuditEvent, RecordedAudit};
 use crate::model::auth::{Principal, TokenHash};
+use crate::model::deployment::{Deployment, Replica};
 use crate::model::enrollment::{JoinToken, JoinUse};
 use crate::model::fleet_event::FleetEvent;
 use crate::model::node::{Node, NodeEvent, RecordedEvent};
@@ -232,9 +234,37 @@ pub trait UsageStore: Send + Sync {
     fn prune_usage(&self, requests_before: Millis, rollups_before: Millis) -> StoreResult<'_, u64>;
 }
 
+/// Deployments (SPEC §15): what administrators asked for, and where each replica is and stands.
+pub trait DeploymentStore: Send + Sync {
+    /// Every deployment, by name, and every replica row.
+    fn deployments(&self) -> StoreResult<'_, (Vec<Deployment>, Vec<Replica>)>;
+    /// Stores a new deployment; [`StoreError::Duplicate`] when its name is taken.
+    fn insert_deployment<'a>(&'a self, deployment: &'a Deployment) -> StoreResult<'a, ()>;
+    /// Rewrites a deployment, and removes its replicas past a lowered count; `false` when there is none with its id;
+    /// [`StoreError::Duplicate`] when its new name is taken.
+    fn update_deployment<'a>(&'a self, deployment: &'a Deployment) -> StoreResult<'a, bool>;
+    /// Removes a deployment and its replicas; `false` when there was none with this id.
+    fn delete_deployment(&self, id: Uuid) -> StoreResult<'_, bool>;
+    /// Writes replica rows whole, as the placer decided them, in one transaction; rows of deployments deleted or
+    /// scaled below them meanwhile are left out.
+    fn place_replicas<'a>(&'a self, replicas: &'a [Replica]) -> StoreResult<'a, ()>;
+    /// Writes what nodes reported of their replicas, in one transaction, each only while it is still placed on the
+    /// node that reported it (the same node, placed at the same time).
+    fn report_replicas<'a>(&'a self, replicas: &'a [Replica]) -> StoreResult<'a, ()>;
+}
+
 /// Everything the router keeps, and the storage's own upkeep.
 pub trait Storage:
-    NodeStore + FleetEventStore + AccountStore + EnrollmentStore + AuditStore + UsageStore + Send + Sync + 'static
+    NodeStore
+    + FleetEventStore
+    + AccountStore
+    + EnrollmentStore
+    + AuditStore
+    + UsageStore
+    + DeploymentStore
+    + Send
+    + Sync
+    + 'static
 {
     /// Periodic upkeep between writes (SQLite: a passive checkpoint of the write-ahead log, and a look at the
     /// file), every 250 ms.

@@ -9,8 +9,10 @@
 //!
 //! Field names are formatted only when a check fails: the heartbeat path allocates nothing here for a valid body.
 
+mod deployment;
 mod node;
 
+pub use deployment::{MAX_REPLICAS, SpecFields, deployment, replica_reports};
 pub use node::{heartbeat, registration};
 
 use crate::model::tenant::{Limits, MAX_LIMIT, MAX_WEIGHT};

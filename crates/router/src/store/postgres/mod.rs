@@ -15,6 +15,7 @@
 //! statements both backends share are in `store/sql.rs`.
 
 mod auth;
+mod deployments;
 mod node_rows;
 mod nodes;
 mod reach;

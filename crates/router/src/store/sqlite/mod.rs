@@ -19,6 +19,7 @@
 mod audit;
 mod auth;
 mod commit;
+mod deployments;
 mod enrollment;
 mod file;
 mod fleet_events;
