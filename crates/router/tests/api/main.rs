@@ -7,6 +7,7 @@ mod audit;
 mod binary;
 mod connections;
 mod dashboard;
+mod deployments;
 mod durability;
 mod errors;
 mod exposition;
