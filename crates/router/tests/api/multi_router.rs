@@ -334,3 +334,59 @@ async fn a_survivor_of_the_killed_lease_holder_marks_a_silent_node_offline_in_ti
     assert_eq!(restarted.sweep_lease().await, 0.0, "the survivor kept the lease");
     assert_eq!(survivor.sweep_lease().await, 1.0);
 }
+
+/// A deployment created on one router is placed once among both (the lease holder places), a node heartbeating to
+/// the other is answered its assignment, and what that node reports shows on the first (SPEC §15).
+#[tokio::test]
+async fn a_deployment_created_on_one_router_is_assigned_through_the_other_and_its_state_shows_on_both() {
+    let Some(server) = postgres_server() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let (_database, a, b) = two_routers(&server, dir.path()).await;
+    let (admin_a, admin_b) = (a.admin_token().await, b.admin_token().await);
+
+    let mut managed = registration("gpu-managed", 8090);
+    managed["supported_runtimes"] = json!(["managed:llama_cpp"]);
+    let registered = a.send(a.request(Method::POST, "/v0/nodes").json(&managed), "register").await;
+    assert_eq!(registered.status(), 201);
+    let answer = json_of(registered).await;
+    let node = TestNode {
+        id: answer["node_id"].as_str().expect("id").to_owned(),
+        token: answer["node_token"].as_str().expect("token").to_owned(),
+    };
+    let approve = a.request(Method::POST, &format!("/v0/nodes/{}/approve", node.id)).bearer_auth(&admin_a);
+    assert_eq!(a.send(approve, "approve").await.status(), 200);
+    let body = json!({
+        "name": "tiny", "model": "tiny-llama", "source": "file:///models/tiny.gguf", "runtime": "llama_cpp",
+        "replicas": 1,
+    });
+    let created = a.send(a.request(Method::POST, "/v0/deployments").bearer_auth(&admin_a).json(&body), "create").await;
+    assert_eq!(created.status(), 201);
+    let id = json_of(created).await["id"].clone();
+
+    // Placed by whichever router holds the lease, within a placement pass and a read-back: 2 s with margin.
+    let started = Instant::now();
+    let assigned = loop {
+        let answer = json_of(b.heartbeat(&node, json!({"replicas": []})).await).await;
+        let assignments = answer["assignments"].as_array().expect("assignments").clone();
+        if !assignments.is_empty() {
+            break assignments;
+        }
+        assert!(started.elapsed() < 3 * WITHIN, "B never answered the node its assignment");
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(assigned[0]["deployment_id"], id);
+    assert_eq!(assigned[0]["source"], "file:///models/tiny.gguf");
+
+    let ready = json!({"ready_models": ["tiny-llama"], "replicas": [{"deployment_id": id, "revision": 1, "state": "ready",
+        "port": 41000, "restarts": 0}]});
+    assert_eq!(b.heartbeat(&node, ready).await.status(), 200);
+    // Written behind by B within half a second, read back by A within a second.
+    within(3 * WITHIN, "A shows the replica ready, as B heard it", || async {
+        let answer = a.send(a.request(Method::GET, "/v0/deployments/tiny").bearer_auth(&admin_a), "get").await;
+        let deployment = json_of(answer).await;
+        deployment["ready_replicas"] == 1 && deployment["replica_states"][0]["port"] == 41000
+    })
+    .await;
+    let on_b = json_of(b.send(b.request(Method::GET, "/v0/deployments/tiny").bearer_auth(&admin_b), "get").await).await;
+    assert_eq!(on_b["replica_states"][0]["node_id"], json!(node.id));
+}
