@@ -130,6 +130,27 @@ const TABLES: &[Table] = &[
         identity: true,
     },
     Table {
+        name: "deployments",
+        columns: &[
+            ("id", Text),
+            ("name", Text),
+            ("model", Text),
+            ("source", Text),
+            ("sha256", Text),
+            ("runtime", Text),
+            ("args", Text),
+            ("replicas", Int),
+            ("gpu_memory_bytes", Int),
+            ("selector_tags", Text),
+            ("max_concurrency", Int),
+            ("revision", Int),
+            ("created_by", Text),
+            ("created_at", Int),
+            ("updated_at", Int),
+        ],
+        identity: false,
+    },
+    Table {
         name: "usage_requests",
         columns: &[
             ("id", Int),
@@ -149,7 +170,7 @@ const TABLES: &[Table] = &[
     },
 ];
 
-/// The usage roll-ups and the names of principals (SPEC §14): keyed by several columns, without SQLite row ids;
+/// The usage roll-ups and the names of principals (SPEC §14), and the replicas of deployments (SPEC §15): keyed by several columns, without SQLite row ids;
 /// copied in pages by key, and checked by counting every row of the table.
 const KEYED: &[(&str, &[&str], &[&str])] = &[
     ("usage_principals", &["principal"], &["name", "last_seen"]),
@@ -162,6 +183,26 @@ const KEYED: &[(&str, &[&str], &[&str])] = &[
     ("usage_model_hour", &["bucket", "model"], ROLLUP_SUMS),
     ("usage_model_day", &["bucket", "model"], ROLLUP_SUMS),
     ("usage_ttft_minute", &["bucket", "bin"], &["count"]),
+    (
+        "deployment_replicas",
+        &["deployment_id", "slot"],
+        &[
+            "node_id",
+            "placed_at",
+            "state",
+            "revision",
+            "reason",
+            "bytes_done",
+            "bytes_total",
+            "port",
+            "pid",
+            "restarts",
+            "download_ms",
+            "start_ms",
+            "ready_at",
+            "updated_at",
+        ],
+    ),
 ];
 
 const ROLLUP_SUMS: &[&str] =
@@ -319,7 +360,11 @@ async fn copy_keyed(
     values: &[&str],
 ) -> anyhow::Result<Copied> {
     let columns: Vec<&str> = key.iter().chain(values).copied().collect();
-    let kind = |name: &str| if matches!(name, "principal" | "model" | "node" | "name") { Text } else { Int };
+    let kind = |name: &str| {
+        let text =
+            matches!(name, "principal" | "model" | "node" | "name" | "deployment_id" | "node_id" | "state" | "reason");
+        if text { Text } else { Int }
+    };
     let keys = key.join(", ");
     let marks = vec!["?"; key.len()].join(", ");
     let (mut rows_read, mut added) = (0u64, 0u64);

@@ -438,8 +438,18 @@ fn now_ms() -> i64 {
 }
 
 /// The tables `llm-router migrate` copies and counts.
-const MIGRATED_TABLES: [&str; 8] =
-    ["nodes", "node_tokens", "node_events", "users", "sessions", "api_keys", "join_tokens", "audit_events"];
+const MIGRATED_TABLES: [&str; 10] = [
+    "nodes",
+    "node_tokens",
+    "node_events",
+    "users",
+    "sessions",
+    "api_keys",
+    "join_tokens",
+    "audit_events",
+    "deployments",
+    "deployment_replicas",
+];
 
 /// Rows in each of [`MIGRATED_TABLES`].
 async fn counts(db: &TestDb) -> BTreeMap<&'static str, i64> {
@@ -508,9 +518,14 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
         id: joined["node_id"].as_str().expect("id").to_owned(),
         token: joined["node_token"].as_str().expect("token").to_owned(),
     };
+    // A deployment with one replica waiting for a node, its reason stored.
+    let deployment = json!({"name": "tiny", "model": "tiny-llama", "source": "file:///m/tiny.gguf",
+                            "runtime": "llama_cpp", "replicas": 1, "args": ["-c", "512"]});
+    post(&source, &admin, "/v0/deployments", deployment).await;
     source.state.registry.flush().await.expect("flush");
 
     let nodes = source.nodes().await;
+    let deployments = get_json(&source, &admin, "/v0/deployments").await;
     let mut events = BTreeMap::new();
     for node in [&online, &registering, &pending] {
         events.insert(node.id.clone(), source.events(&node.id).await);
@@ -523,6 +538,7 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
     source.shutdown().await;
     let expected = counts(&source.sql().await).await;
     assert_eq!((expected["nodes"], expected["users"], expected["api_keys"], expected["join_tokens"]), (3, 2, 1, 1));
+    assert_eq!((expected["deployments"], expected["deployment_replicas"]), (1, 1));
     assert!(expected["node_events"] >= 6 && expected["audit_events"] >= 1 && expected["sessions"] >= 1, "{expected:?}");
 
     let target = PgDatabase::create_on(&server).await;
@@ -557,6 +573,7 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
     assert_eq!(get_json(&router, &admin, "/v0/users").await, users);
     assert_eq!(get_json(&router, &admin, "/v0/api-keys").await, keys);
     assert_eq!(get_json(&router, &admin, "/v0/join-tokens").await, join_tokens);
+    assert_eq!(get_json(&router, &admin, "/v0/deployments").await, deployments, "deployments and their replicas");
     // Then every credential.
     assert_eq!(body(router.heartbeat(&online, &["m"]).await).await["status"], "online", "the node's token");
     assert_eq!(body(router.heartbeat(&registering, &[]).await).await["status"], "registering");
