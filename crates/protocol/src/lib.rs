@@ -22,6 +22,11 @@ pub const REGISTER_PATH: &str = "/v0/nodes";
 /// Path of the heartbeat endpoint.
 pub const HEARTBEAT_PATH: &str = "/v0/health";
 
+/// Path where an agent that starts runtimes waits for its assignments to change (SPEC §15): `GET` with its node
+/// token and `?known=<fingerprint>`; answered at once when its assignments differ from that, else when they change,
+/// or after `wait_secs` (default 30, at most 60) with the same ones.
+pub const ASSIGNMENTS_PATH: &str = "/v0/assignments";
+
 /// The largest request count a heartbeat may carry (`active_requests`, and `load.running` and `load.waiting`): the
 /// router refuses more, the agent bounds what its runtime reports to it.
 pub const MAX_REQUEST_COUNT: u32 = 1_000_000;
@@ -235,6 +240,15 @@ pub struct HeartbeatResponse {
     /// ready, or at once when its deployment is not listed at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assignments: Option<Vec<Assignment>>,
+}
+
+/// Answer of `GET /v0/assignments`: what the node should run, and a fingerprint of it to wait on next time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AssignmentsAnswer {
+    /// Changes whenever the assignments do; opaque.
+    pub fingerprint: String,
+    pub assignments: Vec<Assignment>,
 }
 
 /// The prefix, in a node's `supported_runtimes`, of a runtime its agent starts itself for deployments (SPEC §15):

@@ -96,6 +96,8 @@ pub struct Deployments {
     unwritten: Mutex<BTreeMap<(Uuid, u32), Replica>>,
     /// Placement is one pass at a time.
     placing: tokio::sync::Mutex<()>,
+    /// Bumped whenever some node's assignments change, for the agents waiting on them.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Deployments {
@@ -108,6 +110,7 @@ impl Deployments {
             book: RwLock::new(Book::of(deployments, replicas)),
             unwritten: Mutex::new(BTreeMap::new()),
             placing: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -170,7 +173,7 @@ impl Deployments {
         let slots = after.spec.replicas;
         book.replicas.retain(|(id, slot), _| *id != after.id || *slot < slots);
         book.deployments.insert(after.id, after.clone());
-        book.index();
+        self.reindex(&mut book);
         Ok((state_of(&book, &after), before))
     }
 
@@ -183,7 +186,7 @@ impl Deployments {
         let mut book = self.write();
         book.deployments.remove(&deployment.id);
         book.replicas.retain(|(id, _), _| *id != deployment.id);
-        book.index();
+        self.reindex(&mut book);
         Ok(deployment)
     }
 
@@ -254,8 +257,44 @@ impl Deployments {
                 }
             }
         }
-        *self.write() = fresh;
+        let mut book = self.write();
+        let moved = book.by_node != fresh.by_node;
+        *book = fresh;
+        if moved {
+            self.changed.send_modify(|n| *n += 1);
+        }
         Ok(())
+    }
+
+    /// Rebuilds the nodes' assignments, and wakes the agents waiting when they changed.
+    fn reindex(&self, book: &mut Book) {
+        let before = std::mem::take(&mut book.by_node);
+        book.index();
+        if book.by_node != before {
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Node `node`'s assignments and their fingerprint, once they differ from `known`, or after `wait`.
+    pub async fn wait_for_change(
+        &self,
+        node: Uuid,
+        known: Option<&str>,
+        wait: std::time::Duration,
+    ) -> (String, Vec<Assignment>) {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let assignments = self.assignments(node);
+            let fingerprint = fingerprint(&assignments);
+            if known != Some(fingerprint.as_str()) {
+                return (fingerprint, assignments);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return (fingerprint, assignments),
+            }
+        }
     }
 
     /// One placement pass over the fleet as `registry` knows it: stores the replicas that move, then applies them.
@@ -290,7 +329,7 @@ impl Deployments {
                 book.set(replica);
             }
         }
-        book.index();
+        self.reindex(&mut book);
         Ok(count)
     }
 
@@ -302,6 +341,13 @@ impl Deployments {
         }
         counts
     }
+}
+
+/// A short digest of a node's assignments: the same on every router for the same list.
+fn fingerprint(assignments: &[Assignment]) -> String {
+    use sha2::Digest;
+    let json = serde_json::to_vec(assignments).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(&json)[..12])
 }
 
 fn state_of(book: &Book, deployment: &Deployment) -> DeploymentState {

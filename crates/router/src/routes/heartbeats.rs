@@ -2,11 +2,14 @@
 
 use axum::Json;
 use axum::extract::State;
-use llm_router_protocol::{ErrorBody, HeartbeatRequest, HeartbeatResponse};
+use std::time::Duration;
+
+use llm_router_protocol::{AssignmentsAnswer, ErrorBody, HeartbeatRequest, HeartbeatResponse};
 
 use super::extract::NodeAuth;
 use super::json::JsonBody;
-use crate::error::ApiResult;
+use super::query::ApiQuery;
+use crate::error::{ApiResult, bad_request};
 use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::validate;
@@ -44,3 +47,43 @@ pub async fn heartbeat(
         assignments,
     }))
 }
+
+/// `GET /v0/assignments`: what to wait on.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentsQuery {
+    /// The fingerprint of the assignments the agent holds; absent: answer at once.
+    known: Option<String>,
+    /// How long to wait for a change, 0–60 s (default 30).
+    wait_secs: Option<u64>,
+}
+
+/// Wait for this node's assignments to change (an agent with `--manage-runtimes` calls this)
+///
+/// Answers at once when the node's assignments differ from the ones `known` fingerprints, else as soon as they
+/// change, or after `wait_secs` with the same ones: so an agent learns of a deployment placed on its node in
+/// milliseconds, not at its next heartbeat.
+#[utoipa::path(get, path = "/v0/assignments", tag = "node agent", params(AssignmentsQuery,
+        ("X-Node-Token" = String, Header, description = "The node's token")),
+    responses(
+        (status = 200, description = "The node's assignments", body = AssignmentsAnswer),
+        (status = 400, description = "A parameter out of range", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody)
+    ))]
+pub async fn assignments(
+    State(state): State<AppState>,
+    NodeAuth(node): NodeAuth,
+    ApiQuery(query): ApiQuery<AssignmentsQuery>,
+) -> ApiResult<Json<AssignmentsAnswer>> {
+    let wait = query.wait_secs.unwrap_or(DEFAULT_WAIT_SECS);
+    if wait > MAX_WAIT_SECS {
+        return Err(bad_request(format!("`wait_secs` must be 0 to {MAX_WAIT_SECS}, not {wait}.")));
+    }
+    let (fingerprint, assignments) =
+        state.deployments.wait_for_change(node.id(), query.known.as_deref(), Duration::from_secs(wait)).await;
+    Ok(Json(AssignmentsAnswer { fingerprint, assignments }))
+}
+
+const DEFAULT_WAIT_SECS: u64 = 30;
+const MAX_WAIT_SECS: u64 = 60;

@@ -95,6 +95,7 @@ fn api() -> Api {
         .add(Method::POST, "/v0/nodes/{id}/uncordon", nodes::uncordon)
         .add(Method::GET, "/v0/nodes/{id}/events", nodes::events)
         .add_hot(Method::POST, "/v0/health", heartbeats::heartbeat)
+        .add(Method::GET, "/v0/assignments", heartbeats::assignments)
         .add(Method::POST, "/v0/auth/login", auth::login)
         .add(Method::POST, "/v0/auth/logout", auth::logout)
         .add(Method::GET, "/v0/auth/me", auth::me)

@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use llm_router_protocol::{
-    Assignment, ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus,
-    RegisterRequest, RegisterResponse, ReplicaReport, ReplicaState, RuntimeKind, RuntimeLoad,
+    Assignment, AssignmentsAnswer, ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse,
+    NodeStatus, RegisterRequest, RegisterResponse, ReplicaReport, ReplicaState, RuntimeKind, RuntimeLoad,
 };
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -23,7 +23,7 @@ use crate::model::figures::NodeFigures;
     info(title = "llm-router", description = "Node self-registration, heartbeats and fleet administration. Every error is `{\"error\": {\"code\", \"message\"}}`."),
     paths(
         nodes::register, nodes::list::list, nodes::list::summary, nodes::get, nodes::update, nodes::delete, nodes::approve, nodes::cordon, nodes::uncordon, nodes::events,
-        heartbeats::heartbeat,
+        heartbeats::heartbeat, heartbeats::assignments,
         auth::login, auth::logout, auth::me,
         users::list, users::create, users::update, users::delete,
         api_keys::list, api_keys::create, api_keys::update, api_keys::delete,
@@ -35,10 +35,10 @@ use crate::model::figures::NodeFigures;
         document,
     ),
     components(schemas(
-        Assignment, ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RuntimeLoad,
+        Assignment, AssignmentsAnswer, ErrorBody, ErrorDetail, GpuDevice, GpuMetrics, HeartbeatRequest, HeartbeatResponse, NodeStatus, RuntimeLoad,
         RegisterRequest, RegisterResponse, NodeView, RoutingView, NodeFigures, NodeEventView, Role, Scope,
         FleetEventView, NodeList, NodePage, FleetSummaryView, StatusCounts, GpuCounts, Assignment, ReplicaReport,
-        ReplicaState, RuntimeKind,
+        ReplicaState, RuntimeKind, AssignmentsAnswer,
     )),
     modifiers(&Security),
 )]

@@ -385,3 +385,34 @@ async fn a_heartbeat_with_bad_replica_reports_is_refused_and_changes_nothing() {
     let unknown = json!([{"deployment_id": id, "revision": 3, "state": "ready", "restarts": 0}]);
     assert!(beat(&app, &node, 1_000, &[], unknown).await.is_empty());
 }
+
+#[tokio::test]
+async fn an_agent_waiting_on_its_assignments_hears_of_a_placement_at_once() {
+    let app = TestApp::spawn().await;
+    let node = managed_node(&app, "gpu-a", &[]).await;
+    beat(&app, &node, 20_000_000_000, &[], json!([])).await;
+    let poll = |query: String| {
+        app.request(Method::GET, &format!("/v0/assignments{query}")).header("X-Node-Token", &node.token).send()
+    };
+    let first = crate::helpers::body(poll(String::new()).await.expect("poll")).await;
+    assert_eq!(first["assignments"], json!([]));
+    let known = first["fingerprint"].as_str().expect("fingerprint").to_owned();
+    // Nothing changed: answered after the wait, with the same fingerprint.
+    let same = crate::helpers::body(poll(format!("?known={known}&wait_secs=0")).await.expect("poll")).await;
+    assert_eq!(same["fingerprint"], known.as_str());
+
+    let waiting = tokio::spawn(poll(format!("?known={known}&wait_secs=30")));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the agent waits while nothing changes");
+    let started = std::time::Instant::now();
+    create(&app, &spec("tiny", 1)).await;
+    let answer = waiting.await.expect("task").expect("poll");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "answered when the placement happened");
+    let answer = crate::helpers::body(answer).await;
+    assert_eq!(answer["assignments"][0]["model"], "tiny-llama");
+    assert_ne!(answer["fingerprint"], known.as_str());
+
+    assert_error(poll("?wait_secs=61".into()).await.expect("poll"), 400, "invalid_request").await;
+    let anonymous = app.request(Method::GET, "/v0/assignments").send().await.expect("poll");
+    assert_error(anonymous, 401, "unauthorized").await;
+}
