@@ -44,6 +44,7 @@ FAMILIES = {
     "llm_router_http_connections_refused": "counter",
     "llm_router_http_connection_timeouts": "counter",
     "llm_router_inference_queued": "gauge",
+    "llm_router_deployment_replicas": "gauge",
 }
 
 # Families labelled by model: they appear with the first /v1 request for a model some node has ready.

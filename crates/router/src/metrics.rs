@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::AtomicU64;
 
-use llm_router_protocol::NodeStatus;
+use llm_router_protocol::{NodeStatus, ReplicaState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -119,6 +119,8 @@ pub struct Metrics {
     pub connections_source_capped: Counter,
     /// `/v1` traffic, by model.
     pub inference: InferenceMetrics,
+    /// Replicas of deployments by state (SPEC §15), set at each scrape.
+    replicas: Family<StateLabel, Level>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// The handles of `requests` and `durations`, by matched route, then by method.
@@ -201,6 +203,16 @@ impl Default for Metrics {
             "1 while this router decides offline transitions (SQLite: always; a shared database: while it holds the \
              sweep lease), else 0",
             sweep_lease.clone(),
+        );
+        let replicas = Family::<StateLabel, Level>::default();
+        for state in ReplicaState::ALL {
+            replicas.get_or_create(&StateLabel { state: state.as_str() }).set(0);
+        }
+        registry.register(
+            "llm_router_deployment_replicas",
+            "Replicas of deployments, by state: pending (no node, or not taken up yet), downloading, starting, ready, \
+             failed",
+            replicas.clone(),
         );
         let connections_evicted = counter(
             &mut registry,
@@ -292,6 +304,7 @@ impl Default for Metrics {
             mass_silences,
             mass_silence,
             sweep_lease,
+            replicas,
             connections_open,
             connections_max,
             connections_evicted,
@@ -304,6 +317,16 @@ impl Default for Metrics {
             durations,
             http: RwLock::new(HashMap::new()),
             registry,
+        }
+    }
+}
+
+impl Metrics {
+    /// Sets the replicas of deployments per state, for a scrape.
+    pub fn set_replicas(&self, counts: &HashMap<ReplicaState, usize>) {
+        for state in ReplicaState::ALL {
+            let count = counts.get(&state).copied().unwrap_or(0) as u64;
+            self.replicas.get_or_create(&StateLabel { state: state.as_str() }).set(count);
         }
     }
 }
@@ -437,6 +460,7 @@ mod tests {
             ("llm_router_usage_records_written", "gauge"),
             ("llm_router_usage_records_lost", "gauge"),
             ("llm_router_usage_records_pending", "gauge"),
+            ("llm_router_deployment_replicas", "gauge"),
         ];
         for (family, kind) in expected {
             assert_eq!(scraped.types.get(family).map(String::as_str), Some(kind), "{family}");

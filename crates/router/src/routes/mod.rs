@@ -184,6 +184,7 @@ async fn measure(State(state): State<AppState>, request: Request, next: Next) ->
 /// `GET /metrics`: the OpenMetrics text format, without authentication, for scrapers.
 async fn prometheus(State(state): State<AppState>) -> Response {
     state.metrics.inference.queued.set(state.registry.routing().queue().len() as u64);
+    state.metrics.set_replicas(&state.deployments.counts());
     let text = state.metrics.render(&state.registry.counts(), state.store.storage_faults(), state.store.availability());
     let mut response = text.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
