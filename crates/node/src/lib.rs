@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod deploy;
 pub mod gpu;
 pub mod identity;
 pub mod runtime;
