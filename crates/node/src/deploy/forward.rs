@@ -27,6 +27,9 @@ use crate::runtime::Runtime;
 /// The largest request body forwarded: larger ones are answered 413.
 pub const MAX_BODY: usize = 64 << 20;
 
+/// How long `GET /v1/models` waits for the own runtime's list.
+pub const OWN_MODELS_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// Where ready models are served locally.
 pub trait Routes: Send + Sync + 'static {
     /// The local port of the replica serving `model`, when one is ready.
@@ -139,7 +142,8 @@ impl<R: Routes> Forwarder<R> {
     /// The union of the replicas' models and the own runtime's, in OpenAI's shape.
     async fn models(&self) -> Response<Body> {
         let mut ids = self.routes.models();
-        if let Ok(own) = self.own.models().await {
+        // Within the router's registration probe's time (3 s by default), whatever the own runtime does.
+        if let Ok(Ok(own)) = tokio::time::timeout(OWN_MODELS_TIMEOUT, self.own.models()).await {
             for id in own {
                 if !ids.contains(&id) {
                     ids.push(id);
