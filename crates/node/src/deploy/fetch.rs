@@ -321,6 +321,11 @@ mod tests {
     }
 
     async fn serve(body: Vec<u8>, cut_first: bool) -> FileServer {
+        serve_with(body, cut_first, true).await
+    }
+
+    /// With `ranges` false, the server answers every request with the whole file (200), as some do.
+    async fn serve_with(body: Vec<u8>, cut_first: bool, honour_ranges: bool) -> FileServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/model.gguf", listener.local_addr().expect("addr"));
         let ranges = Arc::new(Mutex::new(Vec::new()));
@@ -343,7 +348,7 @@ mod tests {
                     .find_map(|l| l.strip_prefix("range: bytes="))
                     .map(|r| r.trim().trim_end_matches('-').to_owned());
                 seen.lock().expect("lock").push(range.clone());
-                let start: usize = range.as_deref().and_then(|r| r.parse().ok()).unwrap_or(0);
+                let start: usize = range.as_deref().filter(|_| honour_ranges).and_then(|r| r.parse().ok()).unwrap_or(0);
                 let rest = &body[start..];
                 let status = if start > 0 {
                     format!("206 Partial Content\r\ncontent-range: bytes {start}-{}/{}", body.len() - 1, body.len())
@@ -416,6 +421,35 @@ mod tests {
         assert_eq!(std::fs::read(&got.path).expect("file"), body);
         assert_eq!(*server.ranges.lock().expect("lock"), [None, Some(kept.to_string())]);
         assert!(!part.exists());
+    }
+
+    #[tokio::test]
+    async fn a_server_without_ranges_sends_the_file_anew() {
+        let body = body();
+        let server = serve_with(body.clone(), true, false).await;
+        let cache = tempfile::tempdir().expect("dir");
+        let sum = sha(&body);
+        let http = http();
+        let progress = Progress::new();
+        download(&http, &server.url, &sum, cache.path(), &progress).await.expect_err("cut off");
+        let got = download(&http, &server.url, &sum, cache.path(), &progress).await.expect("whole file again");
+        assert_eq!(std::fs::read(&got.path).expect("file"), body);
+        assert_eq!(server.ranges.lock().expect("lock").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn replicas_of_one_file_share_its_download() {
+        let body = body();
+        let server = serve(body.clone(), false).await;
+        let cache = tempfile::tempdir().expect("dir");
+        let fetcher = Fetcher::new(http(), cache.path().to_owned());
+        let sum = sha(&body);
+        let (a, b) = tokio::join!(
+            fetcher.fetch(&server.url, Some(&sum), |_| {}),
+            fetcher.fetch(&server.url, Some(&sum), |_| {})
+        );
+        assert_eq!(a.expect("first").path, b.expect("second").path);
+        assert_eq!(server.ranges.lock().expect("lock").len(), 1, "one download for both");
     }
 
     #[tokio::test]
