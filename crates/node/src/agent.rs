@@ -8,6 +8,9 @@
 //! - 429 or 503 with `Retry-After` (rate limited, too many pending nodes, storage unavailable): wait at least that
 //!   long ([`retry_later_delay`]), registering and heartbeating alike.
 //!
+//! With `--manage-runtimes`, each heartbeat also reports the replicas the agent runs, each answer's assignments are
+//! handed to [`Deployments::reconcile`], and a replica's change of state brings the next heartbeat forward.
+//!
 //! Logs say what changed (registered, status, router or runtime lost and back, models), not a line per heartbeat.
 //! The waits are pure functions of a random number in `[0, 1)` so they are tested without sleeping.
 //!
@@ -21,10 +24,14 @@ use llm_router_protocol::NodeStatus;
 
 use crate::client::{Failure, RouterClient};
 use crate::config::Config;
+use crate::deploy::Deployments;
 use crate::gpu::{GpuProbe, GpuSample};
 use crate::identity::{Identity, IdentityError, IdentityStore};
 use crate::runtime::Runtime;
 use crate::runtime::load::LoadProbe;
+
+/// The shortest time between two heartbeats sent early because a replica changed state.
+pub const EARLY_HEARTBEAT_GAP: Duration = Duration::from_millis(500);
 
 mod report;
 mod waits;
@@ -59,6 +66,11 @@ pub struct Agent {
     router_down: bool,
     last_refusal: Option<(u16, String)>,
     status: Option<NodeStatus>,
+
+    /// The replicas the agent runs, with `--manage-runtimes` (SPEC §15).
+    deployments: Option<Deployments>,
+    /// `managed:<runtime>` for each runtime the agent can start, added to `supported_runtimes`.
+    managed_runtimes: Vec<String>,
 }
 
 impl Agent {
@@ -87,7 +99,17 @@ impl Agent {
             router_down: false,
             last_refusal: None,
             status: None,
+            deployments: None,
+            managed_runtimes: Vec::new(),
         }
+    }
+
+    /// The agent of a node that runs deployments: its heartbeats report the replicas, and the router's answers
+    /// say which to run.
+    pub fn with_deployments(mut self, deployments: Deployments, managed_runtimes: Vec<String>) -> Self {
+        self.deployments = Some(deployments);
+        self.managed_runtimes = managed_runtimes;
+        self
     }
 
     /// Run until a fatal error; cancel the future to stop (every await point is a safe place to stop).
@@ -166,7 +188,13 @@ impl Agent {
                     self.last_refusal = None;
                     failures = 0;
                     self.note_status(answer.status);
-                    heartbeat_delay(interval(answer.heartbeat_interval_secs), (self.jitter)())
+                    // An answer without assignments (an older router) leaves what runs as it is.
+                    if let (Some(deployments), Some(assignments)) = (&self.deployments, answer.assignments) {
+                        deployments.reconcile(assignments);
+                    }
+                    let wait = heartbeat_delay(interval(answer.heartbeat_interval_secs), (self.jitter)());
+                    self.pause(wait).await;
+                    continue;
                 }
                 Err(Failure::Unauthorized(why)) => {
                     tracing::warn!(
@@ -183,7 +211,22 @@ impl Agent {
                     wait
                 }
             };
+            // After a failure the wait is a backoff or the router's Retry-After: no early heartbeat.
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Wait `wait` before the next heartbeat, or less when a replica changed state (ready, failed…): the router
+    /// learns of it at once. Early heartbeats are at least [`EARLY_HEARTBEAT_GAP`] apart.
+    async fn pause(&self, wait: Duration) {
+        let Some(deployments) = &self.deployments else {
+            return tokio::time::sleep(wait).await;
+        };
+        let gap = EARLY_HEARTBEAT_GAP.min(wait);
+        tokio::time::sleep(gap).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait - gap) => {}
+            () = deployments.changed() => {}
         }
     }
 

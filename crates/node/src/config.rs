@@ -67,6 +67,44 @@ pub struct Cli {
     #[arg(long, env = "LLM_NODE_RUNTIME_VERSION")]
     pub runtime_version: Option<String>,
 
+    /// Run the models the router assigns to this node (SPEC §15 deployments): download them into the model cache,
+    /// start their runtimes as child processes, restart them when they die, stop what is no longer assigned. The
+    /// node is then registered with the forwarding port (`--serve-port`), which sends each request to the runtime
+    /// serving its model, and anything else to `--runtime-url`.
+    #[arg(long, env = "LLM_NODE_MANAGE_RUNTIMES")]
+    pub manage_runtimes: bool,
+
+    /// With `--manage-runtimes`: the port the agent listens on (all addresses) and announces to the router as the
+    /// runtime port; it forwards each `/v1` request by its `model` to the local replica serving it, else to
+    /// `--runtime-url`.
+    #[arg(long, env = "LLM_NODE_SERVE_PORT", default_value_t = 8090,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub serve_port: u16,
+
+    /// With `--manage-runtimes`: where downloaded models are kept, one file per sha256. Default: <state-dir>/models
+    #[arg(long, env = "LLM_NODE_MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<PathBuf>,
+
+    /// With `--manage-runtimes`: llama.cpp's `llama-server`, for `llama_cpp` deployments. Default: `llama-server`
+    /// on PATH.
+    #[arg(long, env = "LLM_NODE_LLAMA_SERVER")]
+    pub llama_server: Option<PathBuf>,
+
+    /// With `--manage-runtimes`: a Python interpreter with llama-cpp-python's server (`llama_cpp.server`), for
+    /// `llama_cpp` deployments when there is no `llama-server`.
+    #[arg(long, env = "LLM_NODE_LLAMA_CPP_PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
+
+    /// With `--manage-runtimes`: vLLM's `vllm` command, for `vllm` deployments. Default: `vllm` on PATH.
+    #[arg(long, env = "LLM_NODE_VLLM")]
+    pub vllm: Option<PathBuf>,
+
+    /// With `--manage-runtimes`: how long a started runtime may take to serve its model before it counts as failed
+    /// and is started again, in seconds.
+    #[arg(long, env = "LLM_NODE_RUNTIME_START_TIMEOUT_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub runtime_start_timeout_secs: u64,
+
     /// Detect GPUs and the runtime, print what would be announced to the router, and exit.
     #[arg(long)]
     pub check: bool,
@@ -94,6 +132,8 @@ pub struct Config {
     pub runtime_url: Url,
     /// Port of the runtime, from `runtime_url`.
     pub runtime_port: u16,
+    /// The runtime port announced to the router: `runtime_port`, or the forwarding port with `--manage-runtimes`.
+    pub announced_port: u16,
     pub ip: Option<IpAddr>,
     pub machine_name: String,
     pub state_dir: PathBuf,
@@ -112,6 +152,23 @@ pub struct Config {
     pub router_timeout: Duration,
     /// Time limit of one call to the runtime.
     pub runtime_timeout: Duration,
+    /// The deployments' settings, with `--manage-runtimes`.
+    pub manage: Option<ManageConfig>,
+}
+
+/// How the agent runs the replicas the router assigns it (`--manage-runtimes`, SPEC §15).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManageConfig {
+    /// The forwarding port, announced to the router as the runtime port.
+    pub serve_port: u16,
+    pub model_cache_dir: PathBuf,
+    /// Where each runtime's output goes: `<state_dir>/runtimes`.
+    pub log_dir: PathBuf,
+    /// Given by flag; when absent, looked up on PATH.
+    pub llama_server: Option<PathBuf>,
+    pub llama_cpp_python: Option<PathBuf>,
+    pub vllm: Option<PathBuf>,
+    pub start_timeout: Duration,
 }
 
 /// A secret setting: `Debug` never prints it.
@@ -178,7 +235,35 @@ impl Cli {
             return Err(ConfigError("--backoff-max-ms must not be below --backoff-base-ms".into()));
         }
 
+        let manage = if self.manage_runtimes {
+            let runtime_is_local = runtime_url.host_str().is_some_and(|host| {
+                matches!(host, "localhost" | "0.0.0.0" | "[::]" | "[::1]")
+                    || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+                    || self.ip.is_some_and(|ip| host.trim_matches(['[', ']']).parse::<IpAddr>() == Ok(ip))
+            });
+            if runtime_is_local && self.serve_port == runtime_port {
+                return Err(ConfigError(format!(
+                    "--serve-port (LLM_NODE_SERVE_PORT) {} is the port of --runtime-url `{runtime_url}`: the agent \
+                     forwards to that runtime on this machine, so it must listen on another port",
+                    self.serve_port
+                )));
+            }
+            Some(ManageConfig {
+                serve_port: self.serve_port,
+                model_cache_dir: self.model_cache_dir.unwrap_or_else(|| state_dir.join("models")),
+                log_dir: state_dir.join("runtimes"),
+                llama_server: self.llama_server,
+                llama_cpp_python: self.llama_cpp_python,
+                vllm: self.vllm,
+                start_timeout: Duration::from_secs(self.runtime_start_timeout_secs),
+            })
+        } else {
+            None
+        };
+
         Ok(Config {
+            // With --manage-runtimes the router reaches the node through the agent's forwarding port.
+            announced_port: manage.as_ref().map_or(runtime_port, |m| m.serve_port),
             router_url,
             runtime_url,
             runtime_port,
@@ -196,6 +281,7 @@ impl Cli {
             refused_retry: Duration::from_millis(self.refused_retry_ms),
             router_timeout: Duration::from_secs(10),
             runtime_timeout: Duration::from_secs(3),
+            manage,
         })
     }
 }
@@ -327,6 +413,55 @@ mod tests {
         assert!(err.to_string().contains("--name"), "{err}");
         assert!(Cli::try_parse_from(["llm-node", "--router-url", "http://r", "--ip", "nope"]).is_err());
         assert!(Cli::try_parse_from(["llm-node", "--router-url", "http://r", "--gpu-detection", "amd"]).is_err());
+    }
+
+    #[test]
+    fn managing_runtimes_announces_the_forwarding_port() {
+        let plain = resolve(&["--router-url", "http://r:1"]).expect("valid");
+        assert_eq!(plain.manage, None);
+        assert_eq!(plain.announced_port, 8000);
+
+        let config = resolve(&["--router-url", "http://r:1", "--manage-runtimes", "--vllm", "/opt/vllm/bin/vllm"])
+            .expect("valid");
+        let manage = config.manage.expect("managed");
+        assert_eq!(config.announced_port, 8090);
+        assert_eq!(config.runtime_port, 8000);
+        assert_eq!(manage.serve_port, 8090);
+        assert_eq!(manage.model_cache_dir, PathBuf::from("/home/op/.llm-node/models"));
+        assert_eq!(manage.log_dir, PathBuf::from("/home/op/.llm-node/runtimes"));
+        assert_eq!(manage.vllm, Some(PathBuf::from("/opt/vllm/bin/vllm")));
+        assert_eq!(manage.start_timeout, Duration::from_secs(600));
+
+        let config = resolve(&[
+            "--router-url",
+            "http://r:1",
+            "--manage-runtimes",
+            "--serve-port",
+            "9000",
+            "--model-cache-dir",
+            "/data/models",
+            "--runtime-start-timeout-secs",
+            "30",
+        ])
+        .expect("valid");
+        let manage = config.manage.expect("managed");
+        assert_eq!(config.announced_port, 9000);
+        assert_eq!(manage.model_cache_dir, PathBuf::from("/data/models"));
+        assert_eq!(manage.start_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_forwarding_port_cannot_be_the_local_runtimes() {
+        for runtime in ["http://127.0.0.1:8090", "http://localhost:8090", "http://[::1]:8090"] {
+            let err = resolve(&["--router-url", "http://r:1", "--manage-runtimes", "--runtime-url", runtime])
+                .expect_err("same port refused");
+            assert!(err.to_string().contains("--serve-port"), "{err}");
+        }
+        // The same port on another machine is no clash, nor is it without --manage-runtimes.
+        resolve(&["--router-url", "http://r:1", "--manage-runtimes", "--runtime-url", "http://10.0.0.9:8090"])
+            .expect("another host");
+        resolve(&["--router-url", "http://r:1", "--runtime-url", "http://127.0.0.1:8090"]).expect("not managed");
+        assert!(Cli::try_parse_from(["llm-node", "--check", "--serve-port", "0"]).is_err());
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //!
 //! It detects the machine's GPUs ([`gpu`]), registers the machine with the router ([`client`]), keeps the node's
 //! id and token ([`identity`]) and sends heartbeats with host, GPU and runtime figures, the runtime's own load
-//! included ([`runtime`], [`agent`]).
+//! included ([`runtime`], [`agent`]). With `--manage-runtimes` it also runs the models the router assigns to the
+//! node ([`deploy`]) and forwards the node's requests to them.
 //! [`run`] is the whole program; the binary only parses the command line and waits for a signal.
 
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod deploy;
 pub mod gpu;
 pub mod identity;
 pub mod runtime;
@@ -72,6 +74,25 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
         "GPUs found"
     );
 
+    let launchers = match &config.manage {
+        Some(manage) => {
+            let found = deploy::launch::Launchers::discover(manage).await;
+            let names = found.managed_names();
+            if names.is_empty() {
+                tracing::warn!(
+                    "--manage-runtimes: no runtime can be started here (no llama-server on PATH or --llama-server, \
+                     no --llama-cpp-python, no vllm on PATH or --vllm); the node announces none and gets no \
+                     deployments"
+                );
+            } else {
+                tracing::info!(runtimes = %names.join(", "), "runtimes this node starts for deployments");
+            }
+            Some(found)
+        }
+        None => None,
+    };
+    let managed_names = launchers.as_ref().map(|l| l.managed_names()).unwrap_or_default();
+
     if check {
         let models = runtime.models().await.unwrap_or_else(|e| {
             tracing::warn!(cause = %e, "runtime unreachable");
@@ -79,7 +100,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
         });
         let detected = runtime.detect().await;
         let load = runtime::load::LoadProbe::new().sample(&runtime).await;
-        let request = agent::build_registration(&config, &first_sample, models, detected);
+        let request = agent::build_registration(&config, &first_sample, models, detected, &managed_names);
         let announced = serde_json::json!({
             "registration": request,
             "heartbeat_gpus": gpu::to_metrics(&first_sample),
@@ -90,8 +111,15 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
         return Ok(());
     }
 
-    let agent = agent::Agent::new(config, router, runtime, probe, first_sample);
-    tokio::select! {
+    let managed = match (&config.manage, launchers) {
+        (Some(manage), Some(launchers)) => Some(start_deployments(manage, launchers, &runtime).await?),
+        _ => None,
+    };
+    let mut agent = agent::Agent::new(config, router, runtime, probe, first_sample);
+    if let Some((deployments, _)) = &managed {
+        agent = agent.with_deployments(deployments.clone(), managed_names);
+    }
+    let result = tokio::select! {
         result = agent.run() => match result {
             Err(e) => Err(e.into()),
             Ok(never) => match never {},
@@ -100,5 +128,44 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), Err
             tracing::info!("stopping");
             Ok(())
         }
+    };
+    if let Some((deployments, forwarding)) = managed {
+        forwarding.abort();
+        deployments.shutdown().await;
     }
+    result
+}
+
+/// Listen on the forwarding port and make the supervisor of the node's replicas (`--manage-runtimes`).
+async fn start_deployments(
+    manage: &config::ManageConfig,
+    launchers: deploy::launch::Launchers,
+    runtime: &runtime::Runtime,
+) -> Result<(deploy::Deployments, tokio::task::JoinHandle<()>), Error> {
+    let listener =
+        tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, manage.serve_port)).await.map_err(|e| {
+            config::ConfigError::new(format!(
+                "--serve-port (LLM_NODE_SERVE_PORT): cannot listen on port {}: {e}",
+                manage.serve_port
+            ))
+        })?;
+    let downloads = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .read_timeout(std::time::Duration::from_secs(120))
+        .build()?;
+    let probe = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build()?;
+    let deployments = deploy::Deployments::new(deploy::supervise::Context {
+        fetcher: deploy::fetch::Fetcher::new(downloads, manage.model_cache_dir.clone()),
+        launchers,
+        log_dir: manage.log_dir.clone(),
+        timing: deploy::supervise::Timing::new(manage.start_timeout),
+        probe,
+    });
+    tracing::info!(
+        port = manage.serve_port,
+        cache = %manage.model_cache_dir.display(),
+        "forwarding port open: requests go to the replica serving their model, else to --runtime-url"
+    );
+    let forwarder = std::sync::Arc::new(deploy::forward::Forwarder::new(deployments.clone(), runtime.clone()));
+    Ok((deployments, tokio::spawn(forwarder.serve(listener))))
 }

@@ -1,5 +1,6 @@
 //! The `llm-node` binary: parse the command line, log to stderr (filter in `LLM_NODE_LOG`, default `info`), run
-//! the agent until SIGINT or SIGTERM.
+//! the agent until SIGINT or SIGTERM. The agent runs on one thread; with `--manage-runtimes` on two, so the
+//! forwarding of inference requests does not share a thread with everything else.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -15,7 +16,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let mut builder = if cli.manage_runtimes {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(2);
+        builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("llm-node: error: cannot start the async runtime: {e}");

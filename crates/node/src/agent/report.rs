@@ -71,7 +71,7 @@ impl Agent {
             }
             self.detected_runtime = Some(detected.clone());
         }
-        build_registration(&self.config, &gpus, models, detected)
+        build_registration(&self.config, &gpus, models, detected, &self.managed_runtimes)
     }
 
     pub(super) async fn heartbeat_request(&mut self, identity: &Identity) -> HeartbeatRequest {
@@ -93,7 +93,15 @@ impl Agent {
             }
         };
         let (cpu_usage, memory_usage) = self.host.sample();
-        let models = self.models().await;
+        let mut models = self.models().await;
+        let replicas = self.deployments.as_ref().map(|deployments| {
+            for model in deployments.ready_models() {
+                if !models.contains(&model) {
+                    models.push(model);
+                }
+            }
+            deployments.reports()
+        });
         // A runtime that did not answer for its models is not asked for its metrics: that would only add a timeout.
         let load = match self.runtime_state {
             Some(Ok(_)) => self.runtime_load.sample(&self.runtime).await,
@@ -108,7 +116,7 @@ impl Agent {
             ready_models: Some(models),
             active_requests: None,
             load,
-            replicas: None,
+            replicas,
         }
     }
 
@@ -145,18 +153,26 @@ impl Agent {
     }
 }
 
-/// The registration body: configured values win over what the runtime revealed.
+/// The registration body: configured values win over what the runtime revealed; `managed_runtimes` are added.
 pub fn build_registration(
     config: &Config,
     gpus: &[GpuSample],
     models: Vec<String>,
     detected: Option<crate::runtime::DetectedRuntime>,
+    managed_runtimes: &[String],
 ) -> RegisterRequest {
-    let supported_runtimes = if config.supported_runtimes.is_empty() {
+    let mut supported_runtimes = if config.supported_runtimes.is_empty() {
         detected.as_ref().map(|d| vec![d.kind.to_owned()])
     } else {
         Some(config.supported_runtimes.clone())
     };
+    // The runtimes the agent starts itself for deployments (`managed:llama_cpp`), where the placer looks.
+    for name in managed_runtimes {
+        let list = supported_runtimes.get_or_insert_with(Vec::new);
+        if !list.contains(name) {
+            list.push(name.clone());
+        }
+    }
     let runtime_version = config
         .runtime_version
         .clone()
@@ -165,7 +181,7 @@ pub fn build_registration(
     RegisterRequest {
         machine_name: config.machine_name.clone(),
         ip_address: config.ip.map(|ip| ip.to_string()),
-        runtime_port: i64::from(config.runtime_port),
+        runtime_port: i64::from(config.announced_port),
         runtime_version,
         gpu_devices: Some(gpu::group_devices(gpus)),
         supported_runtimes,
@@ -215,7 +231,7 @@ mod tests {
     #[test]
     fn registration_uses_what_the_runtime_reveals() {
         let detected = DetectedRuntime { kind: VLLM, version: Some("0.6.3".into()) };
-        let request = build_registration(&config(&[]), &gpus(), vec!["m".into()], Some(detected));
+        let request = build_registration(&config(&[]), &gpus(), vec!["m".into()], Some(detected), &[]);
         assert_eq!(request.machine_name, "gpu-01");
         assert_eq!(request.runtime_port, 8001);
         assert_eq!(request.ip_address, None);
@@ -242,14 +258,29 @@ mod tests {
             "--ip",
             "10.1.2.3",
         ]);
-        let request = build_registration(&configured, &gpus(), vec![], Some(detected));
+        let request = build_registration(&configured, &gpus(), vec![], Some(detected), &[]);
         assert_eq!(request.supported_runtimes, Some(vec!["llama_cpp".to_owned(), "ollama".to_owned()]));
         assert_eq!(request.runtime_version, "b4100");
         assert_eq!(request.tags, Some(vec!["a".to_owned()]));
         assert_eq!(request.ip_address.as_deref(), Some("10.1.2.3"));
 
-        let request = build_registration(&config(&[]), &gpus(), vec![], None);
+        let request = build_registration(&config(&[]), &gpus(), vec![], None, &[]);
         assert_eq!(request.runtime_version, "unknown");
         assert_eq!(request.supported_runtimes, None);
+    }
+
+    #[test]
+    fn managed_runtimes_are_announced_with_the_forwarding_port() {
+        let managed = vec!["managed:llama_cpp".to_owned(), "managed:vllm".to_owned()];
+        let config = config(&["--manage-runtimes", "--serve-port", "9100"]);
+        let detected = DetectedRuntime { kind: VLLM, version: None };
+        let request = build_registration(&config, &gpus(), vec![], Some(detected), &managed);
+        assert_eq!(request.runtime_port, 9100);
+        assert_eq!(
+            request.supported_runtimes,
+            Some(vec!["vllm".to_owned(), "managed:llama_cpp".to_owned(), "managed:vllm".to_owned()])
+        );
+        let request = build_registration(&config, &gpus(), vec![], None, &managed[..1]);
+        assert_eq!(request.supported_runtimes, Some(vec!["managed:llama_cpp".to_owned()]));
     }
 }

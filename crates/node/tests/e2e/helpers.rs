@@ -311,8 +311,13 @@ pub struct NodeSettings {
 
 impl Node {
     pub fn start(settings: &NodeSettings) -> Self {
+        Node::start_with(settings, &[])
+    }
+
+    /// An agent with `extra` flags after the usual ones.
+    pub fn start_with(settings: &NodeSettings, extra: &[&str]) -> Self {
         let log_file = fs::OpenOptions::new().create(true).append(true).open(&settings.log).expect("node log");
-        let child = node_command(settings).stderr(log_file).spawn().expect("start llm-node");
+        let child = node_command(settings).args(extra).stderr(log_file).spawn().expect("start llm-node");
         Node { child, log: settings.log.clone() }
     }
 
@@ -390,6 +395,12 @@ pub fn node_command(settings: &NodeSettings) -> Command {
         "LLM_NODE_RUNTIME_VERSION",
         "LLM_NODE_JOIN_TOKEN",
         "LLM_NODE_CA_CERT",
+        "LLM_NODE_MANAGE_RUNTIMES",
+        "LLM_NODE_SERVE_PORT",
+        "LLM_NODE_MODEL_CACHE_DIR",
+        "LLM_NODE_LLAMA_SERVER",
+        "LLM_NODE_LLAMA_CPP_PYTHON",
+        "LLM_NODE_VLLM",
     ] {
         command.env_remove(var);
     }

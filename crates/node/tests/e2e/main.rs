@@ -98,6 +98,15 @@ fn help_explains_every_setting() {
         "--tags",
         "LLM_NODE_TAGS",
         "--gpu-detection",
+        "--manage-runtimes",
+        "LLM_NODE_MANAGE_RUNTIMES",
+        "--serve-port",
+        "LLM_NODE_SERVE_PORT",
+        "--model-cache-dir",
+        "--llama-server",
+        "--llama-cpp-python",
+        "--vllm",
+        "--runtime-start-timeout-secs",
         "LLM_NODE_GPU_DETECTION",
         "nvidia-smi",
         "--supported-runtimes",
@@ -503,4 +512,43 @@ fn check_prints_the_gpu_health_it_would_report() {
     assert_eq!(gpus[1]["throttle_reasons"], json!(["hw_slowdown", "sw_thermal_slowdown"]));
     assert!(gpus[2].get("ecc_uncorrected").is_none(), "{printed}");
     assert!(printed["heartbeat_load"].is_null(), "no runtime, no load: {printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_managing_runtimes_registers_its_forwarding_port() {
+    let fleet = Fleet::start(&["llama-3-8b"]).await;
+    // A `llama-server` on PATH is enough to announce llama.cpp; nothing is assigned, so it never runs.
+    let llama_server = fleet.scratch.path("bin").join("llama-server");
+    std::fs::write(&llama_server, "#!/bin/sh\nexit 1\n").expect("write llama-server");
+    std::fs::set_permissions(&llama_server, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let serve_port = free_port();
+    let mut node =
+        Node::start_with(&fleet.node_settings(), &["--manage-runtimes", "--serve-port", &serve_port.to_string()]);
+
+    // The router's reachability probe went to the forwarding port, which lists the own runtime's models.
+    let registered = fleet.wait_node("the node registered", |n| status(n) == "pending").await;
+    assert_eq!(registered["runtime_port"], json!(serve_port));
+    assert_eq!(registered["supported_runtimes"], json!(["vllm", "managed:llama_cpp"]));
+    let models: Value = reqwest::get(format!("http://127.0.0.1:{serve_port}/v1/models"))
+        .await
+        .expect("forwarding port answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "llama-3-8b");
+    // Everything but a replica's model goes to the own runtime.
+    let version: Value = reqwest::get(format!("http://127.0.0.1:{serve_port}/version"))
+        .await
+        .expect("forwarded")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(version["version"], RUNTIME_VERSION);
+
+    let node_id = id(&registered);
+    fleet.admin.approve(&node_id).await;
+    let online = fleet.wait_node("online with the own runtime's model", |n| status(n) == "online").await;
+    assert_eq!(online["ready_models"], json!(["llama-3-8b"]));
+
+    assert!(node.terminate(Duration::from_secs(5)).success(), "{}", fleet.logs());
 }
