@@ -1284,3 +1284,304 @@ describe('dashboard: usage', { timeout: 120_000 }, () => {
     assert.deepEqual(problems, []);
   });
 });
+
+describe('dashboard: deployments', { timeout: 120_000 }, () => {
+  const NAME = 'qwen-coder';
+  const MODEL = 'qwen2.5-coder-7b';
+  const SOURCE = 'https://models.example/qwen2.5-coder-7b-q4_k_m.gguf';
+  const SHA256 = 'ab'.repeat(32);
+  const managed = {};
+  let deployBrowser;
+  let p;
+  let deployment;
+
+  /** A heartbeat of an agent started with --manage-runtimes: its replicas' states; answers the assignments. */
+  async function agentBeat(node, replicas, ready = []) {
+    const answer = await expectStatus(call('POST', '/v0/health', {
+      nodeToken: node.token,
+      body: { node_id: node.id, cpu_usage: 10, memory_usage: 30, ready_models: ready, loaded_models: ready, replicas },
+    }), 200);
+    assert.ok(Array.isArray(answer.assignments), JSON.stringify(answer));
+    return answer.assignments;
+  }
+
+  /** A node registered through the API whose agent starts llama.cpp itself, approved. */
+  async function managedNode(machineName, ip) {
+    const node = await registerNode({
+      machine_name: machineName, ip_address: ip, runtime_version: 'llm-node managed',
+      supported_runtimes: ['managed:llama_cpp'], gpu_devices: [{ ...H100, count: 1 }],
+    });
+    await expectStatus(call('POST', `/v0/nodes/${node.id}/approve`, { token: adminToken }), 200);
+    await agentBeat(node, []);
+    return node;
+  }
+
+  const card = (page, name) => page.locator('article.deployment', { has: page.locator('.deploy-name', { hasText: new RegExp(`^${name}$`) }) });
+  const replica = (page, slot) => card(page, NAME).locator(`tr.replica[data-slot="${slot}"]`);
+  const report = (state, extra = {}) => ({ deployment_id: deployment.id, revision: 1, state, restarts: 0, ...extra });
+
+  before(async () => {
+    const started = await startRouter();
+    router = started.child;
+    base = `http://127.0.0.1:${started.port}`;
+    const login = await expectStatus(call('POST', '/v0/auth/login', { body: { username: 'admin', password: ADMIN_PASSWORD } }), 200);
+    adminToken = login.token;
+    await expectStatus(call('POST', '/v0/users', {
+      token: adminToken, body: { username: 'viewer', password: VIEWER_PASSWORD, role: 'viewer' },
+    }), 201);
+    managed.one = await managedNode('gpu-managed-01', '10.30.0.1');
+
+    deployBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    p = await newPage(await deployBrowser.newContext({ viewport: { width: 1440, height: 900 }, locale: 'en-US', colorScheme: 'light' }));
+    await p.addInitScript(() => {
+      window.cspViolations = [];
+      document.addEventListener('securitypolicyviolation', (event) => {
+        window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
+      });
+    });
+  });
+
+  after(async () => {
+    await deployBrowser?.close().catch(() => {});
+    if (router && router.exitCode === null) {
+      const exited = new Promise((resolve) => router.once('exit', resolve));
+      router.kill('SIGTERM');
+      await exited;
+    }
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  });
+
+  test('an administrator creates a deployment from the form; its replica is placed on the managed node', async () => {
+    await signIn(p, 'admin', ADMIN_PASSWORD);
+    await p.click('#nav-deployments');
+    await p.locator('#view-deployments').waitFor();
+    assert.equal(await p.locator('#nav-deployments').getAttribute('aria-current'), 'page');
+    await p.locator('#deploy-empty').waitFor();
+    assert.ok(await p.locator('#deploy-readonly').isHidden());
+
+    assert.ok(await p.locator('#deploy-form').isHidden(), 'the form opens on demand');
+    await p.click('#deploy-new > summary');
+    await p.fill('#deploy-name', NAME);
+    await p.fill('#deploy-model', MODEL);
+    await p.fill('#deploy-source', SOURCE);
+    await p.fill('#deploy-sha256', SHA256.toUpperCase());
+    await p.selectOption('#deploy-runtime', 'llama_cpp');
+    await p.fill('#deploy-args', '  --ctx-size 4096\t--flash-attn ');
+    await p.fill('#deploy-replicas', '1');
+    await p.fill('#deploy-gpu-memory', '');
+    await p.fill('#deploy-tags', '');
+    await p.click('#deploy-create');
+
+    const created = card(p, NAME);
+    await replica(p, 0).locator('.replica-node', { hasText: 'gpu-managed-01' }).waitFor();
+    await replica(p, 0).locator('.badge', { hasText: 'pending' }).waitFor();
+    assert.ok(await p.locator('#deploy-empty').isHidden());
+    assert.equal(await p.inputValue('#deploy-name'), '', 'the form is cleared once created');
+    assert.ok(await p.locator('#deploy-form').isHidden(), 'and closed');
+    deployment = await expectStatus(call('GET', `/v0/deployments/${NAME}`, { token: adminToken }), 200);
+    assert.equal(deployment.model, MODEL);
+    assert.equal(deployment.runtime, 'llama_cpp');
+    assert.equal(deployment.sha256, SHA256);
+    assert.deepEqual(deployment.args, ['--ctx-size', '4096', '--flash-attn'], 'the arguments are split on whitespace');
+    assert.equal(deployment.gpu_memory_bytes, null);
+    assert.equal(await created.getAttribute('data-deployment-id'), deployment.id);
+    assert.equal(await created.locator('.model').textContent(), MODEL);
+    assert.equal(await created.locator('.deploy-runtime').textContent(), 'llama.cpp');
+    assert.equal(await created.locator('.deploy-revision').textContent(), 'revision 1');
+    assert.equal(await created.locator('.deploy-ready').textContent(), '0 / 1 ready');
+    assert.equal(await replica(p, 0).locator('.replica-details').textContent(), deployment.replica_states[0].reason ?? '');
+    assert.match(await created.locator('.deploy-spec').textContent(), /--ctx-size 4096 --flash-attn/);
+  });
+
+  test('the agent\'s heartbeats show the download\'s progress, then the replica ready; a refresh keeps what is typed', async () => {
+    // The operator types in the form meanwhile: the refreshes that show the progress must leave it alone.
+    await p.click('#deploy-new > summary');
+    await p.click('#deploy-name');
+    await p.keyboard.type('half-typed');
+    const assignments = await agentBeat(managed.one, [report('downloading', { bytes_done: 1.5 * GiB, bytes_total: 4 * GiB })]);
+    assert.deepEqual(assignments.map((a) => [a.deployment_id, a.revision, a.model, a.source]), [[deployment.id, 1, MODEL, SOURCE]]);
+    await replica(p, 0).locator('.badge', { hasText: 'downloading' }).waitFor();
+    assert.equal(await replica(p, 0).locator('.replica-download').textContent(), '37% · 1.5 GiB of 4 GiB');
+    const bar = await replica(p, 0).locator('progress').evaluate((node) => [node.value, node.max]);
+    assert.deepEqual(bar, [1.5 * GiB, 4 * GiB]);
+
+    await agentBeat(managed.one, [report('downloading', { bytes_done: 3 * GiB, bytes_total: 4 * GiB })]);
+    await replica(p, 0).locator('.replica-download', { hasText: '75% · 3 GiB of 4 GiB' }).waitFor();
+    await agentBeat(managed.one, [report('ready', {
+      bytes_done: 4 * GiB, bytes_total: 4 * GiB, port: 41001, pid: 4242, download_ms: 5200, start_ms: 1800,
+    })], [MODEL]);
+    await card(p, NAME).locator('.deploy-ready', { hasText: '1 / 1 ready' }).waitFor();
+    await replica(p, 0).locator('.badge', { hasText: 'ready' }).waitFor();
+    assert.equal(await replica(p, 0).locator('.replica-details').textContent(), 'port 41001 · started in 1,800 ms');
+    assert.equal(await replica(p, 0).locator('.replica-download').textContent(), 'in 5,200 ms');
+    assert.equal(await replica(p, 0).locator('.replica-restarts').textContent(), '0');
+
+    assert.equal(await p.evaluate(() => document.activeElement?.id), 'deploy-name', 'the focus stayed in the form');
+    assert.equal(await p.inputValue('#deploy-name'), 'half-typed');
+    await p.fill('#deploy-name', '');
+  });
+
+  test('a bad form shows the router\'s message and creates nothing', async () => {
+    const expected = await expectStatus(call('POST', '/v0/deployments', {
+      token: adminToken, body: { name: 'no-hash', model: 'm', source: 'https://models.example/m.gguf', runtime: 'llama_cpp', replicas: 1 },
+    }), 400);
+    await p.fill('#deploy-name', 'no-hash');
+    await p.fill('#deploy-model', 'm');
+    await p.fill('#deploy-source', 'https://models.example/m.gguf');
+    await p.click('#deploy-create');
+    await p.locator('#deploy-form-error').waitFor();
+    assert.equal(await p.textContent('#deploy-form-error'), expected.error.message);
+    assert.match(expected.error.message, /sha256/);
+    assert.equal(await p.inputValue('#deploy-source'), 'https://models.example/m.gguf', 'what was typed stays to be fixed');
+
+    // A name that is taken: the 409's message.
+    await p.fill('#deploy-name', NAME);
+    await p.fill('#deploy-sha256', SHA256);
+    await p.click('#deploy-create');
+    await p.locator('#deploy-form-error', { hasText: /exists|taken|already/i }).waitFor();
+
+    const { deployments } = await expectStatus(call('GET', '/v0/deployments', { token: adminToken }), 200);
+    assert.deepEqual(deployments.map((d) => d.name), [NAME]);
+    assert.equal(await p.locator('article.deployment').count(), 1);
+    await p.locator('#deploy-form').evaluate((form) => form.reset());
+    assert.ok(await p.locator('#deploy-form-error').isHidden(), 'a reset form shows no error');
+    await p.click('#deploy-new > summary');
+    await p.locator('#deploy-form').waitFor({ state: 'hidden' });
+  });
+
+  test('scale to 2: the second replica waits, pending with the reason, until another node can take it', async () => {
+    const scale = card(p, NAME).locator('.deploy-scale-input');
+    assert.equal(await scale.inputValue(), '1');
+    await scale.fill('2');
+    await card(p, NAME).locator('.act-scale').click();
+    await replica(p, 1).locator('.badge', { hasText: 'pending' }).waitFor();
+    await card(p, NAME).locator('.deploy-ready', { hasText: '1 / 2 ready' }).waitFor();
+    const seen = await expectStatus(call('GET', `/v0/deployments/${NAME}`, { token: adminToken }), 200);
+    assert.equal(seen.replicas, 2);
+    const reason = seen.replica_states[1].reason;
+    assert.match(reason, /no node can take it/);
+    await replica(p, 1).locator('.replica-details', { hasText: reason }).waitFor();
+    assert.equal(await replica(p, 1).locator('.replica-node').textContent(), 'not placed');
+    assert.equal(await scale.inputValue(), '2');
+
+    // A second managed node joins: the replica goes there, and its download shows.
+    managed.two = await managedNode('gpu-managed-02', '10.30.0.2');
+    await replica(p, 1).locator('.replica-node', { hasText: 'gpu-managed-02' }).waitFor();
+    await agentBeat(managed.two, [report('downloading', { bytes_done: 2.5 * GiB, bytes_total: 4 * GiB })]);
+    await replica(p, 1).locator('.replica-download', { hasText: '62% · 2.5 GiB of 4 GiB' }).waitFor();
+    await agentBeat(managed.one, [report('ready', { port: 41001, start_ms: 1800, download_ms: 5200 })], [MODEL]);
+    await screenshot(p, 'deployments.png', { fullPage: true });
+  });
+
+  test('edit: new arguments are revision 2; a new URL without its sha256 is refused with the router\'s message', async () => {
+    const c = card(p, NAME);
+    await c.locator('.act-edit').click();
+    await c.locator('.deploy-edit').waitFor();
+    assert.equal(await c.locator('.edit-args').inputValue(), '--ctx-size 4096 --flash-attn');
+    assert.equal(await c.locator('.edit-source').inputValue(), SOURCE);
+    await c.locator('.edit-args').fill('--ctx-size 8192  --flash-attn');
+    // A refresh while the form is open leaves it as typed.
+    await agentBeat(managed.two, [report('downloading', { bytes_done: 3.5 * GiB, bytes_total: 4 * GiB })]);
+    await replica(p, 1).locator('.replica-download', { hasText: '87%' }).waitFor();
+    assert.equal(await c.locator('.edit-args').inputValue(), '--ctx-size 8192  --flash-attn');
+    await c.locator('.act-save').click();
+    await c.locator('.deploy-revision', { hasText: 'revision 2' }).waitFor();
+    assert.ok(await c.locator('.deploy-edit').isHidden());
+    const changed = await expectStatus(call('GET', `/v0/deployments/${NAME}`, { token: adminToken }), 200);
+    assert.deepEqual(changed.args, ['--ctx-size', '8192', '--flash-attn']);
+    assert.equal(changed.revision, 2);
+    // The ready replica runs revision 1 until the agent rolls it.
+    await replica(p, 0).locator('.replica-details', { hasText: 'runs revision 1' }).waitFor();
+    const assignments = await agentBeat(managed.one, [report('ready', { port: 41001 })], [MODEL]);
+    assert.deepEqual(assignments.map((a) => [a.revision, a.args]), [[2, ['--ctx-size', '8192', '--flash-attn']]]);
+
+    await c.locator('.act-edit').click();
+    await c.locator('.edit-source').fill('https://models.example/qwen2.5-coder-7b-q8_0.gguf');
+    await c.locator('.edit-sha256').fill('');
+    await c.locator('.act-save').click();
+    await c.locator('.deploy-error', { hasText: /sha256/ }).waitFor();
+    assert.equal((await expectStatus(call('GET', `/v0/deployments/${NAME}`, { token: adminToken }), 200)).revision, 2);
+    await c.locator('.edit-sha256').fill('cd'.repeat(32));
+    await c.locator('.act-save').click();
+    await c.locator('.deploy-revision', { hasText: 'revision 3' }).waitFor();
+    assert.ok(await c.locator('.deploy-error').isHidden());
+    const moved = await expectStatus(call('GET', `/v0/deployments/${NAME}`, { token: adminToken }), 200);
+    assert.equal(moved.source, 'https://models.example/qwen2.5-coder-7b-q8_0.gguf');
+    assert.equal(moved.sha256, 'cd'.repeat(32));
+  });
+
+  test('a deployment name with markup is shown as text and runs nothing', async () => {
+    await expectStatus(call('POST', '/v0/deployments', {
+      token: adminToken,
+      body: {
+        name: XSS_NAME, model: '<b>bold</b>', source: 'file:///models/<i>x</i>.gguf', runtime: 'vllm',
+        args: ['<script>alert(3)</script>'], replicas: 0, node_selector: { tags: ['<svg onload=alert(2)>'] },
+      },
+    }), 201);
+    const xss = card(p, XSS_NAME.replace(/[()]/g, '\\$&'));
+    await xss.waitFor();
+    assert.equal(await xss.locator('.deploy-name').textContent(), XSS_NAME);
+    assert.equal(await xss.locator('.model').textContent(), '<b>bold</b>');
+    assert.match(await xss.locator('.deploy-spec').textContent(), /<script>alert\(3\)<\/script>/);
+    assert.equal(await xss.locator('.deploy-ready').textContent(), '0 / 0 ready');
+    assert.equal(await p.locator('#view-deployments img, #view-deployments svg, #view-deployments script, #view-deployments b, #view-deployments i').count(), 0);
+    assert.deepEqual(dialogs, [], 'no dialog fired');
+
+    // Delete asks first, the name as text in the question.
+    await xss.locator('.act-delete').click();
+    await p.locator('#confirm').waitFor();
+    assert.equal(await p.textContent('#confirm-title'), `Delete deployment “${XSS_NAME}”?`);
+    await p.click('#confirm-cancel');
+    await p.locator('#confirm').waitFor({ state: 'hidden' });
+    assert.equal(await xss.count(), 1);
+    await xss.locator('.act-delete').click();
+    await p.click('#confirm-ok');
+    await xss.waitFor({ state: 'detached' });
+    assert.deepEqual((await expectStatus(call('GET', '/v0/deployments', { token: adminToken }), 200)).deployments.map((d) => d.name), [NAME]);
+  });
+
+  test('a viewer sees the deployments and their replicas, but no create, scale, edit or delete controls', async () => {
+    const ctx = await deployBrowser.newContext({ viewport: { width: 1440, height: 900 }, locale: 'en-US' });
+    try {
+      const viewer = await newPage(ctx);
+      await signIn(viewer, 'viewer', VIEWER_PASSWORD);
+      assert.ok(await viewer.locator('#nav-deployments').isVisible());
+      await viewer.click('#nav-deployments');
+      await viewer.locator('tr.replica[data-slot="1"] .replica-node', { hasText: 'gpu-managed-02' }).waitFor();
+      assert.equal(await card(viewer, NAME).locator('.deploy-revision').textContent(), 'revision 3');
+      await viewer.locator('#deploy-readonly').waitFor();
+      assert.ok(await viewer.locator('#deploy-new').isHidden(), 'no create form');
+      assert.equal(await viewer.locator('.act-scale, .act-edit, .act-delete, .deploy-scale-input, .deploy-edit').count(), 0);
+      const refused = await viewer.evaluate(async (id) => {
+        const response = await fetch(`/v0/deployments/${id}`, {
+          method: 'PATCH',
+          credentials: 'same-origin',
+          headers: { 'X-Requested-With': 'llm-router-dashboard', 'Content-Type': 'application/json' },
+          body: JSON.stringify({ replicas: 5 }),
+        });
+        return response.status;
+      }, deployment.id);
+      assert.equal(refused, 403);
+    } finally {
+      await ctx.close();
+    }
+  });
+
+  test('Delete asks for confirmation; confirming removes the deployment and the nodes\' assignments', async () => {
+    const c = card(p, NAME);
+    await c.locator('.act-delete').click();
+    await p.locator('#confirm').waitFor();
+    assert.match(await p.textContent('#confirm-text'), /2 replicas stop/);
+    await p.click('#confirm-ok');
+    await c.waitFor({ state: 'detached' });
+    await p.locator('#deploy-empty').waitFor();
+    await expectStatus(call('GET', `/v0/deployments/${NAME}`, { token: adminToken }), 404);
+    assert.deepEqual(await agentBeat(managed.one, []), []);
+    assert.deepEqual(await agentBeat(managed.two, []), []);
+  });
+
+  test('no page error and no CSP violation happened on the deployments page', async () => {
+    assert.deepEqual(await p.evaluate(() => window.cspViolations), []);
+    assert.deepEqual(problems, []);
+  });
+});

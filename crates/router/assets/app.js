@@ -21,8 +21,8 @@
 //   view shares); filters.js: the fleet's counts, the status filter, the search and the order;
 // - actions.js: approve, cordon and uncordon, delete;
 // - detail.js: the detail view of a node; labels.js: its labels and their edit form;
-// - pages.js: the pages other than the fleet, by address; usage.js (everyone), join-tokens.js and audit.js
-//   (administrators): those pages;
+// - pages.js: the pages other than the fleet, by address; deployments.js and usage.js (everyone), join-tokens.js
+//   and audit.js (administrators): those pages;
 // - charts.js: the usage page's time-series charts, drawn by uPlot (uplot.esm.js, vendored unmodified).
 //
 // The modules import one another in cycles (the table renders the detail view, whose actions reload the table...).
@@ -44,6 +44,7 @@ import './actions.js';
 import './detail.js';
 import './labels.js';
 import './pages.js';
+import './deployments.js';
 import './join-tokens.js';
 import './audit.js';
 import './usage.js';

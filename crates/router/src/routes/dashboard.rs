@@ -31,6 +31,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     asset!("api.js", JS),
     asset!("audit.js", JS),
     asset!("charts.js", JS),
+    asset!("deployments.js", JS),
     asset!("detail.js", JS),
     asset!("dom.js", JS),
     asset!("feedback.js", JS),
