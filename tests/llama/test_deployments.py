@@ -77,10 +77,13 @@ class SteadyClient:
         self._thread.start()
 
     def _run(self) -> None:
+        sent = 0
         while not self._stop.is_set():
+            # Prompts that differ from their first byte: the cache-aware choice spreads them over the replicas.
+            sent += 1
             try:
                 raw = self.client.chat.completions.with_raw_response.create(
-                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
+                    model=MODEL, messages=[{"role": "user", "content": f"{sent} Hi"}], max_tokens=2, temperature=0)
                 raw.parse()
                 self.nodes.add(raw.headers["x-llm-router-node"])
                 self.answered += 1
@@ -105,7 +108,9 @@ def fleet(tmp_path: Path) -> Iterator[dict]:
 
         data = tmp_path / "router"
         data.mkdir()
-        router = Router(data, "--heartbeat-interval-secs", "1")
+        # Heartbeats at the default interval: an agent hears of its assignments by waiting on the router for them,
+        # and reports a replica's change of state early, not at its next heartbeat.
+        router = Router(data)
         started.append(router)
 
         bin_dir = tmp_path / "bin"

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use llm_router_protocol::{
-    ErrorBody, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER,
-    REGISTER_PATH, RegisterRequest, RegisterResponse,
+    ASSIGNMENTS_PATH, AssignmentsAnswer, ErrorBody, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse,
+    JOIN_TOKEN_HEADER, NODE_TOKEN_HEADER, REGISTER_PATH, RegisterRequest, RegisterResponse,
 };
 use reqwest::header::RETRY_AFTER;
 use reqwest::{Client, StatusCode, Url};
@@ -96,6 +96,24 @@ impl RouterClient {
             .post(endpoint(&self.base, HEARTBEAT_PATH.trim_start_matches('/')))
             .header(NODE_TOKEN_HEADER, token)
             .json(request);
+        self.send(call).await
+    }
+
+    /// `GET /v0/assignments`: the node's assignments once they differ from the ones `known` fingerprints, or after
+    /// `wait` with the same ones (SPEC §15).
+    pub async fn assignments(
+        &self,
+        token: &str,
+        known: Option<&str>,
+        wait: Duration,
+    ) -> Result<AssignmentsAnswer, Failure> {
+        let mut url = endpoint(&self.base, ASSIGNMENTS_PATH.trim_start_matches('/'));
+        url.query_pairs_mut().append_pair("wait_secs", &wait.as_secs().to_string());
+        if let Some(known) = known {
+            url.query_pairs_mut().append_pair("known", known);
+        }
+        // The router holds the answer up to `wait`: the call's own bound is that, and the usual one on top.
+        let call = self.http.get(url).header(NODE_TOKEN_HEADER, token).timeout(wait + Duration::from_secs(10));
         self.send(call).await
     }
 

@@ -141,8 +141,11 @@ function updateCard(card, d) {
   card.model.title = `Clients ask for “${d.model}” on /v1`;
   setText(card.runtime, RUNTIMES[d.runtime] ?? d.runtime);
   setText(card.revision, `revision ${d.revision}`);
-  setText(card.ready, `${d.ready_replicas} / ${d.replicas} ready`);
-  const health = d.replicas === 0 ? 'deleted' : d.ready_replicas >= d.replicas ? 'online' : d.ready_replicas > 0 ? 'degraded' : 'pending';
+  // While a change rolls out, the old runtimes serve until the new ones are ready: say so.
+  const rolling = d.serving_replicas > d.ready_replicas ? ` · ${d.serving_replicas} serving` : '';
+  setText(card.ready, `${d.ready_replicas} / ${d.replicas} ready${rolling}`);
+  const serving = Math.max(d.ready_replicas, d.serving_replicas);
+  const health = d.replicas === 0 ? 'deleted' : d.ready_replicas >= d.replicas ? 'online' : serving > 0 ? 'degraded' : 'pending';
   const readyClass = `badge deploy-ready badge-${health}`;
   if (card.ready.className !== readyClass) card.ready.className = readyClass;
   renderKv(card.spec, [

@@ -75,7 +75,8 @@ impl Refusals {
         if let Some(bytes) = deployment.spec.gpu_memory_bytes {
             add(self.memory, format!("with less than {bytes} bytes of GPU memory free"));
         }
-        format!("no node can take it: of {} nodes, {}", self.nodes, parts.join("; "))
+        let nodes = if self.nodes == 1 { "1 node".to_owned() } else { format!("{} nodes", self.nodes) };
+        format!("no node can take it: of {nodes}, {}", parts.join("; "))
     }
 }
 

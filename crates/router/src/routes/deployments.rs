@@ -111,6 +111,9 @@ pub struct DeploymentView {
     updated_at: String,
     /// Replicas ready at the current revision.
     ready_replicas: u32,
+    /// Replicas serving the model, at any revision: while a change rolls out, the old runtime serves until the new
+    /// one is ready.
+    serving_replicas: u32,
     /// One entry per replica, by slot.
     replica_states: Vec<ReplicaView>,
 }
@@ -148,6 +151,7 @@ impl DeploymentView {
         let ready_replicas =
             replicas.iter().filter(|r| r.report.state == ReplicaState::Ready && r.report.revision == revision).count()
                 as u32;
+        let serving_replicas = replicas.iter().filter(|r| r.report.state == ReplicaState::Ready).count() as u32;
         DeploymentView {
             id,
             name,
@@ -165,6 +169,7 @@ impl DeploymentView {
             created_at: rfc3339(created_at),
             updated_at: rfc3339(updated_at),
             ready_replicas,
+            serving_replicas,
             replica_states: replicas.into_iter().map(|replica| ReplicaView::of(state, replica)).collect(),
         }
     }
