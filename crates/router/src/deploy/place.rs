@@ -253,7 +253,7 @@ mod tests {
         let d = deployment(3);
         let nodes = [node(1, 50), node(2, 80)];
         let mut replicas = Vec::new();
-        let changes = plan(&[d.clone()], &replicas, &nodes, 0, 5);
+        let changes = plan(std::slice::from_ref(&d), &replicas, &nodes, 0, 5);
         apply(&mut replicas, changes);
         let placed: Vec<Option<Uuid>> = replicas.iter().map(|r| r.node_id).collect();
         // The most free memory first, then the other; the third has nowhere to go.
@@ -269,20 +269,20 @@ mod tests {
         let d = deployment(1);
         let mut nodes = vec![node(1, 50), node(2, 40)];
         let mut replicas = Vec::new();
-        let changes = plan(&[d.clone()], &replicas, &nodes, 0, 5);
+        let changes = plan(std::slice::from_ref(&d), &replicas, &nodes, 0, 5);
         apply(&mut replicas, changes);
         assert_eq!(replicas[0].node_id, Some(nodes[0].id));
         for status in [NodeStatus::Offline, NodeStatus::Degraded] {
             let mut fleet = nodes.clone();
             fleet[0].status = status;
-            let moved = plan(&[d.clone()], &replicas, &fleet, 0, 9);
+            let moved = plan(std::slice::from_ref(&d), &replicas, &fleet, 0, 9);
             assert_eq!(moved.len(), 1);
             assert_eq!(moved[0].node_id, Some(nodes[1].id), "{status}");
             assert_eq!(moved[0].placed_at, Some(9));
         }
         // Cordoned: it stays where it runs, and nothing new goes there.
         nodes[0].cordoned = true;
-        assert!(plan(&[d.clone()], &replicas, &nodes, 0, 9).is_empty());
+        assert!(plan(std::slice::from_ref(&d), &replicas, &nodes, 0, 9).is_empty());
         let two = Deployment { spec: DeploymentSpec { replicas: 2, ..d.spec.clone() }, ..d };
         let second = plan(&[two], &replicas, &nodes, 0, 9);
         assert_eq!(second[0].node_id, Some(nodes[1].id));
@@ -298,7 +298,7 @@ mod tests {
         let short = node(3, 5);
         let mut unknown = node(4, 0);
         unknown.free_gpu_bytes = None;
-        let changes = plan(&[d.clone()], &[], &[without_runtime, without_tag, short, unknown], 0, 1);
+        let changes = plan(std::slice::from_ref(&d), &[], &[without_runtime, without_tag, short, unknown], 0, 1);
         assert_eq!(changes[0].node_id, None);
         assert_eq!(
             changes[0].report.reason.as_deref(),
