@@ -18,7 +18,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use reqwest::Url;
 use tokio::net::TcpListener;
 
@@ -26,6 +26,9 @@ use crate::runtime::Runtime;
 
 /// The largest request body forwarded: larger ones are answered 413.
 pub const MAX_BODY: usize = 64 << 20;
+
+/// How long a connection may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long `GET /v1/models` waits for the own runtime's list.
 pub const OWN_MODELS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -75,9 +78,13 @@ impl<R: Routes> Forwarder<R> {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(request, peer).await) }
                 });
-                if let Err(e) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-                {
+                // A client that opens a connection and sends nothing holds it for this long at most.
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "forwarding port: connection ended");
                 }
             });

@@ -57,6 +57,8 @@ struct Book {
     replicas: BTreeMap<(Uuid, u32), Replica>,
     /// Each node's assignments, as its heartbeat's answer gives them.
     by_node: HashMap<Uuid, Arc<[Assignment]>>,
+    /// The replicas placed on each node, by (deployment, slot).
+    slots: HashMap<Uuid, Vec<(Uuid, u32)>>,
 }
 
 impl Book {
@@ -65,6 +67,7 @@ impl Book {
             deployments: deployments.into_iter().map(|d| (d.id, d)).collect(),
             replicas: replicas.into_iter().map(|r| ((r.deployment_id, r.slot), r)).collect(),
             by_node: HashMap::new(),
+            slots: HashMap::new(),
         };
         book.index();
         book
@@ -72,14 +75,17 @@ impl Book {
 
     fn index(&mut self) {
         let mut by_node: HashMap<Uuid, Vec<Assignment>> = HashMap::new();
+        let mut slots: HashMap<Uuid, Vec<(Uuid, u32)>> = HashMap::new();
         for replica in self.replicas.values() {
             if let (Some(node), Some(deployment)) = (replica.node_id, self.deployments.get(&replica.deployment_id))
                 && replica.slot < deployment.spec.replicas
             {
                 by_node.entry(node).or_default().push(deployment.assignment());
+                slots.entry(node).or_default().push((replica.deployment_id, replica.slot));
             }
         }
         self.by_node = by_node.into_iter().map(|(node, list)| (node, list.into())).collect();
+        self.slots = slots;
     }
 
     fn set(&mut self, replica: Replica) {
@@ -196,29 +202,40 @@ impl Deployments {
     }
 
     /// Takes what node `node` reports of its replicas: the state of each replica placed there, written behind when
-    /// it changed.
+    /// it changed. A heartbeat that changes nothing takes only the read lock.
     pub fn report(&self, node: Uuid, reports: &[ReplicaReport]) {
         let now = self.clock.now_ms();
-        let mut book = self.write();
-        let placed: Vec<(Uuid, u32)> =
-            book.replicas.values().filter(|r| r.node_id == Some(node)).map(|r| (r.deployment_id, r.slot)).collect();
-        let mut changed = Vec::new();
-        for key in placed {
-            let Some(revision) = book.deployments.get(&key.0).map(|d| d.revision) else { continue };
-            let Some(replica) = book.replicas.get(&key) else { continue };
-            let next = status_of(&replica.report, revision, reports.iter().filter(|r| r.deployment_id == key.0), now);
-            if !next.same_as(&replica.report) || next.ready_at != replica.report.ready_at {
-                let replica = Replica { report: next, ..replica.clone() };
-                changed.push(replica.clone());
-                book.set(replica);
+        let changed: Vec<Replica> = {
+            let book = self.read();
+            let Some(slots) = book.slots.get(&node) else { return };
+            slots
+                .iter()
+                .filter_map(|key| {
+                    let revision = book.deployments.get(&key.0)?.revision;
+                    let replica = book.replicas.get(key)?;
+                    let mine = reports.iter().filter(|r| r.deployment_id == key.0);
+                    let next = status_of(&replica.report, revision, mine, now);
+                    let same = next.same_as(&replica.report) && next.ready_at == replica.report.ready_at;
+                    (!same).then(|| Replica { report: next, ..replica.clone() })
+                })
+                .collect()
+        };
+        if changed.is_empty() {
+            return;
+        }
+        {
+            let mut book = self.write();
+            for replica in &changed {
+                // Still placed as it was read: a placement in between wins.
+                let current = book.replicas.get(&(replica.deployment_id, replica.slot));
+                if current.is_some_and(|c| c.node_id == replica.node_id && c.placed_at == replica.placed_at) {
+                    book.set(replica.clone());
+                }
             }
         }
-        drop(book);
-        if !changed.is_empty() {
-            let mut unwritten = self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for replica in changed {
-                unwritten.insert((replica.deployment_id, replica.slot), replica);
-            }
+        let mut unwritten = self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for replica in changed {
+            unwritten.insert((replica.deployment_id, replica.slot), replica);
         }
     }
 
