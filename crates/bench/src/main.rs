@@ -13,6 +13,7 @@ mod http;
 mod limits;
 mod logins;
 mod openloop;
+mod placement;
 mod postgres;
 mod probe;
 mod procfs;
@@ -73,10 +74,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
-    // The two modes that work on a data directory or a router of the caller's, without starting one.
+    // The modes that work on a data directory or a router of the caller's, or on the library alone, without
+    // starting one.
     match &cli.mode {
         Mode::Seed(args) => {
             return runtime(&cli)?.block_on(async { output(cli.json, &seed::run(args).await?, seed::print) });
+        }
+        Mode::Placement(args) => {
+            return output(cli.json, &placement::run(args)?, placement::print);
         }
         Mode::Pulse(args) => {
             return runtime(&cli)?
@@ -108,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Mode::Bodies(args) => output(cli.json, &bodies::run(&spec, args).await?, bodies::print),
             Mode::Usage(args) => output(cli.json, &usage::run(&spec, args).await?, usage::print),
             Mode::Limits(args) => output(cli.json, &limits::run(&spec, args).await?, limits::print),
-            Mode::Seed(_) | Mode::Pulse(_) => unreachable!("handled before a router is set up"),
+            Mode::Seed(_) | Mode::Pulse(_) | Mode::Placement(_) => unreachable!("handled before a router is set up"),
         }
     });
     if cli.keep_data {

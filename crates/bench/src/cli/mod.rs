@@ -79,12 +79,34 @@ pub enum Mode {
     /// One API key's `requests_per_minute` held by several routers sharing a PostgreSQL database (or one on SQLite),
     /// offered 2-3 times the limit: requests admitted and refused per calendar minute, against SPEC §14's bound.
     Limits(LimitsArgs),
+    /// The placer's decision of deployments (SPEC §15) at fleet scale, on the router library alone: the first pass,
+    /// a pass that changes nothing, a pass after failures.
+    Placement(PlacementArgs),
     /// Write a fleet of approved nodes with heartbeat figures (and one in 1000 pending) into a data directory, for a
     /// router to be started on later. Node i's id and token are derived from i, for `bench pulse`.
     Seed(SeedArgs),
     /// Heartbeat as every node of a fleet written by `bench seed`, to a router already running on it: one heartbeat
     /// per node per interval, spread evenly, with figures that change from one to the next.
     Pulse(PulseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlacementArgs {
+    /// Nodes in the fleet, all approved.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
+    pub nodes: usize,
+    /// Of those, nodes whose agents run `--manage-runtimes`.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000).map(|n| n as usize))]
+    pub managed: usize,
+    /// Deployments.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub deployments: usize,
+    /// Replicas of each.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub replicas: u32,
+    /// Times to measure each pass; the medians are reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000).map(|n| n as usize))]
+    pub runs: usize,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -46,7 +46,7 @@ fn has_tags(tags: &[String], wanted: &[String]) -> bool {
 }
 
 /// Why candidates could not take a replica, counted.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Refusals {
     nodes: usize,
     runtime: usize,
@@ -90,19 +90,22 @@ pub fn plan(
     others: usize,
     now: Millis,
 ) -> Vec<Replica> {
-    let by_id: HashMap<Uuid, &Candidate> = nodes.iter().map(|node| (node.id, node)).collect();
-    let mut current: HashMap<(Uuid, u32), &Replica> = HashMap::new();
-    // What placement adds up per node as it goes: replicas of any deployment, memory reserved by replicas that do
-    // not use it yet.
-    let mut load: HashMap<Uuid, usize> = HashMap::new();
-    let mut reserved: HashMap<Uuid, u64> = HashMap::new();
+    // Per node, by its position in `nodes`: what placement adds up as it goes (replicas of any deployment, memory
+    // reserved by replicas that do not use it yet), and the last deployment that has a replica there.
+    let position: HashMap<Uuid, usize> = nodes.iter().enumerate().map(|(i, node)| (node.id, i)).collect();
+    let mut load = vec![0usize; nodes.len()];
+    let mut reserved = vec![0u64; nodes.len()];
+    let mut used_by = vec![usize::MAX; nodes.len()];
+    let mut current: HashMap<(Uuid, u32), &Replica> = HashMap::with_capacity(replicas.len());
     let specs: HashMap<Uuid, &Deployment> = deployments.iter().map(|d| (d.id, d)).collect();
     for replica in replicas {
         current.insert((replica.deployment_id, replica.slot), replica);
-        if let (Some(node), Some(deployment)) = (replica.node_id, specs.get(&replica.deployment_id)) {
-            *load.entry(node).or_default() += 1;
+        if let (Some(&at), Some(deployment)) =
+            (replica.node_id.and_then(|node| position.get(&node)), specs.get(&replica.deployment_id))
+        {
+            load[at] += 1;
             if matches!(replica.report.state, ReplicaState::Pending | ReplicaState::Downloading) {
-                *reserved.entry(node).or_default() += deployment.spec.gpu_memory_bytes.unwrap_or(0);
+                reserved[at] += deployment.spec.gpu_memory_bytes.unwrap_or(0);
             }
         }
     }
@@ -110,71 +113,76 @@ pub fn plan(
     let mut changes = Vec::new();
     let mut ordered: Vec<&Deployment> = deployments.iter().collect();
     ordered.sort_by_key(|d| (d.created_at, d.id));
-    for deployment in ordered {
-        let slots = deployment.spec.replicas;
-        // Nodes this deployment keeps a replica on.
-        let mut used: Vec<Uuid> = Vec::new();
+    for (turn, deployment) in ordered.into_iter().enumerate() {
         let mut to_place = Vec::new();
-        for slot in 0..slots {
+        for slot in 0..deployment.spec.replicas {
             let replica = current.get(&(deployment.id, slot));
-            let kept = replica.and_then(|r| r.node_id).filter(|node| {
-                !used.contains(node) && by_id.get(node).is_some_and(|candidate| candidate.keeps(deployment))
-            });
+            let at = replica.and_then(|r| r.node_id).and_then(|node| position.get(&node).copied());
+            let kept = at.filter(|&at| used_by[at] != turn && nodes[at].keeps(deployment));
             match kept {
-                Some(node) => used.push(node),
+                Some(at) => used_by[at] = turn,
                 None => {
-                    if let Some(node) = replica.and_then(|r| r.node_id) {
-                        // It leaves its node: the node no longer counts it.
-                        if let Some(count) = load.get_mut(&node) {
-                            *count = count.saturating_sub(1);
-                        }
+                    // It leaves its node: the node no longer counts it.
+                    if let Some(at) = at {
+                        load[at] = load[at].saturating_sub(1);
                     }
                     to_place.push(slot);
                 }
             }
         }
-        for slot in to_place {
-            let mut refusals = Refusals { nodes: others, runtime: others, ..Refusals::default() };
-            let memory = deployment.spec.gpu_memory_bytes;
-            let mut best: Option<(&Candidate, usize, u64)> = None;
-            for node in nodes {
-                refusals.nodes += 1;
-                let free = node.free_gpu_bytes.map(|free| free.saturating_sub(*reserved.get(&node.id).unwrap_or(&0)));
+        if to_place.is_empty() {
+            continue;
+        }
+        // What does not change from one slot to the next, decided once: the nodes that may take a replica of this
+        // deployment at all, and why the others may not.
+        let mut fixed = Refusals { nodes: others + nodes.len(), runtime: others, ..Refusals::default() };
+        let eligible: Vec<usize> = (0..nodes.len())
+            .filter(|&at| {
+                let node = &nodes[at];
                 if !node.runtimes.contains(&deployment.spec.runtime) {
-                    refusals.runtime += 1;
+                    fixed.runtime += 1;
                 } else if node.cordoned || !matches!(node.status, NodeStatus::Online | NodeStatus::Registering) {
-                    refusals.unschedulable += 1;
+                    fixed.unschedulable += 1;
                 } else if !has_tags(&node.tags, &deployment.spec.selector_tags) {
-                    refusals.tags += 1;
-                } else if used.contains(&node.id) {
+                    fixed.tags += 1;
+                } else {
+                    return true;
+                }
+                false
+            })
+            .collect();
+        let memory = deployment.spec.gpu_memory_bytes;
+        for slot in to_place {
+            let mut refusals = Refusals { taken: 0, memory: 0, ..fixed };
+            // The fewest replicas, then the most free memory, then the lowest id.
+            let mut best: Option<(usize, usize, u64)> = None;
+            for &at in &eligible {
+                let free = nodes[at].free_gpu_bytes.map(|free| free.saturating_sub(reserved[at]));
+                if used_by[at] == turn {
                     refusals.taken += 1;
                 } else if memory.is_some_and(|needed| free.is_none_or(|free| free < needed)) {
                     refusals.memory += 1;
                 } else {
-                    let count = *load.get(&node.id).unwrap_or(&0);
                     let free = free.unwrap_or(0);
-                    let better = match best {
-                        None => true,
-                        Some((other, other_count, other_free)) => {
-                            (count, std::cmp::Reverse(free), node.id)
-                                < (other_count, std::cmp::Reverse(other_free), other.id)
-                        }
-                    };
+                    let better = best.is_none_or(|(other, other_load, other_free)| {
+                        (load[at], std::cmp::Reverse(free), nodes[at].id)
+                            < (other_load, std::cmp::Reverse(other_free), nodes[other].id)
+                    });
                     if better {
-                        best = Some((node, count, free));
+                        best = Some((at, load[at], free));
                     }
                 }
             }
             let previous = current.get(&(deployment.id, slot)).copied();
             let next = match best {
-                Some((node, _, _)) => {
-                    used.push(node.id);
-                    *load.entry(node.id).or_default() += 1;
-                    *reserved.entry(node.id).or_default() += memory.unwrap_or(0);
+                Some((at, _, _)) => {
+                    used_by[at] = turn;
+                    load[at] += 1;
+                    reserved[at] += memory.unwrap_or(0);
                     Replica {
                         deployment_id: deployment.id,
                         slot,
-                        node_id: Some(node.id),
+                        node_id: Some(nodes[at].id),
                         placed_at: Some(now),
                         report: ReplicaStatus::pending(AWAITING_AGENT, now),
                     }
