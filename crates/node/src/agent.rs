@@ -55,6 +55,8 @@ pub struct Agent {
     gpus: GpuProbe,
     host: HostMetrics,
     runtime_load: LoadProbe,
+    /// The ready replicas' runtimes and their load probes, by local port.
+    replica_load: std::collections::HashMap<u16, (Runtime, LoadProbe)>,
     store: IdentityStore,
     /// A uniform random number in `[0, 1)`, for jitter.
     jitter: fn() -> f64,
@@ -90,6 +92,7 @@ impl Agent {
             gpus,
             host: HostMetrics::new(),
             runtime_load: LoadProbe::new(),
+            replica_load: std::collections::HashMap::new(),
             store,
             jitter: random_unit,
             last_gpus: first_sample,

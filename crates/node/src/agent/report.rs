@@ -2,13 +2,15 @@
 //! revealed) and each heartbeat's figures (host, GPUs, the runtime's models and its own load), logging only what
 //! changed.
 
-use llm_router_protocol::{HeartbeatRequest, RegisterRequest};
+use llm_router_protocol::{HeartbeatRequest, RegisterRequest, RuntimeLoad};
 use sysinfo::System;
 
 use super::Agent;
 use crate::config::Config;
 use crate::gpu::{self, GpuSample};
 use crate::identity::Identity;
+use crate::runtime::Runtime;
+use crate::runtime::load::{LoadProbe, combine};
 
 /// CPU and memory use of the machine.
 pub struct HostMetrics {
@@ -103,10 +105,11 @@ impl Agent {
             deployments.reports()
         });
         // A runtime that did not answer for its models is not asked for its metrics: that would only add a timeout.
-        let load = match self.runtime_state {
+        let own = match self.runtime_state {
             Some(Ok(_)) => self.runtime_load.sample(&self.runtime).await,
             _ => None,
         };
+        let load = combine(own.into_iter().chain(self.replica_loads().await));
         HeartbeatRequest {
             node_id: identity.node_id,
             cpu_usage,
@@ -118,6 +121,27 @@ impl Agent {
             load,
             replicas,
         }
+    }
+
+    /// The load of each ready replica's runtime that reports one (SPEC §13): the node's requests are theirs too.
+    async fn replica_loads(&mut self) -> Vec<RuntimeLoad> {
+        let Some(deployments) = &self.deployments else { return Vec::new() };
+        let ports = deployments.ready_ports();
+        self.replica_load.retain(|port, _| ports.contains(port));
+        let mut loads = Vec::new();
+        for port in ports {
+            if !self.replica_load.contains_key(&port) {
+                let Ok(url) = reqwest::Url::parse(&format!("http://127.0.0.1:{port}")) else { continue };
+                let Ok(runtime) = Runtime::new(url, self.config.runtime_timeout) else { continue };
+                self.replica_load.insert(port, (runtime, LoadProbe::new()));
+            }
+            if let Some((runtime, probe)) = self.replica_load.get_mut(&port)
+                && let Some(load) = probe.sample(runtime).await
+            {
+                loads.push(load);
+            }
+        }
+        loads
     }
 
     /// The GPUs now, or the last known ones if they cannot be read this time.

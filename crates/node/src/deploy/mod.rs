@@ -184,6 +184,18 @@ impl Deployments {
         models
     }
 
+    /// The local ports of the ready replicas, for their load.
+    pub fn ready_ports(&self) -> Vec<u16> {
+        self.state()
+            .replicas
+            .values()
+            .filter_map(|r| {
+                let status = r.status.lock().unwrap_or_else(|e| e.into_inner());
+                (status.state == ReplicaState::Ready).then_some(status.port).flatten()
+            })
+            .collect()
+    }
+
     /// The local port of the ready replica serving `model`, the newest revision's when several do.
     pub fn port_for(&self, model: &str) -> Option<u16> {
         self.state().replicas.values().rev().filter(|r| r.assignment.model == model).find_map(|r| {

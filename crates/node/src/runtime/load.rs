@@ -240,6 +240,30 @@ enum Outcome {
     Unreadable,
 }
 
+/// The load of several runtimes of one node as one: requests running and waiting summed, the fullest KV cache.
+/// `None` when none of them reported a load.
+pub fn combine(loads: impl IntoIterator<Item = RuntimeLoad>) -> Option<RuntimeLoad> {
+    let mut all: Option<RuntimeLoad> = None;
+    for load in loads {
+        let sum = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.saturating_add(b)),
+            (a, b) => a.or(b),
+        };
+        all = Some(match all {
+            None => load,
+            Some(so_far) => RuntimeLoad {
+                running: sum(so_far.running, load.running),
+                waiting: sum(so_far.waiting, load.waiting),
+                kv_cache_usage: match (so_far.kv_cache_usage, load.kv_cache_usage) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                },
+            },
+        });
+    }
+    all
+}
+
 /// Reads the runtime's load at each heartbeat, leaving a runtime that serves no `/metrics` alone for a while.
 #[derive(Debug)]
 pub struct LoadProbe {
@@ -317,6 +341,19 @@ impl Default for LoadProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loads_of_a_node_s_runtimes_add_up_and_the_fullest_cache_counts() {
+        let a = RuntimeLoad { running: Some(3), waiting: Some(1), kv_cache_usage: Some(0.25) };
+        let b = RuntimeLoad { running: Some(2), waiting: None, kv_cache_usage: Some(0.75) };
+        let c = RuntimeLoad { running: None, waiting: Some(4), kv_cache_usage: None };
+        assert_eq!(
+            combine([a, b, c]),
+            Some(RuntimeLoad { running: Some(5), waiting: Some(5), kv_cache_usage: Some(0.75) })
+        );
+        assert_eq!(combine([a]), Some(a));
+        assert_eq!(combine([]), None);
+    }
     use proptest::prelude::*;
     use std::io::{Read, Write};
     use std::net::TcpListener;
