@@ -144,8 +144,10 @@ impl Meter {
 
 impl Drop for Meter {
     fn drop(&mut self) {
+        // A stream whose end marker passed is whole, even if the client closed before the runtime's last byte.
+        let whole = self.ended || matches!(&self.scan, Scan::Stream(scan) if scan.done());
         let status = match self.status {
-            Some(status) if self.ended || self.node.is_none() => status,
+            Some(status) if whole || self.node.is_none() => status,
             // An answer whose body never reached its end: the client left.
             Some(_) | None => CLIENT_LEFT,
         };

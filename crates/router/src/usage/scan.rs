@@ -115,6 +115,8 @@ pub struct StreamScan {
     /// Part of the current event was passed on already (it grew past [`MAX_LINE`]): it cannot be left out.
     released: bool,
     tokens: Option<Tokens>,
+    /// The stream's end marker (`data: [DONE]`) passed: the client has the whole answer.
+    done: bool,
 }
 
 /// An event of a stream: its usage, and whether it carries nothing else (no choices).
@@ -135,11 +137,17 @@ impl StreamScan {
             drop_event: false,
             released: false,
             tokens: None,
+            done: false,
         }
     }
 
     pub fn tokens(&self) -> Option<Tokens> {
         self.tokens
+    }
+
+    /// Whether the stream's end marker (`data: [DONE]`) was read.
+    pub fn done(&self) -> bool {
+        self.done
     }
 
     /// Whether this stream is passed on event by event, without what the router added.
@@ -201,6 +209,7 @@ impl StreamScan {
         let blank = text.is_empty();
         if let Some(data) = text.strip_prefix(b"data:") {
             let data = data.trim_ascii();
+            self.done |= data == b"[DONE]";
             if data.windows(7).any(|w| w == b"\"usage\"")
                 && let Ok(chunk) = serde_json::from_slice::<Chunk>(data)
             {
@@ -280,9 +289,15 @@ mod tests {
         for cut in [1, 3, 17, ASKED.len()] {
             let mut scan = StreamScan::new(false);
             let mut out = Vec::new();
-            for piece in ASKED.as_bytes().chunks(cut) {
+            let (events, marker) = ASKED.split_at(ASKED.find("data: [DONE]").expect("marker"));
+            for piece in events.as_bytes().chunks(cut) {
                 scan.feed(piece, &mut out);
             }
+            assert!(!scan.done(), "no end marker yet (cut {cut})");
+            for piece in marker.as_bytes().chunks(cut) {
+                scan.feed(piece, &mut out);
+            }
+            assert!(scan.done(), "the end marker was read: the client has the whole answer");
             scan.finish(&mut out);
             assert!(out.is_empty(), "unstripped streams pass chunk by chunk, not through the scan");
             assert_eq!(scan.tokens(), Some(Tokens { prompt: 7, completion: 2 }), "cut {cut}");
