@@ -5,6 +5,7 @@
 // A refresh updates the page in place: each deployment's card is built once and its figures set as text, so a field
 // being typed in keeps its focus and its text, and an open edit form is left as the operator has it.
 
+import { refresher } from './refresh.js';
 import { $, el, rebuild, renderKv, setText } from './dom.js';
 import { formatBytes, formatMs, formatTime, plural } from './format.js';
 import { api, ApiError, Unreachable } from './api.js';
@@ -19,9 +20,10 @@ const GiB = 1024 ** 3;
 const STATE_BADGES = { pending: 'pending', downloading: 'registering', starting: 'registering', ready: 'online', failed: 'offline' };
 const RUNTIMES = { llama_cpp: 'llama.cpp', vllm: 'vLLM' };
 
-const deploy = { timer: null, loads: 0, session: null, cards: new Map() };
+const deploy = { loads: 0, session: null, cards: new Map() };
 
 const shown = () => Boolean(state.user) && !$('view-deployments').hidden;
+const refresh = refresher(() => load(), shown, REFRESH_MS);
 
 /** The page is shown: the deployments now, and every REFRESH_MS while it stays shown. */
 export function showDeployments() {
@@ -38,27 +40,13 @@ export function showDeployments() {
   $('deploy-new').hidden = !isAdmin();
   $('deploy-readonly').hidden = isAdmin();
   load();
-  schedule();
+  refresh.start();
 }
 
 /** The page is left: no more requests for it. */
 export function hideDeployments() {
-  clearTimeout(deploy.timer);
-  deploy.timer = null;
+  refresh.stop();
 }
-
-function schedule() {
-  clearTimeout(deploy.timer);
-  deploy.timer = setTimeout(async () => {
-    if (!shown()) return;
-    if (!document.hidden) await load();
-    if (shown()) schedule();
-  }, REFRESH_MS);
-}
-
-document.addEventListener('visibilitychange', () => {
-  if (!document.hidden && shown()) load();
-});
 
 async function load() {
   const order = ++deploy.loads;

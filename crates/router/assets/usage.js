@@ -3,6 +3,7 @@
 // and each API key's limits with what it used of them. Refreshed every 15 s while the page is shown and the tab is
 // visible, and not at all otherwise.
 
+import { refresher } from './refresh.js';
 import { $, el, rebuild, setText, setTitle, toggleClass } from './dom.js';
 import { formatCount, formatMs, formatRate, formatTime } from './format.js';
 import { api, ApiError, serverNow, Unreachable } from './api.js';
@@ -37,7 +38,7 @@ const LIMITS = [
   ['tokens_per_month', 'tokens_this_month', 'tokens this month'],
 ];
 
-const usage = { period: 'day', split: 'principal', timer: null, loads: 0, session: null, charts: null };
+const usage = { period: 'day', split: 'principal', loads: 0, session: null, charts: null };
 
 const timeOf = {
   minute: new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' }),
@@ -62,6 +63,7 @@ function charts() {
 }
 
 const shown = () => Boolean(state.user) && !$('view-usage').hidden;
+const refresh = refresher(() => load(), shown, REFRESH_MS);
 
 /** The page is shown: its figures now, and every REFRESH_MS while it stays shown. */
 export function showUsage() {
@@ -75,27 +77,13 @@ export function showUsage() {
   }
   renderPickers();
   load();
-  schedule();
+  refresh.start();
 }
 
 /** The page is left: no more requests for it. */
 export function hideUsage() {
-  clearTimeout(usage.timer);
-  usage.timer = null;
+  refresh.stop();
 }
-
-function schedule() {
-  clearTimeout(usage.timer);
-  usage.timer = setTimeout(async () => {
-    if (!shown()) return;
-    if (!document.hidden) await load();
-    if (shown()) schedule();
-  }, REFRESH_MS);
-}
-
-document.addEventListener('visibilitychange', () => {
-  if (!document.hidden && shown()) load();
-});
 
 function renderPickers() {
   for (const button of $('usage-period').querySelectorAll('[data-period]')) {

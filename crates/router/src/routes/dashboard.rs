@@ -42,6 +42,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     asset!("labels.js", JS),
     asset!("live.js", JS),
     asset!("pages.js", JS),
+    asset!("refresh.js", JS),
     asset!("rows.js", JS),
     asset!("session.js", JS),
     asset!("state.js", JS),

@@ -17,7 +17,7 @@ use crate::deploy::DeploymentState;
 use crate::error::{ApiResult, bad_request, not_found};
 use crate::model::deployment::{Deployment, DeploymentSpec, Replica};
 use crate::state::AppState;
-use crate::validate::{self, SpecFields};
+use crate::validate;
 
 /// Where replicas may go: nodes with every one of these tags.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -268,7 +268,7 @@ pub async fn create(
         if Uuid::parse_str(&name).is_ok() {
             return Err(bad_request("`name` must not be a UUID: deployments are found by id or by name."));
         }
-        let spec = validate::deployment(SpecFields {
+        let spec = validate::deployment(DeploymentSpec {
             model: body.model,
             source: body.source,
             sha256: body.sha256,
@@ -342,7 +342,7 @@ pub async fn update(
 /// The spec after `change`, checked whole.
 fn next_spec(current: &DeploymentSpec, change: UpdateDeployment) -> ApiResult<DeploymentSpec> {
     let new_source = change.source.is_some();
-    let fields = SpecFields {
+    let fields = DeploymentSpec {
         model: change.model.unwrap_or_else(|| current.model.clone()),
         source: change.source.unwrap_or_else(|| current.source.clone()),
         // A new source comes with its own hash, or none (a file on the node).

@@ -1,6 +1,6 @@
 //! Checks on a deployment an administrator asks for (SPEC §15), and on what an agent reports of its replicas.
 
-use llm_router_protocol::{ReplicaReport, RuntimeKind};
+use llm_router_protocol::ReplicaReport;
 
 use super::{Checked, MAX_MEMORY_BYTES, Text, bad_request, item, list, text};
 use crate::model::deployment::DeploymentSpec;
@@ -18,22 +18,9 @@ pub const MAX_REASON_CHARS: usize = 1_000;
 /// Highest `max_concurrency` of a deployment.
 pub const MAX_CONCURRENCY: u32 = 100_000;
 
-/// A deployment's fields as the API receives them.
-#[derive(Debug, Clone)]
-pub struct SpecFields {
-    pub model: String,
-    pub source: String,
-    pub sha256: Option<String>,
-    pub runtime: RuntimeKind,
-    pub args: Vec<String>,
-    pub replicas: u32,
-    pub gpu_memory_bytes: Option<u64>,
-    pub selector_tags: Vec<String>,
-    pub max_concurrency: Option<u32>,
-}
-
-/// A valid deployment spec, or 400 naming the field.
-pub fn deployment(fields: SpecFields) -> Checked<DeploymentSpec> {
+/// A deployment's fields as the API received them, checked and normalised (trimmed source, lowercase hash), or 400
+/// naming the field.
+pub fn deployment(fields: DeploymentSpec) -> Checked<DeploymentSpec> {
     let model = item("model", fields.model)?;
     let source = fields.source.trim().to_owned();
     if source.chars().count() > MAX_SOURCE_CHARS {
@@ -135,9 +122,10 @@ pub fn replica_reports(reports: Vec<ReplicaReport>) -> Checked<Vec<ReplicaReport
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llm_router_protocol::RuntimeKind;
 
-    fn fields() -> SpecFields {
-        SpecFields {
+    fn fields() -> DeploymentSpec {
+        DeploymentSpec {
             model: "tiny".into(),
             source: "https://models.example/tiny.gguf".into(),
             sha256: Some("AB".repeat(32)),
@@ -154,24 +142,24 @@ mod tests {
     fn a_url_needs_its_sha256_and_a_file_does_not() {
         let spec = deployment(fields()).expect("valid");
         assert_eq!(spec.sha256.as_deref(), Some("ab".repeat(32).as_str()));
-        let err = deployment(SpecFields { sha256: None, ..fields() }).expect_err("no hash");
+        let err = deployment(DeploymentSpec { sha256: None, ..fields() }).expect_err("no hash");
         assert!(err.to_string().contains("`sha256` is required"), "{err}");
-        assert!(deployment(SpecFields { sha256: None, source: "file:///m/tiny.gguf".into(), ..fields() }).is_ok());
+        assert!(deployment(DeploymentSpec { sha256: None, source: "file:///m/tiny.gguf".into(), ..fields() }).is_ok());
         for bad in ["file://relative", "ftp://x/y", "https:///nohost", "", "/models/x.gguf"] {
-            assert!(deployment(SpecFields { source: bad.into(), ..fields() }).is_err(), "{bad}");
+            assert!(deployment(DeploymentSpec { source: bad.into(), ..fields() }).is_err(), "{bad}");
         }
-        assert!(deployment(SpecFields { sha256: Some("xyz".into()), ..fields() }).is_err());
+        assert!(deployment(DeploymentSpec { sha256: Some("xyz".into()), ..fields() }).is_err());
     }
 
     #[test]
     fn numbers_and_args_are_bounded() {
-        assert!(deployment(SpecFields { replicas: MAX_REPLICAS + 1, ..fields() }).is_err());
-        assert!(deployment(SpecFields { replicas: 0, ..fields() }).is_ok());
-        assert!(deployment(SpecFields { gpu_memory_bytes: Some(0), ..fields() }).is_err());
-        assert!(deployment(SpecFields { max_concurrency: Some(0), ..fields() }).is_err());
-        assert!(deployment(SpecFields { args: vec!["a\u{0}b".into()], ..fields() }).is_err());
-        assert!(deployment(SpecFields { model: " ".into(), ..fields() }).is_err());
-        let err = deployment(SpecFields { selector_tags: vec!["".into()], ..fields() }).expect_err("blank tag");
+        assert!(deployment(DeploymentSpec { replicas: MAX_REPLICAS + 1, ..fields() }).is_err());
+        assert!(deployment(DeploymentSpec { replicas: 0, ..fields() }).is_ok());
+        assert!(deployment(DeploymentSpec { gpu_memory_bytes: Some(0), ..fields() }).is_err());
+        assert!(deployment(DeploymentSpec { max_concurrency: Some(0), ..fields() }).is_err());
+        assert!(deployment(DeploymentSpec { args: vec!["a\u{0}b".into()], ..fields() }).is_err());
+        assert!(deployment(DeploymentSpec { model: " ".into(), ..fields() }).is_err());
+        let err = deployment(DeploymentSpec { selector_tags: vec!["".into()], ..fields() }).expect_err("blank tag");
         assert!(err.to_string().contains("node_selector.tags[0]"), "{err}");
     }
 }

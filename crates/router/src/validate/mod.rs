@@ -12,7 +12,7 @@
 mod deployment;
 mod node;
 
-pub use deployment::{MAX_REPLICAS, SpecFields, deployment, replica_reports};
+pub use deployment::{MAX_REPLICAS, deployment, replica_reports};
 pub use node::{heartbeat, registration};
 
 use crate::model::tenant::{Limits, MAX_LIMIT, MAX_WEIGHT};
