@@ -82,6 +82,18 @@ async function startRouter(extraArgs = []) {
 }
 
 /** One API call; answers `{ status, body }`. */
+/** Stops a router started by `startRouter` (SIGTERM, SIGKILL after 5 s) and removes its data directory. */
+async function stopRouter(router, dataDir) {
+  if (router && router.exitCode === null) {
+    const exited = new Promise((resolve) => router.once('exit', resolve));
+    router.kill('SIGTERM');
+    const timer = setTimeout(() => router.kill('SIGKILL'), 5_000);
+    await exited;
+    clearTimeout(timer);
+  }
+  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+}
+
 async function call(method, urlPath, { token, nodeToken, body } = {}) {
   const headers = { Accept: 'application/json' };
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -258,14 +270,7 @@ describe('dashboard', { timeout: 120_000 }, () => {
 
   after(async () => {
     await browser?.close().catch(() => {});
-    if (router && router.exitCode === null) {
-      const exited = new Promise((resolve) => router.once('exit', resolve));
-      router.kill('SIGTERM');
-      const timer = setTimeout(() => router.kill('SIGKILL'), 5_000);
-      await exited;
-      clearTimeout(timer);
-    }
-    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+    await stopRouter(router, dataDir);
   });
 
   test('the page is served with a strict CSP and contains no way to inject markup', async () => {
@@ -851,12 +856,7 @@ describe('dashboard: a mass silence', { timeout: 60_000 }, () => {
 
   after(async () => {
     await silenceBrowser?.close().catch(() => {});
-    if (router && router.exitCode === null) {
-      const exited = new Promise((resolve) => router.once('exit', resolve));
-      router.kill('SIGTERM');
-      await exited;
-    }
-    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+    await stopRouter(router, dataDir);
   });
 
   /** Heartbeats every node of this fleet together. */
@@ -949,12 +949,7 @@ describe('dashboard: a fleet larger than the screen', { timeout: 120_000 }, () =
 
   after(async () => {
     await bigBrowser?.close().catch(() => {});
-    if (router && router.exitCode === null) {
-      const exited = new Promise((resolve) => router.once('exit', resolve));
-      router.kill('SIGTERM');
-      await exited;
-    }
-    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+    await stopRouter(router, dataDir);
   });
 
   const rowCount = () => p.locator('#node-rows tr.node-row').count();
@@ -1158,12 +1153,7 @@ describe('dashboard: usage', { timeout: 120_000 }, () => {
   after(async () => {
     await usageBrowser?.close().catch(() => {});
     runtime?.close();
-    if (router && router.exitCode === null) {
-      const exited = new Promise((resolve) => router.once('exit', resolve));
-      router.kill('SIGTERM');
-      await exited;
-    }
-    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+    await stopRouter(router, dataDir);
   });
 
   test('an administrator sees requests, errors and tokens by key, the top consumers, the limits and the last hour', async () => {
@@ -1343,12 +1333,7 @@ describe('dashboard: deployments', { timeout: 120_000 }, () => {
 
   after(async () => {
     await deployBrowser?.close().catch(() => {});
-    if (router && router.exitCode === null) {
-      const exited = new Promise((resolve) => router.once('exit', resolve));
-      router.kill('SIGTERM');
-      await exited;
-    }
-    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+    await stopRouter(router, dataDir);
   });
 
   test('an administrator creates a deployment from the form; its replica is placed on the managed node', async () => {
