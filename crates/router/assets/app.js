@@ -44,6 +44,7 @@ import './actions.js';
 import './detail.js';
 import './labels.js';
 import './pages.js';
+import './refresh.js';
 import './deployments.js';
 import './join-tokens.js';
 import './audit.js';
