@@ -22,6 +22,7 @@ use llm_router::clock::Millis;
 use llm_router::model::usage::{Step, UsageRecord, UsageSums};
 use llm_router::store::Store;
 use llm_router::store::sqlite::SqliteStore;
+use llm_router::store::usage_sql::SUM_COLUMNS;
 use serde::Serialize;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
@@ -388,20 +389,15 @@ impl Sink {
                 }
                 for chunk in rows.chunks(SQLITE_ROWS_PER_INSERT) {
                     let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-                        "INSERT INTO {name} (bucket, {key_column}, model, requests, errors, rejected, prompt_tokens, \
-                         completion_tokens, unknown_usage, duration_ms) "
+                        "INSERT INTO {name} (bucket, {key_column}, model, {SUM_COLUMNS}) "
                     ));
                     insert.push_values(chunk, |mut row, r| {
                         row.push_bind(r.bucket)
                             .push_bind(keys[r.key].as_str())
-                            .push_bind(self.models[r.model].as_str())
-                            .push_bind(count(r.sums.requests))
-                            .push_bind(count(r.sums.errors))
-                            .push_bind(count(r.sums.rejected))
-                            .push_bind(count(r.sums.prompt_tokens))
-                            .push_bind(count(r.sums.completion_tokens))
-                            .push_bind(count(r.sums.unknown_usage))
-                            .push_bind(count(r.sums.duration_ms));
+                            .push_bind(self.models[r.model].as_str());
+                        for sum in r.sums.columns() {
+                            row.push_bind(count(sum));
+                        }
                     });
                     insert.build().execute(&mut *conn).await.with_context(|| format!("writing {name}"))?;
                 }
@@ -409,27 +405,12 @@ impl Sink {
             Conn::Postgres(conn) => {
                 let mut text = String::with_capacity(rows.len() * 128);
                 for r in &rows {
-                    let s = &r.sums;
-                    let _ = writeln!(
-                        text,
-                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
-                        r.bucket,
-                        keys[r.key],
-                        self.models[r.model],
-                        s.requests,
-                        s.errors,
-                        s.rejected,
-                        s.prompt_tokens,
-                        s.completion_tokens,
-                        s.unknown_usage,
-                        s.duration_ms
-                    );
+                    let sums: Vec<String> = r.sums.columns().iter().map(u64::to_string).collect();
+                    let _ =
+                        writeln!(text, "{}\t{}\t{}\t{}", r.bucket, keys[r.key], self.models[r.model], sums.join("\t"));
                 }
                 let mut copy = conn
-                    .copy_in_raw(&format!(
-                        "COPY {name} (bucket, {key_column}, model, requests, errors, rejected, prompt_tokens, \
-                         completion_tokens, unknown_usage, duration_ms) FROM STDIN"
-                    ))
+                    .copy_in_raw(&format!("COPY {name} (bucket, {key_column}, model, {SUM_COLUMNS}) FROM STDIN"))
                     .await?;
                 copy.send(text.as_bytes()).await?;
                 copy.finish().await.with_context(|| format!("writing {name}"))?;

@@ -89,6 +89,20 @@ impl UsageSums {
     pub fn tokens(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
     }
+
+    /// The sums in the order the roll-up tables' columns hold them (`store::usage_sql::SUM_COLUMNS`), for whatever
+    /// writes them out: rows, `COPY` text, CSV.
+    pub fn columns(&self) -> [u64; 7] {
+        [
+            self.requests,
+            self.errors,
+            self.rejected,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.unknown_usage,
+            self.duration_ms,
+        ]
+    }
 }
 
 /// The width of a roll-up's buckets.

@@ -236,18 +236,8 @@ fn csv(view: &UsageView) -> Response {
         "at,group,name,requests,errors,rejected,prompt_tokens,completion_tokens,unknown_usage,duration_ms\n",
     );
     let mut line = |at: &str, key: &str, name: &str, s: &UsageSums| {
-        out.push_str(&format!(
-            "{at},{},{},{},{},{},{},{},{},{}\n",
-            field(key),
-            field(name),
-            s.requests,
-            s.errors,
-            s.rejected,
-            s.prompt_tokens,
-            s.completion_tokens,
-            s.unknown_usage,
-            s.duration_ms
-        ));
+        let sums: Vec<String> = s.columns().iter().map(u64::to_string).collect();
+        out.push_str(&format!("{at},{},{},{}\n", field(key), field(name), sums.join(",")));
     };
     match &view.groups {
         Some(groups) => {

@@ -231,13 +231,9 @@ macro_rules! usage_statements {
                     for key in keys {
                         row.push_bind(*key);
                     }
-                    row.push_bind(count(s.requests))
-                        .push_bind(count(s.errors))
-                        .push_bind(count(s.rejected))
-                        .push_bind(count(s.prompt_tokens))
-                        .push_bind(count(s.completion_tokens))
-                        .push_bind(count(s.unknown_usage))
-                        .push_bind(count(s.duration_ms));
+                    for sum in s.columns() {
+                        row.push_bind(count(sum));
+                    }
                 });
                 upsert.push(format!(" ON CONFLICT (bucket, {key}) DO UPDATE SET {update}"));
                 upsert.build().execute(&mut *conn).await?;
