@@ -98,8 +98,8 @@ fn usage(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
 }
 
 /// Every [`DEPLOY_FLUSH_INTERVAL`] writes what nodes reported of their replicas; every [`DEPLOY_PLACE_INTERVAL`]
-/// reads the deployments back (with PostgreSQL, what other routers changed) and, on the router that holds the sweep
-/// lease (every router of its own SQLite), places the replicas that need a node (SPEC §15).
+/// reads the deployments back (with PostgreSQL, what other routers changed) and places the replicas that need a node
+/// (SPEC §15; only the router that holds the sweep lease places).
 fn deployments(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
     let every_place = (DEPLOY_PLACE_INTERVAL.as_millis() / DEPLOY_FLUSH_INTERVAL.as_millis()).max(1) as u64;
     let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -112,14 +112,11 @@ fn deployments(state: &AppState, stop: &watch::Receiver<bool>) -> JoinHandle<()>
             if !tick.is_multiple_of(every_place) {
                 return;
             }
-            let shared = state.store.shared().is_some();
-            if shared && let Err(err) = state.deployments.reload().await {
+            if let Err(err) = state.deployments.reload().await {
                 background_failure(&state, "reading deployments failed; will retry", &format!("{err:#}"));
                 return;
             }
-            if (!shared || state.registry.leads())
-                && let Err(err) = state.deployments.place(&state.registry).await
-            {
+            if let Err(err) = state.deployments.place(&state.registry).await {
                 background_failure(&state, "placing replicas failed; will retry", &format!("{err:#}"));
             }
         }

@@ -161,17 +161,11 @@ impl Deployments {
         Ok(state_of(&book, &deployment))
     }
 
-    /// Changes a deployment as `change` says. A change of what the replicas run makes a new revision, which the
-    /// nodes roll to; lowering `replicas` removes the slots above.
-    pub async fn update(
-        &self,
-        key: &str,
-        change: impl FnOnce(&Deployment) -> (String, DeploymentSpec),
-    ) -> Result<(DeploymentState, Deployment), DeployError> {
-        let before = self.get(key).ok_or(DeployError::NotFound)?.deployment;
-        let (name, spec) = change(&before);
-        let revision = if before.spec.runs_differently(&spec) { before.revision + 1 } else { before.revision };
-        let after = Deployment { name, spec, revision, updated_at: self.clock.now_ms(), ..before.clone() };
+    /// Gives `current` (as read from this service) the spec `spec`. A change of what the replicas run makes a new
+    /// revision, which the nodes roll to; lowering `replicas` removes the slots above.
+    pub async fn update(&self, current: Deployment, spec: DeploymentSpec) -> Result<DeploymentState, DeployError> {
+        let revision = if current.spec.runs_differently(&spec) { current.revision + 1 } else { current.revision };
+        let after = Deployment { spec, revision, updated_at: self.clock.now_ms(), ..current };
         if !self.store.update_deployment(&after).await? {
             return Err(DeployError::NotFound);
         }
@@ -180,20 +174,19 @@ impl Deployments {
         book.replicas.retain(|(id, slot), _| *id != after.id || *slot < slots);
         book.deployments.insert(after.id, after.clone());
         self.reindex(&mut book);
-        Ok((state_of(&book, &after), before))
+        Ok(state_of(&book, &after))
     }
 
-    /// Removes a deployment; the nodes stop its replicas at their next heartbeat.
-    pub async fn delete(&self, key: &str) -> Result<Deployment, DeployError> {
-        let deployment = self.get(key).ok_or(DeployError::NotFound)?.deployment;
-        if !self.store.delete_deployment(deployment.id).await? {
+    /// Removes deployment `id`; the nodes stop its replicas at their next heartbeat.
+    pub async fn delete(&self, id: Uuid) -> Result<(), DeployError> {
+        if !self.store.delete_deployment(id).await? {
             return Err(DeployError::NotFound);
         }
         let mut book = self.write();
-        book.deployments.remove(&deployment.id);
-        book.replicas.retain(|(id, _), _| *id != deployment.id);
+        book.deployments.remove(&id);
+        book.replicas.retain(|(deployment, _), _| *deployment != id);
         self.reindex(&mut book);
-        Ok(deployment)
+        Ok(())
     }
 
     /// What node `id` should run, for its heartbeat's answer.
@@ -215,8 +208,7 @@ impl Deployments {
                     let replica = book.replicas.get(key)?;
                     let mine = reports.iter().filter(|r| r.deployment_id == key.0);
                     let next = status_of(&replica.report, revision, mine, now);
-                    let same = next.same_as(&replica.report) && next.ready_at == replica.report.ready_at;
-                    (!same).then(|| Replica { report: next, ..replica.clone() })
+                    (!next.same_as(&replica.report)).then(|| Replica { report: next, ..replica.clone() })
                 })
                 .collect()
         };
@@ -258,9 +250,12 @@ impl Deployments {
         Ok(batch.len())
     }
 
-    /// Reads the book back from the store (PostgreSQL: what other routers changed). A report this router holds and
-    /// has not written yet stays.
+    /// Reads the book back from a store other routers share, for what they changed (with SQLite, which this router
+    /// alone writes, there is nothing to read). A report this router holds and has not written yet stays.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        if self.store.shared().is_none() {
+            return Ok(());
+        }
         let (deployments, replicas) = self.store.deployments().await?;
         let mut fresh = Book::of(deployments, replicas);
         {
@@ -315,8 +310,12 @@ impl Deployments {
     }
 
     /// One placement pass over the fleet as `registry` knows it: stores the replicas that move, then applies them.
-    /// Returns how many changed.
+    /// Returns how many changed. Only the router that decides offline transitions places (with SQLite, always):
+    /// on the others this does nothing.
     pub async fn place(&self, registry: &Registry) -> Result<usize, StoreError> {
+        if self.store.shared().is_some() && !registry.leads() {
+            return Ok(0);
+        }
         let _placing = self.placing.lock().await;
         if self.read().deployments.is_empty() {
             return Ok(0);

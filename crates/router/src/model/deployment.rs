@@ -119,10 +119,9 @@ impl ReplicaStatus {
         }
     }
 
-    /// Whether `other` says the same as this, the times aside: no write is needed for it.
+    /// Whether `other` says the same as this but for when it was said (`updated_at`): no write is needed for it.
     pub fn same_as(&self, other: &ReplicaStatus) -> bool {
-        ReplicaStatus { updated_at: 0, ready_at: None, ..self.clone() }
-            == ReplicaStatus { updated_at: 0, ready_at: None, ..other.clone() }
+        ReplicaStatus { updated_at: other.updated_at, ..self.clone() } == *other
     }
 }
 

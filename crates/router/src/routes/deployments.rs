@@ -280,28 +280,21 @@ pub async fn create(
             max_concurrency: body.max_concurrency,
         })?;
         let created = state.deployments.create(name, spec, &admin.name).await?;
-        let placed = place_now(&state).await;
-        let view = placed.then(|| state.deployments.get(&created.deployment.id.to_string())).flatten();
-        Ok((StatusCode::CREATED, Json(DeploymentView::of(&state, view.unwrap_or(created)))))
+        let placed = place_now(&state, created).await;
+        Ok((StatusCode::CREATED, Json(DeploymentView::of(&state, placed))))
     }
     .await;
     audit::log_result(&state, &admin.name, client, "deployment.create", &target, &result);
     result
 }
 
-/// Places what a change calls for at once on the router that places (the others' changes are placed within a
-/// second); `true` when it did.
-async fn place_now(state: &AppState) -> bool {
-    if state.store.shared().is_some() && !state.registry.leads() {
-        return false;
+/// Places what the change to `changed` calls for at once, on the router that places (the others' changes are
+/// placed within a second); the deployment as it stands then.
+async fn place_now(state: &AppState, changed: DeploymentState) -> DeploymentState {
+    if let Err(err) = state.deployments.place(&state.registry).await {
+        tracing::warn!(error = %format!("{err:#}"), "placing replicas failed; the next pass tries again");
     }
-    match state.deployments.place(&state.registry).await {
-        Ok(_) => true,
-        Err(err) => {
-            tracing::warn!(error = %format!("{err:#}"), "placing replicas failed; the next pass tries again");
-            false
-        }
-    }
+    state.deployments.get(&changed.deployment.id.to_string()).unwrap_or(changed)
 }
 
 /// Change a deployment (admin): scale, new args or source (a new revision, rolled over its replicas), placement
@@ -329,10 +322,8 @@ pub async fn update(
     let result: ApiResult<Json<DeploymentView>> = async {
         let current = state.deployments.get(&id).ok_or_else(|| missing(&id))?.deployment;
         let spec = next_spec(&current.spec, body)?;
-        let (changed, _) = state.deployments.update(&id, |d| (d.name.clone(), spec)).await?;
-        let key = changed.deployment.id.to_string();
-        let view = place_now(&state).await.then(|| state.deployments.get(&key)).flatten();
-        Ok(Json(DeploymentView::of(&state, view.unwrap_or(changed))))
+        let changed = state.deployments.update(current, spec).await?;
+        Ok(Json(DeploymentView::of(&state, place_now(&state, changed).await)))
     }
     .await;
     audit::log_result(&state, &admin.name, client, "deployment.update", &target, &result);
@@ -375,8 +366,8 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let target = crate::model::echo(&id).into_owned();
     let result: ApiResult<StatusCode> = async {
-        state.deployments.get(&id).ok_or_else(|| missing(&id))?;
-        state.deployments.delete(&id).await?;
+        let found = state.deployments.get(&id).ok_or_else(|| missing(&id))?;
+        state.deployments.delete(found.deployment.id).await?;
         Ok(StatusCode::NO_CONTENT)
     }
     .await;
