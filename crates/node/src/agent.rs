@@ -185,7 +185,13 @@ impl Agent {
         let mut failures: u32 = 0;
         // Between heartbeats, the agent that runs deployments waits on the router for its assignments to change.
         let _following = self.deployments.clone().map(|deployments| {
-            Following(tokio::spawn(follow_assignments(self.router.clone(), identity.node_token.clone(), deployments)))
+            let backoff = (self.config.backoff_base, self.config.backoff_max);
+            Following(tokio::spawn(follow_assignments(
+                self.router.clone(),
+                identity.node_token.clone(),
+                deployments,
+                backoff,
+            )))
         });
         loop {
             let request = self.heartbeat_request(identity).await;
@@ -331,9 +337,14 @@ impl Drop for Following {
 /// Waits on the router (`GET /v0/assignments`) for the node's assignments to change and hands each change to the
 /// deployments at once (SPEC §15), so that a replica placed on the node starts in milliseconds, not at the next
 /// heartbeat. The heartbeats' answers carry the same assignments: this only brings them sooner. Ends on 401 (the
-/// heartbeats re-register) or 404 (a router without the endpoint); after any other failure, tries again after a
-/// backoff of 1 s doubling to 30 s.
-async fn follow_assignments(router: RouterClient, token: String, deployments: crate::deploy::Deployments) {
+/// heartbeats re-register) or 404 (a router without the endpoint); after any other failure, tries again after the
+/// agent's own backoff (`backoff`: its base and cap), with jitter.
+async fn follow_assignments(
+    router: RouterClient,
+    token: String,
+    deployments: crate::deploy::Deployments,
+    (base, cap): (Duration, Duration),
+) {
     let mut known: Option<String> = None;
     let mut failures: u32 = 0;
     loop {
@@ -348,9 +359,8 @@ async fn follow_assignments(router: RouterClient, token: String, deployments: cr
             Err(Failure::Unauthorized(_)) | Err(Failure::Refused { status: 404, .. }) => return,
             Err(failure) => {
                 tracing::debug!(error = %failure, "waiting for assignments failed; trying again");
+                tokio::time::sleep(backoff_delay(failures, base, cap, random_unit())).await;
                 failures = failures.saturating_add(1);
-                let wait = Duration::from_secs(1u64 << failures.min(5)).min(Duration::from_secs(30));
-                tokio::time::sleep(wait).await;
             }
         }
     }

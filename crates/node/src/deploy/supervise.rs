@@ -4,7 +4,7 @@
 //! The runtime is a child in a process group of its own, so stopping it (SIGTERM, then SIGKILL after a grace
 //! period) also stops what it started (vLLM's workers, a wrapper script's children); whatever is left of the group
 //! once the runtime exited is killed too, before a restart. The waits are pure functions of the failures so far
-//! ([`restart_delay`], [`failures_after_exit`]) and every duration is in [`Timing`], so tests run in milliseconds.
+//! (the agent's [`backoff_delay`] without jitter, [`failures_after_exit`]) and every duration is in [`Timing`], so tests run in milliseconds.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use super::fetch::{Fetcher, Progress};
 use super::launch::{Launchers, command_line};
+use crate::agent::backoff_delay;
 
 /// Every wait of the supervision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +47,6 @@ impl Timing {
             stop_grace: Duration::from_secs(10),
         }
     }
-}
-
-/// The wait before the next try after `failures` failures in a row (0 for the first): `base`, doubling, capped.
-pub fn restart_delay(failures: u32, base: Duration, max: Duration) -> Duration {
-    base.saturating_mul(1u32.checked_shl(failures.min(31)).unwrap_or(u32::MAX)).min(max)
 }
 
 /// The failures in a row once a runtime that served for `served` died: a runtime that was stable starts the count
@@ -267,7 +263,8 @@ pub async fn run(
     let mut spawned = false;
     loop {
         let fail = |reason: String, failures: u32| {
-            let delay = restart_delay(failures, timing.restart_base, timing.restart_max);
+            // The agent's backoff without jitter: no other machine's runtime restarts in step with this one.
+            let delay = backoff_delay(failures, timing.restart_base, timing.restart_max, 1.0);
             tracing::warn!(deployment = %assignment.deployment_id, revision = assignment.revision,
                 model = %assignment.model, retry_in_secs = delay.as_secs_f64(), "replica failed: {reason}");
             set(&|s| {
@@ -429,9 +426,9 @@ mod tests {
     #[test]
     fn restarts_back_off_from_one_second_to_a_minute() {
         let (base, max) = (Duration::from_secs(1), Duration::from_secs(60));
-        let delays: Vec<u64> = (0..9).map(|n| restart_delay(n, base, max).as_secs()).collect();
+        let delays: Vec<u64> = (0..9).map(|n| backoff_delay(n, base, max, 1.0).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(restart_delay(u32::MAX, base, max), max);
+        assert_eq!(backoff_delay(u32::MAX, base, max, 1.0), max);
     }
 
     #[test]
