@@ -193,6 +193,21 @@ async function newPage(ctx) {
   return p;
 }
 
+/** Headless Chromium for a block of tests of its own. */
+async function launchChromium() {
+  return chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+}
+
+/** Keeps every CSP violation of the page in `window.cspViolations`, for a test to read. */
+async function recordCspViolations(p) {
+  await p.addInitScript(() => {
+    window.cspViolations = [];
+    document.addEventListener('securitypolicyviolation', (event) => {
+      window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
+    });
+  });
+}
+
 async function screenshot(p, name, options = {}) {
   if (!SCREENSHOTS) return;
   await mkdir(SCREENSHOTS, { recursive: true });
@@ -849,7 +864,7 @@ describe('dashboard: a mass silence', { timeout: 60_000 }, () => {
       await expectStatus(call('POST', `/v0/nodes/${node.id}/approve`, { token: adminToken }), 200);
       quiet.push(node);
     }
-    silenceBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    silenceBrowser = await launchChromium();
     p = await newPage(await silenceBrowser.newContext({ viewport: { width: 1440, height: 860 } }));
     await signIn(p, 'admin', ADMIN_PASSWORD);
   });
@@ -936,7 +951,7 @@ describe('dashboard: a fleet larger than the screen', { timeout: 120_000 }, () =
       }));
     }
     for (let i = 0; i < FLEET; i += 1) names.push(`fleet-${i}`);
-    bigBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    bigBrowser = await launchChromium();
     p = await newPage(await bigBrowser.newContext({ viewport: { width: 1440, height: 860 } }));
     p.on('response', async (response) => {
       const url = new URL(response.url());
@@ -1139,15 +1154,10 @@ describe('dashboard: usage', { timeout: 120_000 }, () => {
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
 
-    usageBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    usageBrowser = await launchChromium();
     p = await newPage(await usageBrowser.newContext({ viewport: { width: 1440, height: 860 }, locale: 'en-US', colorScheme: 'light' }));
     // uPlot styles its elements through the CSSOM, which `style-src 'self'` allows: any violation is recorded here.
-    await p.addInitScript(() => {
-      window.cspViolations = [];
-      document.addEventListener('securitypolicyviolation', (event) => {
-        window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
-      });
-    });
+    await recordCspViolations(p);
   });
 
   after(async () => {
@@ -1321,14 +1331,9 @@ describe('dashboard: deployments', { timeout: 120_000 }, () => {
     }), 201);
     managed.one = await managedNode('gpu-managed-01', '10.30.0.1');
 
-    deployBrowser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu'] });
+    deployBrowser = await launchChromium();
     p = await newPage(await deployBrowser.newContext({ viewport: { width: 1440, height: 900 }, locale: 'en-US', colorScheme: 'light' }));
-    await p.addInitScript(() => {
-      window.cspViolations = [];
-      document.addEventListener('securitypolicyviolation', (event) => {
-        window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
-      });
-    });
+    await recordCspViolations(p);
   });
 
   after(async () => {
