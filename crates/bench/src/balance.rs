@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::cli::BalanceArgs;
 use crate::fleet;
-use crate::heartbeat::start_routers;
+use crate::heartbeat::{finish_routers, start_routers};
 use crate::http::{Client, encode_request};
 use crate::postgres;
 use crate::proxy::{self, MODEL};
@@ -67,14 +67,7 @@ pub async fn run(spec: &RouterSpec, args: &BalanceArgs) -> anyhow::Result<Balanc
         Ok(routers) => drive(&spec, routers, &standins, args).await,
         Err(_) => Err(anyhow::anyhow!("the routers did not start")),
     };
-    let mut stopped = Ok(());
-    for router in started? {
-        stopped = stopped.and(router.stop().await);
-    }
-    database.remove().await?;
-    let report = report?;
-    stopped?;
-    Ok(report)
+    finish_routers(started, Some(database), report).await
 }
 
 async fn drive(

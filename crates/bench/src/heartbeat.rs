@@ -79,6 +79,16 @@ pub async fn run(spec: &RouterSpec, args: &HeartbeatArgs) -> anyhow::Result<Hear
         Ok(routers) => drive(spec, routers, args).await,
         Err(_) => Err(anyhow::anyhow!("the routers did not start")),
     };
+    finish_routers(started, database, report).await
+}
+
+/// Stops the routers [`start_routers`] started and removes their database, then gives what their run gave: its error
+/// first, a router that did not stop cleanly next.
+pub(crate) async fn finish_routers<T>(
+    started: anyhow::Result<Vec<Router>>,
+    database: Option<postgres::Database>,
+    report: anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let mut stopped = Ok(());
     for router in started? {
         stopped = stopped.and(router.stop().await);

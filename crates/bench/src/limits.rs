@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::affinity::Check;
 use crate::cli::LimitsArgs;
 use crate::fleet;
-use crate::heartbeat::start_routers;
+use crate::heartbeat::{finish_routers, start_routers};
 use crate::http::{Client, encode_request};
 use crate::openloop;
 use crate::postgres;
@@ -123,15 +123,7 @@ pub async fn run(spec: &RouterSpec, args: &LimitsArgs) -> anyhow::Result<LimitsR
         }
         Err(_) => Err(anyhow::anyhow!("the routers did not start")),
     };
-    let mut stopped = Ok(());
-    for router in started? {
-        stopped = stopped.and(router.stop().await);
-    }
-    if let Some(database) = database {
-        database.remove().await?;
-    }
-    let mut report = report?;
-    stopped?;
+    let mut report = finish_routers(started, database, report).await?;
     report.backend = if args.postgres.is_some() { "postgres" } else { "sqlite" };
     Ok(report)
 }
