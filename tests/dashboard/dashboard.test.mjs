@@ -1398,11 +1398,11 @@ describe('dashboard: deployments', { timeout: 120_000 }, () => {
     await agentBeat(managed.one, [report('downloading', { bytes_done: 3 * GiB, bytes_total: 4 * GiB })]);
     await replica(p, 0).locator('.replica-download', { hasText: '75% · 3 GiB of 4 GiB' }).waitFor();
     await agentBeat(managed.one, [report('ready', {
-      bytes_done: 4 * GiB, bytes_total: 4 * GiB, port: 41001, pid: 4242, download_ms: 5200, start_ms: 1800,
+      bytes_done: 4 * GiB, bytes_total: 4 * GiB, port: 41001, pid: 4242, download_ms: 5200, start_ms: 1800, gpus: [0, 1],
     })], [MODEL]);
     await card(p, NAME).locator('.deploy-ready', { hasText: '1 / 1 ready' }).waitFor();
     await replica(p, 0).locator('.badge', { hasText: 'ready' }).waitFor();
-    assert.equal(await replica(p, 0).locator('.replica-details').textContent(), 'port 41001 · started in 1,800 ms');
+    assert.equal(await replica(p, 0).locator('.replica-details').textContent(), 'GPUs 0, 1 · port 41001 · started in 1,800 ms');
     assert.equal(await replica(p, 0).locator('.replica-download').textContent(), 'in 5,200 ms');
     assert.equal(await replica(p, 0).locator('.replica-restarts').textContent(), '0');
 

@@ -110,6 +110,7 @@ impl Agent {
     /// The agent of a node that runs deployments: its heartbeats report the replicas, and the router's answers
     /// say which to run.
     pub fn with_deployments(mut self, deployments: Deployments, managed_runtimes: Vec<String>) -> Self {
+        deployments.gpus_sampled(&self.last_gpus);
         self.deployments = Some(deployments);
         self.managed_runtimes = managed_runtimes;
         self

@@ -160,6 +160,7 @@ async fn start_deployments(
         log_dir: manage.log_dir.clone(),
         timing: deploy::supervise::Timing::new(manage.start_timeout),
         probe,
+        gpus: deploy::gpus::Gpus::default(),
     });
     tracing::info!(
         port = manage.serve_port,

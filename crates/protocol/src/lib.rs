@@ -277,6 +277,30 @@ impl RuntimeKind {
         }
     }
 
+    /// How many GPUs one replica runs on, when the runtime decides it from its arguments: vLLM runs on its tensor-
+    /// parallel size times its pipeline-parallel size (1 unless `--tensor-parallel-size`/`-tp` or
+    /// `--pipeline-parallel-size`/`-pp` say otherwise). `None` for llama.cpp, which spreads a model's layers over
+    /// whatever GPUs it is given.
+    pub fn gpus_needed(self, args: &[String]) -> Option<u32> {
+        match self {
+            RuntimeKind::LlamaCpp => None,
+            RuntimeKind::Vllm => {
+                let size = |long: &str, short: &str| {
+                    let mut value = None;
+                    for (at, arg) in args.iter().enumerate() {
+                        if let Some(given) = arg.strip_prefix(long).and_then(|rest| rest.strip_prefix('=')) {
+                            value = Some(given);
+                        } else if arg == long || arg == short {
+                            value = args.get(at + 1).map(String::as_str);
+                        }
+                    }
+                    value.and_then(|v| v.parse::<u32>().ok()).filter(|n| *n > 0).unwrap_or(1)
+                };
+                Some(size("--tensor-parallel-size", "-tp").saturating_mul(size("--pipeline-parallel-size", "-pp")))
+            }
+        }
+    }
+
     /// How a node whose agent starts this runtime lists it in `supported_runtimes`: `managed:llama_cpp`.
     pub fn managed_name(self) -> String {
         format!("{MANAGED_RUNTIME_PREFIX}{}", self.as_str())
@@ -310,6 +334,10 @@ pub struct Assignment {
     /// Requests the runtime computes at once, when the deployment sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
+    /// The GPU memory one replica takes, when the deployment sets it: the agent then starts the runtime on GPUs of
+    /// its own that have it free (`CUDA_VISIBLE_DEVICES`); without it, the runtime sees every GPU of the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
 }
 
 /// Where a replica is on its way to serving (SPEC §15).
@@ -381,6 +409,10 @@ pub struct ReplicaReport {
     /// How long the runtime's last start took, from spawning it to its serving the model, once ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_ms: Option<u64>,
+    /// The GPUs the runtime was started on, by their `index` in the heartbeat's `gpus`; absent when it sees every
+    /// GPU of the node (the deployment asks for no GPU memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Vec<u32>>,
 }
 
 /// The body of every error answer: `{"error": {"code", "message"}}`.
@@ -451,5 +483,21 @@ mod tests {
         let body = r#"{"object":"list","data":[{"id":"m1","object":"model"},{"id":"m2"}]}"#;
         let list: ModelList = serde_json::from_str(body).expect("parse");
         assert_eq!(list.ids(), vec!["m1", "m2"]);
+    }
+
+    #[test]
+    fn vllm_runs_on_its_tensor_times_pipeline_parallel_size_and_llama_cpp_on_any_number() {
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(RuntimeKind::LlamaCpp.gpus_needed(&args(&["--tensor-parallel-size", "4"])), None);
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&[]), Some(1));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["--max-model-len", "4096"])), Some(1));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["--tensor-parallel-size", "4"])), Some(4));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["-tp", "2", "-pp", "2"])), Some(4));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["--tensor-parallel-size=8"])), Some(8));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["-tp", "2", "--tensor-parallel-size=4"])), Some(4));
+        // Not a number, zero, or the flag last: the runtime's own default.
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["-tp", "two"])), Some(1));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["-tp", "0"])), Some(1));
+        assert_eq!(RuntimeKind::Vllm.gpus_needed(&args(&["-tp"])), Some(1));
     }
 }

@@ -140,7 +140,7 @@ function updateCard(card, d) {
     ['Source', d.source, 'mono'],
     ['SHA-256', d.sha256 ?? '–', 'mono'],
     ['Arguments', d.args.length ? d.args.join(' ') : '–', 'mono'],
-    ['GPU memory', d.gpu_memory_bytes ? `${formatBytes(d.gpu_memory_bytes)} free on the node` : 'any'],
+    ['GPU memory', d.gpu_memory_bytes ? `${formatBytes(d.gpu_memory_bytes)} per replica, on GPUs the agent picks` : 'any (every GPU of the node)'],
     ['Node tags', d.node_selector.tags.join(', ') || 'any node'],
     ['Max concurrency', d.max_concurrency ?? 'the runtime’s default'],
     ['Created', `${formatTime(d.created_at)} by ${d.created_by}`],
@@ -185,11 +185,13 @@ function download(r) {
   return el('span', { className: 'muted' }, '–');
 }
 
-/** Why it waits or failed; where it serves once ready; and the revision it runs while a change rolls. */
+/** Why it waits or failed; the GPUs its runtime sees and where it serves once ready; the revision it runs while a
+ *  change rolls. */
 function details(d, r) {
   const parts = [];
   if (r.reason) parts.push(r.reason);
   else if (r.state === 'ready') {
+    if (r.gpus?.length) parts.push(`${r.gpus.length === 1 ? 'GPU' : 'GPUs'} ${r.gpus.join(', ')}`);
     if (r.port) parts.push(`port ${r.port}`);
     if (typeof r.start_ms === 'number') parts.push(`started in ${formatMs(r.start_ms)}`);
   } else if (r.state === 'starting') parts.push('the runtime loads the model');

@@ -36,5 +36,6 @@ CREATE TABLE deployment_replicas (
     start_ms      BIGINT,
     ready_at      BIGINT,
     updated_at    BIGINT NOT NULL,
+    gpus          TEXT,
     PRIMARY KEY (deployment_id, slot)
 );

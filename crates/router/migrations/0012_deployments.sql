@@ -1,6 +1,7 @@
 -- Deployments (SPEC §15): a model the router places on nodes whose agents run it. `args` and `selector_tags` are
 -- JSON arrays of strings. A replica is one row per slot (0 … replicas - 1): its node once placed (`node_id` NULL:
--- pending, `reason` says why), and what that node's agent last reported of it.
+-- pending, `reason` says why), and what that node's agent last reported of it (`gpus`: a JSON array of the GPU indices
+-- its runtime was started on).
 CREATE TABLE deployments (
     id               TEXT PRIMARY KEY NOT NULL,
     name             TEXT NOT NULL UNIQUE,
@@ -36,5 +37,6 @@ CREATE TABLE deployment_replicas (
     start_ms      INTEGER,
     ready_at      INTEGER,
     updated_at    INTEGER NOT NULL,
+    gpus          TEXT,
     PRIMARY KEY (deployment_id, slot)
 );

@@ -83,6 +83,9 @@ impl Agent {
                     tracing::info!(source = self.gpus.name(), "GPU figures readable again");
                 }
                 self.last_gpus = sample.clone();
+                if let Some(deployments) = &self.deployments {
+                    deployments.gpus_sampled(&sample);
+                }
                 Some(gpu::to_metrics(&sample))
             }
             Err(e) => {
@@ -149,6 +152,9 @@ impl Agent {
         match self.gpus.sample().await {
             Ok(sample) if !sample.is_empty() => {
                 self.last_gpus = sample.clone();
+                if let Some(deployments) = &self.deployments {
+                    deployments.gpus_sampled(&sample);
+                }
                 sample
             }
             _ => self.last_gpus.clone(),

@@ -165,6 +165,7 @@ mod tests {
             runtime,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             max_concurrency,
+            gpu_memory_bytes: None,
         }
     }
 

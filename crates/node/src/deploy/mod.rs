@@ -9,6 +9,7 @@
 
 pub mod fetch;
 pub mod forward;
+pub mod gpus;
 pub mod launch;
 pub mod supervise;
 
@@ -20,7 +21,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use supervise::{Context, Status};
+use supervise::{Context, Hooks, Status};
 
 /// A replica: one revision of one deployment.
 pub type Key = (Uuid, i64);
@@ -82,6 +83,17 @@ struct State {
     shut_down: bool,
 }
 
+impl State {
+    /// Tell replica `key`'s task to stop; its end is awaited at shutdown.
+    fn stop(&mut self, key: Key, why: &str) {
+        if let Some(replica) = self.replicas.remove(&key) {
+            tracing::info!(deployment = %key.0, revision = key.1, model = %replica.assignment.model, "stopping replica: {why}");
+            let _ = replica.stop.send(true);
+            self.stopping.push(replica.task);
+        }
+    }
+}
+
 struct Shared {
     ctx: Arc<Context>,
     state: Mutex<State>,
@@ -131,11 +143,7 @@ impl Deployments {
             .collect();
         let Plan { start, stop } = plan(&running, &state.assignments);
         for key in stop {
-            if let Some(replica) = state.replicas.remove(&key) {
-                tracing::info!(deployment = %key.0, revision = key.1, model = %replica.assignment.model, "stopping replica");
-                let _ = replica.stop.send(true);
-                state.stopping.push(replica.task);
-            }
+            state.stop(key, "no longer assigned, or a newer revision serves");
         }
         state.stopping.retain(|task| !task.is_finished());
         for assignment in start {
@@ -152,15 +160,40 @@ impl Deployments {
                     }
                 }
             });
+            let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+            let retire_older = Arc::new(move || {
+                if let Some(shared) = weak.upgrade() {
+                    Deployments { shared }.retire_older(key);
+                }
+            });
             let task = tokio::spawn(supervise::run(
                 self.shared.ctx.clone(),
                 assignment.clone(),
                 status.clone(),
                 stopped,
-                changed,
+                Hooks { changed, retire_older },
             ));
             state.replicas.insert(key, Replica { assignment, status, stop, task });
         }
+    }
+
+    /// The agent's latest sample of the node's GPUs, for the replicas that ask for GPU memory.
+    pub fn gpus_sampled(&self, sample: &[crate::gpu::GpuSample]) {
+        self.shared.ctx.gpus.sampled(sample);
+    }
+
+    /// Stop the replicas of other revisions of `key`'s deployment that are no longer assigned, ready or not: the
+    /// replica `key` has no room on the GPUs while they run.
+    fn retire_older(&self, key: Key) {
+        let mut state = self.state();
+        let assigned: HashSet<Key> = state.assignments.iter().map(|a| (a.deployment_id, a.revision)).collect();
+        let older: Vec<Key> =
+            state.replicas.keys().filter(|k| k.0 == key.0 && k.1 != key.1 && !assigned.contains(k)).copied().collect();
+        for old in older {
+            state.stop(old, "the new revision needs its GPUs");
+        }
+        drop(state);
+        self.shared.changed.notify_one();
     }
 
     /// Every replica's state, for the heartbeat.

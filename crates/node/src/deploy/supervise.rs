@@ -17,6 +17,7 @@ use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::sync::watch;
 
 use super::fetch::{Fetcher, Progress};
+use super::gpus::Gpus;
 use super::launch::{Launchers, command_line};
 use crate::agent::backoff_delay;
 
@@ -67,6 +68,8 @@ pub struct Status {
     pub restarts: u32,
     pub download_ms: Option<u64>,
     pub start_ms: Option<u64>,
+    /// The GPUs its runtime sees, when it was given some of them.
+    pub gpus: Option<Vec<u32>>,
 }
 
 impl Status {
@@ -81,6 +84,7 @@ impl Status {
             restarts: 0,
             download_ms: None,
             start_ms: None,
+            gpus: None,
         }
     }
 
@@ -105,6 +109,7 @@ impl Status {
             restarts: self.restarts,
             download_ms: self.download_ms,
             start_ms: self.start_ms,
+            gpus: self.gpus.clone(),
         }
     }
 }
@@ -123,6 +128,8 @@ pub struct Context {
     pub timing: Timing,
     /// Readiness probes of the local runtimes.
     pub probe: reqwest::Client,
+    /// The node's GPUs, given to the replicas that ask for GPU memory.
+    pub gpus: Gpus,
 }
 
 /// A running runtime: its process group is killed when this is dropped without [`RuntimeProcess::stop`].
@@ -133,8 +140,14 @@ pub struct RuntimeProcess {
 }
 
 impl RuntimeProcess {
-    /// Start `program` in a process group of its own, its output appended to `log`.
-    pub fn spawn(program: &Path, args: &[std::ffi::OsString], log: &Path) -> std::io::Result<Self> {
+    /// Start `program` in a process group of its own, with `env` added to the agent's environment, its output
+    /// appended to `log`.
+    pub fn spawn(
+        program: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> std::io::Result<Self> {
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -142,6 +155,7 @@ impl RuntimeProcess {
         let err = out.try_clone()?;
         let child = tokio::process::Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -238,14 +252,23 @@ async fn or_stop<T>(stop: &mut watch::Receiver<bool>, fut: impl Future<Output = 
     }
 }
 
-/// The replica's task: runs `assignment` until `stop` turns true; `changed` is called at each change of state.
+/// What a replica's task tells the replicas' owner.
+pub struct Hooks {
+    /// The replica changed state.
+    pub changed: Arc<dyn Fn(ReplicaState) + Send + Sync>,
+    /// The replica fits on the GPUs only without the older revisions of its deployment: stop them now.
+    pub retire_older: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// The replica's task: runs `assignment` until `stop` turns true, telling `hooks` what happens.
 pub async fn run(
     ctx: Arc<Context>,
     assignment: Assignment,
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<bool>,
-    changed: Arc<dyn Fn(ReplicaState) + Send + Sync>,
+    hooks: Hooks,
 ) {
+    let changed = &hooks.changed;
     let set = |update: &dyn Fn(&mut Status)| {
         let state = {
             let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -258,6 +281,15 @@ pub async fn run(
         }
     };
     let log = ctx.log_dir.join(format!("{}-r{}.log", assignment.deployment_id, assignment.revision));
+    let key = (assignment.deployment_id, assignment.revision);
+    // Whichever way this task ends, the GPUs it was given are free again.
+    struct GiveBack<'a>(&'a Gpus, super::Key);
+    impl Drop for GiveBack<'_> {
+        fn drop(&mut self) {
+            self.0.release(self.1);
+        }
+    }
+    let _give_back = GiveBack(&ctx.gpus, key);
     let timing = ctx.timing;
     let mut failures: u32 = 0;
     let mut spawned = false;
@@ -314,11 +346,34 @@ pub async fn run(
             }
             continue;
         };
+        // Its GPUs, when the deployment asks for GPU memory: the same ones at every start of this replica.
+        let pinned = match assignment.gpu_memory_bytes {
+            None => None,
+            Some(needed) => match ctx.gpus.claim(key, needed, assignment.runtime.gpus_needed(&assignment.args)) {
+                Ok(pinned) => Some(pinned),
+                Err(refused) => {
+                    let mut reason = format!("no GPUs to start it on: {}", refused.reason);
+                    if refused.older {
+                        // No room for both revisions here: the older one stops first and this one takes its place.
+                        reason.push_str("; stopping the replica of the previous revision to make room");
+                        (hooks.retire_older)();
+                    }
+                    let delay = fail(reason, failures);
+                    failures = failures.saturating_add(1);
+                    if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        let env = pinned.as_ref().map(|p| p.env.as_slice()).unwrap_or_default();
         let spawn = free_port().and_then(|port| {
             let (program, args) = command_line(&launcher, &fetched.path, port, &assignment);
             tracing::info!(deployment = %assignment.deployment_id, revision = assignment.revision,
-                model = %assignment.model, port, program = %program.display(), log = %log.display(), "starting runtime");
-            RuntimeProcess::spawn(&program, &args, &log).map(|process| (port, process))
+                model = %assignment.model, port, program = %program.display(), log = %log.display(),
+                gpus = ?pinned.as_ref().map(|p| &p.indices), "starting runtime");
+            RuntimeProcess::spawn(&program, &args, env, &log).map(|process| (port, process))
         });
         if spawned {
             status.lock().unwrap_or_else(|e| e.into_inner()).restarts += 1;
@@ -341,6 +396,7 @@ pub async fn run(
             s.reason = None;
             s.port = Some(port);
             s.pid = pid;
+            s.gpus = pinned.as_ref().map(|p| p.indices.clone());
         });
         let started = Instant::now();
         let ready = async {
@@ -380,6 +436,7 @@ pub async fn run(
         let start_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(deployment = %assignment.deployment_id, revision = assignment.revision,
             model = %assignment.model, port, start_ms, "replica ready");
+        ctx.gpus.ready(key);
         set(&|s| {
             s.state = ReplicaState::Ready;
             s.start_ms = Some(start_ms);

@@ -22,6 +22,7 @@ fn assignment(deployment: u128, revision: i64) -> Assignment {
         runtime: RuntimeKind::LlamaCpp,
         args: Vec::new(),
         max_concurrency: None,
+        gpu_memory_bytes: None,
     }
 }
 
@@ -60,7 +61,8 @@ fn an_old_revision_serves_until_the_new_one_is_ready() {
 }
 
 /// A stand-in for `llama-server`: serves `{"data":[{"id": <--alias>}]}` on `--port` after `--delay` seconds, writes
-/// its own pid and its grandchild's to `--pid-file`; with `--fail` it prints a line and exits 3 at once.
+/// its own pid and its grandchild's to `--pid-file` and the GPUs it sees to `<pid-file>.gpus`; with `--fail` it
+/// prints a line and exits 3 at once.
 const STAND_IN: &str = r#"
 import http.server, json, os, subprocess, sys, time
 args = sys.argv[1:]
@@ -74,6 +76,8 @@ port, model = int(arg("--port")), arg("--alias")
 sleeper = subprocess.Popen(["sleep", "600"])
 with open(arg("--pid-file"), "w") as f:
     f.write(f"{os.getpid()} {sleeper.pid}")
+with open(arg("--pid-file") + ".gpus", "w") as f:
+    f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
 time.sleep(float(arg("--delay", "0")))
 class Models(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -123,6 +127,7 @@ impl Bench {
                 stop_grace: Duration::from_secs(3),
             },
             probe: reqwest::Client::builder().timeout(Duration::from_secs(1)).build().expect("client"),
+            gpus: super::gpus::Gpus::default(),
         };
         Bench { deployments: Deployments::new(ctx), model_file, dir }
     }
@@ -135,6 +140,13 @@ impl Bench {
 
     fn pid_file(&self, deployment: u128, revision: i64) -> PathBuf {
         self.dir.path().join(format!("pids-{deployment}-{revision}"))
+    }
+
+    /// The GPUs the stand-in saw at its last start (`CUDA_VISIBLE_DEVICES`, or `all`).
+    fn seen_gpus(&self, deployment: u128, revision: i64) -> String {
+        let mut file = self.pid_file(deployment, revision).into_os_string();
+        file.push(".gpus");
+        std::fs::read_to_string(file).expect("gpus file")
     }
 
     /// The stand-in's pid and its grandchild's, as its last start wrote them.
@@ -299,4 +311,88 @@ fn reports_carry_download_progress() {
     };
     let report = status.report(&assignment(1, 1));
     assert_eq!((report.bytes_done, report.bytes_total), (Some(0), None));
+}
+
+const GIB: u64 = 1 << 30;
+
+/// Two 80 GiB GPUs, the first with 10 GiB in use by something else.
+fn two_gpus() -> Vec<crate::gpu::GpuSample> {
+    (0..2)
+        .map(|index| crate::gpu::GpuSample {
+            index,
+            model: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: Some(80 * GIB),
+            memory_used_bytes: Some(if index == 0 { 10 * GIB } else { 0 }),
+            utilization: None,
+            temperature_c: None,
+            uuid: Some(format!("GPU-{index}")),
+            ecc_uncorrected: None,
+            xid: None,
+            power_watts: None,
+            throttle_reasons: None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_ask_for_gpu_memory_each_see_only_the_gpus_they_were_given() {
+    let bench = Bench::new();
+    bench.deployments.gpus_sampled(&two_gpus());
+    let asking =
+        |deployment: u128| Assignment { gpu_memory_bytes: Some(60 * GIB), ..bench.assignment(deployment, 1, &[]) };
+    bench.deployments.reconcile(vec![asking(1), asking(2), bench.assignment(3, 1, &[])]);
+    let reports =
+        bench.until(Duration::from_secs(15), "all ready", |r| ready(r, 1, 1) && ready(r, 2, 1) && ready(r, 3, 1)).await;
+    let gpus_of = |deployment: u128| {
+        reports.iter().find(|r| r.deployment_id == Uuid::from_u128(deployment)).and_then(|r| r.gpus.clone())
+    };
+    // One GPU each, never the same one; each runtime saw its own GPU alone; the one that asked for no memory saw all.
+    let (first, second) = (gpus_of(1).expect("gpus of 1"), gpus_of(2).expect("gpus of 2"));
+    let mut both = [first.clone(), second.clone()];
+    both.sort();
+    assert_eq!(both, [vec![0], vec![1]]);
+    assert_eq!(bench.seen_gpus(1, 1), format!("GPU-{}", first[0]));
+    assert_eq!(bench.seen_gpus(2, 1), format!("GPU-{}", second[0]));
+    assert_eq!(gpus_of(3), None);
+    assert_eq!(bench.seen_gpus(3, 1), "all");
+
+    // A third that fits on neither waits with the figures; once the first stops, it starts on the first's GPU.
+    bench.deployments.reconcile(vec![asking(1), asking(2), asking(4)]);
+    let reports = bench
+        .until(Duration::from_secs(10), "the third failed", |r| {
+            r.iter().any(|r| r.deployment_id == Uuid::from_u128(4) && r.state == ReplicaState::Failed)
+        })
+        .await;
+    let reason = reports.iter().find_map(|r| r.reason.clone()).expect("reason");
+    assert!(reason.starts_with("no GPUs to start it on: the replica needs 60.00 GiB of GPU memory;"), "{reason}");
+    bench.deployments.reconcile(vec![asking(2), asking(4)]);
+    let reports = bench.until(Duration::from_secs(15), "the third ready", |r| ready(r, 4, 1)).await;
+    let third = reports.iter().find(|r| r.deployment_id == Uuid::from_u128(4)).and_then(|r| r.gpus.clone());
+    assert_eq!(third, Some(first.clone()));
+    assert_eq!(bench.seen_gpus(4, 1), format!("GPU-{}", first[0]));
+    bench.deployments.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_revision_without_room_beside_the_old_one_stops_it_first() {
+    let bench = Bench::new();
+    let mut one_gpu = two_gpus();
+    one_gpu.truncate(1);
+    one_gpu[0].memory_used_bytes = Some(0);
+    bench.deployments.gpus_sampled(&one_gpu);
+    let asking = |revision: i64| Assignment { gpu_memory_bytes: Some(60 * GIB), ..bench.assignment(1, revision, &[]) };
+    bench.deployments.reconcile(vec![asking(1)]);
+    bench.until(Duration::from_secs(15), "revision 1 ready", |r| ready(r, 1, 1)).await;
+    let (old, old_grandchild) = bench.pids(1, 1);
+    // The next sample shows what revision 1 holds: no room for revision 2 beside it.
+    one_gpu[0].memory_used_bytes = Some(61 * GIB);
+    bench.deployments.gpus_sampled(&one_gpu);
+
+    bench.deployments.reconcile(vec![asking(2)]);
+    let reports = bench.until(Duration::from_secs(15), "revision 2 ready", |r| ready(r, 1, 2)).await;
+    assert_eq!(reports.len(), 1, "revision 1 is gone: {reports:#?}");
+    assert_eq!(reports[0].gpus, Some(vec![0]));
+    assert_eq!(bench.seen_gpus(1, 2), "GPU-0");
+    until_dead(&[old, old_grandchild], Duration::from_secs(5)).await;
+    bench.deployments.shutdown().await;
 }

@@ -412,6 +412,7 @@ fn status_of<'a>(
         restarts: report.restarts,
         download_ms: report.download_ms,
         start_ms: report.start_ms,
+        gpus: report.gpus.clone(),
         ready_at,
         updated_at: now,
     }
@@ -428,12 +429,21 @@ fn candidate(node: &Node) -> Option<Candidate> {
     if runtimes.is_empty() || !node.status.is_approved() {
         return None;
     }
-    let free_gpu_bytes = node.figures.as_ref().and_then(|f| f.unpack()).and_then(|figures| {
-        figures.gpus.iter().try_fold(0u64, |sum, gpu| {
-            let free = gpu.memory_total_bytes?.saturating_sub(gpu.memory_used_bytes.unwrap_or(0));
-            Some(sum.saturating_add(free))
+    let mut free_per_gpu: Vec<u64> = node
+        .figures
+        .as_ref()
+        .and_then(|f| f.unpack())
+        .and_then(|figures| {
+            figures
+                .gpus
+                .iter()
+                .map(|gpu| Some(gpu.memory_total_bytes?.saturating_sub(gpu.memory_used_bytes.unwrap_or(0))))
+                .collect()
         })
-    });
+        .unwrap_or_default();
+    free_per_gpu.sort_unstable_by(|a, b| b.cmp(a));
+    let free_gpu_bytes =
+        (!free_per_gpu.is_empty()).then(|| free_per_gpu.iter().fold(0u64, |sum, free| sum.saturating_add(*free)));
     Some(Candidate {
         id: node.id,
         status: node.status,
@@ -441,5 +451,6 @@ fn candidate(node: &Node) -> Option<Candidate> {
         runtimes,
         tags: node.tags.clone(),
         free_gpu_bytes,
+        free_per_gpu,
     })
 }

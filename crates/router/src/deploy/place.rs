@@ -8,7 +8,9 @@
 //! - a replica to place goes to a schedulable node (`online` or `registering`, not cordoned) whose agent starts the
 //!   runtime (`managed:<runtime>` in its `supported_runtimes`), that has every tag of the selector, no replica of
 //!   the same deployment (spread: at most one per node), and the GPU memory asked for free (the heartbeat's free
-//!   memory, less what replicas placed there and not started yet will take);
+//!   memory, less what replicas placed there and not started yet will take); a runtime that runs on a set number of
+//!   GPUs (vLLM: its tensor × pipeline parallel size) also needs that many GPUs each with its share free (the
+//!   agent then picks the GPUs themselves);
 //! - among those, the node with the fewest replicas of any deployment, then the most free GPU memory, then by id;
 //! - a replica no node can take is `pending`, with the reason.
 
@@ -31,6 +33,8 @@ pub struct Candidate {
     pub tags: Vec<String>,
     /// Free GPU memory from its latest heartbeat, all GPUs together; `None` when it reported none.
     pub free_gpu_bytes: Option<u64>,
+    /// Each GPU's free memory from that heartbeat, the most first (empty where `free_gpu_bytes` is `None`).
+    pub free_per_gpu: Vec<u64>,
 }
 
 impl Candidate {
@@ -54,6 +58,7 @@ struct Refusals {
     tags: usize,
     taken: usize,
     memory: usize,
+    gpus: usize,
 }
 
 impl Refusals {
@@ -75,9 +80,20 @@ impl Refusals {
         if let Some(bytes) = deployment.spec.gpu_memory_bytes {
             add(self.memory, format!("with less than {bytes} bytes of GPU memory free"));
         }
+        if let Some((count, share)) = per_gpu(deployment) {
+            let gpus = if count == 1 { "GPU".to_owned() } else { format!("{count} GPUs") };
+            add(self.gpus, format!("without {gpus} with {share} bytes free each ({runtime} runs on {gpus})"));
+        }
         let nodes = if self.nodes == 1 { "1 node".to_owned() } else { format!("{} nodes", self.nodes) };
         format!("no node can take it: of {nodes}, {}", parts.join("; "))
     }
+}
+
+/// The GPUs one replica runs on and the memory each must have free, for a runtime that sets their number.
+fn per_gpu(deployment: &Deployment) -> Option<(u32, u64)> {
+    let spec = &deployment.spec;
+    let count = spec.runtime.gpus_needed(&spec.args)?;
+    Some((count, spec.gpu_memory_bytes?.div_ceil(u64::from(count.max(1)))))
 }
 
 /// The replicas that change: placed, moved, dropped to pending, or pending for another reason. Each comes whole,
@@ -152,8 +168,15 @@ pub fn plan(
             })
             .collect();
         let memory = deployment.spec.gpu_memory_bytes;
+        let per_gpu = per_gpu(deployment);
+        let short_of_gpus = |node: &Candidate| {
+            per_gpu.is_some_and(|(count, share)| {
+                let nth = usize::try_from(count).unwrap_or(usize::MAX).saturating_sub(1);
+                node.free_per_gpu.get(nth).is_none_or(|free| *free < share)
+            })
+        };
         for slot in to_place {
-            let mut refusals = Refusals { taken: 0, memory: 0, ..fixed };
+            let mut refusals = Refusals { taken: 0, memory: 0, gpus: 0, ..fixed };
             // The fewest replicas, then the most free memory, then the lowest id.
             let mut best: Option<(usize, usize, u64)> = None;
             for &at in &eligible {
@@ -162,6 +185,8 @@ pub fn plan(
                     refusals.taken += 1;
                 } else if memory.is_some_and(|needed| free.is_none_or(|free| free < needed)) {
                     refusals.memory += 1;
+                } else if short_of_gpus(&nodes[at]) {
+                    refusals.gpus += 1;
                 } else {
                     let free = free.unwrap_or(0);
                     let better = best.is_none_or(|(other, other_load, other_free)| {
@@ -245,6 +270,7 @@ mod tests {
             runtimes: vec![RuntimeKind::LlamaCpp],
             tags: vec!["gpu".into(), "eu".into()],
             free_gpu_bytes: Some(free),
+            free_per_gpu: vec![free],
         }
     }
 
@@ -315,6 +341,30 @@ mod tests {
                  --manage-runtimes); 1 without the tags gpu; 2 with less than 10 bytes of GPU memory free"
             )
         );
+        // vLLM runs on one GPU unless told otherwise: two GPUs of 6 do not hold 10, four of 6 hold 10 over -tp 2.
+        let vllm = |args: &[&str]| Deployment {
+            spec: DeploymentSpec {
+                runtime: RuntimeKind::Vllm,
+                args: args.iter().map(|a| a.to_string()).collect(),
+                ..d.spec.clone()
+            },
+            ..d.clone()
+        };
+        let mut two_small = node(1, 12);
+        two_small.runtimes = vec![RuntimeKind::Vllm];
+        two_small.free_per_gpu = vec![6, 6];
+        let changes = plan(&[vllm(&[])], &[], std::slice::from_ref(&two_small), 0, 1);
+        assert_eq!(
+            changes[0].report.reason.as_deref(),
+            Some("no node can take it: of 1 node, 1 without GPU with 10 bytes free each (vllm runs on GPU)")
+        );
+        let changes = plan(&[vllm(&["-tp", "4"])], &[], std::slice::from_ref(&two_small), 0, 1);
+        assert_eq!(
+            changes[0].report.reason.as_deref(),
+            Some("no node can take it: of 1 node, 1 without 4 GPUs with 3 bytes free each (vllm runs on 4 GPUs)")
+        );
+        let changes = plan(&[vllm(&["-tp", "2"])], &[], &[two_small], 0, 1);
+        assert_eq!(changes[0].node_id, Some(Uuid::from_u128(101)));
         // Memory placed but not started yet is reserved: a node with room for one takes one.
         let d2 = Deployment { id: Uuid::from_u128(2), created_at: 1, ..d.clone() };
         let changes = plan(&[d, d2], &[], &[node(1, 15)], 0, 1);

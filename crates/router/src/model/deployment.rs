@@ -64,6 +64,7 @@ impl Deployment {
             runtime: spec.runtime,
             args: spec.args.clone(),
             max_concurrency: spec.max_concurrency,
+            gpu_memory_bytes: spec.gpu_memory_bytes,
         }
     }
 }
@@ -94,6 +95,8 @@ pub struct ReplicaStatus {
     pub restarts: u32,
     pub download_ms: Option<u64>,
     pub start_ms: Option<u64>,
+    /// The GPUs of its node its runtime was started on (their heartbeat indices), when the agent chose some.
+    pub gpus: Option<Vec<u32>>,
     /// When this router first saw it ready at its current placement.
     pub ready_at: Option<Millis>,
     /// When the report last changed.
@@ -114,6 +117,7 @@ impl ReplicaStatus {
             restarts: 0,
             download_ms: None,
             start_ms: None,
+            gpus: None,
             ready_at: None,
             updated_at: at,
         }

@@ -140,6 +140,9 @@ pub struct ReplicaView {
     restarts: u32,
     download_ms: Option<u64>,
     start_ms: Option<u64>,
+    /// The GPUs of its node its runtime runs on, by their index in the node's GPU figures; `null` when the
+    /// deployment asks for no GPU memory (the runtime sees every GPU of the node).
+    gpus: Option<Vec<u32>>,
     placed_at: Option<String>,
     ready_at: Option<String>,
     updated_at: String,
@@ -198,6 +201,7 @@ impl ReplicaView {
             restarts: report.restarts,
             download_ms: report.download_ms,
             start_ms: report.start_ms,
+            gpus: report.gpus,
             placed_at: replica.placed_at.map(rfc3339),
             ready_at: report.ready_at.map(rfc3339),
             updated_at: rfc3339(report.updated_at),

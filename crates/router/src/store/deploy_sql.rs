@@ -14,7 +14,7 @@ pub const DEPLOYMENT_COLUMNS: &str = "id, name, model, source, sha256, runtime, 
 
 /// A replica's columns, in the order [`replica`] reads them.
 pub const REPLICA_COLUMNS: &str = "deployment_id, slot, node_id, placed_at, state, revision, reason, bytes_done, \
-     bytes_total, port, pid, restarts, download_ms, start_ms, ready_at, updated_at";
+     bytes_total, port, pid, restarts, download_ms, start_ms, ready_at, updated_at, gpus";
 
 fn unsigned<T: TryFrom<i64>>(value: Option<i64>) -> Option<T> {
     value.and_then(|v| T::try_from(v).ok())
@@ -71,6 +71,7 @@ pub(super) fn replica(row: &impl Columns) -> anyhow::Result<Replica> {
             start_ms: unsigned(row.opt_int(13)?),
             ready_at: row.opt_int(14)?,
             updated_at: row.int(15)?,
+            gpus: row.opt_str(16)?.map(serde_json::from_str).transpose()?,
         },
     })
 }
@@ -103,7 +104,7 @@ macro_rules! bind_deployment {
     }};
 }
 
-/// Binds a replica's columns, in [`REPLICA_COLUMNS`]' order, as `$1`…`$16`.
+/// Binds a replica's columns, in [`REPLICA_COLUMNS`]' order, as `$1`…`$17`.
 macro_rules! bind_replica {
     ($query:expr, $r:expr) => {{
         let r: &Replica = $r;
@@ -125,6 +126,7 @@ macro_rules! bind_replica {
             .bind(wide(s.start_ms))
             .bind(s.ready_at)
             .bind(s.updated_at)
+            .bind(s.gpus.as_ref().map(serde_json::to_string).transpose()?)
     }};
 }
 
@@ -190,14 +192,14 @@ macro_rules! deploy_statements {
             for r in replicas {
                 let sql = format!(
                     "INSERT INTO deployment_replicas ({REPLICA_COLUMNS}) \
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16 \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17 \
                      WHERE EXISTS (SELECT 1 FROM deployments WHERE id = $1 AND replicas > $2) \
                      ON CONFLICT (deployment_id, slot) DO UPDATE SET node_id = excluded.node_id, \
                      placed_at = excluded.placed_at, state = excluded.state, revision = excluded.revision, \
                      reason = excluded.reason, bytes_done = excluded.bytes_done, bytes_total = excluded.bytes_total, \
                      port = excluded.port, pid = excluded.pid, restarts = excluded.restarts, \
                      download_ms = excluded.download_ms, start_ms = excluded.start_ms, ready_at = excluded.ready_at, \
-                     updated_at = excluded.updated_at"
+                     updated_at = excluded.updated_at, gpus = excluded.gpus"
                 );
                 bind_replica!(sqlx::query(sqlx::AssertSqlSafe(sql)), r).execute(&mut *conn).await?;
             }
@@ -209,7 +211,7 @@ macro_rules! deploy_statements {
             for r in replicas {
                 let sql = "UPDATE deployment_replicas SET state = $5, revision = $6, reason = $7, bytes_done = $8, \
                            bytes_total = $9, port = $10, pid = $11, restarts = $12, download_ms = $13, start_ms = $14, \
-                           ready_at = $15, updated_at = $16 \
+                           ready_at = $15, updated_at = $16, gpus = $17 \
                            WHERE deployment_id = $1 AND slot = $2 AND node_id = $3 AND placed_at = $4";
                 bind_replica!(sqlx::query(sql), r).execute(&mut *conn).await?;
             }

@@ -201,6 +201,7 @@ const KEYED: &[(&str, &[&str], &[&str])] = &[
             "start_ms",
             "ready_at",
             "updated_at",
+            "gpus",
         ],
     ),
 ];
@@ -361,8 +362,10 @@ async fn copy_keyed(
 ) -> anyhow::Result<Copied> {
     let columns: Vec<&str> = key.iter().chain(values).copied().collect();
     let kind = |name: &str| {
-        let text =
-            matches!(name, "principal" | "model" | "node" | "name" | "deployment_id" | "node_id" | "state" | "reason");
+        let text = matches!(
+            name,
+            "principal" | "model" | "node" | "name" | "deployment_id" | "node_id" | "state" | "reason" | "gpus"
+        );
         if text { Text } else { Int }
     };
     let keys = key.join(", ");

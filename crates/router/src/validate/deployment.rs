@@ -2,7 +2,7 @@
 
 use llm_router_protocol::ReplicaReport;
 
-use super::{Checked, MAX_MEMORY_BYTES, Text, bad_request, item, list, text};
+use super::{Checked, MAX_GPU_COUNT, MAX_MEMORY_BYTES, Text, bad_request, item, list, text};
 use crate::model::deployment::DeploymentSpec;
 
 /// Most replicas of one deployment.
@@ -113,6 +113,15 @@ pub fn replica_reports(reports: Vec<ReplicaReport>) -> Checked<Vec<ReplicaReport
             }
             if report.revision < 1 {
                 return Err(bad_request(format!("`replicas[{i}].revision` must be at least 1.")));
+            }
+            if let Some(gpus) = &mut report.gpus {
+                if gpus.len() as i64 > MAX_GPU_COUNT || gpus.iter().any(|index| i64::from(*index) >= MAX_GPU_COUNT) {
+                    return Err(bad_request(format!(
+                        "`replicas[{i}].gpus` must list at most {MAX_GPU_COUNT} GPU indices below {MAX_GPU_COUNT}."
+                    )));
+                }
+                gpus.sort_unstable();
+                gpus.dedup();
             }
             Ok(report)
         })

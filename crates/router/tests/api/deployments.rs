@@ -247,6 +247,7 @@ async fn replicas_spread_over_managed_nodes_and_the_heartbeat_answers_their_assi
     assert_eq!(assigned[0]["sha256"], SHA);
     assert_eq!(assigned[0]["runtime"], "llama_cpp");
     assert_eq!(assigned[0]["args"], json!(["--n_ctx", "512"]));
+    assert_eq!(assigned[0]["gpu_memory_bytes"], 1_000_000_000u64, "the agent picks GPUs with this much free");
     let waiting = get(&app, "tiny").await;
     assert_eq!(waiting["replica_states"][0]["reason"], "placed; waiting for the node's agent to take it up");
 
@@ -263,13 +264,16 @@ async fn replicas_spread_over_managed_nodes_and_the_heartbeat_answers_their_assi
     let downloading = &get(&app, "tiny").await["replica_states"][0];
     assert_eq!((downloading["state"].clone(), downloading["bytes_done"].clone()), (json!("downloading"), json!(100)));
     assert_eq!(downloading["bytes_total"], 400);
-    let ready = report("ready", json!({"port": 41001, "pid": 4242, "download_ms": 900, "start_ms": 2100}));
+    let ready =
+        report("ready", json!({"port": 41001, "pid": 4242, "download_ms": 900, "start_ms": 2100, "gpus": [1, 0, 1]}));
     beat(&app, &a, 19_000_000_000, &["tiny-llama"], ready).await;
     let deployment = get(&app, "tiny").await;
     assert_eq!(deployment["ready_replicas"], 1);
     let replica = &deployment["replica_states"][0];
     assert_eq!((replica["state"].clone(), replica["port"].clone()), (json!("ready"), json!(41001)));
     assert_eq!((replica["download_ms"].clone(), replica["start_ms"].clone()), (json!(900), json!(2100)));
+    assert_eq!(replica["gpus"], json!([0, 1]), "the GPUs its runtime sees, once each");
+    assert_eq!(downloading["gpus"], Value::Null, "none before the runtime starts");
     assert!(replica["ready_at"].is_string());
     assert_eq!(app.status_of(&a.id).await, "online");
 
@@ -278,6 +282,7 @@ async fn replicas_spread_over_managed_nodes_and_the_heartbeat_answers_their_assi
     let (_, stored) = app.state.store.deployments().await.expect("read back");
     let stored = stored.iter().find(|r| r.slot == 0).expect("slot 0");
     assert_eq!(stored.report.port, Some(41001));
+    assert_eq!(stored.report.gpus, Some(vec![0, 1]));
     assert_eq!(stored.report.state.as_str(), "ready");
 
     // Scaling down removes the highest slots: b is no longer assigned anything.
@@ -373,6 +378,9 @@ async fn a_heartbeat_with_bad_replica_reports_is_refused_and_changes_nothing() {
     let zero = json!({"node_id": node.id, "replicas": [{"deployment_id": id, "revision": 0, "state": "ready"}]});
     let message = assert_error(app.heartbeat_body(&node.token, &zero).await, 400, "invalid_request").await;
     assert!(message.contains("replicas[0].revision"), "{message}");
+    let far = json!({"node_id": node.id, "replicas": [{"deployment_id": id, "revision": 1, "state": "ready", "gpus": [0, 1024]}]});
+    let message = assert_error(app.heartbeat_body(&node.token, &far).await, 400, "invalid_request").await;
+    assert!(message.contains("replicas[0].gpus"), "{message}");
     let many: Vec<Value> = (0..257).map(|_| json!({"deployment_id": id, "revision": 1, "state": "pending"})).collect();
     let message = assert_error(
         app.heartbeat_body(&node.token, &json!({"node_id": node.id, "replicas": many})).await,

@@ -536,6 +536,10 @@ async fn migrate_copies_a_sqlite_database_into_postgres_and_a_second_run_adds_no
     let join_tokens = get_json(&source, &admin, "/v0/join-tokens").await;
     let mut source = source;
     source.shutdown().await;
+    // What an agent reported of the GPUs a replica runs on goes with it.
+    assert_eq!(source.sql().await.execute("UPDATE deployment_replicas SET gpus = '[0,1]'", &[]).await, 1);
+    let mut deployments = deployments;
+    deployments["deployments"][0]["replica_states"][0]["gpus"] = json!([0, 1]);
     let expected = counts(&source.sql().await).await;
     assert_eq!((expected["nodes"], expected["users"], expected["api_keys"], expected["join_tokens"]), (3, 2, 1, 1));
     assert_eq!((expected["deployments"], expected["deployment_replicas"]), (1, 1));
