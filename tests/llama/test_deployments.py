@@ -1,12 +1,12 @@
-"""Deployments end to end (SPEC §15), with real parts only: the router, two agents `llm-node --manage-runtimes`, and
+"""Deployments end to end (SPEC §15), with real parts only: the router, three agents `llm-node --manage-runtimes`, and
 llama.cpp's server (llama-cpp-python, CPU) started by the agents themselves for a tiny GGUF model this test serves
 over HTTP with its sha256. Nothing runs on the machines before the deployment: the router places the replicas, the
 agents download the model, start the runtime, report it, and the official `openai` client is answered through the
 router by each replica.
 
-Shown here: 1 then 2 replicas answering; a runtime killed by its PID serving again within its start time + 5 s;
-scaling from 1 to 2 and a change of args that lose no request of a steady client; an agent stopped by SIGTERM that
-leaves no runtime process behind. The time from `POST` to the first ready replica is printed, split into download,
+Shown here: 1, then 2, then 3 replicas answering; a runtime killed by its PID serving again within its start time +
+5 s; scaling from 1 to 2 to 3 and a change of args that lose no request of a steady client; an agent stopped by
+SIGTERM that leaves no runtime process behind. The time from `POST` to the first ready replica is printed, split into download,
 start and the rest (placement, the agent hearing of it, its report).
 """
 
@@ -28,6 +28,9 @@ import pytest
 import tiny_model
 from harness import Router, sdk, wait_for
 from test_llama_cpp import STAND_IN_NVIDIA_SMI, Process, binary, llama_python
+
+# The GPU the stand-in `nvidia-smi` reports (an L4 with 22 GiB free): a replica asking for GPU memory runs on it.
+GPU_UUID = "GPU-11a4e000-0000-0000-0000-000000000000"
 
 MODEL = "tiny-deployed"
 ARGS = ["--n_ctx", "512", "--n_threads", "1", "--seed", "1"]
@@ -119,7 +122,7 @@ def fleet(tmp_path: Path) -> Iterator[dict]:
         (bin_dir / "nvidia-smi").chmod(0o755)
         env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", LLM_NODE_LOG="info")
         agents = {}
-        for name in ("deploy-a", "deploy-b"):
+        for name in ("deploy-a", "deploy-b", "deploy-c"):
             agent = Process(name, [
                 str(binary("llm-node", "LLM_NODE_BIN")), "--router-url", router.url, "--name", name,
                 "--state-dir", str(tmp_path / name), "--gpu-detection", "nvidia-smi", "--manage-runtimes",
@@ -149,15 +152,15 @@ def test_a_deployment_is_placed_downloaded_started_served_healed_scaled_rolled_a
         for agent in agents.values():
             agent.alive()
         nodes = router.expect(200, "GET", "/v0/nodes?status=pending", token=router.admin)
-        return nodes if len(nodes) == 2 else None
+        return nodes if len(nodes) == 3 else None
 
-    nodes = wait_for("both agents' machines to be pending", pending_nodes, timeout=30, context=logs)
+    nodes = wait_for("the agents' machines to be pending", pending_nodes, timeout=30, context=logs)
     for node in nodes:
         # The agents say they start llama.cpp themselves: that is what makes them candidates.
         assert "managed:llama_cpp" in node["supported_runtimes"], node
         router.expect(200, "POST", f"/v0/nodes/{node['id']}/approve", token=router.admin)
     names = {node["id"]: node["machine_name"] for node in nodes}
-    wait_for("both nodes' first heartbeats after approval",
+    wait_for("the nodes' first heartbeats after approval",
              lambda: all(router.node(n)["status"] == "registering" and router.node(n).get("metrics") for n in names),
              timeout=30, context=logs)
 
@@ -168,7 +171,7 @@ def test_a_deployment_is_placed_downloaded_started_served_healed_scaled_rolled_a
     posted = time.monotonic()
     router.expect(201, "POST", "/v0/deployments", {
         "name": "tiny", "model": MODEL, "source": fleet["source"], "sha256": fleet["sha256"],
-        "runtime": "llama_cpp", "args": ARGS, "replicas": 1,
+        "runtime": "llama_cpp", "args": ARGS, "replicas": 1, "gpu_memory_bytes": 1 << 30,
     }, token=router.admin)
     ready = wait_for("the first replica ready", lambda: (d := deployment())["ready_replicas"] == 1 and d,
                      timeout=120, context=logs)
@@ -179,6 +182,10 @@ def test_a_deployment_is_placed_downloaded_started_served_healed_scaled_rolled_a
           f"+ placement, assignment and report {to_ready - download_s - start_s:.2f} s")
     assert replica["state"] == "ready" and replica["revision"] == 1 and replica["pid"] > 0
     first_node = replica["node_id"]
+    # The agent chose the node's GPU for it and showed the runtime that GPU alone.
+    assert replica["gpus"] == [0], replica
+    environ = Path(f"/proc/{replica['pid']}/environ").read_bytes().split(b"\0")
+    assert f"CUDA_VISIBLE_DEVICES={GPU_UUID}".encode() in environ
 
     client = sdk(router, router.api_key("inference"), timeout=60)
     wait_for("the model listed on /v1", lambda: MODEL in [m.id for m in client.models.list()], timeout=10,
@@ -204,24 +211,27 @@ def test_a_deployment_is_placed_downloaded_started_served_healed_scaled_rolled_a
     print(f"killed runtime serving again after {healed:.2f} s (start time {start_s:.2f} s)")
     assert healed <= start_s + 5, f"{healed:.2f} s to serve again, start time {start_s:.2f} s"
 
-    # Scaling from 1 to 2 under a steady client: nothing lost, and both replicas answer.
+    # Scaling from 1 to 2, then to 3, under a steady client: nothing lost, and every replica answers.
     steady = SteadyClient(sdk(router, router.api_key("inference"), timeout=60))
     try:
         wait_for("the steady client's first answers", lambda: steady.answered >= 3, timeout=30, context=logs)
-        router.expect(200, "PATCH", "/v0/deployments/tiny", {"replicas": 2}, token=router.admin)
-        scaled = wait_for("two replicas ready", lambda: (d := deployment())["ready_replicas"] == 2 and d,
-                          timeout=120, context=logs)
-        assert {r["node_id"] for r in scaled["replica_states"]} == set(names), "one replica per node"
-        wait_for("both replicas answering the steady client", lambda: steady.nodes == set(names), timeout=30,
-                 context=logs)
+        for count in (2, 3):
+            router.expect(200, "PATCH", "/v0/deployments/tiny", {"replicas": count}, token=router.admin)
+            scaled = wait_for(f"{count} replicas ready", lambda: (d := deployment())["ready_replicas"] == count and d,
+                              timeout=120, context=logs)
+            placed = {r["node_id"] for r in scaled["replica_states"]}
+            assert len(placed) == count and first_node in placed, f"one replica per node: {scaled}"
+            wait_for(f"{count} replicas answering the steady client", lambda: placed <= steady.nodes, timeout=30,
+                     context=logs)
+        assert steady.nodes == set(names)
 
         # A change of args: a new revision, rolled out with each new runtime ready before the old one stops.
         before = steady.answered
         changed = router.expect(200, "PATCH", "/v0/deployments/tiny", {"args": [*ARGS, "--n_batch", "256"]},
                                 token=router.admin)
         assert changed["revision"] == 2
-        rolled = wait_for("both replicas ready at revision 2",
-                          lambda: (d := deployment())["ready_replicas"] == 2
+        rolled = wait_for("every replica ready at revision 2",
+                          lambda: (d := deployment())["ready_replicas"] == 3
                           and all(r["revision"] == 2 for r in d["replica_states"]) and d,
                           timeout=120, context=logs)
         old_pids = {r["pid"] for r in scaled["replica_states"]}
@@ -233,7 +243,7 @@ def test_a_deployment_is_placed_downloaded_started_served_healed_scaled_rolled_a
     finally:
         steady.stop()
     assert steady.failures == [], f"{len(steady.failures)} of {steady.answered} requests failed: {steady.failures[:3]}"
-    print(f"steady client: {steady.answered} answers, none lost, through scaling and a change of args")
+    print(f"steady client: {steady.answered} answers, none lost, through scaling from 1 to 3 and a change of args")
 
     # An agent stopped by SIGTERM leaves no runtime behind.
     pids = {r["node_id"]: r["pid"] for r in deployment()["replica_states"]}
