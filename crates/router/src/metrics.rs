@@ -103,6 +103,8 @@ pub struct Metrics {
     pub sweep_lease: Level,
     /// Client connections open now (kept by the accept loop).
     pub connections_open: Level,
+    /// Agents waiting on `GET /v0/assignments` now, each on a connection of its own (SPEC §15).
+    pub assignment_waits: Level,
     /// The cap on open client connections (set once at start).
     pub connections_max: Level,
     /// Idle or half-open connections closed to make room for a new client at the cap.
@@ -232,6 +234,12 @@ impl Default for Metrics {
         );
         let connections_open = Level::default();
         registry.register("llm_router_http_connections_open", "Client connections open now", connections_open.clone());
+        let assignment_waits = Level::default();
+        registry.register(
+            "llm_router_assignment_waits",
+            "Agents waiting on their assignments now (GET /v0/assignments), each on a connection of its own",
+            assignment_waits.clone(),
+        );
         let connections_max = Level::default();
         registry.register(
             "llm_router_http_connections_max",
@@ -306,6 +314,7 @@ impl Default for Metrics {
             sweep_lease,
             replicas,
             connections_open,
+            assignment_waits,
             connections_max,
             connections_evicted,
             connections_refused,
@@ -461,6 +470,7 @@ mod tests {
             ("llm_router_usage_records_lost", "gauge"),
             ("llm_router_usage_records_pending", "gauge"),
             ("llm_router_deployment_replicas", "gauge"),
+            ("llm_router_assignment_waits", "gauge"),
         ];
         for (family, kind) in expected {
             assert_eq!(scraped.types.get(family).map(String::as_str), Some(kind), "{family}");

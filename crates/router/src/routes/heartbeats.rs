@@ -1,5 +1,6 @@
 //! Node heartbeats (`POST /v0/health`, SPEC §2.2): the hot path, an agent every few seconds.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use super::json::JsonBody;
 use super::query::ApiQuery;
 use crate::error::{ApiResult, bad_request};
 use crate::metrics::Metrics;
+use crate::server::Connection;
 use crate::state::AppState;
 use crate::validate;
 
@@ -74,15 +76,36 @@ pub struct AssignmentsQuery {
 pub async fn assignments(
     State(state): State<AppState>,
     NodeAuth(node): NodeAuth,
+    connection: Option<Extension<Connection>>,
     ApiQuery(query): ApiQuery<AssignmentsQuery>,
 ) -> ApiResult<Json<AssignmentsAnswer>> {
     let wait = query.wait_secs.unwrap_or(DEFAULT_WAIT_SECS);
     if wait > MAX_WAIT_SECS {
         return Err(bad_request(format!("`wait_secs` must be 0 to {MAX_WAIT_SECS}, not {wait}.")));
     }
+    // Every managed node holds one of these open: at the connection cap, a waiting one makes room for a new client
+    // (its agent asks again, and heartbeats meanwhile) rather than counting as busy.
+    let _parked = connection.map(|Extension(connection)| connection.park());
+    let _counted = Waiting::new(&state.metrics.assignment_waits);
     let (fingerprint, assignments) =
         state.deployments.wait_for_change(node.id(), query.known.as_deref(), Duration::from_secs(wait)).await;
     Ok(Json(AssignmentsAnswer { fingerprint, assignments }))
+}
+
+/// Counts one agent waiting on its assignments while it lives.
+struct Waiting<'a>(&'a crate::metrics::Level);
+
+impl<'a> Waiting<'a> {
+    fn new(level: &'a crate::metrics::Level) -> Self {
+        level.inc();
+        Waiting(level)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 const DEFAULT_WAIT_SECS: u64 = 30;

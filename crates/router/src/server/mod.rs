@@ -7,7 +7,8 @@
 //! - **Idle timeout.** A keep-alive connection that sends nothing for `idle_timeout` after an answer is closed.
 //! - **Cap.** At most `max_connections` are open. A new connection at the cap closes one that is not busy with a
 //!   request, and is served at once: first those still sending headers, then idle keep-alive ones, then those whose
-//!   request body is slow to arrive, the longest waiting first. Only when every connection is busy (the router
+//!   request body is slow to arrive or whose handler waits on the client's say-so (a parked long poll, see
+//!   [`Connection::park`]), the longest waiting first. Only when every connection is busy (the router
 //!   works on its request or writes its answer) is the new one answered `503 overloaded` and closed.
 //! - **Share.** One source address (an IPv6 /64) holds at most `max_per_source` connections, unless it is a trusted
 //!   proxy: a new one beyond that closes the same source's longest waiting connection that is not busy, or is
@@ -32,6 +33,8 @@ mod conn;
 mod phase;
 mod table;
 mod tracked;
+
+pub use tracked::{Connection, Parked};
 
 use std::future::Future;
 use std::io;

@@ -106,6 +106,14 @@ impl ConnState {
         }
     }
 
+    /// The handler waits on the client's say-so (a long poll the client asked for): from now on the connection
+    /// counts as waiting for its client, like one whose body is slow to come.
+    pub(super) fn parked(&self) {
+        if self.word.load(Ordering::Relaxed) & PHASE_MASK == Phase::Busy as u64 {
+            self.word.store(pack(Phase::Body, self.clock.coarse_ms()), Ordering::Relaxed);
+        }
+    }
+
     /// Body bytes arrived (or the body ended): the router works on the request again.
     pub(super) fn body_arrived(&self) {
         let word = self.word.load(Ordering::Relaxed);

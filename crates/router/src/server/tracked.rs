@@ -93,8 +93,32 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         self.state.request_started();
         let mut request = request.map(|incoming| RequestBody { incoming, state: self.state.clone() });
         request.extensions_mut().insert(ConnectInfo(self.peer));
+        request.extensions_mut().insert(Connection(self.state.clone()));
         let future = tower::Service::call(&mut self.router.clone(), request);
         Answering { future, state: Some(self.state.clone()) }
+    }
+}
+
+/// The connection a request came on, for a handler that waits on its client's say-so: see [`Connection::park`].
+#[derive(Clone)]
+pub struct Connection(Arc<ConnState>);
+
+impl Connection {
+    /// Marks the connection as held up by its client until the guard is dropped: a long poll answers whenever the
+    /// client asks again, so at the connection cap it can make room for a new client like a connection whose body
+    /// is slow to come, instead of counting as busy (its client sees the connection close and asks again).
+    pub fn park(&self) -> Parked {
+        self.0.parked();
+        Parked(self.0.clone())
+    }
+}
+
+/// The guard of [`Connection::park`]: the router works on the request again once it is dropped.
+pub struct Parked(Arc<ConnState>);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.body_arrived();
     }
 }
 

@@ -328,6 +328,56 @@ async fn connections_waiting_for_a_body_make_room_after_idle_ones() {
 }
 
 #[tokio::test]
+async fn agents_waiting_on_their_assignments_make_room_at_the_cap_for_a_new_client() {
+    let app = TestApp::with(options(16, Duration::from_secs(60), Duration::from_secs(60))).await;
+    let node = app.register_node("gpu-managed").await;
+    let poll = |known: &str| {
+        format!(
+            "GET /v0/assignments?known={known}&wait_secs=60 HTTP/1.1\r\nHost: router\r\nX-Node-Token: {}\r\n\r\n",
+            node.token
+        )
+    };
+    let mut first = connect(&app).await;
+    first.write_all(poll("").as_bytes()).await.expect("write");
+    let answer = read_answer(&mut first).await;
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    let known = answer.json()["fingerprint"].as_str().expect("fingerprint").to_owned();
+    drop(first);
+    // Sixteen long polls, each waiting for a change that does not come, fill the cap; the test client's own idle
+    // keep-alive connection (the registration's) makes room for the last of them.
+    let evicted = app.state.metrics.connections_evicted.get();
+    let mut waiting = Vec::new();
+    for n in 1..=16 {
+        let mut stream = connect(&app).await;
+        stream.write_all(poll(&known).as_bytes()).await.expect("write");
+        waiting.push(stream);
+        // Each one waits in the handler before the next comes (one still sending headers would make room first).
+        within(WAIT, "the long poll waits", || async { app.state.metrics.assignment_waits.get() == n }).await;
+    }
+    within(WAIT, "the idle connection makes room", || async {
+        app.state.metrics.connections_evicted.get() == evicted + 1
+    })
+    .await;
+    until_open(&app, 16).await;
+    assert!(!closed_within(&mut waiting[15], Duration::from_millis(100)).await, "a long poll waits");
+    let evicted = evicted + 1;
+    // A new client is served, not refused: the poll that has waited longest makes room (its agent asks again).
+    let mut client = connect(&app).await;
+    client.write_all(HEALTHZ).await.expect("write");
+    assert_eq!(read_answer(&mut client).await.status, 200);
+    assert_eq!(app.state.metrics.connections_refused.get(), 0);
+    assert_eq!(app.state.metrics.connections_evicted.get(), evicted + 1);
+    let closed = {
+        let mut closed = 0;
+        for stream in &mut waiting {
+            closed += usize::from(closed_within(stream, Duration::from_millis(50)).await);
+        }
+        closed
+    };
+    assert_eq!(closed, 1, "one long poll made room");
+}
+
+#[tokio::test]
 async fn a_body_that_trickles_in_gets_408_and_frees_its_connection() {
     let app = TestApp::with(Options { body_timeout: Duration::from_millis(300), ..options(64, WAIT, WAIT) }).await;
     let body = serde_json::to_vec(&registration("gpu-slow-body", 8000)).expect("json");
