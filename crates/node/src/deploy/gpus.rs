@@ -265,10 +265,10 @@ fn shown(claim: &Claim, sampled_at: Option<Instant>) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    const GIB: u64 = 1 << 30;
+    pub(in crate::deploy) const GIB: u64 = 1 << 30;
 
     fn free(list: &[(u32, u64)]) -> Vec<Free> {
         list.iter().map(|&(index, gib)| Free { index, bytes: gib * GIB }).collect()
@@ -304,7 +304,8 @@ mod tests {
         assert_eq!(choose(&gpus, GIB, Some(8)), Err("the runtime runs on 8 GPUs and this node has 4".to_owned()));
     }
 
-    fn sample(list: &[(u32, u64, u64)]) -> Vec<GpuSample> {
+    /// GPUs by `(index, total GiB, used GiB)`, each with the UUID `GPU-<index>`.
+    pub(in crate::deploy) fn sample(list: &[(u32, u64, u64)]) -> Vec<GpuSample> {
         list.iter()
             .map(|&(index, total, used)| GpuSample {
                 index,

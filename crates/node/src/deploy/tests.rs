@@ -313,25 +313,11 @@ fn reports_carry_download_progress() {
     assert_eq!((report.bytes_done, report.bytes_total), (Some(0), None));
 }
 
-const GIB: u64 = 1 << 30;
+use super::gpus::tests::{GIB, sample};
 
 /// Two 80 GiB GPUs, the first with 10 GiB in use by something else.
 fn two_gpus() -> Vec<crate::gpu::GpuSample> {
-    (0..2)
-        .map(|index| crate::gpu::GpuSample {
-            index,
-            model: "NVIDIA H100 80GB HBM3".into(),
-            memory_total_bytes: Some(80 * GIB),
-            memory_used_bytes: Some(if index == 0 { 10 * GIB } else { 0 }),
-            utilization: None,
-            temperature_c: None,
-            uuid: Some(format!("GPU-{index}")),
-            ecc_uncorrected: None,
-            xid: None,
-            power_watts: None,
-            throttle_reasons: None,
-        })
-        .collect()
+    sample(&[(0, 80, 10), (1, 80, 0)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,17 +362,13 @@ async fn replicas_that_ask_for_gpu_memory_each_see_only_the_gpus_they_were_given
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_revision_without_room_beside_the_old_one_stops_it_first() {
     let bench = Bench::new();
-    let mut one_gpu = two_gpus();
-    one_gpu.truncate(1);
-    one_gpu[0].memory_used_bytes = Some(0);
-    bench.deployments.gpus_sampled(&one_gpu);
+    bench.deployments.gpus_sampled(&sample(&[(0, 80, 0)]));
     let asking = |revision: i64| Assignment { gpu_memory_bytes: Some(60 * GIB), ..bench.assignment(1, revision, &[]) };
     bench.deployments.reconcile(vec![asking(1)]);
     bench.until(Duration::from_secs(15), "revision 1 ready", |r| ready(r, 1, 1)).await;
     let (old, old_grandchild) = bench.pids(1, 1);
     // The next sample shows what revision 1 holds: no room for revision 2 beside it.
-    one_gpu[0].memory_used_bytes = Some(61 * GIB);
-    bench.deployments.gpus_sampled(&one_gpu);
+    bench.deployments.gpus_sampled(&sample(&[(0, 80, 61)]));
 
     bench.deployments.reconcile(vec![asking(2)]);
     let reports = bench.until(Duration::from_secs(15), "revision 2 ready", |r| ready(r, 1, 2)).await;
