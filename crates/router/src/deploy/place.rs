@@ -110,6 +110,8 @@ pub fn plan(
     // reserved by replicas that do not use it yet), and the last deployment that has a replica there.
     let position: HashMap<Uuid, usize> = nodes.iter().enumerate().map(|(i, node)| (node.id, i)).collect();
     let mut load = vec![0usize; nodes.len()];
+    // Read for every candidate of every replica placed: kept apart from the rest of each node.
+    let free_bytes: Vec<Option<u64>> = nodes.iter().map(|node| node.free_gpu_bytes).collect();
     let mut reserved = vec![0u64; nodes.len()];
     let mut used_by = vec![usize::MAX; nodes.len()];
     let mut current: HashMap<(Uuid, u32), &Replica> = HashMap::with_capacity(replicas.len());
@@ -152,6 +154,13 @@ pub fn plan(
         // What does not change from one slot to the next, decided once: the nodes that may take a replica of this
         // deployment at all, and why the others may not.
         let mut fixed = Refusals { nodes: others + nodes.len(), runtime: others, ..Refusals::default() };
+        let per_gpu = per_gpu(deployment);
+        let short_of_gpus = |node: &Candidate| {
+            per_gpu.is_some_and(|(count, share)| {
+                let nth = usize::try_from(count).unwrap_or(usize::MAX).saturating_sub(1);
+                node.free_per_gpu.get(nth).is_none_or(|free| *free < share)
+            })
+        };
         let eligible: Vec<usize> = (0..nodes.len())
             .filter(|&at| {
                 let node = &nodes[at];
@@ -161,6 +170,8 @@ pub fn plan(
                     fixed.unschedulable += 1;
                 } else if !has_tags(&node.tags, &deployment.spec.selector_tags) {
                     fixed.tags += 1;
+                } else if short_of_gpus(node) {
+                    fixed.gpus += 1;
                 } else {
                     return true;
                 }
@@ -168,30 +179,23 @@ pub fn plan(
             })
             .collect();
         let memory = deployment.spec.gpu_memory_bytes;
-        let per_gpu = per_gpu(deployment);
-        let short_of_gpus = |node: &Candidate| {
-            per_gpu.is_some_and(|(count, share)| {
-                let nth = usize::try_from(count).unwrap_or(usize::MAX).saturating_sub(1);
-                node.free_per_gpu.get(nth).is_none_or(|free| *free < share)
-            })
-        };
         for slot in to_place {
-            let mut refusals = Refusals { taken: 0, memory: 0, gpus: 0, ..fixed };
-            // The fewest replicas, then the most free memory, then the lowest id.
+            let mut refusals = Refusals { taken: 0, memory: 0, ..fixed };
+            // The fewest replicas, then the most free memory, then the lowest id (read only on a tie).
             let mut best: Option<(usize, usize, u64)> = None;
             for &at in &eligible {
-                let free = nodes[at].free_gpu_bytes.map(|free| free.saturating_sub(reserved[at]));
+                let free = free_bytes[at].map(|free| free.saturating_sub(reserved[at]));
                 if used_by[at] == turn {
                     refusals.taken += 1;
                 } else if memory.is_some_and(|needed| free.is_none_or(|free| free < needed)) {
                     refusals.memory += 1;
-                } else if short_of_gpus(&nodes[at]) {
-                    refusals.gpus += 1;
                 } else {
                     let free = free.unwrap_or(0);
                     let better = best.is_none_or(|(other, other_load, other_free)| {
-                        (load[at], std::cmp::Reverse(free), nodes[at].id)
-                            < (other_load, std::cmp::Reverse(other_free), nodes[other].id)
+                        match (load[at], std::cmp::Reverse(free)).cmp(&(other_load, std::cmp::Reverse(other_free))) {
+                            std::cmp::Ordering::Equal => nodes[at].id < nodes[other].id,
+                            order => order.is_lt(),
+                        }
                     });
                     if better {
                         best = Some((at, load[at], free));
