@@ -307,6 +307,17 @@ pub async fn run(
             });
             delay
         };
+        // A failure: shown with its reason, then the next try after the backoff, unless a stop comes first.
+        macro_rules! retry {
+            ($reason:expr) => {{
+                let delay = fail($reason, failures);
+                failures = failures.saturating_add(1);
+                if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
+                    return;
+                }
+                continue;
+            }};
+        }
 
         // The model.
         if ctx.fetcher.needs_download(&assignment.source, assignment.sha256.as_deref()) {
@@ -321,14 +332,7 @@ pub async fn run(
         let fetched = match or_stop(&mut stop, fetch).await {
             None => return,
             Some(Ok(fetched)) => fetched,
-            Some(Err(e)) => {
-                let delay = fail(e.to_string(), failures);
-                failures = failures.saturating_add(1);
-                if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
-                    return;
-                }
-                continue;
-            }
+            Some(Err(e)) => retry!(e.to_string()),
         };
         {
             let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -339,12 +343,7 @@ pub async fn run(
 
         // The runtime.
         let Some(launcher) = ctx.launchers.for_kind(assignment.runtime) else {
-            let delay = fail(format!("this node cannot start {} runtimes", assignment.runtime), failures);
-            failures = failures.saturating_add(1);
-            if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
-                return;
-            }
-            continue;
+            retry!(format!("this node cannot start {} runtimes", assignment.runtime));
         };
         // Its GPUs, when the deployment asks for GPU memory: the same ones at every start of this replica.
         let pinned = match assignment.gpu_memory_bytes {
@@ -358,12 +357,7 @@ pub async fn run(
                         reason.push_str("; stopping the replica of the previous revision to make room");
                         (hooks.retire_older)();
                     }
-                    let delay = fail(reason, failures);
-                    failures = failures.saturating_add(1);
-                    if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
-                        return;
-                    }
-                    continue;
+                    retry!(reason);
                 }
             },
         };
@@ -381,14 +375,7 @@ pub async fn run(
         spawned = true;
         let (port, mut process) = match spawn {
             Ok(started) => started,
-            Err(e) => {
-                let delay = fail(format!("cannot start the runtime: {e}"), failures);
-                failures = failures.saturating_add(1);
-                if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
-                    return;
-                }
-                continue;
-            }
+            Err(e) => retry!(format!("cannot start the runtime: {e}")),
         };
         let pid = process.pid();
         set(&|s| {
@@ -426,12 +413,7 @@ pub async fn run(
         };
         if let Err(reason) = outcome {
             process.stop(timing.stop_grace).await;
-            let delay = fail(reason, failures);
-            failures = failures.saturating_add(1);
-            if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
-                return;
-            }
-            continue;
+            retry!(reason);
         }
         let start_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(deployment = %assignment.deployment_id, revision = assignment.revision,
@@ -456,11 +438,7 @@ pub async fn run(
             describe_exit(exit),
             last_log_line(&log).map(|l| format!(": {l}")).unwrap_or_default()
         );
-        let delay = fail(reason, failures);
-        failures = failures.saturating_add(1);
-        if or_stop(&mut stop, tokio::time::sleep(delay)).await.is_none() {
-            return;
-        }
+        retry!(reason);
     }
 }
 
