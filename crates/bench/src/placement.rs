@@ -42,7 +42,6 @@ fn fleet(args: &PlacementArgs) -> Vec<Candidate> {
                 vec![RuntimeKind::LlamaCpp, RuntimeKind::Vllm]
             },
             tags: vec![format!("rack-{}", i % 20), if i % 2 == 0 { "a100".into() } else { "l4".into() }],
-            free_gpu_bytes: Some(((i % 8) as u64 + 1) * 10_000_000_000),
             free_per_gpu: vec![((i % 8) as u64 + 1) * 10_000_000_000],
         })
         .collect()

@@ -442,15 +442,12 @@ fn candidate(node: &Node) -> Option<Candidate> {
         })
         .unwrap_or_default();
     free_per_gpu.sort_unstable_by(|a, b| b.cmp(a));
-    let free_gpu_bytes =
-        (!free_per_gpu.is_empty()).then(|| free_per_gpu.iter().fold(0u64, |sum, free| sum.saturating_add(*free)));
     Some(Candidate {
         id: node.id,
         status: node.status,
         cordoned: node.cordoned,
         runtimes,
         tags: node.tags.clone(),
-        free_gpu_bytes,
         free_per_gpu,
     })
 }

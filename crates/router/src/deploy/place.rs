@@ -31,13 +31,18 @@ pub struct Candidate {
     /// The runtimes its agent starts itself.
     pub runtimes: Vec<RuntimeKind>,
     pub tags: Vec<String>,
-    /// Free GPU memory from its latest heartbeat, all GPUs together; `None` when it reported none.
-    pub free_gpu_bytes: Option<u64>,
-    /// Each GPU's free memory from that heartbeat, the most first (empty where `free_gpu_bytes` is `None`).
+    /// Each GPU's free memory from its latest heartbeat, the most first; empty when it reported none (or not for
+    /// every GPU).
     pub free_per_gpu: Vec<u64>,
 }
 
 impl Candidate {
+    /// Free GPU memory, all GPUs together; `None` when it reported none.
+    fn free_gpu_bytes(&self) -> Option<u64> {
+        let total = self.free_per_gpu.iter().fold(0u64, |sum, free| sum.saturating_add(*free));
+        (!self.free_per_gpu.is_empty()).then_some(total)
+    }
+
     fn keeps(&self, deployment: &Deployment) -> bool {
         matches!(self.status, NodeStatus::Online | NodeStatus::Registering)
             && self.runtimes.contains(&deployment.spec.runtime)
@@ -111,7 +116,7 @@ pub fn plan(
     let position: HashMap<Uuid, usize> = nodes.iter().enumerate().map(|(i, node)| (node.id, i)).collect();
     let mut load = vec![0usize; nodes.len()];
     // Read for every candidate of every replica placed: kept apart from the rest of each node.
-    let free_bytes: Vec<Option<u64>> = nodes.iter().map(|node| node.free_gpu_bytes).collect();
+    let free_bytes: Vec<Option<u64>> = nodes.iter().map(Candidate::free_gpu_bytes).collect();
     let mut reserved = vec![0u64; nodes.len()];
     let mut used_by = vec![usize::MAX; nodes.len()];
     let mut current: HashMap<(Uuid, u32), &Replica> = HashMap::with_capacity(replicas.len());
@@ -273,7 +278,6 @@ mod tests {
             cordoned: false,
             runtimes: vec![RuntimeKind::LlamaCpp],
             tags: vec!["gpu".into(), "eu".into()],
-            free_gpu_bytes: Some(free),
             free_per_gpu: vec![free],
         }
     }
@@ -335,7 +339,7 @@ mod tests {
         without_tag.tags = vec!["eu".into()];
         let short = node(3, 5);
         let mut unknown = node(4, 0);
-        unknown.free_gpu_bytes = None;
+        unknown.free_per_gpu = Vec::new();
         let changes = plan(std::slice::from_ref(&d), &[], &[without_runtime, without_tag, short, unknown], 0, 1);
         assert_eq!(changes[0].node_id, None);
         assert_eq!(
