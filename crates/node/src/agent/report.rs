@@ -82,10 +82,7 @@ impl Agent {
                 if self.gpu_error.take().is_some() {
                     tracing::info!(source = self.gpus.name(), "GPU figures readable again");
                 }
-                self.last_gpus = sample.clone();
-                if let Some(deployments) = &self.deployments {
-                    deployments.gpus_sampled(&sample);
-                }
+                self.remember_gpus(&sample);
                 Some(gpu::to_metrics(&sample))
             }
             Err(e) => {
@@ -147,14 +144,19 @@ impl Agent {
         loads
     }
 
+    /// Keeps `sample` as the last known GPUs, and gives it to the deployments that choose GPUs for replicas.
+    fn remember_gpus(&mut self, sample: &[GpuSample]) {
+        self.last_gpus = sample.to_vec();
+        if let Some(deployments) = &self.deployments {
+            deployments.gpus_sampled(sample);
+        }
+    }
+
     /// The GPUs now, or the last known ones if they cannot be read this time.
     async fn sample_gpus(&mut self) -> Vec<GpuSample> {
         match self.gpus.sample().await {
             Ok(sample) if !sample.is_empty() => {
-                self.last_gpus = sample.clone();
-                if let Some(deployments) = &self.deployments {
-                    deployments.gpus_sampled(&sample);
-                }
+                self.remember_gpus(&sample);
                 sample
             }
             _ => self.last_gpus.clone(),
